@@ -1,0 +1,156 @@
+// Parameters of every NSA kernel, CPU and CUDA: one struct per op family.
+//
+// This header, and everything under csrc/nsa, is torch-free: kernels see raw pointers, int64
+// element strides and sizes, never a torch type. The binding layer (csrc/torch) validates the
+// tensors, allocates the outputs and fills these structs.
+//
+// Conventions
+// - Token tensors use flash-attn's layout [B, T, heads, dim]; the last dim is contiguous, every
+//   other stride is an element stride. Strides and offsets are int64: at T = 128k, HQ = 128,
+//   D = 256 an offset passes 2^31.
+// - Sequences are either a fixed-length batch (cu_seqlens == nullptr: B sequences of T tokens,
+//   sequence b in batch row b) or packed varlen (B == 1: sequence s owns tokens
+//   [cu_seqlens[s], cu_seqlens[s+1]) of the T axis and compressed rows
+//   [cu_seqlens_cmp[s], cu_seqlens_cmp[s+1]) of the Nc axis). Positions are per sequence.
+// - Query head h (of HQ) reads key/value head h / G, where G = HQ / H is the group size.
+// - Accumulation type: float, or double when dtype == kFloat64. lse and dlse use it too.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define NSA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define NSA_HOST_DEVICE inline
+#endif
+
+namespace nsa {
+
+using index_t = int64_t;
+
+// Element type of q, k, v, o and of their gradients.
+enum class Dtype : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// Number of compressed tokens of a sequence of `len` tokens: window i covers keys
+// [i*stride, i*stride + block - 1].
+NSA_HOST_DEVICE index_t num_cmp_tokens(index_t len, index_t block_size, index_t block_stride) {
+  return len >= block_size ? (len - block_size) / block_stride + 1 : 0;
+}
+
+// Number of selection blocks of a sequence of `len` tokens (the last one may be partial).
+NSA_HOST_DEVICE index_t num_select_blocks(index_t len, index_t select_size) {
+  return (len + select_size - 1) / select_size;
+}
+
+// A strided view of a [B, rows, heads, dim] tensor with contiguous dim, or of a [B, rows, heads]
+// tensor (then dim is absent and head_stride is 1). Strides are in elements.
+struct View {
+  void* data = nullptr;
+  index_t batch_stride = 0;
+  index_t row_stride = 0;
+  index_t head_stride = 0;
+
+  NSA_HOST_DEVICE index_t offset(index_t b, index_t row, index_t head) const {
+    return b * batch_stride + row * row_stride + head * head_stride;
+  }
+  template <typename T>
+  NSA_HOST_DEVICE T* ptr(index_t b, index_t row, index_t head) const {
+    return static_cast<T*>(data) + offset(b, row, head);
+  }
+};
+
+// Where one sequence lives.
+struct SeqRange {
+  index_t batch;      // row of the B axis
+  index_t start;      // first token on the T axis
+  index_t len;        // tokens
+  index_t cmp_start;  // first compressed row on the Nc axis
+  index_t cmp_len;    // compressed rows (Nc(len) for the compressed branch, else 0)
+};
+
+// The batch: fixed-length or packed varlen (see the conventions above).
+struct Seqs {
+  int batch = 0;                            // B (1 when packed)
+  index_t seqlen = 0;                       // T: tokens per batch row
+  index_t cmp_seqlen = 0;                   // Nc: compressed rows per batch row (0 when unused)
+  int num_seqs = 0;                         // B, or N when packed
+  const int32_t* cu_seqlens = nullptr;      // [N + 1] token offsets; nullptr for a fixed-length batch
+  const int32_t* cu_seqlens_cmp = nullptr;  // [N + 1] compressed-row offsets (exclusive prefix sum
+                                            // of Nc(len_s)); nullptr for a fixed-length batch
+
+  NSA_HOST_DEVICE SeqRange range(int s) const {
+    if (cu_seqlens == nullptr) return SeqRange{s, 0, seqlen, 0, cmp_seqlen};
+    index_t cmp0 = cu_seqlens_cmp ? cu_seqlens_cmp[s] : 0;
+    index_t cmp1 = cu_seqlens_cmp ? cu_seqlens_cmp[s + 1] : 0;
+    return SeqRange{0, cu_seqlens[s], cu_seqlens[s + 1] - cu_seqlens[s], cmp0, cmp1 - cmp0};
+  }
+};
+
+// Fields shared by the three attention branches (compressed, selected, sliding window).
+// In the forward, o and lse are outputs; in the backward they are inputs and dq, dk, dv outputs.
+struct AttnParams {
+  Dtype dtype = Dtype::kFloat32;
+  View q;     // [B, T, HQ, D]
+  View k;     // [B, Tk, H, D]   Tk = T, or Nc for the compressed branch
+  View v;     // [B, Tk, H, Dv]
+  View o;     // [B, T, HQ, Dv]
+  View lse;   // [B, T, HQ]      accumulation type; log sum exp(scale * q.k) over the visible
+              //                 keys, -inf when none is visible (then o = 0)
+  // Backward only (data == nullptr in the forward).
+  View dout;  // [B, T, HQ, Dv]  gradient of o
+  View dq;    // [B, T, HQ, D]
+  View dk;    // [B, Tk, H, D]
+  View dv;    // [B, Tk, H, Dv]
+
+  Seqs seqs;
+  int num_heads = 0;    // HQ
+  int num_heads_k = 0;  // H (divides HQ)
+  int head_dim = 0;     // D
+  int head_dim_v = 0;   // Dv
+  double scale = 1.0;   // softmax scale applied to q.k
+};
+
+// Compressed branch: query t sees compressed token i iff i*block_stride + block_size - 1 <= t.
+// k, v are the compressed keys/values [B, Nc, H, D|Dv]; seqs.cmp_seqlen / cu_seqlens_cmp are set.
+struct CmpParams : AttnParams {
+  View dlse;             // [B, T, HQ] accumulation type: gradient of lse (backward, optional:
+                         // data == nullptr means zero)
+  int block_size = 32;   // l
+  int block_stride = 16; // d (divides l)
+};
+
+// Top-n block selection from the compressed attention probabilities (not differentiable).
+struct TopkParams {
+  Dtype dtype = Dtype::kFloat32;
+  View q;        // [B, T, HQ, D]
+  View k;        // [B, Nc, H, D]   compressed keys
+  View lse;      // [B, T, HQ]      accumulation type: lse of the compressed branch
+  View indices;  // [B, T, H, n]    int32 output: selected blocks ascending, then -1 padding
+
+  Seqs seqs;
+  int num_heads = 0;      // HQ
+  int num_heads_k = 0;    // H
+  int head_dim = 0;       // D
+  double scale = 1.0;
+  int block_size = 32;    // l
+  int block_stride = 16;  // d (divides l and select_size)
+  int select_size = 64;   // l'
+  int num_selected = 16;  // n >= num_initial + num_local
+  int num_initial = 1;    // blocks 0 .. num_initial-1 are always selected (when causal)
+  int num_local = 2;      // the query's own block and the num_local-1 before it likewise
+};
+
+// Selected branch: query t, head h attends keys s <= t whose block s / select_size is listed in
+// block_indices[t, h / G]. Blocks are sequence-relative; -1 marks an empty slot.
+struct SlcParams : AttnParams {
+  View block_indices;     // [B, T, H, n] int32
+  int num_selected = 16;  // n
+  int select_size = 64;   // l'
+};
+
+// Sliding-window branch: query t attends keys max(0, t - window_size + 1) .. t.
+struct SwaParams : AttnParams {
+  int window_size = 512;  // w >= 1
+};
+
+}  // namespace nsa

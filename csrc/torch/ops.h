@@ -1,0 +1,47 @@
+// The nsa:: torch ops (schemas in registration.cpp). Each validates its arguments, allocates its
+// outputs, fills its op family's params struct and runs the kernel of the tensors' device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace nsa_torch {
+
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& v_cmp,
+    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd(
+    const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k_cmp,
+    const at::Tensor& v_cmp, const at::Tensor& o, const at::Tensor& lse,
+    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale);
+
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse,
+                         const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride,
+                         int64_t select_size, int64_t num_selected, int64_t num_initial,
+                         int64_t num_local, double scale);
+
+std::tuple<at::Tensor, at::Tensor> selected_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& block_indices, const OptTensor& cu_seqlens, int64_t select_size,
+    double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& block_indices, const at::Tensor& o, const at::Tensor& lse,
+    const OptTensor& cu_seqlens, int64_t select_size, double scale);
+
+std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& cu_seqlens,
+    int64_t window_size, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& o, const at::Tensor& lse, const OptTensor& cu_seqlens, int64_t window_size,
+    double scale);
+
+}  // namespace nsa_torch

@@ -1,0 +1,56 @@
+// Schemas of the nsa:: ops and their CPU/CUDA kernels. Fake (meta) kernels and autograd are
+// registered from Python (nsa_torch/ops.py). The same functions serve both devices: each
+// runs the kernel of its tensors' device.
+#include <torch/library.h>
+
+#include "ops.h"
+
+#ifndef NSA_NO_PYTHON_MODULE
+#include <Python.h>
+// `import nsa_torch._C` loads this library (and so runs the registrations below); the module
+// itself is empty: the ops are reached through torch.ops.nsa.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
+
+TORCH_LIBRARY(nsa, m) {
+  m.def(
+      "compressed_attention_fwd(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor? cu_seqlens, "
+      "int block_size, int block_stride, float scale) -> (Tensor o, Tensor lse)");
+  m.def(
+      "compressed_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, "
+      "Tensor v_cmp, Tensor o, Tensor lse, Tensor? cu_seqlens, int block_size, "
+      "int block_stride, float scale) -> (Tensor dq, Tensor dk_cmp, Tensor dv_cmp)");
+  m.def(
+      "select_blocks(Tensor q, Tensor k_cmp, Tensor lse, Tensor? cu_seqlens, int block_size, "
+      "int block_stride, int select_size, int num_selected, int num_initial, int num_local, "
+      "float scale) -> Tensor");
+  m.def(
+      "selected_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor block_indices, "
+      "Tensor? cu_seqlens, int select_size, float scale) -> (Tensor o, Tensor lse)");
+  m.def(
+      "selected_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor block_indices, "
+      "Tensor o, Tensor lse, Tensor? cu_seqlens, int select_size, float scale) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, "
+      "int window_size, float scale) -> (Tensor o, Tensor lse)");
+  m.def(
+      "sliding_window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, "
+      "Tensor lse, Tensor? cu_seqlens, int window_size, float scale) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+#define NSA_IMPLS(m)                                                             \
+  m.impl("compressed_attention_fwd", &nsa_torch::compressed_attention_fwd);      \
+  m.impl("compressed_attention_bwd", &nsa_torch::compressed_attention_bwd);      \
+  m.impl("select_blocks", &nsa_torch::select_blocks);                            \
+  m.impl("selected_attention_fwd", &nsa_torch::selected_attention_fwd);          \
+  m.impl("selected_attention_bwd", &nsa_torch::selected_attention_bwd);          \
+  m.impl("sliding_window_attention_fwd", &nsa_torch::sliding_window_attention_fwd); \
+  m.impl("sliding_window_attention_bwd", &nsa_torch::sliding_window_attention_bwd)
+
+TORCH_LIBRARY_IMPL(nsa, CPU, m) { NSA_IMPLS(m); }
+TORCH_LIBRARY_IMPL(nsa, CUDA, m) { NSA_IMPLS(m); }

@@ -1,0 +1,90 @@
+// nsa.selected_attention: forward and backward ops.
+#include "args.h"
+#include "nsa/cpu/kernels.h"
+#include "ops.h"
+
+namespace nsa_torch {
+namespace {
+
+constexpr const char* kOp = "nsa.selected_attention";
+
+SeqsArg check_slc(const Checker& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& block_indices, const OptTensor& cu_seqlens,
+                  int64_t select_size, double scale) {
+  check_qkv(c, q, k, v, "k", "v");
+  const int64_t B = q.size(0), T = q.size(1), H = k.size(2);
+  c.tensor(k, "k", q.scalar_type(), {"B", "T", "H", "D"}, {B, T, H, q.size(3)}, q.device());
+  c.value(block_indices.dim() == 4, "block_indices", "int32 [B, T, H, n]",
+          tensor_str(block_indices));
+  c.tensor(block_indices, "block_indices", at::kInt, {"B", "T", "H", "n"},
+           {B, T, H, block_indices.size(3)}, q.device());
+  c.value(select_size >= 1, "select_size", "at least 1", std::to_string(select_size));
+  check_scale(c, scale);
+  return make_seqs(c, q, cu_seqlens);
+}
+
+nsa::SlcParams slc_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& block_indices, const at::Tensor& o,
+                          const at::Tensor& lse, const SeqsArg& seqs, int64_t select_size,
+                          double scale) {
+  nsa::SlcParams p;
+  fill_attn(p, q, k, v, o, lse, seqs.seqs, scale);
+  p.block_indices = view_of(block_indices);
+  p.num_selected = int(block_indices.size(3));
+  p.select_size = int(std::min<int64_t>(select_size, int64_t(1) << 30));
+  return p;
+}
+
+// Entries must be -1 or a block of the query's own sequence, listed once per row. Read on the
+// CPU only: a CUDA check would need a host sync.
+void check_block_index_values(const Checker& c, const nsa::SlcParams& p) {
+  const nsa::cpu::BlockIndexError e = nsa::cpu::check_block_indices(p);
+  if (e.kind == nsa::cpu::BlockIndexError::kNone) return;
+  const std::string where = "block_indices[" + std::to_string(e.batch) + ", " +
+                            std::to_string(e.token) + ", " + std::to_string(e.head) + ", " +
+                            std::to_string(e.slot) + "] = " + std::to_string(e.value);
+  if (e.kind == nsa::cpu::BlockIndexError::kOutOfRange)
+    c.value(false, "block_indices",
+            "-1 or a block index in [0, " + std::to_string(e.num_blocks) +
+                ") of the query's sequence (select_size = " + std::to_string(p.select_size) + ")",
+            where);
+  c.value(false, "block_indices", "free of duplicates within a row", where + " listed twice");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> selected_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& block_indices, const OptTensor& cu_seqlens, int64_t select_size,
+    double scale) {
+  const Checker c(kOp);
+  const SeqsArg seqs = check_slc(c, q, k, v, block_indices, cu_seqlens, select_size, scale);
+  require_cpu(c, q);
+  at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
+                             q.options().dtype(lse_dtype(q.scalar_type())));
+  const nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
+  check_block_index_values(c, p);
+  nsa::cpu::slc_fwd(p, torch_parallel_for);
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& block_indices, const at::Tensor& o, const at::Tensor& lse,
+    const OptTensor& cu_seqlens, int64_t select_size, double scale) {
+  const Checker c(kOp);
+  const SeqsArg seqs = check_slc(c, q, k, v, block_indices, cu_seqlens, select_size, scale);
+  check_bwd_inputs(c, q, v, dout, o, lse);
+  require_cpu(c, q);
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = new_output(v.sizes(), v.options());
+  nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
+  check_block_index_values(c, p);
+  fill_attn_bwd(p, dout, dq, dk, dv);
+  nsa::cpu::slc_bwd(p, torch_parallel_for);
+  return {dq, dk, dv};
+}
+
+}  // namespace nsa_torch

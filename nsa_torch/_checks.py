@@ -1,0 +1,120 @@
+"""Argument checks of the public functions, raised from Python before any op runs (so they also
+fire while torch.compile traces). The C++ ops repeat them for callers of torch.ops.nsa.*.
+Messages name the function, the argument, what was expected and what was given."""
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _desc(t):
+    return f"{_dt(t.dtype)} {list(t.shape)} on {t.device}"
+
+
+def hyper(fn, **values):
+    """Hyper-parameter constraints of DESIGN.md section 1."""
+    def need(cond, arg, expected):
+        if not cond:
+            raise ValueError(f"{fn}: {arg} must be {expected}, got {values[arg]}")
+
+    for name in ("block_size", "block_stride", "select_size", "window_size", "num_selected"):
+        if name in values:
+            v = values[name]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+            need(v >= 1, name, "at least 1")
+    for name in ("num_initial", "num_local"):
+        if name in values:
+            need(isinstance(values[name], int) and values[name] >= 0, name, "an int >= 0")
+    if "block_size" in values:
+        need(values["block_size"] % values["block_stride"] == 0, "block_size",
+             f"a multiple of block_stride ({values['block_stride']})")
+    if "select_size" in values and "block_stride" in values:
+        need(values["select_size"] % values["block_stride"] == 0, "select_size",
+             f"a multiple of block_stride ({values['block_stride']})")
+    if "num_selected" in values and "num_initial" in values:
+        need(values["num_selected"] >= values["num_initial"] + values["num_local"], "num_selected",
+             f"at least num_initial + num_local = {values['num_initial'] + values['num_local']}")
+
+
+def scale(fn, q, value):
+    if value is None:
+        return q.shape[-1] ** -0.5
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{fn}: scale must be a finite number, got {value}")
+    return value
+
+
+def tensor(fn, name, t, dims, expected=None, dtype=None, device=None, contiguous_last=True):
+    """t is a tensor of len(dims) dims (named `dims`), sizes `expected` (None = any) and dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor {dims}, got {type(t).__name__}")
+    want = f"[{', '.join(dims)}]"
+    if expected is not None:
+        want += " = [" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must be {_dt(dtype)} {want}, got {_desc(t)}")
+    ok = t.dim() == len(dims) and (
+        expected is None or all(e is None or s == e for s, e in zip(t.shape, expected)))
+    if not ok:
+        raise ValueError(f"{fn}: {name} must be {want}, got {_desc(t)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{fn}: {name} must be on {device} (the device of q), got {t.device}")
+    if contiguous_last and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{fn}: {name} must have a contiguous last dim, got strides "
+                         f"{list(t.stride())}; call .contiguous() first")
+
+
+def qkv(fn, q, k, v, k_name="k", v_name="v", same_len=True):
+    """q [B, T, HQ, D], k [B, Tk, H, D], v [B, Tk, H, Dv]; one float dtype, one device."""
+    tensor(fn, "q", q, ("B", "T", "HQ", "D"))
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: q must be float32, float64, bfloat16 or float16, got {_dt(q.dtype)}")
+    B, T, HQ, D = q.shape
+    tensor(fn, k_name, k, ("B", "Tk", "H", "D"))
+    Tk, H = (T if same_len else k.shape[1]), k.shape[2]
+    tensor(fn, k_name, k, ("B", "T" if same_len else "Nc", "H", "D"), (B, Tk, H, D), q.dtype, q.device)
+    if v is not None:
+        tensor(fn, v_name, v, ("B", "T" if same_len else "Nc", "H", "Dv"), (B, Tk, H, None),
+               q.dtype, q.device)
+    if H < 1 or HQ % H:
+        raise ValueError(f"{fn}: the number of query heads HQ = {HQ} must be a multiple of the "
+                         f"number of key/value heads H = {H}")
+    if q.device.type != "cpu":
+        raise NotImplementedError(
+            f"{fn}: this build has CPU kernels only; got q on {q.device}. Move the tensors to the "
+            "CPU (CUDA kernels are in progress).")
+
+
+def seqlens(fn, q, cu_seqlens):
+    if cu_seqlens is None:
+        return
+    tensor(fn, "cu_seqlens", cu_seqlens, ("N + 1",), dtype=torch.int32, device=q.device)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{fn}: cu_seqlens must be int32 [N + 1] with N >= 0, got {_desc(cu_seqlens)}")
+    if q.shape[0] != 1:
+        raise ValueError(f"{fn}: q must be packed with B == 1 when cu_seqlens is given, "
+                         f"got B = {q.shape[0]}")
+
+
+def num_cmp_rows(fn, q, k_cmp, block_size, block_stride, cu_seqlens):
+    """Fixed-length batches: k_cmp has Nc(T) rows (packed counts are checked by the op)."""
+    if cu_seqlens is not None:
+        return
+    T = q.shape[1]
+    nc = (T - block_size) // block_stride + 1 if T >= block_size else 0
+    if k_cmp.shape[1] != nc:
+        raise ValueError(
+            f"{fn}: k_cmp must be [B, Nc, H, D] with Nc = (T - block_size) // block_stride + 1 = "
+            f"{nc} compressed tokens for T = {T} (0 when T < block_size), got {k_cmp.shape[1]} rows")
+
+
+def gate(fn, name, g, q):
+    B, T, HQ, _ = q.shape
+    tensor(fn, name, g, ("B", "T", "HQ"), (B, T, HQ), device=q.device, contiguous_last=False)
+    if not g.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be a float tensor [B, T, HQ], got {_desc(g)}")

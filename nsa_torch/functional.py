@@ -1,0 +1,129 @@
+"""The public functions of nsa-torch (DESIGN.md section 2). Each checks its arguments, then calls
+the nsa:: torch ops (whose autograd and fake kernels are in ops.py).
+
+Layout is flash-attn's: q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], compressed keys/values
+[B, Nc, H, D|Dv], gates [B, T, HQ]; with cu_seqlens (int32 [N + 1]) everything is packed, B = 1.
+"""
+import torch
+
+from . import _checks as check
+
+_NS = "nsa_torch."
+
+
+def _ops():
+    from . import _C, _C_ERROR
+    if _C is None:
+        raise RuntimeError("nsa_torch: the compiled ops are not available (nsa_torch._C failed to "
+                           f"load: {_C_ERROR}); only nsa_torch.reference works")
+    return torch.ops.nsa
+
+
+def _autocast(*tensors):
+    """Under torch.autocast, float tensors are cast to the autocast dtype (the kernels run in one
+    dtype). Outside autocast, inputs are used as given."""
+    q = tensors[0]
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_size=32, block_stride=16, scale=None,
+                         cu_seqlens=None):
+    """Attention of each query over the compressed tokens whose whole window is in its past.
+
+    Returns (o [B, T, HQ, Dv], lse [B, T, HQ]); lse is float32 (float64 for float64 inputs), and
+    -inf (with o = 0) for queries that see no compressed token yet. Both are differentiable.
+    """
+    fn = _NS + "compressed_attention"
+    q, k_cmp, v_cmp = _autocast(q, k_cmp, v_cmp)
+    check.hyper(fn, block_size=block_size, block_stride=block_stride)
+    check.qkv(fn, q, k_cmp, v_cmp, "k_cmp", "v_cmp", same_len=False)
+    check.seqlens(fn, q, cu_seqlens)
+    check.num_cmp_rows(fn, q, k_cmp, block_size, block_stride, cu_seqlens)
+    scale = check.scale(fn, q, scale)
+    return _ops().compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, block_size, block_stride,
+                                           scale)
+
+
+def select_blocks(q, k_cmp, lse, *, block_size=32, block_stride=16, select_size=64,
+                  num_selected=16, num_initial=1, num_local=2, scale=None, cu_seqlens=None):
+    """Top-n selection blocks per (token, KV head) from the compressed attention scores.
+
+    Returns int32 [B, T, H, num_selected]: ascending block indices of the query's sequence,
+    padded with -1. Not differentiable.
+    """
+    fn = _NS + "select_blocks"
+    q, k_cmp = _autocast(q, k_cmp)
+    check.hyper(fn, block_size=block_size, block_stride=block_stride, select_size=select_size,
+                num_selected=num_selected, num_initial=num_initial, num_local=num_local)
+    check.qkv(fn, q, k_cmp, None, "k_cmp", same_len=False)
+    B, T, HQ, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    check.tensor(fn, "lse", lse, ("B", "T", "HQ"), (B, T, HQ), lse_dtype, q.device)
+    check.seqlens(fn, q, cu_seqlens)
+    check.num_cmp_rows(fn, q, k_cmp, block_size, block_stride, cu_seqlens)
+    scale = check.scale(fn, q, scale)
+    return _ops().select_blocks(q.detach(), k_cmp.detach(), lse.detach(), cu_seqlens, block_size,
+                                block_stride, select_size, num_selected, num_initial, num_local,
+                                scale)
+
+
+def selected_attention(q, k, v, block_indices, *, select_size=64, scale=None, cu_seqlens=None):
+    """Attention of query t, head h over the causal keys of the blocks listed in
+    block_indices[t, h // G] (int32 [B, T, H, n], -1 = empty slot, no duplicates)."""
+    fn = _NS + "selected_attention"
+    q, k, v = _autocast(q, k, v)
+    check.hyper(fn, select_size=select_size)
+    check.qkv(fn, q, k, v)
+    B, T, _, _ = q.shape
+    check.tensor(fn, "block_indices", block_indices, ("B", "T", "H", "n"),
+                 (B, T, k.shape[2], None), torch.int32, q.device)
+    check.seqlens(fn, q, cu_seqlens)
+    scale = check.scale(fn, q, scale)
+    o, _ = _ops().selected_attention_fwd(q, k, v, block_indices, cu_seqlens, select_size, scale)
+    return o
+
+
+def sliding_window_attention(q, k, v, *, window_size=512, scale=None, cu_seqlens=None):
+    """Causal attention of query t over keys max(0, t - window_size + 1) .. t
+    (flash-attn's window_size=(window_size - 1, 0))."""
+    fn = _NS + "sliding_window_attention"
+    q, k, v = _autocast(q, k, v)
+    check.hyper(fn, window_size=window_size)
+    check.qkv(fn, q, k, v)
+    check.seqlens(fn, q, cu_seqlens)
+    scale = check.scale(fn, q, scale)
+    o, _ = _ops().sliding_window_attention_fwd(q, k, v, cu_seqlens, window_size, scale)
+    return o
+
+
+def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, block_stride=16,
+                  select_size=64, num_selected=16, num_initial=1, num_local=2, window_size=512,
+                  scale=None, cu_seqlens=None, return_block_indices=False):
+    """Native Sparse Attention: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa, the selected
+    branch attending the blocks chosen from the compressed branch's scores.
+
+    Gradients reach q, k, v, k_cmp, v_cmp and the gates. Returns o [B, T, HQ, Dv] in q's dtype,
+    or (o, block_indices) with return_block_indices=True.
+    """
+    fn = _NS + "nsa_attention"
+    check.hyper(fn, block_size=block_size, block_stride=block_stride, select_size=select_size,
+                num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+                window_size=window_size)
+    check.tensor(fn, "q", q, ("B", "T", "HQ", "D"))
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        check.gate(fn, name, g, q)
+    common = dict(scale=scale, cu_seqlens=cu_seqlens)
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, block_size=block_size,
+                                      block_stride=block_stride, **common)
+    block_indices = select_blocks(q, k_cmp, lse, block_size=block_size, block_stride=block_stride,
+                                  select_size=select_size, num_selected=num_selected,
+                                  num_initial=num_initial, num_local=num_local, **common)
+    o_slc = selected_attention(q, k, v, block_indices, select_size=select_size, **common)
+    o_swa = sliding_window_attention(q, k, v, window_size=window_size, **common)
+    o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
+    o = o.to(o_cmp.dtype)
+    return (o, block_indices) if return_block_indices else o
