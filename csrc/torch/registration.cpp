@@ -9,8 +9,9 @@
 #include <Python.h>
 // `import nsa_torch._C` loads this library (and so runs the registrations below); the module
 // itself is empty: the ops are reached through torch.ops.nsa.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                               nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 #endif
