@@ -53,15 +53,20 @@ def tensor(fn, name, t, dims, expected=None, dtype=None, device=None, contiguous
     """t is a tensor of len(dims) dims (named `dims`), sizes `expected` (None = any) and dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a tensor {dims}, got {type(t).__name__}")
-    want = f"[{', '.join(dims)}]"
-    if expected is not None:
-        want += " = [" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+    def want():
+        # Formatted only on failure: under torch.compile the sizes may be symbolic, and turning
+        # them into text would break the graph.
+        w = f"[{', '.join(dims)}]"
+        if expected is not None:
+            w += " = [" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        return w
+
     if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{fn}: {name} must be {_dt(dtype)} {want}, got {_desc(t)}")
+        raise TypeError(f"{fn}: {name} must be {_dt(dtype)} {want()}, got {_desc(t)}")
     ok = t.dim() == len(dims) and (
         expected is None or all(e is None or s == e for s, e in zip(t.shape, expected)))
     if not ok:
-        raise ValueError(f"{fn}: {name} must be {want}, got {_desc(t)}")
+        raise ValueError(f"{fn}: {name} must be {want()}, got {_desc(t)}")
     if device is not None and t.device != device:
         raise ValueError(f"{fn}: {name} must be on {device} (the device of q), got {t.device}")
     if contiguous_last and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:

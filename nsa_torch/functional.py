@@ -113,9 +113,20 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, 
     check.hyper(fn, block_size=block_size, block_stride=block_stride, select_size=select_size,
                 num_selected=num_selected, num_initial=num_initial, num_local=num_local,
                 window_size=window_size)
-    check.tensor(fn, "q", q, ("B", "T", "HQ", "D"))
+    # Checked here as a whole, so that errors name the function the caller used, and so that
+    # k_cmp/v_cmp agree with k/v (each branch alone cannot see a mismatch between them, and
+    # o_cmp with Dv = 1 would silently broadcast).
+    check.qkv(fn, q, k, v)
+    B, _, _, D = q.shape
+    H, Dv = k.shape[2], v.shape[3]
+    check.tensor(fn, "k_cmp", k_cmp, ("B", "Nc", "H", "D"), (B, None, H, D), q.dtype, q.device)
+    check.tensor(fn, "v_cmp", v_cmp, ("B", "Nc", "H", "Dv"), (B, k_cmp.shape[1], H, Dv), q.dtype,
+                 q.device)
+    check.seqlens(fn, q, cu_seqlens)
+    check.num_cmp_rows(fn, q, k_cmp, block_size, block_stride, cu_seqlens)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         check.gate(fn, name, g, q)
+    check.scale(fn, q, scale)
     common = dict(scale=scale, cu_seqlens=cu_seqlens)
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, block_size=block_size,
                                       block_stride=block_stride, **common)

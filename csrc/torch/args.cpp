@@ -76,7 +76,7 @@ void Checker::value(bool cond, const char* arg, const std::string& expected,
 }
 
 void check_qkv(const Checker& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const char* k_name, const char* v_name) {
+               const char* k_name, const char* v_name, bool same_len) {
   c.value(q.dim() == 4, "q", "a 4-D tensor [B, T, HQ, D]", tensor_str(q));
   const auto dt = q.scalar_type();
   const bool float_dtype =
@@ -86,10 +86,11 @@ void check_qkv(const Checker& c, const at::Tensor& q, const at::Tensor& k, const
   const int64_t B = q.size(0), HQ = q.size(2), D = q.size(3);
   c.value(k.dim() == 4 && v.dim() == 4, k.dim() == 4 ? v_name : k_name,
           "a 4-D tensor [B, Tk, H, dim]", tensor_str(k.dim() == 4 ? v : k));
-  const int64_t Tk = k.size(1), H = k.size(2), Dv = v.size(3);
+  const int64_t Tk = same_len ? q.size(1) : k.size(1), H = k.size(2), Dv = v.size(3);
+  const char* rows = same_len ? "T" : "Tk";
   c.tensor(q, "q", dt, {"B", "T", "HQ", "D"}, {B, kAny, HQ, D}, q.device());
-  c.tensor(k, k_name, dt, {"B", "Tk", "H", "D"}, {B, Tk, H, D}, q.device());
-  c.tensor(v, v_name, dt, {"B", "Tk", "H", "Dv"}, {B, Tk, H, Dv}, q.device());
+  c.tensor(k, k_name, dt, {"B", rows, "H", "D"}, {B, Tk, H, D}, q.device());
+  c.tensor(v, v_name, dt, {"B", rows, "H", "Dv"}, {B, Tk, H, Dv}, q.device());
   c.value(H >= 1 && HQ % H == 0, "the number of query heads HQ",
           "a multiple of the number of key/value heads H = " + std::to_string(H),
           "HQ = " + std::to_string(HQ));

@@ -43,9 +43,10 @@ class Checker {
 
 // The attention inputs q [B, T, HQ, D], k [B, Tk, H, D], v [B, Tk, H, Dv]: float dtypes the
 // device supports, one dtype, one device, contiguous last dims, H >= 1 dividing HQ.
-// `k_name`/`v_name` name the keys in messages ("k" or "k_cmp").
+// `k_name`/`v_name` name the keys in messages ("k" or "k_cmp"). With `same_len` (keys are the
+// tokens themselves) Tk must be T: checking k against q first blames k, not v, when k is short.
 void check_qkv(const Checker& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const char* k_name, const char* v_name);
+               const char* k_name, const char* v_name, bool same_len);
 
 // Where q's sequences lie. Checks cu_seqlens (int32 [N + 1] on q's device, B == 1; on the CPU also
 // its values: starts at 0, non-decreasing, ends at T). With `cmp_rows` >= 0 (the compressed

@@ -11,7 +11,7 @@ constexpr const char* kOp = "nsa.compressed_attention";
 SeqsArg check_cmp(const Checker& c, const at::Tensor& q, const at::Tensor& k_cmp,
                   const at::Tensor& v_cmp, const OptTensor& cu_seqlens, int64_t block_size,
                   int64_t block_stride, double scale) {
-  check_qkv(c, q, k_cmp, v_cmp, "k_cmp", "v_cmp");
+  check_qkv(c, q, k_cmp, v_cmp, "k_cmp", "v_cmp", /*same_len=*/false);
   check_compression(c, block_size, block_stride);
   check_scale(c, scale);
   return make_seqs(c, q, cu_seqlens, k_cmp.size(1), block_size, block_stride);

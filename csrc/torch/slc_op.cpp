@@ -11,9 +11,8 @@ constexpr const char* kOp = "nsa.selected_attention";
 SeqsArg check_slc(const Checker& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& block_indices, const OptTensor& cu_seqlens,
                   int64_t select_size, double scale) {
-  check_qkv(c, q, k, v, "k", "v");
+  check_qkv(c, q, k, v, "k", "v", /*same_len=*/true);
   const int64_t B = q.size(0), T = q.size(1), H = k.size(2);
-  c.tensor(k, "k", q.scalar_type(), {"B", "T", "H", "D"}, {B, T, H, q.size(3)}, q.device());
   c.value(block_indices.dim() == 4, "block_indices", "int32 [B, T, H, n]",
           tensor_str(block_indices));
   c.tensor(block_indices, "block_indices", at::kInt, {"B", "T", "H", "n"},

@@ -10,9 +10,7 @@ constexpr const char* kOp = "nsa.sliding_window_attention";
 
 SeqsArg check_swa(const Checker& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const OptTensor& cu_seqlens, int64_t window_size, double scale) {
-  check_qkv(c, q, k, v, "k", "v");
-  c.tensor(k, "k", q.scalar_type(), {"B", "T", "H", "D"}, {q.size(0), q.size(1), k.size(2), q.size(3)},
-           q.device());
+  check_qkv(c, q, k, v, "k", "v", /*same_len=*/true);
   c.value(window_size >= 1, "window_size", "at least 1", std::to_string(window_size));
   check_scale(c, scale);
   return make_seqs(c, q, cu_seqlens);

@@ -10,7 +10,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
                          int64_t select_size, int64_t num_selected, int64_t num_initial,
                          int64_t num_local, double scale) {
   const Checker c("nsa.select_blocks");
-  check_qkv(c, q, k_cmp, k_cmp, "k_cmp", "k_cmp");  // no values here: k_cmp stands in for them
+  check_qkv(c, q, k_cmp, k_cmp, "k_cmp", "k_cmp", /*same_len=*/false);  // no values here: k_cmp stands in for them
   const int64_t B = q.size(0), T = q.size(1), HQ = q.size(2), H = k_cmp.size(2);
   c.tensor(lse, "lse", lse_dtype(q.scalar_type()), {"B", "T", "HQ"}, {B, T, HQ}, q.device());
   check_compression(c, block_size, block_stride);
