@@ -16,6 +16,12 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# torch derives CUDA_HOME from the nvcc on PATH; a wrapper such as /usr/local/bin/nvcc then gives
+# /usr/local, where no CUDA runtime library lies. Prefer the toolkit's own directory.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists(
+        "/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 
 def _want_cuda():
     import torch
