@@ -212,8 +212,15 @@ TEST_CASE("slc: unsorted slots, duplicates and out-of-range entries are a set", 
   check_slc<double>(c);
 }
 
-TEST_CASE("slc: large group (G=20)", "[slc]") {
-  check_slc<float>(make_case(1, 40, 40, 2, 16, 8, 16, 2, 0));
+TEST_CASE("slc: large groups, wide heads, explicit scale", "[slc]") {
+  SECTION("G=20") { check_slc<float>(make_case(1, 40, 40, 2, 16, 8, 16, 2, 0)); }
+  SECTION("G=70 > rows per batch") { check_slc<float>(make_case(1, 20, 70, 1, 8, 8, 16, 2, 0)); }
+  SECTION("D=192, Dv=128") { check_slc<float>(make_case(1, 50, 4, 2, 192, 128, 16, 2, 0)); }
+  SECTION("scale 0.3") {
+    SlcCase c = make_case(1, 50, 4, 2, 16, 16, 16, 2, 0);
+    c.pr.scale = 0.3;
+    check_slc<double>(c);
+  }
 }
 
 TEST_CASE("slc: bf16 and fp16", "[slc]") {

@@ -145,9 +145,16 @@ TEST_CASE("swa: varlen with an empty and a length-1 sequence", "[swa]") {
   SECTION("float32") { check_swa<float>(c); }
 }
 
-TEST_CASE("swa: paper-like head shape (G=4, D=64) and a large group (G=24)", "[swa]") {
+TEST_CASE("swa: paper-like heads, large groups, wide heads, explicit scale", "[swa]") {
   SECTION("G=4") { check_swa<float>(make_case(1, 200, 8, 2, 64, 64, 96, 0)); }
   SECTION("G=24") { check_swa<float>(make_case(1, 40, 48, 2, 16, 8, 20, 0)); }
+  SECTION("G=70 > rows per batch") { check_swa<float>(make_case(1, 20, 70, 1, 8, 8, 5, 0)); }
+  SECTION("D=192, Dv=128") { check_swa<float>(make_case(1, 50, 4, 2, 192, 128, 20, 0)); }
+  SECTION("scale 0.3") {
+    SwaCase c = make_case(1, 50, 4, 2, 16, 16, 9, 0);
+    c.pr.scale = 0.3;
+    check_swa<double>(c);
+  }
 }
 
 TEST_CASE("swa: bf16 and fp16", "[swa]") {

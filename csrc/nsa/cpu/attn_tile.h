@@ -7,9 +7,8 @@
 // sums), and key/value rows are read straight from the input tensors when T == A (no transposed
 // copy of the keys). Query rows are scaled by `scale` when loaded, so s = q'.k directly.
 //
-// The register tiles use GCC/Clang vector extensions: with plain local arrays GCC 12 keeps the
-// accumulators in memory (measured 2x slower); vector-typed locals stay in registers. Everything
-// is inline so that NSA_CPU_MULTIVERSION clones compile it with AVX2 + FMA.
+// The register tiles use the vector types of simd.h. Everything is inline so that
+// NSA_CPU_MULTIVERSION clones compile it with AVX2 + FMA.
 #pragma once
 
 #include <algorithm>
@@ -21,7 +20,7 @@
 #include <vector>
 
 #include "numeric.h"
-#include "vec.h"
+#include "simd.h"
 
 namespace nsa::cpu::attn {
 
@@ -29,58 +28,12 @@ constexpr int kMaxRows = 64;  // query rows per batch (lanes of a score tile)
 constexpr int kMaxKeys = 64;  // keys per chunk
 constexpr int kRowAlign = 8;  // batches are padded to whole vectors (8 floats, 2 x 4 doubles)
 
-template <typename A>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Simd<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename A>
-using vec = typename Simd<A>::type;
-template <typename A>
-constexpr int kVecLen = int(sizeof(vec<A>) / sizeof(A));
-
-// By reference, never by value: passing 32-byte vectors by value changes the ABI between clones.
-template <typename A>
-inline void vload(vec<A>& v, const A* p) {
-  std::memcpy(&v, p, sizeof v);
-}
-template <typename A>
-inline void vstore(A* p, const vec<A>& v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-// In-place exp of every lane. Floats use a polynomial so that the loop stays vectorised (glibc's
-// vector exp needs -ffast-math): exp(x) = 2^n e^r, |r| <= ln2/2, degree-6 Taylor polynomial,
-// relative error < 3e-7. Inputs below -87 (-inf included) give exactly 0. Inputs must stay below
-// 88: callers pass scores minus a running max or an lse.
-inline void vexp(vec<float>& x) {
-  typedef int32_t vint __attribute__((vector_size(32)));
-  const vec<float> lo = vec<float>{} - 87.0f;
-  const vint under = x < lo;
-  const vec<float> xc = under ? lo : x;
-  // Round to nearest by adding and removing 1.5 * 2^23 (exact under IEEE arithmetic).
-  const vec<float> n = xc * 1.44269504088896341f + 12582912.0f - 12582912.0f;
-  // ln2 split in two so that n * ln2_hi is exact (ln2_hi has 15 significant bits).
-  const vec<float> r = xc - n * 0.693145751953125f - n * 1.428606765330187e-6f;
-  vec<float> p = r * (1.0f / 720) + (1.0f / 120);
-  p = p * r + (1.0f / 24);
-  p = p * r + (1.0f / 6);
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vint two_n = (__builtin_convertvector(n, vint) + 127) << 23;  // 2^n as float bits
-  const vec<float> y = p * (vec<float>)two_n;
-  x = under ? vec<float>{} : y;
-}
-// float64 needs full precision (gradients to 1e-9) and is not the fast path: libm.
-inline void vexp(vec<double>& x) {
-  for (int i = 0; i < kVecLen<double>; ++i) x[i] = std::exp(x[i]);
-}
+using simd::kVecLen;
+using simd::Simd;
+using simd::vec;
+using simd::vexp;
+using simd::vload;
+using simd::vstore;
 
 // out[b, a] = sum_{d < nd} x[b, d] * yt[d, a]  for b < nb, a < na; row strides ldx, na, na.
 // na is a multiple of kRowAlign. K keys (rows of x) share every loaded vector of yt.
@@ -480,6 +433,7 @@ template <typename T, typename A>
 inline void fill_delta(const AttnParams& p, const TokenTile& tile, A* delta) {
   const SeqRange seq = p.seqs.range(tile.seq);
   const int Dv = p.head_dim_v;
+  constexpr int kLanes = 16;
   for (index_t t = tile.t0; t < tile.t1; ++t)
     for (int h = 0; h < p.num_heads; ++h) {
       const T* o = p.o.ptr<T>(seq.batch, seq.start + t, h);

@@ -3,10 +3,8 @@
 //
 // Layout: a tile is row-major, query rows (token-major, the G heads of a group inner) times
 // keys; tiles are padded to whole register blocks (rows to kTileM, columns to kTileN) with
-// zeros, so the products below have no edge cases. The register blocks use GCC/Clang vector
-// extensions: with plain local arrays GCC 12 keeps the accumulators of most block shapes in
-// memory (measured up to 20x slower). Vectors are passed by reference only: by value, a
-// 32-byte vector changes the ABI between the AVX2 and baseline clones.
+// zeros, so the products below have no edge cases. The register blocks use the vector types
+// of simd.h.
 #pragma once
 
 #include <algorithm>
@@ -15,41 +13,16 @@
 #include <vector>
 
 #include "numeric.h"
+#include "simd.h"
 
 namespace nsa::cpu::cmp_tiles {
 
-template <typename A>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef float unaligned __attribute__((vector_size(32), aligned(alignof(float))));
-  typedef int32_t lane_t;
-  typedef lane_t mask __attribute__((vector_size(32)));
-};
-template <>
-struct Simd<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef double unaligned __attribute__((vector_size(32), aligned(alignof(double))));
-  typedef int64_t lane_t;
-  typedef lane_t mask __attribute__((vector_size(32)));
-};
-template <typename A>
-using vec = typename Simd<A>::type;
-template <typename A>
-constexpr int kVecLen = int(sizeof(vec<A>) / sizeof(A));
-
-// Unaligned vector loads and stores through the vector type itself (GCC gives vector types the
-// alias set of their elements). Not memcpy: GCC may split a 32-byte memcpy into two 16-byte
-// stores to the stack and reload them as one vector, a store-forwarding stall per load.
-template <typename A>
-inline void vload(vec<A>& v, const A* p) {
-  v = *reinterpret_cast<const typename Simd<A>::unaligned*>(p);
-}
-template <typename A>
-inline void vstore(A* p, const vec<A>& v) {
-  *reinterpret_cast<typename Simd<A>::unaligned*>(p) = v;
-}
+using simd::kVecLen;
+using simd::Simd;
+using simd::vec;
+using simd::vexp;
+using simd::vload;
+using simd::vstore;
 
 // Register block of tile_gemm: 4 x 16 floats is 8 accumulators, which leaves room for the
 // loaded B row and the broadcast A element among the 16 AVX registers.
@@ -105,41 +78,6 @@ inline void tile_gemm(index_t M, index_t N, index_t K, const A* __restrict a, in
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) vstore(c + (i + r) * ldc + j + v * L, acc[r][v]);
     }
-}
-
-// In-place exp of every lane; -inf (and anything below -87) gives exactly 0, NaN stays NaN.
-// Floats use a polynomial so that the loop stays vectorised (glibc's vector exp needs
-// -ffast-math): exp(x) = 2^n e^r with |r| <= ln2/2 and a degree-7 Taylor polynomial (relative
-// error below 1e-8 before rounding). Callers pass x <= 0 up to rounding (scores minus a max or
-// an lse); the clamp at 88 only keeps 2^n a finite float.
-inline void vexp(vec<float>& x) {
-  using mask = Simd<float>::mask;
-  const vec<float> lo = vec<float>{} - 87.0f, hi = vec<float>{} + 88.0f;
-  const mask under = x < lo;
-  vec<float> xc = under ? lo : x;
-  xc = xc > hi ? hi : xc;
-  // Adding 1.5 * 2^23 rounds to an integer (exact under IEEE arithmetic); n then sits in the
-  // low mantissa bits of `t`.
-  const vec<float> t = xc * 1.44269504088896341f + 12582912.0f;
-  const vec<float> n = t - 12582912.0f;
-  // ln2 split in two so that n * ln2_hi is exact (ln2_hi has 9 significant bits, |n| < 2^7).
-  const vec<float> r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  vec<float> p = r * (1.0f / 5040) + (1.0f / 720);
-  p = p * r + (1.0f / 120);
-  p = p * r + (1.0f / 24);
-  p = p * r + (1.0f / 6);
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // 2^n as float bits (0x4b400000: the bits of 1.5 * 2^23). A cast between vector types of
-  // one size reinterprets the bits.
-  const mask two_n = ((mask)t - 0x4b400000 + 127) << 23;
-  const vec<float> y = p * (vec<float>)two_n;
-  x = under ? vec<float>{} : y;
-}
-// float64 must reach 1e-9 in the tests and is not the fast path: libm.
-inline void vexp(vec<double>& x) {
-  for (int i = 0; i < kVecLen<double>; ++i) x[i] = std::exp(x[i]);
 }
 
 // Largest of x[0 .. valid), valid >= 1.

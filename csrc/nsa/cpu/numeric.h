@@ -106,6 +106,18 @@ inline void store(double& dst, double a) { dst = a; }
 inline void store(bf16& dst, double a) { dst = to_bf16(float(a)); }
 inline void store(fp16& dst, double a) { dst = to_fp16(float(a)); }
 
+// dst[i] = A(src[i]) for a row of any element type.
+template <typename A, typename T>
+inline void load_row(const T* __restrict src, A* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = load<A>(src[i]);
+}
+
+// dst[i] = T(src[i]), rounding to nearest even.
+template <typename T, typename A>
+inline void store_row(const A* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(dst[i], src[i]);
+}
+
 // Calls f(T{}) with T the element type of `dtype`; throws on any other value.
 template <typename F>
 decltype(auto) dispatch_dtype(Dtype dtype, const char* op, F&& f) {

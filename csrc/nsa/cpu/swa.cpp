@@ -28,12 +28,15 @@ index_t tile_tokens(int group) { return std::max(1, kMaxRows / group); }
 // Keys per dk/dv item: several chunks share the gathered query rows.
 constexpr int kItemKeys = 2 * kMaxKeys;
 
-// Rows of a tile, in batches of kMaxRows (row r = token (r / G), head (r % G) of the group).
-std::vector<Batch> tile_batches(int rows) {
-  std::vector<Batch> batches((rows + kMaxRows - 1) / kMaxRows);
+// Splits a tile's rows into batches of kMaxRows (row r = token r / G, head r % G of the group)
+// and makes room for each batch's operands, reusing the caller's vectors.
+template <typename A>
+void tile_batches(int rows, int D, int Dv, std::vector<Batch>& batches,
+                  std::vector<BatchRows<A>>& br) {
+  batches.assign((rows + kMaxRows - 1) / kMaxRows, Batch{});
   for (int r = 0; r < rows; ++r) batches[r / kMaxRows].add(r);
   for (Batch& b : batches) b.pad();
-  return batches;
+  while (br.size() < batches.size()) br.emplace_back(D, Dv);
 }
 
 // Sets the keys of chunk [c0, c0 + nk) each row of b sees; row r belongs to token t0 + r / G.
@@ -54,6 +57,7 @@ void fwd_items(const SwaParams& p, const std::vector<TokenTile>& tiles, index_t 
   const index_t w = p.window_size;
   const size_t max_rows = size_t(tile_tokens(G)) * G;
   std::vector<A> q(max_rows * D), o(max_rows * Dv), m(max_rows), l(max_rows), kbuf, vbuf;
+  std::vector<Batch> batches;
   std::vector<BatchRows<A>> br;
   Scratch<A> ws;
 
@@ -68,8 +72,7 @@ void fwd_items(const SwaParams& p, const std::vector<TokenTile>& tiles, index_t 
     std::fill_n(o.begin(), size_t(rows) * Dv, A(0));
     std::fill_n(m.begin(), rows, -std::numeric_limits<A>::infinity());
     std::fill_n(l.begin(), rows, A(0));
-    std::vector<Batch> batches = tile_batches(rows);
-    while (br.size() < batches.size()) br.emplace_back(D, Dv);
+    tile_batches(rows, D, Dv, batches, br);
     for (size_t i = 0; i < batches.size(); ++i)
       br[i].gather(batches[i], q.data(), D, nullptr, Dv, nullptr, nullptr);
 
@@ -108,6 +111,7 @@ void dq_items(const SwaParams& p, const std::vector<TokenTile>& tiles, const acc
   const size_t max_rows = size_t(tile_tokens(G)) * G;
   std::vector<A> q(max_rows * D), dout(max_rows * Dv), dq(max_rows * D), lse(max_rows),
       dlt(max_rows), kbuf, vbuf;
+  std::vector<Batch> batches;
   std::vector<BatchRows<A>> br;
   Scratch<A> ws;
 
@@ -126,8 +130,7 @@ void dq_items(const SwaParams& p, const std::vector<TokenTile>& tiles, const acc
       dlt[r] = delta[attn::token_pos(p.seqs, seq, t) * p.num_heads + h];
     }
     std::fill_n(dq.begin(), size_t(rows) * D, A(0));
-    std::vector<Batch> batches = tile_batches(rows);
-    while (br.size() < batches.size()) br.emplace_back(D, Dv);
+    tile_batches(rows, D, Dv, batches, br);
     for (size_t i = 0; i < batches.size(); ++i)
       br[i].gather(batches[i], q.data(), D, dout.data(), Dv, lse.data(), dlt.data());
 
