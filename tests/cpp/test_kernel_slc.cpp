@@ -291,7 +291,7 @@ TEST_CASE("check_block_indices", "[slc]") {
 
 // Hidden benchmark: ./nsa_kernel_tests "[.bench]". The paper's shape at T = 32k with indices
 // like top-n picks on random data (blocks 0, t/l' - 1, t/l' and 13 random others).
-TEST_CASE("slc: forward / backward speed, T=32k HQ=8 H=2 D=64 float32", "[.bench]") {
+TEST_CASE("slc: forward and backward speed at T=32k HQ=8 H=2 D=64 float32", "[.bench]") {
   SlcCase c = make_case(1, 32768, 8, 2, 64, 64, 64, 16, 0);
   std::mt19937 rng(5);
   SlcTensors<float> x(c, rng);

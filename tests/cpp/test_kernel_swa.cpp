@@ -197,7 +197,7 @@ TEST_CASE("swa: backward matches finite differences of the forward (float64)", "
 }
 
 // Hidden benchmark: ./nsa_kernel_tests "[.bench]".
-TEST_CASE("swa: forward / backward speed, T=32k HQ=8 H=2 D=64 w=512 float32", "[.bench]") {
+TEST_CASE("swa: forward and backward speed at T=32k HQ=8 H=2 D=64 w=512 float32", "[.bench]") {
   const SwaCase c = make_case(1, 32768, 8, 2, 64, 64, 512, 0);
   std::mt19937 rng(5);
   SwaTensors<float> x(c, rng);
