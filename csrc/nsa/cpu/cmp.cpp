@@ -143,7 +143,7 @@ void fwd_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
   }
 }
 
-NSA_CMP_TILES_CHUNKS(fwd_chunk, fwd_items, Inputs)
+NSA_CPU_CHUNKS(fwd_chunk, fwd_items, Inputs)
 
 // ---- backward -----------------------------------------------------------------------------
 
@@ -300,8 +300,8 @@ void dkdv_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
   }
 }
 
-NSA_CMP_TILES_CHUNKS(dq_chunk, dq_items, Inputs)
-NSA_CMP_TILES_CHUNKS(dkdv_chunk, dkdv_items, Inputs)
+NSA_CPU_CHUNKS(dq_chunk, dq_items, Inputs)
+NSA_CPU_CHUNKS(dkdv_chunk, dkdv_items, Inputs)
 
 index_t query_tiles(const CmpParams& p, const SeqRange& seq) {
   const index_t tokens = cmp_tiles::QueryTile(p.num_heads / p.num_heads_k).tokens;

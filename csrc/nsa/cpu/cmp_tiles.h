@@ -253,24 +253,3 @@ class WorkList {
 };
 
 }  // namespace nsa::cpu::cmp_tiles
-
-// Defines chunk(const In<A>& in, index_t begin, index_t end, T) for every element type T, with
-// A = acc_t<T>, each running items<T>(in, begin, end): NSA_CPU_MULTIVERSION needs a
-// non-template function per element type.
-#define NSA_CMP_TILES_CHUNKS(chunk, items, In)                                          \
-  NSA_CPU_MULTIVERSION void chunk(const In<float>& in, index_t begin, index_t end,     \
-                                  float) {                                              \
-    items<float>(in, begin, end);                                                       \
-  }                                                                                     \
-  NSA_CPU_MULTIVERSION void chunk(const In<double>& in, index_t begin, index_t end,    \
-                                  double) {                                             \
-    items<double>(in, begin, end);                                                      \
-  }                                                                                     \
-  NSA_CPU_MULTIVERSION void chunk(const In<float>& in, index_t begin, index_t end,     \
-                                  bf16) {                                               \
-    items<bf16>(in, begin, end);                                                        \
-  }                                                                                     \
-  NSA_CPU_MULTIVERSION void chunk(const In<float>& in, index_t begin, index_t end,     \
-                                  fp16) {                                               \
-    items<fp16>(in, begin, end);                                                        \
-  }

@@ -129,10 +129,22 @@ void for_each_block_batch(const SlcParams& p, const SeqRange& seq, const TokenTi
   }
 }
 
+struct ReverseIndex;  // below, with the backward
+
+// What a chunk of work items reads besides the params; A is the accumulation type.
+template <typename A>
+struct Inputs {
+  const SlcParams& p;
+  const std::vector<TokenTile>& tiles;  // forward and dq
+  const ReverseIndex* ri;  // dk/dv
+  const A* delta;                        // backward: see attn::fill_delta
+};
+
 // Forward items [begin, end): item = tile * H + kv head.
 template <typename T>
-void fwd_items(const SlcParams& p, const std::vector<TokenTile>& tiles, index_t begin,
-               index_t end) {
+void fwd_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
+  const SlcParams& p = in.p;
+  const std::vector<TokenTile>& tiles = in.tiles;
   using A = acc_t<T>;
   const int H = p.num_heads_k, G = p.num_heads / H, D = p.head_dim, Dv = p.head_dim_v;
   const size_t max_rows = size_t(tile_tokens(G)) * G;
@@ -171,8 +183,10 @@ void fwd_items(const SlcParams& p, const std::vector<TokenTile>& tiles, index_t 
 
 // dq items [begin, end): item = tile * H + kv head. delta: see attn::fill_delta.
 template <typename T>
-void dq_items(const SlcParams& p, const std::vector<TokenTile>& tiles, const acc_t<T>* delta,
-              index_t begin, index_t end) {
+void dq_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
+  const SlcParams& p = in.p;
+  const std::vector<TokenTile>& tiles = in.tiles;
+  const acc_t<T>* delta = in.delta;
   using A = acc_t<T>;
   const int H = p.num_heads_k, G = p.num_heads / H, D = p.head_dim, Dv = p.head_dim_v;
   const size_t max_rows = size_t(tile_tokens(G)) * G;
@@ -266,8 +280,10 @@ void fill_reverse_index(const SlcParams& p, int s, int g, index_t token_base,
 
 // dk/dv items [begin, end): item = item_base[s] + g * num_blocks + j owns block j's key rows.
 template <typename T>
-void dkdv_items(const SlcParams& p, const ReverseIndex& ri, const acc_t<T>* delta, index_t begin,
-                index_t end) {
+void dkdv_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
+  const SlcParams& p = in.p;
+  const ReverseIndex& ri = *in.ri;
+  const acc_t<T>* delta = in.delta;
   using A = acc_t<T>;
   const int H = p.num_heads_k, G = p.num_heads / H, D = p.head_dim, Dv = p.head_dim_v;
   const index_t bs = p.select_size;
@@ -323,57 +339,10 @@ void dkdv_items(const SlcParams& p, const ReverseIndex& ri, const acc_t<T>* delt
   }
 }
 
-// One function per element type and pass: the multiversioned (AVX2 + baseline) hot loops.
-NSA_CPU_MULTIVERSION void run_fwd(float, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<float>(p, tiles, b, e);
-}
-NSA_CPU_MULTIVERSION void run_fwd(double, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<double>(p, tiles, b, e);
-}
-NSA_CPU_MULTIVERSION void run_fwd(bf16, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<bf16>(p, tiles, b, e);
-}
-NSA_CPU_MULTIVERSION void run_fwd(fp16, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<fp16>(p, tiles, b, e);
-}
-
-NSA_CPU_MULTIVERSION void run_dq(float, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                 const float* delta, index_t b, index_t e) {
-  dq_items<float>(p, tiles, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dq(double, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                 const double* delta, index_t b, index_t e) {
-  dq_items<double>(p, tiles, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dq(bf16, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                 const float* delta, index_t b, index_t e) {
-  dq_items<bf16>(p, tiles, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dq(fp16, const SlcParams& p, const std::vector<TokenTile>& tiles,
-                                 const float* delta, index_t b, index_t e) {
-  dq_items<fp16>(p, tiles, delta, b, e);
-}
-
-NSA_CPU_MULTIVERSION void run_dkdv(float, const SlcParams& p, const ReverseIndex& ri,
-                                   const float* delta, index_t b, index_t e) {
-  dkdv_items<float>(p, ri, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dkdv(double, const SlcParams& p, const ReverseIndex& ri,
-                                   const double* delta, index_t b, index_t e) {
-  dkdv_items<double>(p, ri, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dkdv(bf16, const SlcParams& p, const ReverseIndex& ri,
-                                   const float* delta, index_t b, index_t e) {
-  dkdv_items<bf16>(p, ri, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dkdv(fp16, const SlcParams& p, const ReverseIndex& ri,
-                                   const float* delta, index_t b, index_t e) {
-  dkdv_items<fp16>(p, ri, delta, b, e);
-}
+// The multiversioned (AVX2 + baseline) entry of each pass, one per element type.
+NSA_CPU_CHUNKS(fwd_chunk, fwd_items, Inputs)
+NSA_CPU_CHUNKS(dq_chunk, dq_items, Inputs)
+NSA_CPU_CHUNKS(dkdv_chunk, dkdv_items, Inputs)
 
 }  // namespace
 
@@ -382,7 +351,10 @@ void slc_fwd(const SlcParams& p, const ParallelFor& parallel_for) {
   const std::vector<TokenTile> tiles = attn::token_tiles(p.seqs, tile_tokens(G));
   dispatch_dtype(p.dtype, "nsa.slc_fwd", [&](auto tag) {
     parallel_for(index_t(tiles.size()) * p.num_heads_k, 1,
-                 [&](index_t b, index_t e) { run_fwd(tag, p, tiles, b, e); });
+                 [&](index_t b, index_t e) {
+                   const Inputs<acc_t<decltype(tag)>> in{p, tiles, nullptr, nullptr};
+                   fwd_chunk(in, b, e, tag);
+                 });
   });
 }
 
@@ -404,10 +376,11 @@ void slc_bwd(const SlcParams& p, const ParallelFor& parallel_for) {
     parallel_for(index_t(tiles.size()), 1, [&](index_t b, index_t e) {
       for (index_t i = b; i < e; ++i) attn::fill_delta<T>(p, tiles[i], delta.data());
     });
+    const Inputs<A> in{p, tiles, &ri, delta.data()};
     parallel_for(index_t(tiles.size()) * H, 1,
-                 [&](index_t b, index_t e) { run_dq(tag, p, tiles, delta.data(), b, e); });
+                 [&](index_t b, index_t e) { dq_chunk(in, b, e, tag); });
     parallel_for(ri.item_base.back(), 1,
-                 [&](index_t b, index_t e) { run_dkdv(tag, p, ri, delta.data(), b, e); });
+                 [&](index_t b, index_t e) { dkdv_chunk(in, b, e, tag); });
   });
 }
 

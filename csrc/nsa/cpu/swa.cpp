@@ -48,10 +48,20 @@ void window_visible(Batch& b, index_t t0, int G, index_t w, index_t c0, int nk) 
   b.finish_visible(nk);
 }
 
+// What a chunk of work items reads besides the params; A is the accumulation type.
+template <typename A>
+struct Inputs {
+  const SwaParams& p;
+  const std::vector<TokenTile>& tiles;  // forward and dq
+  const std::vector<index_t>* item_base;  // dk/dv
+  const A* delta;                        // backward: see attn::fill_delta
+};
+
 // Forward items [begin, end): item = tile * H + kv head.
 template <typename T>
-void fwd_items(const SwaParams& p, const std::vector<TokenTile>& tiles, index_t begin,
-               index_t end) {
+void fwd_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
+  const SwaParams& p = in.p;
+  const std::vector<TokenTile>& tiles = in.tiles;
   using A = acc_t<T>;
   const int H = p.num_heads_k, G = p.num_heads / H, D = p.head_dim, Dv = p.head_dim_v;
   const index_t w = p.window_size;
@@ -103,8 +113,10 @@ void fwd_items(const SwaParams& p, const std::vector<TokenTile>& tiles, index_t 
 
 // dq items [begin, end): item = tile * H + kv head. delta: see attn::fill_delta.
 template <typename T>
-void dq_items(const SwaParams& p, const std::vector<TokenTile>& tiles, const acc_t<T>* delta,
-              index_t begin, index_t end) {
+void dq_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
+  const SwaParams& p = in.p;
+  const std::vector<TokenTile>& tiles = in.tiles;
+  const acc_t<T>* delta = in.delta;
   using A = acc_t<T>;
   const int H = p.num_heads_k, G = p.num_heads / H, D = p.head_dim, Dv = p.head_dim_v;
   const index_t w = p.window_size;
@@ -167,8 +179,10 @@ std::vector<index_t> dkdv_item_base(const SwaParams& p) {
 }
 
 template <typename T>
-void dkdv_items(const SwaParams& p, const std::vector<index_t>& item_base, const acc_t<T>* delta,
-                index_t begin, index_t end) {
+void dkdv_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
+  const SwaParams& p = in.p;
+  const std::vector<index_t>& item_base = *in.item_base;
+  const acc_t<T>* delta = in.delta;
   using A = acc_t<T>;
   const int H = p.num_heads_k, G = p.num_heads / H, D = p.head_dim, Dv = p.head_dim_v;
   const index_t w = p.window_size;
@@ -226,57 +240,10 @@ void dkdv_items(const SwaParams& p, const std::vector<index_t>& item_base, const
   }
 }
 
-// One function per element type and pass: the multiversioned (AVX2 + baseline) hot loops.
-NSA_CPU_MULTIVERSION void run_fwd(float, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<float>(p, tiles, b, e);
-}
-NSA_CPU_MULTIVERSION void run_fwd(double, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<double>(p, tiles, b, e);
-}
-NSA_CPU_MULTIVERSION void run_fwd(bf16, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<bf16>(p, tiles, b, e);
-}
-NSA_CPU_MULTIVERSION void run_fwd(fp16, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                  index_t b, index_t e) {
-  fwd_items<fp16>(p, tiles, b, e);
-}
-
-NSA_CPU_MULTIVERSION void run_dq(float, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                 const float* delta, index_t b, index_t e) {
-  dq_items<float>(p, tiles, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dq(double, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                 const double* delta, index_t b, index_t e) {
-  dq_items<double>(p, tiles, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dq(bf16, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                 const float* delta, index_t b, index_t e) {
-  dq_items<bf16>(p, tiles, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dq(fp16, const SwaParams& p, const std::vector<TokenTile>& tiles,
-                                 const float* delta, index_t b, index_t e) {
-  dq_items<fp16>(p, tiles, delta, b, e);
-}
-
-NSA_CPU_MULTIVERSION void run_dkdv(float, const SwaParams& p, const std::vector<index_t>& base,
-                                   const float* delta, index_t b, index_t e) {
-  dkdv_items<float>(p, base, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dkdv(double, const SwaParams& p, const std::vector<index_t>& base,
-                                   const double* delta, index_t b, index_t e) {
-  dkdv_items<double>(p, base, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dkdv(bf16, const SwaParams& p, const std::vector<index_t>& base,
-                                   const float* delta, index_t b, index_t e) {
-  dkdv_items<bf16>(p, base, delta, b, e);
-}
-NSA_CPU_MULTIVERSION void run_dkdv(fp16, const SwaParams& p, const std::vector<index_t>& base,
-                                   const float* delta, index_t b, index_t e) {
-  dkdv_items<fp16>(p, base, delta, b, e);
-}
+// The multiversioned (AVX2 + baseline) entry of each pass, one per element type.
+NSA_CPU_CHUNKS(fwd_chunk, fwd_items, Inputs)
+NSA_CPU_CHUNKS(dq_chunk, dq_items, Inputs)
+NSA_CPU_CHUNKS(dkdv_chunk, dkdv_items, Inputs)
 
 }  // namespace
 
@@ -285,7 +252,10 @@ void swa_fwd(const SwaParams& p, const ParallelFor& parallel_for) {
   const std::vector<TokenTile> tiles = attn::token_tiles(p.seqs, tile_tokens(G));
   dispatch_dtype(p.dtype, "nsa.swa_fwd", [&](auto tag) {
     parallel_for(index_t(tiles.size()) * p.num_heads_k, 1,
-                 [&](index_t b, index_t e) { run_fwd(tag, p, tiles, b, e); });
+                 [&](index_t b, index_t e) {
+                   const Inputs<acc_t<decltype(tag)>> in{p, tiles, nullptr, nullptr};
+                   fwd_chunk(in, b, e, tag);
+                 });
   });
 }
 
@@ -300,10 +270,11 @@ void swa_bwd(const SwaParams& p, const ParallelFor& parallel_for) {
     parallel_for(index_t(tiles.size()), 1, [&](index_t b, index_t e) {
       for (index_t i = b; i < e; ++i) attn::fill_delta<T>(p, tiles[i], delta.data());
     });
+    const Inputs<A> in{p, tiles, &item_base, delta.data()};
     parallel_for(index_t(tiles.size()) * H, 1,
-                 [&](index_t b, index_t e) { run_dq(tag, p, tiles, delta.data(), b, e); });
+                 [&](index_t b, index_t e) { dq_chunk(in, b, e, tag); });
     parallel_for(item_base.back(), 1,
-                 [&](index_t b, index_t e) { run_dkdv(tag, p, item_base, delta.data(), b, e); });
+                 [&](index_t b, index_t e) { dkdv_chunk(in, b, e, tag); });
   });
 }
 

@@ -158,7 +158,7 @@ void topk_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
   }
 }
 
-NSA_CMP_TILES_CHUNKS(topk_chunk, topk_items, Inputs)
+NSA_CPU_CHUNKS(topk_chunk, topk_items, Inputs)
 
 }  // namespace
 
