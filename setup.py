@@ -50,18 +50,22 @@ def _sources(*patterns):
 def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-Wall", "-Wno-unused-parameter"]
+    # -fopenmp: at::parallel_for (the CPU kernels' thread pool) is an inline OpenMP template;
+    # compiled without it, its `omp parallel` is ignored and every op runs on one thread.
+    cxx = ["-O3", "-Wall", "-Wno-unused-parameter", "-fopenmp"]
+    link = ["-fopenmp"]
     sources = _sources("csrc/nsa/cpu/*.cpp", "csrc/torch/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         return CppExtension("nsa_torch._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
     sources += _sources("csrc/nsa/cuda/**/*.cu", "csrc/torch/*.cu")
     return CUDAExtension("nsa_torch._C", sources, include_dirs=include_dirs,
                          define_macros=[("NSA_WITH_CUDA", "1")],
-                         extra_compile_args={"cxx": cxx + ["-DNSA_WITH_CUDA=1"], "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx + ["-DNSA_WITH_CUDA=1"], "nvcc": nvcc},
+                         extra_link_args=link)
 
 
 def main():
