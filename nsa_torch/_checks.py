@@ -89,10 +89,28 @@ def qkv(fn, q, k, v, k_name="k", v_name="v", same_len=True):
     if H < 1 or HQ % H:
         raise ValueError(f"{fn}: the number of query heads HQ = {HQ} must be a multiple of the "
                          f"number of key/value heads H = {H}")
-    if q.device.type != "cpu":
-        raise NotImplementedError(
-            f"{fn}: this build has CPU kernels only; got q on {q.device}. Move the tensors to the "
-            "CPU (CUDA kernels are in progress).")
+    device_support(fn, q, D, None if v is None else v.shape[3])
+
+
+# (D, Dv) pairs with CUDA kernels (csrc/nsa/cuda/kernels.h).
+CUDA_HEAD_DIMS = ((64, 64), (64, 128), (128, 64), (128, 128), (192, 128))
+
+
+def device_support(fn, q, D, Dv):
+    """CPU: every float dtype and head dim. CUDA: bfloat16/float16 and the compiled head dims
+    (Dv None: the op reads no values, only D matters). Nothing else."""
+    if q.device.type == "cpu":
+        return
+    if q.device.type != "cuda":
+        raise NotImplementedError(f"{fn}: nsa_torch has CPU and CUDA kernels; got q on {q.device}")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"{fn}: q must be bfloat16 or float16 on CUDA, got {_dt(q.dtype)}")
+    dims = CUDA_HEAD_DIMS if Dv is not None else tuple((d, None) for d in (64, 128, 192))
+    if (D, Dv) not in dims:
+        want = ", ".join(f"({d}, {dv})" if dv is not None else str(d) for d, dv in dims)
+        raise ValueError(f"{fn}: head dims (D, Dv) must be one of {want} on CUDA, got "
+                         f"({D}, {Dv})" if Dv is not None else
+                         f"{fn}: head dim D must be one of {want} on CUDA, got {D}")
 
 
 def seqlens(fn, q, cu_seqlens):

@@ -419,26 +419,90 @@ def test_every_check_is_exercised_on_both_paths():
 
 
 # ------------------------------------------------------------------------------------ CUDA
+# The CUDA kernels take bfloat16/float16 and these head dims (D, Dv); anything else on CUDA is an
+# error naming the op (never a silent fallback to the CPU or the reference).
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = ((64, 64), (64, 128), (128, 64), (128, 128), (192, 128))
+OPS = tuple(t for t in ALL if t[:3] == "op:")
+_D_NAMES = ("q", "k", "k_cmp")                    # [..., D]
+_DV_NAMES = ("v", "v_cmp", "o", "dout")           # [..., Dv]
+_LSE_NAMES = ("lse", "dlse")                      # float32 whatever the inputs' dtype
+
+
+def on_cuda(a, dtype, D, Dv, keep_cpu=(), fake=False):
+    """The arguments `a` on CUDA: float tensors in `dtype` (lse/dlse stay float32) with head dims
+    (D, Dv); integer tensors keep their values. With fake=True (inside FakeTensorMode, no GPU
+    needed) every tensor is a fresh torch.empty, values do not matter to the Python checks."""
+    out = {}
+    for n, x in a.items():
+        if not torch.is_tensor(x) or n in keep_cpu:
+            out[n] = x
+            continue
+        shape, dt = list(x.shape), x.dtype
+        if n in _D_NAMES:
+            shape[-1] = D
+        elif n in _DV_NAMES:
+            shape[-1] = Dv
+        if x.is_floating_point():
+            dt = torch.float32 if n in _LSE_NAMES else dtype
+        if fake:
+            out[n] = torch.empty(shape, dtype=dt, device="cuda")
+        elif x.is_floating_point():
+            out[n] = torch.randn(shape, device="cuda").to(dt)
+        else:
+            out[n] = x.cuda()
+    return out
+
+
+def _name(target):
+    return target[3:] if target[:3] == "fn:" else FAMILY[target]
+
+
 @pytest.mark.parametrize("target", PUBLIC)
-def test_cuda_tensors_not_implemented(target):
-    """CUDA tensors never fall back to the CPU: NotImplementedError naming the function. Fake
-    CUDA tensors (no GPU needed) reach the Python checks, which run before any op."""
-    a = base()
+def test_cuda_float32_is_rejected(target):
+    """float32 CUDA inputs: TypeError naming the function. Fake CUDA tensors (no GPU needed)
+    reach the Python checks, which run before any op."""
     with FakeTensorMode():
-        a = {n: (torch.empty(x.shape, dtype=x.dtype, device="cuda") if torch.is_tensor(x) else x)
-             for n, x in a.items()}
-        with pytest.raises(NotImplementedError,
-                           match=re.escape(f"nsa_torch.{target[3:]}: this build has CPU kernels "
-                                           "only; got q on cuda")):
+        a = on_cuda(base(), torch.float32, 64, 64, fake=True)
+        with pytest.raises(TypeError, match=re.escape(f"nsa_torch.{_name(target)}: ")
+                           + r".*bfloat16 or float16"):
             CALLS[target](a)
 
 
+@pytest.mark.parametrize("target", PUBLIC)
+def test_cuda_unsupported_head_dim_is_rejected(target):
+    with FakeTensorMode():
+        a = on_cuda(base(), torch.bfloat16, 96, 96, fake=True)
+        with pytest.raises(ValueError, match=re.escape(f"nsa_torch.{_name(target)}: ")
+                           + r".*head dim"):
+            CALLS[target](a)
+
+
+@pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("target", PUBLIC)
+def test_cuda_supported_arguments_pass_the_checks(target, dtype, D, Dv):
+    """bf16/fp16 CUDA inputs with a supported (D, Dv) pass the Python checks and reach the
+    ops' fake kernels."""
+    with FakeTensorMode():
+        for varlen in (False, True):
+            CALLS[target](on_cuda(base(varlen), dtype, D, Dv, fake=True))
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("target", [t for t in ALL if t[:3] == "op:"])
-def test_cpp_cuda_tensors_not_implemented(target):
-    a = {n: (x.cuda() if torch.is_tensor(x) else x) for n, x in base().items()}
-    with pytest.raises(NotImplementedError,
-                       match=re.escape(f"nsa.{FAMILY[target]}: this build has CPU kernels only")):
+@pytest.mark.parametrize("target", OPS)
+def test_cpp_cuda_float32_is_rejected(target):
+    a = on_cuda(base(), torch.float32, 64, 64)
+    with pytest.raises(TypeError, match=re.escape(f"nsa.{_name(target)}: ")
+                       + r".*bfloat16 or float16"):
+        CALLS[target](a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", OPS)
+def test_cpp_cuda_unsupported_head_dim_is_rejected(target):
+    a = on_cuda(base(), torch.bfloat16, 96, 96)
+    with pytest.raises(ValueError, match=re.escape(f"nsa.{_name(target)}: ") + r".*head dim"):
         CALLS[target](a)
 
 

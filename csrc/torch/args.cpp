@@ -2,6 +2,10 @@
 
 #include <ATen/Parallel.h>
 
+#ifdef NSA_WITH_CUDA
+#include "nsa/cuda/kernels.h"
+#endif
+
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -183,10 +187,37 @@ nsa::Dtype dtype_of(at::ScalarType dtype) {
   }
 }
 
-void require_cpu(const Checker& c, const at::Tensor& q) {
-  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cpu(), c.op(),
-                              ": this build has CPU kernels only; got q on ", q.device().str(),
-                              ". Move the tensors to the CPU (CUDA kernels are in progress).");
+void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64_t head_dim_v) {
+  if (q.is_cpu()) return;
+  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cuda(), c.op(), ": nsa_torch has CPU and CUDA kernels; got q on ",
+                              q.device().str());
+#ifndef NSA_WITH_CUDA
+  TORCH_CHECK_NOT_IMPLEMENTED(false, c.op(), ": this build of nsa_torch has no CUDA kernels (it was "
+                              "built without nvcc or a CUDA build of torch); got q on ", q.device().str());
+#else
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, c.op(),
+                   ": q must be bfloat16 or float16 on CUDA, got ", dtype_str(dt));
+  if (head_dim_v < 0) {
+    c.value(head_dim == 64 || head_dim == 128 || head_dim == 192, "head dim D",
+            "one of 64, 128, 192 on CUDA", std::to_string(head_dim));
+    return;
+  }
+  std::string pairs;
+  for (const auto& hd : nsa::cuda::kHeadDims)
+    pairs += (pairs.empty() ? "(" : ", (") + std::to_string(hd[0]) + ", " + std::to_string(hd[1]) + ")";
+  c.value(nsa::cuda::supported_head_dims(int(head_dim), int(head_dim_v)), "head dims (D, Dv)",
+          "one of " + pairs + " on CUDA",
+          "(" + std::to_string(head_dim) + ", " + std::to_string(head_dim_v) + ")");
+#endif
+}
+
+at::Tensor aligned(const at::Tensor& t) {
+  if (!t.defined() || !t.is_cuda() || t.dim() != 4 || t.element_size() != 2 || t.stride(3) != 1)
+    return t;
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 void check_compression(const Checker& c, int64_t block_size, int64_t block_stride) {

@@ -69,9 +69,16 @@ at::ScalarType lse_dtype(at::ScalarType dtype);
 nsa::View view_of(const at::Tensor& t);
 nsa::Dtype dtype_of(at::ScalarType dtype);
 
-// Kernels for CUDA tensors arrive with the CUDA build of the kernels; until then a CUDA tensor
-// gets this NotImplementedError (never a silent CPU fallback).
-void require_cpu(const Checker& c, const at::Tensor& q);
+// Whether q's device has kernels for these inputs: every float dtype and head dim on the CPU;
+// bfloat16/float16 and the compiled (D, Dv) pairs on CUDA (head_dim_v < 0: the op reads no
+// values, only D matters); NotImplementedError for other devices or a build without CUDA.
+// Never a silent fallback to another device.
+void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64_t head_dim_v);
+
+// The CUDA kernels copy rows with 16-byte loads: a CUDA bf16/fp16 [B, T, heads, dim] tensor whose
+// data pointer or strides are not multiples of 16 bytes is replaced by a contiguous copy. Any
+// other tensor (CPU, other dtypes, malformed shapes left for the checks) is returned as is.
+at::Tensor aligned(const at::Tensor& t);
 
 // Hyper-parameter checks of DESIGN.md section 1 (ValueError naming the argument).
 void check_compression(const Checker& c, int64_t block_size, int64_t block_stride);

@@ -1,6 +1,10 @@
 // nsa.compressed_attention: forward and backward ops.
 #include "args.h"
+#include "cuda_launch.h"
 #include "nsa/cpu/kernels.h"
+#ifdef NSA_WITH_CUDA
+#include "nsa/cuda/kernels.h"
+#endif
 #include "ops.h"
 
 namespace nsa_torch {
@@ -29,21 +33,27 @@ nsa::CmpParams cmp_params(const at::Tensor& q, const at::Tensor& k_cmp, const at
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd(
+static std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd_impl(
     const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& v_cmp,
     const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
   const Checker c(kOp);
   const SeqsArg seqs = check_cmp(c, q, k_cmp, v_cmp, cu_seqlens, block_size, block_stride, scale);
-  require_cpu(c, q);
+  check_device(c, q, q.size(3), v_cmp.size(3));
   at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v_cmp.size(3)}, q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(lse_dtype(q.scalar_type())));
   const nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
-  nsa::cpu::cmp_fwd(p, torch_parallel_for);
+  if (q.is_cuda()) {
+#ifdef NSA_WITH_CUDA
+    run_cuda(q, [&](cudaStream_t s) { nsa::cuda::cmp_fwd(p, s); });
+#endif
+  } else {
+    nsa::cpu::cmp_fwd(p, torch_parallel_for);
+  }
   return {o, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd(
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd_impl(
     const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k_cmp,
     const at::Tensor& v_cmp, const at::Tensor& o, const at::Tensor& lse,
     const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
@@ -53,15 +63,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd(
   if (dlse.has_value())
     c.tensor(*dlse, "dlse", lse.scalar_type(), {"B", "T", "HQ"}, {q.size(0), q.size(1), q.size(2)},
              q.device());
-  require_cpu(c, q);
+  check_device(c, q, q.size(3), v_cmp.size(3));
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dk = new_output(k_cmp.sizes(), k_cmp.options());
   at::Tensor dv = new_output(v_cmp.sizes(), v_cmp.options());
   nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
   fill_attn_bwd(p, dout, dq, dk, dv);
   if (dlse.has_value()) p.dlse = view_of(*dlse);
-  nsa::cpu::cmp_bwd(p, torch_parallel_for);
+  if (q.is_cuda()) {
+#ifdef NSA_WITH_CUDA
+    const at::Tensor ws = cuda_workspace(q, nsa::cuda::cmp_bwd_workspace_bytes(p));
+    run_cuda(q, [&](cudaStream_t s) { nsa::cuda::cmp_bwd(p, ws.data_ptr(), s); });
+#endif
+  } else {
+    nsa::cpu::cmp_bwd(p, torch_parallel_for);
+  }
   return {dq, dk, dv};
+}
+
+// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
+std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& v_cmp,
+    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
+  return compressed_attention_fwd_impl(aligned(q), aligned(k_cmp), aligned(v_cmp), cu_seqlens,
+      block_size, block_stride, scale);
+}
+
+// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd(
+    const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k_cmp,
+    const at::Tensor& v_cmp, const at::Tensor& o, const at::Tensor& lse,
+    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
+  return compressed_attention_bwd_impl(aligned(dout), dlse, aligned(q), aligned(k_cmp),
+      aligned(v_cmp), aligned(o), lse, cu_seqlens, block_size, block_stride, scale);
 }
 
 }  // namespace nsa_torch

@@ -1,6 +1,10 @@
 // nsa.selected_attention: forward and backward ops.
 #include "args.h"
+#include "cuda_launch.h"
 #include "nsa/cpu/kernels.h"
+#ifdef NSA_WITH_CUDA
+#include "nsa/cuda/kernels.h"
+#endif
 #include "ops.h"
 
 namespace nsa_torch {
@@ -34,8 +38,9 @@ nsa::SlcParams slc_params(const at::Tensor& q, const at::Tensor& k, const at::Te
   return p;
 }
 
-// Entries must be -1 or a block of the query's own sequence, listed once per row. Read on the
-// CPU only: a CUDA check would need a host sync.
+// Entries must be -1 or a block of the query's own sequence, listed once per row. Checked on the
+// CPU only: a CUDA check would need a host sync. The CUDA kernels never read past the sequence:
+// they skip entries out of range and count a repeated entry once.
 void check_block_index_values(const Checker& c, const nsa::SlcParams& p) {
   const nsa::cpu::BlockIndexError e = nsa::cpu::check_block_indices(p);
   if (e.kind == nsa::cpu::BlockIndexError::kNone) return;
@@ -52,38 +57,68 @@ void check_block_index_values(const Checker& c, const nsa::SlcParams& p) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> selected_attention_fwd(
+static std::tuple<at::Tensor, at::Tensor> selected_attention_fwd_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& block_indices, const OptTensor& cu_seqlens, int64_t select_size,
     double scale) {
   const Checker c(kOp);
   const SeqsArg seqs = check_slc(c, q, k, v, block_indices, cu_seqlens, select_size, scale);
-  require_cpu(c, q);
+  check_device(c, q, q.size(3), v.size(3));
   at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(lse_dtype(q.scalar_type())));
   const nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
-  check_block_index_values(c, p);
-  nsa::cpu::slc_fwd(p, torch_parallel_for);
+  if (q.is_cuda()) {
+#ifdef NSA_WITH_CUDA
+    run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_fwd(p, s); });
+#endif
+  } else {
+    check_block_index_values(c, p);
+    nsa::cpu::slc_fwd(p, torch_parallel_for);
+  }
   return {o, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd(
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& block_indices, const at::Tensor& o, const at::Tensor& lse,
     const OptTensor& cu_seqlens, int64_t select_size, double scale) {
   const Checker c(kOp);
   const SeqsArg seqs = check_slc(c, q, k, v, block_indices, cu_seqlens, select_size, scale);
   check_bwd_inputs(c, q, v, dout, o, lse);
-  require_cpu(c, q);
+  check_device(c, q, q.size(3), v.size(3));
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dk = new_output(k.sizes(), k.options());
   at::Tensor dv = new_output(v.sizes(), v.options());
   nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
-  check_block_index_values(c, p);
   fill_attn_bwd(p, dout, dq, dk, dv);
-  nsa::cpu::slc_bwd(p, torch_parallel_for);
+  if (q.is_cuda()) {
+#ifdef NSA_WITH_CUDA
+    const at::Tensor ws = cuda_workspace(q, nsa::cuda::slc_bwd_workspace_bytes(p));
+    run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_bwd(p, ws.data_ptr(), s); });
+#endif
+  } else {
+    check_block_index_values(c, p);
+    nsa::cpu::slc_bwd(p, torch_parallel_for);
+  }
   return {dq, dk, dv};
+}
+
+// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
+std::tuple<at::Tensor, at::Tensor> selected_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_indices,
+    const OptTensor& cu_seqlens, int64_t select_size, double scale) {
+  return selected_attention_fwd_impl(aligned(q), aligned(k), aligned(v), block_indices, cu_seqlens,
+      select_size, scale);
+}
+
+// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& block_indices, const at::Tensor& o, const at::Tensor& lse,
+    const OptTensor& cu_seqlens, int64_t select_size, double scale) {
+  return selected_attention_bwd_impl(aligned(dout), aligned(q), aligned(k), aligned(v),
+      block_indices, aligned(o), lse, cu_seqlens, select_size, scale);
 }
 
 }  // namespace nsa_torch

@@ -1,11 +1,15 @@
 // nsa.select_blocks: the top-n block selection op (not differentiable).
 #include "args.h"
+#include "cuda_launch.h"
 #include "nsa/cpu/kernels.h"
+#ifdef NSA_WITH_CUDA
+#include "nsa/cuda/kernels.h"
+#endif
 #include "ops.h"
 
 namespace nsa_torch {
 
-at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse,
+static at::Tensor select_blocks_impl(const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse,
                          const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride,
                          int64_t select_size, int64_t num_selected, int64_t num_initial,
                          int64_t num_local, double scale) {
@@ -25,7 +29,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
           std::to_string(num_selected));
   check_scale(c, scale);
   const SeqsArg seqs = make_seqs(c, q, cu_seqlens, k_cmp.size(1), block_size, block_stride);
-  require_cpu(c, q);
+  check_device(c, q, q.size(3), -1);
 
   at::Tensor indices = new_output({B, T, H, num_selected}, q.options().dtype(at::kInt));
   nsa::TopkParams p;
@@ -45,8 +49,23 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
   p.num_selected = int(num_selected);
   p.num_initial = int(num_initial);
   p.num_local = int(num_local);
-  nsa::cpu::select_topk(p, torch_parallel_for);
+  if (q.is_cuda()) {
+#ifdef NSA_WITH_CUDA
+    run_cuda(q, [&](cudaStream_t s) { nsa::cuda::select_topk(p, s); });
+#endif
+  } else {
+    nsa::cpu::select_topk(p, torch_parallel_for);
+  }
   return indices;
+}
+
+// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
+at::Tensor select_blocks(
+    const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse,
+    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, int64_t select_size,
+    int64_t num_selected, int64_t num_initial, int64_t num_local, double scale) {
+  return select_blocks_impl(aligned(q), aligned(k_cmp), lse, cu_seqlens, block_size, block_stride,
+      select_size, num_selected, num_initial, num_local, scale);
 }
 
 }  // namespace nsa_torch

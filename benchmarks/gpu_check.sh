@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# One GPU round in one go, on the GPU machine, from the repository root:
+#
+#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [bench]
+#
+# Stages (default: all four, in this order):
+#   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
+#   tests     pytest -m cuda tests/test_cuda.py tests/test_errors.py, log in $OUT/tests.log
+#   sanitize  compute-sanitizer memcheck and racecheck on `pytest -k sanitize tests/test_cuda.py`
+#             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
+#             out-of-bounds access is seen), log in $OUT/sanitize.log
+#   bench     benchmarks/bench_attention.py, log in $OUT/bench.log, CSV and PNG in $OUT
+# Then a summary (stage, status, pytest counts, seconds, the benchmark's table) is printed last
+# and written to $OUT/summary.txt. 7 files land in $OUT (the run tool brings back at most 8).
+#
+# Environment:
+#   NSA_BUDGET_S=560        seconds for the whole run; each stage gets what is left minus the
+#                           minimum reserved for the stages after it, and is stopped at its limit
+#   NSA_LONG_TESTS=1        also run test_long_* (T = 8192, 65536, 131072; minutes)
+#   NSA_TEST_ARGS=...       extra pytest arguments for the tests stage (e.g. "-x -k nsa")
+#   NSA_SANITIZE_TOOLS="memcheck racecheck"   (also: initcheck synccheck)
+#   NSA_SANITIZE_K=sanitize pytest -k expression of the sanitize stage (e.g. "sanitize and T100")
+#   NSA_BENCH_LENGTHS="8192 16384 32768 65536"
+#   NSA_BENCH_CONFIGS="g16 fla"   (any of g16 fla g8 g4 g1 d192)
+#   NSA_BENCH_ARGS=...      extra arguments of bench_attention.py (e.g. "--no-branches")
+#   NSA_COMMIT=abc1234      commit written in the benchmark's file names (else git rev-parse)
+#   MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0a
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-/tmp/nsa_gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+BUDGET=${NSA_BUDGET_S:-560}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
+for s in "${STAGES[@]}"; do
+  case $s in build|tests|sanitize|bench) ;; *) echo "unknown stage '$s' (build tests sanitize bench)"; exit 2;; esac
+done
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=60 [bench]=90)
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+# Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
+limit_for() {
+  local after=0 seen=0 s
+  for s in "${STAGES[@]}"; do
+    if [ $seen -eq 1 ]; then after=$(( after + ${MIN_S[$s]} )); fi
+    [ "$s" = "$1" ] && seen=1
+  done
+  echo $(( BUDGET - $(elapsed) - after - 10 ))
+}
+record() {  # stage status counts seconds
+  printf '| %-18s | %-34s | %-44s | %5s |\n' "$1" "$2" "$3" "$4" >> "$SUMMARY"
+}
+pytest_counts() {  # the counts of pytest's last summary line in log $1
+  local line
+  line=$(grep -E '[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$1" | grep -E ' in [0-9.]+s' | tail -1)
+  [ -z "$line" ] && line=$(grep -E '[0-9]+ (passed|failed)' "$1" | tail -1)
+  echo "$line" | grep -oE '[0-9]+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed)' | paste -sd, - | sed 's/,/, /g'
+}
+status_of() {  # rc -> word
+  case $1 in 0) echo pass;; 124) echo "TIMEOUT (stage limit)";; 137) echo "KILLED";; *) echo "FAIL (rc $1)";; esac
+}
+# run_stage NAME LOG LIMIT CMD...: tees into LOG, stops the command at LIMIT seconds (SIGINT
+# first, so pytest still prints its summary), returns the command's status.
+run_stage() {
+  local name=$1 log=$2 limit=$3; shift 3
+  [ "$limit" -lt 10 ] && limit=10
+  echo "=== [$name] $(date +%T) limit ${limit}s: $*" | tee -a "$log"
+  timeout -k 20 -s INT "$limit" "$@" 2>&1 | tee -a "$log"
+  return "${PIPESTATUS[0]}"
+}
+have() { for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+# ---------------------------------------------------------------- wheels (fla) and environment
+if ls .whl/*.whl >/dev/null 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    echo "wheels from .whl installed into /tmp/site: $(cd .whl && echo *.whl | tr '\n' ' ')"
+  else
+    echo "WARNING: installing .whl/*.whl failed; the fla baseline will be n/a"
+  fi
+fi
+ENV_INFO=$(
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,memory.total --format=csv 2>&1
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
+  command -v nvcc >/dev/null && nvcc --version | tail -1
+  command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1
+)
+echo "$ENV_INFO"
+
+# ---------------------------------------------------------------- build
+if have build; then
+  s=$(date +%s)
+  lim=$(limit_for build)
+  : > "$OUT/build.log"
+  run_stage build "$OUT/build.log" "$lim" \
+    env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" NSA_BUILD_CUDA=1 \
+    "$PY" -m pip install --no-build-isolation --no-deps -v -e . > /dev/null
+  rc=$?
+  secs=$(( $(date +%s) - s ))
+  echo "[build] $(status_of $rc) in ${secs}s"
+  if [ $rc -ne 0 ]; then
+    record build "$(status_of $rc)" "see build.log" "$secs"
+    echo "---- build failed; tail of $OUT/build.log:"
+    tail -60 "$OUT/build.log"
+    { echo; echo "| stage | status | counts | s |"; } ; cat "$SUMMARY"
+    exit 1
+  fi
+  "$PY" -c "import nsa_torch; print('nsa_torch._C:', nsa_torch._C.__file__ if nsa_torch._C is not None else nsa_torch._C_ERROR)" 2>&1 | tee -a "$OUT/build.log"
+  record build pass "" "$secs"
+  echo "clocks after build: $(nvidia-smi --query-gpu=clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null)"
+fi
+
+# ---------------------------------------------------------------- tests
+if have tests; then
+  s=$(date +%s)
+  lim=$(limit_for tests)
+  : > "$OUT/tests.log"
+  args=(-q -m cuda -p no:cacheprovider --tb=short -rfE --durations=15)
+  if [ "${NSA_LONG_TESTS:-0}" = "1" ]; then
+    export NSA_LONG_TESTS=1
+  else
+    args+=(-k "not long")
+  fi
+  # A hung kernel must not eat the whole budget: pytest-timeout (in the image) ends the run.
+  if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
+  # shellcheck disable=SC2206
+  extra=(${NSA_TEST_ARGS:-})
+  run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" "${extra[@]}" tests/test_cuda.py tests/test_errors.py
+  rc=$?
+  secs=$(( $(date +%s) - s ))
+  record tests "$(status_of $rc)" "$(pytest_counts "$OUT/tests.log")" "$secs"
+  echo "[tests] $(status_of $rc) in ${secs}s"
+fi
+
+# ---------------------------------------------------------------- sanitize
+if have sanitize; then
+  : > "$OUT/sanitize.log"
+  if ! command -v compute-sanitizer >/dev/null; then
+    record sanitize "SKIPPED (no compute-sanitizer)" "" 0
+  else
+    for tool in ${NSA_SANITIZE_TOOLS:-memcheck racecheck}; do
+      s=$(date +%s)
+      lim=$(limit_for sanitize)
+      # the remaining tools share the stage: give this one its part of what is left
+      n_left=$(echo "${NSA_SANITIZE_TOOLS:-memcheck racecheck}" | tr ' ' '\n' | sed -n "/^$tool\$/,\$p" | wc -l)
+      lim=$(( lim / (n_left > 0 ? n_left : 1) ))
+      if [ "$lim" -lt 20 ]; then record "sanitize $tool" "SKIPPED (no time left)" "" 0; continue; fi
+      mark=$(wc -l < "$OUT/sanitize.log")
+      run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
+        env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
+        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "${NSA_SANITIZE_K:-sanitize}" tests/test_cuda.py
+      rc=$?
+      secs=$(( $(date +%s) - s ))
+      part=$(tail -n +"$((mark + 1))" "$OUT/sanitize.log")
+      errs=$(echo "$part" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY" | sed 's/=* *//' | paste -sd';' -)
+      counts=$(echo "$part" > "$OUT/.part"; pytest_counts "$OUT/.part"; rm -f "$OUT/.part")
+      st=$(status_of $rc); [ $rc -eq 86 ] && st="FAIL (sanitizer errors)"
+      record "sanitize $tool" "$st" "${counts}${errs:+; $errs}" "$secs"
+      echo "[sanitize $tool] $st in ${secs}s: ${errs:-no summary line}"
+    done
+  fi
+fi
+
+# ---------------------------------------------------------------- bench
+if have bench; then
+  s=$(date +%s)
+  lim=$(limit_for bench)
+  : > "$OUT/bench.log"
+  if [ "$lim" -lt 30 ]; then
+    record bench "SKIPPED (no time left)" "" 0
+  else
+    # shellcheck disable=SC2206
+    lengths=(${NSA_BENCH_LENGTHS:-8192 16384 32768 65536})
+    # shellcheck disable=SC2206
+    configs=(${NSA_BENCH_CONFIGS:-g16 fla})
+    # shellcheck disable=SC2206
+    extra=(${NSA_BENCH_ARGS:-})
+    # the script stops starting measurements 30 s before its limit, then writes CSV, plot, table
+    run_stage bench "$OUT/bench.log" "$lim" "$PY" benchmarks/bench_attention.py --out-dir "$OUT" \
+      --lengths "${lengths[@]}" --configs "${configs[@]}" --time-budget $(( lim - 30 )) "${extra[@]}"
+    rc=$?
+    secs=$(( $(date +%s) - s ))
+    n=$(grep -cE ' ms ?' "$OUT/bench.log" || true)
+    na=$(grep -cE ' n/a ' "$OUT/bench.log" || true)
+    record bench "$(status_of $rc)" "$n timed, $na n/a or skipped" "$secs"
+  fi
+fi
+
+# ---------------------------------------------------------------- summary
+{
+  echo
+  echo "==== gpu_check summary ($(elapsed)s total)"
+  echo "$ENV_INFO"
+  echo "| stage              | status                             | counts                                       |     s |"
+  echo "|--------------------|------------------------------------|----------------------------------------------|-------|"
+  cat "$SUMMARY"
+  if [ -f "$OUT/tests.log" ] && grep -qE '^(FAILED|ERROR) ' "$OUT/tests.log"; then
+    echo
+    echo "failed tests (first 25):"
+    grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -25
+  fi
+  if [ -f "$OUT/bench.log" ]; then
+    echo
+    sed -n '/^### nsa-bench table begin/,/^### nsa-bench table end/p' "$OUT/bench.log" | grep -v '^### nsa-bench'
+  fi
+} > "$OUT/.summary"
+mv "$OUT/.summary" "$SUMMARY"
+cat "$SUMMARY"

@@ -1,0 +1,428 @@
+// Backward kernels shared by the three attention branches. Two passes, so that every gradient
+// element has one owner and no float atomics are needed (deterministic bits):
+//   dq:   the forward's tiling (query rows outer, key tiles inner): dQ = sum dS K * scale;
+//   dkdv: key tiles outer (64 keys, 16 per warp), the query rows that see them inner:
+//         dV = sum P^T dO, dK = sum dS^T Q * scale.
+// with P = exp(scale q.k - lse), dP = dO V^T, dS = P (dP - delta), delta = rowsum(dO o) - dlse.
+#pragma once
+
+#include <cmath>
+
+#include "fwd.cuh"
+
+namespace nsa::cuda {
+
+// delta[b, t, h] = sum_j dout[b, t, h, j] * o[b, t, h, j] - dlse[b, t, h] (dlse optional).
+// delta is a contiguous float [B, T, HQ]. One warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnParams p, View dlse,
+                                                                  float* delta) {
+  const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen * p.num_heads;
+  const index_t r = index_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int h = int(r % p.num_heads);
+  const index_t t = (r / p.num_heads) % p.seqs.seqlen, b = r / (index_t(p.num_heads) * p.seqs.seqlen);
+  const T* o = p.o.ptr<const T>(b, t, h);
+  const T* dout = p.dout.ptr<const T>(b, t, h);
+  float sum = 0.f;
+  for (int j = lane; j < p.head_dim_v; j += 32) sum += to_float(o[j]) * to_float(dout[j]);
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) delta[r] = sum - (dlse.data ? *dlse.ptr<const float>(b, t, h) : 0.f);
+}
+
+template <int D, int DV>
+constexpr size_t dq_smem_tiles_bytes() {
+  return size_t(2) * (kRows * (D + DV) + 2 * kKeys * (D + DV));
+}
+
+template <typename T, int D, int DV, Branch B>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dq_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta) {
+  using P = typename BranchParams<B>::type;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kRows * D;
+  T* sK = sdO + kRows * DV;
+  T* sV = sK + 2 * kKeys * D;
+  BlockUnion u{};
+
+  QueryRows rows;
+  if (!locate_query_rows(p, rows)) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  load_tile_async<kRows, D, kThreads>(sQ, [&](int r) -> const T* {
+    return r < rows.count ? p.q.template ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
+                          : nullptr;
+  });
+  load_tile_async<kRows, DV, kThreads>(sdO, [&](int r) -> const T* {
+    return r < rows.count ? p.dout.template ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
+                          : nullptr;
+  });
+
+  KeyTiles<B, P> tiles;
+  tiles.t_last = rows.t_last;
+  if constexpr (B == Branch::kSlc) {
+    u = carve_block_union(smem + dq_smem_tiles_bytes<D, DV>(), p.num_selected, p.seqs.seqlen,
+                          p.select_size);
+    build_block_union(p, rows, u);
+    tiles.per_block = (p.select_size + kKeys - 1) / kKeys;
+  } else {
+    key_range<B>(p, rows.seq, rows.t_first, rows.t_last, tiles.lo, tiles.hi);
+  }
+  const int ntiles = tiles.count(u);
+
+  auto load_kv = [&](int i, int stage) {
+    index_t ks, ke;
+    unsigned long long tok;
+    tiles.tile(p, u, i, ks, ke, tok);
+    load_tile_async<kKeys, D, kThreads>(sK + stage * kKeys * D, [&](int r) -> const T* {
+      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
+    });
+    load_tile_async<kKeys, DV, kThreads>(sV + stage * kKeys * DV, [&](int r) -> const T* {
+      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
+    });
+  };
+  if (ntiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  int row[2];
+  index_t tok[2];
+  bool valid[2];
+  float lse2[2], dlt[2];
+  for (int i = 0; i < 2; ++i) {
+    row[i] = warp * 16 + lane / 4 + 8 * i;
+    valid[i] = row[i] < rows.count;
+    tok[i] = valid[i] ? rows.token(row[i]) : -1;
+    lse2[i] = dlt[i] = 0.f;
+    if (valid[i]) {
+      const index_t t = rows.seq.start + tok[i];
+      const int h = rows.head(row[i]);
+      lse2[i] = *p.lse.template ptr<const float>(rows.seq.batch, t, h) * float(M_LOG2E);
+      dlt[i] = delta[(index_t(rows.seq.batch) * p.seqs.seqlen + t) * p.num_heads + h];
+    }
+  }
+  unsigned long long warp_tokens = 0;
+  if (warp * 16 < rows.count) {
+    const int a = int(rows.token(warp * 16) - rows.t_first);
+    const int b = int(rows.token(min(warp * 16 + 15, rows.count - 1)) - rows.t_first);
+    warp_tokens = (b - a + 1 >= 64 ? ~0ull : ((1ull << (b - a + 1)) - 1)) << a;
+  }
+
+  const float scale_log2 = float(p.scale * M_LOG2E);
+  float dq[D / 8][4];
+  for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+
+  for (int i = 0; i < ntiles; ++i) {
+    if (i + 1 < ntiles) load_kv(i + 1, (i + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    index_t ks, ke;
+    unsigned long long tile_tokens;
+    tiles.tile(p, u, i, ks, ke, tile_tokens);
+    if (ks < ke && (tile_tokens & warp_tokens)) {
+      const T* k_tile = sK + (i & 1) * kKeys * D;
+      const T* v_tile = sV + (i & 1) * kKeys * DV;
+      float s[kKeys / 8][4], dp[kKeys / 8][4];
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j)
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        load_a<D>(a, sQ, warp * 16, kk * 16);
+#pragma unroll
+        for (int np = 0; np < kKeys / 16; ++np) {
+          uint32_t b[4];
+          load_b_nk<D>(b, k_tile, np * 16, kk * 16);
+          mma<T>(s[2 * np], a, b[0], b[1]);
+          mma<T>(s[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < DV / 16; ++kk) {
+        uint32_t a[4];
+        load_a<DV>(a, sdO, warp * 16, kk * 16);
+#pragma unroll
+        for (int np = 0; np < kKeys / 16; ++np) {
+          uint32_t b[4];
+          load_b_nk<DV>(b, v_tile, np * 16, kk * 16);
+          mma<T>(dp[2 * np], a, b[0], b[1]);
+          mma<T>(dp[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      bool row_on[2];
+      for (int r = 0; r < 2; ++r)
+        row_on[r] = valid[r] && ((tile_tokens >> (tok[r] - rows.t_first)) & 1ull);
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
+          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tok[r], key);
+          const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
+          s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        uint32_t a[4];
+        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+          uint32_t b[4];
+          load_b_kn<D>(b, k_tile, kk * 16, np * 16);
+          mma<T>(dq[2 * np], a, b[0], b[1]);
+          mma<T>(dq[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  const float scale = float(p.scale);
+  for (int r = 0; r < 2; ++r) {
+    if (!valid[r]) continue;
+    T* out = p.dq.template ptr<T>(rows.seq.batch, rows.seq.start + tok[r], rows.head(row[r]));
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(dq[j][2 * r] * scale, dq[j][2 * r + 1] * scale);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------- dK, dV
+
+// Query rows per tile of the dkdv kernel: fewer for D = 192 to keep dK, dV, S^T, dP^T in registers.
+template <int D>
+constexpr int dkdv_rows() { return D > 128 ? 32 : 64; }
+
+template <int D, int DV>
+constexpr size_t dkdv_smem_bytes() {
+  constexpr int R = dkdv_rows<D>();
+  return size_t(2) * (kKeys * (D + DV) + 2 * R * (D + DV)) + size_t(2) * R * 3 * sizeof(float);
+}
+
+// The selected branch's reverse index: entries sorted by key = g * vblocks + virtual block (see
+// seq_tiles.cuh, tiles of select_size tokens), each carrying the global token row b * T + t of a
+// query that chose the block, ascending within a key.
+struct ReverseIndex {
+  const int32_t* keys = nullptr;  // [entries] ascending
+  const int32_t* rows = nullptr;  // [entries]
+  index_t entries = 0;
+  index_t vblocks = 0;            // virtual blocks per KV head
+};
+
+__device__ __forceinline__ index_t lower_bound(const int32_t* a, index_t n, int32_t x) {
+  index_t lo = 0, hi = n;
+  while (lo < hi) {
+    const index_t mid = (lo + hi) / 2;
+    if (a[mid] < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Grid: x = key tiles (virtual when packed; for kSlc virtual blocks * tiles per block),
+// y = KV head, z = batch row.
+template <typename T, int D, int DV, Branch B>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dkdv_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta,
+                         const ReverseIndex rix) {
+  constexpr int R = dkdv_rows<D>();
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kKeys * D;
+  T* sQ = sV + kKeys * DV;     // [2][R][D]
+  T* sdO = sQ + 2 * R * D;     // [2][R][DV]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * R * DV);  // [2][R] lse * log2(e)
+  float* sDelta = sLse + 2 * R;                               // [2][R]
+  int* sTok = reinterpret_cast<int*>(sDelta + 2 * R);         // [2][R] token, -1 past the end
+
+  const int G = p.num_heads / p.num_heads_k;
+  const int g = blockIdx.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // The owned keys [ks, ke) and the (token, head) pairs that may see them.
+  SeqTile st;
+  index_t ks, ke, seg_lo = 0, pairs_lo = 0, pairs_hi = 0;
+  if constexpr (B == Branch::kSlc) {
+    const int per_block = (p.select_size + kKeys - 1) / kKeys;
+    if (!locate_tile(p.seqs, blockIdx.x / per_block, blockIdx.z, 1, p.select_size, false, st)) return;
+    const index_t start = st.tile * p.select_size;
+    ks = start + index_t(blockIdx.x % per_block) * kKeys;
+    ke = min(min(start + p.select_size, ks + kKeys), st.seq.len);
+    if (ks >= ke) return;
+    // This block's virtual index, as the reverse index numbers it.
+    const index_t vb = p.seqs.cu_seqlens ? index_t(blockIdx.x / per_block)
+                                         : index_t(blockIdx.z) * num_select_blocks(p.seqs.seqlen, p.select_size) + st.tile;
+    const int32_t key = int32_t(g * rix.vblocks + vb);
+    seg_lo = lower_bound(rix.keys, rix.entries, key);
+    const index_t seg_hi = lower_bound(rix.keys, rix.entries, key + 1);
+    pairs_hi = (seg_hi - seg_lo) * G;
+  } else {
+    constexpr bool kCmpKeys = B == Branch::kCmp;
+    if (!locate_tile(p.seqs, blockIdx.x, blockIdx.z, 1, kKeys, kCmpKeys, st)) return;
+    ks = st.tile * kKeys;
+    ke = min(ks + kKeys, kCmpKeys ? st.seq.cmp_len : st.seq.len);
+    index_t t_lo, t_hi;
+    token_range<B>(p, st.seq, ks, ke - 1, t_lo, t_hi);
+    pairs_lo = t_lo * G;
+    pairs_hi = t_hi * G;
+  }
+  const SeqRange seq = st.seq;
+  const int ntiles = int((pairs_hi - pairs_lo + R - 1) / R);
+
+  load_tile_async<kKeys, D, kThreads>(sK, [&](int r) -> const T* {
+    return ks + r < ke ? p.k.template ptr<const T>(seq.batch, key_row<B>(seq, ks + r), g) : nullptr;
+  });
+  load_tile_async<kKeys, DV, kThreads>(sV, [&](int r) -> const T* {
+    return ks + r < ke ? p.v.template ptr<const T>(seq.batch, key_row<B>(seq, ks + r), g) : nullptr;
+  });
+
+  // Token (sequence-relative) of pair e, and its query head.
+  auto pair_token = [&](index_t e) -> index_t {
+    if constexpr (B == Branch::kSlc) {
+      return index_t(rix.rows[seg_lo + e / G]) - index_t(seq.batch) * p.seqs.seqlen - seq.start;
+    } else {
+      return e / G;
+    }
+  };
+  auto load_rows = [&](int i, int stage) {
+    const index_t e0 = pairs_lo + index_t(i) * R;
+    const int n = int(min(index_t(R), pairs_hi - e0));
+    load_tile_async<R, D, kThreads>(sQ + stage * R * D, [&](int r) -> const T* {
+      return r < n ? p.q.template ptr<const T>(seq.batch, seq.start + pair_token(e0 + r), g * G + int((e0 + r) % G))
+                   : nullptr;
+    });
+    load_tile_async<R, DV, kThreads>(sdO + stage * R * DV, [&](int r) -> const T* {
+      return r < n ? p.dout.template ptr<const T>(seq.batch, seq.start + pair_token(e0 + r), g * G + int((e0 + r) % G))
+                   : nullptr;
+    });
+    for (int r = tid; r < R; r += kThreads) {
+      float lse2 = 0.f, dlt = 0.f;
+      int t = -1;
+      if (r < n) {
+        const index_t tk = pair_token(e0 + r);
+        const int h = g * G + int((e0 + r) % G);
+        lse2 = *p.lse.template ptr<const float>(seq.batch, seq.start + tk, h) * float(M_LOG2E);
+        dlt = delta[(index_t(seq.batch) * p.seqs.seqlen + seq.start + tk) * p.num_heads + h];
+        t = int(tk);
+      }
+      sLse[stage * R + r] = lse2;
+      sDelta[stage * R + r] = dlt;
+      sTok[stage * R + r] = t;
+    }
+  };
+  if (ntiles > 0) load_rows(0, 0);
+  cp_async_commit();
+
+  const float scale_log2 = float(p.scale * M_LOG2E);
+  float dk[D / 8][4], dv[DV / 8][4];
+  for (int j = 0; j < D / 8; ++j) dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.f;
+  for (int j = 0; j < DV / 8; ++j) dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.f;
+  // This thread's two keys.
+  index_t key[2];
+  for (int i = 0; i < 2; ++i) key[i] = ks + warp * 16 + lane / 4 + 8 * i;
+
+  for (int i = 0; i < ntiles; ++i) {
+    if (i + 1 < ntiles) load_rows(i + 1, (i + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* q_tile = sQ + (i & 1) * R * D;
+    const T* do_tile = sdO + (i & 1) * R * DV;
+    const float* lse2 = sLse + (i & 1) * R;
+    const float* dlt = sDelta + (i & 1) * R;
+    const int* tok = sTok + (i & 1) * R;
+    if (ks + warp * 16 < ke) {
+      float s[R / 8][4], dp[R / 8][4];
+#pragma unroll
+      for (int j = 0; j < R / 8; ++j)
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        load_a<D>(a, sK, warp * 16, kk * 16);
+#pragma unroll
+        for (int np = 0; np < R / 16; ++np) {
+          uint32_t b[4];
+          load_b_nk<D>(b, q_tile, np * 16, kk * 16);
+          mma<T>(s[2 * np], a, b[0], b[1]);
+          mma<T>(s[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < DV / 16; ++kk) {
+        uint32_t a[4];
+        load_a<DV>(a, sV, warp * 16, kk * 16);
+#pragma unroll
+        for (int np = 0; np < R / 16; ++np) {
+          uint32_t b[4];
+          load_b_nk<DV>(b, do_tile, np * 16, kk * 16);
+          mma<T>(dp[2 * np], a, b[0], b[1]);
+          mma<T>(dp[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      // s <- P^T, dp <- dS^T.
+#pragma unroll
+      for (int j = 0; j < R / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = j * 8 + (lane & 3) * 2 + (e & 1);
+          const index_t kv = key[e >> 1];
+          const int t = tok[c];
+          const bool vis = t >= 0 && kv < ke && key_visible<B>(p, index_t(t), kv);
+          const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[c]) : 0.f;
+          s[j][e] = pr;
+          dp[j][e] = pr * (dp[j][e] - dlt[c]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < R / 16; ++kk) {
+        uint32_t a[4];
+        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int np = 0; np < DV / 16; ++np) {
+          uint32_t b[4];
+          load_b_kn<DV>(b, do_tile, kk * 16, np * 16);
+          mma<T>(dv[2 * np], a, b[0], b[1]);
+          mma<T>(dv[2 * np + 1], a, b[2], b[3]);
+        }
+        c_to_a<T>(a, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+          uint32_t b[4];
+          load_b_kn<D>(b, q_tile, kk * 16, np * 16);
+          mma<T>(dk[2 * np], a, b[0], b[1]);
+          mma<T>(dk[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  const float scale = float(p.scale);
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= ke) continue;
+    const index_t row = key_row<B>(seq, key[r]);
+    T* dk_out = p.dk.template ptr<T>(seq.batch, row, g);
+    T* dv_out = p.dv.template ptr<T>(seq.batch, row, g);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(dk_out + col) = pack2<T>(dk[j][2 * r] * scale, dk[j][2 * r + 1] * scale);
+    }
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(dv_out + col) = pack2<T>(dv[j][2 * r], dv[j][2 * r + 1]);
+    }
+  }
+}
+
+}  // namespace nsa::cuda

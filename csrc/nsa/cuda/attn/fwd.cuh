@@ -1,0 +1,220 @@
+// Forward kernel shared by the three attention branches (flash-attention style: online softmax
+// over key tiles, S = Q K^T and O += P V on the tensor cores, fp32 accumulation).
+//
+// Thread block: 4 warps, kRows query rows (16 per warp, see branch.cuh), key tiles of kKeys
+// double-buffered with cp.async. Shared memory: Q [kRows][D], K [2][kKeys][D], V [2][kKeys][DV]
+// (swizzled), then the selected branch's block union.
+#pragma once
+
+#include <cmath>
+
+#include "branch.cuh"
+
+namespace nsa::cuda {
+
+template <int D, int DV>
+constexpr size_t fwd_smem_tiles_bytes() {
+  return size_t(2) * (kRows * D + 2 * kKeys * (D + DV));
+}
+
+// Key tile i of the block: keys [ks, ke) (ks >= ke: nothing to do) and, for the selected
+// branch, the mask of the tokens that chose the tile's block.
+template <Branch B, typename P>
+struct KeyTiles {
+  index_t lo = 0, hi = 0;  // contiguous branches
+  int per_block = 1;       // selected: tiles per block
+  index_t t_last = 0;
+
+  __device__ int count(const BlockUnion& u) const {
+    if constexpr (B == Branch::kSlc) return u.count * per_block;
+    return int((hi - lo + kKeys - 1) / kKeys);
+  }
+  __device__ void tile(const P& p, const BlockUnion& u, int i, index_t& ks, index_t& ke,
+                       unsigned long long& tokens) const {
+    if constexpr (B == Branch::kSlc) {
+      const index_t j = u.blocks[i / per_block];
+      const index_t start = j * p.select_size;
+      ks = start + index_t(i % per_block) * kKeys;
+      ke = min(min(start + p.select_size, ks + kKeys), t_last + 1);
+      tokens = u.tokens[i / per_block];
+    } else {
+      ks = lo + index_t(i) * kKeys;
+      ke = min(ks + kKeys, hi);
+      tokens = ~0ull;
+    }
+  }
+};
+
+template <typename T, int D, int DV, Branch B>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename BranchParams<B>::type p) {
+  using P = typename BranchParams<B>::type;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kRows * D;
+  T* sV = sK + 2 * kKeys * D;
+  BlockUnion u{};
+
+  QueryRows rows;
+  if (!locate_query_rows(p, rows)) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // Queries.
+  load_tile_async<kRows, D, kThreads>(sQ, [&](int r) -> const T* {
+    return r < rows.count ? p.q.template ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
+                          : nullptr;
+  });
+
+  KeyTiles<B, P> tiles;
+  tiles.t_last = rows.t_last;
+  if constexpr (B == Branch::kSlc) {
+    u = carve_block_union(smem + fwd_smem_tiles_bytes<D, DV>(), p.num_selected, p.seqs.seqlen,
+                          p.select_size);
+    build_block_union(p, rows, u);
+    tiles.per_block = (p.select_size + kKeys - 1) / kKeys;
+  } else {
+    key_range<B>(p, rows.seq, rows.t_first, rows.t_last, tiles.lo, tiles.hi);
+  }
+  const int ntiles = tiles.count(u);
+
+  auto load_kv = [&](int i, int stage) {
+    index_t ks, ke;
+    unsigned long long tok;
+    tiles.tile(p, u, i, ks, ke, tok);
+    load_tile_async<kKeys, D, kThreads>(sK + stage * kKeys * D, [&](int r) -> const T* {
+      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
+    });
+    load_tile_async<kKeys, DV, kThreads>(sV + stage * kKeys * DV, [&](int r) -> const T* {
+      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
+    });
+  };
+  if (ntiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  // This thread's two rows (C-fragment rows lane/4 and lane/4 + 8 of its warp's 16).
+  int row[2];
+  index_t tok[2];
+  bool valid[2];
+  for (int i = 0; i < 2; ++i) {
+    row[i] = warp * 16 + lane / 4 + 8 * i;
+    valid[i] = row[i] < rows.count;
+    tok[i] = valid[i] ? rows.token(row[i]) : -1;
+  }
+  // Tokens (bits relative to t_first) of the warp's rows, to skip tiles none of them chose.
+  unsigned long long warp_tokens = 0;
+  if (warp * 16 < rows.count) {
+    const int a = int(rows.token(warp * 16) - rows.t_first);
+    const int b = int(rows.token(min(warp * 16 + 15, rows.count - 1)) - rows.t_first);
+    warp_tokens = (b - a + 1 >= 64 ? ~0ull : ((1ull << (b - a + 1)) - 1)) << a;
+  }
+
+  const float scale_log2 = float(p.scale * M_LOG2E);
+  float acc[DV / 8][4];
+  for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  uint32_t qf[D / 16][4];
+
+  for (int i = 0; i < ntiles; ++i) {
+    if (i + 1 < ntiles) load_kv(i + 1, (i + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (i == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16);
+    }
+    index_t ks, ke;
+    unsigned long long tile_tokens;
+    tiles.tile(p, u, i, ks, ke, tile_tokens);
+    if (ks < ke && (tile_tokens & warp_tokens)) {
+      const T* k_tile = sK + (i & 1) * kKeys * D;
+      const T* v_tile = sV + (i & 1) * kKeys * DV;
+      float s[kKeys / 8][4];
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int np = 0; np < kKeys / 16; ++np) {
+          uint32_t b[4];
+          load_b_nk<D>(b, k_tile, np * 16, kk * 16);
+          mma<T>(s[2 * np], qf[kk], b[0], b[1]);
+          mma<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
+        }
+      }
+      // Mask, scale, online softmax.
+      bool row_on[2];
+      for (int r = 0; r < 2; ++r)
+        row_on[r] = valid[r] && ((tile_tokens >> (tok[r] - rows.t_first)) & 1ull);
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
+          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tok[r], key);
+          s[j][e] = vis ? s[j][e] * scale_log2 : -INFINITY;
+          mx[r] = fmaxf(mx[r], s[j][e]);
+        }
+      }
+      float corr[2], base[2];
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m[r], quad_max(mx[r]));
+        base[r] = m_new == -INFINITY ? 0.f : m_new;
+        corr[r] = exp2f(m[r] - base[r]);
+        m[r] = m_new;
+        l[r] *= corr[r];
+      }
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = exp2f(s[j][e] - base[e >> 1]);
+          l[e >> 1] += s[j][e];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j) {
+        acc[j][0] *= corr[0];
+        acc[j][1] *= corr[0];
+        acc[j][2] *= corr[1];
+        acc[j][3] *= corr[1];
+      }
+      // O += P V.
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        uint32_t a[4];
+        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int np = 0; np < DV / 16; ++np) {
+          uint32_t b[4];
+          load_b_kn<DV>(b, v_tile, kk * 16, np * 16);
+          mma<T>(acc[2 * np], a, b[0], b[1]);
+          mma<T>(acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: o = acc / l (0 when nothing was visible), lse = m + log l (-inf then).
+  for (int r = 0; r < 2; ++r) {
+    const float lsum = quad_sum(l[r]);
+    if (!valid[r]) continue;
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    const index_t t = rows.seq.start + tok[r];
+    const int h = rows.head(row[r]);
+    T* o = p.o.template ptr<T>(rows.seq.batch, t, h);
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(o + col) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
+    }
+    if ((lane & 3) == 0)
+      *p.lse.template ptr<float>(rows.seq.batch, t, h) =
+          lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
+  }
+}
+
+}  // namespace nsa::cuda

@@ -1,0 +1,117 @@
+// Launch templates of the attention kernels: dtype and head-dim dispatch, shared-memory limits,
+// grids, launch checks. Instantiated per (dtype, branch) by the files in cmp/, slc/, swa/.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "bwd.cuh"
+
+namespace nsa::cuda {
+
+// Throws std::runtime_error naming `op` if the last launch failed.
+inline void check_launch(const char* op) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err));
+}
+
+// Calls f(integral_constant<D>, integral_constant<DV>) for a supported pair, else throws.
+template <typename F>
+void dispatch_head_dims(const char* op, int d, int dv, F&& f) {
+  using std::integral_constant;
+  if (d == 64 && dv == 64) return f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+  if (d == 64 && dv == 128) return f(integral_constant<int, 64>{}, integral_constant<int, 128>{});
+  if (d == 128 && dv == 64) return f(integral_constant<int, 128>{}, integral_constant<int, 64>{});
+  if (d == 128 && dv == 128) return f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
+  if (d == 192 && dv == 128) return f(integral_constant<int, 192>{}, integral_constant<int, 128>{});
+  throw std::invalid_argument(std::string(op) + ": head dims (D, Dv) = (" + std::to_string(d) + ", " +
+                              std::to_string(dv) + ") have no CUDA kernel");
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+template <Branch B>
+constexpr const char* op_name() {
+  return B == Branch::kCmp ? "nsa.compressed_attention"
+                           : B == Branch::kSlc ? "nsa.selected_attention" : "nsa.sliding_window_attention";
+}
+
+// Shared memory of the selected branch's block union (0 for the other branches).
+template <Branch B, typename P>
+size_t union_bytes(const P& p) {
+  if constexpr (B == Branch::kSlc) return block_union_bytes(p.seqs.seqlen, p.select_size, p.num_selected);
+  return 0;
+}
+
+template <typename T, Branch B>
+void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
+  const dim3 grid = query_grid(p);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
+    constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
+    const size_t smem = fwd_smem_tiles_bytes<D, DV>() + union_bytes<B>(p);
+    auto kernel = attn_fwd_kernel<T, D, DV, B>;
+    set_smem(kernel, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    check_launch(op_name<B>());
+  });
+}
+
+// Grid of the dkdv kernel: key tiles (or virtual blocks x tiles per block) x KV heads x batch.
+template <Branch B, typename P>
+dim3 key_grid(const P& p, index_t vblocks) {
+  const unsigned z = unsigned(p.seqs.cu_seqlens ? 1 : p.seqs.batch);
+  if constexpr (B == Branch::kSlc) {
+    const index_t per_block = (p.select_size + kKeys - 1) / kKeys;
+    const index_t x = p.seqs.cu_seqlens ? vblocks : num_select_blocks(p.seqs.seqlen, p.select_size);
+    return dim3(unsigned(x * per_block), unsigned(p.num_heads_k), z);
+  } else {
+    const index_t total = B == Branch::kCmp ? p.seqs.cmp_seqlen : p.seqs.seqlen;
+    return dim3(unsigned(num_virtual_tiles(p.seqs, total, 1, kKeys)), unsigned(p.num_heads_k), z);
+  }
+}
+
+// delta must hold B * T * HQ floats. rix is used by the selected branch only.
+template <typename T, Branch B>
+void run_bwd(const typename BranchParams<B>::type& p, float* delta, const ReverseIndex& rix,
+             cudaStream_t stream) {
+  const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen * p.num_heads;
+  if (rows > 0) {
+    View dlse;
+    if constexpr (B == Branch::kCmp) dlse = p.dlse;
+    attn_bwd_delta_kernel<T><<<unsigned((rows + 3) / 4), kThreads, 0, stream>>>(p, dlse, delta);
+    check_launch(op_name<B>());
+  }
+  dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
+    constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
+    const dim3 qgrid = query_grid(p);
+    if (qgrid.x > 0 && qgrid.y > 0 && qgrid.z > 0) {
+      const size_t smem = dq_smem_tiles_bytes<D, DV>() + union_bytes<B>(p);
+      auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;
+      set_smem(kernel, smem);
+      kernel<<<qgrid, kThreads, smem, stream>>>(p, delta);
+      check_launch(op_name<B>());
+    }
+    const dim3 kgrid = key_grid<B>(p, rix.vblocks);
+    if (kgrid.x > 0 && kgrid.y > 0 && kgrid.z > 0) {
+      const size_t smem = dkdv_smem_bytes<D, DV>();
+      auto kernel = attn_bwd_dkdv_kernel<T, D, DV, B>;
+      set_smem(kernel, smem);
+      kernel<<<kgrid, kThreads, smem, stream>>>(p, delta, rix);
+      check_launch(op_name<B>());
+    }
+  });
+}
+
+// Entry points of one branch and dtype, defined by the instantiation files.
+#define NSA_INSTANTIATE_ATTN(T, B)                                                                \
+  template void run_fwd<T, B>(const typename BranchParams<B>::type&, cudaStream_t);              \
+  template void run_bwd<T, B>(const typename BranchParams<B>::type&, float*, const ReverseIndex&, \
+                              cudaStream_t);
+
+}  // namespace nsa::cuda

@@ -1,0 +1,21 @@
+// Entry points of the compressed branch.
+#include "../attn/entry.cuh"
+#include "../kernels.h"
+
+namespace nsa::cuda {
+
+bool supported_head_dims(int head_dim, int head_dim_v) {
+  for (const auto& hd : kHeadDims)
+    if (hd[0] == head_dim && hd[1] == head_dim_v) return true;
+  return false;
+}
+
+void cmp_fwd(const CmpParams& p, cudaStream_t stream) { attn_fwd<Branch::kCmp>(p, stream); }
+
+size_t cmp_bwd_workspace_bytes(const CmpParams& p) { return delta_bytes(p); }
+
+void cmp_bwd(const CmpParams& p, void* workspace, cudaStream_t stream) {
+  attn_bwd<Branch::kCmp>(p, static_cast<float*>(workspace), ReverseIndex{}, stream);
+}
+
+}  // namespace nsa::cuda

@@ -1,0 +1,43 @@
+// CUDA kernels of every NSA op (torch-free). Each entry point takes its op family's params and
+// the stream to launch on; it launches asynchronously and never synchronises with the host.
+// Supported: dtype bf16 or fp16; (D, Dv) one of kHeadDims. Unsupported values throw
+// std::invalid_argument (the binding checks first and raises a Python error naming the op).
+// Launch failures throw std::runtime_error with the CUDA error string.
+//
+// Workspaces: the backward entry points need device scratch memory, allocated by the caller
+// (the binding uses torch's caching allocator) with at least *_bwd_workspace_bytes(p) bytes,
+// 256-byte aligned. Its content on entry does not matter.
+//
+// Determinism: every output is written by exactly one thread, with sums in a fixed order; there
+// are no float atomics, so two runs on the same inputs give identical bits.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "../params.h"
+
+namespace nsa::cuda {
+
+// (D, Dv) pairs with compiled kernels.
+inline constexpr int kHeadDims[][2] = {{64, 64}, {64, 128}, {128, 64}, {128, 128}, {192, 128}};
+bool supported_head_dims(int head_dim, int head_dim_v);
+
+void cmp_fwd(const CmpParams& p, cudaStream_t stream);
+size_t cmp_bwd_workspace_bytes(const CmpParams& p);
+void cmp_bwd(const CmpParams& p, void* workspace, cudaStream_t stream);
+
+// One fused pass: block scores from the compressed keys and the final lse, overlap weighting,
+// group sum, forced blocks and top-n, without materialising the [T, T / select_size] scores.
+void select_topk(const TopkParams& p, cudaStream_t stream);
+
+void slc_fwd(const SlcParams& p, cudaStream_t stream);
+size_t slc_bwd_workspace_bytes(const SlcParams& p);
+void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream);
+
+void swa_fwd(const SwaParams& p, cudaStream_t stream);
+size_t swa_bwd_workspace_bytes(const SwaParams& p);
+void swa_bwd(const SwaParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace nsa::cuda

@@ -1,0 +1,6 @@
+// Kernels of the swa branch for fp16 (one file per branch and dtype keeps builds parallel).
+#include "../attn/launch.cuh"
+
+namespace nsa::cuda {
+NSA_INSTANTIATE_ATTN(__half, Branch::kSwa)
+}  // namespace nsa::cuda

@@ -1,0 +1,139 @@
+// Entry point of the top-n block selection on CUDA: argument checks, the launch shape and the
+// shared-memory layout, dtype / head-dim dispatch (the kernel is in topk_kernel.cuh).
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "../kernels.h"
+#include "topk_kernel.cuh"
+
+namespace nsa::cuda {
+namespace {
+
+using topk::Shape;
+
+constexpr const char* kOp = "nsa.select_blocks";
+
+[[noreturn]] void invalid(const std::string& what) {
+  throw std::invalid_argument(std::string(kOp) + ": " + what);
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(kOp) + ": " + what + ": " + cudaGetErrorString(err));
+}
+
+int align16(int x) { return (x + 15) / 16 * 16; }
+
+Shape make_shape(const TopkParams& p) {
+  Shape s{};
+  const int G = p.num_heads / p.num_heads_k;
+  s.group = G;
+  s.tokens = G <= topk::kRows ? topk::kRows / G : 1;
+  s.chunks = (G + topk::kRows - 1) / topk::kRows;
+  s.reduce = G > topk::kRows ? topk::kRows : ((G & (G - 1)) == 0 ? G : 0);
+  s.cpr = p.block_size / p.block_stride;
+  s.cpb = p.select_size / p.block_stride;
+  // Slots: the blocks touching one tile's 64 cells, or the whole tail in one round if larger.
+  s.cap = std::min(topk::kMaxCand,
+                   std::max(63 / s.cpb + 2, 1 + p.num_selected + p.num_local));
+  s.ws = (s.cpr - 1 + topk::kTileRows) | 1;
+  s.scale_log2 = float(p.scale * 1.4426950408889634);
+  const int P = s.tokens, n = p.num_selected, rows = s.chunks * topk::kRows;
+  int off = align16(rows * p.head_dim * 2);
+  s.off_k = off;
+  off += align16(2 * topk::kTileRows * p.head_dim * 2);
+  s.off_scratch = off;
+  off += s.reduce == 0 ? 4 * topk::kRows * topk::kScratchLd * 4 : 0;
+  s.off_w = off;
+  off += align16(P * s.ws * 4);
+  s.off_lse = off;
+  off += align16(rows * 4);
+  s.off_nv = off;
+  off += align16(rows * 4);
+  s.off_list = off;
+  off += align16(P * n * 8);
+  s.off_cand = off;
+  off += align16(P * s.cap * 8);
+  s.off_theta = off;
+  off += align16(P * 8);
+  s.off_cnt = off;
+  off += align16(P * 4);
+  s.off_nacc = off;
+  off += align16(P * 4);
+  s.off_open = off;
+  off += align16(2 * P * 4);
+  s.smem = off;
+  return s;
+}
+
+template <typename T, int D>
+void launch(const TopkParams& p, const Shape& s, dim3 grid, cudaStream_t stream) {
+  auto kernel = topk::select_topk_kernel<T, D>;
+  int dev = 0, max_smem = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice failed");
+  check_cuda(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+             "cudaDeviceGetAttribute failed");
+  if (s.smem > max_smem)
+    invalid("needs " + std::to_string(s.smem) + " bytes of shared memory per block (G = " +
+            std::to_string(s.group) + ", D = " + std::to_string(D) + ", block_size / block_stride = " +
+            std::to_string(s.cpr) + ", num_selected = " + std::to_string(p.num_selected) +
+            "), the device allows " + std::to_string(max_smem));
+  if (s.smem > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem),
+               "cudaFuncSetAttribute failed");
+  kernel<<<grid, topk::kThreads, s.smem, stream>>>(p, s);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
+}
+
+template <typename T>
+void dispatch_head_dim(const TopkParams& p, const Shape& s, dim3 grid, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, s, grid, stream);
+    case 128: return launch<T, 128>(p, s, grid, stream);
+    case 192: return launch<T, 192>(p, s, grid, stream);
+    default: invalid("head dim D must be 64, 128 or 192 on CUDA, got " + std::to_string(p.head_dim));
+  }
+}
+
+}  // namespace
+
+void select_topk(const TopkParams& p, cudaStream_t stream) {
+  if (p.dtype != Dtype::kBFloat16 && p.dtype != Dtype::kFloat16)
+    invalid("dtype must be bfloat16 or float16 on CUDA");
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 192)
+    invalid("head dim D must be 64, 128 or 192 on CUDA, got " + std::to_string(p.head_dim));
+  if (p.num_heads_k < 1 || p.num_heads < 1 || p.num_heads % p.num_heads_k != 0)
+    invalid("num_heads (" + std::to_string(p.num_heads) + ") must be a positive multiple of num_heads_k (" +
+            std::to_string(p.num_heads_k) + ")");
+  if (p.block_stride < 1 || p.block_size < 1 || p.block_size % p.block_stride != 0 ||
+      p.select_size < 1 || p.select_size % p.block_stride != 0)
+    invalid("block_stride must divide block_size and select_size, got block_size = " +
+            std::to_string(p.block_size) + ", block_stride = " + std::to_string(p.block_stride) +
+            ", select_size = " + std::to_string(p.select_size));
+  if (p.num_selected > topk::kMaxSelected)
+    invalid("num_selected > " + std::to_string(topk::kMaxSelected) + " unsupported on CUDA, got " +
+            std::to_string(p.num_selected));
+  if (p.num_selected < 1 || p.num_initial < 0 || p.num_local < 0 ||
+      p.num_initial + p.num_local > p.num_selected)
+    invalid("need 1 <= num_selected and num_initial + num_local <= num_selected, got num_selected = " +
+            std::to_string(p.num_selected) + ", num_initial = " + std::to_string(p.num_initial) +
+            ", num_local = " + std::to_string(p.num_local));
+
+  const Shape s = make_shape(p);
+  const bool packed = p.seqs.cu_seqlens != nullptr;
+  if (p.seqs.num_seqs <= 0 || p.seqs.seqlen <= 0 || p.seqs.batch <= 0) return;
+  const index_t tiles = num_virtual_tiles(p.seqs, p.seqs.seqlen, 1, s.tokens);
+  if (tiles > index_t(0x7fffffff) || p.num_heads_k > 65535 || (!packed && p.seqs.batch > 65535))
+    invalid("grid too large (tiles = " + std::to_string(tiles) + ", H = " + std::to_string(p.num_heads_k) +
+            ", B = " + std::to_string(p.seqs.batch) + ")");
+  const dim3 grid(unsigned(tiles), unsigned(p.num_heads_k), unsigned(packed ? 1 : p.seqs.batch));
+  if (p.dtype == Dtype::kBFloat16)
+    dispatch_head_dim<__nv_bfloat16>(p, s, grid, stream);
+  else
+    dispatch_head_dim<__half>(p, s, grid, stream);
+}
+
+}  // namespace nsa::cuda

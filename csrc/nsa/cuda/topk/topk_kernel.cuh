@@ -1,0 +1,390 @@
+// The fused top-n block selection kernel: one pass over the compressed keys per (query tile,
+// KV head), block scores streamed into per-token running top-n lists; no score tensor in global
+// memory.
+//
+// Thread block: 4 warps, `tokens` whole tokens of one sequence and KV head g (all G heads of a
+// token are in the block, so the group sum stays local). Their (token, head) rows, token-major,
+// fill head chunks of 64 rows: tokens = 64 / G for G <= 64, else one token in ceil(G / 64)
+// chunks. Per key tile of 64 compressed rows (double-buffered cp.async):
+//   1. S^T = K Q^T on the tensor cores, warp w taking rows 16w .. 16w + 15 of the tile against all
+//      64 query rows; p = exp2(s scale log2e - lse log2e) where visible, summed over the heads of
+//      each token (registers and quad shuffles for G a power of two, a shared scratch otherwise)
+//      into w_s[token][row].
+//   2. Threads score the blocks whose cells the tile completes (select.h) and append those that
+//      beat the token's current n-th best key to its candidate slots.
+//   3. One warp per token merges its candidates into the token's list (rank by counting).
+// After the last tile, the partial block at the edge, the zero-score blocks and the forced ones
+// left are merged the same way, and each warp writes its tokens' lists in ascending block order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/mma.cuh"
+#include "../common/seq_tiles.cuh"
+#include "../common/tiles.cuh"
+#include "select.h"
+
+namespace nsa::cuda::topk {
+
+constexpr int kThreads = 128;
+constexpr int kRows = 64;            // (token, head) rows per head chunk
+constexpr int kMaxSelected = 128;    // n: list slots are 4 per lane
+constexpr int kListSlots = kMaxSelected / 32;
+constexpr int kMaxCand = 64;         // candidates per token per merge: 2 per lane
+constexpr int kScratchLd = 20;       // generic group sum: [64 rows][kScratchLd] floats per warp;
+                                     // 20 = 4 mod 32 keeps the fragment stores conflict-free
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Per-launch constants, computed on the host (topk.cu).
+struct Shape {
+  int group;        // G
+  int tokens;       // P: tokens per thread block
+  int chunks;       // head chunks of kRows rows
+  int reduce;       // rows per token summed in registers: G (a power of two <= 64) or 64
+                    // (G > 64, one token per chunk); 0: generic group sum through shared memory
+  int cpr, cpb;     // cells per compressed row (l / d) and per selection block (l' / d)
+  int cap;          // candidate slots per token: the blocks touching one tile, or the whole
+                    // tail when more (<= kMaxCand)
+  int ws;           // row stride of w_s in floats (odd: conflict-free block scoring)
+  float scale_log2; // scale * log2(e)
+  // Byte offsets of the shared-memory arrays; q_s is at 0.
+  int off_k, off_scratch, off_w, off_lse, off_nv, off_list, off_cand, off_theta, off_cnt,
+      off_nacc, off_open, smem;
+};
+
+// Merges the candidates of one token (cand[0 .. nacc), unordered, all beating theta) into its
+// list (cnt keys, descending; n slots). One warp. Keys are unique, so an element's new position
+// is the number of elements of the union above it.
+__device__ __forceinline__ void merge_token(uint64_t* list, const uint64_t* cand, int* cnt_p,
+                                            uint64_t* theta_p, int* nacc_p, int n) {
+  const int lane = threadIdx.x & 31;
+  const int cnt = *cnt_p, m = *nacc_p;
+  uint64_t lv[kListSlots], cv[2];
+  int lr[kListSlots], cr[2];
+#pragma unroll
+  for (int s = 0; s < kListSlots; ++s) {
+    const int i = s * 32 + lane;
+    lv[s] = i < cnt ? list[i] : 0;
+    lr[s] = i;
+  }
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int i = s * 32 + lane;
+    cv[s] = i < m ? cand[i] : 0;
+    int lo = 0, hi = i < m ? cnt : 0;  // list keys above cv[s]: binary search (descending)
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (list[mid] > cv[s]) lo = mid + 1; else hi = mid;
+    }
+    cr[s] = lo;
+  }
+  for (int i = 0; i < m; ++i) {
+    const uint64_t x = cand[i];
+#pragma unroll
+    for (int s = 0; s < kListSlots; ++s) lr[s] += x > lv[s];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) cr[s] += x > cv[s];
+  }
+  __syncwarp();
+#pragma unroll
+  for (int s = 0; s < kListSlots; ++s)
+    if (s * 32 + lane < cnt && lr[s] < n) list[lr[s]] = lv[s];
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+    if (s * 32 + lane < m && cr[s] < n) list[cr[s]] = cv[s];
+  __syncwarp();
+  if (lane == 0) {
+    const int c = min(n, cnt + m);
+    *cnt_p = c;
+    *theta_p = c == n ? list[n - 1] : 0;
+    *nacc_p = 0;
+  }
+  __syncwarp();
+}
+
+// Writes the blocks of a list (cnt keys) in ascending order, then -1 up to n. One warp.
+__device__ __forceinline__ void write_token(const uint64_t* list, int cnt, int n, int32_t* out) {
+  const int lane = threadIdx.x & 31;
+  int jv[kListSlots], pos[kListSlots];
+#pragma unroll
+  for (int s = 0; s < kListSlots; ++s) {
+    const int i = s * 32 + lane;
+    jv[s] = i < cnt ? key_block(list[i]) : 0x7fffffff;
+    pos[s] = 0;
+  }
+  for (int i = 0; i < cnt; ++i) {
+    const int j = key_block(list[i]);
+#pragma unroll
+    for (int s = 0; s < kListSlots; ++s) pos[s] += j < jv[s];
+  }
+#pragma unroll
+  for (int s = 0; s < kListSlots; ++s) {
+    const int i = s * 32 + lane;
+    if (i < cnt) out[pos[s]] = jv[s];
+    else if (i < n) out[i] = -1;
+  }
+}
+
+// Group sum of a warp's probabilities for G a power of two: v holds the C fragments of
+// p^T [16 rows of the tile][64 query rows]; R consecutive query rows (columns) form a token.
+// Writes (or, for later head chunks, adds) w[token * ws + row].
+__device__ __forceinline__ void group_sum_pow2(float (&acc)[8][4], float* w, int ws, int R,
+                                               int row0, bool add) {
+  const int lane = threadIdx.x & 31, c = (lane & 3) * 2;
+  float* wr = w + row0 + (lane >> 2);
+  if (R == 1) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wr[(nt * 8 + c + (i & 1)) * ws + (i >> 1) * 8] = acc[nt][i];
+    return;
+  }
+  float v[8][2];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) v[nt][h] = acc[nt][2 * h] + acc[nt][2 * h + 1];
+  // Tokens spanning several n-tiles (R >= 16) first add them in the thread.
+  if (R >= 16) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[2 * q][0] += v[2 * q + 1][0], v[2 * q][1] += v[2 * q + 1][1];
+  }
+  if (R >= 32) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) v[4 * q][0] += v[4 * q + 2][0], v[4 * q][1] += v[4 * q + 2][1];
+  }
+  if (R >= 64) v[0][0] += v[4][0], v[0][1] += v[4][1];
+  const int step = R >= 8 ? R / 8 : 1;  // n-tiles per token
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    if (nt % step != 0) continue;  // warp-uniform
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (R >= 4) v[nt][h] += __shfl_xor_sync(0xffffffffu, v[nt][h], 1);
+      if (R >= 8) v[nt][h] += __shfl_xor_sync(0xffffffffu, v[nt][h], 2);
+      const int col = nt * 8 + c;
+      if (col % R == 0) {
+        float* dst = wr + (col / R) * ws + h * 8;
+        *dst = add ? *dst + v[nt][h] : v[nt][h];
+      }
+    }
+  }
+}
+
+// Group sum for any G <= 64 through the warp's scratch [64 query rows][kScratchLd]: heads summed
+// in order, one (token, row) pair per lane at a time.
+__device__ __forceinline__ void group_sum_generic(const float (&acc)[8][4], float* scratch,
+                                                  float* w, int ws, int G, int P, int row0) {
+  const int lane = threadIdx.x & 31, c = (lane & 3) * 2, r = lane >> 2;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) scratch[(nt * 8 + c + (i & 1)) * kScratchLd + r + (i >> 1) * 8] = acc[nt][i];
+  __syncwarp();
+  for (int it = lane; it < P * 16; it += 32) {
+    const int row = it & 15, tok = it >> 4;
+    const float* src = scratch + tok * G * kScratchLd + row;
+    float sum = 0.f;
+    for (int h = 0; h < G; ++h) sum += src[h * kScratchLd];
+    w[tok * ws + row0 + row] = sum;
+  }
+  __syncwarp();
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) select_topk_kernel(const TopkParams p, const Shape s) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem);                                // [chunks * 64][D] swizzled
+  T* k_s = reinterpret_cast<T*>(smem + s.off_k);                      // [2][64][D] swizzled
+  float* scratch = reinterpret_cast<float*>(smem + s.off_scratch);    // [4][64][kScratchLd] (reduce == 0)
+  float* w_s = reinterpret_cast<float*>(smem + s.off_w);              // [P][ws]: cpr - 1 carried rows,
+                                                                      // then the tile's 64 rows
+  float* lse_s = reinterpret_cast<float*>(smem + s.off_lse);          // [chunks * 64] lse * log2e
+  int* nv_s = reinterpret_cast<int*>(smem + s.off_nv);                // [chunks * 64] rows visible
+  uint64_t* list_s = reinterpret_cast<uint64_t*>(smem + s.off_list);  // [P][n] top-n keys, descending
+  uint64_t* cand_s = reinterpret_cast<uint64_t*>(smem + s.off_cand);  // [P][cap] candidates
+  uint64_t* theta_s = reinterpret_cast<uint64_t*>(smem + s.off_theta);// [P] key to beat (0: list not full)
+  int* cnt_s = reinterpret_cast<int*>(smem + s.off_cnt);              // [P] list lengths
+  int* nacc_s = reinterpret_cast<int*>(smem + s.off_nacc);            // [P] candidates waiting
+  float* open_s = reinterpret_cast<float*>(smem + s.off_open);        // [2][P] partial score of the
+                                                                      // block cut by the tile edge
+
+  SeqTile st;
+  // Heavy (late) tiles first: the light ones fill the tail of the grid.
+  if (!locate_tile(p.seqs, index_t(gridDim.x) - 1 - blockIdx.x, blockIdx.z, 1, s.tokens, false, st))
+    return;
+  const SeqRange seq = st.seq;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = blockIdx.y, G = s.group, P = s.tokens, n = p.num_selected;
+  const int cpr = s.cpr, cpb = s.cpb, ws = s.ws, cap = s.cap;
+  const int t0 = int(st.tile) * P;
+  const int ntok = min(P, int(seq.len) - t0);
+  const int nvis_max = visible_rows(t0 + ntok - 1, p.block_size, p.block_stride, seq.cmp_len);
+  // Tiles until every nonzero cell (k < nvis + cpr - 1) is complete.
+  const int ntiles = nvis_max > 0 ? (nvis_max + cpr - 1 + kTileRows - 1) / kTileRows : 0;
+
+  // Token and head of row e of chunk c; false for a padding row.
+  auto row_of = [&](int c, int e, int& tok, int& h) {
+    if (s.chunks == 1) {
+      tok = e / G;
+      h = e - tok * G;
+      return tok < ntok;
+    }
+    tok = 0;
+    h = c * kRows + e;
+    return h < G;
+  };
+
+  if (ntiles > 0) {
+    for (int c = 0; c < s.chunks; ++c)
+      load_tile_async<kRows, D, kThreads>(q_s + c * kRows * D, [&](int e) -> const T* {
+        int tok, h;
+        return row_of(c, e, tok, h) ? p.q.ptr<const T>(seq.batch, seq.start + t0 + tok, g * G + h) : nullptr;
+      });
+  }
+  auto load_keys = [&](int kt) {
+    const int i0 = kt * kTileRows;
+    load_tile_async<kTileRows, D, kThreads>(k_s + (kt & 1) * kTileRows * D, [&](int r) -> const T* {
+      return i0 + r < nvis_max ? p.k.ptr<const T>(seq.batch, seq.cmp_start + i0 + r, g) : nullptr;
+    });
+  };
+  if (ntiles > 0) load_keys(0);
+  cp_async_commit();
+
+  for (int e = tid; e < s.chunks * kRows; e += kThreads) {
+    int tok, h;
+    float lse = -__builtin_huge_valf();
+    if (row_of(e / kRows, e % kRows, tok, h))
+      lse = *p.lse.ptr<const float>(seq.batch, seq.start + t0 + tok, g * G + h);
+    const bool live = lse != -__builtin_huge_valf();  // lse = -inf: the row sees nothing
+    lse_s[e] = live ? lse * kLog2e : 0.f;
+    nv_s[e] = live ? visible_rows(t0 + tok, p.block_size, p.block_stride, seq.cmp_len) : 0;
+  }
+  for (int i = tid; i < P; i += kThreads) {
+    cnt_s[i] = 0;
+    nacc_s[i] = 0;
+    theta_s[i] = 0;
+    open_s[i] = open_s[P + i] = 0.f;
+  }
+  for (int i = tid; i < P * (cpr - 1); i += kThreads) w_s[(i / (cpr - 1)) * ws + i % (cpr - 1)] = 0.f;
+  __syncthreads();
+
+  const int row0 = cpr - 1 + warp * 16;  // this warp's tile rows in w_s
+  for (int kt = 0; kt < ntiles; ++kt) {
+    const int i0 = kt * kTileRows;
+    if ((kt + 1) * kTileRows < nvis_max) load_keys(kt + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // 1. Group-summed probabilities of the tile's rows.
+    if (i0 < nvis_max) {
+      const T* kt_s = k_s + (kt & 1) * kTileRows * D;
+      const int key = i0 + warp * 16 + (lane >> 2);  // fragment rows key, key + 8
+      for (int c = 0; c < s.chunks; ++c) {
+        const T* qc_s = q_s + c * kRows * D;
+        float acc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+          uint32_t a[4];
+          load_a<D>(a, kt_s, warp * 16, ks * 16);
+#pragma unroll
+          for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            load_b_nk<D>(b, qc_s, np * 16, ks * 16);
+            mma<T>(acc[2 * np], a, b[0], b[1]);
+            mma<T>(acc[2 * np + 1], a, b[2], b[3]);
+          }
+        }
+        // Fragment columns: query rows 8 nt + c2, + 1 (read here rather than kept in registers).
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int col = c * kRows + nt * 8 + (lane & 3) * 2;
+          const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col);
+          const int2 nv2 = *reinterpret_cast<const int2*>(nv_s + col);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int rk = key + (i >> 1) * 8;
+            const bool vis = rk < ((i & 1) ? nv2.y : nv2.x);
+            const float x = fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x));
+            acc[nt][i] = vis ? exp2f(x) : 0.f;
+          }
+        }
+        if (s.reduce > 0)
+          group_sum_pow2(acc, w_s, ws, s.reduce, row0, c > 0);
+        else
+          group_sum_generic(acc, scratch + warp * kRows * kScratchLd, w_s, ws, G, P, row0);
+      }
+    } else {  // past every visible row: the tile only completes cells from the carried rows
+      for (int i = tid; i < P * kTileRows; i += kThreads) w_s[(i / kTileRows) * ws + cpr - 1 + i % kTileRows] = 0.f;
+    }
+    __syncthreads();
+
+    // 2. Blocks touching cells [i0, i0 + 64): score, keep the cut one's part, filter by theta.
+    {
+      const int ja = i0 / cpb, nblk = (i0 + kTileRows - 1) / cpb - ja + 1;
+      const int base = i0 - (cpr - 1);  // row held in w_s[tok][0]
+      const float* open_in = open_s + ((kt + 1) & 1) * P;
+      float* open_out = open_s + (kt & 1) * P;
+      for (int it = tid; it < ntok * nblk; it += kThreads) {
+        const int tok = it % ntok, j = ja + it / ntok;
+        const int ka = max(j * cpb, i0), kb = min((j + 1) * cpb, i0 + kTileRows);
+        float sc = cells_score(w_s + tok * ws, base, ka, kb, cpr);
+        if (j * cpb < i0) sc += open_in[tok];
+        if ((j + 1) * cpb > i0 + kTileRows) {
+          open_out[tok] = sc;
+          continue;
+        }
+        const int b = (t0 + tok) / p.select_size;
+        if (j > b) continue;
+        const uint64_t k = block_key(sc, j, is_forced(j, b, p.num_initial, p.num_local));
+        if (k > theta_s[tok]) cand_s[tok * cap + atomicAdd(&nacc_s[tok], 1)] = k;
+      }
+    }
+    __syncthreads();
+
+    // 3. Carry the last cpr - 1 rows (in rounds of 64 when they overlap), then merge.
+    for (int r0 = 0; r0 < cpr - 1; r0 += kTileRows) {
+      if (r0 > 0) __syncthreads();
+      const int nr = min(kTileRows, cpr - 1 - r0);
+      for (int i = tid; i < ntok * nr; i += kThreads) {
+        float* wt = w_s + (i / nr) * ws + r0 + i % nr;
+        *wt = wt[kTileRows];
+      }
+    }
+    for (int tok = warp; tok < ntok; tok += kThreads / 32)
+      if (nacc_s[tok] > 0)
+        merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
+  }
+  __syncthreads();
+
+  // Candidates the tiles left: cut block, zero-score blocks, forced ones; in rounds of cap.
+  const int cells = ntiles * kTileRows;
+  const float* open_last = open_s + ((ntiles + 1) & 1) * P;  // written by tile ntiles - 1
+  for (int r0 = 0; r0 < 1 + n + p.num_local; r0 += cap) {
+    for (int it = tid; it < ntok * cap; it += kThreads) {
+      const int tok = it % ntok, idx = r0 + it / ntok;
+      const int b = (t0 + tok) / p.select_size;
+      const Tail tail = tail_of(b, cells, cpb, n, p.num_local);
+      if (idx >= tail.count()) continue;
+      bool open;
+      const int j = tail.block(idx, open);
+      const uint64_t k = block_key(open ? open_last[tok] : 0.f, j, is_forced(j, b, p.num_initial, p.num_local));
+      if (k > theta_s[tok]) cand_s[tok * cap + atomicAdd(&nacc_s[tok], 1)] = k;
+    }
+    __syncthreads();
+    for (int tok = warp; tok < ntok; tok += kThreads / 32)
+      if (nacc_s[tok] > 0)
+        merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
+    __syncthreads();
+  }
+
+  for (int tok = warp; tok < ntok; tok += kThreads / 32)
+    write_token(list_s + tok * n, cnt_s[tok], n, p.indices.ptr<int32_t>(seq.batch, seq.start + t0 + tok, g));
+}
+
+}  // namespace nsa::cuda::topk
