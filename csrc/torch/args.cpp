@@ -9,16 +9,15 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <sstream>
 
 namespace nsa_torch {
 
+// Messages are built with std::string, not iostreams: some toolchains (the GPU image's custom
+// g++) link a private libstdc++ into the extension, and its stream/locale state then crashes.
 std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << "]";
-  return s.str();
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
 }
 
 std::string dtype_str(at::ScalarType dtype) {
@@ -39,18 +38,13 @@ std::string tensor_str(const at::Tensor& t) {
 
 static std::string expected_str(std::initializer_list<const char*> names,
                                 std::initializer_list<int64_t> expected) {
-  std::ostringstream s;
-  s << "[";
+  std::string s = "[";
   size_t i = 0;
-  for (const char* n : names) s << (i++ ? ", " : "") << n;
-  s << "] = [";
+  for (const char* n : names) s += std::string(i++ ? ", " : "") + n;
+  s += "] = [";
   i = 0;
-  for (int64_t e : expected) {
-    s << (i++ ? ", " : "");
-    if (e == kAny) s << "*"; else s << e;
-  }
-  s << "]";
-  return s.str();
+  for (int64_t e : expected) s += (i++ ? ", " : "") + (e == kAny ? std::string("*") : std::to_string(e));
+  return s + "]";
 }
 
 void Checker::tensor(const at::Tensor& t, const char* arg, at::ScalarType dtype,
