@@ -8,12 +8,14 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <iostream>  // initialises a statically linked libstdc++'s streams (see shape_str)
 #include <limits>
 
 namespace nsa_torch {
 
-// Messages are built with std::string, not iostreams: some toolchains (the GPU image's custom
-// g++) link a private libstdc++ into the extension, and its stream/locale state then crashes.
+// Messages are built with std::string, not iostreams: some toolchains (the GPU image's g++
+// wrapper) link libstdc++ statically into the extension, whose stream/locale state is then only
+// set up if some file includes <iostream> (done above for torch's own c10::str messages).
 std::string shape_str(at::IntArrayRef sizes) {
   std::string s = "[";
   for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
