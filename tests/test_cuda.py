@@ -650,6 +650,40 @@ def test_backward_is_deterministic(case, dtype, which):
         assert torch.isfinite(a).all(), f"d{n} is not finite"
 
 
+# ------------------------------------------------------------------------------------ split dK/dV
+# Long key tiles (compressed keys, the selected branch's first blocks) are split over several
+# thread blocks whose fp32 partials are summed in order; it starts at 2 x 4096 tokens. The test
+# hook NSA_CUDA_SPLIT_TOKENS makes short sequences split too (64 tokens per split, up to 16).
+SPLIT_CASES = {k: CASES[k] for k in ("T700-G24-d128", "T2100-B2-G4-d192v128", "T1100-G5-d64v128",
+                                     "T333-G8-d64-custom")}
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    monkeypatch.setenv("NSA_CUDA_SPLIT_TOKENS", "64")
+
+
+@pytest.mark.parametrize("branch", ["compressed", "selected", "nsa"])
+@pytest.mark.parametrize("case,dtype", case_params(SPLIT_CASES, (torch.bfloat16,)))
+def test_split_dkdv(case, dtype, branch, small_splits):
+    x = gpu_inputs(dtype=dtype, seed=seed_of("split", case, dtype, branch), **case)
+    run_branch(branch, x, case, dtype, seed=seed_of("split-idx", case, branch))
+    if branch == "selected":
+        run_branch(branch, with_indices(x, case, "selected"), case, dtype)
+
+
+@pytest.mark.parametrize("branch", ["compressed", "selected", "nsa"])
+def test_split_dkdv_varlen(branch, small_splits):
+    case, dtype = VARLEN["mixed-G4-d128"], torch.bfloat16
+    x = gpu_inputs(dtype=dtype, seed=seed_of("split-varlen", branch), **case)
+    run_branch(branch, x, case, dtype, seed=seed_of("split-varlen-idx", branch))
+
+
+@pytest.mark.parametrize("which", ["compressed", "selected", "nsa"])
+def test_split_dkdv_is_deterministic(which, small_splits):
+    test_backward_is_deterministic(DET_CASES["T4096-G16-d128"], torch.bfloat16, which)
+
+
 # ------------------------------------------------------------------------------------ edge rows
 @pytest.mark.parametrize("dtype", LOW, ids=dtype_name)
 def test_rows_that_see_nothing(dtype):
@@ -854,6 +888,14 @@ def test_sanitize_branches(case, dtype):
         run_branch(branch, x, case, dtype, ref_device="cpu")
     run_branch("selected", with_indices(x, case, "selected", ref_device="cpu"), case, dtype,
                ref_device="cpu")
+
+
+def test_sanitize_split(monkeypatch):
+    monkeypatch.setenv("NSA_CUDA_SPLIT_TOKENS", "64")
+    case = dict(T=300, **SANITIZE_HEADS[3])
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-split"), **case)
+    for branch in ("compressed", "selected", "nsa"):
+        run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
 
 
 def test_sanitize_varlen():

@@ -217,6 +217,37 @@ struct ReverseIndex {
   index_t vblocks = 0;            // virtual blocks per KV head
 };
 
+// Splitting the query rows of one key tile over several thread blocks. Without it, a key tile
+// that many queries see (every compressed key tile early in a long sequence; the selected
+// branch's forced first blocks, chosen by every token) is one long serial loop. Split s of
+// `count` takes the queries at tokens [s * len / count, (s + 1) * len / count) of the sequence
+// and writes fp32 partial dK, dV to `partial`; attn_bwd_dkdv_reduce_kernel then sums the
+// splits in order (deterministic) into dk, dv. Only key tiles with a slot (see split_slot) are
+// split; the others are owned by split 0 alone, which writes dk, dv directly.
+struct DkdvSplit {
+  int count = 1;              // splits (grid.z = batch rows * count)
+  int lead_tiles = 0;         // kSlc: key tiles per sequence that are split (the first blocks)
+  int seq_slots = 1;          // kSlc: sequences per batch row (N when packed, else 1)
+  index_t slots = 0;          // slots per split
+  float* partial = nullptr;   // [count][slots][kKeys][D + DV] fp32
+};
+
+// Slot of key tile x (tile index `tile` within its sequence, sequence `seq_index`) of KV head g,
+// batch row zb, or -1 when the tile is not split.
+template <Branch B>
+__device__ __forceinline__ index_t split_slot(const DkdvSplit& sp, int num_heads_k, int zb, int g,
+                                              index_t x, index_t tile, int seq_index) {
+  if (sp.count <= 1) return -1;
+  if constexpr (B == Branch::kCmp) {
+    return (index_t(zb) * num_heads_k + g) * gridDim.x + x;
+  } else if constexpr (B == Branch::kSlc) {
+    if (tile >= sp.lead_tiles) return -1;
+    return ((index_t(zb) * num_heads_k + g) * sp.seq_slots + seq_index) * sp.lead_tiles + tile;
+  } else {
+    return -1;
+  }
+}
+
 __device__ __forceinline__ index_t lower_bound(const int32_t* a, index_t n, int32_t x) {
   index_t lo = 0, hi = n;
   while (lo < hi) {
@@ -231,7 +262,7 @@ __device__ __forceinline__ index_t lower_bound(const int32_t* a, index_t n, int3
 template <typename T, int D, int DV, Branch B>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta,
-                         const ReverseIndex rix) {
+                         const ReverseIndex rix, const DkdvSplit split) {
   constexpr int R = dkdv_rows<D>();
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
@@ -244,32 +275,50 @@ __global__ void __launch_bounds__(kThreads)
 
   const int G = p.num_heads / p.num_heads_k;
   const int g = blockIdx.y;
+  const int zb = blockIdx.z / split.count, sp = blockIdx.z % split.count;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   // The owned keys [ks, ke) and the (token, head) pairs that may see them.
   SeqTile st;
-  index_t ks, ke, seg_lo = 0, pairs_lo = 0, pairs_hi = 0;
+  index_t ks, ke, seg_lo = 0, pairs_lo = 0, pairs_hi = 0, slot;
   if constexpr (B == Branch::kSlc) {
     const int per_block = (p.select_size + kKeys - 1) / kKeys;
-    if (!locate_tile(p.seqs, blockIdx.x / per_block, blockIdx.z, 1, p.select_size, false, st)) return;
+    if (!locate_tile(p.seqs, blockIdx.x / per_block, zb, 1, p.select_size, false, st)) return;
     const index_t start = st.tile * p.select_size;
     ks = start + index_t(blockIdx.x % per_block) * kKeys;
     ke = min(min(start + p.select_size, ks + kKeys), st.seq.len);
     if (ks >= ke) return;
+    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x,
+                         st.tile * per_block + blockIdx.x % per_block, st.index);
+    if (slot < 0 && sp > 0) return;
     // This block's virtual index, as the reverse index numbers it.
     const index_t vb = p.seqs.cu_seqlens ? index_t(blockIdx.x / per_block)
-                                         : index_t(blockIdx.z) * num_select_blocks(p.seqs.seqlen, p.select_size) + st.tile;
+                                         : index_t(zb) * num_select_blocks(p.seqs.seqlen, p.select_size) + st.tile;
     const int32_t key = int32_t(g * rix.vblocks + vb);
     seg_lo = lower_bound(rix.keys, rix.entries, key);
-    const index_t seg_hi = lower_bound(rix.keys, rix.entries, key + 1);
+    index_t seg_hi = lower_bound(rix.keys, rix.entries, key + 1);
+    if (slot >= 0) {  // this split's tokens: entries are in token order within the segment
+      const int32_t base = int32_t(index_t(st.seq.batch) * p.seqs.seqlen + st.seq.start);
+      const index_t n = seg_hi - seg_lo;
+      const index_t a = lower_bound(rix.rows + seg_lo, n, base + int32_t(sp * st.seq.len / split.count));
+      const index_t b = lower_bound(rix.rows + seg_lo, n, base + int32_t((sp + 1) * st.seq.len / split.count));
+      seg_hi = seg_lo + b;
+      seg_lo += a;
+    }
     pairs_hi = (seg_hi - seg_lo) * G;
   } else {
     constexpr bool kCmpKeys = B == Branch::kCmp;
-    if (!locate_tile(p.seqs, blockIdx.x, blockIdx.z, 1, kKeys, kCmpKeys, st)) return;
+    if (!locate_tile(p.seqs, blockIdx.x, zb, 1, kKeys, kCmpKeys, st)) return;
     ks = st.tile * kKeys;
     ke = min(ks + kKeys, kCmpKeys ? st.seq.cmp_len : st.seq.len);
+    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x, st.tile, st.index);
+    if (slot < 0 && sp > 0) return;
     index_t t_lo, t_hi;
     token_range<B>(p, st.seq, ks, ke - 1, t_lo, t_hi);
+    if (slot >= 0) {
+      t_lo = max(t_lo, sp * st.seq.len / split.count);
+      t_hi = max(t_lo, min(t_hi, (sp + 1) * st.seq.len / split.count));
+    }
     pairs_lo = t_lo * G;
     pairs_hi = t_hi * G;
   }
@@ -406,6 +455,19 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();
 
+  if (slot >= 0) {  // fp32 partials of this split, summed by attn_bwd_dkdv_reduce_kernel
+    float* out = split.partial + ((index_t(sp) * split.slots + slot) * kKeys) * (D + DV);
+    for (int r = 0; r < 2; ++r) {
+      float* row = out + index_t(warp * 16 + lane / 4 + 8 * r) * (D + DV);
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<float2*>(row + j * 8 + (lane & 3) * 2) = make_float2(dk[j][2 * r], dk[j][2 * r + 1]);
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j)
+        *reinterpret_cast<float2*>(row + D + j * 8 + (lane & 3) * 2) = make_float2(dv[j][2 * r], dv[j][2 * r + 1]);
+    }
+    return;
+  }
   const float scale = float(p.scale);
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= ke) continue;
@@ -422,6 +484,49 @@ __global__ void __launch_bounds__(kThreads)
       const int col = j * 8 + (lane & 3) * 2;
       *reinterpret_cast<uint32_t*>(dv_out + col) = pack2<T>(dv[j][2 * r], dv[j][2 * r + 1]);
     }
+  }
+}
+
+// Sums the splits of every split key tile, in split order, into dk (times scale) and dv.
+// Grid: the dkdv grid with z = batch rows (no split axis).
+template <typename T, int D, int DV, Branch B>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dkdv_reduce_kernel(const typename BranchParams<B>::type p, const DkdvSplit split) {
+  const int g = blockIdx.y, zb = blockIdx.z;
+  SeqTile st;
+  index_t ks, ke, slot;
+  if constexpr (B == Branch::kSlc) {
+    const int per_block = (p.select_size + kKeys - 1) / kKeys;
+    if (!locate_tile(p.seqs, blockIdx.x / per_block, zb, 1, p.select_size, false, st)) return;
+    const index_t start = st.tile * p.select_size;
+    ks = start + index_t(blockIdx.x % per_block) * kKeys;
+    ke = min(min(start + p.select_size, ks + kKeys), st.seq.len);
+    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x,
+                         st.tile * per_block + blockIdx.x % per_block, st.index);
+  } else {
+    constexpr bool kCmpKeys = B == Branch::kCmp;
+    if (!locate_tile(p.seqs, blockIdx.x, zb, 1, kKeys, kCmpKeys, st)) return;
+    ks = st.tile * kKeys;
+    ke = min(ks + kKeys, kCmpKeys ? st.seq.cmp_len : st.seq.len);
+    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x, st.tile, st.index);
+  }
+  if (slot < 0 || ks >= ke) return;
+  const float scale = float(p.scale);
+  const int n = int(ke - ks) * (D + DV);
+  for (int e = threadIdx.x * 2; e < n; e += kThreads * 2) {  // pairs of columns (D, DV even)
+    const int r = e / (D + DV), c = e % (D + DV);
+    float2 sum = make_float2(0.f, 0.f);
+    for (int s = 0; s < split.count; ++s) {
+      const float2 v = *reinterpret_cast<const float2*>(
+          split.partial + ((index_t(s) * split.slots + slot) * kKeys + r) * (D + DV) + c);
+      sum.x += v.x;
+      sum.y += v.y;
+    }
+    const index_t row = key_row<B>(st.seq, ks + r);
+    if (c < D)
+      *reinterpret_cast<uint32_t*>(p.dk.template ptr<T>(st.seq.batch, row, g) + c) = pack2<T>(sum.x * scale, sum.y * scale);
+    else
+      *reinterpret_cast<uint32_t*>(p.dv.template ptr<T>(st.seq.batch, row, g) + (c - D)) = pack2<T>(sum.x, sum.y);
   }
 }
 

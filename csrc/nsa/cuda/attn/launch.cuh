@@ -2,6 +2,8 @@
 // grids, launch checks. Instantiated per (dtype, branch) by the files in cmp/, slc/, swa/.
 #pragma once
 
+#include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -76,10 +78,50 @@ dim3 key_grid(const P& p, index_t vblocks) {
   }
 }
 
-// delta must hold B * T * HQ floats. rix is used by the selected branch only.
+// How the dkdv kernel splits its long key tiles (see DkdvSplit): by up to 16 token ranges of
+// about 4096 tokens, for every compressed key tile and the selected branch's first
+// kSlcSplitBlocks blocks of each sequence; never for the window branch (its key tiles see at
+// most window_size + 63 queries).
+constexpr int kSlcSplitBlocks = 4;
+
+// Tokens per split: 4096, or NSA_CUDA_SPLIT_TOKENS (a test hook: small values exercise the
+// split path on short sequences).
+inline index_t split_tokens() {
+  const char* env = std::getenv("NSA_CUDA_SPLIT_TOKENS");
+  const long long v = env ? std::atoll(env) : 0;
+  return v > 0 ? index_t(v) : 4096;
+}
+
+template <Branch B, typename P>
+DkdvSplit plan_dkdv_split(const P& p, index_t vblocks) {
+  DkdvSplit sp;
+  if constexpr (B == Branch::kSwa) return sp;
+  const index_t count = std::min<index_t>(16, std::max<index_t>(1, p.seqs.seqlen / split_tokens()));
+  if (count <= 1) return sp;
+  sp.count = int(count);
+  const index_t zrows = p.seqs.cu_seqlens ? 1 : p.seqs.batch;
+  if constexpr (B == Branch::kCmp) {
+    sp.slots = zrows * p.num_heads_k * index_t(key_grid<B>(p, vblocks).x);
+  } else {
+    sp.lead_tiles = kSlcSplitBlocks * ((p.select_size + kKeys - 1) / kKeys);
+    sp.seq_slots = p.seqs.cu_seqlens ? p.seqs.num_seqs : 1;
+    sp.slots = zrows * p.num_heads_k * sp.seq_slots * sp.lead_tiles;
+  }
+  return sp;
+}
+
+// Bytes of the fp32 partials of a split plan, rounded to 256.
+inline size_t split_bytes(const DkdvSplit& sp, const AttnParams& p) {
+  if (sp.count <= 1) return 0;
+  const size_t n = size_t(sp.count) * size_t(sp.slots) * kKeys * size_t(p.head_dim + p.head_dim_v) * sizeof(float);
+  return (n + 255) / 256 * 256;
+}
+
+// delta must hold B * T * HQ floats, partial split_bytes(plan_dkdv_split(p, rix.vblocks), p)
+// bytes. rix is used by the selected branch only.
 template <typename T, Branch B>
 void run_bwd(const typename BranchParams<B>::type& p, float* delta, const ReverseIndex& rix,
-             cudaStream_t stream) {
+             float* partial, cudaStream_t stream) {
   const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen * p.num_heads;
   if (rows > 0) {
     View dlse;
@@ -99,11 +141,17 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
     }
     const dim3 kgrid = key_grid<B>(p, rix.vblocks);
     if (kgrid.x > 0 && kgrid.y > 0 && kgrid.z > 0) {
+      DkdvSplit split = plan_dkdv_split<B>(p, rix.vblocks);
+      split.partial = partial;
       const size_t smem = dkdv_smem_bytes<D, DV>();
       auto kernel = attn_bwd_dkdv_kernel<T, D, DV, B>;
       set_smem(kernel, smem);
-      kernel<<<kgrid, kThreads, smem, stream>>>(p, delta, rix);
+      kernel<<<dim3(kgrid.x, kgrid.y, kgrid.z * split.count), kThreads, smem, stream>>>(p, delta, rix, split);
       check_launch(op_name<B>());
+      if (split.count > 1) {
+        attn_bwd_dkdv_reduce_kernel<T, D, DV, B><<<kgrid, kThreads, 0, stream>>>(p, split);
+        check_launch(op_name<B>());
+      }
     }
   });
 }
@@ -112,6 +160,6 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
 #define NSA_INSTANTIATE_ATTN(T, B)                                                                \
   template void run_fwd<T, B>(const typename BranchParams<B>::type&, cudaStream_t);              \
   template void run_bwd<T, B>(const typename BranchParams<B>::type&, float*, const ReverseIndex&, \
-                              cudaStream_t);
+                              float*, cudaStream_t);
 
 }  // namespace nsa::cuda

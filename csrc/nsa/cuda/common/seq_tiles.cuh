@@ -23,6 +23,7 @@ inline index_t num_virtual_tiles(const Seqs& seqs, index_t total, index_t mult, 
 struct SeqTile {
   SeqRange seq;
   index_t tile;  // index of the tile within its sequence
+  int index;     // sequence number among those of its batch row (0 for a fixed-length batch)
 };
 
 // The tile of block (x, z). With `cmp` the offsets and lengths are the compressed rows'.
@@ -32,6 +33,7 @@ __device__ __forceinline__ bool locate_tile(const Seqs& seqs, index_t x, int z, 
   if (seqs.cu_seqlens == nullptr) {
     out.seq = seqs.range(z);
     out.tile = x;
+    out.index = 0;
   } else {
     const int32_t* off = cmp ? seqs.cu_seqlens_cmp : seqs.cu_seqlens;
     int lo = 0, hi = seqs.num_seqs - 1;  // largest s with S_s <= x
@@ -41,6 +43,7 @@ __device__ __forceinline__ bool locate_tile(const Seqs& seqs, index_t x, int z, 
       if (index_t(off[mid]) * mult / tile + mid <= x) lo = mid; else hi = mid - 1;
     }
     out.seq = seqs.range(lo);
+    out.index = lo;
     out.tile = x - (index_t(off[lo]) * mult / tile + lo);
     if (out.tile < 0) return false;
   }

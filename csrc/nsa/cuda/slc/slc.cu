@@ -44,7 +44,8 @@ void slc_fwd(const SlcParams& p, cudaStream_t stream) { attn_fwd<Branch::kSlc>(p
 size_t slc_bwd_workspace_bytes(const SlcParams& p) {
   check_sizes(p);
   const size_t entries = align256(size_t(reverse_index_entries(p)) * sizeof(int32_t));
-  return delta_bytes(p) + 4 * entries + align256(sort_temp_bytes(p));
+  return delta_bytes(p) + 4 * entries + align256(sort_temp_bytes(p)) +
+         split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
 }
 
 void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
@@ -58,6 +59,8 @@ void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
   int32_t* rows_in = reinterpret_cast<int32_t*>(ws + delta_bytes(p) + 2 * entry_bytes);
   int32_t* rows_out = reinterpret_cast<int32_t*>(ws + delta_bytes(p) + 3 * entry_bytes);
   void* temp = ws + delta_bytes(p) + 4 * entry_bytes;
+  float* partial = reinterpret_cast<float*>(ws + delta_bytes(p) + 4 * entry_bytes +
+                                            align256(sort_temp_bytes(p)));
 
   ReverseIndex rix;
   rix.vblocks = reverse_index_vblocks(p);
@@ -74,7 +77,7 @@ void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
     if (err != cudaSuccess)
       throw std::runtime_error(std::string(kOp) + ": reverse index sort failed: " + cudaGetErrorString(err));
   }
-  attn_bwd<Branch::kSlc>(p, delta, rix, stream);
+  attn_bwd<Branch::kSlc>(p, delta, rix, partial, stream);
 }
 
 }  // namespace nsa::cuda

@@ -9,7 +9,7 @@ void swa_fwd(const SwaParams& p, cudaStream_t stream) { attn_fwd<Branch::kSwa>(p
 size_t swa_bwd_workspace_bytes(const SwaParams& p) { return delta_bytes(p); }
 
 void swa_bwd(const SwaParams& p, void* workspace, cudaStream_t stream) {
-  attn_bwd<Branch::kSwa>(p, static_cast<float*>(workspace), ReverseIndex{}, stream);
+  attn_bwd<Branch::kSwa>(p, static_cast<float*>(workspace), ReverseIndex{}, nullptr, stream);
 }
 
 }  // namespace nsa::cuda
