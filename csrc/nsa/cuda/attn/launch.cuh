@@ -95,7 +95,7 @@ inline index_t split_tokens() {
 template <Branch B, typename P>
 DkdvSplit plan_dkdv_split(const P& p, index_t vblocks) {
   DkdvSplit sp;
-  if constexpr (B == Branch::kSwa) return sp;
+  if constexpr (B != Branch::kSwa) {
   const index_t count = std::min<index_t>(16, std::max<index_t>(1, p.seqs.seqlen / split_tokens()));
   if (count <= 1) return sp;
   sp.count = int(count);
@@ -106,6 +106,7 @@ DkdvSplit plan_dkdv_split(const P& p, index_t vblocks) {
     sp.lead_tiles = kSlcSplitBlocks * ((p.select_size + kKeys - 1) / kKeys);
     sp.seq_slots = p.seqs.cu_seqlens ? p.seqs.num_seqs : 1;
     sp.slots = zrows * p.num_heads_k * sp.seq_slots * sp.lead_tiles;
+  }
   }
   return sp;
 }
