@@ -17,7 +17,9 @@
 #   NSA_BUDGET_S=560        seconds for the whole run; each stage gets what is left minus the
 #                           minimum reserved for the stages after it, and is stopped at its limit
 #   NSA_LONG_TESTS=1        also run test_long_* (T = 8192, 65536, 131072; minutes)
-#   NSA_TEST_ARGS=...       extra pytest arguments for the tests stage (e.g. "-x -k nsa")
+#   NSA_TEST_ARGS=...       extra pytest arguments for the tests stage (e.g. "-x"; split on
+#                           spaces, so no quoted -k here: use NSA_TEST_K)
+#   NSA_TEST_K="split or nsa"   pytest -k expression selecting the CUDA tests to run
 #   NSA_SANITIZE_TOOLS="memcheck racecheck"   (also: initcheck synccheck)
 #   NSA_SANITIZE_K=sanitize pytest -k expression of the sanitize stage (e.g. "sanitize and T100")
 #   NSA_BENCH_LENGTHS="8192 16384 32768 65536"
@@ -122,11 +124,14 @@ if have tests; then
   lim=$(limit_for tests)
   : > "$OUT/tests.log"
   args=(-q -m cuda -p no:cacheprovider --tb=short -rfE --durations=15)
+  # One -k expression (pytest keeps only the last -k): NSA_TEST_K narrows the default.
+  kexpr=${NSA_TEST_K:-}
   if [ "${NSA_LONG_TESTS:-0}" = "1" ]; then
     export NSA_LONG_TESTS=1
   else
-    args+=(-k "not long")
+    kexpr=${kexpr:+($kexpr) and }"not long"
   fi
+  [ -n "$kexpr" ] && args+=(-k "$kexpr")
   # A hung kernel must not eat the whole budget: pytest-timeout (in the image) ends the run.
   if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
   # shellcheck disable=SC2206
