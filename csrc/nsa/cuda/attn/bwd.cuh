@@ -45,68 +45,27 @@ __global__ void __launch_bounds__(kThreads)
   T* sdO = sQ + kRows * D;
   T* sK = sdO + kRows * DV;
   T* sV = sK + 2 * kKeys * D;
-  BlockUnion u{};
 
   QueryRows rows;
   if (!locate_query_rows(p, rows)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  load_tile_async<kRows, D, kThreads>(sQ, [&](int r) -> const T* {
-    return r < rows.count ? p.q.template ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
-                          : nullptr;
-  });
-  load_tile_async<kRows, DV, kThreads>(sdO, [&](int r) -> const T* {
-    return r < rows.count ? p.dout.template ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
-                          : nullptr;
-  });
-
-  KeyTiles<B, P> tiles;
-  tiles.t_last = rows.t_last;
-  if constexpr (B == Branch::kSlc) {
-    u = carve_block_union(smem + dq_smem_tiles_bytes<D, DV>(), p.num_selected, p.seqs.seqlen,
-                          p.select_size);
-    build_block_union(p, rows, u);
-    tiles.per_block = (p.select_size + kKeys - 1) / kKeys;
-  } else {
-    key_range<B>(p, rows.seq, rows.t_first, rows.t_last, tiles.lo, tiles.hi);
-  }
-  const int ntiles = tiles.count(u);
-
-  auto load_kv = [&](int i, int stage) {
-    index_t ks, ke;
-    unsigned long long tok;
-    tiles.tile(p, u, i, ks, ke, tok);
-    load_tile_async<kKeys, D, kThreads>(sK + stage * kKeys * D, [&](int r) -> const T* {
-      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
-    });
-    load_tile_async<kKeys, DV, kThreads>(sV + stage * kKeys * DV, [&](int r) -> const T* {
-      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
-    });
-  };
-  if (ntiles > 0) load_kv(0, 0);
+  load_query_rows<D>(sQ, p.q, rows);
+  load_query_rows<DV>(sdO, p.dout, rows);
+  const QueryKeys<T, D, DV, B> keys(p, rows, smem + dq_smem_tiles_bytes<D, DV>());
+  const int ntiles = keys.count;
+  if (ntiles > 0) keys.load(0, sK, sV);
   cp_async_commit();
-
-  int row[2];
-  index_t tok[2];
-  bool valid[2];
-  float lse2[2], dlt[2];
+  const ThreadRows tr(rows, warp, lane);
+  float lse2[2], dlt[2];  // the rows' lse * log2(e) and delta
   for (int i = 0; i < 2; ++i) {
-    row[i] = warp * 16 + lane / 4 + 8 * i;
-    valid[i] = row[i] < rows.count;
-    tok[i] = valid[i] ? rows.token(row[i]) : -1;
     lse2[i] = dlt[i] = 0.f;
-    if (valid[i]) {
-      const index_t t = rows.seq.start + tok[i];
-      const int h = rows.head(row[i]);
+    if (tr.valid[i]) {
+      const index_t t = rows.seq.start + tr.tok[i];
+      const int h = rows.head(tr.row[i]);
       lse2[i] = *p.lse.template ptr<const float>(rows.seq.batch, t, h) * float(M_LOG2E);
       dlt[i] = delta[(index_t(rows.seq.batch) * p.seqs.seqlen + t) * p.num_heads + h];
     }
-  }
-  unsigned long long warp_tokens = 0;
-  if (warp * 16 < rows.count) {
-    const int a = int(rows.token(warp * 16) - rows.t_first);
-    const int b = int(rows.token(min(warp * 16 + 15, rows.count - 1)) - rows.t_first);
-    warp_tokens = (b - a + 1 >= 64 ? ~0ull : ((1ull << (b - a + 1)) - 1)) << a;
   }
 
   const float scale_log2 = float(p.scale * M_LOG2E);
@@ -114,70 +73,35 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
 
   for (int i = 0; i < ntiles; ++i) {
-    if (i + 1 < ntiles) load_kv(i + 1, (i + 1) & 1);
+    if (i + 1 < ntiles) keys.load(i + 1, sK + ((i + 1) & 1) * kKeys * D, sV + ((i + 1) & 1) * kKeys * DV);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
     index_t ks, ke;
     unsigned long long tile_tokens;
-    tiles.tile(p, u, i, ks, ke, tile_tokens);
-    if (ks < ke && (tile_tokens & warp_tokens)) {
+    keys.tile(i, ks, ke, tile_tokens);
+    if (ks < ke && (tile_tokens & tr.warp_tokens)) {
       const T* k_tile = sK + (i & 1) * kKeys * D;
       const T* v_tile = sV + (i & 1) * kKeys * DV;
       float s[kKeys / 8][4], dp[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        load_a<D>(a, sQ, warp * 16, kk * 16);
-#pragma unroll
-        for (int np = 0; np < kKeys / 16; ++np) {
-          uint32_t b[4];
-          load_b_nk<D>(b, k_tile, np * 16, kk * 16);
-          mma<T>(s[2 * np], a, b[0], b[1]);
-          mma<T>(s[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < DV / 16; ++kk) {
-        uint32_t a[4];
-        load_a<DV>(a, sdO, warp * 16, kk * 16);
-#pragma unroll
-        for (int np = 0; np < kKeys / 16; ++np) {
-          uint32_t b[4];
-          load_b_nk<DV>(b, v_tile, np * 16, kk * 16);
-          mma<T>(dp[2 * np], a, b[0], b[1]);
-          mma<T>(dp[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-      bool row_on[2];
-      for (int r = 0; r < 2; ++r)
-        row_on[r] = valid[r] && ((tile_tokens >> (tok[r] - rows.t_first)) & 1ull);
+      warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, k_tile);     // S = Q K^T
+      warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, v_tile);  // dP = dO V^T
+      const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1;
           const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
-          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tok[r], key);
+          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
           const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
           s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
         }
       }
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        uint32_t a[4];
-        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
-          uint32_t b[4];
-          load_b_kn<D>(b, k_tile, kk * 16, np * 16);
-          mma<T>(dq[2 * np], a, b[0], b[1]);
-          mma<T>(dq[2 * np + 1], a, b[2], b[3]);
-        }
-      }
+      warp_gemm_pn<kKeys, D>(dq, s, k_tile);  // dQ += dS K
     }
     __syncthreads();
   }
@@ -185,8 +109,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const float scale = float(p.scale);
   for (int r = 0; r < 2; ++r) {
-    if (!valid[r]) continue;
-    T* out = p.dq.template ptr<T>(rows.seq.batch, rows.seq.start + tok[r], rows.head(row[r]));
+    if (!tr.valid[r]) continue;
+    T* out = p.dq.template ptr<T>(rows.seq.batch, rows.seq.start + tr.tok[r], rows.head(tr.row[r]));
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const int col = j * 8 + (lane & 3) * 2;
@@ -257,6 +181,29 @@ __device__ __forceinline__ index_t lower_bound(const int32_t* a, index_t n, int3
   return lo;
 }
 
+// The key tile of dkdv block x of batch row zb, KV head g: its sequence, keys [ks, ke) (ks >= ke:
+// none) and split slot (-1: not split). False for a virtual tile of no sequence.
+template <Branch B, typename P>
+__device__ __forceinline__ bool locate_key_tile(const P& p, const DkdvSplit& split, int zb, int g,
+                                                SeqTile& st, index_t& ks, index_t& ke, index_t& slot) {
+  if constexpr (B == Branch::kSlc) {
+    const int per_block = (p.select_size + kKeys - 1) / kKeys;
+    if (!locate_tile(p.seqs, blockIdx.x / per_block, zb, 1, p.select_size, false, st)) return false;
+    const index_t start = st.tile * p.select_size;
+    ks = start + index_t(blockIdx.x % per_block) * kKeys;
+    ke = min(min(start + p.select_size, ks + kKeys), st.seq.len);
+    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x,
+                         st.tile * per_block + blockIdx.x % per_block, st.index);
+  } else {
+    constexpr bool kCmpKeys = B == Branch::kCmp;
+    if (!locate_tile(p.seqs, blockIdx.x, zb, 1, kKeys, kCmpKeys, st)) return false;
+    ks = st.tile * kKeys;
+    ke = min(ks + kKeys, kCmpKeys ? st.seq.cmp_len : st.seq.len);
+    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x, st.tile, st.index);
+  }
+  return true;
+}
+
 // Grid: x = key tiles (virtual when packed; for kSlc virtual blocks * tiles per block),
 // y = KV head, z = batch row.
 template <typename T, int D, int DV, Branch B>
@@ -280,18 +227,12 @@ __global__ void __launch_bounds__(kThreads)
 
   // The owned keys [ks, ke) and the (token, head) pairs that may see them.
   SeqTile st;
-  index_t ks, ke, seg_lo = 0, pairs_lo = 0, pairs_hi = 0, slot;
+  index_t ks, ke, slot, seg_lo = 0, pairs_lo = 0, pairs_hi = 0;
+  if (!locate_key_tile<B>(p, split, zb, g, st, ks, ke, slot) || ks >= ke) return;
+  if (slot < 0 && sp > 0) return;
   if constexpr (B == Branch::kSlc) {
-    const int per_block = (p.select_size + kKeys - 1) / kKeys;
-    if (!locate_tile(p.seqs, blockIdx.x / per_block, zb, 1, p.select_size, false, st)) return;
-    const index_t start = st.tile * p.select_size;
-    ks = start + index_t(blockIdx.x % per_block) * kKeys;
-    ke = min(min(start + p.select_size, ks + kKeys), st.seq.len);
-    if (ks >= ke) return;
-    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x,
-                         st.tile * per_block + blockIdx.x % per_block, st.index);
-    if (slot < 0 && sp > 0) return;
     // This block's virtual index, as the reverse index numbers it.
+    const int per_block = (p.select_size + kKeys - 1) / kKeys;
     const index_t vb = p.seqs.cu_seqlens ? index_t(blockIdx.x / per_block)
                                          : index_t(zb) * num_select_blocks(p.seqs.seqlen, p.select_size) + st.tile;
     const int32_t key = int32_t(g * rix.vblocks + vb);
@@ -307,12 +248,6 @@ __global__ void __launch_bounds__(kThreads)
     }
     pairs_hi = (seg_hi - seg_lo) * G;
   } else {
-    constexpr bool kCmpKeys = B == Branch::kCmp;
-    if (!locate_tile(p.seqs, blockIdx.x, zb, 1, kKeys, kCmpKeys, st)) return;
-    ks = st.tile * kKeys;
-    ke = min(ks + kKeys, kCmpKeys ? st.seq.cmp_len : st.seq.len);
-    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x, st.tile, st.index);
-    if (slot < 0 && sp > 0) return;
     index_t t_lo, t_hi;
     token_range<B>(p, st.seq, ks, ke - 1, t_lo, t_hi);
     if (slot >= 0) {
@@ -392,30 +327,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < R / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        load_a<D>(a, sK, warp * 16, kk * 16);
-#pragma unroll
-        for (int np = 0; np < R / 16; ++np) {
-          uint32_t b[4];
-          load_b_nk<D>(b, q_tile, np * 16, kk * 16);
-          mma<T>(s[2 * np], a, b[0], b[1]);
-          mma<T>(s[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < DV / 16; ++kk) {
-        uint32_t a[4];
-        load_a<DV>(a, sV, warp * 16, kk * 16);
-#pragma unroll
-        for (int np = 0; np < R / 16; ++np) {
-          uint32_t b[4];
-          load_b_nk<DV>(b, do_tile, np * 16, kk * 16);
-          mma<T>(dp[2 * np], a, b[0], b[1]);
-          mma<T>(dp[2 * np + 1], a, b[2], b[3]);
-        }
-      }
+      warp_gemm_nt<D, R>(s, sK, warp * 16, q_tile);     // S^T = K Q^T
+      warp_gemm_nt<DV, R>(dp, sV, warp * 16, do_tile);  // dP^T = V dO^T
       // s <- P^T, dp <- dS^T.
 #pragma unroll
       for (int j = 0; j < R / 8; ++j) {
@@ -430,26 +343,8 @@ __global__ void __launch_bounds__(kThreads)
           dp[j][e] = pr * (dp[j][e] - dlt[c]);
         }
       }
-#pragma unroll
-      for (int kk = 0; kk < R / 16; ++kk) {
-        uint32_t a[4];
-        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int np = 0; np < DV / 16; ++np) {
-          uint32_t b[4];
-          load_b_kn<DV>(b, do_tile, kk * 16, np * 16);
-          mma<T>(dv[2 * np], a, b[0], b[1]);
-          mma<T>(dv[2 * np + 1], a, b[2], b[3]);
-        }
-        c_to_a<T>(a, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
-          uint32_t b[4];
-          load_b_kn<D>(b, q_tile, kk * 16, np * 16);
-          mma<T>(dk[2 * np], a, b[0], b[1]);
-          mma<T>(dk[2 * np + 1], a, b[2], b[3]);
-        }
-      }
+      warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
+      warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
     }
     __syncthreads();
   }
@@ -495,21 +390,7 @@ __global__ void __launch_bounds__(kThreads)
   const int g = blockIdx.y, zb = blockIdx.z;
   SeqTile st;
   index_t ks, ke, slot;
-  if constexpr (B == Branch::kSlc) {
-    const int per_block = (p.select_size + kKeys - 1) / kKeys;
-    if (!locate_tile(p.seqs, blockIdx.x / per_block, zb, 1, p.select_size, false, st)) return;
-    const index_t start = st.tile * p.select_size;
-    ks = start + index_t(blockIdx.x % per_block) * kKeys;
-    ke = min(min(start + p.select_size, ks + kKeys), st.seq.len);
-    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x,
-                         st.tile * per_block + blockIdx.x % per_block, st.index);
-  } else {
-    constexpr bool kCmpKeys = B == Branch::kCmp;
-    if (!locate_tile(p.seqs, blockIdx.x, zb, 1, kKeys, kCmpKeys, st)) return;
-    ks = st.tile * kKeys;
-    ke = min(ks + kKeys, kCmpKeys ? st.seq.cmp_len : st.seq.len);
-    slot = split_slot<B>(split, p.num_heads_k, zb, g, blockIdx.x, st.tile, st.index);
-  }
+  if (!locate_key_tile<B>(p, split, zb, g, st, ks, ke, slot)) return;
   if (slot < 0 || ks >= ke) return;
   const float scale = float(p.scale);
   const int n = int(ke - ks) * (D + DV);

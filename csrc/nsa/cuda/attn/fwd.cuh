@@ -8,6 +8,7 @@
 
 #include <cmath>
 
+#include "../common/warp_gemm.cuh"
 #include "branch.cuh"
 
 namespace nsa::cuda {
@@ -45,6 +46,86 @@ struct KeyTiles {
   }
 };
 
+// Copies the block's query-side rows of `src` (q or dout, [B, T, HQ, COLS]) into a tile; rows past
+// rows.count are zeros.
+template <int COLS, typename T>
+__device__ __forceinline__ void load_query_rows(T* tile, const View& src, const QueryRows& rows) {
+  load_tile_async<kRows, COLS, kThreads>(tile, [&](int r) -> const T* {
+    return r < rows.count ? src.ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
+                          : nullptr;
+  });
+}
+
+// The key side shared by the forward and dq kernels: the key tiles of the block's rows (for the
+// selected branch, the union of their blocks, built here by all threads) and their K/V loads.
+template <typename T, int D, int DV, Branch B>
+struct QueryKeys {
+  using P = typename BranchParams<B>::type;
+  const P& p;
+  const QueryRows& rows;
+  KeyTiles<B, P> tiles;
+  BlockUnion u{};
+  int count = 0;  // key tiles
+
+  // union_smem: the selected branch's share of the dynamic shared memory.
+  __device__ QueryKeys(const P& p_, const QueryRows& rows_, unsigned char* union_smem)
+      : p(p_), rows(rows_) {
+    tiles.t_last = rows.t_last;
+    if constexpr (B == Branch::kSlc) {
+      u = carve_block_union(union_smem, p.num_selected, p.seqs.seqlen, p.select_size);
+      build_block_union(p, rows, u);
+      tiles.per_block = (p.select_size + kKeys - 1) / kKeys;
+    } else {
+      (void)union_smem;
+      key_range<B>(p, rows.seq, rows.t_first, rows.t_last, tiles.lo, tiles.hi);
+    }
+    count = tiles.count(u);
+  }
+
+  __device__ void tile(int i, index_t& ks, index_t& ke, unsigned long long& tokens) const {
+    tiles.tile(p, u, i, ks, ke, tokens);
+  }
+
+  // cp.async of key tile i into sK [kKeys][D] and sV [kKeys][DV]; keys past the tile are zeros.
+  __device__ void load(int i, T* sK, T* sV) const {
+    index_t ks, ke;
+    unsigned long long tok;
+    tile(i, ks, ke, tok);
+    load_tile_async<kKeys, D, kThreads>(sK, [&](int r) -> const T* {
+      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
+    });
+    load_tile_async<kKeys, DV, kThreads>(sV, [&](int r) -> const T* {
+      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
+    });
+  }
+};
+
+// This thread's two rows (C-fragment rows lane/4 and lane/4 + 8 of its warp's 16) and the tokens
+// of its warp's rows (bits relative to t_first), to skip tiles none of them chose.
+struct ThreadRows {
+  int row[2];
+  index_t tok[2];
+  bool valid[2];
+  unsigned long long warp_tokens = 0;
+
+  __device__ ThreadRows(const QueryRows& rows, int warp, int lane) {
+    for (int i = 0; i < 2; ++i) {
+      row[i] = warp * 16 + lane / 4 + 8 * i;
+      valid[i] = row[i] < rows.count;
+      tok[i] = valid[i] ? rows.token(row[i]) : -1;
+    }
+    if (warp * 16 < rows.count) {
+      const int a = int(rows.token(warp * 16) - rows.t_first);
+      const int b = int(rows.token(min(warp * 16 + 15, rows.count - 1)) - rows.t_first);
+      warp_tokens = (b - a + 1 >= 64 ? ~0ull : ((1ull << (b - a + 1)) - 1)) << a;
+    }
+  }
+  // Does row i take part in a tile whose block the tokens `tile_tokens` chose?
+  __device__ bool on(int i, unsigned long long tile_tokens, index_t t_first) const {
+    return valid[i] && ((tile_tokens >> (tok[i] - t_first)) & 1ull);
+  }
+};
+
 template <typename T, int D, int DV, Branch B>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename BranchParams<B>::type p) {
   using P = typename BranchParams<B>::type;
@@ -52,60 +133,17 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kRows * D;
   T* sV = sK + 2 * kKeys * D;
-  BlockUnion u{};
 
   QueryRows rows;
   if (!locate_query_rows(p, rows)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  // Queries.
-  load_tile_async<kRows, D, kThreads>(sQ, [&](int r) -> const T* {
-    return r < rows.count ? p.q.template ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
-                          : nullptr;
-  });
-
-  KeyTiles<B, P> tiles;
-  tiles.t_last = rows.t_last;
-  if constexpr (B == Branch::kSlc) {
-    u = carve_block_union(smem + fwd_smem_tiles_bytes<D, DV>(), p.num_selected, p.seqs.seqlen,
-                          p.select_size);
-    build_block_union(p, rows, u);
-    tiles.per_block = (p.select_size + kKeys - 1) / kKeys;
-  } else {
-    key_range<B>(p, rows.seq, rows.t_first, rows.t_last, tiles.lo, tiles.hi);
-  }
-  const int ntiles = tiles.count(u);
-
-  auto load_kv = [&](int i, int stage) {
-    index_t ks, ke;
-    unsigned long long tok;
-    tiles.tile(p, u, i, ks, ke, tok);
-    load_tile_async<kKeys, D, kThreads>(sK + stage * kKeys * D, [&](int r) -> const T* {
-      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
-    });
-    load_tile_async<kKeys, DV, kThreads>(sV + stage * kKeys * DV, [&](int r) -> const T* {
-      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
-    });
-  };
-  if (ntiles > 0) load_kv(0, 0);
+  load_query_rows<D>(sQ, p.q, rows);
+  const QueryKeys<T, D, DV, B> keys(p, rows, smem + fwd_smem_tiles_bytes<D, DV>());
+  const int ntiles = keys.count;
+  if (ntiles > 0) keys.load(0, sK, sV);
   cp_async_commit();
-
-  // This thread's two rows (C-fragment rows lane/4 and lane/4 + 8 of its warp's 16).
-  int row[2];
-  index_t tok[2];
-  bool valid[2];
-  for (int i = 0; i < 2; ++i) {
-    row[i] = warp * 16 + lane / 4 + 8 * i;
-    valid[i] = row[i] < rows.count;
-    tok[i] = valid[i] ? rows.token(row[i]) : -1;
-  }
-  // Tokens (bits relative to t_first) of the warp's rows, to skip tiles none of them chose.
-  unsigned long long warp_tokens = 0;
-  if (warp * 16 < rows.count) {
-    const int a = int(rows.token(warp * 16) - rows.t_first);
-    const int b = int(rows.token(min(warp * 16 + 15, rows.count - 1)) - rows.t_first);
-    warp_tokens = (b - a + 1 >= 64 ? ~0ull : ((1ull << (b - a + 1)) - 1)) << a;
-  }
+  const ThreadRows tr(rows, warp, lane);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
   float acc[DV / 8][4];
@@ -114,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   uint32_t qf[D / 16][4];
 
   for (int i = 0; i < ntiles; ++i) {
-    if (i + 1 < ntiles) load_kv(i + 1, (i + 1) & 1);
+    if (i + 1 < ntiles) keys.load(i + 1, sK + ((i + 1) & 1) * kKeys * D, sV + ((i + 1) & 1) * kKeys * DV);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -124,27 +162,16 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
     }
     index_t ks, ke;
     unsigned long long tile_tokens;
-    tiles.tile(p, u, i, ks, ke, tile_tokens);
-    if (ks < ke && (tile_tokens & warp_tokens)) {
+    keys.tile(i, ks, ke, tile_tokens);
+    if (ks < ke && (tile_tokens & tr.warp_tokens)) {
       const T* k_tile = sK + (i & 1) * kKeys * D;
       const T* v_tile = sV + (i & 1) * kKeys * DV;
       float s[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-        for (int np = 0; np < kKeys / 16; ++np) {
-          uint32_t b[4];
-          load_b_nk<D>(b, k_tile, np * 16, kk * 16);
-          mma<T>(s[2 * np], qf[kk], b[0], b[1]);
-          mma<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
-        }
-      }
+      warp_gemm_nt<D, kKeys, T>(s, qf, k_tile);
       // Mask, scale, online softmax.
-      bool row_on[2];
-      for (int r = 0; r < 2; ++r)
-        row_on[r] = valid[r] && ((tile_tokens >> (tok[r] - rows.t_first)) & 1ull);
+      const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) {
@@ -152,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1;
           const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
-          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tok[r], key);
+          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
           s[j][e] = vis ? s[j][e] * scale_log2 : -INFINITY;
           mx[r] = fmaxf(mx[r], s[j][e]);
         }
@@ -180,19 +207,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
         acc[j][2] *= corr[1];
         acc[j][3] *= corr[1];
       }
-      // O += P V.
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        uint32_t a[4];
-        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int np = 0; np < DV / 16; ++np) {
-          uint32_t b[4];
-          load_b_kn<DV>(b, v_tile, kk * 16, np * 16);
-          mma<T>(acc[2 * np], a, b[0], b[1]);
-          mma<T>(acc[2 * np + 1], a, b[2], b[3]);
-        }
-      }
+      warp_gemm_pn<kKeys, DV, T>(acc, s, v_tile);  // O += P V
     }
     __syncthreads();
   }
@@ -201,10 +216,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   // Epilogue: o = acc / l (0 when nothing was visible), lse = m + log l (-inf then).
   for (int r = 0; r < 2; ++r) {
     const float lsum = quad_sum(l[r]);
-    if (!valid[r]) continue;
+    if (!tr.valid[r]) continue;
     const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    const index_t t = rows.seq.start + tok[r];
-    const int h = rows.head(row[r]);
+    const index_t t = rows.seq.start + tr.tok[r];
+    const int h = rows.head(tr.row[r]);
     T* o = p.o.template ptr<T>(rows.seq.batch, t, h);
 #pragma unroll
     for (int j = 0; j < DV / 8; ++j) {

@@ -1,0 +1,65 @@
+// Warp-level products on 16 rows, the building blocks of the attention kernels. Operands come
+// from swizzled shared-memory tiles (tiles.cuh) or, for the left operand, from C fragments of a
+// previous product (P or dS), the accumulators stay in registers as C fragments:
+// acc[j] holds columns 8j .. 8j + 7 of the 16 x N result.
+#pragma once
+
+#include "tiles.cuh"
+
+namespace nsa::cuda {
+
+// acc (16 x N) += A B^T: A = rows a_row0 .. a_row0 + 15 of a_tile [*][K], B = rows 0 .. N-1 of
+// b_tile [N][K] (e.g. S = Q K^T, dP = dO V^T).
+template <int K, int N, typename T>
+__device__ __forceinline__ void warp_gemm_nt(float (&acc)[N / 8][4], const T* a_tile, int a_row0,
+                                             const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    load_a<K>(a, a_tile, a_row0, kk * 16);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      load_b_nk<K>(b, b_tile, np * 16, kk * 16);
+      mma<T>(acc[2 * np], a, b[0], b[1]);
+      mma<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The same with A already in registers as A fragments (a[kk] for columns 16kk .. 16kk + 15).
+template <int K, int N, typename T>
+__device__ __forceinline__ void warp_gemm_nt(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+                                             const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      load_b_nk<K>(b, b_tile, np * 16, kk * 16);
+      mma<T>(acc[2 * np], a[kk], b[0], b[1]);
+      mma<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 x N) += P B: P (16 x K) given as C fragments p[K / 8] (rounded to T here), B = b_tile
+// [K][N] (e.g. O += P V, dQ += dS K, dV += P^T dO).
+template <int K, int N, typename T>
+__device__ __forceinline__ void warp_gemm_pn(float (&acc)[N / 8][4], const float (&p)[K / 8][4],
+                                             const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      load_b_kn<N>(b, b_tile, kk * 16, np * 16);
+      mma<T>(acc[2 * np], a, b[0], b[1]);
+      mma<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+}  // namespace nsa::cuda
