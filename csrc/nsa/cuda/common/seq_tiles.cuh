@@ -28,8 +28,9 @@ struct SeqTile {
 
 // The tile of block (x, z). With `cmp` the offsets and lengths are the compressed rows'.
 // Returns false for a virtual tile that belongs to no sequence.
-__device__ __forceinline__ bool locate_tile(const Seqs& seqs, index_t x, int z, index_t mult,
-                                            index_t tile, bool cmp, SeqTile& out) {
+// Host-callable too, so that the mapping is unit-tested on the CPU (tests/cpp).
+NSA_HOST_DEVICE bool locate_tile(const Seqs& seqs, index_t x, int z, index_t mult, index_t tile,
+                                 bool cmp, SeqTile& out) {
   if (seqs.cu_seqlens == nullptr) {
     out.seq = seqs.range(z);
     out.tile = x;
