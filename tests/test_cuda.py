@@ -590,6 +590,37 @@ def test_strided_inputs(branch, dtype):
     run_branch(branch, x, case, dtype, strided_dout=True)
 
 
+def misaligned_qkv(x, seed):
+    """q, k, v as views of one packed buffer starting 1 element (2 bytes) into its storage, with
+    an odd row stride: neither the pointers nor the strides are multiples of 16 bytes, which the
+    kernels' 16-byte copies need (the ops copy such inputs first)."""
+    q, k, v = x["q"], x["k"], x["v"]
+    B, T, HQ, D = q.shape
+    H, Dv = k.shape[2], v.shape[3]
+    W = HQ * D + H * D + H * Dv + 1
+    flat = rand_like(torch.empty(B * T * W + 1, dtype=q.dtype, device=q.device), seed)
+    packed = flat[1:].view(B, T, W)
+    out = dict(x)
+    a = 0
+    for n, heads, dim in (("q", HQ, D), ("k", H, D), ("v", H, Dv)):
+        view = packed[..., a:a + heads * dim].view(B, T, heads, dim)
+        view.copy_(x[n])
+        assert view.data_ptr() % 16 or view.stride(1) % 8, n
+        out[n] = view
+        a += heads * dim
+    return out
+
+
+@pytest.mark.parametrize("branch", ["compressed", "selected", "sliding", "select", "nsa"])
+def test_misaligned_inputs(branch):
+    """Inputs whose pointers and strides break 16-byte alignment give the same results."""
+    case, dtype = STRIDED_CASE, torch.bfloat16
+    x = gpu_inputs(dtype=dtype, seed=seed_of("misaligned", branch), **case)
+    if branch == "selected":
+        x = with_indices(x, case, "user", seed=5)
+    run_branch(branch, misaligned_qkv(x, seed_of("misaligned-pack", branch)), case, dtype)
+
+
 # ------------------------------------------------------------------------------------ determinism
 DET_CASES = {
     "T4096-G16-d128": dict(T=4096, HQ=16, H=1, D=128, Dv=128),
