@@ -21,9 +21,11 @@
 #                           spaces, so no quoted -k here: use NSA_TEST_K)
 #   NSA_TEST_K="split or nsa"   pytest -k expression selecting the CUDA tests to run
 #   NSA_SANITIZE_TOOLS="memcheck racecheck"   (also: initcheck synccheck)
-#   NSA_SANITIZE_K=sanitize pytest -k expression of the sanitize stage (e.g. "sanitize and T100")
+#   NSA_SANITIZE_K=sanitize pytest -k expression of the memcheck (and other tools') run
+#   NSA_RACECHECK_K="sanitize and (T100 or split)"   the same for racecheck (slow)
 #   NSA_BENCH_LENGTHS="8192 16384 32768 65536"
-#   NSA_BENCH_CONFIGS="g16 fla"   (any of g16 fla g8 g4 g1 d192)
+#   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
+#                           autotuning takes minutes on a fresh machine)
 #   NSA_BENCH_ARGS=...      extra arguments of bench_attention.py (e.g. "--no-branches")
 #   NSA_COMMIT=abc1234      commit written in the benchmark's file names (else git rev-parse)
 #   MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0a
@@ -157,9 +159,13 @@ if have sanitize; then
       lim=$(( lim / (n_left > 0 ? n_left : 1) ))
       if [ "$lim" -lt 20 ]; then record "sanitize $tool" "SKIPPED (no time left)" "" 0; continue; fi
       mark=$(wc -l < "$OUT/sanitize.log")
+      # racecheck is ~20x slower than memcheck (290 s did not finish the 13 tests): by default it
+      # takes the T = 100 cases and the split path only.
+      kexpr=${NSA_SANITIZE_K:-sanitize}
+      [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
-        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "${NSA_SANITIZE_K:-sanitize}" tests/test_cuda.py
+        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda.py
       rc=$?
       secs=$(( $(date +%s) - s ))
       part=$(tail -n +"$((mark + 1))" "$OUT/sanitize.log")
@@ -183,7 +189,7 @@ if have bench; then
     # shellcheck disable=SC2206
     lengths=(${NSA_BENCH_LENGTHS:-8192 16384 32768 65536})
     # shellcheck disable=SC2206
-    configs=(${NSA_BENCH_CONFIGS:-g16 fla})
+    configs=(${NSA_BENCH_CONFIGS:-g16 g4 fla})
     # shellcheck disable=SC2206
     extra=(${NSA_BENCH_ARGS:-})
     # the script stops starting measurements 30 s before its limit, then writes CSV, plot, table
