@@ -127,6 +127,40 @@ def leaves(inputs, names, dtype=None):
     return out
 
 
+def op_samples_for(x, rand, *, block_size, block_stride, select_size, num_selected, num_initial,
+                   num_local, window_size, scale):
+    """(op name, args) for all 7 nsa:: ops on inputs x (tensors of make_inputs' names and
+    cu_seqlens), forward inputs requiring grad; `rand(t, seed)` makes the upstream gradients.
+    Shared by the CPU and CUDA opcheck tests."""
+    cu = x["cu_seqlens"]
+    l, d, l_sel, w = block_size, block_stride, select_size, window_size
+    sel = (l_sel, num_selected, num_initial, num_local, scale)
+    g = leaves(x, ["q", "k", "v", "k_cmp", "v_cmp"])
+    ops = torch.ops.nsa
+    with torch.no_grad():
+        o_cmp, lse_cmp = ops.compressed_attention_fwd(x["q"], x["k_cmp"], x["v_cmp"], cu, l, d,
+                                                      scale)
+        idx = ops.select_blocks(x["q"], x["k_cmp"], lse_cmp, cu, l, d, *sel)
+        o_slc, lse_slc = ops.selected_attention_fwd(x["q"], x["k"], x["v"], idx, cu, l_sel, scale)
+        o_swa, lse_swa = ops.sliding_window_attention_fwd(x["q"], x["k"], x["v"], cu, w, scale)
+    dout = rand(o_cmp, 56)
+    dlse = rand(lse_cmp, 57)
+    return [
+        ("compressed_attention_fwd", (g["q"], g["k_cmp"], g["v_cmp"], cu, l, d, scale)),
+        ("compressed_attention_bwd", (dout, dlse, x["q"], x["k_cmp"], x["v_cmp"], o_cmp, lse_cmp,
+                                      cu, l, d, scale)),
+        ("compressed_attention_bwd", (dout, None, x["q"], x["k_cmp"], x["v_cmp"], o_cmp, lse_cmp,
+                                      cu, l, d, scale)),
+        ("select_blocks", (x["q"], x["k_cmp"], lse_cmp, cu, l, d, *sel)),
+        ("selected_attention_fwd", (g["q"], g["k"], g["v"], idx, cu, l_sel, scale)),
+        ("selected_attention_bwd", (dout, x["q"], x["k"], x["v"], idx, o_slc, lse_slc, cu, l_sel,
+                                    scale)),
+        ("sliding_window_attention_fwd", (g["q"], g["k"], g["v"], cu, w, scale)),
+        ("sliding_window_attention_bwd", (dout, x["q"], x["k"], x["v"], o_swa, lse_swa, cu, w,
+                                          scale)),
+    ]
+
+
 def hyper(case, *names):
     """The hyper-parameters `names` of a test case, defaults filled in."""
     return {n: case.get(n, HYPER_DEFAULTS[n]) for n in names}

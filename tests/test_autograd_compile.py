@@ -5,7 +5,8 @@ import torch
 from torch.autograd import gradcheck
 
 import nsa_torch
-from conftest import TENSOR_NAMES, assert_close, hyper, leaves, make_inputs, random_like
+from conftest import (TENSOR_NAMES, assert_close, hyper, leaves, make_inputs, op_samples_for,
+                      random_like)
 
 F64 = torch.float64
 
@@ -92,33 +93,10 @@ def op_samples(dtype, varlen):
     if varlen:
         case["lengths"] = [0, 1, 17, 22]
     x = make_inputs(dtype=dtype, seed=55, **case)
-    cu = x["cu_seqlens"]
-    l, d, l_sel, w = case["block_size"], case["block_stride"], case["select_size"], 5
-    scale = case["D"] ** -0.5
-    g = leaves(x, ["q", "k", "v", "k_cmp", "v_cmp"])
-    ops = torch.ops.nsa
-    with torch.no_grad():
-        o_cmp, lse_cmp = ops.compressed_attention_fwd(x["q"], x["k_cmp"], x["v_cmp"], cu, l, d,
-                                                      scale)
-        idx = ops.select_blocks(x["q"], x["k_cmp"], lse_cmp, cu, l, d, l_sel, 2, 0, 1, scale)
-        o_slc, lse_slc = ops.selected_attention_fwd(x["q"], x["k"], x["v"], idx, cu, l_sel, scale)
-        o_swa, lse_swa = ops.sliding_window_attention_fwd(x["q"], x["k"], x["v"], cu, w, scale)
-    dout = random_like(o_cmp, 56)
-    dlse = random_like(lse_cmp, 57)
-    return [
-        ("compressed_attention_fwd", (g["q"], g["k_cmp"], g["v_cmp"], cu, l, d, scale)),
-        ("compressed_attention_bwd", (dout, dlse, x["q"], x["k_cmp"], x["v_cmp"], o_cmp, lse_cmp,
-                                      cu, l, d, scale)),
-        ("compressed_attention_bwd", (dout, None, x["q"], x["k_cmp"], x["v_cmp"], o_cmp, lse_cmp,
-                                      cu, l, d, scale)),
-        ("select_blocks", (x["q"], x["k_cmp"], lse_cmp, cu, l, d, l_sel, 2, 0, 1, scale)),
-        ("selected_attention_fwd", (g["q"], g["k"], g["v"], idx, cu, l_sel, scale)),
-        ("selected_attention_bwd", (dout, x["q"], x["k"], x["v"], idx, o_slc, lse_slc, cu, l_sel,
-                                    scale)),
-        ("sliding_window_attention_fwd", (g["q"], g["k"], g["v"], cu, w, scale)),
-        ("sliding_window_attention_bwd", (dout, x["q"], x["k"], x["v"], o_swa, lse_swa, cu, w,
-                                          scale)),
-    ]
+    return op_samples_for(x, random_like, block_size=case["block_size"],
+                          block_stride=case["block_stride"], select_size=case["select_size"],
+                          num_selected=2, num_initial=0, num_local=1, window_size=5,
+                          scale=case["D"] ** -0.5)
 
 
 OPCHECK_CONFIGS = [(torch.float32, False), (torch.float64, False), (torch.float32, True)]

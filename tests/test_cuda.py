@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import nsa_torch
-from conftest import TENSOR_NAMES, assert_close, hyper, leaves, tol
+from conftest import TENSOR_NAMES, assert_close, hyper, leaves, op_samples_for, tol
 from nsa_torch import reference
 from test_errors import ALL, CALLS, FAMILY, base, on_cuda
 from test_ops import (HYPER_NSA, as_tuple, compressed, grads, nsa, ref_nsa_given_indices, selected,
@@ -791,33 +791,9 @@ def op_samples(dtype, varlen):
         case = dict(case, lengths=[0, 1, 37, 62])
         del case["T"]
     x = gpu_inputs(dtype=dtype, seed=55, **case)
-    cu = x["cu_seqlens"]
-    l, d, l_sel, w = 32, 16, 32, 20
-    scale = 64 ** -0.5
-    g = leaves(x, ["q", "k", "v", "k_cmp", "v_cmp"])
-    ops = torch.ops.nsa
-    with torch.no_grad():
-        o_cmp, lse_cmp = ops.compressed_attention_fwd(x["q"], x["k_cmp"], x["v_cmp"], cu, l, d,
-                                                      scale)
-        idx = ops.select_blocks(x["q"], x["k_cmp"], lse_cmp, cu, l, d, l_sel, 3, 1, 1, scale)
-        o_slc, lse_slc = ops.selected_attention_fwd(x["q"], x["k"], x["v"], idx, cu, l_sel, scale)
-        o_swa, lse_swa = ops.sliding_window_attention_fwd(x["q"], x["k"], x["v"], cu, w, scale)
-    dout = rand_like(o_cmp, 56)
-    dlse = rand_like(lse_cmp, 57)
-    return [
-        ("compressed_attention_fwd", (g["q"], g["k_cmp"], g["v_cmp"], cu, l, d, scale)),
-        ("compressed_attention_bwd", (dout, dlse, x["q"], x["k_cmp"], x["v_cmp"], o_cmp, lse_cmp,
-                                      cu, l, d, scale)),
-        ("compressed_attention_bwd", (dout, None, x["q"], x["k_cmp"], x["v_cmp"], o_cmp, lse_cmp,
-                                      cu, l, d, scale)),
-        ("select_blocks", (x["q"], x["k_cmp"], lse_cmp, cu, l, d, l_sel, 3, 1, 1, scale)),
-        ("selected_attention_fwd", (g["q"], g["k"], g["v"], idx, cu, l_sel, scale)),
-        ("selected_attention_bwd", (dout, x["q"], x["k"], x["v"], idx, o_slc, lse_slc, cu, l_sel,
-                                    scale)),
-        ("sliding_window_attention_fwd", (g["q"], g["k"], g["v"], cu, w, scale)),
-        ("sliding_window_attention_bwd", (dout, x["q"], x["k"], x["v"], o_swa, lse_swa, cu, w,
-                                          scale)),
-    ]
+    return op_samples_for(x, rand_like, block_size=32, block_stride=16, select_size=32,
+                          num_selected=3, num_initial=1, num_local=1, window_size=20,
+                          scale=64 ** -0.5)
 
 
 @pytest.mark.parametrize("dtype,varlen", [(torch.bfloat16, False), (torch.bfloat16, True),
