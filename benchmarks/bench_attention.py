@@ -140,6 +140,12 @@ class Recorder:
             os.replace(path + ".tmp", path)
 
 
+
+def record_na(rec, config, T, cfg, impl, error):
+    """Records both modes of `impl` as not measured, with the reason."""
+    for mode in ("fwd", "fwdbwd"):
+        rec.add(config, T, cfg, impl, mode, None, "n/a: " + short_error(error))
+
 def measure(rec, budget, args, config, T, cfg, impl, mode, fn):
     """Times fn (a zero-argument callable) with do_bench; records ms or the reason it failed."""
     from triton.testing import do_bench
@@ -288,8 +294,7 @@ def bench_sdpa(rec, budget, args, config, T, cfg, backend_name):
             rec.rows[-2]["note"] = (rec.rows[-2]["note"] + " " + note).strip()
             rec.write()
         return fwd, fb
-    for mode in ("fwd", "fwdbwd"):
-        rec.add(config, T, cfg, backend_name, mode, None, "n/a: " + short_error(last_error))
+    record_na(rec, config, T, cfg, backend_name, last_error)
     return None, None
 
 
@@ -311,8 +316,7 @@ def bench_flex(rec, budget, args, config, T, cfg):
     try:
         mask = create_block_mask(window, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
     except Exception as e:  # noqa: BLE001
-        for mode in ("fwd", "fwdbwd"):
-            rec.add(config, T, cfg, "flex_swa", mode, None, "n/a: " + short_error(e))
+        record_na(rec, config, T, cfg, "flex_swa", e)
         return None, None
     x = make_inputs(T, cfg)
     q, k, v = x["q"], x["k"], x["v"]
@@ -326,8 +330,7 @@ def bench_flex(rec, budget, args, config, T, cfg):
         with torch.no_grad():
             dout = grad_of(attn(), 4)
     except Exception as e:  # noqa: BLE001
-        for mode in ("fwd", "fwdbwd"):
-            rec.add(config, T, cfg, "flex_swa", mode, None, "n/a: " + short_error(e))
+        record_na(rec, config, T, cfg, "flex_swa", e)
         return None, None
     fwd = measure(rec, budget, args, config, T, cfg, "flex_swa", "fwd", attn)
     fb = measure(rec, budget, args, config, T, cfg, "flex_swa", "fwdbwd",
@@ -341,8 +344,7 @@ def bench_fla(rec, budget, args, config, T, cfg):
     try:
         from fla.ops.nsa import parallel_nsa
     except Exception as e:  # noqa: BLE001
-        for mode in ("fwd", "fwdbwd"):
-            rec.add(config, T, cfg, "fla_nsa", mode, None, "n/a: " + short_error(e))
+        record_na(rec, config, T, cfg, "fla_nsa", e)
         return None, None
     hp = cfg["hp"]
     x = make_inputs(T, cfg)
@@ -357,8 +359,7 @@ def bench_fla(rec, budget, args, config, T, cfg):
         with torch.no_grad():
             dout = grad_of(attn(), 5)
     except Exception as e:  # noqa: BLE001
-        for mode in ("fwd", "fwdbwd"):
-            rec.add(config, T, cfg, "fla_nsa", mode, None, "n/a: " + short_error(e))
+        record_na(rec, config, T, cfg, "fla_nsa", e)
         return None, None
     fwd = measure(rec, budget, args, config, T, cfg, "fla_nsa", "fwd", attn)
     fb = measure(rec, budget, args, config, T, cfg, "fla_nsa", "fwdbwd",
