@@ -199,11 +199,11 @@ void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64
             "one of 64, 128, 192 on CUDA", std::to_string(head_dim));
     return;
   }
-  std::string pairs;
+  if (nsa::cuda::supported_head_dims(int(head_dim), int(head_dim_v))) return;
+  std::string pairs;  // the message is built only for the error
   for (const auto& hd : nsa::cuda::kHeadDims)
     pairs += (pairs.empty() ? "(" : ", (") + std::to_string(hd[0]) + ", " + std::to_string(hd[1]) + ")";
-  c.value(nsa::cuda::supported_head_dims(int(head_dim), int(head_dim_v)), "head dims (D, Dv)",
-          "one of " + pairs + " on CUDA",
+  c.value(false, "head dims (D, Dv)", "one of " + pairs + " on CUDA",
           "(" + std::to_string(head_dim) + ", " + std::to_string(head_dim_v) + ")");
 #endif
 }

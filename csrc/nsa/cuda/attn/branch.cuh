@@ -131,16 +131,13 @@ inline size_t block_union_bytes(index_t seqlen, int select_size, int num_selecte
          size_t(words) * sizeof(uint32_t) + (kThreads / 32 + 1) * sizeof(int);
 }
 
-__device__ __forceinline__ BlockUnion carve_block_union(unsigned char* base, int num_selected,
-                                                        index_t seqlen, int select_size) {
+__device__ __forceinline__ BlockUnion carve_block_union(unsigned char* base, int num_selected) {
   BlockUnion u;
   u.tokens = reinterpret_cast<unsigned long long*>(base);
   u.blocks = reinterpret_cast<int32_t*>(u.tokens + kRows * num_selected);
   u.scan = u.blocks + kRows * num_selected;
   u.bitmap = reinterpret_cast<uint32_t*>(u.scan + kThreads / 32 + 1);
   u.count = 0;
-  (void)seqlen;
-  (void)select_size;
   return u;
 }
 

@@ -44,8 +44,7 @@ void attn_bwd(const typename BranchParams<B>::type& p, float* delta, const Rever
 
 // Bytes of the workspace slice holding delta (B * T * HQ floats), rounded to 256.
 inline size_t delta_bytes(const AttnParams& p) {
-  const size_t n = size_t(p.seqs.batch) * size_t(p.seqs.seqlen) * size_t(p.num_heads) * sizeof(float);
-  return (n + 255) / 256 * 256;
+  return align256(size_t(p.seqs.batch) * size_t(p.seqs.seqlen) * size_t(p.num_heads) * sizeof(float));
 }
 
 }  // namespace nsa::cuda

@@ -72,7 +72,7 @@ struct QueryKeys {
       : p(p_), rows(rows_) {
     tiles.t_last = rows.t_last;
     if constexpr (B == Branch::kSlc) {
-      u = carve_block_union(union_smem, p.num_selected, p.seqs.seqlen, p.select_size);
+      u = carve_block_union(union_smem, p.num_selected);
       build_block_union(p, rows, u);
       tiles.per_block = (p.select_size + kKeys - 1) / kKeys;
     } else {

@@ -113,11 +113,14 @@ DkdvSplit plan_dkdv_split(const P& p, index_t vblocks) {
   return sp;
 }
 
+// Workspace slices start at multiples of 256 bytes.
+inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
 // Bytes of the fp32 partials of a split plan, rounded to 256.
 inline size_t split_bytes(const DkdvSplit& sp, const AttnParams& p) {
   if (sp.count <= 1) return 0;
-  const size_t n = size_t(sp.count) * size_t(sp.slots) * kKeys * size_t(p.head_dim + p.head_dim_v) * sizeof(float);
-  return (n + 255) / 256 * 256;
+  return align256(size_t(sp.count) * size_t(sp.slots) * kKeys * size_t(p.head_dim + p.head_dim_v) *
+                  sizeof(float));
 }
 
 // delta must hold B * T * HQ floats, partial split_bytes(plan_dkdv_split(p, rix.vblocks), p)

@@ -10,8 +10,6 @@ namespace {
 
 constexpr const char* kOp = "nsa.selected_attention";
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
 int key_bits(const SlcParams& p) {
   const index_t sentinel = index_t(p.num_heads_k) * reverse_index_vblocks(p);
   int bits = 1;
