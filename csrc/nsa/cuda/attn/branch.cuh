@@ -33,6 +33,9 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kRows = 64;      // query rows per tile: 16 per warp
 constexpr int kKeys = 64;      // keys per key tile
 
+// Key tiles per selection block (a block of select_size > kKeys keys spans several).
+NSA_HOST_DEVICE int tiles_per_block(int select_size) { return (select_size + kKeys - 1) / kKeys; }
+
 // The query rows of this thread block (see above).
 struct QueryRows {
   SeqRange seq;

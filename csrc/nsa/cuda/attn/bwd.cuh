@@ -187,7 +187,7 @@ template <Branch B, typename P>
 __device__ __forceinline__ bool locate_key_tile(const P& p, const DkdvSplit& split, int zb, int g,
                                                 SeqTile& st, index_t& ks, index_t& ke, index_t& slot) {
   if constexpr (B == Branch::kSlc) {
-    const int per_block = (p.select_size + kKeys - 1) / kKeys;
+    const int per_block = tiles_per_block(p.select_size);
     if (!locate_tile(p.seqs, blockIdx.x / per_block, zb, 1, p.select_size, false, st)) return false;
     const index_t start = st.tile * p.select_size;
     ks = start + index_t(blockIdx.x % per_block) * kKeys;
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
   if (slot < 0 && sp > 0) return;
   if constexpr (B == Branch::kSlc) {
     // This block's virtual index, as the reverse index numbers it.
-    const int per_block = (p.select_size + kKeys - 1) / kKeys;
+    const int per_block = tiles_per_block(p.select_size);
     const index_t vb = p.seqs.cu_seqlens ? index_t(blockIdx.x / per_block)
                                          : index_t(zb) * num_select_blocks(p.seqs.seqlen, p.select_size) + st.tile;
     const int32_t key = int32_t(g * rix.vblocks + vb);

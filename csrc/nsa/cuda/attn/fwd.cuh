@@ -74,7 +74,7 @@ struct QueryKeys {
     if constexpr (B == Branch::kSlc) {
       u = carve_block_union(union_smem, p.num_selected);
       build_block_union(p, rows, u);
-      tiles.per_block = (p.select_size + kKeys - 1) / kKeys;
+      tiles.per_block = tiles_per_block(p.select_size);
     } else {
       (void)union_smem;
       key_range<B>(p, rows.seq, rows.t_first, rows.t_last, tiles.lo, tiles.hi);

@@ -69,7 +69,7 @@ template <Branch B, typename P>
 dim3 key_grid(const P& p, index_t vblocks) {
   const unsigned z = unsigned(p.seqs.cu_seqlens ? 1 : p.seqs.batch);
   if constexpr (B == Branch::kSlc) {
-    const index_t per_block = (p.select_size + kKeys - 1) / kKeys;
+    const index_t per_block = tiles_per_block(p.select_size);
     const index_t x = p.seqs.cu_seqlens ? vblocks : num_select_blocks(p.seqs.seqlen, p.select_size);
     return dim3(unsigned(x * per_block), unsigned(p.num_heads_k), z);
   } else {
@@ -97,18 +97,16 @@ template <Branch B, typename P>
 DkdvSplit plan_dkdv_split(const P& p, index_t vblocks) {
   DkdvSplit sp;
   const index_t tokens = split_tokens();
-  if constexpr (B != Branch::kSwa) {
   const index_t count = tokens ? std::min<index_t>(16, std::max<index_t>(1, p.seqs.seqlen / tokens)) : 1;
-  if (count <= 1) return sp;
+  if (B == Branch::kSwa || count <= 1) return sp;
   sp.count = int(count);
   const index_t zrows = p.seqs.cu_seqlens ? 1 : p.seqs.batch;
   if constexpr (B == Branch::kCmp) {
     sp.slots = zrows * p.num_heads_k * index_t(key_grid<B>(p, vblocks).x);
-  } else {
-    sp.lead_tiles = kSlcSplitBlocks * ((p.select_size + kKeys - 1) / kKeys);
+  } else if constexpr (B == Branch::kSlc) {
+    sp.lead_tiles = kSlcSplitBlocks * tiles_per_block(p.select_size);
     sp.seq_slots = p.seqs.cu_seqlens ? p.seqs.num_seqs : 1;
     sp.slots = zrows * p.num_heads_k * sp.seq_slots * sp.lead_tiles;
-  }
   }
   return sp;
 }
