@@ -683,8 +683,8 @@ def test_backward_is_deterministic(case, dtype, which):
 
 # ------------------------------------------------------------------------------------ split dK/dV
 # Long key tiles (compressed keys, the selected branch's first blocks) can be split over several
-# thread blocks whose fp32 partials are summed in order. NSA_CUDA_SPLIT_TOKENS turns it on
-# (tokens per split, up to 16 splits; off by default until these tests pass on the H200); 64
+# thread blocks whose fp32 partials are summed in order: ranges of NSA_CUDA_SPLIT_TOKENS tokens
+# (default 4096, up to 16 ranges), so only sequences of 8k tokens and more split by default; 64
 # makes short sequences split too.
 SPLIT_CASES = {k: CASES[k] for k in ("T700-G24-d128", "T2100-B2-G4-d192v128", "T1100-G5-d64v128",
                                      "T333-G8-d64-custom")}

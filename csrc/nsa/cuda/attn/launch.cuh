@@ -79,17 +79,20 @@ dim3 key_grid(const P& p, index_t vblocks) {
 }
 
 // How the dkdv kernel splits its long key tiles (see DkdvSplit): by up to 16 token ranges of
-// NSA_CUDA_SPLIT_TOKENS tokens, for every compressed key tile and the selected branch's first
+// split_tokens() tokens, for every compressed key tile and the selected branch's first
 // kSlcSplitBlocks blocks of each sequence; never for the window branch (its key tiles see at
-// most window_size + 63 queries). OFF unless NSA_CUDA_SPLIT_TOKENS is set: the split path has
-// not yet passed the CUDA suite on the H200 (tests/test_cuda.py -k split sets it); once it has,
-// the default becomes 4096 tokens (benchmarks/NOTES.md).
+// most window_size + 63 queries). Without the split, the thread block of the first compressed key
+// tile (seen by every query) loops over all T * G / 64 row tiles alone: at 64k it alone takes
+// longer than the rest of the kernel (benchmarks/NOTES.md).
 constexpr int kSlcSplitBlocks = 4;
+constexpr index_t kDefaultSplitTokens = 4096;
 
-// Tokens per split, or 0: no split.
+// Tokens per split range; NSA_CUDA_SPLIT_TOKENS overrides the default (0 turns the split off; the
+// tests set 64 to exercise it on short sequences).
 inline index_t split_tokens() {
   const char* env = std::getenv("NSA_CUDA_SPLIT_TOKENS");
-  const long long v = env ? std::atoll(env) : 0;
+  if (!env || !*env) return kDefaultSplitTokens;
+  const long long v = std::atoll(env);
   return v > 0 ? index_t(v) : 0;
 }
 
