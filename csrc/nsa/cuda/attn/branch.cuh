@@ -48,24 +48,25 @@ struct QueryRows {
   __device__ int head(int r) const { return g * G + int((e0 + r) % G); }
 };
 
-// Grid: x = query tiles (virtual when packed), y = KV head, z = batch row.
-__device__ __forceinline__ bool locate_query_rows(const AttnParams& p, QueryRows& rows) {
+// Grid: x = query tiles of `tile_rows` rows (virtual when packed), y = KV head, z = batch.
+__device__ __forceinline__ bool locate_query_rows(const AttnParams& p, QueryRows& rows,
+                                                  int tile_rows = kRows) {
   const int G = p.num_heads / p.num_heads_k;
   SeqTile st;
-  if (!locate_tile(p.seqs, blockIdx.x, blockIdx.z, G, kRows, false, st)) return false;
+  if (!locate_tile(p.seqs, blockIdx.x, blockIdx.z, G, tile_rows, false, st)) return false;
   rows.seq = st.seq;
   rows.g = blockIdx.y;
   rows.G = G;
-  rows.e0 = st.tile * kRows;
-  rows.count = int(min(index_t(kRows), st.seq.len * G - rows.e0));
+  rows.e0 = st.tile * tile_rows;
+  rows.count = int(min(index_t(tile_rows), st.seq.len * G - rows.e0));
   rows.t_first = rows.e0 / G;
   rows.t_last = (rows.e0 + rows.count - 1) / G;
   return true;
 }
 
-inline dim3 query_grid(const AttnParams& p) {
+inline dim3 query_grid(const AttnParams& p, int tile_rows = kRows) {
   const int G = p.num_heads / p.num_heads_k;
-  return dim3(unsigned(num_virtual_tiles(p.seqs, p.seqs.seqlen, G, kRows)), unsigned(p.num_heads_k),
+  return dim3(unsigned(num_virtual_tiles(p.seqs, p.seqs.seqlen, G, tile_rows)), unsigned(p.num_heads_k),
               unsigned(p.seqs.cu_seqlens ? 1 : p.seqs.batch));
 }
 
@@ -79,6 +80,19 @@ __device__ __forceinline__ bool key_visible(const P& p, index_t t, index_t key) 
     return key <= t && key > t - p.window_size;
   } else {
     return key <= t;
+  }
+}
+
+// Do all tokens of [t_first, t_last] see all keys of [ks, ks + kKeys)? Then a forward or dq tile
+// needs no per-element mask (most tiles of the compressed and window branches; never the
+// selected branch's, whose rows depend on the tokens' choices).
+template <Branch B, typename P>
+__device__ __forceinline__ bool tile_all_visible(const P& p, index_t ks, index_t ke, index_t t_first,
+                                                 index_t t_last) {
+  if constexpr (B == Branch::kSlc) {
+    return false;
+  } else {
+    return ke - ks == kKeys && key_visible<B>(p, t_first, ke - 1) && key_visible<B>(p, t_last, ks);
   }
 }
 

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "fwd.cuh"
 
@@ -36,6 +37,38 @@ constexpr size_t dq_smem_tiles_bytes() {
   return size_t(2) * (kRows * (D + DV) + 2 * kKeys * (D + DV));
 }
 
+// This thread's two rows' lse * log2(e) and delta (0 for padding rows).
+__device__ __forceinline__ void load_row_stats(const AttnParams& p, const QueryRows& rows,
+                                               const ThreadRows& tr, const float* delta,
+                                               float (&lse2)[2], float (&dlt)[2]) {
+  for (int i = 0; i < 2; ++i) {
+    lse2[i] = dlt[i] = 0.f;
+    if (tr.valid[i]) {
+      const index_t t = rows.seq.start + tr.tok[i];
+      const int h = rows.head(tr.row[i]);
+      lse2[i] = *p.lse.template ptr<const float>(rows.seq.batch, t, h) * float(M_LOG2E);
+      dlt[i] = delta[(index_t(rows.seq.batch) * p.seqs.seqlen + t) * p.num_heads + h];
+    }
+  }
+}
+
+// Epilogue of the dq kernels: this thread's two rows of dq = acc * scale.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows_dq(const AttnParams& p, const QueryRows& rows,
+                                              const ThreadRows& tr, const float (&dq)[D / 8][4]) {
+  const int lane = threadIdx.x & 31;
+  const float scale = float(p.scale);
+  for (int r = 0; r < 2; ++r) {
+    if (!tr.valid[r]) continue;
+    T* out = p.dq.template ptr<T>(rows.seq.batch, rows.seq.start + tr.tok[r], rows.head(tr.row[r]));
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(dq[j][2 * r] * scale, dq[j][2 * r + 1] * scale);
+    }
+  }
+}
+
 template <typename T, int D, int DV, Branch B>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta) {
@@ -57,16 +90,8 @@ __global__ void __launch_bounds__(kThreads)
   if (ntiles > 0) keys.load(0, sK, sV);
   cp_async_commit();
   const ThreadRows tr(rows, warp, lane);
-  float lse2[2], dlt[2];  // the rows' lse * log2(e) and delta
-  for (int i = 0; i < 2; ++i) {
-    lse2[i] = dlt[i] = 0.f;
-    if (tr.valid[i]) {
-      const index_t t = rows.seq.start + tr.tok[i];
-      const int h = rows.head(tr.row[i]);
-      lse2[i] = *p.lse.template ptr<const float>(rows.seq.batch, t, h) * float(M_LOG2E);
-      dlt[i] = delta[(index_t(rows.seq.batch) * p.seqs.seqlen + t) * p.num_heads + h];
-    }
-  }
+  float lse2[2], dlt[2];
+  load_row_stats(p, rows, tr, delta, lse2, dlt);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
   float dq[D / 8][4];
@@ -89,16 +114,27 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
       warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, k_tile);     // S = Q K^T
       warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, v_tile);  // dP = dO V^T
-      const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
+      if (tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last)) {
 #pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j) {
+        for (int j = 0; j < kKeys / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
-          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
-          const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
-          s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            s[j][e] = exp2f(s[j][e] * scale_log2 - lse2[r]) * (dp[j][e] - dlt[r]);  // dS
+          }
+        }
+      } else {
+        const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
+#pragma unroll
+        for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
+            const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
+            const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
+            s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
+          }
         }
       }
       warp_gemm_pn<kKeys, D>(dq, s, k_tile);  // dQ += dS K
@@ -107,16 +143,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();
 
-  const float scale = float(p.scale);
-  for (int r = 0; r < 2; ++r) {
-    if (!tr.valid[r]) continue;
-    T* out = p.dq.template ptr<T>(rows.seq.batch, rows.seq.start + tr.tok[r], rows.head(tr.row[r]));
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int col = j * 8 + (lane & 3) * 2;
-      *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(dq[j][2 * r] * scale, dq[j][2 * r + 1] * scale);
-    }
-  }
+  store_rows_dq<T, D>(p, rows, tr, dq);
 }
 
 // ------------------------------------------------------------------------------------- dK, dV
@@ -329,20 +356,27 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
       warp_gemm_nt<D, R>(s, sK, warp * 16, q_tile);     // S^T = K Q^T
       warp_gemm_nt<DV, R>(dp, sV, warp * 16, do_tile);  // dP^T = V dO^T
-      // s <- P^T, dp <- dS^T.
+      // s <- P^T, dp <- dS^T; without masks when every row sees every key (tokens ascend in the
+      // contiguous branches' row tiles, so the first and last rows bound them).
+      auto to_ds = [&](auto all_visible) {
 #pragma unroll
-      for (int j = 0; j < R / 8; ++j) {
+        for (int j = 0; j < R / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = j * 8 + (lane & 3) * 2 + (e & 1);
-          const index_t kv = key[e >> 1];
-          const int t = tok[c];
-          const bool vis = t >= 0 && kv < ke && key_visible<B>(p, index_t(t), kv);
-          const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[c]) : 0.f;
-          s[j][e] = pr;
-          dp[j][e] = pr * (dp[j][e] - dlt[c]);
+          for (int e = 0; e < 4; ++e) {
+            const int c = j * 8 + (lane & 3) * 2 + (e & 1);
+            const index_t kv = key[e >> 1];
+            const int t = tok[c];
+            const bool vis = decltype(all_visible)::value || (t >= 0 && kv < ke && key_visible<B>(p, index_t(t), kv));
+            const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[c]) : 0.f;
+            s[j][e] = pr;
+            dp[j][e] = pr * (dp[j][e] - dlt[c]);
+          }
         }
-      }
+      };
+      if (tok[R - 1] >= 0 && tile_all_visible<B>(p, ks, ke, index_t(tok[0]), index_t(tok[R - 1])))
+        to_ds(std::true_type{});
+      else
+        to_ds(std::false_type{});
       warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
       warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
     }

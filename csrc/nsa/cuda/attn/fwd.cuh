@@ -46,11 +46,11 @@ struct KeyTiles {
   }
 };
 
-// Copies the block's query-side rows of `src` (q or dout, [B, T, HQ, COLS]) into a tile; rows past
-// rows.count are zeros.
-template <int COLS, typename T>
+// Copies the block's query-side rows of `src` (q or dout, [B, T, HQ, COLS]) into a tile of R rows
+// (NT threads copying); rows past rows.count are zeros.
+template <int COLS, int R = kRows, int NT = kThreads, typename T>
 __device__ __forceinline__ void load_query_rows(T* tile, const View& src, const QueryRows& rows) {
-  load_tile_async<kRows, COLS, kThreads>(tile, [&](int r) -> const T* {
+  load_tile_async<R, COLS, NT>(tile, [&](int r) -> const T* {
     return r < rows.count ? src.ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
                           : nullptr;
   });
@@ -126,6 +126,31 @@ struct ThreadRows {
   }
 };
 
+// Epilogue of the forward kernels: this thread's two rows of o = acc / l (0 when nothing was
+// visible) and lse = m + log l (-inf then); m in log2 units.
+template <typename T, int DV>
+__device__ __forceinline__ void store_rows_output(const AttnParams& p, const QueryRows& rows,
+                                                  const ThreadRows& tr, const float (&acc)[DV / 8][4],
+                                                  const float (&m)[2], const float (&l)[2]) {
+  const int lane = threadIdx.x & 31;
+  for (int r = 0; r < 2; ++r) {
+    const float lsum = quad_sum(l[r]);
+    if (!tr.valid[r]) continue;
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    const index_t t = rows.seq.start + tr.tok[r];
+    const int h = rows.head(tr.row[r]);
+    T* o = p.o.template ptr<T>(rows.seq.batch, t, h);
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(o + col) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
+    }
+    if ((lane & 3) == 0)
+      *p.lse.template ptr<float>(rows.seq.batch, t, h) =
+          lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
+  }
+}
+
 template <typename T, int D, int DV, Branch B>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename BranchParams<B>::type p) {
   using P = typename BranchParams<B>::type;
@@ -171,17 +196,28 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
       warp_gemm_nt<D, kKeys, T>(s, qf, k_tile);
       // Mask, scale, online softmax.
-      const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
       float mx[2] = {-INFINITY, -INFINITY};
+      if (tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last)) {
 #pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j) {
+        for (int j = 0; j < kKeys / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
-          const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
-          s[j][e] = vis ? s[j][e] * scale_log2 : -INFINITY;
-          mx[r] = fmaxf(mx[r], s[j][e]);
+          for (int e = 0; e < 4; ++e) {
+            s[j][e] *= scale_log2;
+            mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+          }
+        }
+      } else {
+        const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
+#pragma unroll
+        for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
+            const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
+            s[j][e] = vis ? s[j][e] * scale_log2 : -INFINITY;
+            mx[r] = fmaxf(mx[r], s[j][e]);
+          }
         }
       }
       float corr[2], base[2];
@@ -213,23 +249,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   }
   cp_async_wait<0>();
 
-  // Epilogue: o = acc / l (0 when nothing was visible), lse = m + log l (-inf then).
-  for (int r = 0; r < 2; ++r) {
-    const float lsum = quad_sum(l[r]);
-    if (!tr.valid[r]) continue;
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    const index_t t = rows.seq.start + tr.tok[r];
-    const int h = rows.head(tr.row[r]);
-    T* o = p.o.template ptr<T>(rows.seq.batch, t, h);
-#pragma unroll
-    for (int j = 0; j < DV / 8; ++j) {
-      const int col = j * 8 + (lane & 3) * 2;
-      *reinterpret_cast<uint32_t*>(o + col) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
-    }
-    if ((lane & 3) == 0)
-      *p.lse.template ptr<float>(rows.seq.batch, t, h) =
-          lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
-  }
+  store_rows_output<T, DV>(p, rows, tr, acc, m, l);
 }
 
 }  // namespace nsa::cuda

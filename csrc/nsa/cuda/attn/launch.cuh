@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "bwd.cuh"
+#include "slc_warp.cuh"
 
 namespace nsa::cuda {
 
@@ -50,12 +51,29 @@ size_t union_bytes(const P& p) {
   return 0;
 }
 
+// Launches a per-warp kernel of the selected branch (slc_warp.cuh) with `tiles_bytes` of tiles
+// (slc_warp_tiles_bytes) before its items; args are the kernel's arguments after p.
+template <typename Kernel, typename... Args>
+void launch_slc_warp(const SlcParams& p, cudaStream_t stream, Kernel kernel, size_t tiles_bytes,
+                     Args... args) {
+  const dim3 grid = query_grid(p, kWarpRows);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  const size_t smem = slc_warp_smem_bytes(tiles_bytes, p.num_selected);
+  set_smem(kernel, smem);
+  kernel<<<grid, 32, smem, stream>>>(p, args...);
+  check_launch(op_name<Branch::kSlc>());
+}
+
 template <typename T, Branch B>
 void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
-  const dim3 grid = query_grid(p);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
+    if constexpr (B == Branch::kSlc) {
+      if (slc_per_warp(p.num_heads / p.num_heads_k))
+        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D));
+    }
+    const dim3 grid = query_grid(p);
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
     const size_t smem = fwd_smem_tiles_bytes<D, DV>() + union_bytes<B>(p);
     auto kernel = attn_fwd_kernel<T, D, DV, B>;
     set_smem(kernel, smem);
@@ -139,7 +157,14 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
     const dim3 qgrid = query_grid(p);
-    if (qgrid.x > 0 && qgrid.y > 0 && qgrid.z > 0) {
+    bool dq_done = false;
+    if constexpr (B == Branch::kSlc) {
+      if (slc_per_warp(p.num_heads / p.num_heads_k)) {
+        launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D + DV), delta);
+        dq_done = true;
+      }
+    }
+    if (!dq_done && qgrid.x > 0 && qgrid.y > 0 && qgrid.z > 0) {
       const size_t smem = dq_smem_tiles_bytes<D, DV>() + union_bytes<B>(p);
       auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;
       set_smem(kernel, smem);

@@ -1,0 +1,267 @@
+// Forward and dq kernels of the selected branch with one warp per thread block and 16 query rows
+// per warp, each warp walking only the blocks its own tokens chose (the paper's per-token loop).
+//
+// Why not the shared kernels (fwd.cuh, bwd.cuh): there, 4 warps share the union of the blocks of
+// the 64 rows' tokens. With G = 16 those are 4 tokens that share little more than the forced
+// blocks, so each union tile is computed by one warp while three wait at the barriers. Here a
+// warp holds 16 (token, head) rows (one token for G = 16, 16 / G tokens for smaller G), has its
+// own shared memory and cp.async pipeline, and never waits for another warp. Used for G < 64;
+// for G >= 64 one thread block of the shared kernel is one token, which is this loop already.
+//
+// Per warp: the list of (block, token) items (a block a token chose, repeats dropped), each cut
+// into sub-tiles of kWarpKeys keys, double-buffered with cp.async; rows of other tokens masked.
+// Shared memory: Q [16][D] (dq kernel: then dO [16][DV]), K [2][kWarpKeys][D],
+// V [2][kWarpKeys][DV] (swizzled), then the items.
+#pragma once
+
+#include <cmath>
+
+#include "bwd.cuh"
+
+namespace nsa::cuda {
+
+constexpr int kWarpRows = 16;  // query rows per warp (one m16 tile)
+constexpr int kWarpKeys = 32;  // keys per sub-tile
+
+// The warp kernels are used below this group size.
+inline bool slc_per_warp(int group) { return group < 64; }
+
+// Bytes of the tiles: `query_cols` = D (forward) or D + DV (dq: Q and dO).
+template <int D, int DV>
+constexpr size_t slc_warp_tiles_bytes(int query_cols) {
+  return size_t(2) * (kWarpRows * query_cols + 2 * kWarpKeys * (D + DV));
+}
+
+inline size_t slc_warp_smem_bytes(size_t tiles_bytes, int num_selected) {
+  return tiles_bytes + size_t(2) * kWarpRows * size_t(num_selected) * sizeof(int32_t);
+}
+
+// Fills block[i], token[i] (token relative to rows.t_first) with the blocks the warp's tokens
+// chose, token by token in slot order, skipping padding, blocks a token cannot see and repeats
+// within a token's list. Returns the item count. One warp; ends with __syncwarp.
+__device__ __forceinline__ int warp_block_items(const SlcParams& p, const QueryRows& rows,
+                                                int32_t* block, int32_t* token) {
+  const int lane = threadIdx.x & 31, n = p.num_selected;
+  const int entries = int(rows.t_last - rows.t_first + 1) * n;
+  int count = 0;
+  for (int e0 = 0; e0 < entries; e0 += 32) {
+    const int e = e0 + lane;
+    int32_t j = -1;
+    if (e < entries) {
+      const index_t t = rows.t_first + e / n;
+      const int slot = e % n;
+      j = selected_block(p, rows.seq, rows.g, t, slot);
+      for (int s = 0; s < slot && j >= 0; ++s)
+        if (selected_block(p, rows.seq, rows.g, t, s) == j) j = -1;
+    }
+    const unsigned keep = __ballot_sync(0xffffffffu, j >= 0);
+    if (j >= 0) {
+      const int pos = count + __popc(keep & ((1u << lane) - 1u));
+      block[pos] = j;
+      token[pos] = e / n;
+    }
+    count += __popc(keep);
+  }
+  __syncwarp();
+  return count;
+}
+
+// The warp's sub-tiles: tile i is part i % per_block of the block of item i / per_block.
+template <typename T, int D, int DV>
+struct WarpBlockTiles {
+  const SlcParams& p;
+  const QueryRows& rows;
+  const int32_t* block;  // [count] the items (warp_block_items)
+  const int32_t* token;
+  int per_block = 1, count = 0;
+
+  __device__ WarpBlockTiles(const SlcParams& p_, const QueryRows& rows_, int32_t* block_, int32_t* token_)
+      : p(p_), rows(rows_), block(block_), token(token_) {
+    per_block = (p.select_size + kWarpKeys - 1) / kWarpKeys;
+    count = warp_block_items(p, rows, block_, token_) * per_block;
+  }
+
+  // Keys [ks, ke) of tile i (ks >= ke: the part of the token's own block past the token) and its
+  // token t_first + tl.
+  __device__ void tile(int i, index_t& ks, index_t& ke, int& tl) const {
+    const int it = i / per_block;
+    tl = token[it];
+    const index_t start = index_t(block[it]) * p.select_size;
+    ks = start + index_t(i - it * per_block) * kWarpKeys;
+    ke = min(min(start + p.select_size, ks + kWarpKeys), rows.t_first + tl + 1);
+  }
+
+  // cp.async of tile i into stage i % 2 of sK [2][kWarpKeys][D], sV [2][kWarpKeys][DV].
+  __device__ void load(int i, T* sK, T* sV) const {
+    index_t ks, ke;
+    int tl;
+    tile(i, ks, ke, tl);
+    load_tile_async<kWarpKeys, D, 32>(sK + (i & 1) * kWarpKeys * D, [&](int r) -> const T* {
+      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, rows.seq.start + ks + r, rows.g) : nullptr;
+    });
+    load_tile_async<kWarpKeys, DV, 32>(sV + (i & 1) * kWarpKeys * DV, [&](int r) -> const T* {
+      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, rows.seq.start + ks + r, rows.g) : nullptr;
+    });
+  }
+
+  // Before step i: prefetch tile i + 1 (its stage was last read in step i - 1), wait for tile i.
+  __device__ void advance(int i, T* sK, T* sV) const {
+    __syncwarp();
+    if (i + 1 < count) load(i + 1, sK, sV);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+  }
+};
+
+// Is element e of C fragment column block j of this thread visible in a tile of `kend` keys whose
+// token is t? (Row r = e / 2 of the thread's two rows.)
+struct WarpTileMask {
+  bool row_on[2];
+  int kend;
+  __device__ WarpTileMask(const ThreadRows& tr, index_t t, int kend_) : kend(kend_) {
+    for (int r = 0; r < 2; ++r) row_on[r] = tr.valid[r] && tr.tok[r] == t;
+  }
+  __device__ bool operator()(int j, int e) const {
+    return row_on[e >> 1] && j * 8 + (threadIdx.x & 3) * 2 + (e & 1) < kend;
+  }
+};
+
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kWarpRows * D;
+  T* sV = sK + 2 * kWarpKeys * D;
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV>(D));
+
+  QueryRows rows;
+  if (!locate_query_rows(p, rows, kWarpRows)) return;
+  const int lane = threadIdx.x & 31;
+  load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
+  cp_async_commit();
+  const WarpBlockTiles<T, D, DV> tiles(p, rows, items, items + kWarpRows * p.num_selected);
+  if (tiles.count > 0) tiles.load(0, sK, sV);
+  cp_async_commit();
+  const ThreadRows tr(rows, 0, lane);
+
+  const float scale_log2 = float(p.scale * M_LOG2E);
+  float acc[DV / 8][4];
+  for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  uint32_t qf[D / 16][4];
+
+  for (int i = 0; i < tiles.count; ++i) {
+    tiles.advance(i, sK, sV);
+    if (i == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, 0, kk * 16);
+    }
+    index_t ks, ke;
+    int tl;
+    tiles.tile(i, ks, ke, tl);
+    if (ks >= ke) continue;
+    const WarpTileMask visible(tr, rows.t_first + tl, int(ke - ks));
+    const T* k_tile = sK + (i & 1) * kWarpKeys * D;
+    const T* v_tile = sV + (i & 1) * kWarpKeys * DV;
+    float s[kWarpKeys / 8][4];
+#pragma unroll
+    for (int j = 0; j < kWarpKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    warp_gemm_nt<D, kWarpKeys, T>(s, qf, k_tile);  // S = Q K^T
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kWarpKeys / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = visible(j, e) ? s[j][e] * scale_log2 : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+      }
+    }
+    float corr[2], base[2];
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m[r], quad_max(mx[r]));
+      base[r] = m_new == -INFINITY ? 0.f : m_new;
+      corr[r] = exp2f(m[r] - base[r]);
+      m[r] = m_new;
+      l[r] *= corr[r];
+    }
+#pragma unroll
+    for (int j = 0; j < kWarpKeys / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = exp2f(s[j][e] - base[e >> 1]);
+        l[e >> 1] += s[j][e];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      acc[j][0] *= corr[0];
+      acc[j][1] *= corr[0];
+      acc[j][2] *= corr[1];
+      acc[j][3] *= corr[1];
+    }
+    warp_gemm_pn<kWarpKeys, DV, T>(acc, s, v_tile);  // O += P V
+  }
+  cp_async_wait<0>();
+  store_rows_output<T, DV>(p, rows, tr, acc, m, l);
+}
+
+// dQ = scale * sum dS K over the warp's tiles, dS = P (dP - delta), P = exp(scale q.k - lse),
+// dP = dO V^T (the shared dq kernel's math, per warp).
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, const float* __restrict__ delta) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kWarpRows * D;
+  T* sK = sdO + kWarpRows * DV;
+  T* sV = sK + 2 * kWarpKeys * D;
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV>(D + DV));
+
+  QueryRows rows;
+  if (!locate_query_rows(p, rows, kWarpRows)) return;
+  const int lane = threadIdx.x & 31;
+  load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
+  load_query_rows<DV, kWarpRows, 32>(sdO, p.dout, rows);
+  cp_async_commit();
+  const WarpBlockTiles<T, D, DV> tiles(p, rows, items, items + kWarpRows * p.num_selected);
+  if (tiles.count > 0) tiles.load(0, sK, sV);
+  cp_async_commit();
+  const ThreadRows tr(rows, 0, lane);
+  float lse2[2], dlt[2];
+  load_row_stats(p, rows, tr, delta, lse2, dlt);
+
+  const float scale_log2 = float(p.scale * M_LOG2E);
+  float dq[D / 8][4];
+  for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+
+  for (int i = 0; i < tiles.count; ++i) {
+    tiles.advance(i, sK, sV);
+    index_t ks, ke;
+    int tl;
+    tiles.tile(i, ks, ke, tl);
+    if (ks >= ke) continue;
+    const WarpTileMask visible(tr, rows.t_first + tl, int(ke - ks));
+    const T* k_tile = sK + (i & 1) * kWarpKeys * D;
+    const T* v_tile = sV + (i & 1) * kWarpKeys * DV;
+    float s[kWarpKeys / 8][4], dp[kWarpKeys / 8][4];
+#pragma unroll
+    for (int j = 0; j < kWarpKeys / 8; ++j)
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+    warp_gemm_nt<D, kWarpKeys>(s, sQ, 0, k_tile);     // S = Q K^T
+    warp_gemm_nt<DV, kWarpKeys>(dp, sdO, 0, v_tile);  // dP = dO V^T
+#pragma unroll
+    for (int j = 0; j < kWarpKeys / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float pr = visible(j, e) ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
+        s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
+      }
+    }
+    warp_gemm_pn<kWarpKeys, D>(dq, s, k_tile);  // dQ += dS K
+  }
+  cp_async_wait<0>();
+  store_rows_dq<T, D>(p, rows, tr, dq);
+}
+
+}  // namespace nsa::cuda
