@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One GPU round in one go, on the GPU machine, from the repository root:
 #
-#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [bench]
+#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [bench]
 #
-# Stages (default: all four, in this order):
+# Stages (default: build tests sanitize bench, in this order; profile only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
 #   tests     pytest -m cuda tests/test_cuda.py tests/test_errors.py, log in $OUT/tests.log
 #   sanitize  compute-sanitizer memcheck and racecheck on `pytest -k sanitize tests/test_cuda.py`
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
+#   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
+#             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), log in $OUT/profile.log
 #   bench     benchmarks/bench_attention.py, log in $OUT/bench.log, CSV and PNG in $OUT
 # Then a summary (stage, status, pytest counts, seconds, the benchmark's table) is printed last
-# and written to $OUT/summary.txt. 7 files land in $OUT (the run tool brings back at most 8).
+# and written to $OUT/summary.txt. At most 8 files land in $OUT (what the run tool brings back).
 #
 # Environment:
 #   NSA_BUDGET_S=560        seconds for the whole run; each stage gets what is left minus the
@@ -23,6 +25,7 @@
 #   NSA_SANITIZE_TOOLS="memcheck racecheck"   (also: initcheck synccheck)
 #   NSA_SANITIZE_K=sanitize pytest -k expression of the memcheck (and other tools') run
 #   NSA_RACECHECK_K="sanitize and (T100 or split)"   the same for racecheck (slow)
+#   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_BENCH_LENGTHS="8192 16384 32768 65536"
 #   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
 #                           autotuning takes minutes on a fresh machine)
@@ -43,9 +46,9 @@ SUMMARY="$OUT/summary.txt"
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|sanitize|bench) ;; *) echo "unknown stage '$s' (build tests sanitize bench)"; exit 2;; esac
+  case $s in build|tests|sanitize|profile|bench) ;; *) echo "unknown stage '$s' (build tests sanitize profile bench)"; exit 2;; esac
 done
-declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=60 [bench]=90)
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=60 [profile]=60 [bench]=90)
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
@@ -175,6 +178,24 @@ if have sanitize; then
       record "sanitize $tool" "$st" "${counts}${errs:+; $errs}" "$secs"
       echo "[sanitize $tool] $st in ${secs}s: ${errs:-no summary line}"
     done
+  fi
+fi
+
+# ---------------------------------------------------------------- profile
+if have profile; then
+  s=$(date +%s)
+  lim=$(limit_for profile)
+  : > "$OUT/profile.log"
+  if ! command -v ncu >/dev/null; then
+    record profile "SKIPPED (no ncu)" "" 0
+  else
+    run_stage profile "$OUT/profile.log" "$lim" \
+      ncu --target-processes all --kernel-name "regex:attn_|slc_|select_topk" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      "$PY" tools/profile_nsa.py --T "${NSA_PROFILE_T:-16384}" --config "${NSA_PROFILE_CONFIG:-g16}"
+    rc=$?
+    secs=$(( $(date +%s) - s ))
+    record profile "$(status_of $rc)" "$(grep -c '^  [a-z_].*(.*)x(.*)' "$OUT/profile.log") kernels" "$secs"
   fi
 fi
 
