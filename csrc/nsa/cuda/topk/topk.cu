@@ -25,32 +25,22 @@ void check_cuda(cudaError_t err, const char* what) {
 
 int align16(int x) { return (x + 15) / 16 * 16; }
 
-Shape make_shape(const TopkParams& p) {
-  Shape s{};
-  const int G = p.num_heads / p.num_heads_k;
-  s.group = G;
-  s.tokens = G <= topk::kRows ? topk::kRows / G : 1;
-  s.chunks = (G + topk::kRows - 1) / topk::kRows;
-  s.reduce = G > topk::kRows ? topk::kRows : ((G & (G - 1)) == 0 ? G : 0);
-  s.cpr = p.block_size / p.block_stride;
-  s.cpb = p.select_size / p.block_stride;
-  // Slots: the blocks touching one tile's 64 cells, or the whole tail in one round if larger.
-  s.cap = std::min(topk::kMaxCand,
-                   std::max(63 / s.cpb + 2, 1 + p.num_selected + p.num_local));
-  s.ws = (s.cpr - 1 + topk::kTileRows) | 1;
-  s.scale_log2 = float(p.scale * 1.4426950408889634);
-  const int P = s.tokens, n = p.num_selected, rows = s.chunks * topk::kRows;
-  int off = align16(rows * p.head_dim * 2);
-  s.off_k = off;
-  off += align16(2 * topk::kTileRows * p.head_dim * 2);
+// Shared memory per block the launch shape aims at: two blocks per SM (228 KB on H100/H200, 1 KB
+// of each block reserved by the system; less on A100).
+int smem_budget(int smem_per_sm) { return std::min(110 * 1024, smem_per_sm / 2 - 1024); }
+
+// Shared-memory layout of s (segments and tokens set).
+void layout(const TopkParams& p, Shape& s) {
+  const int P = s.tokens, n = p.num_selected, rows = s.segs * s.seg_rows;
+  const int warps = topk::kernel_warps(p.head_dim, s.resident != 0);
+  const int q_bytes = align16(rows * p.head_dim * 2);
+  // Resident: Q moves to registers before the per-token state is first written, so that state
+  // lives over q_s.
+  int off = s.resident ? 0 : q_bytes;
   s.off_scratch = off;
-  off += s.reduce == 0 ? 4 * topk::kRows * topk::kScratchLd * 4 : 0;
+  off += s.reduce == 0 ? warps * s.seg_rows * topk::kScratchLd * 4 : 0;
   s.off_w = off;
   off += align16(P * s.ws * 4);
-  s.off_lse = off;
-  off += align16(rows * 4);
-  s.off_nv = off;
-  off += align16(rows * 4);
   s.off_list = off;
   off += align16(P * n * 8);
   s.off_cand = off;
@@ -63,17 +53,51 @@ Shape make_shape(const TopkParams& p) {
   off += align16(P * 4);
   s.off_open = off;
   off += align16(2 * P * 4);
+  s.off_k = std::max(off, q_bytes);
+  off = s.off_k + align16(2 * topk::kTileRows * p.head_dim * 2);
+  s.off_lse = off;
+  off += align16(rows * 4);
+  s.off_nv = off;
+  off += align16(rows * 4);
   s.smem = off;
+}
+
+// G <= 32: units of 32 rows (32 / G tokens), Q in registers; G > 32: chunks of 64 rows (64 / G
+// tokens, or one token in ceil(G / 64) chunks for G > 64). As many segments as fill the warps
+// (256 query rows), halved until the budget holds; G > 64 keeps all its chunks.
+Shape make_shape(const TopkParams& p, int budget) {
+  Shape s{};
+  const int G = p.num_heads / p.num_heads_k;
+  s.group = G;
+  s.resident = G <= topk::kMaxResidentGroup;
+  s.seg_rows = s.resident ? topk::kUnitRows : topk::kRows;
+  s.seg_tokens = G <= s.seg_rows ? s.seg_rows / G : 1;
+  s.reduce = G > topk::kRows ? topk::kRows : ((G & (G - 1)) == 0 ? G : 0);
+  s.cpr = p.block_size / p.block_stride;
+  s.cpb = p.select_size / p.block_stride;
+  // Slots: the blocks touching one tile's 64 cells, or the whole tail in one round if larger.
+  s.cap = std::min(topk::kMaxCand,
+                   std::max(63 / s.cpb + 2, 1 + p.num_selected + p.num_local));
+  s.ws = (s.cpr - 1 + topk::kTileRows) | 1;
+  s.scale_log2 = float(p.scale * 1.4426950408889634);
+  if (G > topk::kRows) {
+    s.segs = (G + topk::kRows - 1) / topk::kRows;
+    s.tokens = 1;
+    layout(p, s);
+    return s;
+  }
+  // Resident: a power of two <= warps (the warps of a unit split the key tile evenly).
+  for (s.segs = s.resident ? topk::kernel_warps(p.head_dim, true) : 4;; s.segs /= 2) {
+    s.tokens = s.segs * s.seg_tokens;
+    layout(p, s);
+    if (s.smem <= budget || s.segs == 1) break;
+  }
   return s;
 }
 
-template <typename T, int D>
-void launch(const TopkParams& p, const Shape& s, dim3 grid, cudaStream_t stream) {
-  auto kernel = topk::select_topk_kernel<T, D>;
-  int dev = 0, max_smem = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice failed");
-  check_cuda(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-             "cudaDeviceGetAttribute failed");
+template <typename T, int D, bool kResident>
+void launch(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  auto kernel = topk::select_topk_kernel<T, D, kResident>;
   if (s.smem > max_smem)
     invalid("needs " + std::to_string(s.smem) + " bytes of shared memory per block (G = " +
             std::to_string(s.group) + ", D = " + std::to_string(D) + ", block_size / block_stride = " +
@@ -82,18 +106,26 @@ void launch(const TopkParams& p, const Shape& s, dim3 grid, cudaStream_t stream)
   if (s.smem > 48 * 1024)
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem),
                "cudaFuncSetAttribute failed");
-  kernel<<<grid, topk::kThreads, s.smem, stream>>>(p, s);
+  kernel<<<grid, 32 * topk::kernel_warps(D, kResident), s.smem, stream>>>(p, s);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
 }
 
+template <typename T, int D>
+void dispatch_mode(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  if (s.resident)
+    launch<T, D, true>(p, s, max_smem, grid, stream);
+  else
+    launch<T, D, false>(p, s, max_smem, grid, stream);
+}
+
 template <typename T>
-void dispatch_head_dim(const TopkParams& p, const Shape& s, dim3 grid, cudaStream_t stream) {
+void dispatch_head_dim(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, s, grid, stream);
-    case 128: return launch<T, 128>(p, s, grid, stream);
-    case 192: return launch<T, 192>(p, s, grid, stream);
+    case 64: return dispatch_mode<T, 64>(p, s, max_smem, grid, stream);
+    case 128: return dispatch_mode<T, 128>(p, s, max_smem, grid, stream);
+    case 192: return dispatch_mode<T, 192>(p, s, max_smem, grid, stream);
     default: invalid("head dim D must be 64, 128 or 192 on CUDA, got " + std::to_string(p.head_dim));
   }
 }
@@ -122,7 +154,13 @@ void select_topk(const TopkParams& p, cudaStream_t stream) {
             std::to_string(p.num_selected) + ", num_initial = " + std::to_string(p.num_initial) +
             ", num_local = " + std::to_string(p.num_local));
 
-  const Shape s = make_shape(p);
+  int dev = 0, max_smem = 0, smem_per_sm = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice failed");
+  check_cuda(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+             "cudaDeviceGetAttribute failed");
+  check_cuda(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+             "cudaDeviceGetAttribute failed");
+  const Shape s = make_shape(p, smem_budget(smem_per_sm));
   const bool packed = p.seqs.cu_seqlens != nullptr;
   if (p.seqs.num_seqs <= 0 || p.seqs.seqlen <= 0 || p.seqs.batch <= 0) return;
   const index_t tiles = num_virtual_tiles(p.seqs, p.seqs.seqlen, 1, s.tokens);
@@ -131,9 +169,9 @@ void select_topk(const TopkParams& p, cudaStream_t stream) {
             ", B = " + std::to_string(p.seqs.batch) + ")");
   const dim3 grid(unsigned(tiles), unsigned(p.num_heads_k), unsigned(packed ? 1 : p.seqs.batch));
   if (p.dtype == Dtype::kBFloat16)
-    dispatch_head_dim<__nv_bfloat16>(p, s, grid, stream);
+    dispatch_head_dim<__nv_bfloat16>(p, s, max_smem, grid, stream);
   else
-    dispatch_head_dim<__half>(p, s, grid, stream);
+    dispatch_head_dim<__half>(p, s, max_smem, grid, stream);
 }
 
 }  // namespace nsa::cuda

@@ -2,23 +2,34 @@
 // KV head), block scores streamed into per-token running top-n lists; no score tensor in global
 // memory.
 //
-// Thread block: 4 warps, `tokens` whole tokens of one sequence and KV head g (all G heads of a
-// token are in the block, so the group sum stays local). Their (token, head) rows, token-major,
-// fill head chunks of 64 rows: tokens = 64 / G for G <= 64, else one token in ceil(G / 64)
-// chunks. Per key tile of 64 compressed rows (double-buffered cp.async):
-//   1. S^T = K Q^T on the tensor cores, warp w taking rows 16w .. 16w + 15 of the tile against all
-//      64 query rows; p = exp2(s scale log2e - lse log2e) where visible, summed over the heads of
-//      each token (registers and quad shuffles for G a power of two, a shared scratch otherwise)
-//      into w_s[token][row].
+// Thread block: P whole tokens of one sequence and KV head g (all G heads of a token are in the
+// block, so the group sum stays local). Their (token, head) query rows, token-major, fill
+// segments; a segment's rows past its last whole token are zero padding. Two modes:
+//   resident (G <= 32): segments ("units") of 32 rows holding 32 / G tokens; warp w owns unit
+//     w % U and keeps its Q fragments (the B operand) in registers for the whole pass, so per key
+//     tile only the K fragments are read from shared memory. 8 warps (4 for D = 192, where Q
+//     alone takes 96 registers); when U < warps, the warps of a unit split the tile's rows.
+//   streamed (G > 32): 4 warps, chunks of 64 rows holding 64 / G tokens (G <= 64), or one token
+//     in ceil(G / 64) chunks whose group sums are added in chunk order (G > 64); warp w owns rows
+//     16w .. 16w + 15 of each key tile (A fragments loaded once per tile) and reads Q per chunk.
+// The host (topk.cu) picks the most segments (up to 256 query rows) that fit its shared-memory
+// budget, so that two blocks share an SM. Per key tile of 64 compressed rows (double-buffered
+// cp.async):
+//   1. S^T = K Q^T on the tensor cores; p = exp2(s scale log2e - lse log2e) where visible, summed
+//      over the heads of each token (registers and quad shuffles for G a power of two, a per-warp
+//      shared scratch in head order otherwise) into w_s[token][row].
 //   2. Threads score the blocks whose cells the tile completes (select.h) and append those that
 //      beat the token's current n-th best key to its candidate slots.
 //   3. One warp per token merges its candidates into the token's list (rank by counting).
 // After the last tile, the partial block at the edge, the zero-score blocks and the forced ones
 // left are merged the same way, and each warp writes its tokens' lists in ascending block order.
+// Both modes issue the same mma instructions on the same fragments and sum the heads in the same
+// order, so the scores (and the selection) do not depend on the mode or on P.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "../common/mma.cuh"
@@ -28,20 +39,31 @@
 
 namespace nsa::cuda::topk {
 
-constexpr int kThreads = 128;
-constexpr int kRows = 64;            // (token, head) rows per head chunk
+constexpr int kRows = 64;            // query rows per chunk (streamed mode)
+constexpr int kUnitRows = 32;        // query rows per unit (resident mode): 4 n-tiles of a warp
+constexpr int kMaxResidentGroup = 32;  // G <= 32: no token straddles two units
 constexpr int kMaxSelected = 128;    // n: list slots are 4 per lane
 constexpr int kListSlots = kMaxSelected / 32;
 constexpr int kMaxCand = 64;         // candidates per token per merge: 2 per lane
-constexpr int kScratchLd = 20;       // generic group sum: [64 rows][kScratchLd] floats per warp;
+constexpr int kScratchLd = 20;       // generic group sum: [query rows][kScratchLd] floats per warp;
                                      // 20 = 4 mod 32 keeps the fragment stores conflict-free
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Warps per thread block. Resident with D <= 128: 8 (two blocks of 256 threads per SM at <= 128
+// registers); D = 192 resident: 4 (its Q fragments need 96 registers); streamed: 4, one per 16 rows
+// of the key tile.
+__host__ __device__ constexpr int kernel_warps(int D, bool resident) {
+  return resident && D <= 128 ? 8 : 4;
+}
 
 // Per-launch constants, computed on the host (topk.cu).
 struct Shape {
   int group;        // G
   int tokens;       // P: tokens per thread block
-  int chunks;       // head chunks of kRows rows
+  int resident;     // 1: Q fragments in registers (G <= 32), segments are units; 0: streamed chunks
+  int segs;         // segments: units (resident; a power of two <= warps) or chunks (streamed)
+  int seg_rows;     // query rows per segment: kUnitRows or kRows
+  int seg_tokens;   // tokens per segment: seg_rows / G, or 1 (G > 64: a token spans all chunks)
   int reduce;       // rows per token summed in registers: G (a power of two <= 64) or 64
                     // (G > 64, one token per chunk); 0: generic group sum through shared memory
   int cpr, cpb;     // cells per compressed row (l / d) and per selection block (l' / d)
@@ -49,26 +71,24 @@ struct Shape {
                     // tail when more (<= kMaxCand)
   int ws;           // row stride of w_s in floats (odd: conflict-free block scoring)
   float scale_log2; // scale * log2(e)
-  // Byte offsets of the shared-memory arrays; q_s is at 0.
-  int off_k, off_scratch, off_w, off_lse, off_nv, off_list, off_cand, off_theta, off_cnt,
-      off_nacc, off_open, smem;
+  // Byte offsets of the shared-memory arrays; q_s is at 0. Resident: scratch .. open_s start at 0
+  // too (over q_s, dead once Q is in registers); streamed: after q_s.
+  int off_scratch, off_w, off_list, off_cand, off_theta, off_cnt, off_nacc, off_open, off_k,
+      off_lse, off_nv, smem;
 };
 
 // Merges the candidates of one token (cand[0 .. nacc), unordered, all beating theta) into its
 // list (cnt keys, descending; n slots). One warp. Keys are unique, so an element's new position
-// is the number of elements of the union above it.
+// is the number of elements of the union above it. In place, one 32-key slot at a time from the
+// last: keys only move to later positions, and a slot's keys land in its own or later slots,
+// whose old keys have been read already (few registers: the merge runs while the resident mode
+// holds Q in registers).
 __device__ __forceinline__ void merge_token(uint64_t* list, const uint64_t* cand, int* cnt_p,
                                             uint64_t* theta_p, int* nacc_p, int n) {
   const int lane = threadIdx.x & 31;
   const int cnt = *cnt_p, m = *nacc_p;
-  uint64_t lv[kListSlots], cv[2];
-  int lr[kListSlots], cr[2];
-#pragma unroll
-  for (int s = 0; s < kListSlots; ++s) {
-    const int i = s * 32 + lane;
-    lv[s] = i < cnt ? list[i] : 0;
-    lr[s] = i;
-  }
+  uint64_t cv[2];
+  int cr[2];
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     const int i = s * 32 + lane;
@@ -83,14 +103,17 @@ __device__ __forceinline__ void merge_token(uint64_t* list, const uint64_t* cand
   for (int i = 0; i < m; ++i) {
     const uint64_t x = cand[i];
 #pragma unroll
-    for (int s = 0; s < kListSlots; ++s) lr[s] += x > lv[s];
-#pragma unroll
     for (int s = 0; s < 2; ++s) cr[s] += x > cv[s];
   }
-  __syncwarp();
-#pragma unroll
-  for (int s = 0; s < kListSlots; ++s)
-    if (s * 32 + lane < cnt && lr[s] < n) list[lr[s]] = lv[s];
+  for (int s = (cnt - 1) >> 5; s >= 0; --s) {  // cnt = 0: none
+    const int i = s * 32 + lane;
+    const uint64_t lv = i < cnt ? list[i] : 0;
+    int lr = i;
+    for (int k = 0; k < m; ++k) lr += cand[k] > lv;
+    __syncwarp();  // every lane has read its key (and, for the last slot, finished its search)
+    if (i < cnt && lr < n) list[lr] = lv;
+    __syncwarp();
+  }
 #pragma unroll
   for (int s = 0; s < 2; ++s)
     if (s * 32 + lane < m && cr[s] < n) list[cr[s]] = cv[s];
@@ -128,37 +151,42 @@ __device__ __forceinline__ void write_token(const uint64_t* list, int cnt, int n
 }
 
 // Group sum of a warp's probabilities for G a power of two: v holds the C fragments of
-// p^T [16 rows of the tile][64 query rows]; R consecutive query rows (columns) form a token.
-// Writes (or, for later head chunks, adds) w[token * ws + row].
-__device__ __forceinline__ void group_sum_pow2(float (&acc)[8][4], float* w, int ws, int R,
+// p^T [16 rows of the tile][NT * 8 query rows]; R consecutive query rows (columns) form a token,
+// the first at w. Writes (or, for later head chunks, adds) w[token * ws + row]. The addition tree
+// of a token is fixed by R alone (the pairs of a fragment, then n-tiles, then the quad), so a
+// token gives the same bits whether a warp holds 4 n-tiles or 8.
+template <int NT>
+__device__ __forceinline__ void group_sum_pow2(float (&acc)[NT][4], float* w, int ws, int R,
                                                int row0, bool add) {
   const int lane = threadIdx.x & 31, c = (lane & 3) * 2;
   float* wr = w + row0 + (lane >> 2);
   if (R == 1) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) wr[(nt * 8 + c + (i & 1)) * ws + (i >> 1) * 8] = acc[nt][i];
     return;
   }
-  float v[8][2];
+  float v[NT][2];
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) v[nt][h] = acc[nt][2 * h] + acc[nt][2 * h + 1];
   // Tokens spanning several n-tiles (R >= 16) first add them in the thread.
   if (R >= 16) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) v[2 * q][0] += v[2 * q + 1][0], v[2 * q][1] += v[2 * q + 1][1];
+    for (int q = 0; q < NT / 2; ++q) v[2 * q][0] += v[2 * q + 1][0], v[2 * q][1] += v[2 * q + 1][1];
   }
   if (R >= 32) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) v[4 * q][0] += v[4 * q + 2][0], v[4 * q][1] += v[4 * q + 2][1];
+    for (int q = 0; q < NT / 4; ++q) v[4 * q][0] += v[4 * q + 2][0], v[4 * q][1] += v[4 * q + 2][1];
   }
-  if (R >= 64) v[0][0] += v[4][0], v[0][1] += v[4][1];
+  if constexpr (NT == 8) {  // R = 64 needs all 8 n-tiles (the host never asks it of 4)
+    if (R >= 64) v[0][0] += v[4][0], v[0][1] += v[4][1];
+  }
   const int step = R >= 8 ? R / 8 : 1;  // n-tiles per token
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     if (nt % step != 0) continue;  // warp-uniform
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -173,13 +201,15 @@ __device__ __forceinline__ void group_sum_pow2(float (&acc)[8][4], float* w, int
   }
 }
 
-// Group sum for any G <= 64 through the warp's scratch [64 query rows][kScratchLd]: heads summed
-// in order, one (token, row) pair per lane at a time.
-__device__ __forceinline__ void group_sum_generic(const float (&acc)[8][4], float* scratch,
+// Group sum for any G (the tokens of the warp's NT * 8 query rows, none straddling another warp)
+// through the warp's scratch [NT * 8 query rows][kScratchLd]: heads summed in order, one
+// (token, row) pair per lane at a time; P tokens, the first at w.
+template <int NT>
+__device__ __forceinline__ void group_sum_generic(const float (&acc)[NT][4], float* scratch,
                                                   float* w, int ws, int G, int P, int row0) {
   const int lane = threadIdx.x & 31, c = (lane & 3) * 2, r = lane >> 2;
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) scratch[(nt * 8 + c + (i & 1)) * kScratchLd + r + (i >> 1) * 8] = acc[nt][i];
   __syncwarp();
@@ -190,19 +220,34 @@ __device__ __forceinline__ void group_sum_generic(const float (&acc)[8][4], floa
     for (int h = 0; h < G; ++h) sum += src[h * kScratchLd];
     w[tok * ws + row0 + row] = sum;
   }
-  __syncwarp();
+  __syncwarp();  // the scratch is rewritten by the warp's next fragments
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) select_topk_kernel(const TopkParams p, const Shape s) {
+// load_tile_async with a run-time row count.
+template <int COLS, int NT, typename T, typename RowPtr>
+__device__ __forceinline__ void load_rows_async(T* tile, int rows, RowPtr row_ptr) {
+  constexpr int kChunks = COLS / 8;
+  for (int i = threadIdx.x; i < rows * kChunks; i += NT) {
+    const int r = i / kChunks, c = i % kChunks;
+    const T* src = row_ptr(r);
+    cp_async_16(tile + swz<COLS>(r, c * 8), src ? src + c * 8 : tile, src != nullptr);
+  }
+}
+
+template <typename T, int D, bool kResident>
+__global__ void __launch_bounds__(32 * kernel_warps(D, kResident), 2)
+select_topk_kernel(const TopkParams p, const Shape s) {
+  constexpr int kWarps = kernel_warps(D, kResident);
+  constexpr int kThreads = 32 * kWarps;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* q_s = reinterpret_cast<T*>(smem);                                // [chunks * 64][D] swizzled
+  T* q_s = reinterpret_cast<T*>(smem);                                // [segs * seg_rows][D] swizzled
   T* k_s = reinterpret_cast<T*>(smem + s.off_k);                      // [2][64][D] swizzled
-  float* scratch = reinterpret_cast<float*>(smem + s.off_scratch);    // [4][64][kScratchLd] (reduce == 0)
+  float* scratch = reinterpret_cast<float*>(smem + s.off_scratch);    // [warps][seg_rows][kScratchLd]
+                                                                      // (reduce == 0)
   float* w_s = reinterpret_cast<float*>(smem + s.off_w);              // [P][ws]: cpr - 1 carried rows,
                                                                       // then the tile's 64 rows
-  float* lse_s = reinterpret_cast<float*>(smem + s.off_lse);          // [chunks * 64] lse * log2e
-  int* nv_s = reinterpret_cast<int*>(smem + s.off_nv);                // [chunks * 64] rows visible
+  float* lse_s = reinterpret_cast<float*>(smem + s.off_lse);          // [segs * seg_rows] lse * log2e
+  int* nv_s = reinterpret_cast<int*>(smem + s.off_nv);                // [segs * seg_rows] rows visible
   uint64_t* list_s = reinterpret_cast<uint64_t*>(smem + s.off_list);  // [P][n] top-n keys, descending
   uint64_t* cand_s = reinterpret_cast<uint64_t*>(smem + s.off_cand);  // [P][cap] candidates
   uint64_t* theta_s = reinterpret_cast<uint64_t*>(smem + s.off_theta);// [P] key to beat (0: list not full)
@@ -219,49 +264,77 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(const TopkParams 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = blockIdx.y, G = s.group, P = s.tokens, n = p.num_selected;
   const int cpr = s.cpr, cpb = s.cpb, ws = s.ws, cap = s.cap;
+  const int rows = s.segs * s.seg_rows;
   const int t0 = int(st.tile) * P;
   const int ntok = min(P, int(seq.len) - t0);
   const int nvis_max = visible_rows(t0 + ntok - 1, p.block_size, p.block_stride, seq.cmp_len);
   // Tiles until every nonzero cell (k < nvis + cpr - 1) is complete.
   const int ntiles = nvis_max > 0 ? (nvis_max + cpr - 1 + kTileRows - 1) / kTileRows : 0;
 
-  // Token and head of row e of chunk c; false for a padding row.
-  auto row_of = [&](int c, int e, int& tok, int& h) {
-    if (s.chunks == 1) {
-      tok = e / G;
-      h = e - tok * G;
-      return tok < ntok;
+  // Token and head of query row e; false for a padding row (past the segment's last whole token,
+  // past the last token of the sequence, or past G in the last chunk of a G > 64 token).
+  auto row_of = [&](int e, int& tok, int& h) {
+    const int seg = e / s.seg_rows, r = e - seg * s.seg_rows;
+    if (G > kRows) {
+      tok = 0;
+      h = seg * kRows + r;
+      return h < G;
     }
-    tok = 0;
-    h = c * kRows + e;
-    return h < G;
+    const int lt = r / G;
+    tok = seg * s.seg_tokens + lt;
+    h = r - lt * G;
+    return lt < s.seg_tokens && tok < ntok;
   };
 
-  if (ntiles > 0) {
-    for (int c = 0; c < s.chunks; ++c)
-      load_tile_async<kRows, D, kThreads>(q_s + c * kRows * D, [&](int e) -> const T* {
-        int tok, h;
-        return row_of(c, e, tok, h) ? p.q.ptr<const T>(seq.batch, seq.start + t0 + tok, g * G + h) : nullptr;
-      });
-  }
+  if (ntiles > 0)
+    load_rows_async<D, kThreads>(q_s, rows, [&](int e) -> const T* {
+      int tok, h;
+      return row_of(e, tok, h) ? p.q.ptr<const T>(seq.batch, seq.start + t0 + tok, g * G + h) : nullptr;
+    });
+  // Row 0 of the sequence's keys and the block's first output: the only parts of seq the tile
+  // loop needs (fewer live registers).
+  const T* k_g = p.k.ptr<const T>(seq.batch, seq.cmp_start, g);
+  int32_t* out_g = p.indices.ptr<int32_t>(seq.batch, seq.start + t0, g);
   auto load_keys = [&](int kt) {
     const int i0 = kt * kTileRows;
     load_tile_async<kTileRows, D, kThreads>(k_s + (kt & 1) * kTileRows * D, [&](int r) -> const T* {
-      return i0 + r < nvis_max ? p.k.ptr<const T>(seq.batch, seq.cmp_start + i0 + r, g) : nullptr;
+      return i0 + r < nvis_max ? k_g + (i0 + r) * p.k.row_stride : nullptr;
     });
   };
   if (ntiles > 0) load_keys(0);
   cp_async_commit();
 
-  for (int e = tid; e < s.chunks * kRows; e += kThreads) {
+  for (int e = tid; e < rows; e += kThreads) {
     int tok, h;
     float lse = -__builtin_huge_valf();
-    if (row_of(e / kRows, e % kRows, tok, h))
-      lse = *p.lse.ptr<const float>(seq.batch, seq.start + t0 + tok, g * G + h);
+    if (row_of(e, tok, h)) lse = *p.lse.ptr<const float>(seq.batch, seq.start + t0 + tok, g * G + h);
     const bool live = lse != -__builtin_huge_valf();  // lse = -inf: the row sees nothing
     lse_s[e] = live ? lse * kLog2e : 0.f;
     nv_s[e] = live ? visible_rows(t0 + tok, p.block_size, p.block_stride, seq.cmp_len) : 0;
   }
+
+  // Resident mode: the warp's unit, its Q fragments qf[ks][np] (n-tiles 2np, 2np + 1 at k-slice
+  // ks), and the fewest rows any of its real columns sees (tiles below that
+  // need no visibility test; padding columns feed no score, so they do not count).
+  const int unit = warp % s.segs;
+  uint32_t qf[kResident ? D / 16 : 1][2][4];
+  int nv_min = 0;
+  if constexpr (kResident) {
+    cp_async_wait<0>();
+    __syncthreads();  // q_s, lse_s, nv_s complete
+    if (ntiles > 0) {
+      const T* qu_s = q_s + unit * kUnitRows * D;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+        for (int np = 0; np < 2; ++np) load_b_nk<D>(qf[ks][np], qu_s, np * 16, ks * 16);
+    }
+    int tok, h;
+    const int e = unit * kUnitRows + lane;
+    nv_min = __reduce_min_sync(0xffffffffu, row_of(e, tok, h) ? nv_s[e] : INT_MAX);
+    __syncthreads();  // q_s is dead: the per-token state below lives over it
+  }
+
   for (int i = tid; i < P; i += kThreads) {
     cnt_s[i] = 0;
     nacc_s[i] = 0;
@@ -271,7 +344,6 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(const TopkParams 
   for (int i = tid; i < P * (cpr - 1); i += kThreads) w_s[(i / (cpr - 1)) * ws + i % (cpr - 1)] = 0.f;
   __syncthreads();
 
-  const int row0 = cpr - 1 + warp * 16;  // this warp's tile rows in w_s
   for (int kt = 0; kt < ntiles; ++kt) {
     const int i0 = kt * kTileRows;
     if ((kt + 1) * kTileRows < nvis_max) load_keys(kt + 1);
@@ -282,42 +354,98 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(const TopkParams 
     // 1. Group-summed probabilities of the tile's rows.
     if (i0 < nvis_max) {
       const T* kt_s = k_s + (kt & 1) * kTileRows * D;
-      const int key = i0 + warp * 16 + (lane >> 2);  // fragment rows key, key + 8
-      for (int c = 0; c < s.chunks; ++c) {
-        const T* qc_s = q_s + c * kRows * D;
-        float acc[8][4];
+      if constexpr (kResident) {
+        // The warps of a unit (warps / U of them) take its 16-row m-tiles in turn.
+        float* wu = w_s + unit * s.seg_tokens * ws;
+        float* scr = scratch + warp * kUnitRows * kScratchLd;
+        for (int mt = warp / s.segs; mt < kTileRows / 16; mt += kWarps / s.segs) {
+          float acc[4][4];
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+          for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          uint32_t a[4];
-          load_a<D>(a, kt_s, warp * 16, ks * 16);
+          for (int ks = 0; ks < D / 16; ++ks) {
+            uint32_t a[4];
+            load_a<D>(a, kt_s, mt * 16, ks * 16);
 #pragma unroll
-          for (int np = 0; np < 4; ++np) {
-            uint32_t b[4];
-            load_b_nk<D>(b, qc_s, np * 16, ks * 16);
-            mma<T>(acc[2 * np], a, b[0], b[1]);
-            mma<T>(acc[2 * np + 1], a, b[2], b[3]);
+            for (int np = 0; np < 2; ++np) {
+              mma<T>(acc[2 * np], a, qf[ks][np][0], qf[ks][np][1]);
+              mma<T>(acc[2 * np + 1], a, qf[ks][np][2], qf[ks][np][3]);
+            }
           }
-        }
-        // Fragment columns: query rows 8 nt + c2, + 1 (read here rather than kept in registers).
+          // Fragment columns: query rows 8 nt + c2, + 1 of the unit (lse read here: registers are
+          // short).
+          const int col0 = unit * kUnitRows + (lane & 3) * 2;
+          if (i0 + mt * 16 + 16 <= nv_min) {  // warp-uniform: every real column sees all 16 rows
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const int col = c * kRows + nt * 8 + (lane & 3) * 2;
-          const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col);
-          const int2 nv2 = *reinterpret_cast<const int2*>(nv_s + col);
+            for (int nt = 0; nt < 4; ++nt) {
+              const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int rk = key + (i >> 1) * 8;
-            const bool vis = rk < ((i & 1) ? nv2.y : nv2.x);
-            const float x = fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x));
-            acc[nt][i] = vis ? exp2f(x) : 0.f;
+              for (int i = 0; i < 4; ++i)
+                acc[nt][i] = exp2f(fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x)));
+            }
+          } else {
+            const int key = i0 + mt * 16 + (lane >> 2);  // fragment rows key, key + 8
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+              const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
+              const int2 nv2 = *reinterpret_cast<const int2*>(nv_s + col0 + nt * 8);
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int rk = key + (i >> 1) * 8;
+                const bool vis = rk < ((i & 1) ? nv2.y : nv2.x);
+                const float x = fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x));
+                acc[nt][i] = vis ? exp2f(x) : 0.f;
+              }
+            }
           }
+          const int row0 = cpr - 1 + mt * 16;  // the m-tile's rows in w_s
+          if (s.reduce > 0)
+            group_sum_pow2<4>(acc, wu, ws, s.reduce, row0, false);
+          else
+            group_sum_generic<4>(acc, scr, wu, ws, G, s.seg_tokens, row0);
         }
-        if (s.reduce > 0)
-          group_sum_pow2(acc, w_s, ws, s.reduce, row0, c > 0);
-        else
-          group_sum_generic(acc, scratch + warp * kRows * kScratchLd, w_s, ws, G, P, row0);
+      } else {
+        const int row0 = cpr - 1 + warp * 16;  // this warp's tile rows in w_s
+        const int key = i0 + warp * 16 + (lane >> 2);  // fragment rows key, key + 8
+        uint32_t af[D / 16][4];  // the warp's K fragments, shared by all chunks
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) load_a<D>(af[ks], kt_s, warp * 16, ks * 16);
+        for (int c = 0; c < s.segs; ++c) {
+          const T* qc_s = q_s + c * kRows * D;
+          float acc[8][4];
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+          for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+              uint32_t b[4];
+              load_b_nk<D>(b, qc_s, np * 16, ks * 16);
+              mma<T>(acc[2 * np], af[ks], b[0], b[1]);
+              mma<T>(acc[2 * np + 1], af[ks], b[2], b[3]);
+            }
+          }
+          // Fragment columns: query rows 8 nt + c2, + 1 (read here rather than kept in registers).
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+            const int col = c * kRows + nt * 8 + (lane & 3) * 2;
+            const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col);
+            const int2 nv2 = *reinterpret_cast<const int2*>(nv_s + col);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int rk = key + (i >> 1) * 8;
+              const bool vis = rk < ((i & 1) ? nv2.y : nv2.x);
+              const float x = fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x));
+              acc[nt][i] = vis ? exp2f(x) : 0.f;
+            }
+          }
+          // G <= 64: the chunk's own tokens; G > 64: one token, chunks added in order.
+          float* wc = w_s + (G > kRows ? 0 : c * s.seg_tokens * ws);
+          if (s.reduce > 0)
+            group_sum_pow2<8>(acc, wc, ws, s.reduce, row0, G > kRows && c > 0);
+          else
+            group_sum_generic<8>(acc, scratch + warp * kRows * kScratchLd, wc, ws, G, s.seg_tokens, row0);
+        }
       }
     } else {  // past every visible row: the tile only completes cells from the carried rows
       for (int i = tid; i < P * kTileRows; i += kThreads) w_s[(i / kTileRows) * ws + cpr - 1 + i % kTileRows] = 0.f;
@@ -356,7 +484,7 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(const TopkParams 
         *wt = wt[kTileRows];
       }
     }
-    for (int tok = warp; tok < ntok; tok += kThreads / 32)
+    for (int tok = warp; tok < ntok; tok += kWarps)
       if (nacc_s[tok] > 0)
         merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
   }
@@ -377,14 +505,14 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(const TopkParams 
       if (k > theta_s[tok]) cand_s[tok * cap + atomicAdd(&nacc_s[tok], 1)] = k;
     }
     __syncthreads();
-    for (int tok = warp; tok < ntok; tok += kThreads / 32)
+    for (int tok = warp; tok < ntok; tok += kWarps)
       if (nacc_s[tok] > 0)
         merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
     __syncthreads();
   }
 
-  for (int tok = warp; tok < ntok; tok += kThreads / 32)
-    write_token(list_s + tok * n, cnt_s[tok], n, p.indices.ptr<int32_t>(seq.batch, seq.start + t0 + tok, g));
+  for (int tok = warp; tok < ntok; tok += kWarps)
+    write_token(list_s + tok * n, cnt_s[tok], n, out_g + tok * p.indices.row_stride);
 }
 
 }  // namespace nsa::cuda::topk
