@@ -40,12 +40,13 @@ NSA_HOST_DEVICE int tiles_per_block(int select_size) { return (select_size + kKe
 struct QueryRows {
   SeqRange seq;
   int g = 0, G = 1;
-  index_t e0 = 0;  // first (token, head) pair
-  int count = 0;   // valid rows, <= kRows
+  int h_first = 0;  // head (within the group) of row 0, whose token is t_first
+  int count = 0;    // valid rows, <= the tile's rows
   index_t t_first = 0, t_last = 0;
 
-  __device__ index_t token(int r) const { return (e0 + r) / G; }
-  __device__ int head(int r) const { return g * G + int((e0 + r) % G); }
+  // 32-bit divisions: these run per row of every load.
+  __device__ index_t token(int r) const { return t_first + (h_first + r) / G; }
+  __device__ int head(int r) const { return g * G + (h_first + r) % G; }
 };
 
 // Grid: x = query tiles of `tile_rows` rows (virtual when packed), y = KV head, z = batch.
@@ -57,10 +58,11 @@ __device__ __forceinline__ bool locate_query_rows(const AttnParams& p, QueryRows
   rows.seq = st.seq;
   rows.g = blockIdx.y;
   rows.G = G;
-  rows.e0 = st.tile * tile_rows;
-  rows.count = int(min(index_t(tile_rows), st.seq.len * G - rows.e0));
-  rows.t_first = rows.e0 / G;
-  rows.t_last = (rows.e0 + rows.count - 1) / G;
+  const index_t e0 = st.tile * tile_rows;  // first (token, head) pair
+  rows.count = int(min(index_t(tile_rows), st.seq.len * G - e0));
+  rows.t_first = e0 / G;
+  rows.h_first = int(e0 - rows.t_first * G);
+  rows.t_last = (e0 + rows.count - 1) / G;
   return true;
 }
 

@@ -287,38 +287,38 @@ __global__ void __launch_bounds__(kThreads)
   const SeqRange seq = st.seq;
   const int ntiles = int((pairs_hi - pairs_lo + R - 1) / R);
 
-  load_tile_async<kKeys, D, kThreads>(sK, [&](int r) -> const T* {
-    return ks + r < ke ? p.k.template ptr<const T>(seq.batch, key_row<B>(seq, ks + r), g) : nullptr;
-  });
-  load_tile_async<kKeys, DV, kThreads>(sV, [&](int r) -> const T* {
-    return ks + r < ke ? p.v.template ptr<const T>(seq.batch, key_row<B>(seq, ks + r), g) : nullptr;
-  });
+  load_strided_async<kKeys, D, kThreads>(sK, p.k.template ptr<const T>(seq.batch, key_row<B>(seq, ks), g),
+                                         p.k.row_stride, int(ke - ks));
+  load_strided_async<kKeys, DV, kThreads>(sV, p.v.template ptr<const T>(seq.batch, key_row<B>(seq, ks), g),
+                                          p.v.row_stride, int(ke - ks));
 
-  // Token (sequence-relative) of pair e, and its query head.
-  auto pair_token = [&](index_t e) -> index_t {
+  // Pairs are numbered from pairs_lo in int32 (fewer than T * G), as they are walked for every row
+  // of every row tile.
+  const index_t t_lo = pairs_lo / G;
+  const T* q_seq = p.q.template ptr<const T>(seq.batch, seq.start, g * G);
+  const T* do_seq = p.dout.template ptr<const T>(seq.batch, seq.start, g * G);
+  // Token of token index i (pair i * G + head of the segment / range).
+  auto token_of = [&](int i) -> index_t {
     if constexpr (B == Branch::kSlc) {
-      return index_t(rix.rows[seg_lo + e / G]) - index_t(seq.batch) * p.seqs.seqlen - seq.start;
+      return index_t(rix.rows[seg_lo + i]) - index_t(seq.batch) * p.seqs.seqlen - seq.start;
     } else {
-      return e / G;
+      return t_lo + i;
     }
   };
   auto load_rows = [&](int i, int stage) {
-    const index_t e0 = pairs_lo + index_t(i) * R;
-    const int n = int(min(index_t(R), pairs_hi - e0));
-    load_tile_async<R, D, kThreads>(sQ + stage * R * D, [&](int r) -> const T* {
-      return r < n ? p.q.template ptr<const T>(seq.batch, seq.start + pair_token(e0 + r), g * G + int((e0 + r) % G))
-                   : nullptr;
-    });
-    load_tile_async<R, DV, kThreads>(sdO + stage * R * DV, [&](int r) -> const T* {
-      return r < n ? p.dout.template ptr<const T>(seq.batch, seq.start + pair_token(e0 + r), g * G + int((e0 + r) % G))
-                   : nullptr;
-    });
+    const int e0 = i * R;
+    const int n = int(min(index_t(R), pairs_hi - pairs_lo - e0));
+    // Pair e0 + r: token index (e0 + r) / G = e0 / G + (h0 + r) / G with h0 = e0 % G.
+    const int i0 = e0 / G, h0 = e0 - i0 * G;
+    auto tok = [&](int j) { return token_of(i0 + j); };
+    load_pairs_async<R, D, kThreads>(sQ + stage * R * D, q_seq, p.q.row_stride, p.q.head_stride, h0, G, n, tok);
+    load_pairs_async<R, DV, kThreads>(sdO + stage * R * DV, do_seq, p.dout.row_stride, p.dout.head_stride, h0, G, n, tok);
     for (int r = tid; r < R; r += kThreads) {
       float lse2 = 0.f, dlt = 0.f;
       int t = -1;
       if (r < n) {
-        const index_t tk = pair_token(e0 + r);
-        const int h = g * G + int((e0 + r) % G);
+        const index_t tk = token_of((e0 + r) / G);
+        const int h = g * G + (e0 + r) % G;
         lse2 = *p.lse.template ptr<const float>(seq.batch, seq.start + tk, h) * float(M_LOG2E);
         dlt = delta[(index_t(seq.batch) * p.seqs.seqlen + seq.start + tk) * p.num_heads + h];
         t = int(tk);

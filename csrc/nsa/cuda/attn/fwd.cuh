@@ -50,10 +50,9 @@ struct KeyTiles {
 // (NT threads copying); rows past rows.count are zeros.
 template <int COLS, int R = kRows, int NT = kThreads, typename T>
 __device__ __forceinline__ void load_query_rows(T* tile, const View& src, const QueryRows& rows) {
-  load_tile_async<R, COLS, NT>(tile, [&](int r) -> const T* {
-    return r < rows.count ? src.ptr<const T>(rows.seq.batch, rows.seq.start + rows.token(r), rows.head(r))
-                          : nullptr;
-  });
+  load_pairs_async<R, COLS, NT>(tile, src.ptr<const T>(rows.seq.batch, rows.seq.start + rows.t_first, rows.g * rows.G),
+                                src.row_stride, src.head_stride, rows.h_first, rows.G, rows.count,
+                                [](int i) { return index_t(i); });
 }
 
 // The key side shared by the forward and dq kernels: the key tiles of the block's rows (for the
@@ -91,12 +90,10 @@ struct QueryKeys {
     index_t ks, ke;
     unsigned long long tok;
     tile(i, ks, ke, tok);
-    load_tile_async<kKeys, D, kThreads>(sK, [&](int r) -> const T* {
-      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
-    });
-    load_tile_async<kKeys, DV, kThreads>(sV, [&](int r) -> const T* {
-      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks + r), rows.g) : nullptr;
-    });
+    const int valid = int(max(index_t(0), ke - ks));
+    const index_t row = key_row<B>(rows.seq, ks);
+    load_strided_async<kKeys, D, kThreads>(sK, p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
+    load_strided_async<kKeys, DV, kThreads>(sV, p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
   }
 };
 

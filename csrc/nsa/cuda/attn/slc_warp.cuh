@@ -66,28 +66,30 @@ __device__ __forceinline__ int warp_block_items(const SlcParams& p, const QueryR
   return count;
 }
 
-// The warp's sub-tiles: tile i is part i % per_block of the block of item i / per_block.
+// The warp's sub-tiles: tile i is part i % per_block of the block of item i / per_block, per_block
+// = ceil(select_size / kWarpKeys) rounded up to a power of two (a shift, not a division, per tile;
+// parts past the block are empty).
 template <typename T, int D, int DV>
 struct WarpBlockTiles {
   const SlcParams& p;
   const QueryRows& rows;
   const int32_t* block;  // [count] the items (warp_block_items)
   const int32_t* token;
-  int per_block = 1, count = 0;
+  int shift = 0, count = 0;
 
   __device__ WarpBlockTiles(const SlcParams& p_, const QueryRows& rows_, int32_t* block_, int32_t* token_)
       : p(p_), rows(rows_), block(block_), token(token_) {
-    per_block = (p.select_size + kWarpKeys - 1) / kWarpKeys;
-    count = warp_block_items(p, rows, block_, token_) * per_block;
+    while ((kWarpKeys << shift) < p.select_size) ++shift;
+    count = warp_block_items(p, rows, block_, token_) << shift;
   }
 
-  // Keys [ks, ke) of tile i (ks >= ke: the part of the token's own block past the token) and its
-  // token t_first + tl.
+  // Keys [ks, ke) of tile i (ks >= ke: a part past the block, or past the token in its own block)
+  // and its token t_first + tl.
   __device__ void tile(int i, index_t& ks, index_t& ke, int& tl) const {
-    const int it = i / per_block;
+    const int it = i >> shift;
     tl = token[it];
     const index_t start = index_t(block[it]) * p.select_size;
-    ks = start + index_t(i - it * per_block) * kWarpKeys;
+    ks = start + index_t(i - (it << shift)) * kWarpKeys;
     ke = min(min(start + p.select_size, ks + kWarpKeys), rows.t_first + tl + 1);
   }
 
@@ -96,12 +98,12 @@ struct WarpBlockTiles {
     index_t ks, ke;
     int tl;
     tile(i, ks, ke, tl);
-    load_tile_async<kWarpKeys, D, 32>(sK + (i & 1) * kWarpKeys * D, [&](int r) -> const T* {
-      return ks + r < ke ? p.k.template ptr<const T>(rows.seq.batch, rows.seq.start + ks + r, rows.g) : nullptr;
-    });
-    load_tile_async<kWarpKeys, DV, 32>(sV + (i & 1) * kWarpKeys * DV, [&](int r) -> const T* {
-      return ks + r < ke ? p.v.template ptr<const T>(rows.seq.batch, rows.seq.start + ks + r, rows.g) : nullptr;
-    });
+    const int valid = int(max(index_t(0), ke - ks));
+    const index_t row = rows.seq.start + ks;
+    load_strided_async<kWarpKeys, D, 32>(sK + (i & 1) * kWarpKeys * D,
+                                         p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
+    load_strided_async<kWarpKeys, DV, 32>(sV + (i & 1) * kWarpKeys * DV,
+                                          p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
   }
 
   // Before step i: prefetch tile i + 1 (its stage was last read in step i - 1), wait for tile i.

@@ -5,6 +5,7 @@
 // 8 bank groups of a 128-byte line (COLS is a multiple of 64, so a row is a multiple of 128 bytes).
 #pragma once
 
+#include "../../params.h"
 #include "mma.cuh"
 
 namespace nsa::cuda {
@@ -25,6 +26,75 @@ __device__ __forceinline__ void load_tile_async(T* tile, RowPtr row_ptr) {
     const int r = i / kChunks, c = i % kChunks;
     const T* src = row_ptr(r);
     cp_async_16(tile + swz<COLS>(r, c * 8), src ? src + c * 8 : tile, src != nullptr);
+  }
+}
+
+// The same for rows evenly spaced in memory (row r at src + r * stride, e.g. consecutive keys of
+// one head), the first `valid` of them real and the rest zero-filled. The key-tile loads of every
+// kernel go through here: one 64-bit address per thread and a fully unrolled loop, where the
+// generic version's per-chunk row callback costs ~40 instructions per 16-byte copy.
+template <int R, int COLS, int NT, typename T>
+__device__ __forceinline__ void load_strided_async(T* tile, const T* src, index_t stride, int valid) {
+  constexpr int kChunks = COLS / 8;
+  static_assert((R * kChunks) % NT == 0, "every thread copies the same number of chunks");
+  const int tid = threadIdx.x % NT;
+  if constexpr (NT % kChunks == 0) {
+    // The thread keeps one chunk column and steps down the rows by a pointer increment.
+    constexpr int kRowStep = NT / kChunks;
+    const int c = tid % kChunks;
+    int r = tid / kChunks;
+    const T* from = src + r * stride + c * 8;
+    const index_t step = kRowStep * stride;
+#pragma unroll
+    for (int k = 0; k < R / kRowStep; ++k, r += kRowStep, from += step)
+      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? from : tile, r < valid);
+  } else {
+#pragma unroll
+    for (int k = 0; k < R * kChunks / NT; ++k) {
+      const int i = tid + k * NT;
+      const int r = i / kChunks, c = i % kChunks;
+      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? src + r * stride + c * 8 : tile, r < valid);
+    }
+  }
+}
+
+// The same for rows that walk a [token][head] grid in groups of G heads: row r is head
+// hh = (h0 + r) % G of token index i = (h0 + r) / G, at src + token_of(i) * token_stride +
+// hh * head_stride (the (token, head) query rows of a KV head). Rows >= valid are zero-filled.
+// One division per thread; the rows after it step (i, hh) incrementally.
+template <int R, int COLS, int NT, typename T, typename TokenOf>
+__device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t token_stride,
+                                                 index_t head_stride, int h0, int G, int valid,
+                                                 TokenOf token_of) {
+  constexpr int kChunks = COLS / 8;
+  static_assert((R * kChunks) % NT == 0, "every thread copies the same number of chunks");
+  const int tid = threadIdx.x % NT;
+  if constexpr (NT % kChunks == 0) {
+    constexpr int kRowStep = NT / kChunks;
+    const int c = tid % kChunks;
+    int r = tid / kChunks;
+    int i = (h0 + r) / G, hh = (h0 + r) - i * G;
+    const int di = kRowStep / G, dh = kRowStep - di * G;
+#pragma unroll
+    for (int k = 0; k < R / kRowStep; ++k) {
+      const bool ok = r < valid;
+      const T* from = ok ? src + token_of(i) * token_stride + hh * head_stride + c * 8 : tile;
+      cp_async_16(tile + swz<COLS>(r, c * 8), from, ok);
+      r += kRowStep;
+      i += di;
+      hh += dh;
+      if (hh >= G) hh -= G, ++i;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < R * kChunks / NT; ++k) {
+      const int e = tid + k * NT;
+      const int r = e / kChunks, c = e % kChunks;
+      const int i = (h0 + r) / G, hh = (h0 + r) - i * G;
+      const bool ok = r < valid;
+      const T* from = ok ? src + token_of(i) * token_stride + hh * head_stride + c * 8 : tile;
+      cp_async_16(tile + swz<COLS>(r, c * 8), from, ok);
+    }
   }
 }
 

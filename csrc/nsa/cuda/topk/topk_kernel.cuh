@@ -297,9 +297,8 @@ select_topk_kernel(const TopkParams p, const Shape s) {
   int32_t* out_g = p.indices.ptr<int32_t>(seq.batch, seq.start + t0, g);
   auto load_keys = [&](int kt) {
     const int i0 = kt * kTileRows;
-    load_tile_async<kTileRows, D, kThreads>(k_s + (kt & 1) * kTileRows * D, [&](int r) -> const T* {
-      return i0 + r < nvis_max ? k_g + (i0 + r) * p.k.row_stride : nullptr;
-    });
+    load_strided_async<kTileRows, D, kThreads>(k_s + (kt & 1) * kTileRows * D, k_g + i0 * p.k.row_stride,
+                                                p.k.row_stride, nvis_max - i0);
   };
   if (ntiles > 0) load_keys(0);
   cp_async_commit();
