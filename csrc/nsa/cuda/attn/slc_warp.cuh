@@ -15,6 +15,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "bwd.cuh"
 
@@ -23,8 +25,14 @@ namespace nsa::cuda {
 constexpr int kWarpRows = 16;  // query rows per warp (one m16 tile)
 constexpr int kWarpKeys = 32;  // keys per sub-tile
 
-// The warp kernels are used below this group size.
-inline bool slc_per_warp(int group) { return group < 64; }
+// The warp kernels are used below this group size; NSA_CUDA_SLC_KERNEL=union or =warp forces one
+// kind (for comparing them on a GPU).
+inline bool slc_per_warp(int group) {
+  const char* env = std::getenv("NSA_CUDA_SLC_KERNEL");
+  if (env && std::strcmp(env, "union") == 0) return false;
+  if (env && std::strcmp(env, "warp") == 0) return true;
+  return group < 64;
+}
 
 // Bytes of the tiles: `query_cols` = D (forward) or D + DV (dq: Q and dO).
 template <int D, int DV>
