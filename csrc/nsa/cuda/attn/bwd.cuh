@@ -114,29 +114,18 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
       warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, k_tile);     // S = Q K^T
       warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, v_tile);  // dP = dO V^T
-      if (tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last)) {
+      const TileMask<B, P> visible(p, tr, rows, ks, ke, tile_tokens);
+      with_all_visible(tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last), [&](auto all) {
 #pragma unroll
         for (int j = 0; j < kKeys / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int r = e >> 1;
-            s[j][e] = exp2f(s[j][e] * scale_log2 - lse2[r]) * (dp[j][e] - dlt[r]);  // dS
-          }
-        }
-      } else {
-        const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
-#pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = e >> 1;
-            const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
-            const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
-            const float pr = vis ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
+            const float pr = decltype(all)::value || visible(j, e) ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
             s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
           }
         }
-      }
+      });
       warp_gemm_pn<kKeys, D>(dq, s, k_tile);  // dQ += dS K
     }
     __syncthreads();
@@ -373,10 +362,8 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       };
-      if (tok[R - 1] >= 0 && tile_all_visible<B>(p, ks, ke, index_t(tok[0]), index_t(tok[R - 1])))
-        to_ds(std::true_type{});
-      else
-        to_ds(std::false_type{});
+      with_all_visible(tok[R - 1] >= 0 && tile_all_visible<B>(p, ks, ke, index_t(tok[0]), index_t(tok[R - 1])),
+                       to_ds);
       warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
       warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
     }

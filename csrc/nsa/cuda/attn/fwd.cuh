@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "../common/warp_gemm.cuh"
 #include "branch.cuh"
@@ -123,6 +124,66 @@ struct ThreadRows {
   }
 };
 
+// Visibility of element e of this thread's C-fragment column block j in key tile [ks, ke) (for
+// the selected branch, the tile of a block the tokens `tile_tokens` chose).
+template <Branch B, typename P>
+struct TileMask {
+  const P& p;
+  index_t ks, ke;
+  bool row_on[2];
+  index_t tok[2];
+  __device__ TileMask(const P& p_, const ThreadRows& tr, const QueryRows& rows, index_t ks_, index_t ke_,
+                      unsigned long long tile_tokens)
+      : p(p_), ks(ks_), ke(ke_) {
+    for (int r = 0; r < 2; ++r) {
+      row_on[r] = tr.on(r, tile_tokens, rows.t_first);
+      tok[r] = tr.tok[r];
+    }
+  }
+  __device__ bool operator()(int j, int e) const {
+    const index_t key = ks + j * 8 + (threadIdx.x & 3) * 2 + (e & 1);
+    return row_on[e >> 1] && key < ke && key_visible<B>(p, tok[e >> 1], key);
+  }
+};
+
+// Calls f(std::true_type) when no element needs a mask, else f(std::false_type), so that the
+// unmasked loop is compiled without the per-element tests.
+template <typename F>
+__device__ __forceinline__ void with_all_visible(bool all, F&& f) {
+  if (all) f(std::true_type{}); else f(std::false_type{});
+}
+
+// One key tile of the online softmax for this thread's two rows: s holds the tile's scores in
+// log2 units (-inf where masked), mx their per-thread row maxima. Moves the maxima m, rescales l
+// and acc to them, turns s into probabilities and adds them to l.
+template <int N, int DV>
+__device__ __forceinline__ void online_softmax_step(float (&s)[N / 8][4], const float (&mx)[2], float (&m)[2],
+                                                    float (&l)[2], float (&acc)[DV / 8][4]) {
+  float corr[2], base[2];
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m[r], quad_max(mx[r]));
+    base[r] = m_new == -INFINITY ? 0.f : m_new;
+    corr[r] = exp2f(m[r] - base[r]);
+    m[r] = m_new;
+    l[r] *= corr[r];
+  }
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = exp2f(s[j][e] - base[e >> 1]);
+      l[e >> 1] += s[j][e];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) {
+    acc[j][0] *= corr[0];
+    acc[j][1] *= corr[0];
+    acc[j][2] *= corr[1];
+    acc[j][3] *= corr[1];
+  }
+}
+
 // Epilogue of the forward kernels: this thread's two rows of o = acc / l (0 when nothing was
 // visible) and lse = m + log l (-inf then); m in log2 units.
 template <typename T, int DV>
@@ -193,53 +254,19 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
       warp_gemm_nt<D, kKeys, T>(s, qf, k_tile);
       // Mask, scale, online softmax.
+      const TileMask<B, P> visible(p, tr, rows, ks, ke, tile_tokens);
       float mx[2] = {-INFINITY, -INFINITY};
-      if (tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last)) {
+      with_all_visible(tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last), [&](auto all) {
 #pragma unroll
         for (int j = 0; j < kKeys / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[j][e] *= scale_log2;
+            s[j][e] = decltype(all)::value || visible(j, e) ? s[j][e] * scale_log2 : -INFINITY;
             mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
           }
         }
-      } else {
-        const bool row_on[2] = {tr.on(0, tile_tokens, rows.t_first), tr.on(1, tile_tokens, rows.t_first)};
-#pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = e >> 1;
-            const index_t key = ks + j * 8 + (lane & 3) * 2 + (e & 1);
-            const bool vis = row_on[r] && key < ke && key_visible<B>(p, tr.tok[r], key);
-            s[j][e] = vis ? s[j][e] * scale_log2 : -INFINITY;
-            mx[r] = fmaxf(mx[r], s[j][e]);
-          }
-        }
-      }
-      float corr[2], base[2];
-      for (int r = 0; r < 2; ++r) {
-        const float m_new = fmaxf(m[r], quad_max(mx[r]));
-        base[r] = m_new == -INFINITY ? 0.f : m_new;
-        corr[r] = exp2f(m[r] - base[r]);
-        m[r] = m_new;
-        l[r] *= corr[r];
-      }
-#pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = exp2f(s[j][e] - base[e >> 1]);
-          l[e >> 1] += s[j][e];
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < DV / 8; ++j) {
-        acc[j][0] *= corr[0];
-        acc[j][1] *= corr[0];
-        acc[j][2] *= corr[1];
-        acc[j][3] *= corr[1];
-      }
+      });
+      online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
       warp_gemm_pn<kKeys, DV, T>(acc, s, v_tile);  // O += P V
     }
     __syncthreads();

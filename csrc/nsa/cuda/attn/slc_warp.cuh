@@ -74,26 +74,41 @@ __device__ __forceinline__ int warp_block_items(const SlcParams& p, const QueryR
   return count;
 }
 
-// The warp's sub-tiles: tile i is part i % per_block of the block of item i / per_block, per_block
-// = ceil(select_size / kWarpKeys) rounded up to a power of two (a shift, not a division, per tile;
-// parts past the block are empty).
+// The warp's sub-tiles, double-buffered in sK [2][kWarpKeys][D], sV [2][kWarpKeys][DV]: tile i
+// is part i % per_block of the block of item i / per_block, per_block = ceil(select_size /
+// kWarpKeys) rounded up to a power of two (a shift, not a division, per tile; parts past the block
+// are empty).
 template <typename T, int D, int DV>
 struct WarpBlockTiles {
+  // Step i's tile: keys [ks, ks + kend) of token t in k, v (kend <= 0: nothing to do, a part past
+  // the block, or past the token in its own block).
+  struct Tile {
+    int kend;
+    index_t t;
+    const T* k;
+    const T* v;
+  };
+
   const SlcParams& p;
   const QueryRows& rows;
+  T* sK;
+  T* sV;
   const int32_t* block;  // [count] the items (warp_block_items)
   const int32_t* token;
   int shift = 0, count = 0;
 
-  __device__ WarpBlockTiles(const SlcParams& p_, const QueryRows& rows_, int32_t* block_, int32_t* token_)
-      : p(p_), rows(rows_), block(block_), token(token_) {
+  // Builds the items in `items` ([2][16 n] int32) and starts loading tile 0 (its own cp.async
+  // group).
+  __device__ WarpBlockTiles(const SlcParams& p_, const QueryRows& rows_, T* sK_, T* sV_, int32_t* items)
+      : p(p_), rows(rows_), sK(sK_), sV(sV_), block(items), token(items + kWarpRows * p_.num_selected) {
     while ((kWarpKeys << shift) < p.select_size) ++shift;
-    count = warp_block_items(p, rows, block_, token_) << shift;
+    count = warp_block_items(p, rows, items, items + kWarpRows * p.num_selected) << shift;
+    if (count > 0) load(0);
+    cp_async_commit();
   }
 
-  // Keys [ks, ke) of tile i (ks >= ke: a part past the block, or past the token in its own block)
-  // and its token t_first + tl.
-  __device__ void tile(int i, index_t& ks, index_t& ke, int& tl) const {
+  // Keys [ks, ke) of tile i (ks >= ke: empty) and its token t_first + tl.
+  __device__ void keys(int i, index_t& ks, index_t& ke, int& tl) const {
     const int it = i >> shift;
     tl = token[it];
     const index_t start = index_t(block[it]) * p.select_size;
@@ -101,11 +116,11 @@ struct WarpBlockTiles {
     ke = min(min(start + p.select_size, ks + kWarpKeys), rows.t_first + tl + 1);
   }
 
-  // cp.async of tile i into stage i % 2 of sK [2][kWarpKeys][D], sV [2][kWarpKeys][DV].
-  __device__ void load(int i, T* sK, T* sV) const {
+  // cp.async of tile i into stage i % 2.
+  __device__ void load(int i) const {
     index_t ks, ke;
     int tl;
-    tile(i, ks, ke, tl);
+    keys(i, ks, ke, tl);
     const int valid = int(max(index_t(0), ke - ks));
     const index_t row = rows.seq.start + ks;
     load_strided_async<kWarpKeys, D, 32>(sK + (i & 1) * kWarpKeys * D,
@@ -114,13 +129,18 @@ struct WarpBlockTiles {
                                           p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
   }
 
-  // Before step i: prefetch tile i + 1 (its stage was last read in step i - 1), wait for tile i.
-  __device__ void advance(int i, T* sK, T* sV) const {
+  // Step i: prefetches tile i + 1 (its stage was last read in step i - 1), waits for tile i.
+  __device__ Tile step(int i) const {
     __syncwarp();
-    if (i + 1 < count) load(i + 1, sK, sV);
+    if (i + 1 < count) load(i + 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncwarp();
+    index_t ks, ke;
+    int tl;
+    keys(i, ks, ke, tl);
+    return Tile{int(max(index_t(0), ke - ks)), rows.t_first + tl, sK + (i & 1) * kWarpKeys * D,
+                sV + (i & 1) * kWarpKeys * DV};
   }
 };
 
@@ -147,13 +167,10 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
-  const int lane = threadIdx.x & 31;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV> tiles(p, rows, items, items + kWarpRows * p.num_selected);
-  if (tiles.count > 0) tiles.load(0, sK, sV);
-  cp_async_commit();
-  const ThreadRows tr(rows, 0, lane);
+  const WarpBlockTiles<T, D, DV> tiles(p, rows, sK, sV, items);
+  const ThreadRows tr(rows, 0, threadIdx.x & 31);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
   float acc[DV / 8][4];
@@ -162,22 +179,17 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
   uint32_t qf[D / 16][4];
 
   for (int i = 0; i < tiles.count; ++i) {
-    tiles.advance(i, sK, sV);
+    const auto tile = tiles.step(i);
     if (i == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, 0, kk * 16);
     }
-    index_t ks, ke;
-    int tl;
-    tiles.tile(i, ks, ke, tl);
-    if (ks >= ke) continue;
-    const WarpTileMask visible(tr, rows.t_first + tl, int(ke - ks));
-    const T* k_tile = sK + (i & 1) * kWarpKeys * D;
-    const T* v_tile = sV + (i & 1) * kWarpKeys * DV;
+    if (tile.kend <= 0) continue;
+    const WarpTileMask visible(tr, tile.t, tile.kend);
     float s[kWarpKeys / 8][4];
 #pragma unroll
     for (int j = 0; j < kWarpKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    warp_gemm_nt<D, kWarpKeys, T>(s, qf, k_tile);  // S = Q K^T
+    warp_gemm_nt<D, kWarpKeys, T>(s, qf, tile.k);  // S = Q K^T
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kWarpKeys / 8; ++j) {
@@ -187,30 +199,8 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
         mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
       }
     }
-    float corr[2], base[2];
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], quad_max(mx[r]));
-      base[r] = m_new == -INFINITY ? 0.f : m_new;
-      corr[r] = exp2f(m[r] - base[r]);
-      m[r] = m_new;
-      l[r] *= corr[r];
-    }
-#pragma unroll
-    for (int j = 0; j < kWarpKeys / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp2f(s[j][e] - base[e >> 1]);
-        l[e >> 1] += s[j][e];
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < DV / 8; ++j) {
-      acc[j][0] *= corr[0];
-      acc[j][1] *= corr[0];
-      acc[j][2] *= corr[1];
-      acc[j][3] *= corr[1];
-    }
-    warp_gemm_pn<kWarpKeys, DV, T>(acc, s, v_tile);  // O += P V
+    online_softmax_step<kWarpKeys, DV>(s, mx, m, l, acc);
+    warp_gemm_pn<kWarpKeys, DV, T>(acc, s, tile.v);  // O += P V
   }
   cp_async_wait<0>();
   store_rows_output<T, DV>(p, rows, tr, acc, m, l);
@@ -229,14 +219,11 @@ __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, cons
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
-  const int lane = threadIdx.x & 31;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   load_query_rows<DV, kWarpRows, 32>(sdO, p.dout, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV> tiles(p, rows, items, items + kWarpRows * p.num_selected);
-  if (tiles.count > 0) tiles.load(0, sK, sV);
-  cp_async_commit();
-  const ThreadRows tr(rows, 0, lane);
+  const WarpBlockTiles<T, D, DV> tiles(p, rows, sK, sV, items);
+  const ThreadRows tr(rows, 0, threadIdx.x & 31);
   float lse2[2], dlt[2];
   load_row_stats(p, rows, tr, delta, lse2, dlt);
 
@@ -245,20 +232,15 @@ __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, cons
   for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
 
   for (int i = 0; i < tiles.count; ++i) {
-    tiles.advance(i, sK, sV);
-    index_t ks, ke;
-    int tl;
-    tiles.tile(i, ks, ke, tl);
-    if (ks >= ke) continue;
-    const WarpTileMask visible(tr, rows.t_first + tl, int(ke - ks));
-    const T* k_tile = sK + (i & 1) * kWarpKeys * D;
-    const T* v_tile = sV + (i & 1) * kWarpKeys * DV;
+    const auto tile = tiles.step(i);
+    if (tile.kend <= 0) continue;
+    const WarpTileMask visible(tr, tile.t, tile.kend);
     float s[kWarpKeys / 8][4], dp[kWarpKeys / 8][4];
 #pragma unroll
     for (int j = 0; j < kWarpKeys / 8; ++j)
       for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-    warp_gemm_nt<D, kWarpKeys>(s, sQ, 0, k_tile);     // S = Q K^T
-    warp_gemm_nt<DV, kWarpKeys>(dp, sdO, 0, v_tile);  // dP = dO V^T
+    warp_gemm_nt<D, kWarpKeys>(s, sQ, 0, tile.k);     // S = Q K^T
+    warp_gemm_nt<DV, kWarpKeys>(dp, sdO, 0, tile.v);  // dP = dO V^T
 #pragma unroll
     for (int j = 0; j < kWarpKeys / 8; ++j) {
 #pragma unroll
@@ -268,7 +250,7 @@ __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, cons
         s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
       }
     }
-    warp_gemm_pn<kWarpKeys, D>(dq, s, k_tile);  // dQ += dS K
+    warp_gemm_pn<kWarpKeys, D>(dq, s, tile.k);  // dQ += dS K
   }
   cp_async_wait<0>();
   store_rows_dq<T, D>(p, rows, tr, dq);

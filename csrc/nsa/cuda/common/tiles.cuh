@@ -16,52 +16,26 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * COLS + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
-// Copies R rows of COLS elements into a swizzled tile with cp.async. row_ptr(r) gives the global
-// address of row r, or nullptr for a row to zero-fill (rows past the data must be zeros: a NaN
-// there would survive a zero probability).
-template <int R, int COLS, int NT, typename T, typename RowPtr>
-__device__ __forceinline__ void load_tile_async(T* tile, RowPtr row_ptr) {
+// Copies `rows` rows of COLS elements into a swizzled tile with cp.async. row_ptr(r) gives the
+// global address of row r, or nullptr for a row to zero-fill (rows past the data must be zeros: a
+// NaN there would survive a zero probability). For one-off loads; see load_pairs_async for the
+// loads inside kernel loops.
+template <int COLS, int NT, typename T, typename RowPtr>
+__device__ __forceinline__ void load_rows_async(T* tile, int rows, RowPtr row_ptr) {
   constexpr int kChunks = COLS / 8;
-  for (int i = threadIdx.x; i < R * kChunks; i += NT) {
+  for (int i = threadIdx.x; i < rows * kChunks; i += NT) {
     const int r = i / kChunks, c = i % kChunks;
     const T* src = row_ptr(r);
     cp_async_16(tile + swz<COLS>(r, c * 8), src ? src + c * 8 : tile, src != nullptr);
   }
 }
 
-// The same for rows evenly spaced in memory (row r at src + r * stride, e.g. consecutive keys of
-// one head), the first `valid` of them real and the rest zero-filled. The key-tile loads of every
-// kernel go through here: one 64-bit address per thread and a fully unrolled loop, where the
-// generic version's per-chunk row callback costs ~40 instructions per 16-byte copy.
-template <int R, int COLS, int NT, typename T>
-__device__ __forceinline__ void load_strided_async(T* tile, const T* src, index_t stride, int valid) {
-  constexpr int kChunks = COLS / 8;
-  static_assert((R * kChunks) % NT == 0, "every thread copies the same number of chunks");
-  const int tid = threadIdx.x % NT;
-  if constexpr (NT % kChunks == 0) {
-    // The thread keeps one chunk column and steps down the rows by a pointer increment.
-    constexpr int kRowStep = NT / kChunks;
-    const int c = tid % kChunks;
-    int r = tid / kChunks;
-    const T* from = src + r * stride + c * 8;
-    const index_t step = kRowStep * stride;
-#pragma unroll
-    for (int k = 0; k < R / kRowStep; ++k, r += kRowStep, from += step)
-      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? from : tile, r < valid);
-  } else {
-#pragma unroll
-    for (int k = 0; k < R * kChunks / NT; ++k) {
-      const int i = tid + k * NT;
-      const int r = i / kChunks, c = i % kChunks;
-      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? src + r * stride + c * 8 : tile, r < valid);
-    }
-  }
-}
-
 // The same for rows that walk a [token][head] grid in groups of G heads: row r is head
 // hh = (h0 + r) % G of token index i = (h0 + r) / G, at src + token_of(i) * token_stride +
 // hh * head_stride (the (token, head) query rows of a KV head). Rows >= valid are zero-filled.
-// One division per thread; the rows after it step (i, hh) incrementally.
+// Every tile load of the attention kernels goes through here: one division and one 64-bit
+// address per thread, the rows after it stepped incrementally, where a per-chunk row callback
+// (load_rows_async) costs ~40 instructions per 16-byte copy.
 template <int R, int COLS, int NT, typename T, typename TokenOf>
 __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t token_stride,
                                                  index_t head_stride, int h0, int G, int valid,
@@ -94,6 +68,33 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
       const bool ok = r < valid;
       const T* from = ok ? src + token_of(i) * token_stride + hh * head_stride + c * 8 : tile;
       cp_async_16(tile + swz<COLS>(r, c * 8), from, ok);
+    }
+  }
+}
+
+// Rows evenly spaced in memory (row r at src + r * stride, e.g. consecutive keys of one head),
+// the first `valid` of them real. The grid above with G = 1, written out: the thread's pointer
+// steps down the rows (the general form costs ~25% more instructions in the per-warp kernels).
+template <int R, int COLS, int NT, typename T>
+__device__ __forceinline__ void load_strided_async(T* tile, const T* src, index_t stride, int valid) {
+  constexpr int kChunks = COLS / 8;
+  static_assert((R * kChunks) % NT == 0, "every thread copies the same number of chunks");
+  const int tid = threadIdx.x % NT;
+  if constexpr (NT % kChunks == 0) {
+    constexpr int kRowStep = NT / kChunks;
+    const int c = tid % kChunks;
+    int r = tid / kChunks;
+    const T* from = src + r * stride + c * 8;
+    const index_t step = kRowStep * stride;
+#pragma unroll
+    for (int k = 0; k < R / kRowStep; ++k, r += kRowStep, from += step)
+      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? from : tile, r < valid);
+  } else {
+#pragma unroll
+    for (int k = 0; k < R * kChunks / NT; ++k) {
+      const int i = tid + k * NT;
+      const int r = i / kChunks, c = i % kChunks;
+      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? src + r * stride + c * 8 : tile, r < valid);
     }
   }
 }

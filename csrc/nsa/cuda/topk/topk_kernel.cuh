@@ -223,17 +223,6 @@ __device__ __forceinline__ void group_sum_generic(const float (&acc)[NT][4], flo
   __syncwarp();  // the scratch is rewritten by the warp's next fragments
 }
 
-// load_tile_async with a run-time row count.
-template <int COLS, int NT, typename T, typename RowPtr>
-__device__ __forceinline__ void load_rows_async(T* tile, int rows, RowPtr row_ptr) {
-  constexpr int kChunks = COLS / 8;
-  for (int i = threadIdx.x; i < rows * kChunks; i += NT) {
-    const int r = i / kChunks, c = i % kChunks;
-    const T* src = row_ptr(r);
-    cp_async_16(tile + swz<COLS>(r, c * 8), src ? src + c * 8 : tile, src != nullptr);
-  }
-}
-
 template <typename T, int D, bool kResident>
 __global__ void __launch_bounds__(32 * kernel_warps(D, kResident), 2)
 select_topk_kernel(const TopkParams p, const Shape s) {
