@@ -223,6 +223,25 @@ __device__ __forceinline__ void group_sum_generic(const float (&acc)[NT][4], flo
   __syncwarp();  // the scratch is rewritten by the warp's next fragments
 }
 
+// p = exp2(s * scale log2(e) - lse log2(e)) in place, for the C fragments acc[NT] of S^T: this
+// thread's key rows key, key + 8 against query columns col0 + 8 nt, + 1 (lse_s holds lse log2(e),
+// nv_s the rows each column sees); 0 where the key is not visible.
+template <int NT>
+__device__ __forceinline__ void masked_probs(float (&acc)[NT][4], const float* lse_s, const int* nv_s, int col0,
+                                             int key, float scale_log2) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
+    const int2 nv2 = *reinterpret_cast<const int2*>(nv_s + col0 + nt * 8);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool vis = key + (i >> 1) * 8 < ((i & 1) ? nv2.y : nv2.x);
+      const float x = fmaf(acc[nt][i], scale_log2, -((i & 1) ? lse2.y : lse2.x));
+      acc[nt][i] = vis ? exp2f(x) : 0.f;
+    }
+  }
+}
+
 template <typename T, int D, bool kResident>
 __global__ void __launch_bounds__(32 * kernel_warps(D, kResident), 2)
 select_topk_kernel(const TopkParams p, const Shape s) {
@@ -372,19 +391,7 @@ select_topk_kernel(const TopkParams p, const Shape s) {
                 acc[nt][i] = exp2f(fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x)));
             }
           } else {
-            const int key = i0 + mt * 16 + (lane >> 2);  // fragment rows key, key + 8
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-              const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
-              const int2 nv2 = *reinterpret_cast<const int2*>(nv_s + col0 + nt * 8);
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const int rk = key + (i >> 1) * 8;
-                const bool vis = rk < ((i & 1) ? nv2.y : nv2.x);
-                const float x = fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x));
-                acc[nt][i] = vis ? exp2f(x) : 0.f;
-              }
-            }
+            masked_probs<4>(acc, lse_s, nv_s, col0, i0 + mt * 16 + (lane >> 2), s.scale_log2);
           }
           const int row0 = cpr - 1 + mt * 16;  // the m-tile's rows in w_s
           if (s.reduce > 0)
@@ -414,19 +421,7 @@ select_topk_kernel(const TopkParams p, const Shape s) {
             }
           }
           // Fragment columns: query rows 8 nt + c2, + 1 (read here rather than kept in registers).
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt) {
-            const int col = c * kRows + nt * 8 + (lane & 3) * 2;
-            const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col);
-            const int2 nv2 = *reinterpret_cast<const int2*>(nv_s + col);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int rk = key + (i >> 1) * 8;
-              const bool vis = rk < ((i & 1) ? nv2.y : nv2.x);
-              const float x = fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x));
-              acc[nt][i] = vis ? exp2f(x) : 0.f;
-            }
-          }
+          masked_probs<8>(acc, lse_s, nv_s, c * kRows + (lane & 3) * 2, key, s.scale_log2);
           // G <= 64: the chunk's own tokens; G > 64: one token, chunks added in order.
           float* wc = w_s + (G > kRows ? 0 : c * s.seg_tokens * ws);
           if (s.reduce > 0)
