@@ -294,30 +294,54 @@ __global__ void __launch_bounds__(kThreads)
       return t_lo + i;
     }
   };
-  auto load_rows = [&](int i, int stage) {
-    const int e0 = i * R;
-    const int n = int(min(index_t(R), pairs_hi - pairs_lo - e0));
+  // Rows [e0, e0 + n) of row tile i.
+  auto tile_rows = [&](int i, int& e0, int& n) {
+    e0 = i * R;
+    n = int(min(index_t(R), pairs_hi - pairs_lo - e0));
+  };
+  // cp.async of row tile i's Q and dO into stage i % 2.
+  auto load_rows = [&](int i) {
+    int e0, n;
+    tile_rows(i, e0, n);
     // Pair e0 + r: token index (e0 + r) / G = e0 / G + (h0 + r) / G with h0 = e0 % G.
     const int i0 = e0 / G, h0 = e0 - i0 * G;
     auto tok = [&](int j) { return token_of(i0 + j); };
-    load_pairs_async<R, D, kThreads>(sQ + stage * R * D, q_seq, p.q.row_stride, p.q.head_stride, h0, G, n, tok);
-    load_pairs_async<R, DV, kThreads>(sdO + stage * R * DV, do_seq, p.dout.row_stride, p.dout.head_stride, h0, G, n, tok);
-    for (int r = tid; r < R; r += kThreads) {
-      float lse2 = 0.f, dlt = 0.f;
-      int t = -1;
-      if (r < n) {
-        const index_t tk = token_of((e0 + r) / G);
-        const int h = g * G + (e0 + r) % G;
-        lse2 = *p.lse.template ptr<const float>(seq.batch, seq.start + tk, h) * float(M_LOG2E);
-        dlt = delta[(index_t(seq.batch) * p.seqs.seqlen + seq.start + tk) * p.num_heads + h];
-        t = int(tk);
-      }
-      sLse[stage * R + r] = lse2;
-      sDelta[stage * R + r] = dlt;
-      sTok[stage * R + r] = t;
+    load_pairs_async<R, D, kThreads>(sQ + (i & 1) * R * D, q_seq, p.q.row_stride, p.q.head_stride, h0, G, n, tok);
+    load_pairs_async<R, DV, kThreads>(sdO + (i & 1) * R * DV, do_seq, p.dout.row_stride, p.dout.head_stride, h0, G,
+                                      n, tok);
+  };
+  // Row tid's lse * log2(e), delta and token (-1 past the end) of row tile i, fetched into
+  // registers one tile ahead and stored to stage i % 2 after the current tile's products, so that
+  // the latency of these plain loads hides behind them.
+  struct RowStats {
+    float lse2 = 0.f, dlt = 0.f;
+    int t = -1;
+  };
+  auto fetch_stats = [&](int i) {
+    RowStats st;
+    int e0, n;
+    tile_rows(i, e0, n);
+    if (tid < n) {
+      const index_t tk = token_of((e0 + tid) / G);
+      const int h = g * G + (e0 + tid) % G;
+      st.lse2 = *p.lse.template ptr<const float>(seq.batch, seq.start + tk, h) * float(M_LOG2E);
+      st.dlt = delta[(index_t(seq.batch) * p.seqs.seqlen + seq.start + tk) * p.num_heads + h];
+      st.t = int(tk);
+    }
+    return st;
+  };
+  auto store_stats = [&](int i, const RowStats& st) {
+    if (tid < R) {
+      sLse[(i & 1) * R + tid] = st.lse2;
+      sDelta[(i & 1) * R + tid] = st.dlt;
+      sTok[(i & 1) * R + tid] = st.t;
     }
   };
-  if (ntiles > 0) load_rows(0, 0);
+  static_assert(dkdv_rows<D>() <= kThreads, "one thread per row fetches the row statistics");
+  if (ntiles > 0) {
+    load_rows(0);
+    store_stats(0, fetch_stats(0));
+  }
   cp_async_commit();
 
   const float scale_log2 = float(p.scale * M_LOG2E);
@@ -329,7 +353,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < 2; ++i) key[i] = ks + warp * 16 + lane / 4 + 8 * i;
 
   for (int i = 0; i < ntiles; ++i) {
-    if (i + 1 < ntiles) load_rows(i + 1, (i + 1) & 1);
+    RowStats next;
+    if (i + 1 < ntiles) {
+      load_rows(i + 1);
+      next = fetch_stats(i + 1);
+    }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -367,6 +395,8 @@ __global__ void __launch_bounds__(kThreads)
       warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
       warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
     }
+    // Stage (i + 1) % 2 was last read in step i - 1; the barrier below publishes it.
+    if (i + 1 < ntiles) store_stats(i + 1, next);
     __syncthreads();
   }
   cp_async_wait<0>();
