@@ -144,7 +144,7 @@ constexpr int dkdv_rows() { return D > 128 ? 32 : 64; }
 template <int D, int DV>
 constexpr size_t dkdv_smem_bytes() {
   constexpr int R = dkdv_rows<D>();
-  return size_t(2) * (kKeys * (D + DV) + 2 * R * (D + DV)) + size_t(2) * R * 3 * sizeof(float);
+  return size_t(2) * (kKeys * (D + DV) + 2 * R * (D + DV)) + size_t(2) * R * 4 * sizeof(float);
 }
 
 // The selected branch's reverse index: entries sorted by key = g * vblocks + virtual block (see
@@ -235,6 +235,7 @@ __global__ void __launch_bounds__(kThreads)
   float* sLse = reinterpret_cast<float*>(sdO + 2 * R * DV);  // [2][R] lse * log2(e)
   float* sDelta = sLse + 2 * R;                               // [2][R]
   int* sTok = reinterpret_cast<int*>(sDelta + 2 * R);         // [2][R] token, -1 past the end
+  int* sIdx = sTok + 2 * R;  // [2][R] kSlc: the tokens of each row tile's token indices
 
   const int G = p.num_heads / p.num_heads_k;
   const int g = blockIdx.y;
@@ -286,26 +287,42 @@ __global__ void __launch_bounds__(kThreads)
   const index_t t_lo = pairs_lo / G;
   const T* q_seq = p.q.template ptr<const T>(seq.batch, seq.start, g * G);
   const T* do_seq = p.dout.template ptr<const T>(seq.batch, seq.start, g * G);
-  // Token of token index i (pair i * G + head of the segment / range).
-  auto token_of = [&](int i) -> index_t {
-    if constexpr (B == Branch::kSlc) {
-      return index_t(rix.rows[seg_lo + i]) - index_t(seq.batch) * p.seqs.seqlen - seq.start;
-    } else {
-      return t_lo + i;
-    }
-  };
-  // Rows [e0, e0 + n) of row tile i.
-  auto tile_rows = [&](int i, int& e0, int& n) {
+  // Rows [e0, e0 + n) of row tile i; its pair e0 + r has token index (e0 + r) / G = i0 + (h0 + r)
+  // / G with i0 = e0 / G, h0 = e0 % G.
+  auto tile_rows = [&](int i, int& e0, int& n, int& i0, int& h0) {
     e0 = i * R;
     n = int(min(index_t(R), pairs_hi - pairs_lo - e0));
+    i0 = e0 / G;
+    h0 = e0 - i0 * G;
+  };
+  // The selected branch's tokens come from the reverse index: a dependent global load in front
+  // of every row address, so each tile's tokens (token indices i0 ..) are fetched two tiles ahead
+  // into sIdx[i % 2] (thread j: index i0 + j) and read from there.
+  auto fetch_tokens = [&](int i) -> int {
+    int e0, n, i0, h0;
+    tile_rows(i, e0, n, i0, h0);
+    return tid <= (h0 + n - 1) / G ? int(index_t(rix.rows[seg_lo + i0 + tid]) - index_t(seq.batch) * p.seqs.seqlen -
+                                         seq.start)
+                                   : 0;
+  };
+  auto store_tokens = [&](int i, int t) {
+    if (tid < R) sIdx[(i & 1) * R + tid] = t;
+  };
+  // Token of token index i0 + j of row tile i.
+  auto token_of = [&](int i, int i0, int j) -> index_t {
+    if constexpr (B == Branch::kSlc) {
+      (void)i0;
+      return sIdx[(i & 1) * R + j];
+    } else {
+      (void)i;
+      return t_lo + i0 + j;
+    }
   };
   // cp.async of row tile i's Q and dO into stage i % 2.
   auto load_rows = [&](int i) {
-    int e0, n;
-    tile_rows(i, e0, n);
-    // Pair e0 + r: token index (e0 + r) / G = e0 / G + (h0 + r) / G with h0 = e0 % G.
-    const int i0 = e0 / G, h0 = e0 - i0 * G;
-    auto tok = [&](int j) { return token_of(i0 + j); };
+    int e0, n, i0, h0;
+    tile_rows(i, e0, n, i0, h0);
+    auto tok = [&](int j) { return token_of(i, i0, j); };
     load_pairs_async<R, D, kThreads>(sQ + (i & 1) * R * D, q_seq, p.q.row_stride, p.q.head_stride, h0, G, n, tok);
     load_pairs_async<R, DV, kThreads>(sdO + (i & 1) * R * DV, do_seq, p.dout.row_stride, p.dout.head_stride, h0, G,
                                       n, tok);
@@ -319,10 +336,10 @@ __global__ void __launch_bounds__(kThreads)
   };
   auto fetch_stats = [&](int i) {
     RowStats st;
-    int e0, n;
-    tile_rows(i, e0, n);
+    int e0, n, i0, h0;
+    tile_rows(i, e0, n, i0, h0);
     if (tid < n) {
-      const index_t tk = token_of((e0 + tid) / G);
+      const index_t tk = token_of(i, i0, (h0 + tid) / G);
       const int h = g * G + (e0 + tid) % G;
       st.lse2 = *p.lse.template ptr<const float>(seq.batch, seq.start + tk, h) * float(M_LOG2E);
       st.dlt = delta[(index_t(seq.batch) * p.seqs.seqlen + seq.start + tk) * p.num_heads + h];
@@ -338,6 +355,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   static_assert(dkdv_rows<D>() <= kThreads, "one thread per row fetches the row statistics");
+  if constexpr (B == Branch::kSlc) {
+    for (int i = 0; i < 2 && i < ntiles; ++i) store_tokens(i, fetch_tokens(i));
+    __syncthreads();
+  }
   if (ntiles > 0) {
     load_rows(0);
     store_stats(0, fetch_stats(0));
@@ -357,6 +378,10 @@ __global__ void __launch_bounds__(kThreads)
     if (i + 1 < ntiles) {
       load_rows(i + 1);
       next = fetch_stats(i + 1);
+    }
+    int next_tokens = 0;
+    if constexpr (B == Branch::kSlc) {
+      if (i + 2 < ntiles) next_tokens = fetch_tokens(i + 2);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -395,8 +420,12 @@ __global__ void __launch_bounds__(kThreads)
       warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
       warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
     }
-    // Stage (i + 1) % 2 was last read in step i - 1; the barrier below publishes it.
+    // Stage (i + 1) % 2 of the statistics was last read in step i - 1, and tile i's tokens (slot
+    // i % 2, replaced by tile i + 2's) in step i - 1 too; the barrier below publishes both.
     if (i + 1 < ntiles) store_stats(i + 1, next);
+    if constexpr (B == Branch::kSlc) {
+      if (i + 2 < ntiles) store_tokens(i + 2, next_tokens);
+    }
     __syncthreads();
   }
   cp_async_wait<0>();
