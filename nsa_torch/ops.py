@@ -62,6 +62,18 @@ def _(dout, q, k, v, o, lse, cu_seqlens, window_size, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+@register_fake("nsa::gated_sum")
+def _(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa):
+    return torch.empty_like(o_cmp)
+
+
+@register_fake("nsa::gated_sum_bwd")
+def _(dout, o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa):
+    grads_o = tuple(torch.empty_like(o_cmp) for _ in range(3))
+    grads_g = tuple(o_cmp.new_empty(g_cmp.shape) for _ in range(3))
+    return grads_o + grads_g
+
+
 # ---------------------------------------------------------------- autograd
 # Forward inputs are (q, k, v, [block_indices,] cu_seqlens, *hyper-parameters); the backward op
 # takes (dout, q, k, v, [block_indices,] o, lse, cu_seqlens, *hyper-parameters).
@@ -112,6 +124,16 @@ def _backward_swa(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None
 
 
+def _setup_gate(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_gate(ctx, dout):
+    saved = ctx.saved_tensors
+    return torch.ops.nsa.gated_sum_bwd(_grad(dout, saved[0]), *saved)
+
+
 register_autograd("nsa::compressed_attention_fwd", _backward_cmp, setup_context=_setup_cmp)
+register_autograd("nsa::gated_sum", _backward_gate, setup_context=_setup_gate)
 register_autograd("nsa::selected_attention_fwd", _backward_slc, setup_context=_setup_slc)
 register_autograd("nsa::sliding_window_attention_fwd", _backward_swa, setup_context=_setup_swa)

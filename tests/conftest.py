@@ -129,7 +129,7 @@ def leaves(inputs, names, dtype=None):
 
 def op_samples_for(x, rand, *, block_size, block_stride, select_size, num_selected, num_initial,
                    num_local, window_size, scale):
-    """(op name, args) for all 7 nsa:: ops on inputs x (tensors of make_inputs' names and
+    """(op name, args) for all 9 nsa:: ops on inputs x (tensors of make_inputs' names and
     cu_seqlens), forward inputs requiring grad; `rand(t, seed)` makes the upstream gradients.
     Shared by the CPU and CUDA opcheck tests."""
     cu = x["cu_seqlens"]
@@ -158,6 +158,9 @@ def op_samples_for(x, rand, *, block_size, block_stride, select_size, num_select
         ("sliding_window_attention_fwd", (g["q"], g["k"], g["v"], cu, w, scale)),
         ("sliding_window_attention_bwd", (dout, x["q"], x["k"], x["v"], o_swa, lse_swa, cu, w,
                                           scale)),
+        ("gated_sum", tuple(t.detach().requires_grad_(True) for t in (o_cmp, o_slc, o_swa))
+         + tuple(x[n].detach().requires_grad_(True) for n in ("g_cmp", "g_slc", "g_swa"))),
+        ("gated_sum_bwd", (dout, o_cmp, o_slc, o_swa, x["g_cmp"], x["g_slc"], x["g_swa"])),
     ]
 
 

@@ -784,7 +784,7 @@ def test_rows_that_see_nothing(dtype):
 
 # ------------------------------------------------------------------------------------ opcheck
 def op_samples(dtype, varlen):
-    """(op name, args) for all 7 nsa:: ops on CUDA, forward inputs requiring grad."""
+    """(op name, args) for all 9 nsa:: ops on CUDA, forward inputs requiring grad."""
     case = dict(T=100, HQ=4, H=2, D=64, Dv=64, select_size=32, num_selected=3, num_initial=1,
                 num_local=1)
     if varlen:
@@ -804,7 +804,7 @@ def test_opcheck(dtype, varlen):
     for name, args in op_samples(dtype, varlen):
         torch.library.opcheck(getattr(torch.ops.nsa, name).default, args)
         seen.add(name)
-    assert len(seen) == 7
+    assert len(seen) == 9
 
 
 # ------------------------------------------------------------------------------------ compile

@@ -153,4 +153,23 @@ struct SwaParams : AttnParams {
   int window_size = 512;  // w >= 1
 };
 
+// The gated sum that ends nsa_attention, per (b, t, h) row of Dv values, in the accumulation
+// type: o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa. Backward: do_x = g_x dout and
+// dg_x = sum over the row of dout * o_x. Every tensor in one dtype; index x: 0 cmp, 1 slc, 2 swa.
+struct GateParams {
+  Dtype dtype = Dtype::kFloat32;
+  View branch_o[3];  // [B, T, HQ, Dv]  the branch outputs
+  View gate[3];      // [B, T, HQ]      (any strides)
+  View o;            // [B, T, HQ, Dv]  forward output
+  // Backward only (data == nullptr in the forward).
+  View dout;         // [B, T, HQ, Dv]
+  View dbranch_o[3]; // [B, T, HQ, Dv]
+  View dgate[3];     // [B, T, HQ]
+
+  int batch = 0;       // B
+  index_t seqlen = 0;  // T
+  int num_heads = 0;   // HQ
+  int head_dim_v = 0;  // Dv
+};
+
 }  // namespace nsa

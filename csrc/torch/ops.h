@@ -44,4 +44,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
     const at::Tensor& o, const at::Tensor& lse, const OptTensor& cu_seqlens, int64_t window_size,
     double scale);
 
+// o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa (gates [B, T, HQ], outputs [B, T, HQ, Dv], one
+// dtype) and its backward: (do_cmp, do_slc, do_swa, dg_cmp, dg_slc, dg_swa).
+at::Tensor gated_sum(const at::Tensor& o_cmp, const at::Tensor& o_slc, const at::Tensor& o_swa,
+                     const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_swa);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_sum_bwd(
+    const at::Tensor& dout, const at::Tensor& o_cmp, const at::Tensor& o_slc, const at::Tensor& o_swa,
+    const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_swa);
+
 }  // namespace nsa_torch

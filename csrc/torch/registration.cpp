@@ -42,6 +42,13 @@ TORCH_LIBRARY(nsa, m) {
       "sliding_window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor? cu_seqlens, int window_size, float scale) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "gated_sum(Tensor o_cmp, Tensor o_slc, Tensor o_swa, Tensor g_cmp, Tensor g_slc, "
+      "Tensor g_swa) -> Tensor");
+  m.def(
+      "gated_sum_bwd(Tensor dout, Tensor o_cmp, Tensor o_slc, Tensor o_swa, Tensor g_cmp, "
+      "Tensor g_slc, Tensor g_swa) -> (Tensor do_cmp, Tensor do_slc, Tensor do_swa, "
+      "Tensor dg_cmp, Tensor dg_slc, Tensor dg_swa)");
 }
 
 #define NSA_IMPLS(m)                                                             \
@@ -51,7 +58,9 @@ TORCH_LIBRARY(nsa, m) {
   m.impl("selected_attention_fwd", &nsa_torch::selected_attention_fwd);          \
   m.impl("selected_attention_bwd", &nsa_torch::selected_attention_bwd);          \
   m.impl("sliding_window_attention_fwd", &nsa_torch::sliding_window_attention_fwd); \
-  m.impl("sliding_window_attention_bwd", &nsa_torch::sliding_window_attention_bwd)
+  m.impl("sliding_window_attention_bwd", &nsa_torch::sliding_window_attention_bwd); \
+  m.impl("gated_sum", &nsa_torch::gated_sum);                                    \
+  m.impl("gated_sum_bwd", &nsa_torch::gated_sum_bwd)
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) { NSA_IMPLS(m); }
 TORCH_LIBRARY_IMPL(nsa, CUDA, m) { NSA_IMPLS(m); }

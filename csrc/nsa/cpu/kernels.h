@@ -38,6 +38,10 @@ void slc_bwd(const SlcParams& p, const ParallelFor& parallel_for);
 void swa_fwd(const SwaParams& p, const ParallelFor& parallel_for);
 void swa_bwd(const SwaParams& p, const ParallelFor& parallel_for);
 
+// The gated sum of the branch outputs: fwd writes o; bwd writes dbranch_o and dgate.
+void gate_fwd(const GateParams& p, const ParallelFor& parallel_for);
+void gate_bwd(const GateParams& p, const ParallelFor& parallel_for);
+
 // Validation of caller-given block indices (p.block_indices, p.seqs, p.num_heads_k,
 // p.num_selected, p.select_size). An entry is valid when it is -1 or a block of its own
 // sequence (0 <= j < ceil(len / select_size)) not already listed in the same row.

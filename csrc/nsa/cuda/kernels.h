@@ -40,4 +40,8 @@ void swa_fwd(const SwaParams& p, cudaStream_t stream);
 size_t swa_bwd_workspace_bytes(const SwaParams& p);
 void swa_bwd(const SwaParams& p, void* workspace, cudaStream_t stream);
 
+// The gated sum of the branch outputs (any Dv): one warp per (b, t, h) row.
+void gate_fwd(const GateParams& p, cudaStream_t stream);
+void gate_bwd(const GateParams& p, cudaStream_t stream);
+
 }  // namespace nsa::cuda
