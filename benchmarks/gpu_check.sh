@@ -5,8 +5,10 @@
 #
 # Stages (default: build tests sanitize bench, in this order; profile only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
-#   tests     pytest -m cuda tests/test_cuda.py tests/test_errors.py, log in $OUT/tests.log
-#   sanitize  compute-sanitizer memcheck and racecheck on `pytest -k sanitize tests/test_cuda.py`
+#   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py, log in
+#             $OUT/tests.log
+#   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize` of
+#             tests/test_cuda.py and the CUDA cases of tests/test_gated_sum.py)
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
@@ -23,7 +25,8 @@
 #                           spaces, so no quoted -k here: use NSA_TEST_K)
 #   NSA_TEST_K="split or nsa"   pytest -k expression selecting the CUDA tests to run
 #   NSA_SANITIZE_TOOLS="memcheck racecheck"   (also: initcheck synccheck)
-#   NSA_SANITIZE_K=sanitize pytest -k expression of the memcheck (and other tools') run
+#   NSA_SANITIZE_K="sanitize or test_cuda_matches_float64"   pytest -k expression of the
+#                           memcheck (and other tools') run
 #   NSA_RACECHECK_K="sanitize and (T100 or split)"   the same for racecheck (slow)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_BENCH_LENGTHS="8192 16384 32768 65536"
@@ -141,7 +144,8 @@ if have tests; then
   if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
   # shellcheck disable=SC2206
   extra=(${NSA_TEST_ARGS:-})
-  run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" "${extra[@]}" tests/test_cuda.py tests/test_errors.py
+  run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" "${extra[@]}" tests/test_cuda.py \
+    tests/test_gated_sum.py tests/test_errors.py
   rc=$?
   secs=$(( $(date +%s) - s ))
   record tests "$(status_of $rc)" "$(pytest_counts "$OUT/tests.log")" "$secs"
@@ -164,11 +168,11 @@ if have sanitize; then
       mark=$(wc -l < "$OUT/sanitize.log")
       # racecheck is ~20x slower than memcheck (290 s did not finish the 13 tests): by default it
       # takes the T = 100 cases and the split path only.
-      kexpr=${NSA_SANITIZE_K:-sanitize}
+      kexpr=${NSA_SANITIZE_K:-sanitize or test_cuda_matches_float64}
       [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
-        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda.py
+        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda.py tests/test_gated_sum.py
       rc=$?
       secs=$(( $(date +%s) - s ))
       part=$(tail -n +"$((mark + 1))" "$OUT/sanitize.log")
