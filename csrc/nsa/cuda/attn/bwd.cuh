@@ -85,10 +85,7 @@ __global__ void __launch_bounds__(kThreads)
 
   load_query_rows<D>(sQ, p.q, rows);
   load_query_rows<DV>(sdO, p.dout, rows);
-  const QueryKeys<T, D, DV, B> keys(p, rows, smem + dq_smem_tiles_bytes<D, DV>());
-  const int ntiles = keys.count;
-  if (ntiles > 0) keys.load(0, sK, sV);
-  cp_async_commit();
+  const QueryKeys<T, D, DV, B> keys(p, rows, smem + dq_smem_tiles_bytes<D, DV>(), sK, sV);
   const ThreadRows tr(rows, warp, lane);
   float lse2[2], dlt[2];
   load_row_stats(p, rows, tr, delta, lse2, dlt);
@@ -97,25 +94,17 @@ __global__ void __launch_bounds__(kThreads)
   float dq[D / 8][4];
   for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
 
-  for (int i = 0; i < ntiles; ++i) {
-    if (i + 1 < ntiles) keys.load(i + 1, sK + ((i + 1) & 1) * kKeys * D, sV + ((i + 1) & 1) * kKeys * DV);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    index_t ks, ke;
-    unsigned long long tile_tokens;
-    keys.tile(i, ks, ke, tile_tokens);
-    if (ks < ke && (tile_tokens & tr.warp_tokens)) {
-      const T* k_tile = sK + (i & 1) * kKeys * D;
-      const T* v_tile = sV + (i & 1) * kKeys * DV;
+  for (int i = 0; i < keys.count; ++i) {
+    const auto tile = keys.step(i);
+    if (tile.ks < tile.ke && (tile.tokens & tr.warp_tokens)) {
       float s[kKeys / 8][4], dp[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-      warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, k_tile);     // S = Q K^T
-      warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, v_tile);  // dP = dO V^T
-      const TileMask<B, P> visible(p, tr, rows, ks, ke, tile_tokens);
-      with_all_visible(tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last), [&](auto all) {
+      warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, tile.k);     // S = Q K^T
+      warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, tile.v);  // dP = dO V^T
+      const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, tile.tokens);
+      with_all_visible(tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), [&](auto all) {
 #pragma unroll
         for (int j = 0; j < kKeys / 8; ++j) {
 #pragma unroll
@@ -126,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       });
-      warp_gemm_pn<kKeys, D>(dq, s, k_tile);  // dQ += dS K
+      warp_gemm_pn<kKeys, D>(dq, s, tile.k);  // dQ += dS K
     }
     __syncthreads();
   }

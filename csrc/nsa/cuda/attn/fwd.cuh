@@ -57,19 +57,32 @@ __device__ __forceinline__ void load_query_rows(T* tile, const View& src, const 
 }
 
 // The key side shared by the forward and dq kernels: the key tiles of the block's rows (for the
-// selected branch, the union of their blocks, built here by all threads) and their K/V loads.
+// selected branch, the union of their blocks, built here by all threads), double-buffered in
+// sK [2][kKeys][D], sV [2][kKeys][DV] (the per-warp twin is WarpBlockTiles, slc_warp.cuh).
 template <typename T, int D, int DV, Branch B>
 struct QueryKeys {
   using P = typename BranchParams<B>::type;
+  // Step i's tile: keys [ks, ke) (ks >= ke: nothing to do), for the selected branch the mask of
+  // the tokens that chose its block, and its stage in shared memory.
+  struct Tile {
+    index_t ks, ke;
+    unsigned long long tokens;
+    const T* k;
+    const T* v;
+  };
+
   const P& p;
   const QueryRows& rows;
+  T* sK;
+  T* sV;
   KeyTiles<B, P> tiles;
   BlockUnion u{};
   int count = 0;  // key tiles
 
-  // union_smem: the selected branch's share of the dynamic shared memory.
-  __device__ QueryKeys(const P& p_, const QueryRows& rows_, unsigned char* union_smem)
-      : p(p_), rows(rows_) {
+  // union_smem: the selected branch's share of the dynamic shared memory. Starts loading tile 0,
+  // in the cp.async group of whatever the caller issued before (the query rows).
+  __device__ QueryKeys(const P& p_, const QueryRows& rows_, unsigned char* union_smem, T* sK_, T* sV_)
+      : p(p_), rows(rows_), sK(sK_), sV(sV_) {
     tiles.t_last = rows.t_last;
     if constexpr (B == Branch::kSlc) {
       u = carve_block_union(union_smem, p.num_selected);
@@ -80,21 +93,35 @@ struct QueryKeys {
       key_range<B>(p, rows.seq, rows.t_first, rows.t_last, tiles.lo, tiles.hi);
     }
     count = tiles.count(u);
+    if (count > 0) load(0);
+    cp_async_commit();
   }
 
-  __device__ void tile(int i, index_t& ks, index_t& ke, unsigned long long& tokens) const {
-    tiles.tile(p, u, i, ks, ke, tokens);
-  }
-
-  // cp.async of key tile i into sK [kKeys][D] and sV [kKeys][DV]; keys past the tile are zeros.
-  __device__ void load(int i, T* sK, T* sV) const {
+  // cp.async of key tile i into stage i % 2; keys past the tile are zeros.
+  __device__ void load(int i) const {
     index_t ks, ke;
     unsigned long long tok;
-    tile(i, ks, ke, tok);
+    tiles.tile(p, u, i, ks, ke, tok);
     const int valid = int(max(index_t(0), ke - ks));
     const index_t row = key_row<B>(rows.seq, ks);
-    load_strided_async<kKeys, D, kThreads>(sK, p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
-    load_strided_async<kKeys, DV, kThreads>(sV, p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
+    load_strided_async<kKeys, D, kThreads>(sK + (i & 1) * kKeys * D,
+                                           p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
+    load_strided_async<kKeys, DV, kThreads>(sV + (i & 1) * kKeys * DV,
+                                            p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
+  }
+
+  // Step i: prefetches tile i + 1 (its stage was last read in step i - 1, before the caller's
+  // closing barrier), waits for tile i.
+  __device__ Tile step(int i) const {
+    if (i + 1 < count) load(i + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    Tile t;
+    tiles.tile(p, u, i, t.ks, t.ke, t.tokens);
+    t.k = sK + (i & 1) * kKeys * D;
+    t.v = sV + (i & 1) * kKeys * DV;
+    return t;
   }
 };
 
@@ -222,10 +249,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   load_query_rows<D>(sQ, p.q, rows);
-  const QueryKeys<T, D, DV, B> keys(p, rows, smem + fwd_smem_tiles_bytes<D, DV>());
-  const int ntiles = keys.count;
-  if (ntiles > 0) keys.load(0, sK, sV);
-  cp_async_commit();
+  const QueryKeys<T, D, DV, B> keys(p, rows, smem + fwd_smem_tiles_bytes<D, DV>(), sK, sV);
   const ThreadRows tr(rows, warp, lane);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
@@ -234,29 +258,21 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   uint32_t qf[D / 16][4];
 
-  for (int i = 0; i < ntiles; ++i) {
-    if (i + 1 < ntiles) keys.load(i + 1, sK + ((i + 1) & 1) * kKeys * D, sV + ((i + 1) & 1) * kKeys * DV);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+  for (int i = 0; i < keys.count; ++i) {
+    const auto tile = keys.step(i);
     if (i == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16);
     }
-    index_t ks, ke;
-    unsigned long long tile_tokens;
-    keys.tile(i, ks, ke, tile_tokens);
-    if (ks < ke && (tile_tokens & tr.warp_tokens)) {
-      const T* k_tile = sK + (i & 1) * kKeys * D;
-      const T* v_tile = sV + (i & 1) * kKeys * DV;
+    if (tile.ks < tile.ke && (tile.tokens & tr.warp_tokens)) {
       float s[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      warp_gemm_nt<D, kKeys, T>(s, qf, k_tile);
+      warp_gemm_nt<D, kKeys, T>(s, qf, tile.k);
       // Mask, scale, online softmax.
-      const TileMask<B, P> visible(p, tr, rows, ks, ke, tile_tokens);
+      const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, tile.tokens);
       float mx[2] = {-INFINITY, -INFINITY};
-      with_all_visible(tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last), [&](auto all) {
+      with_all_visible(tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), [&](auto all) {
 #pragma unroll
         for (int j = 0; j < kKeys / 8; ++j) {
 #pragma unroll
@@ -267,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
         }
       });
       online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
-      warp_gemm_pn<kKeys, DV, T>(acc, s, v_tile);  // O += P V
+      warp_gemm_pn<kKeys, DV, T>(acc, s, tile.v);  // O += P V
     }
     __syncthreads();
   }
