@@ -174,6 +174,21 @@ def measure(rec, budget, args, config, T, cfg, impl, mode, fn):
 
 
 # ------------------------------------------------------------------------------------ inputs
+def measure_both(rec, budget, args, config, T, cfg, impl, attn, inputs, seed):
+    """Forward and forward+backward (gradients to `inputs`, upstream gradient drawn with `seed`)
+    of attn(); (None, None) and an n/a record when its first call fails."""
+    try:
+        with torch.no_grad():
+            dout = grad_of(attn(), seed)
+    except Exception as e:  # noqa: BLE001
+        record_na(rec, config, T, cfg, impl, e)
+        return None, None
+    fwd = measure(rec, budget, args, config, T, cfg, impl, "fwd", attn)
+    fb = measure(rec, budget, args, config, T, cfg, impl, "fwdbwd",
+                 lambda: torch.autograd.grad(attn(), inputs, dout))
+    return fwd, fb
+
+
 def make_inputs(T, cfg, seed=0):
     """bf16 CUDA leaves: q [1, T, HQ, D], k [1, T, H, D], v [1, T, H, Dv], k_cmp/v_cmp
     (mean pooling of k/v over the compression windows), sigmoid gates [1, T, HQ]."""
@@ -326,16 +341,7 @@ def bench_flex(rec, budget, args, config, T, cfg):
         return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
                     enable_gqa=gqa)
 
-    try:
-        with torch.no_grad():
-            dout = grad_of(attn(), 4)
-    except Exception as e:  # noqa: BLE001
-        record_na(rec, config, T, cfg, "flex_swa", e)
-        return None, None
-    fwd = measure(rec, budget, args, config, T, cfg, "flex_swa", "fwd", attn)
-    fb = measure(rec, budget, args, config, T, cfg, "flex_swa", "fwdbwd",
-                 lambda: torch.autograd.grad(attn(), (q, k, v), dout))
-    return fwd, fb
+    return measure_both(rec, budget, args, config, T, cfg, "flex_swa", attn, (q, k, v), seed=4)
 
 
 def bench_fla(rec, budget, args, config, T, cfg):
@@ -355,16 +361,8 @@ def bench_fla(rec, budget, args, config, T, cfg):
                             block_counts=hp["num_selected"], block_size=hp["select_size"],
                             window_size=0)
 
-    try:
-        with torch.no_grad():
-            dout = grad_of(attn(), 5)
-    except Exception as e:  # noqa: BLE001
-        record_na(rec, config, T, cfg, "fla_nsa", e)
-        return None, None
-    fwd = measure(rec, budget, args, config, T, cfg, "fla_nsa", "fwd", attn)
-    fb = measure(rec, budget, args, config, T, cfg, "fla_nsa", "fwdbwd",
-                 lambda: torch.autograd.grad(attn(), (q, k, v, g_cmp, g_slc), dout))
-    return fwd, fb
+    return measure_both(rec, budget, args, config, T, cfg, "fla_nsa", attn, (q, k, v, g_cmp, g_slc),
+                        seed=5)
 
 
 # ------------------------------------------------------------------------------------ reports

@@ -164,6 +164,20 @@ def op_samples_for(x, rand, *, block_size, block_stride, select_size, num_select
     ]
 
 
+NSA_OPS = ("compressed_attention_fwd", "compressed_attention_bwd", "select_blocks",
+           "selected_attention_fwd", "selected_attention_bwd", "sliding_window_attention_fwd",
+           "sliding_window_attention_bwd", "gated_sum", "gated_sum_bwd")
+
+
+def opcheck_all(samples):
+    """torch.library.opcheck on every (op name, args) sample; the samples must cover every op."""
+    seen = set()
+    for name, args in samples:
+        torch.library.opcheck(getattr(torch.ops.nsa, name).default, args)
+        seen.add(name)
+    assert seen == set(NSA_OPS)
+
+
 def hyper(case, *names):
     """The hyper-parameters `names` of a test case, defaults filled in."""
     return {n: case.get(n, HYPER_DEFAULTS[n]) for n in names}
