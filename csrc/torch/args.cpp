@@ -75,14 +75,19 @@ void Checker::value(bool cond, const char* arg, const std::string& expected,
   TORCH_CHECK_VALUE(cond, op_, ": ", arg, " must be ", expected, ", got ", got);
 }
 
+void check_float_dtype(const Checker& c, const at::Tensor& t, const char* arg) {
+  const auto dt = t.scalar_type();
+  const bool float_dtype =
+      dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
+  TORCH_CHECK_TYPE(float_dtype, c.op(), ": ", arg, " must be float32, float64, bfloat16 or float16, got ",
+                   dtype_str(dt));
+}
+
 void check_qkv(const Checker& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const char* k_name, const char* v_name, bool same_len) {
   c.value(q.dim() == 4, "q", "a 4-D tensor [B, T, HQ, D]", tensor_str(q));
+  check_float_dtype(c, q, "q");
   const auto dt = q.scalar_type();
-  const bool float_dtype =
-      dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
-  TORCH_CHECK_TYPE(float_dtype, c.op(), ": q must be float32, float64, bfloat16 or float16, got ",
-                   dtype_str(dt));
   const int64_t B = q.size(0), HQ = q.size(2), D = q.size(3);
   c.value(k.dim() == 4 && v.dim() == 4, k.dim() == 4 ? v_name : k_name,
           "a 4-D tensor [B, Tk, H, dim]", tensor_str(k.dim() == 4 ? v : k));
@@ -183,17 +188,25 @@ nsa::Dtype dtype_of(at::ScalarType dtype) {
   }
 }
 
-void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64_t head_dim_v) {
-  if (q.is_cpu()) return;
-  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cuda(), c.op(), ": nsa_torch has CPU and CUDA kernels; got q on ",
-                              q.device().str());
+void check_device_dtype(const Checker& c, const at::Tensor& t, const char* arg) {
+  if (t.is_cpu()) return;
+  TORCH_CHECK_NOT_IMPLEMENTED(t.is_cuda(), c.op(), ": nsa_torch has CPU and CUDA kernels; got ", arg,
+                              " on ", t.device().str());
 #ifndef NSA_WITH_CUDA
   TORCH_CHECK_NOT_IMPLEMENTED(false, c.op(), ": this build of nsa_torch has no CUDA kernels (it was "
-                              "built without nvcc or a CUDA build of torch); got q on ", q.device().str());
+                              "built without nvcc or a CUDA build of torch); got ", arg, " on ",
+                              t.device().str());
 #else
-  const auto dt = q.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, c.op(),
-                   ": q must be bfloat16 or float16 on CUDA, got ", dtype_str(dt));
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, c.op(), ": ", arg,
+                   " must be bfloat16 or float16 on CUDA, got ", dtype_str(dt));
+#endif
+}
+
+void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64_t head_dim_v) {
+  check_device_dtype(c, q, "q");
+  if (q.is_cpu()) return;
+#ifdef NSA_WITH_CUDA
   if (head_dim_v < 0) {
     c.value(head_dim == 64 || head_dim == 128 || head_dim == 192, "head dim D",
             "one of 64, 128, 192 on CUDA", std::to_string(head_dim));

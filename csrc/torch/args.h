@@ -41,6 +41,9 @@ class Checker {
   const char* op_;
 };
 
+// t has one of the float dtypes the kernels take (float32, float64, bfloat16, float16).
+void check_float_dtype(const Checker& c, const at::Tensor& t, const char* arg);
+
 // The attention inputs q [B, T, HQ, D], k [B, Tk, H, D], v [B, Tk, H, Dv]: float dtypes the
 // device supports, one dtype, one device, contiguous last dims, H >= 1 dividing HQ.
 // `k_name`/`v_name` name the keys in messages ("k" or "k_cmp"). With `same_len` (keys are the
@@ -68,6 +71,10 @@ at::ScalarType lse_dtype(at::ScalarType dtype);
 // Torch tensor -> kernel view (strides in elements) and dtype code.
 nsa::View view_of(const at::Tensor& t);
 nsa::Dtype dtype_of(at::ScalarType dtype);
+
+// Whether t's device has kernels for t's dtype: every float dtype on the CPU, bfloat16/float16
+// on CUDA; NotImplementedError for other devices or a build without CUDA (`arg` names t).
+void check_device_dtype(const Checker& c, const at::Tensor& t, const char* arg);
 
 // Whether q's device has kernels for these inputs: every float dtype and head dim on the CPU;
 // bfloat16/float16 and the compiled (D, Dv) pairs on CUDA (head_dim_v < 0: the op reads no

@@ -23,24 +23,14 @@ void check_gate_inputs(const Checker& c, const std::array<at::Tensor, 3>& o,
                        const std::array<at::Tensor, 3>& g) {
   const at::Tensor& x = o[0];
   c.value(x.dim() == 4, "o_cmp", "a 4-D tensor [B, T, HQ, Dv]", tensor_str(x));
+  check_float_dtype(c, x, "o_cmp");
   const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, kOp,
-                   ": o_cmp must be float32, float64, bfloat16 or float16, got ", dtype_str(dt));
   const int64_t B = x.size(0), T = x.size(1), HQ = x.size(2), Dv = x.size(3);
   for (int i = 0; i < 3; ++i) {
     c.tensor(o[i], kBranch[i], dt, {"B", "T", "HQ", "Dv"}, {B, T, HQ, Dv}, x.device());
     c.tensor(g[i], kGate[i], dt, {"B", "T", "HQ"}, {B, T, HQ}, x.device(), /*contiguous_last=*/false);
   }
-  if (x.is_cpu()) return;
-  TORCH_CHECK_NOT_IMPLEMENTED(x.is_cuda(), kOp, ": nsa_torch has CPU and CUDA kernels; got o_cmp on ",
-                              x.device().str());
-#ifndef NSA_WITH_CUDA
-  TORCH_CHECK_NOT_IMPLEMENTED(false, kOp, ": this build of nsa_torch has no CUDA kernels; got o_cmp on ",
-                              x.device().str());
-#else
-  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, kOp,
-                   ": o_cmp must be bfloat16 or float16 on CUDA, got ", dtype_str(dt));
-#endif
+  check_device_dtype(c, x, "o_cmp");
 }
 
 nsa::GateParams gate_params(const std::array<at::Tensor, 3>& o, const std::array<at::Tensor, 3>& g) {
