@@ -75,22 +75,32 @@ Shape make_shape(const TopkParams& p, int budget) {
   s.reduce = G > topk::kRows ? topk::kRows : ((G & (G - 1)) == 0 ? G : 0);
   s.cpr = p.block_size / p.block_stride;
   s.cpb = p.select_size / p.block_stride;
-  // Slots: the blocks touching one tile's 64 cells, or the whole tail in one round if larger.
-  s.cap = std::min(topk::kMaxCand,
-                   std::max(63 / s.cpb + 2, 1 + p.num_selected + p.num_local));
+  // Slots: the blocks touching one tile's 64 cells, or the whole tail in one round if larger;
+  // more (up to kMaxCand) where shared memory allows, so that merges (and their warp-serial
+  // work) come every few tiles instead of after each.
+  const int per_tile = 63 / s.cpb + 2;
+  const int min_cap = std::min(topk::kMaxCand, std::max(per_tile, 1 + p.num_selected + p.num_local));
   s.ws = (s.cpr - 1 + topk::kTileRows) | 1;
   s.scale_log2 = float(p.scale * 1.4426950408889634);
   if (G > topk::kRows) {
     s.segs = (G + topk::kRows - 1) / topk::kRows;
     s.tokens = 1;
+    s.cap = topk::kMaxCand;
+    s.merge_at = std::max(0, s.cap - per_tile);
     layout(p, s);
     return s;
   }
-  // Resident: a power of two <= warps (the warps of a unit split the key tile evenly).
-  for (s.segs = s.resident ? topk::kernel_warps(p.head_dim, true) : 4;; s.segs /= 2) {
+  // Resident: a power of two <= warps (the warps of a unit split the key tile evenly). For each
+  // count of segments, the most slots first; segments are halved when even the fewest do not fit.
+  auto fits = [&](int cap) {
+    s.cap = cap;
+    s.merge_at = std::max(0, cap - per_tile);
     s.tokens = s.segs * s.seg_tokens;
     layout(p, s);
-    if (s.smem <= budget || s.segs == 1) break;
+    return s.smem <= budget;
+  };
+  for (s.segs = s.resident ? topk::kernel_warps(p.head_dim, true) : 4;; s.segs /= 2) {
+    if (fits(topk::kMaxCand) || fits(min_cap) || s.segs == 1) break;
   }
   return s;
 }

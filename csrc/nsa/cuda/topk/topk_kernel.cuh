@@ -20,7 +20,11 @@
 //      shared scratch in head order otherwise) into w_s[token][row].
 //   2. Threads score the blocks whose cells the tile completes (select.h) and append those that
 //      beat the token's current n-th best key to its candidate slots.
-//   3. One warp per token merges its candidates into the token's list (rank by counting).
+//   3. One warp per token merges its candidates into the token's list (rank by counting), once
+//      the slots could not take another tile's (cap - merge_at), and after the last tile.
+// Steps 2 and 3 need no block barrier when each warp owns a unit (resident, segs = warps): the
+// warp scores, carries and merges its unit's tokens itself; one barrier per tile remains (the
+// key double buffer). Otherwise the block does them, with barriers between the steps.
 // After the last tile, the partial block at the edge, the zero-score blocks and the forced ones
 // left are merged the same way, and each warp writes its tokens' lists in ascending block order.
 // Both modes issue the same mma instructions on the same fragments and sum the heads in the same
@@ -67,8 +71,10 @@ struct Shape {
   int reduce;       // rows per token summed in registers: G (a power of two <= 64) or 64
                     // (G > 64, one token per chunk); 0: generic group sum through shared memory
   int cpr, cpb;     // cells per compressed row (l / d) and per selection block (l' / d)
-  int cap;          // candidate slots per token: the blocks touching one tile, or the whole
-                    // tail when more (<= kMaxCand)
+  int cap;          // candidate slots per token: at least the blocks touching one tile and the
+                    // whole tail (<= kMaxCand), more when shared memory allows
+  int merge_at;     // a token's candidates are merged once more than this many wait (cap minus
+                    // the most one tile appends), and after the last tile
   int ws;           // row stride of w_s in floats (odd: conflict-free block scoring)
   float scale_log2; // scale * log2(e)
   // Byte offsets of the shared-memory arrays; q_s is at 0. Resident: scratch .. open_s start at 0
@@ -351,12 +357,33 @@ select_topk_kernel(const TopkParams p, const Shape s) {
   for (int i = tid; i < P * (cpr - 1); i += kThreads) w_s[(i / (cpr - 1)) * ws + i % (cpr - 1)] = 0.f;
   __syncthreads();
 
+  // Who scores, carries and merges which tokens: in the resident mode with one unit per warp, each
+  // warp its own unit's tokens (synchronised by the warp alone); otherwise the whole block all
+  // tokens, one warp per token for the merges.
+  struct Own {
+    bool per_warp;
+    int tok0, count;  // tokens tok0 .. tok0 + count - 1
+    __device__ int first() const { return per_warp ? threadIdx.x & 31 : threadIdx.x; }
+    __device__ int step() const { return per_warp ? 32 : kThreads; }
+    // merges: one warp per token, tokens tok0 + merger(), + mergers(), ...
+    __device__ int merger() const { return per_warp ? 0 : threadIdx.x >> 5; }
+    __device__ int mergers() const { return per_warp ? 1 : kWarps; }
+    __device__ void sync() const {
+      if (per_warp) __syncwarp(); else __syncthreads();
+    }
+  };
+  const bool per_warp = kResident && s.segs == kWarps;
+  const int u0 = unit * s.seg_tokens;
+  const Own own{per_warp, per_warp ? u0 : 0, per_warp ? max(0, min(s.seg_tokens, ntok - u0)) : ntok};
+
   for (int kt = 0; kt < ntiles; ++kt) {
     const int i0 = kt * kTileRows;
+    // Tile kt landed and every warp is done with tile kt - 1's buffer, which tile kt + 1 reuses
+    // (the one barrier per tile when the warps keep their own tokens).
+    cp_async_wait<0>();
+    __syncthreads();
     if ((kt + 1) * kTileRows < nvis_max) load_keys(kt + 1);
     cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
 
     // 1. Group-summed probabilities of the tile's rows.
     if (i0 < nvis_max) {
@@ -431,9 +458,10 @@ select_topk_kernel(const TopkParams p, const Shape s) {
         }
       }
     } else {  // past every visible row: the tile only completes cells from the carried rows
-      for (int i = tid; i < P * kTileRows; i += kThreads) w_s[(i / kTileRows) * ws + cpr - 1 + i % kTileRows] = 0.f;
+      for (int i = own.first(); i < own.count * kTileRows; i += own.step())
+        w_s[(own.tok0 + i / kTileRows) * ws + cpr - 1 + i % kTileRows] = 0.f;
     }
-    __syncthreads();
+    own.sync();
 
     // 2. Blocks touching cells [i0, i0 + 64): score, keep the cut one's part, filter by theta.
     {
@@ -441,8 +469,8 @@ select_topk_kernel(const TopkParams p, const Shape s) {
       const int base = i0 - (cpr - 1);  // row held in w_s[tok][0]
       const float* open_in = open_s + ((kt + 1) & 1) * P;
       float* open_out = open_s + (kt & 1) * P;
-      for (int it = tid; it < ntok * nblk; it += kThreads) {
-        const int tok = it % ntok, j = ja + it / ntok;
+      for (int it = own.first(); it < own.count * nblk; it += own.step()) {
+        const int tok = own.tok0 + it % own.count, j = ja + it / own.count;
         const int ka = max(j * cpb, i0), kb = min((j + 1) * cpb, i0 + kTileRows);
         float sc = cells_score(w_s + tok * ws, base, ka, kb, cpr);
         if (j * cpb < i0) sc += open_in[tok];
@@ -456,19 +484,22 @@ select_topk_kernel(const TopkParams p, const Shape s) {
         if (k > theta_s[tok]) cand_s[tok * cap + atomicAdd(&nacc_s[tok], 1)] = k;
       }
     }
-    __syncthreads();
+    own.sync();
 
-    // 3. Carry the last cpr - 1 rows (in rounds of 64 when they overlap), then merge.
+    // 3. Carry the last cpr - 1 rows (in rounds of 64 when they overlap), then merge the tokens
+    // whose slots could not take another tile's candidates (the list is the top n of all
+    // candidates whenever merged, so merging late changes nothing but theta's freshness).
     for (int r0 = 0; r0 < cpr - 1; r0 += kTileRows) {
-      if (r0 > 0) __syncthreads();
+      if (r0 > 0) own.sync();
       const int nr = min(kTileRows, cpr - 1 - r0);
-      for (int i = tid; i < ntok * nr; i += kThreads) {
-        float* wt = w_s + (i / nr) * ws + r0 + i % nr;
+      for (int i = own.first(); i < own.count * nr; i += own.step()) {
+        float* wt = w_s + (own.tok0 + i / nr) * ws + r0 + i % nr;
         *wt = wt[kTileRows];
       }
     }
-    for (int tok = warp; tok < ntok; tok += kWarps)
-      if (nacc_s[tok] > 0)
+    const int last = kt + 1 == ntiles;
+    for (int tok = own.tok0 + own.merger(); tok < own.tok0 + own.count; tok += own.mergers())
+      if (nacc_s[tok] > (last ? 0 : s.merge_at))
         merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
   }
   __syncthreads();
