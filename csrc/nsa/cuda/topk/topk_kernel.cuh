@@ -190,17 +190,19 @@ __device__ __forceinline__ void group_sum_pow2(float (&acc)[NT][4], float* w, in
   if constexpr (NT == 8) {  // R = 64 needs all 8 n-tiles (the host never asks it of 4)
     if (R >= 64) v[0][0] += v[4][0], v[0][1] += v[4][1];
   }
-  const int step = R >= 8 ? R / 8 : 1;  // n-tiles per token
+  // R is a power of two: masks and shifts, not divisions (this runs per 16 key rows).
+  const int lg = __ffs(R) - 1;
+  const int step = R >= 8 ? R >> 3 : 1;  // n-tiles per token
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    if (nt % step != 0) continue;  // warp-uniform
+    if ((nt & (step - 1)) != 0) continue;  // warp-uniform
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (R >= 4) v[nt][h] += __shfl_xor_sync(0xffffffffu, v[nt][h], 1);
       if (R >= 8) v[nt][h] += __shfl_xor_sync(0xffffffffu, v[nt][h], 2);
       const int col = nt * 8 + c;
-      if (col % R == 0) {
-        float* dst = wr + (col / R) * ws + h * 8;
+      if ((col & (R - 1)) == 0) {
+        float* dst = wr + (col >> lg) * ws + h * 8;
         *dst = add ? *dst + v[nt][h] : v[nt][h];
       }
     }
@@ -360,21 +362,24 @@ select_topk_kernel(const TopkParams p, const Shape s) {
   // Who scores, carries and merges which tokens: in the resident mode with one unit per warp, each
   // warp its own unit's tokens (synchronised by the warp alone); otherwise the whole block all
   // tokens, one warp per token for the merges.
-  struct Own {
-    bool per_warp;
-    int tok0, count;  // tokens tok0 .. tok0 + count - 1
-    __device__ int first() const { return per_warp ? threadIdx.x & 31 : threadIdx.x; }
-    __device__ int step() const { return per_warp ? 32 : kThreads; }
-    // merges: one warp per token, tokens tok0 + merger(), + mergers(), ...
-    __device__ int merger() const { return per_warp ? 0 : threadIdx.x >> 5; }
-    __device__ int mergers() const { return per_warp ? 1 : kWarps; }
-    __device__ void sync() const {
-      if (per_warp) __syncwarp(); else __syncthreads();
-    }
-  };
   const bool per_warp = kResident && s.segs == kWarps;
   const int u0 = unit * s.seg_tokens;
-  const Own own{per_warp, per_warp ? u0 : 0, per_warp ? max(0, min(s.seg_tokens, ntok - u0)) : ntok};
+  const int tok0 = per_warp ? u0 : 0;                                   // owned tokens:
+  const int tokn = per_warp ? max(0, min(s.seg_tokens, ntok - u0)) : ntok;  // tok0 .. tok0 + tokn - 1
+  auto own_sync = [&] {
+    if (per_warp) __syncwarp(); else __syncthreads();
+  };
+  // f(tok, i) for every owned token and i < per (no divisions on the per-warp path).
+  auto for_own_items = [&](int per, auto&& f) {
+    if (per_warp) {
+      for (int tk = 0; tk < tokn; ++tk)
+        for (int i = lane; i < per; i += 32) f(tok0 + tk, i);
+    } else {
+      for (int it = tid; it < tokn * per; it += kThreads) f(it % tokn, it / tokn);
+    }
+  };
+  // The warps of a unit (warps / U of them) take its 16-row m-tiles in turn.
+  const int mt_first = warp / s.segs, mt_step = kWarps / s.segs;
 
   for (int kt = 0; kt < ntiles; ++kt) {
     const int i0 = kt * kTileRows;
@@ -389,10 +394,9 @@ select_topk_kernel(const TopkParams p, const Shape s) {
     if (i0 < nvis_max) {
       const T* kt_s = k_s + (kt & 1) * kTileRows * D;
       if constexpr (kResident) {
-        // The warps of a unit (warps / U of them) take its 16-row m-tiles in turn.
         float* wu = w_s + unit * s.seg_tokens * ws;
         float* scr = scratch + warp * kUnitRows * kScratchLd;
-        for (int mt = warp / s.segs; mt < kTileRows / 16; mt += kWarps / s.segs) {
+        for (int mt = mt_first; mt < kTileRows / 16; mt += mt_step) {
           float acc[4][4];
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -458,10 +462,9 @@ select_topk_kernel(const TopkParams p, const Shape s) {
         }
       }
     } else {  // past every visible row: the tile only completes cells from the carried rows
-      for (int i = own.first(); i < own.count * kTileRows; i += own.step())
-        w_s[(own.tok0 + i / kTileRows) * ws + cpr - 1 + i % kTileRows] = 0.f;
+      for_own_items(kTileRows, [&](int tok, int i) { w_s[tok * ws + cpr - 1 + i] = 0.f; });
     }
-    own.sync();
+    own_sync();
 
     // 2. Blocks touching cells [i0, i0 + 64): score, keep the cut one's part, filter by theta.
     {
@@ -469,36 +472,35 @@ select_topk_kernel(const TopkParams p, const Shape s) {
       const int base = i0 - (cpr - 1);  // row held in w_s[tok][0]
       const float* open_in = open_s + ((kt + 1) & 1) * P;
       float* open_out = open_s + (kt & 1) * P;
-      for (int it = own.first(); it < own.count * nblk; it += own.step()) {
-        const int tok = own.tok0 + it % own.count, j = ja + it / own.count;
+      for_own_items(nblk, [&](int tok, int jj) {
+        const int j = ja + jj;
         const int ka = max(j * cpb, i0), kb = min((j + 1) * cpb, i0 + kTileRows);
         float sc = cells_score(w_s + tok * ws, base, ka, kb, cpr);
         if (j * cpb < i0) sc += open_in[tok];
         if ((j + 1) * cpb > i0 + kTileRows) {
           open_out[tok] = sc;
-          continue;
+          return;
         }
         const int b = (t0 + tok) / p.select_size;
-        if (j > b) continue;
+        if (j > b) return;
         const uint64_t k = block_key(sc, j, is_forced(j, b, p.num_initial, p.num_local));
         if (k > theta_s[tok]) cand_s[tok * cap + atomicAdd(&nacc_s[tok], 1)] = k;
-      }
+      });
     }
-    own.sync();
+    own_sync();
 
     // 3. Carry the last cpr - 1 rows (in rounds of 64 when they overlap), then merge the tokens
     // whose slots could not take another tile's candidates (the list is the top n of all
     // candidates whenever merged, so merging late changes nothing but theta's freshness).
     for (int r0 = 0; r0 < cpr - 1; r0 += kTileRows) {
-      if (r0 > 0) own.sync();
-      const int nr = min(kTileRows, cpr - 1 - r0);
-      for (int i = own.first(); i < own.count * nr; i += own.step()) {
-        float* wt = w_s + (own.tok0 + i / nr) * ws + r0 + i % nr;
+      if (r0 > 0) own_sync();
+      for_own_items(min(kTileRows, cpr - 1 - r0), [&](int tok, int i) {
+        float* wt = w_s + tok * ws + r0 + i;
         *wt = wt[kTileRows];
-      }
+      });
     }
     const int last = kt + 1 == ntiles;
-    for (int tok = own.tok0 + own.merger(); tok < own.tok0 + own.count; tok += own.mergers())
+    for (int tok = tok0 + (per_warp ? 0 : warp); tok < tok0 + tokn; tok += per_warp ? 1 : kWarps)
       if (nacc_s[tok] > (last ? 0 : s.merge_at))
         merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
   }
