@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "bwd.cuh"
+#include "fwd_wide.cuh"
 #include "slc_warp.cuh"
 
 namespace nsa::cuda {
@@ -71,6 +72,15 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
     if constexpr (B == Branch::kSlc) {
       if (slc_per_warp(p.num_heads / p.num_heads_k))
         return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D));
+    } else if constexpr (D <= 128 && DV <= 128) {
+      if (fwd_wide<B>(D, DV)) {
+        const dim3 grid = query_grid(p, kWideRows);
+        if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+        auto kernel = attn_fwd_wide_kernel<T, D, DV, B>;
+        set_smem(kernel, fwd_wide_smem_bytes<D, DV>());
+        kernel<<<grid, kThreads, fwd_wide_smem_bytes<D, DV>(), stream>>>(p);
+        return check_launch(op_name<B>());
+      }
     }
     const dim3 grid = query_grid(p);
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;

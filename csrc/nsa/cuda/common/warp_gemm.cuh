@@ -62,4 +62,48 @@ __device__ __forceinline__ void warp_gemm_pn(float (&acc)[N / 8][4], const float
   }
 }
 
+// Two m-tiles per warp (32 rows): acc[m] (16 x N) += A_m B^T, A_m = rows a_row0 + 16m .. + 15 of
+// a_tile [*][K], B = rows 0 .. N-1 of b_tile [N][K]. Each B fragment read from shared memory
+// feeds both m-tiles, half the reads per product of warp_gemm_nt.
+template <int K, int N, typename T>
+__device__ __forceinline__ void warp_gemm_nt_x2(float (&acc)[2][N / 8][4], const T* a_tile, int a_row0,
+                                                const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[2][4];
+    load_a<K>(a[0], a_tile, a_row0, kk * 16);
+    load_a<K>(a[1], a_tile, a_row0 + 16, kk * 16);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      load_b_nk<K>(b, b_tile, np * 16, kk * 16);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        mma<T>(acc[m][2 * np], a[m], b[0], b[1]);
+        mma<T>(acc[m][2 * np + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Two m-tiles per warp: acc[m] (16 x N) += P_m B, P_m (16 x K) given as A fragments pa[m][kk]
+// (columns 16kk .. 16kk + 15, see c_to_a), B = b_tile [K][N]; each B fragment is read once.
+template <int K, int N, typename T>
+__device__ __forceinline__ void warp_gemm_pn_x2(float (&acc)[2][N / 8][4], const uint32_t (&pa)[2][K / 16][4],
+                                                const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      load_b_kn<N>(b, b_tile, kk * 16, np * 16);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        mma<T>(acc[m][2 * np], pa[m][kk], b[0], b[1]);
+        mma<T>(acc[m][2 * np + 1], pa[m][kk], b[2], b[3]);
+      }
+    }
+  }
+}
+
 }  // namespace nsa::cuda
