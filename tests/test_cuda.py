@@ -436,6 +436,17 @@ def test_sliding_window_attention(case, dtype):
     check_raw_lse("swa", x, case, o)
 
 
+@pytest.mark.parametrize("case,dtype", [p for p in case_params(CASES) if p.values[1] == torch.bfloat16])
+def test_narrow_forward_kernel(case, dtype, monkeypatch):
+    """NSA_CUDA_FWD_KERNEL=narrow: the 16-rows-per-warp forward (the default only for D = 192) on
+    the compressed and window branches."""
+    monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", "narrow")
+    x = gpu_inputs(dtype=dtype, seed=seed_of("cmp", case, dtype), **case)
+    check_branch(compressed, x, case, ["q", "k_cmp", "v_cmp"], dtype)
+    x = gpu_inputs(dtype=dtype, seed=seed_of("swa", case, dtype), **case)
+    check_branch(sliding, x, case, ["q", "k", "v"], dtype)
+
+
 # "sorted" (ascending, -1 at the end) only in bf16: the slot order does not depend on the dtype.
 SLC_PARAMS = [pytest.param(*p.values, kind, id=f"{p.id}-{kind}")
               for kind in ("user", "sorted", "selected") for p in case_params(CASES)
