@@ -1,27 +1,18 @@
 // Entry point of the top-n block selection on CUDA: argument checks, the launch shape and the
-// shared-memory layout, dtype / head-dim dispatch (the kernel is in topk_kernel.cuh).
+// shared-memory layout (the kernel is in topk_kernel.cuh, its launches in launch.cuh).
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "../kernels.h"
-#include "topk_kernel.cuh"
+#include "launch.h"
 
 namespace nsa::cuda {
 namespace {
 
+using topk::check_cuda;
+using topk::invalid;
 using topk::Shape;
-
-constexpr const char* kOp = "nsa.select_blocks";
-
-[[noreturn]] void invalid(const std::string& what) {
-  throw std::invalid_argument(std::string(kOp) + ": " + what);
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(kOp) + ": " + what + ": " + cudaGetErrorString(err));
-}
 
 int align16(int x) { return (x + 15) / 16 * 16; }
 
@@ -105,41 +96,6 @@ Shape make_shape(const TopkParams& p, int budget) {
   return s;
 }
 
-template <typename T, int D, bool kResident>
-void launch(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
-  auto kernel = topk::select_topk_kernel<T, D, kResident>;
-  if (s.smem > max_smem)
-    invalid("needs " + std::to_string(s.smem) + " bytes of shared memory per block (G = " +
-            std::to_string(s.group) + ", D = " + std::to_string(D) + ", block_size / block_stride = " +
-            std::to_string(s.cpr) + ", num_selected = " + std::to_string(p.num_selected) +
-            "), the device allows " + std::to_string(max_smem));
-  if (s.smem > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem),
-               "cudaFuncSetAttribute failed");
-  kernel<<<grid, 32 * topk::kernel_warps(D, kResident), s.smem, stream>>>(p, s);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
-}
-
-template <typename T, int D>
-void dispatch_mode(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
-  if (s.resident)
-    launch<T, D, true>(p, s, max_smem, grid, stream);
-  else
-    launch<T, D, false>(p, s, max_smem, grid, stream);
-}
-
-template <typename T>
-void dispatch_head_dim(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64: return dispatch_mode<T, 64>(p, s, max_smem, grid, stream);
-    case 128: return dispatch_mode<T, 128>(p, s, max_smem, grid, stream);
-    case 192: return dispatch_mode<T, 192>(p, s, max_smem, grid, stream);
-    default: invalid("head dim D must be 64, 128 or 192 on CUDA, got " + std::to_string(p.head_dim));
-  }
-}
-
 }  // namespace
 
 void select_topk(const TopkParams& p, cudaStream_t stream) {
@@ -179,9 +135,9 @@ void select_topk(const TopkParams& p, cudaStream_t stream) {
             ", B = " + std::to_string(p.seqs.batch) + ")");
   const dim3 grid(unsigned(tiles), unsigned(p.num_heads_k), unsigned(packed ? 1 : p.seqs.batch));
   if (p.dtype == Dtype::kBFloat16)
-    dispatch_head_dim<__nv_bfloat16>(p, s, max_smem, grid, stream);
+    topk::launch_select<__nv_bfloat16>(p, s, max_smem, grid, stream);
   else
-    dispatch_head_dim<__half>(p, s, max_smem, grid, stream);
+    topk::launch_select<__half>(p, s, max_smem, grid, stream);
 }
 
 }  // namespace nsa::cuda

@@ -1,0 +1,54 @@
+// Definitions of launch_select (launch.h), included by the per-dtype instantiation files.
+#pragma once
+
+#include "launch.h"
+
+namespace nsa::cuda::topk {
+
+template <typename T, int D, bool kResident, int kReduce>
+void launch(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  auto kernel = select_topk_kernel<T, D, kResident, kReduce>;
+  if (s.smem > max_smem)
+    invalid("needs " + std::to_string(s.smem) + " bytes of shared memory per block (G = " +
+            std::to_string(s.group) + ", D = " + std::to_string(D) + ", block_size / block_stride = " +
+            std::to_string(s.cpr) + ", num_selected = " + std::to_string(p.num_selected) +
+            "), the device allows " + std::to_string(max_smem));
+  if (s.smem > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem),
+               "cudaFuncSetAttribute failed");
+  kernel<<<grid, 32 * kernel_warps(D, kResident), s.smem, stream>>>(p, s);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
+}
+
+// The kernel is compiled per group-sum width (s.reduce): resident 0 (generic), 1 .. 32;
+// streamed 0 or 64.
+template <typename T, int D>
+void dispatch_mode(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  if (!s.resident) {
+    if (s.reduce == 64) return launch<T, D, false, 64>(p, s, max_smem, grid, stream);
+    return launch<T, D, false, 0>(p, s, max_smem, grid, stream);
+  }
+  switch (s.reduce) {
+    case 1: return launch<T, D, true, 1>(p, s, max_smem, grid, stream);
+    case 2: return launch<T, D, true, 2>(p, s, max_smem, grid, stream);
+    case 4: return launch<T, D, true, 4>(p, s, max_smem, grid, stream);
+    case 8: return launch<T, D, true, 8>(p, s, max_smem, grid, stream);
+    case 16: return launch<T, D, true, 16>(p, s, max_smem, grid, stream);
+    case 32: return launch<T, D, true, 32>(p, s, max_smem, grid, stream);
+    default: return launch<T, D, true, 0>(p, s, max_smem, grid, stream);
+  }
+}
+
+template <typename T>
+void launch_select(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return dispatch_mode<T, 64>(p, s, max_smem, grid, stream);
+    case 128: return dispatch_mode<T, 128>(p, s, max_smem, grid, stream);
+    case 192: return dispatch_mode<T, 192>(p, s, max_smem, grid, stream);
+    default: invalid("head dim D must be 64, 128 or 192 on CUDA, got " + std::to_string(p.head_dim));
+  }
+}
+
+}  // namespace nsa::cuda::topk

@@ -1,0 +1,6 @@
+// The top-n selection kernels for fp16 (one file per dtype keeps builds parallel).
+#include "launch.cuh"
+
+namespace nsa::cuda::topk {
+template void launch_select<__half>(const TopkParams&, const Shape&, int, dim3, cudaStream_t);
+}  // namespace nsa::cuda::topk
