@@ -436,11 +436,17 @@ def test_sliding_window_attention(case, dtype):
     check_raw_lse("swa", x, case, o)
 
 
-@pytest.mark.parametrize("case,dtype", [p for p in case_params(CASES) if p.values[1] == torch.bfloat16])
-def test_narrow_forward_kernel(case, dtype, monkeypatch):
-    """NSA_CUDA_FWD_KERNEL=narrow: the 16-rows-per-warp forward (the default only for D = 192) on
-    the compressed and window branches."""
-    monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", "narrow")
+FWD_KIND_PARAMS = [pytest.param(*p.values, kind, id=f"{p.id}-{kind}") for kind in ("narrow", "wgmma")
+                   for p in case_params(CASES) if p.values[1] == torch.bfloat16 or kind == "wgmma"]
+
+
+@pytest.mark.parametrize("case,dtype,kind", FWD_KIND_PARAMS)
+def test_forward_kernel_kinds(case, dtype, kind, monkeypatch):
+    """NSA_CUDA_FWD_KERNEL=narrow (16 rows per warp; the default only for D = 192) and =wgmma
+    (Hopper warpgroup products, opt-in) on the compressed and window branches."""
+    if kind == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernels need an sm_90 GPU")
+    monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("cmp", case, dtype), **case)
     check_branch(compressed, x, case, ["q", "k_cmp", "v_cmp"], dtype)
     x = gpu_inputs(dtype=dtype, seed=seed_of("swa", case, dtype), **case)

@@ -1,6 +1,7 @@
-"""Times the compressed and window forward with both CUDA forward kernels
+"""Times the compressed and window forward with each CUDA forward kernel
 (NSA_CUDA_FWD_KERNEL=narrow: 16 rows per warp, attn_fwd_kernel; wide: 32 rows per warp,
-attn_fwd_wide_kernel) on the benchmark's inputs, and prints how far apart their outputs are.
+attn_fwd_wide_kernel; wgmma: Hopper warpgroup products, attn_fwd_wgmma_kernel, sm_90 only) on the
+benchmark's inputs, and prints how far each one's outputs are from the wide kernel's.
 
     python3 tools/ab_fwd.py --T 65536 --configs g16 g4
 """
@@ -36,7 +37,8 @@ def main():
         }
         for br, fn in branches.items():
             outs = {}
-            for kind in ("narrow", "wide"):
+            kinds = ["narrow", "wide"] + (["wgmma"] if torch.cuda.get_device_capability() == (9, 0) else [])
+            for kind in kinds:
                 os.environ["NSA_CUDA_FWD_KERNEL"] = kind
                 with torch.no_grad():
                     ms = do_bench(fn, warmup=25, rep=100)
@@ -44,9 +46,12 @@ def main():
                 o, lse = r if isinstance(r, tuple) else (r, torch.zeros(1, device=r.device))
                 outs[kind] = (o.float(), lse.float())
                 print(f"{name} T={args.T} {br} fwd {kind:6s}: {ms:8.3f} ms", flush=True)
-            do = (outs["narrow"][0] - outs["wide"][0]).abs().max().item()
-            dl = (outs["narrow"][1] - outs["wide"][1]).nan_to_num().abs().max().item()
-            print(f"{name} {br} max |narrow - wide| o {do:.2e}, lse {dl:.2e}", flush=True)
+            for kind in kinds:
+                if kind == "wide":
+                    continue
+                do = (outs[kind][0] - outs["wide"][0]).abs().max().item()
+                dl = (outs[kind][1] - outs["wide"][1]).nan_to_num().abs().max().item()
+                print(f"{name} {br} max |{kind} - wide| o {do:.2e}, lse {dl:.2e}", flush=True)
         os.environ.pop("NSA_CUDA_FWD_KERNEL", None)
 
 

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "../common/warp_gemm.cuh"
+#include "../common/wgmma.cuh"
 #include "branch.cuh"
 
 namespace nsa::cuda {
@@ -48,18 +49,19 @@ struct KeyTiles {
 };
 
 // Copies the block's query-side rows of `src` (q or dout, [B, T, HQ, COLS]) into a tile of R rows
-// (NT threads copying); rows past rows.count are zeros.
-template <int COLS, int R = kRows, int NT = kThreads, typename T>
+// (NT threads copying, layout L); rows past rows.count are zeros.
+template <int COLS, int R = kRows, int NT = kThreads, Layout L = Layout::kRowSwizzled, typename T>
 __device__ __forceinline__ void load_query_rows(T* tile, const View& src, const QueryRows& rows) {
-  load_pairs_async<R, COLS, NT>(tile, src.ptr<const T>(rows.seq.batch, rows.seq.start + rows.t_first, rows.g * rows.G),
+  load_pairs_async<R, COLS, NT, L>(tile, src.ptr<const T>(rows.seq.batch, rows.seq.start + rows.t_first, rows.g * rows.G),
                                 src.row_stride, src.head_stride, rows.h_first, rows.G, rows.count,
                                 [](int i) { return index_t(i); });
 }
 
 // The key side shared by the forward and dq kernels: the key tiles of the block's rows (for the
 // selected branch, the union of their blocks, built here by all threads), double-buffered in
-// sK [2][kKeys][D], sV [2][kKeys][DV] (the per-warp twin is WarpBlockTiles, slc_warp.cuh).
-template <typename T, int D, int DV, Branch B>
+// sK [2][kKeys][D], sV [2][kKeys][DV] in layout L (the per-warp twin is WarpBlockTiles,
+// slc_warp.cuh).
+template <typename T, int D, int DV, Branch B, Layout L = Layout::kRowSwizzled>
 struct QueryKeys {
   using P = typename BranchParams<B>::type;
   // Step i's tile: keys [ks, ke) (ks >= ke: nothing to do), for the selected branch the mask of
@@ -104,10 +106,10 @@ struct QueryKeys {
     tiles.tile(p, u, i, ks, ke, tok);
     const int valid = int(max(index_t(0), ke - ks));
     const index_t row = key_row<B>(rows.seq, ks);
-    load_strided_async<kKeys, D, kThreads>(sK + (i & 1) * kKeys * D,
-                                           p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
-    load_strided_async<kKeys, DV, kThreads>(sV + (i & 1) * kKeys * DV,
-                                            p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
+    load_strided_async<kKeys, D, kThreads, L>(sK + (i & 1) * kKeys * D,
+                                              p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
+    load_strided_async<kKeys, DV, kThreads, L>(sV + (i & 1) * kKeys * DV,
+                                               p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
   }
 
   // Step i: prefetches tile i + 1 (its stage was last read in step i - 1, before the caller's
@@ -116,6 +118,7 @@ struct QueryKeys {
     if (i + 1 < count) load(i + 1);
     cp_async_commit();
     cp_async_wait<1>();
+    if constexpr (L == Layout::kWgmma) fence_proxy_async();  // the tensor cores read it next
     __syncthreads();
     Tile t;
     tiles.tile(p, u, i, t.ks, t.ke, t.tokens);

@@ -20,13 +20,26 @@ constexpr size_t fwd_wide_smem_bytes() {
   return size_t(2) * (kWideRows * D + 2 * kKeys * (D + DV));
 }
 
-// The wide kernel serves these; NSA_CUDA_FWD_KERNEL=narrow forces attn_fwd_kernel (for comparing
-// the two on a GPU).
+// Which forward kernel runs a contiguous branch with D, DV <= 128: the wide one by default;
+// NSA_CUDA_FWD_KERNEL=narrow forces attn_fwd_kernel, =wgmma attn_fwd_wgmma_kernel (fwd_wgmma.cuh;
+// sm_90 only, opt-in until checked on a GPU). The selected branch and D = 192 always take
+// attn_fwd_kernel.
+enum class FwdKind { kNarrow, kWide, kWgmma };
+
 template <Branch B>
-inline bool fwd_wide(int head_dim, int head_dim_v) {
-  if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return false;
+inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
+  if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
   const char* env = std::getenv("NSA_CUDA_FWD_KERNEL");
-  return !(env && std::strcmp(env, "narrow") == 0);
+  if (env && std::strcmp(env, "narrow") == 0) return FwdKind::kNarrow;
+  if (env && std::strcmp(env, "wgmma") == 0) {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+        major == 9 && minor == 0)
+      return FwdKind::kWgmma;
+  }
+  return FwdKind::kWide;
 }
 
 template <typename T, int D, int DV, Branch B>

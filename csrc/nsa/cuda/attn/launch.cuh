@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "bwd.cuh"
+#include "fwd_wgmma.cuh"
 #include "fwd_wide.cuh"
 #include "slc_warp.cuh"
 
@@ -73,12 +74,21 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
       if (slc_per_warp(p.num_heads / p.num_heads_k))
         return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D));
     } else if constexpr (D <= 128 && DV <= 128) {
-      if (fwd_wide<B>(D, DV)) {
+      const FwdKind kind = fwd_kind<B>(D, DV);
+      if (kind == FwdKind::kWide) {
         const dim3 grid = query_grid(p, kWideRows);
         if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
         auto kernel = attn_fwd_wide_kernel<T, D, DV, B>;
         set_smem(kernel, fwd_wide_smem_bytes<D, DV>());
         kernel<<<grid, kThreads, fwd_wide_smem_bytes<D, DV>(), stream>>>(p);
+        return check_launch(op_name<B>());
+      }
+      if (kind == FwdKind::kWgmma) {
+        const dim3 grid = query_grid(p);
+        if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+        auto kernel = attn_fwd_wgmma_kernel<T, D, DV, B>;
+        set_smem(kernel, fwd_smem_tiles_bytes<D, DV>());
+        kernel<<<grid, kThreads, fwd_smem_tiles_bytes<D, DV>(), stream>>>(p);
         return check_launch(op_name<B>());
       }
     }

@@ -16,6 +16,23 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * COLS + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
+// Where the loaders below put element (row, col) of an R x COLS tile.
+//   kRowSwizzled: the layout above (ldmatrix reads it; every mma.sync kernel).
+//   kWgmma: [COLS / 64][R][64], each 128-byte row's chunk c at c ^ (row % 8): the 128-byte
+//   swizzle atoms (8 rows x 128 bytes) that wgmma's shared-memory descriptors address (wgmma.cuh);
+//   such tiles must start at a multiple of 1024 bytes.
+enum class Layout { kRowSwizzled, kWgmma };
+
+template <Layout L, int R, int COLS>
+__device__ __forceinline__ int tile_offset(int row, int col) {
+  if constexpr (L == Layout::kWgmma) {
+    static_assert(COLS % 64 == 0, "tile rows must be a multiple of 64 elements");
+    return (col >> 6) * (R * 64) + row * 64 + ((((col & 63) >> 3) ^ (row & 7)) << 3) + (col & 7);
+  } else {
+    return swz<COLS>(row, col);
+  }
+}
+
 // Copies `rows` rows of COLS elements into a swizzled tile with cp.async. row_ptr(r) gives the
 // global address of row r, or nullptr for a row to zero-fill (rows past the data must be zeros: a
 // NaN there would survive a zero probability). For one-off loads; see load_pairs_async for the
@@ -36,7 +53,7 @@ __device__ __forceinline__ void load_rows_async(T* tile, int rows, RowPtr row_pt
 // Every tile load of the attention kernels goes through here: one division and one 64-bit
 // address per thread, the rows after it stepped incrementally, where a per-chunk row callback
 // (load_rows_async) costs ~40 instructions per 16-byte copy.
-template <int R, int COLS, int NT, typename T, typename TokenOf>
+template <int R, int COLS, int NT, Layout L = Layout::kRowSwizzled, typename T, typename TokenOf>
 __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t token_stride,
                                                  index_t head_stride, int h0, int G, int valid,
                                                  TokenOf token_of) {
@@ -53,7 +70,7 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
     for (int k = 0; k < R / kRowStep; ++k) {
       const bool ok = r < valid;
       const T* from = ok ? src + token_of(i) * token_stride + hh * head_stride + c * 8 : tile;
-      cp_async_16(tile + swz<COLS>(r, c * 8), from, ok);
+      cp_async_16(tile + tile_offset<L, R, COLS>(r, c * 8), from, ok);
       r += kRowStep;
       i += di;
       hh += dh;
@@ -67,7 +84,7 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
       const int i = (h0 + r) / G, hh = (h0 + r) - i * G;
       const bool ok = r < valid;
       const T* from = ok ? src + token_of(i) * token_stride + hh * head_stride + c * 8 : tile;
-      cp_async_16(tile + swz<COLS>(r, c * 8), from, ok);
+      cp_async_16(tile + tile_offset<L, R, COLS>(r, c * 8), from, ok);
     }
   }
 }
@@ -75,7 +92,7 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
 // Rows evenly spaced in memory (row r at src + r * stride, e.g. consecutive keys of one head),
 // the first `valid` of them real. The grid above with G = 1, written out: the thread's pointer
 // steps down the rows (the general form costs ~25% more instructions in the per-warp kernels).
-template <int R, int COLS, int NT, typename T>
+template <int R, int COLS, int NT, Layout L = Layout::kRowSwizzled, typename T>
 __device__ __forceinline__ void load_strided_async(T* tile, const T* src, index_t stride, int valid) {
   constexpr int kChunks = COLS / 8;
   static_assert((R * kChunks) % NT == 0, "every thread copies the same number of chunks");
@@ -88,13 +105,13 @@ __device__ __forceinline__ void load_strided_async(T* tile, const T* src, index_
     const index_t step = kRowStep * stride;
 #pragma unroll
     for (int k = 0; k < R / kRowStep; ++k, r += kRowStep, from += step)
-      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? from : tile, r < valid);
+      cp_async_16(tile + tile_offset<L, R, COLS>(r, c * 8), r < valid ? from : tile, r < valid);
   } else {
 #pragma unroll
     for (int k = 0; k < R * kChunks / NT; ++k) {
       const int i = tid + k * NT;
       const int r = i / kChunks, c = i % kChunks;
-      cp_async_16(tile + swz<COLS>(r, c * 8), r < valid ? src + r * stride + c * 8 : tile, r < valid);
+      cp_async_16(tile + tile_offset<L, R, COLS>(r, c * 8), r < valid ? src + r * stride + c * 8 : tile, r < valid);
     }
   }
 }
