@@ -183,6 +183,23 @@ __device__ __forceinline__ void with_all_visible(bool all, F&& f) {
   if (all) f(std::true_type{}); else f(std::false_type{});
 }
 
+// Scales a key tile's scores to log2 units, -inf where visible(j, e) is false (not tested when
+// `all`: every element is visible), and takes this thread's two row maxima into mx.
+template <int N, typename Mask>
+__device__ __forceinline__ void mask_scale_max(float (&s)[N / 8][4], bool all, const Mask& visible,
+                                               float scale_log2, float (&mx)[2]) {
+  with_all_visible(all, [&](auto all_visible) {
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = decltype(all_visible)::value || visible(j, e) ? s[j][e] * scale_log2 : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+      }
+    }
+  });
+}
+
 // One key tile of the online softmax for this thread's two rows: s holds the tile's scores in
 // log2 units (-inf where masked), mx their per-thread row maxima. Moves the maxima m, rescales l
 // and acc to them, turns s into probabilities and adds them to l.
@@ -275,16 +292,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
       // Mask, scale, online softmax.
       const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, tile.tokens);
       float mx[2] = {-INFINITY, -INFINITY};
-      with_all_visible(tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), [&](auto all) {
-#pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            s[j][e] = decltype(all)::value || visible(j, e) ? s[j][e] * scale_log2 : -INFINITY;
-            mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
-          }
-        }
-      });
+      mask_scale_max<kKeys>(s, tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), visible,
+                            scale_log2, mx);
       online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
       warp_gemm_pn<kKeys, DV, T>(acc, s, tile.v);  // O += P V
     }

@@ -57,16 +57,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
       // Mask, scale, online softmax (this warp's 16 rows, the mma.sync C-fragment layout).
       const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, ~0ull);
       float mx[2] = {-INFINITY, -INFINITY};
-      with_all_visible(tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), [&](auto all) {
-#pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            s[j][e] = decltype(all)::value || visible(j, e) ? s[j][e] * scale_log2 : -INFINITY;
-            mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
-          }
-        }
-      });
+      mask_scale_max<kKeys>(s, tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), visible,
+                            scale_log2, mx);
       online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
 
       // O += P V: P from registers, V MN-major (key rows 16 kk; LBO = one 64-column atom).

@@ -85,16 +85,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_wide_kernel(const typena
         // Mask, scale, online softmax, then P as A fragments (s is dead after this).
         const TileMask<B, P> visible(p, tr[mt], rows, tile.ks, tile.ke, ~0ull);
         float mx[2] = {-INFINITY, -INFINITY};
-        with_all_visible(all, [&](auto all_visible) {
-#pragma unroll
-          for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              s[mt][j][e] = decltype(all_visible)::value || visible(j, e) ? s[mt][j][e] * scale_log2 : -INFINITY;
-              mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][j][e]);
-            }
-          }
-        });
+        mask_scale_max<kKeys>(s[mt], all, visible, scale_log2, mx);
         online_softmax_step<kKeys, DV>(s[mt], mx, m[mt], l[mt], acc[mt]);
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
