@@ -721,6 +721,19 @@ def test_split_dkdv(case, dtype, branch, small_splits):
         run_branch(branch, with_indices(x, case, "selected"), case, dtype)
 
 
+@pytest.mark.parametrize("branch", ["compressed", "sliding", "selected"])
+@pytest.mark.parametrize("case,dtype", case_params(CASES))
+def test_wgmma_dkdv(case, dtype, branch, monkeypatch):
+    """NSA_CUDA_BWD_KERNEL=wgmma (opt-in, sm_90, D and Dv <= 128; D = 192 keeps the mma.sync
+    kernel): every branch's gradients against float64, split dK/dV included."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernels need an sm_90 GPU")
+    monkeypatch.setenv("NSA_CUDA_BWD_KERNEL", "wgmma")
+    monkeypatch.setenv("NSA_CUDA_SPLIT_TOKENS", "64")
+    x = gpu_inputs(dtype=dtype, seed=seed_of("wgmma-dkdv", case, dtype, branch), **case)
+    run_branch(branch, x, case, dtype, seed=seed_of("wgmma-dkdv-idx", case, branch))
+
+
 @pytest.mark.parametrize("branch", ["compressed", "selected", "nsa"])
 def test_split_dkdv_varlen(branch, small_splits):
     case, dtype = VARLEN["mixed-G4-d128"], torch.bfloat16

@@ -210,13 +210,21 @@ __device__ __forceinline__ bool locate_key_tile(const P& p, const DkdvSplit& spl
 }
 
 // Grid: x = key tiles (virtual when packed; for kSlc virtual blocks * tiles per block),
-// y = KV head, z = batch row.
-template <typename T, int D, int DV, Branch B>
+// y = KV head, z = batch row. kWgmma (D, DV <= 128, sm_90a): the four products on Hopper's
+// warpgroup instructions (the thread block is one warpgroup; the tensor cores read K, V, Q and dO
+// from shared memory once per 64 keys instead of once per warp), tiles in Layout::kWgmma; opt-in
+// (NSA_CUDA_BWD_KERNEL=wgmma) until checked on a GPU.
+template <typename T, int D, int DV, Branch B, bool kWgmma = false>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta,
                          const ReverseIndex rix, const DkdvSplit split) {
   constexpr int R = dkdv_rows<D>();
+  static_assert(!kWgmma || (D <= 128 && DV <= 128 && R == 64 && kThreads == 128), "wgmma: one warpgroup");
+  constexpr Layout L = kWgmma ? Layout::kWgmma : Layout::kRowSwizzled;
   extern __shared__ __align__(128) unsigned char smem[];
+  if constexpr (kWgmma) {
+    if ((smem_addr(smem) & 1023u) != 0u) __trap();  // the descriptors assume 1024-byte atoms
+  }
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kKeys * D;
   T* sQ = sV + kKeys * DV;     // [2][R][D]
@@ -266,10 +274,10 @@ __global__ void __launch_bounds__(kThreads)
   const SeqRange seq = st.seq;
   const int ntiles = int((pairs_hi - pairs_lo + R - 1) / R);
 
-  load_strided_async<kKeys, D, kThreads>(sK, p.k.template ptr<const T>(seq.batch, key_row<B>(seq, ks), g),
-                                         p.k.row_stride, int(ke - ks));
-  load_strided_async<kKeys, DV, kThreads>(sV, p.v.template ptr<const T>(seq.batch, key_row<B>(seq, ks), g),
-                                          p.v.row_stride, int(ke - ks));
+  load_strided_async<kKeys, D, kThreads, L>(sK, p.k.template ptr<const T>(seq.batch, key_row<B>(seq, ks), g),
+                                            p.k.row_stride, int(ke - ks));
+  load_strided_async<kKeys, DV, kThreads, L>(sV, p.v.template ptr<const T>(seq.batch, key_row<B>(seq, ks), g),
+                                             p.v.row_stride, int(ke - ks));
 
   // Pairs are numbered from pairs_lo in int32 (fewer than T * G), as they are walked for every row
   // of every row tile.
@@ -312,9 +320,10 @@ __global__ void __launch_bounds__(kThreads)
     int e0, n, i0, h0;
     tile_rows(i, e0, n, i0, h0);
     auto tok = [&](int j) { return token_of(i, i0, j); };
-    load_pairs_async<R, D, kThreads>(sQ + (i & 1) * R * D, q_seq, p.q.row_stride, p.q.head_stride, h0, G, n, tok);
-    load_pairs_async<R, DV, kThreads>(sdO + (i & 1) * R * DV, do_seq, p.dout.row_stride, p.dout.head_stride, h0, G,
-                                      n, tok);
+    load_pairs_async<R, D, kThreads, L>(sQ + (i & 1) * R * D, q_seq, p.q.row_stride, p.q.head_stride, h0, G, n,
+                                        tok);
+    load_pairs_async<R, DV, kThreads, L>(sdO + (i & 1) * R * DV, do_seq, p.dout.row_stride, p.dout.head_stride, h0,
+                                         G, n, tok);
   };
   // Row tid's lse * log2(e), delta and token (-1 past the end) of row tile i, fetched into
   // registers one tile ahead and stored to stage i % 2 after the current tile's products, so that
@@ -374,19 +383,36 @@ __global__ void __launch_bounds__(kThreads)
     }
     cp_async_commit();
     cp_async_wait<1>();
+    if constexpr (kWgmma) fence_proxy_async();  // the tensor cores read tile i next
     __syncthreads();
     const T* q_tile = sQ + (i & 1) * R * D;
     const T* do_tile = sdO + (i & 1) * R * DV;
     const float* lse2 = sLse + (i & 1) * R;
     const float* dlt = sDelta + (i & 1) * R;
     const int* tok = sTok + (i & 1) * R;
-    if (ks + warp * 16 < ke) {
+    if (kWgmma || ks + warp * 16 < ke) {  // (wgmma: the whole warpgroup; keys >= ke are masked)
       float s[R / 8][4], dp[R / 8][4];
 #pragma unroll
       for (int j = 0; j < R / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-      warp_gemm_nt<D, R>(s, sK, warp * 16, q_tile);     // S^T = K Q^T
-      warp_gemm_nt<DV, R>(dp, sV, warp * 16, do_tile);  // dP^T = V dO^T
+      if constexpr (kWgmma) {  // S^T = K Q^T, dP^T = V dO^T: all four operands K-major
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<R, T>(s, kmajor_desc<kKeys>(sK, kk), kmajor_desc<R>(q_tile, kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < DV / 16; ++kk)
+          wgmma_ss<R, T>(dp, kmajor_desc<kKeys>(sV, kk), kmajor_desc<R>(do_tile, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(dp);
+      } else {
+        warp_gemm_nt<D, R>(s, sK, warp * 16, q_tile);     // S^T = K Q^T
+        warp_gemm_nt<DV, R>(dp, sV, warp * 16, do_tile);  // dP^T = V dO^T
+      }
       // s <- P^T, dp <- dS^T; without masks when every row sees every key (tokens ascend in the
       // contiguous branches' row tiles, so the first and last rows bound them).
       auto to_ds = [&](auto all_visible) {
@@ -406,8 +432,28 @@ __global__ void __launch_bounds__(kThreads)
       };
       with_all_visible(tok[R - 1] >= 0 && tile_all_visible<B>(p, ks, ke, index_t(tok[0]), index_t(tok[R - 1])),
                        to_ds);
-      warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
-      warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
+      if constexpr (kWgmma) {  // dV += P^T dO, dK += dS^T Q: P^T, dS^T from registers, dO, Q MN-major
+        uint32_t pa[R / 16][4], da[R / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < R / 16; ++kk) {
+          c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+          c_to_a<T>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
+        }
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < R / 16; ++kk) wgmma_rs<DV, T>(dv, pa[kk], mnmajor_desc<R>(do_tile, kk), true);
+#pragma unroll
+        for (int kk = 0; kk < R / 16; ++kk) wgmma_rs<D, T>(dk, da[kk], mnmajor_desc<R>(q_tile, kk), true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+      } else {
+        warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
+        warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
+      }
     }
     // Stage (i + 1) % 2 of the statistics was last read in step i - 1, and tile i's tokens (slot
     // i % 2, replaced by tile i + 2's) in step i - 1 too; the barrier below publishes both.

@@ -39,17 +39,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
   for (int i = 0; i < keys.count; ++i) {
     const auto tile = keys.step(i);
     if (tile.ks < tile.ke) {  // block-uniform: the products are warpgroup-wide
-      // S = Q K^T: K-major operands, k-step kk = atom kk / 4, 32 bytes per step inside it.
+      // S = Q K^T: both operands K-major.
       float s[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
       wgmma_fence_operands(s);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int off = (kk >> 2) * 64 * 64 + (kk & 3) * 16;  // elements; rows are 64 per atom
-        wgmma_ss<kKeys, T>(s, wgmma_desc(sQ + off, 16, 1024), wgmma_desc(tile.k + off, 16, 1024), kk > 0);
-      }
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operands(s);
@@ -61,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
                             scale_log2, mx);
       online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
 
-      // O += P V: P from registers, V MN-major (key rows 16 kk; LBO = one 64-column atom).
+      // O += P V: P from registers, V MN-major.
       uint32_t pa[kKeys / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
@@ -69,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk)
-        wgmma_rs<DV, T>(acc, pa[kk], wgmma_desc(tile.v + kk * 16 * 64, kKeys * 128, 1024), true);
+        wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(tile.v, kk), true);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operands(acc);

@@ -197,6 +197,9 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
       split.partial = partial;
       const size_t smem = dkdv_smem_bytes<D, DV>();
       auto kernel = attn_bwd_dkdv_kernel<T, D, DV, B>;
+      if constexpr (D <= 128 && DV <= 128) {
+        if (bwd_wgmma(D, DV)) kernel = attn_bwd_dkdv_kernel<T, D, DV, B, true>;
+      }
       set_smem(kernel, smem);
       kernel<<<dim3(kgrid.x, kgrid.y, kgrid.z * split.count), kThreads, smem, stream>>>(p, delta, rix, split);
       check_launch(op_name<B>());

@@ -58,6 +58,18 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
+// Descriptors of k-step kk (16 elements of the reduction dimension) of a Layout::kWgmma tile of
+// ROWS rows: K-major (rows = the output dimension, e.g. Q or K for S = Q K^T) and MN-major (rows =
+// the reduction dimension, e.g. V [keys][Dv] for O += P V).
+template <int ROWS, typename T>
+__device__ __forceinline__ uint64_t kmajor_desc(const T* tile, int kk) {
+  return wgmma_desc(tile + (kk >> 2) * ROWS * 64 + (kk & 3) * 16, 16, 1024);
+}
+template <int ROWS, typename T>
+__device__ __forceinline__ uint64_t mnmajor_desc(const T* tile, int kk) {
+  return wgmma_desc(tile + kk * 16 * 64, ROWS * 128, 1024);
+}
+
 // Keeps the compiler from moving accumulator registers across the asynchronous products (call on
 // every accumulator after wgmma_fence's issue point and after the wait).
 template <int N>
