@@ -723,9 +723,10 @@ def test_split_dkdv(case, dtype, branch, small_splits):
 
 @pytest.mark.parametrize("branch", ["compressed", "sliding", "selected"])
 @pytest.mark.parametrize("case,dtype", case_params(CASES))
-def test_wgmma_dkdv(case, dtype, branch, monkeypatch):
+def test_wgmma_backward(case, dtype, branch, monkeypatch):
     """NSA_CUDA_BWD_KERNEL=wgmma (opt-in, sm_90, D and Dv <= 128; D = 192 keeps the mma.sync
-    kernel): every branch's gradients against float64, split dK/dV included."""
+    kernels): the dK/dV kernel of every branch and the dQ kernel of the compressed and window
+    branches (and of the selected one for G >= 64) against float64, split dK/dV included."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("wgmma kernels need an sm_90 GPU")
     monkeypatch.setenv("NSA_CUDA_BWD_KERNEL", "wgmma")

@@ -69,11 +69,18 @@ __device__ __forceinline__ void store_rows_dq(const AttnParams& p, const QueryRo
   }
 }
 
-template <typename T, int D, int DV, Branch B>
+// kWgmma (D, DV <= 128, sm_90a): the three products on warpgroup instructions, tiles in
+// Layout::kWgmma; opt-in (NSA_CUDA_BWD_KERNEL=wgmma) until checked on a GPU.
+template <typename T, int D, int DV, Branch B, bool kWgmma = false>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta) {
   using P = typename BranchParams<B>::type;
+  static_assert(!kWgmma || (D <= 128 && DV <= 128 && kThreads == 128 && kRows == 64), "wgmma: one warpgroup");
+  constexpr Layout L = kWgmma ? Layout::kWgmma : Layout::kRowSwizzled;
   extern __shared__ __align__(128) unsigned char smem[];
+  if constexpr (kWgmma) {
+    if ((smem_addr(smem) & 1023u) != 0u) __trap();  // the descriptors assume 1024-byte atoms
+  }
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kRows * D;
   T* sK = sdO + kRows * DV;
@@ -83,9 +90,9 @@ __global__ void __launch_bounds__(kThreads)
   if (!locate_query_rows(p, rows)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  load_query_rows<D>(sQ, p.q, rows);
-  load_query_rows<DV>(sdO, p.dout, rows);
-  const QueryKeys<T, D, DV, B> keys(p, rows, smem + dq_smem_tiles_bytes<D, DV>(), sK, sV);
+  load_query_rows<D, kRows, kThreads, L>(sQ, p.q, rows);
+  load_query_rows<DV, kRows, kThreads, L>(sdO, p.dout, rows);
+  const QueryKeys<T, D, DV, B, L> keys(p, rows, smem + dq_smem_tiles_bytes<D, DV>(), sK, sV);
   const ThreadRows tr(rows, warp, lane);
   float lse2[2], dlt[2];
   load_row_stats(p, rows, tr, delta, lse2, dlt);
@@ -96,13 +103,30 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int i = 0; i < keys.count; ++i) {
     const auto tile = keys.step(i);
-    if (tile.ks < tile.ke && (tile.tokens & tr.warp_tokens)) {
+    // (wgmma: the whole warpgroup, rows of tokens that did not choose the tile are masked)
+    if (tile.ks < tile.ke && (kWgmma || (tile.tokens & tr.warp_tokens))) {
       float s[kKeys / 8][4], dp[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-      warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, tile.k);     // S = Q K^T
-      warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, tile.v);  // dP = dO V^T
+      if constexpr (kWgmma) {  // S = Q K^T, dP = dO V^T: all four operands K-major
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < DV / 16; ++kk)
+          wgmma_ss<kKeys, T>(dp, kmajor_desc<kRows>(sdO, kk), kmajor_desc<kKeys>(tile.v, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(dp);
+      } else {
+        warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, tile.k);     // S = Q K^T
+        warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, tile.v);  // dP = dO V^T
+      }
       const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, tile.tokens);
       with_all_visible(tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), [&](auto all) {
 #pragma unroll
@@ -115,7 +139,20 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       });
-      warp_gemm_pn<kKeys, D>(dq, s, tile.k);  // dQ += dS K
+      if constexpr (kWgmma) {  // dQ += dS K: dS from registers, K MN-major
+        uint32_t da[kKeys / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(da[kk], s[2 * kk], s[2 * kk + 1]);
+        wgmma_fence_operands(dq);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<D, T>(dq, da[kk], mnmajor_desc<kKeys>(tile.k, kk), true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(dq);
+      } else {
+        warp_gemm_pn<kKeys, D>(dq, s, tile.k);  // dQ += dS K
+      }
     }
     __syncthreads();
   }

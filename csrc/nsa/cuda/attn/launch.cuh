@@ -187,6 +187,9 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
     if (!dq_done && qgrid.x > 0 && qgrid.y > 0 && qgrid.z > 0) {
       const size_t smem = dq_smem_tiles_bytes<D, DV>() + union_bytes<B>(p);
       auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;
+      if constexpr (D <= 128 && DV <= 128) {
+        if (bwd_wgmma(D, DV)) kernel = attn_bwd_dq_kernel<T, D, DV, B, true>;
+      }
       set_smem(kernel, smem);
       kernel<<<qgrid, kThreads, smem, stream>>>(p, delta);
       check_launch(op_name<B>());
