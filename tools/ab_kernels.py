@@ -1,0 +1,107 @@
+"""Times the CUDA kernel kinds that an environment switch chooses between, side by side on the
+benchmark's inputs, and prints how far each kind's results are from the first kind's:
+
+    fwd   NSA_CUDA_FWD_KERNEL = narrow | wide | wgmma: the compressed and window forward
+          (wgmma only on sm_90)
+    bwd   NSA_CUDA_BWD_KERNEL = default | wgmma: forward + backward of the compressed, selected and
+          window branches (the dQ and dK/dV kernels; wgmma only on sm_90)
+    slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
+
+    python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, ROOT)
+
+from bench_attention import CONFIGS, grad_of, make_inputs  # noqa: E402
+
+import nsa_torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+SWITCHES = {
+    "fwd": ("NSA_CUDA_FWD_KERNEL", ["wide", "narrow"] + (["wgmma"] if SM90 else [])),
+    "bwd": ("NSA_CUDA_BWD_KERNEL", ["default"] + (["wgmma"] if SM90 else [])),
+    "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
+}
+
+
+def branches(x, hp, idx):
+    """name -> (function returning the outputs, the inputs whose gradients count)."""
+    return {
+        "cmp": (lambda: nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], block_size=hp["block_size"],
+                                                       block_stride=hp["block_stride"]), ("q", "k_cmp", "v_cmp")),
+        "slc": (lambda: (nsa_torch.selected_attention(x["q"], x["k"], x["v"], idx, select_size=hp["select_size"]),),
+                ("q", "k", "v")),
+        "swa": (lambda: (nsa_torch.sliding_window_attention(x["q"], x["k"], x["v"], window_size=hp["window_size"]),),
+                ("q", "k", "v")),
+    }
+
+
+def results(fn, names, x, backward):
+    """The outputs (and with backward, the gradients under fixed upstream gradients), as float."""
+    outs = fn()
+    if not backward:
+        return [o.float() for o in outs]
+    douts = [grad_of(o, 3 + i) for i, o in enumerate(outs)]
+    grads = torch.autograd.grad(outs, [x[n] for n in names], douts)
+    return [o.float() for o in outs] + [g.float() for g in grads]
+
+
+def run(switch, name, T):
+    var, kinds = SWITCHES[switch]
+    cfg = CONFIGS[name]
+    hp = cfg["hp"]
+    x = make_inputs(T, cfg)
+    with torch.no_grad():
+        _, lse = nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], block_size=hp["block_size"],
+                                                block_stride=hp["block_stride"])
+        idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **{k: hp[k] for k in (
+            "block_size", "block_stride", "select_size", "num_selected", "num_initial", "num_local")})
+    todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",)}[switch]
+    backward = switch != "fwd"
+    for br, (fn, names) in branches(x, hp, idx).items():
+        if br not in todo:
+            continue
+        ref = None
+        for kind in kinds:
+            if kind == "default":
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = kind
+            with torch.no_grad():
+                fwd = do_bench(fn, warmup=25, rep=100)
+            line = f"{name} T={T} {br} {var}={kind:8s} fwd {fwd:8.3f} ms"
+            if backward:
+                douts = [grad_of(o, 3 + i) for i, o in enumerate(fn())]
+                fb = do_bench(lambda: torch.autograd.grad(fn(), [x[n] for n in names], douts), warmup=25, rep=100)
+                line += f"  fwd+bwd {fb:8.3f} ms"
+            res = results(fn, names, x, backward)
+            if ref is None:
+                ref = res
+            else:
+                diff = ", ".join(f"{(a - b).nan_to_num().abs().max().item():.2e}" for a, b in zip(res, ref))
+                line += f"  max |diff| to {kinds[0]} (outputs, grads): {diff}"
+            print(line, flush=True)
+        os.environ.pop(var, None)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("switches", nargs="+", choices=list(SWITCHES))
+    ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--configs", nargs="+", default=["g16"], choices=list(CONFIGS))
+    args = ap.parse_args()
+    for switch in args.switches:
+        for name in args.configs:
+            run(switch, name, args.T)
+
+
+if __name__ == "__main__":
+    main()
