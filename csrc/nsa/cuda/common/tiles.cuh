@@ -7,6 +7,7 @@
 
 #include "../../params.h"
 #include "mma.cuh"
+#include "wgmma_layout.h"
 
 namespace nsa::cuda {
 
@@ -19,15 +20,15 @@ __device__ __forceinline__ int swz(int row, int col) {
 // Where the loaders below put element (row, col) of an R x COLS tile.
 //   kRowSwizzled: the layout above (ldmatrix reads it; every mma.sync kernel).
 //   kWgmma: [COLS / 64][R][64], each 128-byte row's chunk c at c ^ (row % 8): the 128-byte
-//   swizzle atoms (8 rows x 128 bytes) that wgmma's shared-memory descriptors address (wgmma.cuh);
-//   such tiles must start at a multiple of 1024 bytes.
+//   swizzle atoms (8 rows x 128 bytes) that wgmma's shared-memory descriptors address
+//   (wgmma_layout.h); such tiles must start at a multiple of 1024 bytes.
 enum class Layout { kRowSwizzled, kWgmma };
 
 template <Layout L, int R, int COLS>
 __device__ __forceinline__ int tile_offset(int row, int col) {
   if constexpr (L == Layout::kWgmma) {
     static_assert(COLS % 64 == 0, "tile rows must be a multiple of 64 elements");
-    return (col >> 6) * (R * 64) + row * 64 + ((((col & 63) >> 3) ^ (row & 7)) << 3) + (col & 7);
+    return wgmma_tile_offset(R, row, col);
   } else {
     return swz<COLS>(row, col);
   }

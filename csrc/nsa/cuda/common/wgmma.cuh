@@ -5,13 +5,9 @@
 // (mma.cuh): d[j] = columns 8j .. 8j + 7, so the softmax code of the mma.sync kernels applies
 // unchanged, and c_to_a (tiles.cuh) turns C fragments into the A-register operand.
 //
-// Shared-memory operands are given by descriptors of Layout::kWgmma tiles (tiles.cuh):
-// K-major (the reduction dimension contiguous, e.g. Q or K for S = Q K^T): start at k-step kk of
-// 16 elements = atom kk / 4 plus 32 bytes per step inside the 128-byte row; stride between 8-row
-// groups (SBO) 1024 bytes; the leading offset is unused.
-// MN-major (the output dimension contiguous, e.g. V [keys][Dv] for O += P V, transposed by the
-// instruction): start at key row 16 kk (2048 bytes per step); LBO = bytes between 64-column atoms
-// (R * 128 for an R-row tile), SBO = 1024 bytes between 8-row groups.
+// Shared-memory operands are given by descriptors of Layout::kWgmma tiles: K-major (the reduction
+// dimension along the tile's columns) or MN-major (along its rows, transposed by the instruction);
+// the layout and the descriptor fields are in wgmma_layout.h.
 // Ordering: wgmma_fence() before the first product that reads registers (accumulators, A) written
 // by ordinary code; commit, then wait before reading the results; shared memory written by
 // ordinary stores or cp.async needs fence_proxy_async() in each writing thread before the barrier
@@ -24,6 +20,7 @@
 #include <cstdint>
 
 #include "mma.cuh"
+#include "wgmma_layout.h"
 
 namespace nsa::cuda {
 
@@ -58,16 +55,18 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-// Descriptors of k-step kk (16 elements of the reduction dimension) of a Layout::kWgmma tile of
-// ROWS rows: K-major (rows = the output dimension, e.g. Q or K for S = Q K^T) and MN-major (rows =
-// the reduction dimension, e.g. V [keys][Dv] for O += P V).
+// Descriptors of k-step kk of a Layout::kWgmma tile of ROWS rows (wgmma_layout.h): K-major (rows =
+// the output dimension, e.g. Q or K for S = Q K^T) and MN-major (rows = the reduction dimension,
+// e.g. V [keys][Dv] for O += P V).
 template <int ROWS, typename T>
 __device__ __forceinline__ uint64_t kmajor_desc(const T* tile, int kk) {
-  return wgmma_desc(tile + (kk >> 2) * ROWS * 64 + (kk & 3) * 16, 16, 1024);
+  const WgmmaOperand o = kmajor_operand(ROWS, kk);
+  return wgmma_desc(tile + o.start, o.lbo, o.sbo);
 }
 template <int ROWS, typename T>
 __device__ __forceinline__ uint64_t mnmajor_desc(const T* tile, int kk) {
-  return wgmma_desc(tile + kk * 16 * 64, ROWS * 128, 1024);
+  const WgmmaOperand o = mnmajor_operand(ROWS, kk);
+  return wgmma_desc(tile + o.start, o.lbo, o.sbo);
 }
 
 // Keeps the compiler from moving accumulator registers across the asynchronous products (call on
