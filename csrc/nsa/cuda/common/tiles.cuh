@@ -34,26 +34,12 @@ __device__ __forceinline__ int tile_offset(int row, int col) {
   }
 }
 
-// Copies `rows` rows of COLS elements into a swizzled tile with cp.async. row_ptr(r) gives the
-// global address of row r, or nullptr for a row to zero-fill (rows past the data must be zeros: a
-// NaN there would survive a zero probability). For one-off loads; see load_pairs_async for the
-// loads inside kernel loops.
-template <int COLS, int NT, typename T, typename RowPtr>
-__device__ __forceinline__ void load_rows_async(T* tile, int rows, RowPtr row_ptr) {
-  constexpr int kChunks = COLS / 8;
-  for (int i = threadIdx.x; i < rows * kChunks; i += NT) {
-    const int r = i / kChunks, c = i % kChunks;
-    const T* src = row_ptr(r);
-    cp_async_16(tile + swz<COLS>(r, c * 8), src ? src + c * 8 : tile, src != nullptr);
-  }
-}
-
-// The same for rows that walk a [token][head] grid in groups of G heads: row r is head
-// hh = (h0 + r) % G of token index i = (h0 + r) / G, at src + token_of(i) * token_stride +
-// hh * head_stride (the (token, head) query rows of a KV head). Rows >= valid are zero-filled.
-// Every tile load of the attention kernels goes through here: one division and one 64-bit
-// address per thread, the rows after it stepped incrementally, where a per-chunk row callback
-// (load_rows_async) costs ~40 instructions per 16-byte copy.
+// Copies R rows of COLS elements into a tile (layout L) with cp.async, rows that walk a
+// [token][head] grid in groups of G heads: row r is head hh = (h0 + r) % G of token index
+// i = (h0 + r) / G, at src + token_of(i) * token_stride + hh * head_stride (the (token, head) query
+// rows of a KV head). Rows >= valid are zero-filled (rows past the data must be zeros: a NaN there
+// would survive a zero probability). One division and one 64-bit address per thread, the rows
+// after it stepped incrementally: a per-chunk row callback cost ~40 instructions per 16-byte copy.
 template <int R, int COLS, int NT, Layout L = Layout::kRowSwizzled, typename T, typename TokenOf>
 __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t token_stride,
                                                  index_t head_stride, int h0, int G, int valid,

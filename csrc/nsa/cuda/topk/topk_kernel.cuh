@@ -300,11 +300,18 @@ select_topk_kernel(const TopkParams p, const Shape s) {
     return lt < s.seg_tokens && tok < ntok;
   };
 
-  if (ntiles > 0)
-    load_rows_async<D, kThreads>(q_s, rows, [&](int e) -> const T* {
-      int tok, h;
-      return row_of(e, tok, h) ? p.q.ptr<const T>(seq.batch, seq.start + t0 + tok, g * G + h) : nullptr;
-    });
+  // Q, one segment at a time: its rows walk the (token, head) grid from its first token (G > 64:
+  // token 0's heads from 64 u on); rows past its valid ones are zeros (as row_of has them).
+  if (ntiles > 0) {
+    constexpr int kSegRows = kResident ? kUnitRows : kRows;  // = s.seg_rows
+    const T* q_t0 = p.q.ptr<const T>(seq.batch, seq.start + t0, g * G);
+    for (int u = 0; u < s.segs; ++u) {
+      const int h0 = G > kRows ? u * kRows : 0, tok0 = G > kRows ? 0 : u * s.seg_tokens;
+      const int valid = G > kRows ? min(kRows, G - h0) : max(0, min(s.seg_tokens, ntok - tok0)) * G;
+      load_pairs_async<kSegRows, D, kThreads>(q_s + u * kSegRows * D, q_t0 + tok0 * p.q.row_stride, p.q.row_stride,
+                                              p.q.head_stride, h0, G, valid, [](int i) { return index_t(i); });
+    }
+  }
   // Row 0 of the sequence's keys and the block's first output: the only parts of seq the tile
   // loop needs (fewer live registers).
   const T* k_g = p.k.ptr<const T>(seq.batch, seq.cmp_start, g);
