@@ -110,19 +110,14 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kKeys / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
       if constexpr (kWgmma) {  // S = Q K^T, dP = dO V^T: all four operands K-major
-        wgmma_fence_operands(s);
-        wgmma_fence_operands(dp);
-        wgmma_fence();
+        wgmma_run([&] {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
+          for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
 #pragma unroll
-        for (int kk = 0; kk < DV / 16; ++kk)
-          wgmma_ss<kKeys, T>(dp, kmajor_desc<kRows>(sdO, kk), kmajor_desc<kKeys>(tile.v, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(s);
-        wgmma_fence_operands(dp);
+          for (int kk = 0; kk < DV / 16; ++kk)
+            wgmma_ss<kKeys, T>(dp, kmajor_desc<kRows>(sdO, kk), kmajor_desc<kKeys>(tile.v, kk), kk > 0);
+        }, s, dp);
       } else {
         warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, tile.k);     // S = Q K^T
         warp_gemm_nt<DV, kKeys>(dp, sdO, warp * 16, tile.v);  // dP = dO V^T
@@ -143,13 +138,10 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t da[kKeys / 16][4];
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(da[kk], s[2 * kk], s[2 * kk + 1]);
-        wgmma_fence_operands(dq);
-        wgmma_fence();
+        wgmma_run([&] {
 #pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<D, T>(dq, da[kk], mnmajor_desc<kKeys>(tile.k, kk), true);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(dq);
+          for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<D, T>(dq, da[kk], mnmajor_desc<kKeys>(tile.k, kk), true);
+        }, dq);
       } else {
         warp_gemm_pn<kKeys, D>(dq, s, tile.k);  // dQ += dS K
       }
@@ -433,19 +425,14 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < R / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
       if constexpr (kWgmma) {  // S^T = K Q^T, dP^T = V dO^T: all four operands K-major
-        wgmma_fence_operands(s);
-        wgmma_fence_operands(dp);
-        wgmma_fence();
+        wgmma_run([&] {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_ss<R, T>(s, kmajor_desc<kKeys>(sK, kk), kmajor_desc<R>(q_tile, kk), kk > 0);
+          for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_ss<R, T>(s, kmajor_desc<kKeys>(sK, kk), kmajor_desc<R>(q_tile, kk), kk > 0);
 #pragma unroll
-        for (int kk = 0; kk < DV / 16; ++kk)
-          wgmma_ss<R, T>(dp, kmajor_desc<kKeys>(sV, kk), kmajor_desc<R>(do_tile, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(s);
-        wgmma_fence_operands(dp);
+          for (int kk = 0; kk < DV / 16; ++kk)
+            wgmma_ss<R, T>(dp, kmajor_desc<kKeys>(sV, kk), kmajor_desc<R>(do_tile, kk), kk > 0);
+        }, s, dp);
       } else {
         warp_gemm_nt<D, R>(s, sK, warp * 16, q_tile);     // S^T = K Q^T
         warp_gemm_nt<DV, R>(dp, sV, warp * 16, do_tile);  // dP^T = V dO^T
@@ -476,17 +463,12 @@ __global__ void __launch_bounds__(kThreads)
           c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
           c_to_a<T>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
         }
-        wgmma_fence_operands(dv);
-        wgmma_fence_operands(dk);
-        wgmma_fence();
+        wgmma_run([&] {
 #pragma unroll
-        for (int kk = 0; kk < R / 16; ++kk) wgmma_rs<DV, T>(dv, pa[kk], mnmajor_desc<R>(do_tile, kk), true);
+          for (int kk = 0; kk < R / 16; ++kk) wgmma_rs<DV, T>(dv, pa[kk], mnmajor_desc<R>(do_tile, kk), true);
 #pragma unroll
-        for (int kk = 0; kk < R / 16; ++kk) wgmma_rs<D, T>(dk, da[kk], mnmajor_desc<R>(q_tile, kk), true);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(dv);
-        wgmma_fence_operands(dk);
+          for (int kk = 0; kk < R / 16; ++kk) wgmma_rs<D, T>(dk, da[kk], mnmajor_desc<R>(q_tile, kk), true);
+        }, dv, dk);
       } else {
         warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
         warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q

@@ -43,14 +43,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
       float s[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      wgmma_fence_operands(s);
-      wgmma_fence();
+      wgmma_run([&] {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(s);
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
+      }, s);
 
       // Mask, scale, online softmax (this warp's 16 rows, the mma.sync C-fragment layout).
       const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, ~0ull);
@@ -63,14 +60,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
       uint32_t pa[kKeys / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      wgmma_fence_operands(acc);
-      wgmma_fence();
+      wgmma_run([&] {
 #pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk)
-        wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(tile.v, kk), true);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(acc);
+        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(tile.v, kk), true);
+      }, acc);
     }
     __syncthreads();
   }

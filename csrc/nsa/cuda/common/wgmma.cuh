@@ -79,6 +79,18 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
 
+// Issues the products of issue() (which write the accumulators accs) between the fences and
+// waits for them: the one pattern of every wgmma step of the kernels.
+template <typename Issue, typename... Acc>
+__device__ __forceinline__ void wgmma_run(Issue&& issue, Acc&... accs) {
+  (wgmma_fence_operands(accs), ...);
+  wgmma_fence();
+  issue();
+  wgmma_commit();
+  wgmma_wait<0>();
+  (wgmma_fence_operands(accs), ...);
+}
+
 // Makes this thread's generic-proxy writes to shared memory (stores, cp.async after its wait)
 // visible to the async proxy (wgmma operand reads); then a barrier.
 __device__ __forceinline__ void fence_proxy_async() {
