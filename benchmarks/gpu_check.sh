@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU round in one go, on the GPU machine, from the repository root:
 #
-#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [bench]
+#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [ab] [bench]
 #
-# Stages (default: build tests sanitize bench, in this order; profile only when named):
+# Stages (default: build tests sanitize bench, in this order; profile and ab only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
 #   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py, log in
 #             $OUT/tests.log; the opt-in wgmma kernels' tests (-k wgmma) in a second pytest process
@@ -13,6 +13,9 @@
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
 #             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), log in $OUT/profile.log
+#   ab        tools/ab_kernels.py: the kernel kinds of the NSA_CUDA_*_KERNEL switches side by side
+#             (NSA_AB_SWITCHES="fwd bwd", NSA_AB_T=65536, NSA_AB_CONFIGS=g16), log at the head of
+#             $OUT/bench.log
 #   bench     benchmarks/bench_attention.py, log in $OUT/bench.log, CSV and PNG in $OUT
 # Then a summary (stage, status, pytest counts, seconds, the benchmark's table) is printed last
 # and written to $OUT/summary.txt. At most 8 files land in $OUT (what the run tool brings back).
@@ -49,9 +52,9 @@ SUMMARY="$OUT/summary.txt"
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|sanitize|profile|bench) ;; *) echo "unknown stage '$s' (build tests sanitize profile bench)"; exit 2;; esac
+  case $s in build|tests|sanitize|profile|ab|bench) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench)"; exit 2;; esac
 done
-declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=60 [profile]=60 [bench]=90)
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=60 [profile]=60 [ab]=60 [bench]=90)
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
@@ -216,11 +219,25 @@ if have profile; then
   fi
 fi
 
+# ---------------------------------------------------------------- ab
+# (its output goes to bench.log, ahead of the benchmark's: $OUT brings back at most 8 files)
+: > "$OUT/bench.log"
+if have ab; then
+  s=$(date +%s)
+  lim=$(limit_for ab)
+  # shellcheck disable=SC2206
+  switches=(${NSA_AB_SWITCHES:-fwd bwd})
+  run_stage ab "$OUT/bench.log" "$lim" "$PY" tools/ab_kernels.py "${switches[@]}" --T "${NSA_AB_T:-65536}" \
+    --configs ${NSA_AB_CONFIGS:-g16}
+  rc=$?
+  secs=$(( $(date +%s) - s ))
+  record ab "$(status_of $rc)" "$(grep -c ' ms' "$OUT/bench.log") timings" "$secs"
+fi
+
 # ---------------------------------------------------------------- bench
 if have bench; then
   s=$(date +%s)
   lim=$(limit_for bench)
-  : > "$OUT/bench.log"
   if [ "$lim" -lt 30 ]; then
     record bench "SKIPPED (no time left)" "" 0
   else
@@ -231,12 +248,13 @@ if have bench; then
     # shellcheck disable=SC2206
     extra=(${NSA_BENCH_ARGS:-})
     # the script stops starting measurements 30 s before its limit, then writes CSV, plot, table
+    mark=$(wc -l < "$OUT/bench.log")
     run_stage bench "$OUT/bench.log" "$lim" "$PY" benchmarks/bench_attention.py --out-dir "$OUT" \
       --lengths "${lengths[@]}" --configs "${configs[@]}" --time-budget $(( lim - 30 )) "${extra[@]}"
     rc=$?
     secs=$(( $(date +%s) - s ))
-    n=$(grep -cE ' ms ?' "$OUT/bench.log" || true)
-    na=$(grep -cE ' n/a ' "$OUT/bench.log" || true)
+    n=$(tail -n +"$((mark + 1))" "$OUT/bench.log" | grep -cE ' ms ?' || true)
+    na=$(tail -n +"$((mark + 1))" "$OUT/bench.log" | grep -cE ' n/a ' || true)
     record bench "$(status_of $rc)" "$n timed, $na n/a or skipped" "$secs"
   fi
 fi
@@ -255,6 +273,11 @@ fi
     grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -25
   fi
   if [ -f "$OUT/bench.log" ]; then
+    if grep -q 'NSA_CUDA_.*_KERNEL=' "$OUT/bench.log"; then
+      echo
+      echo "kernel kinds side by side (tools/ab_kernels.py):"
+      grep 'NSA_CUDA_.*_KERNEL=' "$OUT/bench.log"
+    fi
     echo
     sed -n '/^### nsa-bench table begin/,/^### nsa-bench table end/p' "$OUT/bench.log" | grep -v '^### nsa-bench'
   fi
