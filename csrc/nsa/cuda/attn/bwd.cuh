@@ -78,9 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(!kWgmma || (D <= 128 && DV <= 128 && kThreads == 128 && kRows == 64), "wgmma: one warpgroup");
   constexpr Layout L = kWgmma ? Layout::kWgmma : Layout::kRowSwizzled;
   extern __shared__ __align__(128) unsigned char smem[];
-  if constexpr (kWgmma) {
-    if ((smem_addr(smem) & 1023u) != 0u) __trap();  // the descriptors assume 1024-byte atoms
-  }
+  if constexpr (kWgmma) wgmma_check_alignment(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kRows * D;
   T* sK = sdO + kRows * DV;
@@ -251,9 +249,7 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(!kWgmma || (D <= 128 && DV <= 128 && R == 64 && kThreads == 128), "wgmma: one warpgroup");
   constexpr Layout L = kWgmma ? Layout::kWgmma : Layout::kRowSwizzled;
   extern __shared__ __align__(128) unsigned char smem[];
-  if constexpr (kWgmma) {
-    if ((smem_addr(smem) & 1023u) != 0u) __trap();  // the descriptors assume 1024-byte atoms
-  }
+  if constexpr (kWgmma) wgmma_check_alignment(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kKeys * D;
   T* sQ = sV + kKeys * DV;     // [2][R][D]

@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
   T* sQ = reinterpret_cast<T*>(smem_wg);  // [D / 64][kRows][64]         (Layout::kWgmma, 1024-aligned)
   T* sK = sQ + kRows * D;              // [2] x [D / 64][kKeys][64]
   T* sV = sK + 2 * kKeys * D;          // [2] x [DV / 64][kKeys][64]
-  if ((smem_addr(smem_wg) & 1023u) != 0u) __trap();  // the descriptors assume 1024-byte atoms
+  wgmma_check_alignment(smem_wg);
 
   QueryRows rows;
   if (!locate_query_rows(p, rows)) return;

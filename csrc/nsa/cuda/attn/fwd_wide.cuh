@@ -6,9 +6,6 @@
 // (its fragments for 32 rows would not fit in registers beside O).
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
-
 #include "fwd.cuh"
 
 namespace nsa::cuda {
@@ -18,41 +15,6 @@ constexpr int kWideRows = 128;  // query rows per thread block: 32 per warp
 template <int D, int DV>
 constexpr size_t fwd_wide_smem_bytes() {
   return size_t(2) * (kWideRows * D + 2 * kKeys * (D + DV));
-}
-
-// Does environment variable `var` equal `value`? (The NSA_CUDA_*_KERNEL switches.)
-inline bool env_is(const char* var, const char* value) {
-  const char* env = std::getenv(var);
-  return env && std::strcmp(env, value) == 0;
-}
-
-// Is the current device an sm_90 (Hopper) GPU, the one target of the wgmma kernels?
-inline bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  return cudaGetDevice(&dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
-         minor == 0;
-}
-
-// Which forward kernel runs a contiguous branch with D, DV <= 128: the wide one by default;
-// NSA_CUDA_FWD_KERNEL=narrow forces attn_fwd_kernel, =wgmma attn_fwd_wgmma_kernel (fwd_wgmma.cuh;
-// sm_90 only, opt-in until checked on a GPU). The selected branch and D = 192 always take
-// attn_fwd_kernel.
-enum class FwdKind { kNarrow, kWide, kWgmma };
-
-template <Branch B>
-inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
-  if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
-  if (env_is("NSA_CUDA_FWD_KERNEL", "narrow")) return FwdKind::kNarrow;
-  if (env_is("NSA_CUDA_FWD_KERNEL", "wgmma") && device_is_sm90()) return FwdKind::kWgmma;
-  return FwdKind::kWide;
-}
-
-// NSA_CUDA_BWD_KERNEL=wgmma (sm_90, D, DV <= 128): the dK/dV kernel on warpgroup products (opt-in
-// until checked on a GPU).
-inline bool bwd_wgmma(int head_dim, int head_dim_v) {
-  return head_dim <= 128 && head_dim_v <= 128 && env_is("NSA_CUDA_BWD_KERNEL", "wgmma") && device_is_sm90();
 }
 
 template <typename T, int D, int DV, Branch B>

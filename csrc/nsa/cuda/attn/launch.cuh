@@ -12,6 +12,7 @@
 #include "fwd_wgmma.cuh"
 #include "fwd_wide.cuh"
 #include "slc_warp.cuh"
+#include "switches.h"
 
 namespace nsa::cuda {
 
@@ -53,17 +54,23 @@ size_t union_bytes(const P& p) {
   return 0;
 }
 
+// Launches kernel on grid (nothing when the grid is empty) with `threads` threads and `smem` bytes
+// of dynamic shared memory, then checks the launch (errors name branch B's op).
+template <Branch B, typename Kernel, typename... Args>
+void launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  set_smem(kernel, smem);
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  check_launch(op_name<B>());
+}
+
 // Launches a per-warp kernel of the selected branch (slc_warp.cuh) with `tiles_bytes` of tiles
 // (slc_warp_tiles_bytes) before its items; args are the kernel's arguments after p.
 template <typename Kernel, typename... Args>
 void launch_slc_warp(const SlcParams& p, cudaStream_t stream, Kernel kernel, size_t tiles_bytes,
                      Args... args) {
-  const dim3 grid = query_grid(p, kWarpRows);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  const size_t smem = slc_warp_smem_bytes(tiles_bytes, p.num_selected);
-  set_smem(kernel, smem);
-  kernel<<<grid, 32, smem, stream>>>(p, args...);
-  check_launch(op_name<Branch::kSlc>());
+  launch_kernel<Branch::kSlc>(kernel, query_grid(p, kWarpRows), 32, slc_warp_smem_bytes(tiles_bytes, p.num_selected),
+                              stream, p, args...);
 }
 
 template <typename T, Branch B>
@@ -75,30 +82,15 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
         return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D));
     } else if constexpr (D <= 128 && DV <= 128) {
       const FwdKind kind = fwd_kind<B>(D, DV);
-      if (kind == FwdKind::kWide) {
-        const dim3 grid = query_grid(p, kWideRows);
-        if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-        auto kernel = attn_fwd_wide_kernel<T, D, DV, B>;
-        set_smem(kernel, fwd_wide_smem_bytes<D, DV>());
-        kernel<<<grid, kThreads, fwd_wide_smem_bytes<D, DV>(), stream>>>(p);
-        return check_launch(op_name<B>());
-      }
-      if (kind == FwdKind::kWgmma) {
-        const dim3 grid = query_grid(p);
-        if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-        auto kernel = attn_fwd_wgmma_kernel<T, D, DV, B>;
-        set_smem(kernel, fwd_smem_tiles_bytes<D, DV>());
-        kernel<<<grid, kThreads, fwd_smem_tiles_bytes<D, DV>(), stream>>>(p);
-        return check_launch(op_name<B>());
-      }
+      if (kind == FwdKind::kWide)
+        return launch_kernel<B>(attn_fwd_wide_kernel<T, D, DV, B>, query_grid(p, kWideRows), kThreads,
+                                fwd_wide_smem_bytes<D, DV>(), stream, p);
+      if (kind == FwdKind::kWgmma)
+        return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B>, query_grid(p), kThreads,
+                                fwd_smem_tiles_bytes<D, DV>(), stream, p);
     }
-    const dim3 grid = query_grid(p);
-    if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-    const size_t smem = fwd_smem_tiles_bytes<D, DV>() + union_bytes<B>(p);
-    auto kernel = attn_fwd_kernel<T, D, DV, B>;
-    set_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    check_launch(op_name<B>());
+    launch_kernel<B>(attn_fwd_kernel<T, D, DV, B>, query_grid(p), kThreads,
+                     fwd_smem_tiles_bytes<D, DV>() + union_bytes<B>(p), stream, p);
   });
 }
 
@@ -176,40 +168,29 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
   }
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
-    const dim3 qgrid = query_grid(p);
-    bool dq_done = false;
-    if constexpr (B == Branch::kSlc) {
-      if (slc_per_warp(p.num_heads / p.num_heads_k)) {
+    if (B == Branch::kSlc && slc_per_warp(p.num_heads / p.num_heads_k)) {
+      if constexpr (B == Branch::kSlc)
         launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D + DV), delta);
-        dq_done = true;
-      }
-    }
-    if (!dq_done && qgrid.x > 0 && qgrid.y > 0 && qgrid.z > 0) {
-      const size_t smem = dq_smem_tiles_bytes<D, DV>() + union_bytes<B>(p);
+    } else {
       auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;
       if constexpr (D <= 128 && DV <= 128) {
         if (bwd_wgmma(D, DV)) kernel = attn_bwd_dq_kernel<T, D, DV, B, true>;
       }
-      set_smem(kernel, smem);
-      kernel<<<qgrid, kThreads, smem, stream>>>(p, delta);
-      check_launch(op_name<B>());
+      launch_kernel<B>(kernel, query_grid(p), kThreads, dq_smem_tiles_bytes<D, DV>() + union_bytes<B>(p), stream, p,
+                       delta);
     }
     const dim3 kgrid = key_grid<B>(p, rix.vblocks);
     if (kgrid.x > 0 && kgrid.y > 0 && kgrid.z > 0) {
       DkdvSplit split = plan_dkdv_split<B>(p, rix.vblocks);
       split.partial = partial;
-      const size_t smem = dkdv_smem_bytes<D, DV>();
       auto kernel = attn_bwd_dkdv_kernel<T, D, DV, B>;
       if constexpr (D <= 128 && DV <= 128) {
         if (bwd_wgmma(D, DV)) kernel = attn_bwd_dkdv_kernel<T, D, DV, B, true>;
       }
-      set_smem(kernel, smem);
-      kernel<<<dim3(kgrid.x, kgrid.y, kgrid.z * split.count), kThreads, smem, stream>>>(p, delta, rix, split);
-      check_launch(op_name<B>());
-      if (split.count > 1) {
-        attn_bwd_dkdv_reduce_kernel<T, D, DV, B><<<kgrid, kThreads, 0, stream>>>(p, split);
-        check_launch(op_name<B>());
-      }
+      launch_kernel<B>(kernel, dim3(kgrid.x, kgrid.y, kgrid.z * split.count), kThreads, dkdv_smem_bytes<D, DV>(),
+                       stream, p, delta, rix, split);
+      if (split.count > 1)
+        launch_kernel<B>(attn_bwd_dkdv_reduce_kernel<T, D, DV, B>, kgrid, kThreads, 0, stream, p, split);
     }
   });
 }

@@ -15,8 +15,6 @@
 #pragma once
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "bwd.cuh"
 
@@ -24,15 +22,6 @@ namespace nsa::cuda {
 
 constexpr int kWarpRows = 16;  // query rows per warp (one m16 tile)
 constexpr int kWarpKeys = 32;  // keys per sub-tile
-
-// The warp kernels are used below this group size; NSA_CUDA_SLC_KERNEL=union or =warp forces one
-// kind (for comparing them on a GPU).
-inline bool slc_per_warp(int group) {
-  const char* env = std::getenv("NSA_CUDA_SLC_KERNEL");
-  if (env && std::strcmp(env, "union") == 0) return false;
-  if (env && std::strcmp(env, "warp") == 0) return true;
-  return group < 64;
-}
 
 // Bytes of the tiles: `query_cols` = D (forward) or D + DV (dq: Q and dO).
 template <int D, int DV>

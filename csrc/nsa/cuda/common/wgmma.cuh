@@ -69,6 +69,12 @@ __device__ __forceinline__ uint64_t mnmajor_desc(const T* tile, int kk) {
   return wgmma_desc(tile + o.start, o.lbo, o.sbo);
 }
 
+// Traps unless the dynamic shared memory at smem starts on a 1024-byte boundary: the descriptors
+// (base offset 0) assume the tiles' swizzle atoms do.
+__device__ __forceinline__ void wgmma_check_alignment(const void* smem) {
+  if ((smem_addr(smem) & 1023u) != 0u) __trap();
+}
+
 // Keeps the compiler from moving accumulator registers across the asynchronous products (call on
 // every accumulator after wgmma_fence's issue point and after the wait).
 template <int N>

@@ -1,0 +1,59 @@
+// Which kernel the host launches where there is a choice: the defaults and the NSA_CUDA_*_KERNEL
+// environment switches that override them (for comparing kernels on a GPU; they never change
+// what is computed).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "branch.cuh"
+
+namespace nsa::cuda {
+
+// Does environment variable `var` equal `value`? (The NSA_CUDA_*_KERNEL switches.)
+inline bool env_is(const char* var, const char* value) {
+  const char* env = std::getenv(var);
+  return env && std::strcmp(env, value) == 0;
+}
+
+// Is the current device an sm_90 (Hopper) GPU, the one target of the wgmma kernels?
+inline bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+         minor == 0;
+}
+
+// Which forward kernel runs a contiguous branch with D, DV <= 128: the wide one by default;
+// NSA_CUDA_FWD_KERNEL=narrow forces attn_fwd_kernel, =wgmma attn_fwd_wgmma_kernel (fwd_wgmma.cuh;
+// sm_90 only, opt-in until checked on a GPU). The selected branch and D = 192 always take
+// attn_fwd_kernel.
+enum class FwdKind { kNarrow, kWide, kWgmma };
+
+template <Branch B>
+inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
+  if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
+  if (env_is("NSA_CUDA_FWD_KERNEL", "narrow")) return FwdKind::kNarrow;
+  if (env_is("NSA_CUDA_FWD_KERNEL", "wgmma") && device_is_sm90()) return FwdKind::kWgmma;
+  return FwdKind::kWide;
+}
+
+// NSA_CUDA_BWD_KERNEL=wgmma (sm_90, D, DV <= 128): the dK/dV kernel on warpgroup products (opt-in
+// until checked on a GPU).
+inline bool bwd_wgmma(int head_dim, int head_dim_v) {
+  return head_dim <= 128 && head_dim_v <= 128 && env_is("NSA_CUDA_BWD_KERNEL", "wgmma") && device_is_sm90();
+}
+
+// The selected branch's per-warp forward and dq kernels (slc_warp.cuh) are used below this
+// group size; NSA_CUDA_SLC_KERNEL=union or =warp forces one
+// kind (for comparing them on a GPU).
+inline bool slc_per_warp(int group) {
+  if (env_is("NSA_CUDA_SLC_KERNEL", "union")) return false;
+  if (env_is("NSA_CUDA_SLC_KERNEL", "warp")) return true;
+  return group < 64;
+}
+
+}  // namespace nsa::cuda
