@@ -6,7 +6,7 @@
 # Stages (default: build tests sanitize bench, in this order; profile and ab only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
 #   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py, log in
-#             $OUT/tests.log; the opt-in wgmma kernels' tests (-k wgmma) in a second pytest process
+#             $OUT/tests.log
 #   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize` of
 #             tests/test_cuda.py and the CUDA cases of tests/test_gated_sum.py)
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
@@ -142,30 +142,16 @@ if have tests; then
   else
     kexpr=${kexpr:+($kexpr) and }"not long"
   fi
-  # The opt-in wgmma kernels (not yet checked on a GPU) run in a pytest process of their own, after
-  # the rest: a fault there (a trap, an illegal address) poisons the CUDA context of its process.
-  main_k="${kexpr:+($kexpr) and }not wgmma"
-  wgmma_k="${kexpr:+($kexpr) and }wgmma"
   # A hung kernel must not eat the whole budget: pytest-timeout (in the image) ends the run.
   if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
   # shellcheck disable=SC2206
   extra=(${NSA_TEST_ARGS:-})
   files=(tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py)
-  run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" -k "$main_k" "${extra[@]}" "${files[@]}"
+  run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" ${kexpr:+-k "$kexpr"} "${extra[@]}" "${files[@]}"
   rc=$?
   secs=$(( $(date +%s) - s ))
   record tests "$(status_of $rc)" "$(pytest_counts "$OUT/tests.log")" "$secs"
   echo "[tests] $(status_of $rc) in ${secs}s"
-  s=$(date +%s)
-  lim=$(limit_for tests)
-  mark=$(wc -l < "$OUT/tests.log")
-  run_stage "tests wgmma" "$OUT/tests.log" "$(( lim / 2 ))" "$PY" -m pytest "${args[@]}" -k "$wgmma_k" "${extra[@]}" \
-    "${files[@]}"
-  rc=$?
-  secs=$(( $(date +%s) - s ))
-  counts=$(tail -n +"$((mark + 1))" "$OUT/tests.log" > "$OUT/.part"; pytest_counts "$OUT/.part"; rm -f "$OUT/.part")
-  record "tests wgmma" "$(status_of $rc)" "$counts" "$secs"
-  echo "[tests wgmma] $(status_of $rc) in ${secs}s"
 fi
 
 # ---------------------------------------------------------------- sanitize

@@ -436,16 +436,15 @@ def test_sliding_window_attention(case, dtype):
     check_raw_lse("swa", x, case, o)
 
 
-FWD_KIND_PARAMS = [pytest.param(*p.values, kind, id=f"{p.id}-{kind}") for kind in ("narrow", "wgmma")
-                   for p in case_params(CASES) if p.values[1] == torch.bfloat16 or kind == "wgmma"]
+FWD_KIND_PARAMS = [pytest.param(*p.values, kind, id=f"{p.id}-{kind}") for kind in ("narrow", "wide")
+                   for p in case_params(CASES) if p.values[1] == torch.bfloat16 or kind == "wide"]
 
 
 @pytest.mark.parametrize("case,dtype,kind", FWD_KIND_PARAMS)
 def test_forward_kernel_kinds(case, dtype, kind, monkeypatch):
-    """NSA_CUDA_FWD_KERNEL=narrow (16 rows per warp; the default only for D = 192) and =wgmma
-    (Hopper warpgroup products, opt-in) on the compressed and window branches."""
-    if kind == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("wgmma kernels need an sm_90 GPU")
+    """The mma.sync forward kernels of the compressed and window branches, which sm_90 does not
+    run by default (it takes the warpgroup kernel): NSA_CUDA_FWD_KERNEL=narrow (16 rows per warp;
+    the default for D = 192) and =wide (32 rows per warp; the default before sm_90)."""
     monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("cmp", case, dtype), **case)
     check_branch(compressed, x, case, ["q", "k_cmp", "v_cmp"], dtype)
@@ -723,16 +722,14 @@ def test_split_dkdv(case, dtype, branch, small_splits):
 
 @pytest.mark.parametrize("branch", ["compressed", "sliding", "selected"])
 @pytest.mark.parametrize("case,dtype", case_params(CASES))
-def test_wgmma_backward(case, dtype, branch, monkeypatch):
-    """NSA_CUDA_BWD_KERNEL=wgmma (opt-in, sm_90, D and Dv <= 128; D = 192 keeps the mma.sync
-    kernels): the dK/dV kernel of every branch and the dQ kernel of the compressed and window
-    branches (and of the selected one for G >= 64) against float64, split dK/dV included."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("wgmma kernels need an sm_90 GPU")
-    monkeypatch.setenv("NSA_CUDA_BWD_KERNEL", "wgmma")
+def test_mma_backward(case, dtype, branch, monkeypatch):
+    """NSA_CUDA_BWD_KERNEL=mma: the mma.sync dQ and dK/dV kernels (the default before sm_90 and
+    for D = 192; sm_90 otherwise runs their warpgroup twins) against float64, split dK/dV
+    included."""
+    monkeypatch.setenv("NSA_CUDA_BWD_KERNEL", "mma")
     monkeypatch.setenv("NSA_CUDA_SPLIT_TOKENS", "64")
-    x = gpu_inputs(dtype=dtype, seed=seed_of("wgmma-dkdv", case, dtype, branch), **case)
-    run_branch(branch, x, case, dtype, seed=seed_of("wgmma-dkdv-idx", case, branch))
+    x = gpu_inputs(dtype=dtype, seed=seed_of("mma-dkdv", case, dtype, branch), **case)
+    run_branch(branch, x, case, dtype, seed=seed_of("mma-dkdv-idx", case, branch))
 
 
 @pytest.mark.parametrize("branch", ["compressed", "selected", "nsa"])

@@ -1,10 +1,10 @@
 """Times the CUDA kernel kinds that an environment switch chooses between, side by side on the
 benchmark's inputs, and prints how far each kind's results are from the first kind's:
 
-    fwd   NSA_CUDA_FWD_KERNEL = narrow | wide | wgmma: the compressed and window forward
-          (wgmma only on sm_90)
-    bwd   NSA_CUDA_BWD_KERNEL = default | wgmma: forward + backward of the compressed, selected and
-          window branches (the dQ and dK/dV kernels; wgmma only on sm_90)
+    fwd   NSA_CUDA_FWD_KERNEL = default | wide | narrow: the compressed and window forward
+          (the default is the warpgroup kernel on sm_90, else wide)
+    bwd   NSA_CUDA_BWD_KERNEL = default | mma: forward + backward of the compressed, selected and
+          window branches (the dQ and dK/dV kernels; the default is wgmma on sm_90)
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
 
     python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
@@ -24,10 +24,9 @@ from bench_attention import CONFIGS, grad_of, make_inputs  # noqa: E402
 import nsa_torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 SWITCHES = {
-    "fwd": ("NSA_CUDA_FWD_KERNEL", ["wide", "narrow"] + (["wgmma"] if SM90 else [])),
-    "bwd": ("NSA_CUDA_BWD_KERNEL", ["default"] + (["wgmma"] if SM90 else [])),
+    "fwd": ("NSA_CUDA_FWD_KERNEL", ["default", "wide", "narrow"]),
+    "bwd": ("NSA_CUDA_BWD_KERNEL", ["default", "mma"]),
     "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
 }
 

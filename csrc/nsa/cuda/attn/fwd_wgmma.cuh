@@ -3,8 +3,7 @@
 // rows, 64-key tiles double-buffered with cp.async), but the tensor cores read Q, K (S = Q K^T)
 // and V (O += P V) from shared memory once per 64 rows; with mma.sync every warp read the whole
 // K and V tile for its 16 rows through ldmatrix, which bound those kernels (benchmarks/NOTES.md).
-// P stays in registers as the A operand. Opt-in (NSA_CUDA_FWD_KERNEL=wgmma) until it has been
-// checked on a GPU.
+// P stays in registers as the A operand. The default on sm_90 (fwd_kind in switches.h).
 #pragma once
 
 #include "fwd_wide.cuh"

@@ -27,24 +27,24 @@ inline bool device_is_sm90() {
          minor == 0;
 }
 
-// Which forward kernel runs a contiguous branch with D, DV <= 128: the wide one by default;
-// NSA_CUDA_FWD_KERNEL=narrow forces attn_fwd_kernel, =wgmma attn_fwd_wgmma_kernel (fwd_wgmma.cuh;
-// sm_90 only, opt-in until checked on a GPU). The selected branch and D = 192 always take
-// attn_fwd_kernel.
+// Which forward kernel runs a contiguous branch with D, DV <= 128: attn_fwd_wgmma_kernel
+// (fwd_wgmma.cuh) on sm_90, else the wide one (fwd_wide.cuh, 32 rows per warp);
+// NSA_CUDA_FWD_KERNEL=wide or =narrow (attn_fwd_kernel, 16 rows per warp) forces an mma.sync
+// kernel. The selected branch and D = 192 always take attn_fwd_kernel.
 enum class FwdKind { kNarrow, kWide, kWgmma };
 
 template <Branch B>
 inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
   if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
   if (env_is("NSA_CUDA_FWD_KERNEL", "narrow")) return FwdKind::kNarrow;
-  if (env_is("NSA_CUDA_FWD_KERNEL", "wgmma") && device_is_sm90()) return FwdKind::kWgmma;
-  return FwdKind::kWide;
+  if (env_is("NSA_CUDA_FWD_KERNEL", "wide")) return FwdKind::kWide;
+  return device_is_sm90() ? FwdKind::kWgmma : FwdKind::kWide;
 }
 
-// NSA_CUDA_BWD_KERNEL=wgmma (sm_90, D, DV <= 128): the dK/dV kernel on warpgroup products (opt-in
-// until checked on a GPU).
+// Do the dQ and dK/dV kernels run on warpgroup products? On sm_90 for D, DV <= 128, unless
+// NSA_CUDA_BWD_KERNEL=mma forces the mma.sync kernels.
 inline bool bwd_wgmma(int head_dim, int head_dim_v) {
-  return head_dim <= 128 && head_dim_v <= 128 && env_is("NSA_CUDA_BWD_KERNEL", "wgmma") && device_is_sm90();
+  return head_dim <= 128 && head_dim_v <= 128 && !env_is("NSA_CUDA_BWD_KERNEL", "mma") && device_is_sm90();
 }
 
 // The selected branch's per-warp forward and dq kernels (slc_warp.cuh) are used below this
