@@ -697,6 +697,40 @@ def test_backward_is_deterministic(case, dtype, which):
         assert torch.isfinite(a).all(), f"d{n} is not finite"
 
 
+# The selected branch's forward by blocks (sm_90, D, Dv <= 128, 32 <= select_size <= 256: the
+# default for G < 16) and by tokens, each forced, with chunks of 100 rows so that the chunking of
+# the partials and the split of the lead blocks run on short sequences too.
+SLC_FWD_CASES = dict(CASES, **{
+    "T600-G4-d128-s128": dict(T=600, HQ=8, H=2, D=128, Dv=128, select_size=128, num_selected=4),
+    "T500-B2-G2-d64-s96": dict(B=2, T=500, HQ=4, H=2, D=64, Dv=64, select_size=96, num_selected=3,
+                               num_local=1),
+})
+
+
+@pytest.fixture
+def small_slc_chunks(monkeypatch):
+    monkeypatch.setenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS", "100")
+
+
+@pytest.mark.parametrize("kind", ["blocks", "tokens"])
+@pytest.mark.parametrize("case,dtype", case_params(SLC_FWD_CASES))
+def test_selected_forward_kinds(case, dtype, kind, monkeypatch, small_slc_chunks):
+    monkeypatch.setenv("NSA_CUDA_SLC_FWD_KERNEL", kind)
+    x = gpu_inputs(dtype=dtype, seed=seed_of("slc-fwd", case, dtype, kind), **case)
+    for idx_kind in ("user", "selected"):
+        xi = with_indices(x, case, idx_kind, seed=seed_of("slc-fwd-idx", case, idx_kind))
+        (o,) = check_branch(selected, xi, case, ["q", "k", "v"], dtype)
+        check_raw_lse("slc", xi, case, o)
+
+
+@pytest.mark.parametrize("kind", ["blocks", "tokens"])
+@pytest.mark.parametrize("case", VARLEN.values(), ids=list(VARLEN))
+def test_selected_forward_kinds_varlen(case, kind, monkeypatch, small_slc_chunks):
+    monkeypatch.setenv("NSA_CUDA_SLC_FWD_KERNEL", kind)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("slc-fwd-varlen", case, kind), **case)
+    run_branch("selected", x, case, torch.bfloat16, seed=seed_of("slc-fwd-varlen-idx", case))
+
+
 # ------------------------------------------------------------------------------------ split dK/dV
 # Long key tiles (compressed keys, the selected branch's first blocks) can be split over several
 # thread blocks whose fp32 partials are summed in order: ranges of NSA_CUDA_SPLIT_TOKENS tokens
@@ -924,6 +958,7 @@ def test_sanitize_branches(case, dtype):
 
 def test_sanitize_split(monkeypatch):
     monkeypatch.setenv("NSA_CUDA_SPLIT_TOKENS", "64")
+    monkeypatch.setenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS", "70")  # the forward by blocks in chunks
     case = dict(T=300, **SANITIZE_HEADS[3])
     x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-split"), **case)
     for branch in ("compressed", "selected", "nsa"):

@@ -6,6 +6,8 @@ benchmark's inputs, and prints how far each kind's results are from the first ki
     bwd   NSA_CUDA_BWD_KERNEL = default | mma: forward + backward of the compressed, selected and
           window branches (the dQ and dK/dV kernels; the default is wgmma on sm_90)
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
+    slcfwd  NSA_CUDA_SLC_FWD_KERNEL = default | blocks | tokens: the selected branch's forward
+          (by blocks: sm_90, the default for G < 16)
 
     python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
 """
@@ -28,6 +30,7 @@ SWITCHES = {
     "fwd": ("NSA_CUDA_FWD_KERNEL", ["default", "wide", "narrow"]),
     "bwd": ("NSA_CUDA_BWD_KERNEL", ["default", "mma"]),
     "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
+    "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
 }
 
 
@@ -63,8 +66,8 @@ def run(switch, name, T):
                                                 block_stride=hp["block_stride"])
         idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **{k: hp[k] for k in (
             "block_size", "block_stride", "select_size", "num_selected", "num_initial", "num_local")})
-    todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",)}[switch]
-    backward = switch != "fwd"
+    todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",)}[switch]
+    backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():
         if br not in todo:
             continue

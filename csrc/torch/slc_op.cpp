@@ -70,7 +70,9 @@ static std::tuple<at::Tensor, at::Tensor> selected_attention_fwd_impl(
   const nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
-    run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_fwd(p, s); });
+    const size_t bytes = nsa::cuda::slc_fwd_workspace_bytes(p);
+    const at::Tensor ws = bytes ? cuda_workspace(q, bytes) : at::Tensor();
+    run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_fwd(p, bytes ? ws.data_ptr() : nullptr, s); });
 #endif
   } else {
     check_block_index_values(c, p);

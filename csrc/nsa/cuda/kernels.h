@@ -32,7 +32,10 @@ void cmp_bwd(const CmpParams& p, void* workspace, cudaStream_t stream);
 // group sum, forced blocks and top-n, without materialising the [T, T / select_size] scores.
 void select_topk(const TopkParams& p, cudaStream_t stream);
 
-void slc_fwd(const SlcParams& p, cudaStream_t stream);
+// The forward by blocks (sm_90) needs a workspace (the reverse index and the partials of a chunk
+// of rows, at most about 2 GiB); slc_fwd_workspace_bytes is 0 when the kernels run by tokens.
+size_t slc_fwd_workspace_bytes(const SlcParams& p);
+void slc_fwd(const SlcParams& p, void* workspace, cudaStream_t stream);
 size_t slc_bwd_workspace_bytes(const SlcParams& p);
 void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream);
 

@@ -21,6 +21,10 @@ NSA_EXTERN_ATTN(__half, Branch::kSlc)
 NSA_EXTERN_ATTN(__nv_bfloat16, Branch::kSwa)
 NSA_EXTERN_ATTN(__half, Branch::kSwa)
 #undef NSA_EXTERN_ATTN
+extern template void run_slc_fwd_blocks<__nv_bfloat16>(const SlcParams&, const ReverseIndex&, const SlcPartials&,
+                                                        cudaStream_t);
+extern template void run_slc_fwd_blocks<__half>(const SlcParams&, const ReverseIndex&, const SlcPartials&,
+                                                cudaStream_t);
 
 // Calls f(T{}) with T the element type of `dtype`, or throws for a dtype without CUDA kernels.
 template <typename F>

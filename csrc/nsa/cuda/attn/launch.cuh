@@ -11,6 +11,7 @@
 #include "bwd.cuh"
 #include "fwd_wgmma.cuh"
 #include "fwd_wide.cuh"
+#include "slc_blocks.cuh"
 #include "slc_warp.cuh"
 #include "switches.h"
 
@@ -195,10 +196,38 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
   });
 }
 
+// The selected branch's forward by blocks over the rows of one chunk: the partials of every key
+// tile (grid: the dK/dV kernel's, only the blocks the chunk's tokens can have chosen when there is
+// one fixed-length sequence), then their merge into o and lse.
+template <typename T>
+void run_slc_fwd_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPartials& part, cudaStream_t stream) {
+  constexpr Branch B = Branch::kSlc;
+  dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
+    constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
+    if constexpr (D <= 128 && DV <= 128) {
+      dim3 grid = key_grid<B>(p, rix.vblocks);
+      if (!p.seqs.cu_seqlens && p.seqs.batch == 1) {
+        const index_t last = part.row0 + part.rows - 1;  // the chunk's last token
+        grid.x = unsigned(std::min<index_t>(grid.x, (last / p.select_size + 1) * tiles_per_block(p.select_size)));
+      }
+      grid.z *= unsigned(part.splits);
+      launch_kernel<B>(slc_fwd_blocks_kernel<T, D, DV>, grid, kThreads, slc_blocks_smem_bytes<D, DV>(), stream, p, rix,
+                       part);
+      const index_t warps = part.rows * p.num_heads;
+      launch_kernel<B>(slc_merge_kernel<T, DV>, dim3(unsigned((warps + kThreads / 32 - 1) / (kThreads / 32))),
+                       kThreads, 0, stream, p, part);
+    } else {
+      throw std::invalid_argument(std::string(op_name<B>()) + ": the forward by blocks needs D, Dv <= 128");
+    }
+  });
+}
+
 // Entry points of one branch and dtype, defined by the instantiation files.
 #define NSA_INSTANTIATE_ATTN(T, B)                                                                \
   template void run_fwd<T, B>(const typename BranchParams<B>::type&, cudaStream_t);              \
   template void run_bwd<T, B>(const typename BranchParams<B>::type&, float*, const ReverseIndex&, \
                               float*, cudaStream_t);
+#define NSA_INSTANTIATE_SLC_BLOCKS(T) \
+  template void run_slc_fwd_blocks<T>(const SlcParams&, const ReverseIndex&, const SlcPartials&, cudaStream_t);
 
 }  // namespace nsa::cuda

@@ -56,4 +56,15 @@ inline bool slc_per_warp(int group) {
   return group < 64;
 }
 
+// Does the selected branch's forward run by blocks (slc_blocks.cuh: each key tile read once, with
+// partials merged per row) instead of by tokens? On sm_90 for D, DV <= 128 and G < 16, where
+// the per-token kernels are bound by re-reading K and V from L2; NSA_CUDA_SLC_FWD_KERNEL=blocks
+// or =tokens forces one (blocks needs sm_90 and D, DV <= 128 still; slc.cu also keeps
+// select_size within [32, 256], which bounds the partials per row).
+inline bool slc_fwd_by_blocks(int group, int head_dim, int head_dim_v) {
+  if (head_dim > 128 || head_dim_v > 128 || env_is("NSA_CUDA_SLC_FWD_KERNEL", "tokens") || !device_is_sm90())
+    return false;
+  return env_is("NSA_CUDA_SLC_FWD_KERNEL", "blocks") || group < 16;
+}
+
 }  // namespace nsa::cuda

@@ -29,6 +29,22 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The two T of a 32-bit register as floats (the inverse of pack2).
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t x, float& lo, float& hi);
+template <>
+__device__ __forceinline__ void unpack2<__nv_bfloat16>(uint32_t x, float& lo, float& hi) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+  lo = f.x;
+  hi = f.y;
+}
+template <>
+__device__ __forceinline__ void unpack2<__half>(uint32_t x, float& lo, float& hi) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&x));
+  lo = f.x;
+  hi = f.y;
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
 template <>

@@ -1,4 +1,6 @@
 // Entry points of the selected branch.
+#include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 
 #include "../attn/entry.cuh"
@@ -10,71 +12,149 @@ namespace {
 
 constexpr const char* kOp = "nsa.selected_attention";
 
-int key_bits(const SlcParams& p) {
-  const index_t sentinel = index_t(p.num_heads_k) * reverse_index_vblocks(p);
+// Bits of the sort keys [0, num_keys] (num_keys is the padding sentinel).
+int key_bits(index_t num_keys) {
   int bits = 1;
-  while ((index_t(1) << bits) <= sentinel) ++bits;
+  while ((index_t(1) << bits) <= num_keys) ++bits;
   return bits;
 }
 
-void check_sizes(const SlcParams& p) {
+void check_sizes(const SlcParams& p, index_t num_keys) {
   const index_t entries = reverse_index_entries(p);
-  const index_t keys = index_t(p.num_heads_k) * reverse_index_vblocks(p) + 1;
   const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen;
-  if (entries > INT32_MAX || keys > INT32_MAX || rows > INT32_MAX)
+  if (entries > INT32_MAX || num_keys + 1 > INT32_MAX || rows > INT32_MAX)
     throw std::invalid_argument(std::string(kOp) + ": B * T * H * n = " + std::to_string(entries) +
-                                " exceeds the CUDA backward's int32 reverse index");
+                                " exceeds the CUDA kernels' int32 reverse index");
 }
 
-size_t sort_temp_bytes(const SlcParams& p) {
+size_t sort_temp_bytes(const SlcParams& p, index_t num_keys) {
   size_t bytes = 0;
   cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int32_t*>(nullptr),
                                   static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
                                   static_cast<int32_t*>(nullptr), int(reverse_index_entries(p)), 0,
-                                  key_bits(p));
+                                  key_bits(num_keys));
   return bytes;
 }
 
-}  // namespace
-
-void slc_fwd(const SlcParams& p, cudaStream_t stream) { attn_fwd<Branch::kSlc>(p, stream); }
-
-size_t slc_bwd_workspace_bytes(const SlcParams& p) {
-  check_sizes(p);
-  const size_t entries = align256(size_t(reverse_index_entries(p)) * sizeof(int32_t));
-  return delta_bytes(p) + 4 * entries + align256(sort_temp_bytes(p)) +
-         split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
+// Workspace of the reverse index: keys and rows, unsorted and sorted, and the sort's scratch.
+size_t index_bytes(const SlcParams& p, index_t num_keys) {
+  return 4 * align256(size_t(reverse_index_entries(p)) * sizeof(int32_t)) + align256(sort_temp_bytes(p, num_keys));
 }
 
-void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
-  check_sizes(p);
+// Builds the reverse index (reverse_index.cuh) in `ws` (index_bytes(p, num_keys) bytes): rows
+// in chunks of chunk_rows (0: one chunk), num_keys = chunks * H * vblocks.
+ReverseIndex build_reverse_index(const SlcParams& p, index_t chunk_rows, index_t num_keys, unsigned char* ws,
+                                 cudaStream_t stream) {
   const index_t n = reverse_index_entries(p);
   const size_t entry_bytes = align256(size_t(n) * sizeof(int32_t));
-  unsigned char* ws = static_cast<unsigned char*>(workspace);
-  float* delta = reinterpret_cast<float*>(ws);
-  int32_t* keys_in = reinterpret_cast<int32_t*>(ws + delta_bytes(p));
-  int32_t* keys_out = reinterpret_cast<int32_t*>(ws + delta_bytes(p) + entry_bytes);
-  int32_t* rows_in = reinterpret_cast<int32_t*>(ws + delta_bytes(p) + 2 * entry_bytes);
-  int32_t* rows_out = reinterpret_cast<int32_t*>(ws + delta_bytes(p) + 3 * entry_bytes);
-  void* temp = ws + delta_bytes(p) + 4 * entry_bytes;
-  float* partial = reinterpret_cast<float*>(ws + delta_bytes(p) + 4 * entry_bytes +
-                                            align256(sort_temp_bytes(p)));
-
+  int32_t* keys_in = reinterpret_cast<int32_t*>(ws);
+  int32_t* keys_out = reinterpret_cast<int32_t*>(ws + entry_bytes);
+  int32_t* rows_in = reinterpret_cast<int32_t*>(ws + 2 * entry_bytes);
+  int32_t* rows_out = reinterpret_cast<int32_t*>(ws + 3 * entry_bytes);
   ReverseIndex rix;
   rix.vblocks = reverse_index_vblocks(p);
   rix.entries = n;
   rix.keys = keys_out;
   rix.rows = rows_out;
   if (n > 0) {
-    slc_reverse_index_entries_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(p, rix.vblocks,
-                                                                                   keys_in, rows_in);
+    slc_reverse_index_entries_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(
+        p, rix.vblocks, chunk_rows, int32_t(num_keys), keys_in, rows_in);
     check_launch(kOp);
-    size_t temp_bytes = sort_temp_bytes(p);
-    const cudaError_t err = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, rows_in,
-                                                            rows_out, int(n), 0, key_bits(p), stream);
+    size_t temp_bytes = sort_temp_bytes(p, num_keys);
+    const cudaError_t err = cub::DeviceRadixSort::SortPairs(ws + 4 * entry_bytes, temp_bytes, keys_in, keys_out,
+                                                            rows_in, rows_out, int(n), 0, key_bits(num_keys), stream);
     if (err != cudaSuccess)
       throw std::runtime_error(std::string(kOp) + ": reverse index sort failed: " + cudaGetErrorString(err));
   }
+  return rix;
+}
+
+// The forward by blocks: rows per chunk, so that a chunk's partials stay under kPartialBytes.
+constexpr size_t kPartialBytes = size_t(2) << 30;
+
+struct FwdPlan {
+  index_t chunk_rows = 0, chunks = 0, num_keys = 0;
+  int slots = 0;
+  size_t o_bytes = 0, lse_bytes = 0, starts_bytes = 0;  // (rounded to 256)
+};
+
+FwdPlan plan_fwd(const SlcParams& p) {
+  FwdPlan f;
+  const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen;
+  f.slots = p.num_selected * tiles_per_block(p.select_size);
+  const size_t per_row = size_t(p.num_heads) * f.slots * (size_t(p.head_dim_v) * 2 + sizeof(float));
+  f.chunk_rows = std::max<index_t>(1, std::min<index_t>(rows, index_t(kPartialBytes / per_row)));
+  // NSA_CUDA_SLC_FWD_CHUNK_ROWS: smaller chunks (the tests make short sequences take several).
+  if (const char* env = std::getenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS")) {
+    const long long v = std::atoll(env);
+    if (v > 0) f.chunk_rows = std::max<index_t>(1, std::min<index_t>(rows, index_t(v)));
+  }
+  f.chunks = rows > 0 ? (rows + f.chunk_rows - 1) / f.chunk_rows : 0;
+  f.num_keys = f.chunks * p.num_heads_k * reverse_index_vblocks(p);
+  const size_t per_chunk = size_t(f.chunk_rows) * p.num_heads * f.slots;
+  f.o_bytes = align256(per_chunk * p.head_dim_v * 2);
+  f.lse_bytes = align256(per_chunk * sizeof(float));
+  f.starts_bytes = align256(size_t(f.num_keys + 1) * sizeof(int32_t));
+  return f;
+}
+
+bool fwd_by_blocks(const SlcParams& p) {
+  return p.seqs.batch > 0 && p.seqs.seqlen > 0 && p.num_heads > 0 && p.select_size >= 32 &&
+         p.select_size <= 256 && slc_fwd_by_blocks(p.num_heads / p.num_heads_k, p.head_dim, p.head_dim_v);
+}
+
+}  // namespace
+
+size_t slc_fwd_workspace_bytes(const SlcParams& p) {
+  if (!fwd_by_blocks(p)) return 0;
+  const FwdPlan f = plan_fwd(p);
+  check_sizes(p, f.num_keys);
+  return index_bytes(p, f.num_keys) + f.starts_bytes + f.o_bytes + f.lse_bytes;
+}
+
+void slc_fwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
+  if (workspace == nullptr || !fwd_by_blocks(p)) return attn_fwd<Branch::kSlc>(p, stream);
+  const FwdPlan f = plan_fwd(p);
+  check_sizes(p, f.num_keys);
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  const ReverseIndex rix = build_reverse_index(p, f.chunk_rows, f.num_keys, ws, stream);
+  ws += index_bytes(p, f.num_keys);
+  int32_t* starts = reinterpret_cast<int32_t*>(ws);
+  slc_segment_starts_kernel<<<unsigned(rix.entries / 256 + 1), 256, 0, stream>>>(rix.keys, rix.entries,
+                                                                               int32_t(f.num_keys), starts);
+  check_launch(kOp);
+  SlcPartials part;
+  part.starts = starts;
+  part.slots = f.slots;
+  part.o = ws + f.starts_bytes;
+  part.lse = reinterpret_cast<float*>(ws + f.starts_bytes + f.o_bytes);
+  part.lead_blocks = kSlcSplitBlocks;
+  // Split the lead blocks' tokens (chosen by every token with num_initial > 0) so that no
+  // thread block walks a whole chunk alone: ~8 row tiles of 64 per split at least.
+  part.splits = int(std::min<index_t>(16, std::max<index_t>(1, f.chunk_rows * (p.num_heads / p.num_heads_k) / 512)));
+  const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen;
+  for (index_t c = 0; c < f.chunks; ++c) {
+    part.row0 = c * f.chunk_rows;
+    part.rows = std::min(f.chunk_rows, rows - part.row0);
+    part.key0 = int32_t(c * p.num_heads_k * rix.vblocks);
+    dispatch_dtype(kOp, p.dtype, [&](auto t) { run_slc_fwd_blocks<decltype(t)>(p, rix, part, stream); });
+  }
+}
+
+size_t slc_bwd_workspace_bytes(const SlcParams& p) {
+  const index_t num_keys = index_t(p.num_heads_k) * reverse_index_vblocks(p);
+  check_sizes(p, num_keys);
+  return delta_bytes(p) + index_bytes(p, num_keys) +
+         split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
+}
+
+void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
+  const index_t num_keys = index_t(p.num_heads_k) * reverse_index_vblocks(p);
+  check_sizes(p, num_keys);
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  float* delta = reinterpret_cast<float*>(ws);
+  const ReverseIndex rix = build_reverse_index(p, 0, num_keys, ws + delta_bytes(p), stream);
+  float* partial = reinterpret_cast<float*>(ws + delta_bytes(p) + index_bytes(p, num_keys));
   attn_bwd<Branch::kSlc>(p, delta, rix, partial, stream);
 }
 

@@ -3,4 +3,5 @@
 
 namespace nsa::cuda {
 NSA_INSTANTIATE_ATTN(__nv_bfloat16, Branch::kSlc)
+NSA_INSTANTIATE_SLC_BLOCKS(__nv_bfloat16)
 }  // namespace nsa::cuda

@@ -3,4 +3,5 @@
 
 namespace nsa::cuda {
 NSA_INSTANTIATE_ATTN(__half, Branch::kSlc)
+NSA_INSTANTIATE_SLC_BLOCKS(__half)
 }  // namespace nsa::cuda

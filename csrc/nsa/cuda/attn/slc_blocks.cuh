@@ -1,0 +1,287 @@
+// The selected branch's forward by blocks (sm_90a, D, DV <= 128): key tiles outer, the queries
+// that chose them inner, as the dK/dV kernel walks them (the reverse index, slc/reverse_index.cuh).
+//
+// Why: the per-token kernels (slc_warp.cuh, fwd.cuh) read every chosen block from L2 once per
+// (token, KV head); at G = 4, 64k tokens that is 64k x 16 KV heads x 512 KB of K and V, ~540 GB,
+// and L2 bandwidth bounds them (benchmarks/NOTES.md). Here each thread block loads one 64-key tile
+// once and multiplies it with the query rows of every token that chose its block (64 (token,
+// head) rows per step, double-buffered), so K and V are read about once and the queries, 16 times
+// smaller per token at G = 4, are gathered instead.
+//
+// The softmax of a query runs over its num_selected blocks, which now sit in different thread
+// blocks: each writes the partial result of its tile (o normalized over the tile's keys, in the
+// output dtype, and the tile's log-sum-exp), and slc_merge_kernel combines the partials of a row
+// in slot order into o and lse. One writer per element and a fixed order: deterministic bits.
+// The partials of all rows would be 16x the output, so the host runs both kernels over chunks of
+// rows that bound them (slc/slc.cu).
+#pragma once
+
+#include "bwd.cuh"
+
+namespace nsa::cuda {
+
+// The partials of the rows [row0, row0 + rows) (global rows b * T + t) of one chunk.
+struct SlcPartials {
+  index_t row0 = 0, rows = 0;
+  const int32_t* starts = nullptr;  // [num_keys + 1] segment starts of the reverse index
+  int32_t key0 = 0;                 // this chunk's first key: chunk * H * vblocks
+  int slots = 0;        // S = num_selected * tiles_per_block(select_size): slot k * tiles + i is
+                        // tile i of the block in list entry k
+  int splits = 1;       // thread blocks sharing each lead key tile (grid.z = batch rows * splits)
+  int lead_blocks = 0;  // blocks per sequence whose tiles are split (the first ones, chosen by
+                        // every later token when num_initial > 0)
+  void* o = nullptr;    // [rows][HQ][S][DV] output dtype: the tile's o, normalized by its own sum
+  float* lse = nullptr; // [rows][HQ][S] the tile's log-sum-exp; -inf when none of its keys is visible
+};
+
+template <int D, int DV>
+constexpr size_t slc_blocks_smem_bytes() {
+  return size_t(2) * (kKeys * (D + DV) + 2 * kRows * D) + size_t(6) * kRows * sizeof(int);
+}
+
+// Grid: x = virtual blocks * tiles per block (the dK/dV kernel's), y = KV head, z = batch row *
+// splits. The thread block owns keys [ks, ke) of block jb of its sequence and KV head g.
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(kThreads)
+    slc_fwd_blocks_kernel(const SlcParams p, const ReverseIndex rix, const SlcPartials part) {
+  static_assert(D <= 128 && DV <= 128 && kThreads == 128 && kRows == 64 && kKeys == 64,
+                "one warpgroup, 64 rows, 64 keys");
+  constexpr int R = kRows;
+  extern __shared__ __align__(1024) unsigned char smem_sb[];  // (its own name: see fwd_wgmma.cuh)
+  T* sK = reinterpret_cast<T*>(smem_sb);  // [D / 64][kKeys][64]     (Layout::kWgmma)
+  T* sV = sK + kKeys * D;                 // [DV / 64][kKeys][64]
+  T* sQ = sV + kKeys * DV;                // [2] x [D / 64][R][64]
+  int* sTok = reinterpret_cast<int*>(sQ + 2 * R * D);  // [3][R] token (in its sequence) of token index j
+  int* sSlot = sTok + 3 * R;                           // [3][R] its list entry naming this block
+  wgmma_check_alignment(smem_sb);
+
+  const int G = p.num_heads / p.num_heads_k, g = blockIdx.y;
+  const int zb = blockIdx.z / part.splits, sp = blockIdx.z % part.splits;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per_block = tiles_per_block(p.select_size);
+
+  SeqTile st;
+  if (!locate_tile(p.seqs, blockIdx.x / per_block, zb, 1, p.select_size, false, st)) return;
+  const SeqRange seq = st.seq;
+  const int sub = int(blockIdx.x % per_block);
+  const index_t ks = st.tile * p.select_size + index_t(sub) * kKeys;
+  const index_t ke = min(min((st.tile + 1) * p.select_size, ks + kKeys), seq.len);
+  const bool lead = st.tile < part.lead_blocks;
+  if (ks >= ke || (!lead && sp > 0)) return;
+
+  // The tokens of this chunk that chose the block: a segment of the reverse index (token order),
+  // of which a lead tile's split sp takes its share.
+  const index_t vb = p.seqs.cu_seqlens ? index_t(blockIdx.x / per_block)
+                                       : index_t(zb) * num_select_blocks(p.seqs.seqlen, p.select_size) + st.tile;
+  const index_t key = part.key0 + g * rix.vblocks + vb;
+  index_t lo = part.starts[key];
+  index_t n_all = part.starts[key + 1] - lo;
+  if (lead && part.splits > 1) {
+    const index_t a = sp * n_all / part.splits;
+    n_all = (sp + 1) * n_all / part.splits - a;
+    lo += a;
+  }
+  if (n_all == 0) return;
+  const int pairs = int(n_all) * G;  // (token, head) rows, < T * G
+  const int ntiles = (pairs + R - 1) / R;
+
+  load_strided_async<kKeys, D, kThreads, Layout::kWgmma>(sK, p.k.template ptr<const T>(seq.batch, seq.start + ks, g),
+                                                          p.k.row_stride, int(ke - ks));
+  load_strided_async<kKeys, DV, kThreads, Layout::kWgmma>(sV, p.v.template ptr<const T>(seq.batch, seq.start + ks, g),
+                                                           p.v.row_stride, int(ke - ks));
+
+  const index_t row_base = index_t(seq.batch) * p.seqs.seqlen + seq.start;  // global row of token 0
+  // Row tile i: rows [e0, e0 + n); row r is head (h0 + r) % G of token index i0 + (h0 + r) / G.
+  auto tile_rows = [&](int i, int& e0, int& n, int& i0, int& h0) {
+    e0 = i * R;
+    n = min(R, pairs - e0);
+    i0 = e0 / G;
+    h0 = e0 - i0 * G;
+  };
+  // Thread j's token of row tile i (token index i0 + j) and the list entry that names the block
+  // (its first: a repeat counts once), fetched two tiles ahead into registers, then to stage i % 3
+  // of sTok/sSlot: step i reads stage i % 3 (masks, partial addresses) and (i + 1) % 3 (the Q
+  // rows of tile i + 1) and writes (i + 2) % 3, last read in step i - 1.
+  struct TokenSlot {
+    int t = 0, slot = 0;
+  };
+  auto fetch_token = [&](int i) {
+    TokenSlot ts;
+    int e0, n, i0, h0;
+    tile_rows(i, e0, n, i0, h0);
+    if (tid <= (h0 + n - 1) / G) {
+      ts.t = int(index_t(rix.rows[lo + i0 + tid]) - row_base);
+      const int32_t* list = p.block_indices.template ptr<const int32_t>(seq.batch, seq.start + ts.t, g);
+      for (int k = p.num_selected - 1; k >= 0; --k)
+        if (list[k] == int32_t(st.tile)) ts.slot = k;
+    }
+    return ts;
+  };
+  auto store_token = [&](int i, const TokenSlot& ts) {
+    if (tid < R) {
+      sTok[(i % 3) * R + tid] = ts.t;
+      sSlot[(i % 3) * R + tid] = ts.slot;
+    }
+  };
+  auto load_rows = [&](int i) {
+    int e0, n, i0, h0;
+    tile_rows(i, e0, n, i0, h0);
+    const int* tok = sTok + (i % 3) * R;
+    load_pairs_async<R, D, kThreads, Layout::kWgmma>(sQ + (i & 1) * R * D, p.q.template ptr<const T>(seq.batch, seq.start, g * G),
+                                                      p.q.row_stride, p.q.head_stride, h0, G, n,
+                                                      [&](int j) { return index_t(tok[j]); });
+  };
+
+  for (int i = 0; i < 2 && i < ntiles; ++i) store_token(i, fetch_token(i));
+  __syncthreads();
+  load_rows(0);
+  cp_async_commit();
+
+  const float scale_log2 = float(p.scale * M_LOG2E);
+  for (int i = 0; i < ntiles; ++i) {
+    if (i + 1 < ntiles) load_rows(i + 1);
+    TokenSlot next;
+    if (i + 2 < ntiles) next = fetch_token(i + 2);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();  // the tensor cores read tile i (and, at i = 0, K and V) next
+    __syncthreads();
+
+    int e0, n, i0, h0;
+    tile_rows(i, e0, n, i0, h0);
+    const T* q_tile = sQ + (i & 1) * R * D;
+    const int* tok = sTok + (i % 3) * R;
+    // S = Q K^T, both operands K-major.
+    float s[kKeys / 8][4];
+#pragma unroll
+    for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    wgmma_run([&] {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<kKeys, T>(s, kmajor_desc<R>(q_tile, kk), kmajor_desc<kKeys>(sK, kk), kk > 0);
+    }, s);
+
+    // This thread's two rows: their tokens (-1 past the tile) and the mask key <= t, key < ke.
+    int row[2], t[2];
+    for (int r = 0; r < 2; ++r) {
+      row[r] = warp * 16 + lane / 4 + 8 * r;
+      t[r] = row[r] < n ? tok[(h0 + row[r]) / G] : -1;
+    }
+    const bool all = n == R && ke - ks == kKeys && index_t(tok[0]) >= ke - 1;  // tokens ascend
+    float mx[2] = {-INFINITY, -INFINITY};
+    mask_scale_max<kKeys>(s, all, [&](int j, int e) {
+      const index_t kv = ks + j * 8 + (lane & 3) * 2 + (e & 1);
+      return kv < ke && kv <= index_t(t[e >> 1]);
+    }, scale_log2, mx);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float acc[DV / 8][4];
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
+
+    // O = P V: P from registers, V MN-major.
+    uint32_t pa[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+    wgmma_run([&] {
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(sV, kk), true);
+    }, acc);
+
+    // The partials of this thread's two rows.
+    for (int r = 0; r < 2; ++r) {
+      const float lsum = quad_sum(l[r]);
+      if (t[r] < 0) continue;
+      const int h = g * G + (h0 + row[r]) % G;
+      const int slot = sSlot[(i % 3) * R + (h0 + row[r]) / G] * per_block + sub;
+      const index_t idx = ((row_base + t[r] - part.row0) * p.num_heads + h) * part.slots + slot;
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      T* o = static_cast<T*>(part.o) + idx * DV;
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j) {
+        const int col = j * 8 + (lane & 3) * 2;
+        *reinterpret_cast<uint32_t*>(o + col) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
+      }
+      if ((lane & 3) == 0) part.lse[idx] = lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
+    }
+    if (i + 2 < ntiles) store_token(i + 2, next);
+    __syncthreads();  // publishes tile i + 2's tokens; frees Q stage i % 2 for tile i + 2
+  }
+  cp_async_wait<0>();
+}
+
+// o and lse of each (row, query head) of the chunk from its partials, in slot order: one warp per
+// row, DV / 32 columns per lane. A slot counts when its list entry names a block the token sees
+// (not padding, not a repeat) and its tile starts at or before the token; rows outside every
+// sequence (past cu_seqlens[N]) are left alone, as the other forward kernels do.
+template <typename T, int DV>
+__global__ void __launch_bounds__(kThreads) slc_merge_kernel(const SlcParams p, const SlcPartials part) {
+  constexpr int kCols = DV / 32;
+  static_assert(kCols == 2 || kCols == 4, "DV = 64 or 128");
+  const index_t w = index_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (w >= part.rows * p.num_heads) return;
+  const int lane = threadIdx.x & 31;
+  const int h = int(w % p.num_heads), g = h / (p.num_heads / p.num_heads_k);
+  const index_t grow = part.row0 + w / p.num_heads;
+  const index_t b = grow / p.seqs.seqlen, trow = grow % p.seqs.seqlen;
+  index_t t = trow;
+  if (p.seqs.cu_seqlens) {  // the sequence of this row: largest s with cu[s] <= trow
+    if (p.seqs.num_seqs <= 0) return;
+    int lo = 0, hi = p.seqs.num_seqs - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.seqs.cu_seqlens[mid] <= trow) lo = mid; else hi = mid - 1;
+    }
+    t = trow - p.seqs.cu_seqlens[lo];
+    if (t < 0 || t >= p.seqs.cu_seqlens[lo + 1] - p.seqs.cu_seqlens[lo]) return;
+  }
+  const int32_t* list = p.block_indices.template ptr<const int32_t>(b, trow, g);
+  const int per_block = tiles_per_block(p.select_size);
+  const index_t base = w * part.slots;  // w = (grow - row0) * HQ + h
+  float m = -INFINITY, sum = 0.f, acc[kCols] = {};
+  for (int k0 = 0; k0 < p.num_selected; k0 += 32) {
+    // Lane k: does entry k0 + k count?
+    const int k = k0 + lane;
+    int32_t j = -1;
+    if (k < p.num_selected) {
+      j = list[k];
+      if (j < 0 || index_t(j) * p.select_size > t) j = -1;
+      for (int i = 0; j >= 0 && i < k; ++i)
+        if (list[i] == j) j = -1;
+    }
+    for (unsigned on = __ballot_sync(0xffffffffu, j >= 0); on; on &= on - 1) {
+      const int src = __ffs(on) - 1;
+      const index_t start = index_t(__shfl_sync(0xffffffffu, j, src)) * p.select_size;
+      for (int i = 0; i < per_block && start + index_t(i) * kKeys <= t; ++i) {
+        const index_t idx = base + (k0 + src) * per_block + i;
+        const float ls = part.lse[idx];
+        float v[kCols];
+        const T* o = static_cast<const T*>(part.o) + idx * DV + lane * kCols;
+        if constexpr (kCols == 4) {
+          const uint2 raw = *reinterpret_cast<const uint2*>(o);
+          unpack2<T>(raw.x, v[0], v[1]);
+          unpack2<T>(raw.y, v[2], v[3]);
+        } else {
+          unpack2<T>(*reinterpret_cast<const uint32_t*>(o), v[0], v[1]);
+        }
+        if (ls == -INFINITY) continue;
+        const float m_new = fmaxf(m, ls);
+        const float corr = expf(m - m_new), wgt = expf(ls - m_new);
+        sum = sum * corr + wgt;
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[c] = acc[c] * corr + wgt * v[c];
+        m = m_new;
+      }
+    }
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  T* out = p.o.template ptr<T>(b, trow, h) + lane * kCols;
+  if constexpr (kCols == 4) {
+    *reinterpret_cast<uint2*>(out) = make_uint2(pack2<T>(acc[0] * inv, acc[1] * inv), pack2<T>(acc[2] * inv, acc[3] * inv));
+  } else {
+    *reinterpret_cast<uint32_t*>(out) = pack2<T>(acc[0] * inv, acc[1] * inv);
+  }
+  if (lane == 0) *p.lse.template ptr<float>(b, trow, h) = sum > 0.f ? m + logf(sum) : -INFINITY;
+}
+
+}  // namespace nsa::cuda
