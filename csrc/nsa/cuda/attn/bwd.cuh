@@ -69,9 +69,8 @@ __device__ __forceinline__ void store_rows_dq(const AttnParams& p, const QueryRo
   }
 }
 
-// kWgmma (D, DV <= 128, sm_90a): the three products on warpgroup instructions, key tiles in
-// Layout::kWgmma (the sm_90 default, see bwd_wgmma in switches.h); Q and dO, the A operands of
-// S = Q K^T and dP = dO V^T, are loaded into registers once (see fwd_wgmma.cuh for why).
+// kWgmma (D, DV <= 128, sm_90a): the three products on warpgroup instructions, tiles in
+// Layout::kWgmma (the sm_90 default, see bwd_wgmma in switches.h).
 template <typename T, int D, int DV, Branch B, bool kWgmma = false>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta) {
@@ -89,8 +88,8 @@ __global__ void __launch_bounds__(kThreads)
   if (!locate_query_rows(p, rows)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  load_query_rows<D>(sQ, p.q, rows);  // row-swizzled: read by ldmatrix
-  load_query_rows<DV>(sdO, p.dout, rows);
+  load_query_rows<D, kRows, kThreads, L>(sQ, p.q, rows);
+  load_query_rows<DV, kRows, kThreads, L>(sdO, p.dout, rows);
   const QueryKeys<T, D, DV, B, L> keys(p, rows, smem + dq_smem_tiles_bytes<D, DV>(), sK, sV);
   const ThreadRows tr(rows, warp, lane);
   float lse2[2], dlt[2];
@@ -99,32 +98,23 @@ __global__ void __launch_bounds__(kThreads)
   const float scale_log2 = float(p.scale * M_LOG2E);
   float dq[D / 8][4];
   for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
-  uint32_t qa[kWgmma ? D / 16 : 1][4], oa[kWgmma ? DV / 16 : 1][4];
 
   for (int i = 0; i < keys.count; ++i) {
     const auto tile = keys.step(i);
-    if constexpr (kWgmma) {
-      if (i == 0) {  // Q and dO arrived with tile 0 (one cp.async group)
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], sQ, warp * 16, kk * 16);
-#pragma unroll
-        for (int kk = 0; kk < DV / 16; ++kk) load_a<DV>(oa[kk], sdO, warp * 16, kk * 16);
-      }
-    }
     // (wgmma: the whole warpgroup, rows of tokens that did not choose the tile are masked)
     if (tile.ks < tile.ke && (kWgmma || (tile.tokens & tr.warp_tokens))) {
       float s[kKeys / 8][4], dp[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-      if constexpr (kWgmma) {  // S = Q K^T, dP = dO V^T: Q, dO from registers, K, V K-major
+      if constexpr (kWgmma) {  // S = Q K^T, dP = dO V^T: all four operands K-major
         wgmma_run([&] {
 #pragma unroll
           for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_rs_kmajor<kKeys, T>(s, qa[kk], kmajor_desc<kKeys>(tile.k, kk), kk > 0);
+            wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
 #pragma unroll
           for (int kk = 0; kk < DV / 16; ++kk)
-            wgmma_rs_kmajor<kKeys, T>(dp, oa[kk], kmajor_desc<kKeys>(tile.v, kk), kk > 0);
+            wgmma_ss<kKeys, T>(dp, kmajor_desc<kRows>(sdO, kk), kmajor_desc<kKeys>(tile.v, kk), kk > 0);
         }, s, dp);
       } else {
         warp_gemm_nt<D, kKeys>(s, sQ, warp * 16, tile.k);     // S = Q K^T

@@ -10,21 +10,14 @@
 
 namespace nsa::cuda {
 
-//
-// kQRegs (the default): S = Q K^T takes Q from registers (loaded once, the A fragments of the
-// warp's 16 rows), so the tensor cores read only K from shared memory for it; a 64 x 64 x 16
-// product with both operands in shared memory reads as many bytes as the SM's shared memory
-// delivers in the time the tensor cores need for it. Without: Q from shared memory too
-// (NSA_CUDA_FWD_KERNEL=wgmma_ss, for comparing).
-template <typename T, int D, int DV, Branch B, bool kQRegs = true>
+template <typename T, int D, int DV, Branch B>
 __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename BranchParams<B>::type p) {
   static_assert(B != Branch::kSlc && D <= 128 && DV <= 128, "contiguous branches, D, DV <= 128");
   static_assert(kThreads == 128 && kRows == 64 && kKeys == 64, "one warpgroup, 64 rows, 64 keys");
   using P = typename BranchParams<B>::type;
-  constexpr Layout kQLayout = kQRegs ? Layout::kRowSwizzled : Layout::kWgmma;
   extern __shared__ __align__(1024) unsigned char smem_wg[];  // (its own name: other kernels declare 128)
-  T* sQ = reinterpret_cast<T*>(smem_wg);  // [kRows][D] (kQRegs, row-swizzled) or [D / 64][kRows][64]
-  T* sK = sQ + kRows * D;              // [2] x [D / 64][kKeys][64]     (Layout::kWgmma, 1024-aligned)
+  T* sQ = reinterpret_cast<T*>(smem_wg);  // [D / 64][kRows][64]         (Layout::kWgmma, 1024-aligned)
+  T* sK = sQ + kRows * D;              // [2] x [D / 64][kKeys][64]
   T* sV = sK + 2 * kKeys * D;          // [2] x [DV / 64][kKeys][64]
   wgmma_check_alignment(smem_wg);
 
@@ -32,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
   if (!locate_query_rows(p, rows)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  load_query_rows<D, kRows, kThreads, kQLayout>(sQ, p.q, rows);
+  load_query_rows<D, kRows, kThreads, Layout::kWgmma>(sQ, p.q, rows);
   const QueryKeys<T, D, DV, B, Layout::kWgmma> keys(p, rows, nullptr, sK, sV);
   const ThreadRows tr(rows, warp, lane);
 
@@ -41,29 +34,18 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  uint32_t qa[kQRegs ? D / 16 : 1][4];
 
   for (int i = 0; i < keys.count; ++i) {
     const auto tile = keys.step(i);
-    if constexpr (kQRegs) {
-      if (i == 0) {  // Q arrived with tile 0 (one cp.async group)
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], sQ, warp * 16, kk * 16);
-      }
-    }
     if (tile.ks < tile.ke) {  // block-uniform: the products are warpgroup-wide
-      // S = Q K^T: K (and without kQRegs Q) K-major in shared memory.
+      // S = Q K^T: both operands K-major.
       float s[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
       wgmma_run([&] {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          if constexpr (kQRegs)
-            wgmma_rs_kmajor<kKeys, T>(s, qa[kk], kmajor_desc<kKeys>(tile.k, kk), kk > 0);
-          else
-            wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
-        }
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
       }, s);
 
       // Mask, scale, online softmax (this warp's 16 rows, the mma.sync C-fragment layout).

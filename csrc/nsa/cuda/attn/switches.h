@@ -28,19 +28,17 @@ inline bool device_is_sm90() {
 }
 
 // Which forward kernel runs a contiguous branch with D, DV <= 128: attn_fwd_wgmma_kernel
-// (fwd_wgmma.cuh, Q in registers) on sm_90, else the wide one (fwd_wide.cuh, 32 rows per warp);
+// (fwd_wgmma.cuh) on sm_90, else the wide one (fwd_wide.cuh, 32 rows per warp);
 // NSA_CUDA_FWD_KERNEL=wide or =narrow (attn_fwd_kernel, 16 rows per warp) forces an mma.sync
-// kernel, =wgmma_ss the warpgroup kernel with Q in shared memory. The selected branch and D = 192
-// always take attn_fwd_kernel.
-enum class FwdKind { kNarrow, kWide, kWgmma, kWgmmaSS };
+// kernel. The selected branch and D = 192 always take attn_fwd_kernel.
+enum class FwdKind { kNarrow, kWide, kWgmma };
 
 template <Branch B>
 inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
   if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
   if (env_is("NSA_CUDA_FWD_KERNEL", "narrow")) return FwdKind::kNarrow;
   if (env_is("NSA_CUDA_FWD_KERNEL", "wide")) return FwdKind::kWide;
-  if (!device_is_sm90()) return FwdKind::kWide;
-  return env_is("NSA_CUDA_FWD_KERNEL", "wgmma_ss") ? FwdKind::kWgmmaSS : FwdKind::kWgmma;
+  return device_is_sm90() ? FwdKind::kWgmma : FwdKind::kWide;
 }
 
 // Do the dQ and dK/dV kernels run on warpgroup products? On sm_90 for D, DV <= 128, unless

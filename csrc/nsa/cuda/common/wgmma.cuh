@@ -111,14 +111,11 @@ template <int N, typename T>
 __device__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 template <int N, typename T>
 __device__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate);
-template <int N, typename T>
-__device__ void wgmma_rs_kmajor(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate);
 
 // The asm of each shape is written once and stamped out per element type (TN: its PTX name).
 // wgmma_ss<N>: d (64 x N, this warp's rows) {=, +=} A B, A [64][16] and B [N][16] K-major in shared
 // memory. wgmma_rs<N>: the same with A this warp's 16 x 16 A fragment in registers and B [16][N]
-// MN-major in shared memory (transposed by the instruction); wgmma_rs_kmajor<N>: B [N][16]
-// K-major, as in wgmma_ss (S = Q K^T with Q in registers). Targets without wgmma trap.
+// MN-major in shared memory (transposed by the instruction). Targets without wgmma trap.
 #if NSA_WGMMA
 #define NSA_WGMMA_SS64(T, TN)                                                                       \
   template <>                                                                                       \
@@ -138,16 +135,16 @@ __device__ void wgmma_rs_kmajor(float (&d)[N / 8][4], const uint32_t (&a)[4], ui
           "+f"(d[7][2]), "+f"(d[7][3])                                                              \
         : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));                                          \
   }
-#define NSA_WGMMA_RS64(NAME, TRANS_B, T, TN)                                                        \
+#define NSA_WGMMA_RS64(T, TN)                                                                       \
   template <>                                                                                       \
-  __device__ __forceinline__ void NAME<64, T>(float (&d)[8][4], const uint32_t (&a)[4],             \
-                                             uint64_t desc_b, bool accumulate) {                    \
+  __device__ __forceinline__ void wgmma_rs<64, T>(float (&d)[8][4], const uint32_t (&a)[4],         \
+                                                 uint64_t desc_b, bool accumulate) {                \
     asm volatile(                                                                                   \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TN "." TN                                     \
         " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                   \
         " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"         \
-        " {%32, %33, %34, %35}, %36, p, 1, 1, " TRANS_B ";\n}\n"                                    \
+        " {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                              \
         : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
           "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
           "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
@@ -187,10 +184,10 @@ __device__ void wgmma_rs_kmajor(float (&d)[N / 8][4], const uint32_t (&a)[4], ui
   __device__ __forceinline__ void wgmma_ss<64, T>(float (&)[8][4], uint64_t, uint64_t, bool) {      \
     __trap();                                                                                     \
   }
-#define NSA_WGMMA_RS64(NAME, TRANS_B, T, TN)                                                      \
+#define NSA_WGMMA_RS64(T, TN)                                                                     \
   template <>                                                                                     \
-  __device__ __forceinline__ void NAME<64, T>(float (&)[8][4], const uint32_t (&)[4], uint64_t,     \
-                                              bool) {                                             \
+  __device__ __forceinline__ void wgmma_rs<64, T>(float (&)[8][4], const uint32_t (&)[4], uint64_t, \
+                                                  bool) {                                         \
     __trap();                                                                                     \
   }
 #define NSA_WGMMA_RS128(T, TN)                                                                    \
@@ -203,10 +200,8 @@ __device__ void wgmma_rs_kmajor(float (&d)[N / 8][4], const uint32_t (&a)[4], ui
 
 NSA_WGMMA_SS64(__nv_bfloat16, "bf16")
 NSA_WGMMA_SS64(__half, "f16")
-NSA_WGMMA_RS64(wgmma_rs, "1", __nv_bfloat16, "bf16")
-NSA_WGMMA_RS64(wgmma_rs, "1", __half, "f16")
-NSA_WGMMA_RS64(wgmma_rs_kmajor, "0", __nv_bfloat16, "bf16")
-NSA_WGMMA_RS64(wgmma_rs_kmajor, "0", __half, "f16")
+NSA_WGMMA_RS64(__nv_bfloat16, "bf16")
+NSA_WGMMA_RS64(__half, "f16")
 NSA_WGMMA_RS128(__nv_bfloat16, "bf16")
 NSA_WGMMA_RS128(__half, "f16")
 #undef NSA_WGMMA_SS64
