@@ -99,17 +99,27 @@ struct QueryKeys {
     cp_async_commit();
   }
 
-  // cp.async of key tile i into stage i % 2; keys past the tile are zeros.
-  __device__ void load(int i) const {
+  // cp.async of key tile i's keys (load_k) and values (load_v) into stage i % 2; keys past the
+  // tile are zeros.
+  __device__ void load_k(int i) const {
     index_t ks, ke;
     unsigned long long tok;
     tiles.tile(p, u, i, ks, ke, tok);
-    const int valid = int(max(index_t(0), ke - ks));
-    const index_t row = key_row<B>(rows.seq, ks);
     load_strided_async<kKeys, D, kThreads, L>(sK + (i & 1) * kKeys * D,
-                                              p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
+                                              p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks), rows.g),
+                                              p.k.row_stride, int(max(index_t(0), ke - ks)));
+  }
+  __device__ void load_v(int i) const {
+    index_t ks, ke;
+    unsigned long long tok;
+    tiles.tile(p, u, i, ks, ke, tok);
     load_strided_async<kKeys, DV, kThreads, L>(sV + (i & 1) * kKeys * DV,
-                                               p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
+                                               p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks), rows.g),
+                                               p.v.row_stride, int(max(index_t(0), ke - ks)));
+  }
+  __device__ void load(int i) const {
+    load_k(i);
+    load_v(i);
   }
 
   // Step i: prefetches tile i + 1 (its stage was last read in step i - 1, before the caller's
@@ -200,13 +210,14 @@ __device__ __forceinline__ void mask_scale_max(float (&s)[N / 8][4], bool all, c
   });
 }
 
-// One key tile of the online softmax for this thread's two rows: s holds the tile's scores in
-// log2 units (-inf where masked), mx their per-thread row maxima. Moves the maxima m, rescales l
-// and acc to them, turns s into probabilities and adds them to l.
-template <int N, int DV>
-__device__ __forceinline__ void online_softmax_step(float (&s)[N / 8][4], const float (&mx)[2], float (&m)[2],
-                                                    float (&l)[2], float (&acc)[DV / 8][4]) {
-  float corr[2], base[2];
+// One key tile of the online softmax for this thread's two rows, without the accumulator: s
+// holds the tile's scores in log2 units (-inf where masked), mx their per-thread row maxima.
+// Moves the maxima m, rescales l, turns s into probabilities and adds them to l; corr is the
+// factor that takes an accumulator from the old maxima to the new ones.
+template <int N>
+__device__ __forceinline__ void softmax_probs_step(float (&s)[N / 8][4], const float (&mx)[2], float (&m)[2],
+                                                   float (&l)[2], float (&corr)[2]) {
+  float base[2];
   for (int r = 0; r < 2; ++r) {
     const float m_new = fmaxf(m[r], quad_max(mx[r]));
     base[r] = m_new == -INFINITY ? 0.f : m_new;
@@ -222,6 +233,11 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[N / 8][4], const 
       l[e >> 1] += s[j][e];
     }
   }
+}
+
+// acc (this thread's two rows) times corr.
+template <int DV>
+__device__ __forceinline__ void rescale_rows(float (&acc)[DV / 8][4], const float (&corr)[2]) {
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) {
     acc[j][0] *= corr[0];
@@ -229,6 +245,15 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[N / 8][4], const 
     acc[j][2] *= corr[1];
     acc[j][3] *= corr[1];
   }
+}
+
+// One key tile of the online softmax: softmax_probs_step, then acc rescaled to the new maxima.
+template <int N, int DV>
+__device__ __forceinline__ void online_softmax_step(float (&s)[N / 8][4], const float (&mx)[2], float (&m)[2],
+                                                    float (&l)[2], float (&acc)[DV / 8][4]) {
+  float corr[2];
+  softmax_probs_step<N>(s, mx, m, l, corr);
+  rescale_rows<DV>(acc, corr);
 }
 
 // Epilogue of the forward kernels: this thread's two rows of o = acc / l (0 when nothing was
