@@ -8,6 +8,8 @@ benchmark's inputs, and prints how far each kind's results are from the first ki
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
     slcfwd  NSA_CUDA_SLC_FWD_KERNEL = default | blocks | tokens: the selected branch's forward
           (by blocks: sm_90, the default for G < 16)
+    slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks: the selected branch's forward + backward
+          (dQ by blocks: sm_90, opt-in)
 
     python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
 """
@@ -31,6 +33,7 @@ SWITCHES = {
     "bwd": ("NSA_CUDA_BWD_KERNEL", ["default", "mma"]),
     "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
     "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
+    "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks"]),
 }
 
 
@@ -66,7 +69,7 @@ def run(switch, name, T):
                                                 block_stride=hp["block_stride"])
         idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **{k: hp[k] for k in (
             "block_size", "block_stride", "select_size", "num_selected", "num_initial", "num_local")})
-    todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",)}[switch]
+    todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",)}[switch]
     backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():
         if br not in todo:

@@ -13,7 +13,7 @@ namespace nsa::cuda {
 #define NSA_EXTERN_ATTN(T, B)                                                                        \
   extern template void run_fwd<T, B>(const typename BranchParams<B>::type&, cudaStream_t);          \
   extern template void run_bwd<T, B>(const typename BranchParams<B>::type&, float*,                 \
-                                     const ReverseIndex&, float*, cudaStream_t);
+                                     const ReverseIndex&, float*, bool, cudaStream_t);
 NSA_EXTERN_ATTN(__nv_bfloat16, Branch::kCmp)
 NSA_EXTERN_ATTN(__half, Branch::kCmp)
 NSA_EXTERN_ATTN(__nv_bfloat16, Branch::kSlc)
@@ -21,10 +21,14 @@ NSA_EXTERN_ATTN(__half, Branch::kSlc)
 NSA_EXTERN_ATTN(__nv_bfloat16, Branch::kSwa)
 NSA_EXTERN_ATTN(__half, Branch::kSwa)
 #undef NSA_EXTERN_ATTN
-extern template void run_slc_fwd_blocks<__nv_bfloat16>(const SlcParams&, const ReverseIndex&, const SlcPartials&,
-                                                        cudaStream_t);
-extern template void run_slc_fwd_blocks<__half>(const SlcParams&, const ReverseIndex&, const SlcPartials&,
-                                                cudaStream_t);
+#define NSA_EXTERN_SLC_BLOCKS(T, DQ) \
+  extern template void run_slc_blocks<T, DQ>(const SlcParams&, const ReverseIndex&, const SlcPartials&, const float*, \
+                                             cudaStream_t);
+NSA_EXTERN_SLC_BLOCKS(__nv_bfloat16, false)
+NSA_EXTERN_SLC_BLOCKS(__nv_bfloat16, true)
+NSA_EXTERN_SLC_BLOCKS(__half, false)
+NSA_EXTERN_SLC_BLOCKS(__half, true)
+#undef NSA_EXTERN_SLC_BLOCKS
 
 // Calls f(T{}) with T the element type of `dtype`, or throws for a dtype without CUDA kernels.
 template <typename F>
@@ -41,9 +45,9 @@ void attn_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
 
 template <Branch B>
 void attn_bwd(const typename BranchParams<B>::type& p, float* delta, const ReverseIndex& rix,
-              float* partial, cudaStream_t stream) {
+              float* partial, cudaStream_t stream, bool skip_dq = false) {
   dispatch_dtype(op_name<B>(), p.dtype,
-                 [&](auto t) { run_bwd<decltype(t), B>(p, delta, rix, partial, stream); });
+                 [&](auto t) { run_bwd<decltype(t), B>(p, delta, rix, partial, skip_dq, stream); });
 }
 
 // Bytes of the workspace slice holding delta (B * T * HQ floats), rounded to 256.

@@ -160,9 +160,10 @@ inline size_t split_bytes(const DkdvSplit& sp, const AttnParams& p) {
 
 // delta must hold B * T * HQ floats, partial split_bytes(plan_dkdv_split(p, rix.vblocks), p)
 // bytes. rix is used by the selected branch only.
+// skip_dq: dq is computed elsewhere (the selected branch's dQ by blocks); delta still is here.
 template <typename T, Branch B>
 void run_bwd(const typename BranchParams<B>::type& p, float* delta, const ReverseIndex& rix,
-             float* partial, cudaStream_t stream) {
+             float* partial, bool skip_dq, cudaStream_t stream) {
   const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen * p.num_heads;
   if (rows > 0) {
     View dlse;
@@ -172,7 +173,8 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
   }
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
-    if (B == Branch::kSlc && slc_per_warp(p.num_heads / p.num_heads_k)) {
+    if (skip_dq) {
+    } else if (B == Branch::kSlc && slc_per_warp(p.num_heads / p.num_heads_k)) {
       if constexpr (B == Branch::kSlc)
         launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D + DV), delta);
     } else {
@@ -199,11 +201,13 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
   });
 }
 
-// The selected branch's forward by blocks over the rows of one chunk: the partials of every key
-// tile (grid: the dK/dV kernel's, only the blocks the chunk's tokens can have chosen when there is
-// one fixed-length sequence), then their merge into o and lse.
-template <typename T>
-void run_slc_fwd_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPartials& part, cudaStream_t stream) {
+// The selected branch by blocks over the rows of one chunk (slc_blocks.cuh): the partials of every
+// key tile (grid: the dK/dV kernel's, only the blocks the chunk's tokens can have chosen when
+// there is one fixed-length sequence), then their merge into o and lse (forward) or dq (kDq;
+// delta: attn_bwd_delta_kernel's).
+template <typename T, bool kDq>
+void run_slc_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPartials& part, const float* delta,
+                    cudaStream_t stream) {
   constexpr Branch B = Branch::kSlc;
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
@@ -214,13 +218,15 @@ void run_slc_fwd_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPa
         grid.x = unsigned(std::min<index_t>(grid.x, (last / p.select_size + 1) * tiles_per_block(p.select_size)));
       }
       grid.z *= unsigned(part.splits);
-      launch_kernel<B>(slc_fwd_blocks_kernel<T, D, DV>, grid, kThreads, slc_blocks_smem_bytes<D, DV>(), stream, p, rix,
-                       part);
-      const index_t warps = part.rows * p.num_heads;
-      launch_kernel<B>(slc_merge_kernel<T, DV>, dim3(unsigned((warps + kThreads / 32 - 1) / (kThreads / 32))),
-                       kThreads, 0, stream, p, part);
+      launch_kernel<B>(slc_blocks_kernel<T, D, DV, kDq>, grid, kThreads, slc_blocks_smem_bytes<D, DV, kDq>(), stream,
+                       p, rix, part, delta);
+      const dim3 merge_grid(unsigned((part.rows * p.num_heads + kThreads / 32 - 1) / (kThreads / 32)));
+      if constexpr (kDq)
+        launch_kernel<B>(slc_dq_merge_kernel<T, D>, merge_grid, kThreads, 0, stream, p, part);
+      else
+        launch_kernel<B>(slc_merge_kernel<T, DV>, merge_grid, kThreads, 0, stream, p, part);
     } else {
-      throw std::invalid_argument(std::string(op_name<B>()) + ": the forward by blocks needs D, Dv <= 128");
+      throw std::invalid_argument(std::string(op_name<B>()) + ": the selected branch by blocks needs D, Dv <= 128");
     }
   });
 }
@@ -229,8 +235,11 @@ void run_slc_fwd_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPa
 #define NSA_INSTANTIATE_ATTN(T, B)                                                                \
   template void run_fwd<T, B>(const typename BranchParams<B>::type&, cudaStream_t);              \
   template void run_bwd<T, B>(const typename BranchParams<B>::type&, float*, const ReverseIndex&, \
-                              float*, cudaStream_t);
-#define NSA_INSTANTIATE_SLC_BLOCKS(T) \
-  template void run_slc_fwd_blocks<T>(const SlcParams&, const ReverseIndex&, const SlcPartials&, cudaStream_t);
+                              float*, bool, cudaStream_t);
+#define NSA_INSTANTIATE_SLC_BLOCKS(T)                                                                    \
+  template void run_slc_blocks<T, false>(const SlcParams&, const ReverseIndex&, const SlcPartials&, const float*, \
+                                         cudaStream_t);                                                   \
+  template void run_slc_blocks<T, true>(const SlcParams&, const ReverseIndex&, const SlcPartials&, const float*,  \
+                                        cudaStream_t);
 
 }  // namespace nsa::cuda

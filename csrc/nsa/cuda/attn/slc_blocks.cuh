@@ -14,6 +14,11 @@
 // in slot order into o and lse. One writer per element and a fixed order: deterministic bits.
 // The partials of all rows would be 16x the output, so the host runs both kernels over chunks of
 // rows that bound them (slc/slc.cu).
+//
+// The backward's dQ by blocks (kDq, opt-in: NSA_CUDA_SLC_DQ_KERNEL=blocks, until checked on a
+// GPU) walks the same way: per row tile S = Q K^T, dP = dO V^T, dS = P (dP - delta), and the
+// tile's share of dQ, dS K, goes to a bf16 partial per (row, head, slot) that slc_dq_merge_kernel
+// sums in slot order.
 #pragma once
 
 #include "bwd.cuh"
@@ -30,20 +35,22 @@ struct SlcPartials {
   int splits = 1;       // thread blocks sharing each lead key tile (grid.z = batch rows * splits)
   int lead_blocks = 0;  // blocks per sequence whose tiles are split (the first ones, chosen by
                         // every later token when num_initial > 0)
-  void* o = nullptr;    // [rows][HQ][S][DV] output dtype: the tile's o, normalized by its own sum
-  float* lse = nullptr; // [rows][HQ][S] the tile's log-sum-exp; -inf when none of its keys is visible
+  void* o = nullptr;    // forward: [rows][HQ][S][DV] output dtype, the tile's o normalized by its
+                        // own sum; dQ: [rows][HQ][S][D] bf16, the tile's dS K * scale
+  float* lse = nullptr; // forward: [rows][HQ][S] the tile's log-sum-exp (-inf: no key visible)
 };
 
-template <int D, int DV>
+template <int D, int DV, bool kDq>
 constexpr size_t slc_blocks_smem_bytes() {
-  return size_t(2) * (kKeys * (D + DV) + 2 * kRows * D) + size_t(6) * kRows * sizeof(int);
+  return size_t(2) * (kKeys * (D + DV) + 2 * kRows * (kDq ? D + DV : D)) + size_t(6) * kRows * sizeof(int);
 }
 
 // Grid: x = virtual blocks * tiles per block (the dK/dV kernel's), y = KV head, z = batch row *
 // splits. The thread block owns keys [ks, ke) of block jb of its sequence and KV head g.
-template <typename T, int D, int DV>
+// kDq: the dQ partials (delta: attn_bwd_delta_kernel's [B * T * HQ]); else the forward's.
+template <typename T, int D, int DV, bool kDq>
 __global__ void __launch_bounds__(kThreads)
-    slc_fwd_blocks_kernel(const SlcParams p, const ReverseIndex rix, const SlcPartials part) {
+    slc_blocks_kernel(const SlcParams p, const ReverseIndex rix, const SlcPartials part, const float* delta) {
   static_assert(D <= 128 && DV <= 128 && kThreads == 128 && kRows == 64 && kKeys == 64,
                 "one warpgroup, 64 rows, 64 keys");
   constexpr int R = kRows;
@@ -51,7 +58,8 @@ __global__ void __launch_bounds__(kThreads)
   T* sK = reinterpret_cast<T*>(smem_sb);  // [D / 64][kKeys][64]     (Layout::kWgmma)
   T* sV = sK + kKeys * D;                 // [DV / 64][kKeys][64]
   T* sQ = sV + kKeys * DV;                // [2] x [D / 64][R][64]
-  int* sTok = reinterpret_cast<int*>(sQ + 2 * R * D);  // [3][R] token (in its sequence) of token index j
+  T* sdO = sQ + 2 * R * D;                // kDq: [2] x [DV / 64][R][64]
+  int* sTok = reinterpret_cast<int*>(sdO + (kDq ? 2 * R * DV : 0));  // [3][R] token (in its sequence) of token index j
   int* sSlot = sTok + 3 * R;                           // [3][R] its list entry naming this block
   wgmma_check_alignment(smem_sb);
 
@@ -127,9 +135,13 @@ __global__ void __launch_bounds__(kThreads)
     int e0, n, i0, h0;
     tile_rows(i, e0, n, i0, h0);
     const int* tok = sTok + (i % 3) * R;
+    auto token = [&](int j) { return index_t(tok[j]); };
     load_pairs_async<R, D, kThreads, Layout::kWgmma>(sQ + (i & 1) * R * D, p.q.template ptr<const T>(seq.batch, seq.start, g * G),
-                                                      p.q.row_stride, p.q.head_stride, h0, G, n,
-                                                      [&](int j) { return index_t(tok[j]); });
+                                                      p.q.row_stride, p.q.head_stride, h0, G, n, token);
+    if constexpr (kDq)
+      load_pairs_async<R, DV, kThreads, Layout::kWgmma>(sdO + (i & 1) * R * DV,
+                                                         p.dout.template ptr<const T>(seq.batch, seq.start, g * G),
+                                                         p.dout.row_stride, p.dout.head_stride, h0, G, n, token);
   };
 
   for (int i = 0; i < 2 && i < ntiles; ++i) store_token(i, fetch_token(i));
@@ -151,16 +163,6 @@ __global__ void __launch_bounds__(kThreads)
     tile_rows(i, e0, n, i0, h0);
     const T* q_tile = sQ + (i & 1) * R * D;
     const int* tok = sTok + (i % 3) * R;
-    // S = Q K^T, both operands K-major.
-    float s[kKeys / 8][4];
-#pragma unroll
-    for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    wgmma_run([&] {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma_ss<kKeys, T>(s, kmajor_desc<R>(q_tile, kk), kmajor_desc<kKeys>(sK, kk), kk > 0);
-    }, s);
-
     // This thread's two rows: their tokens (-1 past the tile) and the mask key <= t, key < ke.
     int row[2], t[2];
     for (int r = 0; r < 2; ++r) {
@@ -168,41 +170,115 @@ __global__ void __launch_bounds__(kThreads)
       t[r] = row[r] < n ? tok[(h0 + row[r]) / G] : -1;
     }
     const bool all = n == R && ke - ks == kKeys && index_t(tok[0]) >= ke - 1;  // tokens ascend
-    float mx[2] = {-INFINITY, -INFINITY};
-    mask_scale_max<kKeys>(s, all, [&](int j, int e) {
+    auto visible = [&](int j, int e) {
       const index_t kv = ks + j * 8 + (lane & 3) * 2 + (e & 1);
       return kv < ke && kv <= index_t(t[e >> 1]);
-    }, scale_log2, mx);
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    float acc[DV / 8][4];
-#pragma unroll
-    for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
-
-    // O = P V: P from registers, V MN-major.
-    uint32_t pa[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-    wgmma_run([&] {
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(sV, kk), true);
-    }, acc);
-
-    // The partials of this thread's two rows.
-    for (int r = 0; r < 2; ++r) {
-      const float lsum = quad_sum(l[r]);
-      if (t[r] < 0) continue;
+    };
+    // Partial index of row r: (row - row0, head, slot).
+    auto partial_index = [&](int r) {
       const int h = g * G + (h0 + row[r]) % G;
       const int slot = sSlot[(i % 3) * R + (h0 + row[r]) / G] * per_block + sub;
-      const index_t idx = ((row_base + t[r] - part.row0) * p.num_heads + h) * part.slots + slot;
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      T* o = static_cast<T*>(part.o) + idx * DV;
+      return ((row_base + t[r] - part.row0) * p.num_heads + h) * part.slots + slot;
+    };
+    float s[kKeys / 8][4];
 #pragma unroll
-      for (int j = 0; j < DV / 8; ++j) {
-        const int col = j * 8 + (lane & 3) * 2;
-        *reinterpret_cast<uint32_t*>(o + col) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
+    for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    if constexpr (kDq) {
+      // The rows' lse (log2 units) and delta, loaded before the products that hide their latency.
+      float lse2[2], dlt[2];
+      for (int r = 0; r < 2; ++r) {
+        lse2[r] = dlt[r] = 0.f;
+        if (t[r] >= 0) {
+          const int h = g * G + (h0 + row[r]) % G;
+          lse2[r] = *p.lse.template ptr<const float>(seq.batch, seq.start + t[r], h) * float(M_LOG2E);
+          dlt[r] = delta[(row_base + t[r]) * p.num_heads + h];
+        }
       }
-      if ((lane & 3) == 0) part.lse[idx] = lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
+      // S = Q K^T, dP = dO V^T: all four operands K-major.
+      const T* do_tile = sdO + (i & 1) * R * DV;
+      float dp[kKeys / 8][4];
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j) dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+      wgmma_run([&] {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<kKeys, T>(s, kmajor_desc<R>(q_tile, kk), kmajor_desc<kKeys>(sK, kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < DV / 16; ++kk)
+          wgmma_ss<kKeys, T>(dp, kmajor_desc<R>(do_tile, kk), kmajor_desc<kKeys>(sV, kk), kk > 0);
+      }, s, dp);
+      // s <- dS = P (dP - delta).
+      with_all_visible(all, [&](auto all_visible) {
+#pragma unroll
+        for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const float pr = decltype(all_visible)::value || visible(j, e) ? exp2f(s[j][e] * scale_log2 - lse2[r]) : 0.f;
+            s[j][e] = pr * (dp[j][e] - dlt[r]);
+          }
+        }
+      });
+      // The tile's dQ = dS K: dS from registers, K MN-major.
+      float dq[D / 8][4];
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+      uint32_t da[kKeys / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(da[kk], s[2 * kk], s[2 * kk + 1]);
+      wgmma_run([&] {
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<D, T>(dq, da[kk], mnmajor_desc<kKeys>(sK, kk), true);
+      }, dq);
+      const float scale = float(p.scale);
+      for (int r = 0; r < 2; ++r) {
+        if (t[r] < 0) continue;
+        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(part.o) + partial_index(r) * D;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          const int col = j * 8 + (lane & 3) * 2;
+          *reinterpret_cast<uint32_t*>(out + col) =
+              pack2<__nv_bfloat16>(dq[j][2 * r] * scale, dq[j][2 * r + 1] * scale);
+        }
+      }
+    } else {
+      // S = Q K^T, both operands K-major.
+      wgmma_run([&] {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<kKeys, T>(s, kmajor_desc<R>(q_tile, kk), kmajor_desc<kKeys>(sK, kk), kk > 0);
+      }, s);
+      float mx[2] = {-INFINITY, -INFINITY};
+      mask_scale_max<kKeys>(s, all, visible, scale_log2, mx);
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      float acc[DV / 8][4];
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+      online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
+
+      // O = P V: P from registers, V MN-major.
+      uint32_t pa[kKeys / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      wgmma_run([&] {
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(sV, kk), true);
+      }, acc);
+
+      // The partials of this thread's two rows.
+      for (int r = 0; r < 2; ++r) {
+        const float lsum = quad_sum(l[r]);
+        if (t[r] < 0) continue;
+        const index_t idx = partial_index(r);
+        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        T* o = static_cast<T*>(part.o) + idx * DV;
+#pragma unroll
+        for (int j = 0; j < DV / 8; ++j) {
+          const int col = j * 8 + (lane & 3) * 2;
+          *reinterpret_cast<uint32_t*>(o + col) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
+        }
+        if ((lane & 3) == 0) part.lse[idx] = lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
+      }
     }
     if (i + 2 < ntiles) store_token(i + 2, next);
     __syncthreads();  // publishes tile i + 2's tokens; frees Q stage i % 2 for tile i + 2
@@ -210,35 +286,39 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_wait<0>();
 }
 
-// o and lse of each (row, query head) of the chunk from its partials, in slot order: one warp per
-// row, DV / 32 columns per lane. A slot counts when its list entry names a block the token sees
-// (not padding, not a repeat) and its tile starts at or before the token; rows outside every
-// sequence (past cu_seqlens[N]) are left alone, as the other forward kernels do.
-template <typename T, int DV>
-__global__ void __launch_bounds__(kThreads) slc_merge_kernel(const SlcParams p, const SlcPartials part) {
-  constexpr int kCols = DV / 32;
-  static_assert(kCols == 2 || kCols == 4, "DV = 64 or 128");
-  const index_t w = index_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  if (w >= part.rows * p.num_heads) return;
-  const int lane = threadIdx.x & 31;
-  const int h = int(w % p.num_heads), g = h / (p.num_heads / p.num_heads_k);
+// The (row, query head) of merge warp w of the chunk: false for rows outside every sequence (past
+// cu_seqlens[N]), which the other kernels leave alone too. t: the token within its sequence.
+__device__ __forceinline__ bool locate_merge_row(const SlcParams& p, const SlcPartials& part, index_t w,
+                                                 index_t& b, index_t& trow, index_t& t, int& h) {
+  if (w >= part.rows * p.num_heads) return false;
+  h = int(w % p.num_heads);
   const index_t grow = part.row0 + w / p.num_heads;
-  const index_t b = grow / p.seqs.seqlen, trow = grow % p.seqs.seqlen;
-  index_t t = trow;
+  b = grow / p.seqs.seqlen;
+  trow = grow % p.seqs.seqlen;
+  t = trow;
   if (p.seqs.cu_seqlens) {  // the sequence of this row: largest s with cu[s] <= trow
-    if (p.seqs.num_seqs <= 0) return;
+    if (p.seqs.num_seqs <= 0) return false;
     int lo = 0, hi = p.seqs.num_seqs - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
       if (p.seqs.cu_seqlens[mid] <= trow) lo = mid; else hi = mid - 1;
     }
     t = trow - p.seqs.cu_seqlens[lo];
-    if (t < 0 || t >= p.seqs.cu_seqlens[lo + 1] - p.seqs.cu_seqlens[lo]) return;
+    if (t < 0 || t >= p.seqs.cu_seqlens[lo + 1] - p.seqs.cu_seqlens[lo]) return false;
   }
-  const int32_t* list = p.block_indices.template ptr<const int32_t>(b, trow, g);
+  return true;
+}
+
+// Calls f(partial index) for each partial of merge warp w's row, in slot order (all lanes, the
+// same calls): a slot counts when its list entry names a block the token sees (not padding, not a
+// repeat) and its tile starts at or before the token.
+template <typename F>
+__device__ __forceinline__ void for_each_partial(const SlcParams& p, const SlcPartials& part, index_t w, index_t b,
+                                                 index_t trow, index_t t, int h, F&& f) {
+  const int lane = threadIdx.x & 31;
+  const int32_t* list = p.block_indices.template ptr<const int32_t>(b, trow, h / (p.num_heads / p.num_heads_k));
   const int per_block = tiles_per_block(p.select_size);
   const index_t base = w * part.slots;  // w = (grow - row0) * HQ + h
-  float m = -INFINITY, sum = 0.f, acc[kCols] = {};
   for (int k0 = 0; k0 < p.num_selected; k0 += 32) {
     // Lane k: does entry k0 + k count?
     const int k = k0 + lane;
@@ -252,36 +332,82 @@ __global__ void __launch_bounds__(kThreads) slc_merge_kernel(const SlcParams p, 
     for (unsigned on = __ballot_sync(0xffffffffu, j >= 0); on; on &= on - 1) {
       const int src = __ffs(on) - 1;
       const index_t start = index_t(__shfl_sync(0xffffffffu, j, src)) * p.select_size;
-      for (int i = 0; i < per_block && start + index_t(i) * kKeys <= t; ++i) {
-        const index_t idx = base + (k0 + src) * per_block + i;
-        const float ls = part.lse[idx];
-        float v[kCols];
-        const T* o = static_cast<const T*>(part.o) + idx * DV + lane * kCols;
-        if constexpr (kCols == 4) {
-          const uint2 raw = *reinterpret_cast<const uint2*>(o);
-          unpack2<T>(raw.x, v[0], v[1]);
-          unpack2<T>(raw.y, v[2], v[3]);
-        } else {
-          unpack2<T>(*reinterpret_cast<const uint32_t*>(o), v[0], v[1]);
-        }
-        if (ls == -INFINITY) continue;
-        const float m_new = fmaxf(m, ls);
-        const float corr = expf(m - m_new), wgt = expf(ls - m_new);
-        sum = sum * corr + wgt;
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) acc[c] = acc[c] * corr + wgt * v[c];
-        m = m_new;
-      }
+      for (int i = 0; i < per_block && start + index_t(i) * kKeys <= t; ++i) f(base + (k0 + src) * per_block + i);
     }
   }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  T* out = p.o.template ptr<T>(b, trow, h) + lane * kCols;
-  if constexpr (kCols == 4) {
-    *reinterpret_cast<uint2*>(out) = make_uint2(pack2<T>(acc[0] * inv, acc[1] * inv), pack2<T>(acc[2] * inv, acc[3] * inv));
+}
+
+// Loads COLS / 32 consecutive values of lane `lane` from a row of T as floats.
+template <int COLS, typename T>
+__device__ __forceinline__ void load_lane_cols(const T* row, int lane, float (&v)[COLS / 32]) {
+  static_assert(COLS == 64 || COLS == 128, "64 or 128 columns");
+  const T* src = row + lane * (COLS / 32);
+  if constexpr (COLS == 128) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(src);
+    unpack2<T>(raw.x, v[0], v[1]);
+    unpack2<T>(raw.y, v[2], v[3]);
   } else {
-    *reinterpret_cast<uint32_t*>(out) = pack2<T>(acc[0] * inv, acc[1] * inv);
+    unpack2<T>(*reinterpret_cast<const uint32_t*>(src), v[0], v[1]);
   }
+}
+
+template <int COLS, typename T>
+__device__ __forceinline__ void store_lane_cols(T* row, int lane, const float (&v)[COLS / 32]) {
+  T* dst = row + lane * (COLS / 32);
+  if constexpr (COLS == 128)
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]));
+  else
+    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(v[0], v[1]);
+}
+
+// o and lse of each (row, query head) of the chunk from its partials, in slot order: one warp per
+// row, DV / 32 columns per lane.
+template <typename T, int DV>
+__global__ void __launch_bounds__(kThreads) slc_merge_kernel(const SlcParams p, const SlcPartials part) {
+  constexpr int kCols = DV / 32;
+  const index_t w = index_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  index_t b, trow, t;
+  int h;
+  if (!locate_merge_row(p, part, w, b, trow, t, h)) return;
+  float m = -INFINITY, sum = 0.f, acc[kCols] = {};
+  for_each_partial(p, part, w, b, trow, t, h, [&](index_t idx) {
+    const float ls = part.lse[idx];
+    float v[kCols];
+    load_lane_cols<DV>(static_cast<const T*>(part.o) + idx * DV, lane, v);
+    if (ls == -INFINITY) return;
+    const float m_new = fmaxf(m, ls);
+    const float corr = expf(m - m_new), wgt = expf(ls - m_new);
+    sum = sum * corr + wgt;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[c] = acc[c] * corr + wgt * v[c];
+    m = m_new;
+  });
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] *= inv;
+  store_lane_cols<DV>(p.o.template ptr<T>(b, trow, h), lane, acc);
   if (lane == 0) *p.lse.template ptr<float>(b, trow, h) = sum > 0.f ? m + logf(sum) : -INFINITY;
+}
+
+// dq of each (row, query head) of the chunk: the sum of its bf16 partials in slot order (0 when it
+// chose nothing it can see).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) slc_dq_merge_kernel(const SlcParams p, const SlcPartials part) {
+  constexpr int kCols = D / 32;
+  const index_t w = index_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  index_t b, trow, t;
+  int h;
+  if (!locate_merge_row(p, part, w, b, trow, t, h)) return;
+  float acc[kCols] = {};
+  for_each_partial(p, part, w, b, trow, t, h, [&](index_t idx) {
+    float v[kCols];
+    load_lane_cols<D>(static_cast<const __nv_bfloat16*>(part.o) + idx * D, lane, v);
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[c] += v[c];
+  });
+  store_lane_cols<D>(p.dq.template ptr<T>(b, trow, h), lane, acc);
 }
 
 }  // namespace nsa::cuda

@@ -70,4 +70,11 @@ inline bool slc_fwd_by_blocks(int group, int head_dim, int head_dim_v) {
   return env_is("NSA_CUDA_SLC_FWD_KERNEL", "blocks") || group < 16;
 }
 
+// Does the selected branch's dQ run by blocks (slc_blocks.cuh, kDq)? Opt-in until checked on a GPU:
+// NSA_CUDA_SLC_DQ_KERNEL=blocks (sm_90, D, DV <= 128; slc.cu also keeps select_size within
+// [32, 256]).
+inline bool slc_dq_by_blocks(int head_dim, int head_dim_v) {
+  return head_dim <= 128 && head_dim_v <= 128 && env_is("NSA_CUDA_SLC_DQ_KERNEL", "blocks") && device_is_sm90();
+}
+
 }  // namespace nsa::cuda

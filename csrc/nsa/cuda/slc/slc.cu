@@ -69,20 +69,26 @@ ReverseIndex build_reverse_index(const SlcParams& p, index_t chunk_rows, index_t
   return rix;
 }
 
-// The forward by blocks: rows per chunk, so that a chunk's partials stay under kPartialBytes.
+// By blocks (the forward, and the opt-in dQ): rows per chunk, so that a chunk's partials stay
+// under kPartialBytes.
 constexpr size_t kPartialBytes = size_t(2) << 30;
 
-struct FwdPlan {
+struct BlocksPlan {
   index_t chunk_rows = 0, chunks = 0, num_keys = 0;
   int slots = 0;
   size_t o_bytes = 0, lse_bytes = 0, starts_bytes = 0;  // (rounded to 256)
+
+  // Workspace: the chunked reverse index, its segment starts, the partials of one chunk.
+  size_t bytes(const SlcParams& p) const { return index_bytes(p, num_keys) + starts_bytes + o_bytes + lse_bytes; }
 };
 
-FwdPlan plan_fwd(const SlcParams& p) {
-  FwdPlan f;
+// dq = false: the forward's partials (o in the output dtype, lse fp32); true: the dQ's (bf16).
+BlocksPlan plan_blocks(const SlcParams& p, bool dq) {
+  BlocksPlan f;
   const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen;
   f.slots = p.num_selected * tiles_per_block(p.select_size);
-  const size_t per_row = size_t(p.num_heads) * f.slots * (size_t(p.head_dim_v) * 2 + sizeof(float));
+  const size_t per_slot = dq ? size_t(p.head_dim) * 2 : size_t(p.head_dim_v) * 2 + sizeof(float);
+  const size_t per_row = size_t(p.num_heads) * f.slots * per_slot;
   f.chunk_rows = std::max<index_t>(1, std::min<index_t>(rows, index_t(kPartialBytes / per_row)));
   // NSA_CUDA_SLC_FWD_CHUNK_ROWS: smaller chunks (the tests make short sequences take several).
   if (const char* env = std::getenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS")) {
@@ -92,31 +98,26 @@ FwdPlan plan_fwd(const SlcParams& p) {
   f.chunks = rows > 0 ? (rows + f.chunk_rows - 1) / f.chunk_rows : 0;
   f.num_keys = f.chunks * p.num_heads_k * reverse_index_vblocks(p);
   const size_t per_chunk = size_t(f.chunk_rows) * p.num_heads * f.slots;
-  f.o_bytes = align256(per_chunk * p.head_dim_v * 2);
-  f.lse_bytes = align256(per_chunk * sizeof(float));
+  f.o_bytes = align256(per_chunk * (dq ? p.head_dim : p.head_dim_v) * 2);
+  f.lse_bytes = dq ? 0 : align256(per_chunk * sizeof(float));
   f.starts_bytes = align256(size_t(f.num_keys + 1) * sizeof(int32_t));
   return f;
 }
 
+// Shapes the kernels by blocks take (plus their switch: sm_90, D, DV <= 128).
+bool blocks_shape(const SlcParams& p) {
+  return p.seqs.batch > 0 && p.seqs.seqlen > 0 && p.num_heads > 0 && p.select_size >= 32 && p.select_size <= 256;
+}
 bool fwd_by_blocks(const SlcParams& p) {
-  return p.seqs.batch > 0 && p.seqs.seqlen > 0 && p.num_heads > 0 && p.select_size >= 32 &&
-         p.select_size <= 256 && slc_fwd_by_blocks(p.num_heads / p.num_heads_k, p.head_dim, p.head_dim_v);
+  return blocks_shape(p) && slc_fwd_by_blocks(p.num_heads / p.num_heads_k, p.head_dim, p.head_dim_v);
 }
+bool dq_by_blocks(const SlcParams& p) { return blocks_shape(p) && slc_dq_by_blocks(p.head_dim, p.head_dim_v); }
 
-}  // namespace
-
-size_t slc_fwd_workspace_bytes(const SlcParams& p) {
-  if (!fwd_by_blocks(p)) return 0;
-  const FwdPlan f = plan_fwd(p);
+// Runs the kernels by blocks (slc_blocks.cuh) chunk by chunk in `ws` (f.bytes(p) bytes): the
+// forward's o and lse, or (dq) dq from delta.
+void run_by_blocks(const SlcParams& p, const BlocksPlan& f, bool dq, const float* delta, unsigned char* ws,
+                   cudaStream_t stream) {
   check_sizes(p, f.num_keys);
-  return index_bytes(p, f.num_keys) + f.starts_bytes + f.o_bytes + f.lse_bytes;
-}
-
-void slc_fwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
-  if (workspace == nullptr || !fwd_by_blocks(p)) return attn_fwd<Branch::kSlc>(p, stream);
-  const FwdPlan f = plan_fwd(p);
-  check_sizes(p, f.num_keys);
-  unsigned char* ws = static_cast<unsigned char*>(workspace);
   const ReverseIndex rix = build_reverse_index(p, f.chunk_rows, f.num_keys, ws, stream);
   ws += index_bytes(p, f.num_keys);
   int32_t* starts = reinterpret_cast<int32_t*>(ws);
@@ -127,7 +128,7 @@ void slc_fwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
   part.starts = starts;
   part.slots = f.slots;
   part.o = ws + f.starts_bytes;
-  part.lse = reinterpret_cast<float*>(ws + f.starts_bytes + f.o_bytes);
+  part.lse = dq ? nullptr : reinterpret_cast<float*>(ws + f.starts_bytes + f.o_bytes);
   part.lead_blocks = kSlcSplitBlocks;
   // Split the lead blocks' tokens (chosen by every token with num_initial > 0) so that no
   // thread block walks a whole chunk alone: ~8 row tiles of 64 per split at least.
@@ -137,15 +138,42 @@ void slc_fwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
     part.row0 = c * f.chunk_rows;
     part.rows = std::min(f.chunk_rows, rows - part.row0);
     part.key0 = int32_t(c * p.num_heads_k * rix.vblocks);
-    dispatch_dtype(kOp, p.dtype, [&](auto t) { run_slc_fwd_blocks<decltype(t)>(p, rix, part, stream); });
+    dispatch_dtype(kOp, p.dtype, [&](auto t) {
+      if (dq)
+        run_slc_blocks<decltype(t), true>(p, rix, part, delta, stream);
+      else
+        run_slc_blocks<decltype(t), false>(p, rix, part, nullptr, stream);
+    });
   }
 }
 
+}  // namespace
+
+size_t slc_fwd_workspace_bytes(const SlcParams& p) {
+  if (!fwd_by_blocks(p)) return 0;
+  const BlocksPlan f = plan_blocks(p, false);
+  check_sizes(p, f.num_keys);
+  return f.bytes(p);
+}
+
+void slc_fwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
+  if (workspace == nullptr || !fwd_by_blocks(p)) return attn_fwd<Branch::kSlc>(p, stream);
+  run_by_blocks(p, plan_blocks(p, false), false, nullptr, static_cast<unsigned char*>(workspace), stream);
+}
+
+// Workspace: delta, the reverse index of the dK/dV kernel, the dK/dV split partials, then (dQ by
+// blocks) run_by_blocks' share.
 size_t slc_bwd_workspace_bytes(const SlcParams& p) {
   const index_t num_keys = index_t(p.num_heads_k) * reverse_index_vblocks(p);
   check_sizes(p, num_keys);
-  return delta_bytes(p) + index_bytes(p, num_keys) +
-         split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
+  size_t bytes = delta_bytes(p) + index_bytes(p, num_keys) +
+                 split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
+  if (dq_by_blocks(p)) {
+    const BlocksPlan f = plan_blocks(p, true);
+    check_sizes(p, f.num_keys);
+    bytes += f.bytes(p);
+  }
+  return bytes;
 }
 
 void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
@@ -154,8 +182,13 @@ void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   float* delta = reinterpret_cast<float*>(ws);
   const ReverseIndex rix = build_reverse_index(p, 0, num_keys, ws + delta_bytes(p), stream);
+  const size_t split = split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
   float* partial = reinterpret_cast<float*>(ws + delta_bytes(p) + index_bytes(p, num_keys));
-  attn_bwd<Branch::kSlc>(p, delta, rix, partial, stream);
+  const bool dq_blocks = dq_by_blocks(p);
+  attn_bwd<Branch::kSlc>(p, delta, rix, partial, stream, dq_blocks);  // delta, dK/dV (and dQ by tokens)
+  if (dq_blocks)
+    run_by_blocks(p, plan_blocks(p, true), true, delta, ws + delta_bytes(p) + index_bytes(p, num_keys) + split,
+                  stream);
 }
 
 }  // namespace nsa::cuda
