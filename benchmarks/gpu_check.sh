@@ -32,7 +32,8 @@
 #                           memcheck (and other tools') run
 #   NSA_RACECHECK_K="sanitize and (T100 or split)"   the same for racecheck (slow)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
-#   NSA_BENCH_LENGTHS="8192 16384 32768 65536"
+#   NSA_BENCH_LENGTHS="65536 32768 16384 8192"   (longest first: the bars are at 64k, and a run
+#                           that hits its time budget drops the shortest)
 #   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
 #                           autotuning takes minutes on a fresh machine)
 #   NSA_BENCH_ARGS=...      extra arguments of bench_attention.py (e.g. "--no-branches")
@@ -228,7 +229,7 @@ if have bench; then
     record bench "SKIPPED (no time left)" "" 0
   else
     # shellcheck disable=SC2206
-    lengths=(${NSA_BENCH_LENGTHS:-8192 16384 32768 65536})
+    lengths=(${NSA_BENCH_LENGTHS:-65536 32768 16384 8192})
     # shellcheck disable=SC2206
     configs=(${NSA_BENCH_CONFIGS:-g16 g4 fla})
     # shellcheck disable=SC2206
