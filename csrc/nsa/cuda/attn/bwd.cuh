@@ -132,14 +132,8 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       });
-      if constexpr (kWgmma) {  // dQ += dS K: dS from registers, K MN-major
-        uint32_t da[kKeys / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(da[kk], s[2 * kk], s[2 * kk + 1]);
-        wgmma_run([&] {
-#pragma unroll
-          for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<D, T>(dq, da[kk], mnmajor_desc<kKeys>(tile.k, kk), true);
-        }, dq);
+      if constexpr (kWgmma) {
+        wgmma_run_cb<D, T>(dq, s, tile.k);  // dQ += dS K: dS from registers, K MN-major
       } else {
         warp_gemm_pn<kKeys, D>(dq, s, tile.k);  // dQ += dS K
       }

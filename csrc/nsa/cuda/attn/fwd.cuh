@@ -99,27 +99,39 @@ struct QueryKeys {
     cp_async_commit();
   }
 
-  // cp.async of key tile i's keys (load_k) and values (load_v) into stage i % 2; keys past the
-  // tile are zeros.
+  // cp.async of key tile i (load), or of its keys or values alone (load_k, load_v), into stage
+  // i % 2; keys past the tile are zeros.
+  __device__ void load(int i) const {
+    index_t row;
+    const int valid = span(i, row);
+    copy_k(i, row, valid);
+    copy_v(i, row, valid);
+  }
   __device__ void load_k(int i) const {
-    index_t ks, ke;
-    unsigned long long tok;
-    tiles.tile(p, u, i, ks, ke, tok);
-    load_strided_async<kKeys, D, kThreads, L>(sK + (i & 1) * kKeys * D,
-                                              p.k.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks), rows.g),
-                                              p.k.row_stride, int(max(index_t(0), ke - ks)));
+    index_t row;
+    const int valid = span(i, row);
+    copy_k(i, row, valid);
   }
   __device__ void load_v(int i) const {
+    index_t row;
+    const int valid = span(i, row);
+    copy_v(i, row, valid);
+  }
+  // Key tile i's first key row and its number of keys.
+  __device__ int span(int i, index_t& row) const {
     index_t ks, ke;
     unsigned long long tok;
     tiles.tile(p, u, i, ks, ke, tok);
-    load_strided_async<kKeys, DV, kThreads, L>(sV + (i & 1) * kKeys * DV,
-                                               p.v.template ptr<const T>(rows.seq.batch, key_row<B>(rows.seq, ks), rows.g),
-                                               p.v.row_stride, int(max(index_t(0), ke - ks)));
+    row = key_row<B>(rows.seq, ks);
+    return int(max(index_t(0), ke - ks));
   }
-  __device__ void load(int i) const {
-    load_k(i);
-    load_v(i);
+  __device__ void copy_k(int i, index_t row, int valid) const {
+    load_strided_async<kKeys, D, kThreads, L>(sK + (i & 1) * kKeys * D,
+                                              p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
+  }
+  __device__ void copy_v(int i, index_t row, int valid) const {
+    load_strided_async<kKeys, DV, kThreads, L>(sV + (i & 1) * kKeys * DV,
+                                               p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
   }
 
   // Step i: prefetches tile i + 1 (its stage was last read in step i - 1, before the caller's
@@ -254,6 +266,28 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[N / 8][4], const 
   float corr[2];
   softmax_probs_step<N>(s, mx, m, l, corr);
   rescale_rows<DV>(acc, corr);
+}
+
+// Issues acc (64 x N) += C B on the warpgroup as one wgmma group: C this warp's fp32 C fragments
+// over kKeys columns (P or dS), rounded to T as the register A operand (before the fence, which
+// must follow every write of A); B [kKeys][N] MN-major in shared memory (V or K). wgmma_run_cb
+// also waits for it.
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_issue_cb(float (&acc)[N / 8][4], const float (&c)[kKeys / 8][4], const T* b) {
+  uint32_t a[kKeys / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(a[kk], c[2 * kk], c[2 * kk + 1]);
+  wgmma_fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<N, T>(acc, a[kk], mnmajor_desc<kKeys>(b, kk), true);
+  wgmma_commit();
+}
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_run_cb(float (&acc)[N / 8][4], const float (&c)[kKeys / 8][4], const T* b) {
+  wgmma_issue_cb<N, T>(acc, c, b);
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
 }
 
 // Epilogue of the forward kernels: this thread's two rows of o = acc / l (0 when nothing was

@@ -55,14 +55,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
                             scale_log2, mx);
       online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
 
-      // O += P V: P from registers, V MN-major.
-      uint32_t pa[kKeys / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      wgmma_run([&] {
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(tile.v, kk), true);
-      }, acc);
+      wgmma_run_cb<DV, T>(acc, s, tile.v);  // O += P V: P from registers, V MN-major
     }
     __syncthreads();
   }
@@ -141,17 +134,7 @@ __global__ void __launch_bounds__(kThreads)
     softmax(s, 0, corr);  // (O is still zero)
   }
   // O += P_i V_i (P_i from s, V_i in stage i % 2), issued as one wgmma group after its own fence.
-  auto issue_pv = [&](int i) {
-    uint32_t pa[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-    wgmma_fence_operands(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk)
-      wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(sV + (i & 1) * kKeys * DV, kk), true);
-    wgmma_commit();
-  };
+  auto issue_pv = [&](int i) { wgmma_issue_cb<DV, T>(acc, s, sV + (i & 1) * kKeys * DV); };
   // Every tile but the last: no product is conditional inside the loop (ptxas serializes the
   // stages when it cannot see which accumulators a branch leaves in flight).
   for (int i = 0; i + 1 < count; ++i) {

@@ -174,6 +174,7 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
     if (skip_dq) {
+      // (the caller computes dq)
     } else if (B == Branch::kSlc && slc_per_warp(p.num_heads / p.num_heads_k)) {
       if constexpr (B == Branch::kSlc)
         launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D + DV), delta);

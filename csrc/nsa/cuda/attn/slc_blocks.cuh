@@ -223,13 +223,7 @@ __global__ void __launch_bounds__(kThreads)
       float dq[D / 8][4];
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
-      uint32_t da[kKeys / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(da[kk], s[2 * kk], s[2 * kk + 1]);
-      wgmma_run([&] {
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<D, T>(dq, da[kk], mnmajor_desc<kKeys>(sK, kk), true);
-      }, dq);
+      wgmma_run_cb<D, T>(dq, s, sK);
       const float scale = float(p.scale);
       for (int r = 0; r < 2; ++r) {
         if (t[r] < 0) continue;
@@ -256,14 +250,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
       online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
 
-      // O = P V: P from registers, V MN-major.
-      uint32_t pa[kKeys / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      wgmma_run([&] {
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<DV, T>(acc, pa[kk], mnmajor_desc<kKeys>(sV, kk), true);
-      }, acc);
+      wgmma_run_cb<DV, T>(acc, s, sV);  // O = P V: P from registers, V MN-major
 
       // The partials of this thread's two rows.
       for (int r = 0; r < 2; ++r) {
