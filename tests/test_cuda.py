@@ -734,22 +734,25 @@ def test_selected_forward_kinds_varlen(case, kind, monkeypatch, small_slc_chunks
     run_branch("selected", x, case, torch.bfloat16, seed=seed_of("slc-fwd-varlen-idx", case))
 
 
+@pytest.mark.parametrize("kind", ["blocks", "tokens"])
 @pytest.mark.parametrize("case,dtype", case_params(SLC_FWD_CASES))
-def test_selected_dq_by_blocks(case, dtype, monkeypatch, small_slc_chunks):
-    """NSA_CUDA_SLC_DQ_KERNEL=blocks (opt-in; sm_90, D, Dv <= 128, 32 <= select_size <= 256):
-    the selected branch's dQ from per-(row, slot) partials of the key tiles, summed in slot order;
-    small chunks. Elsewhere the switch changes nothing and this checks the default."""
-    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", "blocks")
-    x = gpu_inputs(dtype=dtype, seed=seed_of("slc-dq", case, dtype), **case)
+def test_selected_dq_kinds(case, dtype, kind, monkeypatch, small_slc_chunks):
+    """NSA_CUDA_SLC_DQ_KERNEL=blocks|tokens: the selected branch's dQ by blocks (sm_90, D, Dv <=
+    128, 32 <= select_size <= 256; the default there for G < 16: per-(row, slot) bf16 partials of
+    the key tiles, summed in slot order; small chunks) or by tokens. Where by blocks does not
+    apply, both check the by-tokens kernels."""
+    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", kind)
+    x = gpu_inputs(dtype=dtype, seed=seed_of("slc-dq", case, dtype, kind), **case)
     for idx_kind in ("user", "selected"):
         xi = with_indices(x, case, idx_kind, seed=seed_of("slc-dq-idx", case, idx_kind))
         check_branch(selected, xi, case, ["q", "k", "v"], dtype)
 
 
+@pytest.mark.parametrize("kind", ["blocks", "tokens"])
 @pytest.mark.parametrize("case", VARLEN.values(), ids=list(VARLEN))
-def test_selected_dq_by_blocks_varlen(case, monkeypatch, small_slc_chunks):
-    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", "blocks")
-    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("slc-dq-varlen", case), **case)
+def test_selected_dq_kinds_varlen(case, kind, monkeypatch, small_slc_chunks):
+    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", kind)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("slc-dq-varlen", case, kind), **case)
     run_branch("selected", x, case, torch.bfloat16, seed=seed_of("slc-dq-varlen-idx", case))
 
 
@@ -986,7 +989,7 @@ def test_sanitize_branches(case, dtype):
 def test_sanitize_split(monkeypatch):
     monkeypatch.setenv("NSA_CUDA_SPLIT_TOKENS", "64")
     monkeypatch.setenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS", "70")  # the kernels by blocks in chunks
-    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", "blocks")    # (opt-in dQ by blocks)
+    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", "blocks")    # (dQ by blocks at every G)
     monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", "wgmma_overlap")  # (opt-in overlapped forward)
     case = dict(T=300, **SANITIZE_HEADS[3])
     x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-split"), **case)

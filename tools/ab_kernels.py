@@ -8,8 +8,8 @@ benchmark's inputs, and prints how far each kind's results are from the first ki
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
     slcfwd  NSA_CUDA_SLC_FWD_KERNEL = default | blocks | tokens: the selected branch's forward
           (by blocks: sm_90, the default for G < 16)
-    slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks: the selected branch's forward + backward
-          (dQ by blocks: sm_90, opt-in)
+    slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks | tokens: the selected branch's forward +
+          backward (dQ by blocks: sm_90, the default for G < 16)
 
     python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
 """
@@ -33,7 +33,7 @@ SWITCHES = {
     "bwd": ("NSA_CUDA_BWD_KERNEL", ["default", "mma"]),
     "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
     "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
-    "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks"]),
+    "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks", "tokens"]),
 }
 
 

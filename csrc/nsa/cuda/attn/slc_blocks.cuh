@@ -15,8 +15,8 @@
 // The partials of all rows would be 16x the output, so the host runs both kernels over chunks of
 // rows that bound them (slc/slc.cu).
 //
-// The backward's dQ by blocks (kDq, opt-in: NSA_CUDA_SLC_DQ_KERNEL=blocks, until checked on a
-// GPU) walks the same way: per row tile S = Q K^T, dP = dO V^T, dS = P (dP - delta), and the
+// The backward's dQ by blocks (kDq; the default where the forward runs by blocks) walks the same
+// way: per row tile S = Q K^T, dP = dO V^T, dS = P (dP - delta), and the
 // tile's share of dQ, dS K, goes to a bf16 partial per (row, head, slot) that slc_dq_merge_kernel
 // sums in slot order.
 #pragma once

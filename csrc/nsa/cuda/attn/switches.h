@@ -70,11 +70,15 @@ inline bool slc_fwd_by_blocks(int group, int head_dim, int head_dim_v) {
   return env_is("NSA_CUDA_SLC_FWD_KERNEL", "blocks") || group < 16;
 }
 
-// Does the selected branch's dQ run by blocks (slc_blocks.cuh, kDq)? Opt-in until checked on a GPU:
-// NSA_CUDA_SLC_DQ_KERNEL=blocks (sm_90, D, DV <= 128; slc.cu also keeps select_size within
-// [32, 256]).
-inline bool slc_dq_by_blocks(int head_dim, int head_dim_v) {
-  return head_dim <= 128 && head_dim_v <= 128 && env_is("NSA_CUDA_SLC_DQ_KERNEL", "blocks") && device_is_sm90();
+// Does the selected branch's dQ run by blocks (slc_blocks.cuh, kDq: bf16 dq partials per
+// (row, head, slot), merged in slot order) instead of by tokens? As for the forward: on sm_90 for
+// D, DV <= 128 and G < 16 (64k, G = 4: forward+backward 114.6 -> 83.9 ms; G = 16: 55.3 -> 76.3,
+// so G = 16 stays by tokens); NSA_CUDA_SLC_DQ_KERNEL=blocks or =tokens forces one (slc.cu also
+// keeps select_size within [32, 256]).
+inline bool slc_dq_by_blocks(int group, int head_dim, int head_dim_v) {
+  if (head_dim > 128 || head_dim_v > 128 || env_is("NSA_CUDA_SLC_DQ_KERNEL", "tokens") || !device_is_sm90())
+    return false;
+  return env_is("NSA_CUDA_SLC_DQ_KERNEL", "blocks") || group < 16;
 }
 
 }  // namespace nsa::cuda

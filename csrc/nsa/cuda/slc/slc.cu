@@ -111,7 +111,7 @@ bool blocks_shape(const SlcParams& p) {
 bool fwd_by_blocks(const SlcParams& p) {
   return blocks_shape(p) && slc_fwd_by_blocks(p.num_heads / p.num_heads_k, p.head_dim, p.head_dim_v);
 }
-bool dq_by_blocks(const SlcParams& p) { return blocks_shape(p) && slc_dq_by_blocks(p.head_dim, p.head_dim_v); }
+bool dq_by_blocks(const SlcParams& p) { return blocks_shape(p) && slc_dq_by_blocks(p.num_heads / p.num_heads_k, p.head_dim, p.head_dim_v); }
 
 // Runs the kernels by blocks (slc_blocks.cuh) chunk by chunk in `ws` (f.bytes(p) bytes): the
 // forward's o and lse, or (dq) dq from delta.
