@@ -437,7 +437,7 @@ def test_sliding_window_attention(case, dtype):
 
 
 FWD_KIND_PARAMS = [pytest.param(*p.values, kind, id=f"{p.id}-{kind}")
-                   for kind in ("narrow", "wide", "wgmma_overlap")
+                   for kind in ("narrow", "wide")
                    for p in case_params(CASES) if p.values[1] == torch.bfloat16 or kind != "narrow"]
 
 
@@ -445,9 +445,8 @@ FWD_KIND_PARAMS = [pytest.param(*p.values, kind, id=f"{p.id}-{kind}")
 def test_forward_kernel_kinds(case, dtype, kind, monkeypatch):
     """The forward kernels of the compressed and window branches that sm_90 does not run by
     default (it takes the warpgroup kernel): NSA_CUDA_FWD_KERNEL=narrow (mma.sync, 16 rows per
-    warp; the default for D = 192), =wide (mma.sync, 32 rows per warp; the default before sm_90)
-    and =wgmma_overlap (sm_90: the softmax under the products; opt-in, not yet checked on a GPU;
-    elsewhere this runs the wide kernel)."""
+    warp; the default for D = 192) and =wide (mma.sync, 32 rows per warp; the default before
+    sm_90)."""
     monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("cmp", case, dtype), **case)
     check_branch(compressed, x, case, ["q", "k_cmp", "v_cmp"], dtype)
@@ -480,6 +479,38 @@ def test_select_blocks(case, dtype):
     _, lse = nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
                                             **hyper(case, *CMP_H))
     check_select(x, case, dtype, lse=lse)
+
+
+# Shapes of the warpgroup selection kernel (sm_90: D in {64, 128}, G a power of two in [4, 32]),
+# several key tiles each.
+SELECT_WGMMA_CASES = {
+    "T1500-G16-d128": dict(T=1500, HQ=32, H=2, D=128, Dv=128),
+    "T2100-B2-G4-d128": dict(B=2, T=2100, HQ=8, H=2, D=128, Dv=128),
+    "T1300-G32-d64-custom": dict(T=1300, HQ=32, H=1, D=64, Dv=64, **CUSTOM_HYPER),
+    "T700-G8-d64-fla": dict(T=700, HQ=16, H=2, D=64, Dv=64, **FLA_HYPER),
+}
+
+
+@pytest.mark.parametrize("kind", ["default", "mma"])
+@pytest.mark.parametrize("case,dtype", case_params(SELECT_WGMMA_CASES))
+def test_select_blocks_kinds(case, dtype, kind, monkeypatch):
+    """NSA_CUDA_SELECT_KERNEL: the default (on sm_90 for these shapes, the warpgroup kernel) and
+    =mma (select_topk_kernel), each by the score rule."""
+    if kind != "default":
+        monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", kind)
+    x = gpu_inputs(dtype=dtype, seed=seed_of("sel-kinds", case, dtype), **case)
+    _, lse = nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
+                                            **hyper(case, *CMP_H))
+    check_select(x, case, dtype, lse=lse)
+
+
+@pytest.mark.parametrize("kind", ["default", "mma"])
+def test_select_blocks_kinds_varlen(kind, monkeypatch):
+    if kind != "default":
+        monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", kind)
+    case = dict(lengths=[1, 0, 1100, 7, 2049, 0, 130], HQ=32, H=2, D=128, Dv=128)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sel-kinds-varlen", kind), **case)
+    run_branch("select", x, case, torch.bfloat16)
 
 
 @pytest.mark.parametrize("case,dtype", case_params(CASES))
@@ -990,11 +1021,21 @@ def test_sanitize_split(monkeypatch):
     monkeypatch.setenv("NSA_CUDA_SPLIT_TOKENS", "64")
     monkeypatch.setenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS", "70")  # the kernels by blocks in chunks
     monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", "blocks")    # (dQ by blocks at every G)
-    monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", "wgmma_overlap")  # (opt-in overlapped forward)
     case = dict(T=300, **SANITIZE_HEADS[3])
     x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-split"), **case)
     for branch in ("compressed", "selected", "nsa"):
         run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
+
+
+@pytest.mark.parametrize("T", [100, 1200], ids=lambda T: f"T{T}")
+def test_sanitize_select(T):
+    """The warpgroup selection kernel (sm_90; G = 16, D = 128 and G = 4, D = 64): one key tile
+    (racecheck's) and several."""
+    for heads, hyper_ in ((dict(HQ=16, H=1, D=128, Dv=128), {}),
+                          (dict(HQ=8, H=2, D=64, Dv=64), CUSTOM_HYPER)):
+        case = dict(T=T, **heads, **hyper_)
+        x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-select", T, heads["HQ"]), **case)
+        run_branch("select", x, case, torch.bfloat16, ref_device="cpu")
 
 
 def test_sanitize_varlen():

@@ -1,13 +1,16 @@
 """Times the CUDA kernel kinds that an environment switch chooses between, side by side on the
 benchmark's inputs, and prints how far each kind's results are from the first kind's:
 
-    fwd   NSA_CUDA_FWD_KERNEL = default | wgmma_overlap | wide | narrow: the compressed and
+    fwd   NSA_CUDA_FWD_KERNEL = default | wide | narrow: the compressed and
           window forward (the default is the warpgroup kernel on sm_90, else wide)
     bwd   NSA_CUDA_BWD_KERNEL = default | mma: forward + backward of the compressed, selected and
           window branches (the dQ and dK/dV kernels; the default is wgmma on sm_90)
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
     slcfwd  NSA_CUDA_SLC_FWD_KERNEL = default | blocks | tokens: the selected branch's forward
           (by blocks: sm_90, the default for G < 16)
+    select  NSA_CUDA_SELECT_KERNEL = default | mma: select_blocks (the default is the warpgroup
+          kernel on sm_90 for D in {64, 128} and G a power of two in [4, 32]); the diff is the
+          share of (token, KV head) rows whose selection differs (near-ties)
     slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks | tokens: the selected branch's forward +
           backward (dQ by blocks: sm_90, the default for G < 16)
 
@@ -29,11 +32,12 @@ import nsa_torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 SWITCHES = {
-    "fwd": ("NSA_CUDA_FWD_KERNEL", ["default", "wgmma_overlap", "wide", "narrow"]),
+    "fwd": ("NSA_CUDA_FWD_KERNEL", ["default", "wide", "narrow"]),
     "bwd": ("NSA_CUDA_BWD_KERNEL", ["default", "mma"]),
     "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
     "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
     "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks", "tokens"]),
+    "select": ("NSA_CUDA_SELECT_KERNEL", ["default", "mma"]),
 }
 
 
@@ -47,6 +51,33 @@ def branches(x, hp, idx):
         "swa": (lambda: (nsa_torch.sliding_window_attention(x["q"], x["k"], x["v"], window_size=hp["window_size"]),),
                 ("q", "k", "v")),
     }
+
+
+def set_kind(var, kind):
+    if kind == "default":
+        os.environ.pop(var, None)
+    else:
+        os.environ[var] = kind
+
+
+def run_select(name, T, x, hp, lse):
+    var, kinds = SWITCHES["select"]
+    sel = {k: hp[k] for k in ("block_size", "block_stride", "select_size", "num_selected", "num_initial",
+                              "num_local")}
+    ref = None
+    for kind in kinds:
+        set_kind(var, kind)
+        with torch.no_grad():
+            ms = do_bench(lambda: nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel), warmup=25, rep=100)
+            idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
+        line = f"{name} T={T} select {var}={kind:8s} fwd {ms:8.3f} ms"
+        if ref is None:
+            ref = idx
+        else:
+            differ = (idx.sort(-1).values != ref.sort(-1).values).any(-1).float().mean().item()
+            line += f"  rows whose selection differs from {kinds[0]}: {differ:.2e}"
+        print(line, flush=True)
+    os.environ.pop(var, None)
 
 
 def results(fn, names, x, backward):
@@ -69,6 +100,8 @@ def run(switch, name, T):
                                                 block_stride=hp["block_stride"])
         idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **{k: hp[k] for k in (
             "block_size", "block_stride", "select_size", "num_selected", "num_initial", "num_local")})
+    if switch == "select":
+        return run_select(name, T, x, hp, lse)
     todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",)}[switch]
     backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():
@@ -76,10 +109,7 @@ def run(switch, name, T):
             continue
         ref = None
         for kind in kinds:
-            if kind == "default":
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = kind
+            set_kind(var, kind)
             with torch.no_grad():
                 fwd = do_bench(fn, warmup=25, rep=100)
             line = f"{name} T={T} {br} {var}={kind:8s} fwd {fwd:8.3f} ms"

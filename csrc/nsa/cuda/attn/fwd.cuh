@@ -99,22 +99,11 @@ struct QueryKeys {
     cp_async_commit();
   }
 
-  // cp.async of key tile i (load), or of its keys or values alone (load_k, load_v), into stage
-  // i % 2; keys past the tile are zeros.
+  // cp.async of key tile i into stage i % 2; keys past the tile are zeros.
   __device__ void load(int i) const {
     index_t row;
     const int valid = span(i, row);
     copy_k(i, row, valid);
-    copy_v(i, row, valid);
-  }
-  __device__ void load_k(int i) const {
-    index_t row;
-    const int valid = span(i, row);
-    copy_k(i, row, valid);
-  }
-  __device__ void load_v(int i) const {
-    index_t row;
-    const int valid = span(i, row);
     copy_v(i, row, valid);
   }
   // Key tile i's first key row and its number of keys.

@@ -89,9 +89,6 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
       if (kind == FwdKind::kWgmma)
         return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B>, query_grid(p), kThreads,
                                 fwd_smem_tiles_bytes<D, DV>(), stream, p);
-      if (kind == FwdKind::kWgmmaOverlap)
-        return launch_kernel<B>(attn_fwd_wgmma_overlap_kernel<T, D, DV, B>, query_grid(p), kThreads,
-                                fwd_smem_tiles_bytes<D, DV>(), stream, p);
     }
     launch_kernel<B>(attn_fwd_kernel<T, D, DV, B>, query_grid(p), kThreads,
                      fwd_smem_tiles_bytes<D, DV>() + union_bytes<B>(p), stream, p);

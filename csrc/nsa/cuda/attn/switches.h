@@ -30,18 +30,15 @@ inline bool device_is_sm90() {
 // Which forward kernel runs a contiguous branch with D, DV <= 128: attn_fwd_wgmma_kernel
 // (fwd_wgmma.cuh) on sm_90, else the wide one (fwd_wide.cuh, 32 rows per warp);
 // NSA_CUDA_FWD_KERNEL=wide or =narrow (attn_fwd_kernel, 16 rows per warp) forces an mma.sync
-// kernel; =wgmma_overlap (sm_90) takes attn_fwd_wgmma_overlap_kernel, the softmax under the
-// products (opt-in until checked on a GPU). The selected branch and D = 192 always take
-// attn_fwd_kernel.
-enum class FwdKind { kNarrow, kWide, kWgmma, kWgmmaOverlap };
+// kernel. The selected branch and D = 192 always take attn_fwd_kernel.
+enum class FwdKind { kNarrow, kWide, kWgmma };
 
 template <Branch B>
 inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
   if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
   if (env_is("NSA_CUDA_FWD_KERNEL", "narrow")) return FwdKind::kNarrow;
   if (env_is("NSA_CUDA_FWD_KERNEL", "wide")) return FwdKind::kWide;
-  if (!device_is_sm90()) return FwdKind::kWide;
-  return env_is("NSA_CUDA_FWD_KERNEL", "wgmma_overlap") ? FwdKind::kWgmmaOverlap : FwdKind::kWgmma;
+  return device_is_sm90() ? FwdKind::kWgmma : FwdKind::kWide;
 }
 
 // Do the dQ and dK/dV kernels run on warpgroup products? On sm_90 for D, DV <= 128, unless
@@ -79,6 +76,15 @@ inline bool slc_dq_by_blocks(int group, int head_dim, int head_dim_v) {
   if (head_dim > 128 || head_dim_v > 128 || env_is("NSA_CUDA_SLC_DQ_KERNEL", "tokens") || !device_is_sm90())
     return false;
   return env_is("NSA_CUDA_SLC_DQ_KERNEL", "blocks") || group < 16;
+}
+
+// Does the block selection run select_topk_wgmma_kernel (topk/topk_wgmma.cuh: S^T = K Q^T on
+// wgmma for 128 query rows per thread block)? On sm_90 for D in {64, 128} and G a power of two in
+// [4, 32] (whole tokens in 128 rows, the group sum in a quad); NSA_CUDA_SELECT_KERNEL=mma forces
+// select_topk_kernel (mma.sync), the kernel everywhere else.
+inline bool select_wgmma(int group, int head_dim) {
+  const bool shape = (head_dim == 64 || head_dim == 128) && group >= 4 && group <= 32 && (group & (group - 1)) == 0;
+  return shape && !env_is("NSA_CUDA_SELECT_KERNEL", "mma") && device_is_sm90();
 }
 
 }  // namespace nsa::cuda

@@ -106,7 +106,7 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 
 // The products used: N = 64 (S = Q K^T over 64 keys; O += P V for Dv = 64) and N = 128 (O += P V
-// for Dv = 128).
+// for Dv = 128; the block selection's S^T = K Q^T over 128 query rows).
 template <int N, typename T>
 __device__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 template <int N, typename T>
@@ -114,7 +114,7 @@ __device__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t 
 
 // The asm of each shape is written once and stamped out per element type (TN: its PTX name).
 // wgmma_ss<N>: d (64 x N, this warp's rows) {=, +=} A B, A [64][16] and B [N][16] K-major in shared
-// memory. wgmma_rs<N>: the same with A this warp's 16 x 16 A fragment in registers and B [16][N]
+// memory (N = 64, 128). wgmma_rs<N>: the same with A this warp's 16 x 16 A fragment in registers and B [16][N]
 // MN-major in shared memory (transposed by the instruction). Targets without wgmma trap.
 #if NSA_WGMMA
 #define NSA_WGMMA_SS64(T, TN)                                                                       \
@@ -178,6 +178,31 @@ __device__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t 
           "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                                  \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)));                 \
   }
+#define NSA_WGMMA_SS128(T, TN)                                                                            \
+  template <>                                                                                             \
+  __device__ __forceinline__ void wgmma_ss<128, T>(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b,   \
+                                                  bool accumulate) {                                      \
+    asm volatile(                                                                                         \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                      \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TN "." TN                                          \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                         \
+        " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                \
+        " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                \
+        " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"               \
+        " %64, %65, p, 1, 1, 0, 0;\n}\n"                                                                  \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),       \
+          "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),       \
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),       \
+          "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),       \
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),       \
+          "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),       \
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),     \
+          "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), \
+          "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), \
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                                  \
+        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));                                                \
+  }
 #else
 #define NSA_WGMMA_SS64(T, TN)                                                                     \
   template <>                                                                                     \
@@ -196,6 +221,11 @@ __device__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t 
                                                    uint64_t, bool) {                              \
     __trap();                                                                                     \
   }
+#define NSA_WGMMA_SS128(T, TN)                                                                    \
+  template <>                                                                                     \
+  __device__ __forceinline__ void wgmma_ss<128, T>(float (&)[16][4], uint64_t, uint64_t, bool) {  \
+    __trap();                                                                                     \
+  }
 #endif
 
 NSA_WGMMA_SS64(__nv_bfloat16, "bf16")
@@ -204,8 +234,11 @@ NSA_WGMMA_RS64(__nv_bfloat16, "bf16")
 NSA_WGMMA_RS64(__half, "f16")
 NSA_WGMMA_RS128(__nv_bfloat16, "bf16")
 NSA_WGMMA_RS128(__half, "f16")
+NSA_WGMMA_SS128(__nv_bfloat16, "bf16")
+NSA_WGMMA_SS128(__half, "f16")
 #undef NSA_WGMMA_SS64
 #undef NSA_WGMMA_RS64
 #undef NSA_WGMMA_RS128
+#undef NSA_WGMMA_SS128
 
 }  // namespace nsa::cuda

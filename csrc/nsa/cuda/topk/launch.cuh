@@ -2,24 +2,31 @@
 #pragma once
 
 #include "launch.h"
+#include "topk_wgmma.cuh"
 
 namespace nsa::cuda::topk {
 
-template <typename T, int D, bool kResident, int kReduce>
-void launch(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
-  auto kernel = select_topk_kernel<T, D, kResident, kReduce>;
+template <typename Kernel>
+void launch_kernel(Kernel kernel, int threads, const TopkParams& p, const Shape& s, int max_smem, dim3 grid,
+                   cudaStream_t stream) {
   if (s.smem > max_smem)
     invalid("needs " + std::to_string(s.smem) + " bytes of shared memory per block (G = " +
-            std::to_string(s.group) + ", D = " + std::to_string(D) + ", block_size / block_stride = " +
+            std::to_string(s.group) + ", D = " + std::to_string(p.head_dim) + ", block_size / block_stride = " +
             std::to_string(s.cpr) + ", num_selected = " + std::to_string(p.num_selected) +
             "), the device allows " + std::to_string(max_smem));
   if (s.smem > 48 * 1024)
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem),
                "cudaFuncSetAttribute failed");
-  kernel<<<grid, 32 * kernel_warps(D, kResident), s.smem, stream>>>(p, s);
+  kernel<<<grid, threads, s.smem, stream>>>(p, s);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
+}
+
+template <typename T, int D, bool kResident, int kReduce>
+void launch(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  launch_kernel(select_topk_kernel<T, D, kResident, kReduce>, 32 * kernel_warps(D, kResident), p, s, max_smem, grid,
+                stream);
 }
 
 // The kernel is compiled per group-sum width (s.reduce): resident 0 (generic), 1 .. 32;
@@ -41,8 +48,26 @@ void dispatch_mode(const TopkParams& p, const Shape& s, int max_smem, dim3 grid,
   }
 }
 
+// select_topk_wgmma_kernel, compiled per G (its group sum's width) and D.
+template <typename T, int D>
+void dispatch_wgmma(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  auto go = [&](auto kernel) { launch_kernel(kernel, kWgThreads, p, s, max_smem, grid, stream); };
+  switch (s.group) {
+    case 4: return go(select_topk_wgmma_kernel<T, D, 4>);
+    case 8: return go(select_topk_wgmma_kernel<T, D, 8>);
+    case 16: return go(select_topk_wgmma_kernel<T, D, 16>);
+    case 32: return go(select_topk_wgmma_kernel<T, D, 32>);
+    default: invalid("internal: no warpgroup selection kernel for G = " + std::to_string(s.group));
+  }
+}
+
 template <typename T>
 void launch_select(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
+  if (s.wgmma) {
+    if (p.head_dim == 64) return dispatch_wgmma<T, 64>(p, s, max_smem, grid, stream);
+    if (p.head_dim == 128) return dispatch_wgmma<T, 128>(p, s, max_smem, grid, stream);
+    invalid("internal: no warpgroup selection kernel for D = " + std::to_string(p.head_dim));
+  }
   switch (p.head_dim) {
     case 64: return dispatch_mode<T, 64>(p, s, max_smem, grid, stream);
     case 128: return dispatch_mode<T, 128>(p, s, max_smem, grid, stream);

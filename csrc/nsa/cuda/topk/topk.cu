@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../attn/switches.h"
 #include "../kernels.h"
 #include "launch.h"
 
@@ -45,6 +46,7 @@ void layout(const TopkParams& p, Shape& s) {
   s.off_open = off;
   off += align16(2 * P * 4);
   s.off_k = std::max(off, q_bytes);
+  if (s.wgmma) s.off_k = (s.off_k + 1023) / 1024 * 1024;  // the descriptors' swizzle atoms
   off = s.off_k + align16(2 * topk::kTileRows * p.head_dim * 2);
   s.off_lse = off;
   off += align16(rows * 4);
@@ -53,10 +55,12 @@ void layout(const TopkParams& p, Shape& s) {
   s.smem = off;
 }
 
-// G <= 32: units of 32 rows (32 / G tokens), Q in registers; G > 32: chunks of 64 rows (64 / G
-// tokens, or one token in ceil(G / 64) chunks for G > 64). As many segments as fill the warps
-// (256 query rows), halved until the budget holds; G > 64 keeps all its chunks.
-Shape make_shape(const TopkParams& p, int budget) {
+// wgmma (the caller's choice, select_wgmma in attn/switches.h): one segment of 128 rows (128 / G
+// tokens), if its state fits the budget with at least the fewest slots. Otherwise G <= 32: units of
+// 32 rows (32 / G tokens), Q in registers; G > 32: chunks of 64 rows (64 / G tokens, or one token
+// in ceil(G / 64) chunks for G > 64). As many segments as fill the warps (256 query rows), halved
+// until the budget holds; G > 64 keeps all its chunks.
+Shape make_shape(const TopkParams& p, int budget, bool wgmma) {
   Shape s{};
   const int G = p.num_heads / p.num_heads_k;
   s.group = G;
@@ -73,6 +77,23 @@ Shape make_shape(const TopkParams& p, int budget) {
   const int min_cap = std::min(topk::kMaxCand, std::max(per_tile, 1 + p.num_selected + p.num_local));
   s.ws = (s.cpr - 1 + topk::kTileRows) | 1;
   s.scale_log2 = float(p.scale * 1.4426950408889634);
+  auto fits = [&](int cap) {
+    s.cap = cap;
+    s.merge_at = std::max(0, cap - per_tile);
+    s.tokens = s.segs * s.seg_tokens;
+    layout(p, s);
+    return s.smem <= budget;
+  };
+  if (wgmma) {
+    const Shape mma = s;
+    s.wgmma = 1;
+    s.resident = 0;
+    s.segs = 1;
+    s.seg_rows = topk::kWgRows;
+    s.seg_tokens = topk::kWgRows / G;
+    if (fits(topk::kMaxCand) || fits(min_cap)) return s;
+    s = mma;
+  }
   if (G > topk::kRows) {
     s.segs = (G + topk::kRows - 1) / topk::kRows;
     s.tokens = 1;
@@ -83,13 +104,6 @@ Shape make_shape(const TopkParams& p, int budget) {
   }
   // Resident: a power of two <= warps (the warps of a unit split the key tile evenly). For each
   // count of segments, the most slots first; segments are halved when even the fewest do not fit.
-  auto fits = [&](int cap) {
-    s.cap = cap;
-    s.merge_at = std::max(0, cap - per_tile);
-    s.tokens = s.segs * s.seg_tokens;
-    layout(p, s);
-    return s.smem <= budget;
-  };
   for (s.segs = s.resident ? topk::kernel_warps(p.head_dim, true) : 4;; s.segs /= 2) {
     if (fits(topk::kMaxCand) || fits(min_cap) || s.segs == 1) break;
   }
@@ -126,7 +140,8 @@ void select_topk(const TopkParams& p, cudaStream_t stream) {
              "cudaDeviceGetAttribute failed");
   check_cuda(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
              "cudaDeviceGetAttribute failed");
-  const Shape s = make_shape(p, smem_budget(smem_per_sm));
+  const int G = p.num_heads / p.num_heads_k;
+  const Shape s = make_shape(p, smem_budget(smem_per_sm), select_wgmma(G, p.head_dim));
   const bool packed = p.seqs.cu_seqlens != nullptr;
   if (p.seqs.num_seqs <= 0 || p.seqs.seqlen <= 0 || p.seqs.batch <= 0) return;
   const index_t tiles = num_virtual_tiles(p.seqs, p.seqs.seqlen, 1, s.tokens);

@@ -52,6 +52,8 @@ constexpr int kMaxCand = 64;         // candidates per token per merge: 2 per la
 constexpr int kScratchLd = 20;       // generic group sum: [query rows][kScratchLd] floats per warp;
                                      // 20 = 4 mod 32 keeps the fragment stores conflict-free
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWgRows = 128;         // select_topk_wgmma_kernel: query rows per thread block
+constexpr int kWgThreads = 128;      // and threads (one warpgroup)
 
 // Warps per thread block. Resident with D <= 128: 8 (two blocks of 256 threads per SM at <= 128
 // registers); D = 192 resident: 4 (its Q fragments need 96 registers); streamed: 4, one per 16 rows
@@ -64,6 +66,8 @@ __host__ __device__ constexpr int kernel_warps(int D, bool resident) {
 struct Shape {
   int group;        // G
   int tokens;       // P: tokens per thread block
+  int wgmma;        // 1: select_topk_wgmma_kernel (topk_wgmma.cuh: one segment of 128 rows, Q and K
+                    // in shared memory for the tensor cores); 0: select_topk_kernel
   int resident;     // 1: Q fragments in registers (G <= 32), segments are units; 0: streamed chunks
   int segs;         // segments: units (resident; a power of two <= warps) or chunks (streamed)
   int seg_rows;     // query rows per segment: kUnitRows or kRows
@@ -78,7 +82,8 @@ struct Shape {
   int ws;           // row stride of w_s in floats (odd: conflict-free block scoring)
   float scale_log2; // scale * log2(e)
   // Byte offsets of the shared-memory arrays; q_s is at 0. Resident: scratch .. open_s start at 0
-  // too (over q_s, dead once Q is in registers); streamed: after q_s.
+  // too (over q_s, dead once Q is in registers); streamed and wgmma: after q_s (wgmma: q_s and k_s
+  // 1024-aligned).
   int off_scratch, off_w, off_list, off_cand, off_theta, off_cnt, off_nacc, off_open, off_k,
       off_lse, off_nv, smem;
 };
@@ -247,6 +252,113 @@ __device__ __forceinline__ void masked_probs(float (&acc)[NT][4], const float* l
   }
 }
 
+// A thread block's per-token state in shared memory (P tokens).
+struct TokenState {
+  float* w;          // [P][ws]: group-summed probabilities, cpr - 1 carried rows, then a tile's 64
+  uint64_t* list;    // [P][n] top-n keys, descending
+  uint64_t* cand;    // [P][cap] candidates
+  uint64_t* theta;   // [P] key to beat (0: list not full)
+  int* cnt;          // [P] list lengths
+  int* nacc;         // [P] candidates waiting
+  float* open;       // [2][P] partial score of the block cut by the tile edge
+};
+
+__device__ __forceinline__ TokenState token_state(unsigned char* smem, const Shape& s) {
+  return TokenState{reinterpret_cast<float*>(smem + s.off_w),        reinterpret_cast<uint64_t*>(smem + s.off_list),
+                    reinterpret_cast<uint64_t*>(smem + s.off_cand),  reinterpret_cast<uint64_t*>(smem + s.off_theta),
+                    reinterpret_cast<int*>(smem + s.off_cnt),        reinterpret_cast<int*>(smem + s.off_nacc),
+                    reinterpret_cast<float*>(smem + s.off_open)};
+}
+
+// Empty lists, no candidates, no open parts, zero carried rows (before the first tile; a barrier
+// must follow).
+template <int kThreads>
+__device__ __forceinline__ void init_tokens(const TokenState& ts, int P, const Shape& s) {
+  const int cpr = s.cpr;
+  for (int i = threadIdx.x; i < P; i += kThreads) {
+    ts.cnt[i] = 0;
+    ts.nacc[i] = 0;
+    ts.theta[i] = 0;
+    ts.open[i] = ts.open[P + i] = 0.f;
+  }
+  for (int i = threadIdx.x; i < P * (cpr - 1); i += kThreads) ts.w[(i / (cpr - 1)) * s.ws + i % (cpr - 1)] = 0.f;
+}
+
+// Merges token tok's candidates into its list once more than `above` wait. One warp.
+__device__ __forceinline__ void merge_if_due(const TokenState& ts, int n, int cap, int above, int tok) {
+  if (ts.nacc[tok] > above)
+    merge_token(ts.list + tok * n, ts.cand + tok * cap, ts.cnt + tok, ts.theta + tok, ts.nacc + tok, n);
+}
+
+// Step 3's carry: each owned token's last cpr - 1 rows of w move to its front, in rounds of 64
+// when they overlap (for_own_items(per, f): f(tok, i) over the owned tokens and i < per; sync:
+// the owners' barrier).
+template <typename ForOwn, typename Sync>
+__device__ __forceinline__ void carry_rows(const TokenState& ts, const Shape& s, ForOwn&& for_own_items, Sync&& sync) {
+  for (int r0 = 0; r0 < s.cpr - 1; r0 += kTileRows) {
+    if (r0 > 0) sync();
+    for_own_items(min(kTileRows, s.cpr - 1 - r0), [&](int tok, int i) {
+      float* wt = ts.w + tok * s.ws + r0 + i;
+      *wt = wt[kTileRows];
+    });
+  }
+}
+
+// Step 2 of key tile kt for token tok (sequence-relative t0 + tok) and the jj-th block touching
+// the tile's cells [i0, i0 + 64): its score from w (plus the part carried in open), kept in open
+// if the tile edge cuts it, else offered as a candidate if it beats theta.
+__device__ __forceinline__ void score_block(const TopkParams& p, const Shape& s, const TokenState& ts, int P,
+                                            int kt, int t0, int tok, int jj) {
+  const int i0 = kt * kTileRows, cpb = s.cpb;
+  const int j = i0 / cpb + jj;
+  const int ka = max(j * cpb, i0), kb = min((j + 1) * cpb, i0 + kTileRows);
+  float sc = cells_score(ts.w + tok * s.ws, i0 - (s.cpr - 1), ka, kb, s.cpr);
+  if (j * cpb < i0) sc += ts.open[((kt + 1) & 1) * P + tok];
+  if ((j + 1) * cpb > i0 + kTileRows) {
+    ts.open[(kt & 1) * P + tok] = sc;
+    return;
+  }
+  const int b = (t0 + tok) / p.select_size;
+  if (j > b) return;
+  const uint64_t k = block_key(sc, j, is_forced(j, b, p.num_initial, p.num_local));
+  if (k > ts.theta[tok]) ts.cand[tok * s.cap + atomicAdd(&ts.nacc[tok], 1)] = k;
+}
+
+// Blocks touching the cells of key tile kt (the jj range of score_block).
+__device__ __forceinline__ int blocks_of_tile(int kt, int cpb) {
+  const int i0 = kt * kTileRows;
+  return (i0 + kTileRows - 1) / cpb - i0 / cpb + 1;
+}
+
+// After the tiles (every thread of the block, which is synchronised on entry): the candidates
+// the tiles left (cut block, zero-score blocks, forced ones; in rounds of cap) merged, then each
+// token's list written to out (row stride out_stride) in ascending block order.
+template <int kThreads>
+__device__ __forceinline__ void finish_tokens(const TopkParams& p, const Shape& s, const TokenState& ts, int P,
+                                              int ntiles, int t0, int ntok, int32_t* out, index_t out_stride) {
+  const int tid = threadIdx.x, warp = tid >> 5, n = p.num_selected, cap = s.cap;
+  constexpr int kWarps = kThreads / 32;
+  const int cells = ntiles * kTileRows;
+  const float* open_last = ts.open + ((ntiles + 1) & 1) * P;  // written by tile ntiles - 1
+  for (int r0 = 0; r0 < 1 + n + p.num_local; r0 += cap) {
+    for (int it = tid; it < ntok * cap; it += kThreads) {
+      const int tok = it % ntok, idx = r0 + it / ntok;
+      const int b = (t0 + tok) / p.select_size;
+      const Tail tail = tail_of(b, cells, s.cpb, n, p.num_local);
+      if (idx >= tail.count()) continue;
+      bool open;
+      const int j = tail.block(idx, open);
+      const uint64_t k = block_key(open ? open_last[tok] : 0.f, j, is_forced(j, b, p.num_initial, p.num_local));
+      if (k > ts.theta[tok]) ts.cand[tok * cap + atomicAdd(&ts.nacc[tok], 1)] = k;
+    }
+    __syncthreads();
+    for (int tok = warp; tok < ntok; tok += kWarps) merge_if_due(ts, n, cap, 0, tok);
+    __syncthreads();
+  }
+  for (int tok = warp; tok < ntok; tok += kWarps)
+    write_token(ts.list + tok * n, ts.cnt[tok], n, out + tok * out_stride);
+}
+
 // kReduce = s.reduce (0: the generic group sum).
 template <typename T, int D, bool kResident, int kReduce>
 __global__ void __launch_bounds__(32 * kernel_warps(D, kResident), 2)
@@ -258,17 +370,10 @@ select_topk_kernel(const TopkParams p, const Shape s) {
   T* k_s = reinterpret_cast<T*>(smem + s.off_k);                      // [2][64][D] swizzled
   float* scratch = reinterpret_cast<float*>(smem + s.off_scratch);    // [warps][seg_rows][kScratchLd]
                                                                       // (reduce == 0)
-  float* w_s = reinterpret_cast<float*>(smem + s.off_w);              // [P][ws]: cpr - 1 carried rows,
-                                                                      // then the tile's 64 rows
   float* lse_s = reinterpret_cast<float*>(smem + s.off_lse);          // [segs * seg_rows] lse * log2e
   int* nv_s = reinterpret_cast<int*>(smem + s.off_nv);                // [segs * seg_rows] rows visible
-  uint64_t* list_s = reinterpret_cast<uint64_t*>(smem + s.off_list);  // [P][n] top-n keys, descending
-  uint64_t* cand_s = reinterpret_cast<uint64_t*>(smem + s.off_cand);  // [P][cap] candidates
-  uint64_t* theta_s = reinterpret_cast<uint64_t*>(smem + s.off_theta);// [P] key to beat (0: list not full)
-  int* cnt_s = reinterpret_cast<int*>(smem + s.off_cnt);              // [P] list lengths
-  int* nacc_s = reinterpret_cast<int*>(smem + s.off_nacc);            // [P] candidates waiting
-  float* open_s = reinterpret_cast<float*>(smem + s.off_open);        // [2][P] partial score of the
-                                                                      // block cut by the tile edge
+  const TokenState ts = token_state(smem, s);
+  float* w_s = ts.w;
 
   SeqTile st;
   // Heavy (late) tiles first: the light ones fill the tail of the grid.
@@ -355,13 +460,7 @@ select_topk_kernel(const TopkParams p, const Shape s) {
     __syncthreads();  // q_s is dead: the per-token state below lives over it
   }
 
-  for (int i = tid; i < P; i += kThreads) {
-    cnt_s[i] = 0;
-    nacc_s[i] = 0;
-    theta_s[i] = 0;
-    open_s[i] = open_s[P + i] = 0.f;
-  }
-  for (int i = tid; i < P * (cpr - 1); i += kThreads) w_s[(i / (cpr - 1)) * ws + i % (cpr - 1)] = 0.f;
+  init_tokens<kThreads>(ts, P, s);
   __syncthreads();
 
   // Who scores, carries and merges which tokens: in the resident mode with one unit per warp, each
@@ -472,68 +571,20 @@ select_topk_kernel(const TopkParams p, const Shape s) {
     own_sync();
 
     // 2. Blocks touching cells [i0, i0 + 64): score, keep the cut one's part, filter by theta.
-    {
-      const int ja = i0 / cpb, nblk = (i0 + kTileRows - 1) / cpb - ja + 1;
-      const int base = i0 - (cpr - 1);  // row held in w_s[tok][0]
-      const float* open_in = open_s + ((kt + 1) & 1) * P;
-      float* open_out = open_s + (kt & 1) * P;
-      for_own_items(nblk, [&](int tok, int jj) {
-        const int j = ja + jj;
-        const int ka = max(j * cpb, i0), kb = min((j + 1) * cpb, i0 + kTileRows);
-        float sc = cells_score(w_s + tok * ws, base, ka, kb, cpr);
-        if (j * cpb < i0) sc += open_in[tok];
-        if ((j + 1) * cpb > i0 + kTileRows) {
-          open_out[tok] = sc;
-          return;
-        }
-        const int b = (t0 + tok) / p.select_size;
-        if (j > b) return;
-        const uint64_t k = block_key(sc, j, is_forced(j, b, p.num_initial, p.num_local));
-        if (k > theta_s[tok]) cand_s[tok * cap + atomicAdd(&nacc_s[tok], 1)] = k;
-      });
-    }
+    for_own_items(blocks_of_tile(kt, cpb), [&](int tok, int jj) { score_block(p, s, ts, P, kt, t0, tok, jj); });
     own_sync();
 
     // 3. Carry the last cpr - 1 rows (in rounds of 64 when they overlap), then merge the tokens
     // whose slots could not take another tile's candidates (the list is the top n of all
     // candidates whenever merged, so merging late changes nothing but theta's freshness).
-    for (int r0 = 0; r0 < cpr - 1; r0 += kTileRows) {
-      if (r0 > 0) own_sync();
-      for_own_items(min(kTileRows, cpr - 1 - r0), [&](int tok, int i) {
-        float* wt = w_s + tok * ws + r0 + i;
-        *wt = wt[kTileRows];
-      });
-    }
+    carry_rows(ts, s, for_own_items, own_sync);
     const int last = kt + 1 == ntiles;
     for (int tok = tok0 + (per_warp ? 0 : warp); tok < tok0 + tokn; tok += per_warp ? 1 : kWarps)
-      if (nacc_s[tok] > (last ? 0 : s.merge_at))
-        merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
+      merge_if_due(ts, n, cap, last ? 0 : s.merge_at, tok);
   }
   __syncthreads();
 
-  // Candidates the tiles left: cut block, zero-score blocks, forced ones; in rounds of cap.
-  const int cells = ntiles * kTileRows;
-  const float* open_last = open_s + ((ntiles + 1) & 1) * P;  // written by tile ntiles - 1
-  for (int r0 = 0; r0 < 1 + n + p.num_local; r0 += cap) {
-    for (int it = tid; it < ntok * cap; it += kThreads) {
-      const int tok = it % ntok, idx = r0 + it / ntok;
-      const int b = (t0 + tok) / p.select_size;
-      const Tail tail = tail_of(b, cells, cpb, n, p.num_local);
-      if (idx >= tail.count()) continue;
-      bool open;
-      const int j = tail.block(idx, open);
-      const uint64_t k = block_key(open ? open_last[tok] : 0.f, j, is_forced(j, b, p.num_initial, p.num_local));
-      if (k > theta_s[tok]) cand_s[tok * cap + atomicAdd(&nacc_s[tok], 1)] = k;
-    }
-    __syncthreads();
-    for (int tok = warp; tok < ntok; tok += kWarps)
-      if (nacc_s[tok] > 0)
-        merge_token(list_s + tok * n, cand_s + tok * cap, cnt_s + tok, theta_s + tok, nacc_s + tok, n);
-    __syncthreads();
-  }
-
-  for (int tok = warp; tok < ntok; tok += kWarps)
-    write_token(list_s + tok * n, cnt_s[tok], n, out_g + tok * p.indices.row_stride);
+  finish_tokens<kThreads>(p, s, ts, P, ntiles, t0, ntok, out_g, p.indices.row_stride);
 }
 
 }  // namespace nsa::cuda::topk
