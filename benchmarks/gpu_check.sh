@@ -32,6 +32,7 @@
 #                           memcheck (and other tools') run
 #   NSA_RACECHECK_K="sanitize and (T100 or split)"   the same for racecheck (slow)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
+#   NSA_PROFILE_KERNELS="attn_|slc_|select_topk"   ncu's kernel-name regex (the profiled kernels)
 #   NSA_BENCH_LENGTHS="65536 32768 16384 8192"   (longest first: the bars are at 64k, and a run
 #                           that hits its time budget drops the shortest)
 #   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
@@ -197,7 +198,7 @@ if have profile; then
     record profile "SKIPPED (no ncu)" "" 0
   else
     run_stage profile "$OUT/profile.log" "$lim" \
-      ncu --target-processes all --kernel-name "regex:attn_|slc_|select_topk" \
+      ncu --target-processes all --kernel-name "regex:${NSA_PROFILE_KERNELS:-attn_|slc_|select_topk}" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       "$PY" tools/profile_nsa.py --T "${NSA_PROFILE_T:-16384}" --config "${NSA_PROFILE_CONFIG:-g16}"
     rc=$?

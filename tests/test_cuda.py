@@ -491,11 +491,12 @@ SELECT_WGMMA_CASES = {
 }
 
 
-@pytest.mark.parametrize("kind", ["default", "mma"])
+@pytest.mark.parametrize("kind", ["default", "wgmma", "mma"])
 @pytest.mark.parametrize("case,dtype", case_params(SELECT_WGMMA_CASES))
 def test_select_blocks_kinds(case, dtype, kind, monkeypatch):
-    """NSA_CUDA_SELECT_KERNEL: the default (on sm_90 for these shapes, the warpgroup kernel) and
-    =mma (select_topk_kernel), each by the score rule."""
+    """NSA_CUDA_SELECT_KERNEL: the default (on sm_90 the warpgroup kernel for G >= 16), =wgmma
+    (the warpgroup kernel for every G here) and =mma (select_topk_kernel), each by the score
+    rule."""
     if kind != "default":
         monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("sel-kinds", case, dtype), **case)
@@ -504,7 +505,7 @@ def test_select_blocks_kinds(case, dtype, kind, monkeypatch):
     check_select(x, case, dtype, lse=lse)
 
 
-@pytest.mark.parametrize("kind", ["default", "mma"])
+@pytest.mark.parametrize("kind", ["default", "wgmma", "mma"])
 def test_select_blocks_kinds_varlen(kind, monkeypatch):
     if kind != "default":
         monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", kind)
@@ -1028,9 +1029,10 @@ def test_sanitize_split(monkeypatch):
 
 
 @pytest.mark.parametrize("T", [100, 1200], ids=lambda T: f"T{T}")
-def test_sanitize_select(T):
-    """The warpgroup selection kernel (sm_90; G = 16, D = 128 and G = 4, D = 64): one key tile
-    (racecheck's) and several."""
+def test_sanitize_select(T, monkeypatch):
+    """The warpgroup selection kernel (sm_90; G = 16, D = 128 and, forced, G = 4, D = 64): one key
+    tile (racecheck's) and several."""
+    monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", "wgmma")
     for heads, hyper_ in ((dict(HQ=16, H=1, D=128, Dv=128), {}),
                           (dict(HQ=8, H=2, D=64, Dv=64), CUSTOM_HYPER)):
         case = dict(T=T, **heads, **hyper_)

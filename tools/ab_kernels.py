@@ -8,9 +8,9 @@ benchmark's inputs, and prints how far each kind's results are from the first ki
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
     slcfwd  NSA_CUDA_SLC_FWD_KERNEL = default | blocks | tokens: the selected branch's forward
           (by blocks: sm_90, the default for G < 16)
-    select  NSA_CUDA_SELECT_KERNEL = default | mma: select_blocks (the default is the warpgroup
-          kernel on sm_90 for D in {64, 128} and G a power of two in [4, 32]); the diff is the
-          share of (token, KV head) rows whose selection differs (near-ties)
+    select  NSA_CUDA_SELECT_KERNEL = default | wgmma | mma: select_blocks (the default is the
+          warpgroup kernel on sm_90 for D in {64, 128} and G = 16, 32); the diff is the share of
+          (token, KV head) rows whose selection differs (near-ties)
     slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks | tokens: the selected branch's forward +
           backward (dQ by blocks: sm_90, the default for G < 16)
 
@@ -37,7 +37,7 @@ SWITCHES = {
     "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
     "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
     "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks", "tokens"]),
-    "select": ("NSA_CUDA_SELECT_KERNEL", ["default", "mma"]),
+    "select": ("NSA_CUDA_SELECT_KERNEL", ["default", "wgmma", "mma"]),
 }
 
 

@@ -5,7 +5,7 @@
 // mma.sync kernel was 20% of its FLOP floor at 64k, benchmarks/NOTES.md).
 //
 // Thread block: one warpgroup (4 warps) and P = 128 / G whole tokens of one sequence and KV head g,
-// G a power of two in [4, 32] (the host's choice, topk.cu), their (token, head) query rows
+// G a power of two in [4, 32] (the default for G = 16, 32: switches.h), their (token, head) query rows
 // token-major in one 128-row tile (Layout::kWgmma). Per key tile of 64 compressed rows
 // (double-buffered cp.async):
 //   1. S^T = K Q^T (wgmma m64n128k16, both operands K-major in shared memory): warp w holds key
