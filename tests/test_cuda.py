@@ -491,33 +491,24 @@ SELECT_WGMMA_CASES = {
 }
 
 
-SELECT_KINDS = ["default", "wgmma", "wgmma-rows64", "mma"]
-
-
-def set_select_kind(monkeypatch, kind):
-    """NSA_CUDA_SELECT_KERNEL (and, for wgmma-rows64, NSA_CUDA_SELECT_ROWS=64) for `kind`."""
-    if kind != "default":
-        monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", kind.split("-")[0])
-    if kind.endswith("rows64"):
-        monkeypatch.setenv("NSA_CUDA_SELECT_ROWS", "64")
-
-
-@pytest.mark.parametrize("kind", SELECT_KINDS)
+@pytest.mark.parametrize("kind", ["default", "wgmma", "mma"])
 @pytest.mark.parametrize("case,dtype", case_params(SELECT_WGMMA_CASES))
 def test_select_blocks_kinds(case, dtype, kind, monkeypatch):
     """NSA_CUDA_SELECT_KERNEL: the default (on sm_90 the warpgroup kernel for G >= 16), =wgmma
-    (the warpgroup kernel for every G here; 128 or, with NSA_CUDA_SELECT_ROWS=64, 64 query rows
-    per block) and =mma (select_topk_kernel), each by the score rule."""
-    set_select_kind(monkeypatch, kind)
+    (the warpgroup kernel for every G here) and =mma (select_topk_kernel), each by the score
+    rule."""
+    if kind != "default":
+        monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("sel-kinds", case, dtype), **case)
     _, lse = nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
                                             **hyper(case, *CMP_H))
     check_select(x, case, dtype, lse=lse)
 
 
-@pytest.mark.parametrize("kind", SELECT_KINDS)
+@pytest.mark.parametrize("kind", ["default", "wgmma", "mma"])
 def test_select_blocks_kinds_varlen(kind, monkeypatch):
-    set_select_kind(monkeypatch, kind)
+    if kind != "default":
+        monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", kind)
     case = dict(lengths=[1, 0, 1100, 7, 2049, 0, 130], HQ=32, H=2, D=128, Dv=128)
     x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sel-kinds-varlen", kind), **case)
     run_branch("select", x, case, torch.bfloat16)
@@ -1037,13 +1028,11 @@ def test_sanitize_split(monkeypatch):
         run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
 
 
-@pytest.mark.parametrize("rows", [128, 64], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("T", [100, 1200], ids=lambda T: f"T{T}")
-def test_sanitize_select(T, rows, monkeypatch):
-    """The warpgroup selection kernel (sm_90; G = 16, D = 128 and, forced, G = 4, D = 64; 128 or
-    64 query rows per block): one key tile (racecheck's) and several."""
+def test_sanitize_select(T, monkeypatch):
+    """The warpgroup selection kernel (sm_90; G = 16, D = 128 and, forced, G = 4, D = 64): one key
+    tile (racecheck's) and several."""
     monkeypatch.setenv("NSA_CUDA_SELECT_KERNEL", "wgmma")
-    monkeypatch.setenv("NSA_CUDA_SELECT_ROWS", str(rows))
     for heads, hyper_ in ((dict(HQ=16, H=1, D=128, Dv=128), {}),
                           (dict(HQ=8, H=2, D=64, Dv=64), CUSTOM_HYPER)):
         case = dict(T=T, **heads, **hyper_)

@@ -11,8 +11,6 @@ benchmark's inputs, and prints how far each kind's results are from the first ki
     select  NSA_CUDA_SELECT_KERNEL = default | wgmma | mma: select_blocks (the default is the
           warpgroup kernel on sm_90 for D in {64, 128} and G = 16, 32); the diff is the share of
           (token, KV head) rows whose selection differs (near-ties)
-    selrows NSA_CUDA_SELECT_ROWS = default | 64: query rows per block of the warpgroup selection
-          kernel (default 128)
     slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks | tokens: the selected branch's forward +
           backward (dQ by blocks: sm_90, the default for G < 16)
 
@@ -40,7 +38,6 @@ SWITCHES = {
     "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
     "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks", "tokens"]),
     "select": ("NSA_CUDA_SELECT_KERNEL", ["default", "wgmma", "mma"]),
-    "selrows": ("NSA_CUDA_SELECT_ROWS", ["default", "64"]),
 }
 
 
@@ -63,8 +60,8 @@ def set_kind(var, kind):
         os.environ[var] = kind
 
 
-def run_select(switch, name, T, x, hp, lse):
-    var, kinds = SWITCHES[switch]
+def run_select(name, T, x, hp, lse):
+    var, kinds = SWITCHES["select"]
     sel = {k: hp[k] for k in ("block_size", "block_stride", "select_size", "num_selected", "num_initial",
                               "num_local")}
     ref = None
@@ -103,8 +100,8 @@ def run(switch, name, T):
                                                 block_stride=hp["block_stride"])
         idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **{k: hp[k] for k in (
             "block_size", "block_stride", "select_size", "num_selected", "num_initial", "num_local")})
-    if switch in ("select", "selrows"):
-        return run_select(switch, name, T, x, hp, lse)
+    if switch == "select":
+        return run_select(name, T, x, hp, lse)
     todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",)}[switch]
     backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():

@@ -78,18 +78,15 @@ inline bool slc_dq_by_blocks(int group, int head_dim, int head_dim_v) {
   return env_is("NSA_CUDA_SLC_DQ_KERNEL", "blocks") || group < 16;
 }
 
-// Query rows per thread block of select_topk_wgmma_kernel (topk/topk_wgmma.cuh: S^T = K Q^T on
-// wgmma), or 0 for select_topk_kernel (mma.sync). The warpgroup kernel runs on sm_90 for D in
-// {64, 128} and G = 16 or 32 (64k, 128 rows: G = 16 13.05 -> 10.95 ms; G = 4 27.1 -> 42.7, its 8
-// tokens per warp score and merge on 4 warps where the mma.sync kernel has 8), with 128 rows.
-// NSA_CUDA_SELECT_KERNEL=wgmma forces it for any power of two G in [4, 32], =mma forces the
-// mma.sync kernel (the kernel everywhere else); NSA_CUDA_SELECT_ROWS=64 takes 64 rows per block
-// (half the shared memory: 4 blocks per SM instead of 3).
-inline int select_wgmma_rows(int group, int head_dim) {
+// Does the block selection run select_topk_wgmma_kernel (topk/topk_wgmma.cuh: S^T = K Q^T on
+// wgmma for 128 query rows per thread block)? On sm_90 for D in {64, 128} and G = 16 or 32 (64k:
+// G = 16 13.05 -> 10.95 ms; G = 4 27.1 -> 42.7, its 8 tokens per warp score and merge on 4 warps
+// where the mma.sync kernel has 8); NSA_CUDA_SELECT_KERNEL=wgmma forces it for any power of two
+// G in [4, 32], =mma forces select_topk_kernel (mma.sync), the kernel everywhere else.
+inline bool select_wgmma(int group, int head_dim) {
   const bool shape = (head_dim == 64 || head_dim == 128) && group >= 4 && group <= 32 && (group & (group - 1)) == 0;
-  if (!shape || env_is("NSA_CUDA_SELECT_KERNEL", "mma") || !device_is_sm90()) return 0;
-  if (group < 16 && !env_is("NSA_CUDA_SELECT_KERNEL", "wgmma")) return 0;
-  return env_is("NSA_CUDA_SELECT_ROWS", "64") ? 64 : 128;
+  if (!shape || env_is("NSA_CUDA_SELECT_KERNEL", "mma") || !device_is_sm90()) return false;
+  return group >= 16 || env_is("NSA_CUDA_SELECT_KERNEL", "wgmma");
 }
 
 }  // namespace nsa::cuda

@@ -48,31 +48,24 @@ void dispatch_mode(const TopkParams& p, const Shape& s, int max_smem, dim3 grid,
   }
 }
 
-// select_topk_wgmma_kernel, compiled per G (its group sum's width), D and rows per block.
-template <typename T, int D, int kRows>
+// select_topk_wgmma_kernel, compiled per G (its group sum's width) and D.
+template <typename T, int D>
 void dispatch_wgmma(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
   auto go = [&](auto kernel) { launch_kernel(kernel, kWgThreads, p, s, max_smem, grid, stream); };
   switch (s.group) {
-    case 4: return go(select_topk_wgmma_kernel<T, D, 4, kRows>);
-    case 8: return go(select_topk_wgmma_kernel<T, D, 8, kRows>);
-    case 16: return go(select_topk_wgmma_kernel<T, D, 16, kRows>);
-    case 32: return go(select_topk_wgmma_kernel<T, D, 32, kRows>);
+    case 4: return go(select_topk_wgmma_kernel<T, D, 4>);
+    case 8: return go(select_topk_wgmma_kernel<T, D, 8>);
+    case 16: return go(select_topk_wgmma_kernel<T, D, 16>);
+    case 32: return go(select_topk_wgmma_kernel<T, D, 32>);
     default: invalid("internal: no warpgroup selection kernel for G = " + std::to_string(s.group));
   }
-}
-
-template <typename T, int D>
-void dispatch_wgmma_rows(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
-  if (s.seg_rows == 64) return dispatch_wgmma<T, D, 64>(p, s, max_smem, grid, stream);
-  if (s.seg_rows == 128) return dispatch_wgmma<T, D, 128>(p, s, max_smem, grid, stream);
-  invalid("internal: no warpgroup selection kernel for " + std::to_string(s.seg_rows) + " rows");
 }
 
 template <typename T>
 void launch_select(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
   if (s.wgmma) {
-    if (p.head_dim == 64) return dispatch_wgmma_rows<T, 64>(p, s, max_smem, grid, stream);
-    if (p.head_dim == 128) return dispatch_wgmma_rows<T, 128>(p, s, max_smem, grid, stream);
+    if (p.head_dim == 64) return dispatch_wgmma<T, 64>(p, s, max_smem, grid, stream);
+    if (p.head_dim == 128) return dispatch_wgmma<T, 128>(p, s, max_smem, grid, stream);
     invalid("internal: no warpgroup selection kernel for D = " + std::to_string(p.head_dim));
   }
   switch (p.head_dim) {

@@ -55,12 +55,12 @@ void layout(const TopkParams& p, Shape& s) {
   s.smem = off;
 }
 
-// wgmma_rows > 0 (the caller's choice, select_wgmma_rows in attn/switches.h): one segment of that
-// many rows (wgmma_rows / G tokens), if its state fits the budget with at least the fewest slots. Otherwise G <= 32: units of
+// wgmma (the caller's choice, select_wgmma in attn/switches.h): one segment of 128 rows (128 / G
+// tokens), if its state fits the budget with at least the fewest slots. Otherwise G <= 32: units of
 // 32 rows (32 / G tokens), Q in registers; G > 32: chunks of 64 rows (64 / G tokens, or one token
 // in ceil(G / 64) chunks for G > 64). As many segments as fill the warps (256 query rows), halved
 // until the budget holds; G > 64 keeps all its chunks.
-Shape make_shape(const TopkParams& p, int budget, int wgmma_rows) {
+Shape make_shape(const TopkParams& p, int budget, bool wgmma) {
   Shape s{};
   const int G = p.num_heads / p.num_heads_k;
   s.group = G;
@@ -84,13 +84,13 @@ Shape make_shape(const TopkParams& p, int budget, int wgmma_rows) {
     layout(p, s);
     return s.smem <= budget;
   };
-  if (wgmma_rows > 0) {
+  if (wgmma) {
     const Shape mma = s;
     s.wgmma = 1;
     s.resident = 0;
     s.segs = 1;
-    s.seg_rows = wgmma_rows;
-    s.seg_tokens = wgmma_rows / G;
+    s.seg_rows = topk::kWgRows;
+    s.seg_tokens = topk::kWgRows / G;
     if (fits(topk::kMaxCand) || fits(min_cap)) return s;
     s = mma;
   }
@@ -141,7 +141,7 @@ void select_topk(const TopkParams& p, cudaStream_t stream) {
   check_cuda(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
              "cudaDeviceGetAttribute failed");
   const int G = p.num_heads / p.num_heads_k;
-  const Shape s = make_shape(p, smem_budget(smem_per_sm), select_wgmma_rows(G, p.head_dim));
+  const Shape s = make_shape(p, smem_budget(smem_per_sm), select_wgmma(G, p.head_dim));
   const bool packed = p.seqs.cu_seqlens != nullptr;
   if (p.seqs.num_seqs <= 0 || p.seqs.seqlen <= 0 || p.seqs.batch <= 0) return;
   const index_t tiles = num_virtual_tiles(p.seqs, p.seqs.seqlen, 1, s.tokens);

@@ -52,7 +52,8 @@ constexpr int kMaxCand = 64;         // candidates per token per merge: 2 per la
 constexpr int kScratchLd = 20;       // generic group sum: [query rows][kScratchLd] floats per warp;
                                      // 20 = 4 mod 32 keeps the fragment stores conflict-free
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kWgThreads = 128;      // select_topk_wgmma_kernel: one warpgroup
+constexpr int kWgRows = 128;         // select_topk_wgmma_kernel: query rows per thread block
+constexpr int kWgThreads = 128;      // and threads (one warpgroup)
 
 // Warps per thread block. Resident with D <= 128: 8 (two blocks of 256 threads per SM at <= 128
 // registers); D = 192 resident: 4 (its Q fragments need 96 registers); streamed: 4, one per 16 rows
@@ -65,8 +66,8 @@ __host__ __device__ constexpr int kernel_warps(int D, bool resident) {
 struct Shape {
   int group;        // G
   int tokens;       // P: tokens per thread block
-  int wgmma;        // 1: select_topk_wgmma_kernel (topk_wgmma.cuh: one segment of 64 or 128 rows,
-                    // Q and K in shared memory for the tensor cores); 0: select_topk_kernel
+  int wgmma;        // 1: select_topk_wgmma_kernel (topk_wgmma.cuh: one segment of 128 rows, Q and K
+                    // in shared memory for the tensor cores); 0: select_topk_kernel
   int resident;     // 1: Q fragments in registers (G <= 32), segments are units; 0: streamed chunks
   int segs;         // segments: units (resident; a power of two <= warps) or chunks (streamed)
   int seg_rows;     // query rows per segment: kUnitRows or kRows

@@ -1,15 +1,15 @@
 // The top-n block selection on Hopper's warpgroup products (wgmma, sm_90a): select_topk_kernel's
 // pass over the compressed keys, its scoring and its merges, with the scores' product done by the
-// tensor cores from shared memory once per thread block instead of by mma.sync per warp (where
-// each warp re-read its K fragments; the mma.sync kernel was 20% of its FLOP floor at 64k,
-// benchmarks/NOTES.md).
+// tensor cores from shared memory once per 128 query rows instead of by mma.sync per warp (where
+// each warp re-read its K fragments and the exps, group sums and scoring waited on them; the
+// mma.sync kernel was 20% of its FLOP floor at 64k, benchmarks/NOTES.md).
 //
-// Thread block: one warpgroup (4 warps) and P = kRows / G whole tokens of one sequence and KV
-// head g (kRows = 64 or 128 query rows; G a power of two in [4, 32]; the host's choice,
-// select_wgmma in attn/switches.h), their (token, head) query rows token-major in one tile
-// (Layout::kWgmma). Per key tile of 64 compressed rows (double-buffered cp.async):
-//   1. S^T = K Q^T (wgmma m64n{kRows}k16, both operands K-major in shared memory): warp w holds
-//      key rows 16w .. 16w + 15 against all query columns in the C-fragment layout of mma.sync,
+// Thread block: one warpgroup (4 warps) and P = 128 / G whole tokens of one sequence and KV head g,
+// G a power of two in [4, 32] (the default for G = 16, 32: switches.h), their (token, head) query rows
+// token-major in one 128-row tile (Layout::kWgmma). Per key tile of 64 compressed rows
+// (double-buffered cp.async):
+//   1. S^T = K Q^T (wgmma m64n128k16, both operands K-major in shared memory): warp w holds key
+//      rows 16w .. 16w + 15 against all 128 query columns in the C-fragment layout of mma.sync,
 //      so masked_probs and group_sum_pow2 of the mma.sync kernel apply as they are; every warp
 //      writes its 16 rows of each token's w_s.
 //   2. After a barrier, warp w scores, carries and merges its own tokens w, w + 4, ... (no more
@@ -18,8 +18,7 @@
 // The tail (cut block, zero-score and forced blocks) and the output are the mma.sync kernel's.
 // The heads of a token are summed in the same order as there (fixed by G alone); S itself comes
 // from other instructions, so a score can differ in its last bits and a near-tie can go the
-// other way. 64 rows per block use half the shared memory of 128 (more blocks per SM for the
-// CUDA-core work, which bounds this kernel) and read each key tile twice as often.
+// other way.
 #pragma once
 
 #include "../common/wgmma.cuh"
@@ -27,19 +26,18 @@
 
 namespace nsa::cuda::topk {
 
-template <typename T, int D, int kGroup, int kRows>
+template <typename T, int D, int kGroup>
 __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const TopkParams p, const Shape s) {
   static_assert(D == 64 || D == 128, "D: 64 or 128");
-  static_assert(kRows == 64 || kRows == 128, "query rows per block: 64 or 128");
   static_assert(kGroup >= 4 && kGroup <= 32 && (kGroup & (kGroup - 1)) == 0, "G: a power of two in [4, 32]");
   constexpr int kWarps = kWgThreads / 32;
-  constexpr int P = kRows / kGroup;  // tokens per thread block (= s.tokens)
+  constexpr int P = kWgRows / kGroup;  // tokens per thread block (= s.tokens)
   extern __shared__ __align__(1024) unsigned char smem_tw[];  // (its own name: the other kernel declares 128)
   wgmma_check_alignment(smem_tw);
-  T* q_s = reinterpret_cast<T*>(smem_tw);                                // [D / 64][kRows][64] (Layout::kWgmma)
+  T* q_s = reinterpret_cast<T*>(smem_tw);                                // [D / 64][128][64] (Layout::kWgmma)
   T* k_s = reinterpret_cast<T*>(smem_tw + s.off_k);                      // [2] x [D / 64][64][64] (1024-aligned)
-  float* lse_s = reinterpret_cast<float*>(smem_tw + s.off_lse);          // [kRows] lse * log2e
-  int* nv_s = reinterpret_cast<int*>(smem_tw + s.off_nv);                // [kRows] rows visible
+  float* lse_s = reinterpret_cast<float*>(smem_tw + s.off_lse);          // [128] lse * log2e
+  int* nv_s = reinterpret_cast<int*>(smem_tw + s.off_nv);                // [128] rows visible
   const TokenState ts = token_state(smem_tw, s);
   float* w_s = ts.w;
 
@@ -58,7 +56,7 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
 
   // Q: the tokens' rows; rows past the last token are zeros.
   if (ntiles > 0)
-    load_pairs_async<kRows, D, kWgThreads, Layout::kWgmma>(
+    load_pairs_async<kWgRows, D, kWgThreads, Layout::kWgmma>(
         q_s, p.q.ptr<const T>(seq.batch, seq.start + t0, g * kGroup), p.q.row_stride, p.q.head_stride, 0, kGroup,
         ntok * kGroup, [](int i) { return index_t(i); });
   const T* k_g = p.k.ptr<const T>(seq.batch, seq.cmp_start, g);
@@ -71,7 +69,7 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
   if (ntiles > 0) load_keys(0);
   cp_async_commit();
 
-  if (tid < kRows) {  // one query row per thread
+  {  // one query row per thread
     const int tok = tid / kGroup, h = tid % kGroup;
     float lse = -__builtin_huge_valf();
     if (tok < ntok) lse = *p.lse.ptr<const float>(seq.batch, seq.start + t0 + tok, g * kGroup + h);
@@ -85,7 +83,7 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
   // columns feed no score, so they do not count).
   int nv_min = INT_MAX;
 #pragma unroll
-  for (int k = 0; k < kRows / 32; ++k) {
+  for (int k = 0; k < kWgRows / 32; ++k) {
     const int e = k * 32 + lane;
     if (e < ntok * kGroup) nv_min = min(nv_min, nv_s[e]);
   }
@@ -110,27 +108,27 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
     // 1. Group-summed probabilities of the tile's rows, 16 per warp.
     if (i0 < nvis_max) {
       const T* kt_s = k_s + (kt & 1) * kTileRows * D;
-      float acc[kRows / 8][4];
+      float acc[kWgRows / 8][4];
 #pragma unroll
-      for (int nt = 0; nt < kRows / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      for (int nt = 0; nt < kWgRows / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
       wgmma_run([&] {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_ss<kRows, T>(acc, kmajor_desc<kTileRows>(kt_s, kk), kmajor_desc<kRows>(q_s, kk), kk > 0);
+          wgmma_ss<kWgRows, T>(acc, kmajor_desc<kTileRows>(kt_s, kk), kmajor_desc<kWgRows>(q_s, kk), kk > 0);
       }, acc);
       const int col0 = (lane & 3) * 2;  // fragment columns: query rows 8 nt + col0, + 1
       if (i0 + warp * 16 + 16 <= nv_min) {  // warp-uniform: every real column sees all 16 rows
 #pragma unroll
-        for (int nt = 0; nt < kRows / 8; ++nt) {
+        for (int nt = 0; nt < kWgRows / 8; ++nt) {
           const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             acc[nt][i] = exp2f(fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x)));
         }
       } else {
-        masked_probs<kRows / 8>(acc, lse_s, nv_s, col0, i0 + warp * 16 + (lane >> 2), s.scale_log2);
+        masked_probs<kWgRows / 8>(acc, lse_s, nv_s, col0, i0 + warp * 16 + (lane >> 2), s.scale_log2);
       }
-      group_sum_pow2<kRows / 8, kGroup>(acc, w_s, ws, cpr - 1 + warp * 16, false);
+      group_sum_pow2<kWgRows / 8, kGroup>(acc, w_s, ws, cpr - 1 + warp * 16, false);
     } else {  // past every visible row: the tile only completes cells from the carried rows
       for (int i = tid; i < P * kTileRows; i += kWgThreads) w_s[(i / kTileRows) * ws + cpr - 1 + i % kTileRows] = 0.f;
     }
