@@ -81,8 +81,9 @@ inline bool slc_dq_by_blocks(int group, int head_dim, int head_dim_v) {
 // Does the block selection run select_topk_wgmma_kernel (topk/topk_wgmma.cuh: S^T = K Q^T on
 // wgmma for 128 query rows per thread block)? On sm_90 for D in {64, 128} and G = 16 or 32 (64k:
 // G = 16 13.05 -> 10.95 ms; G = 4 27.1 -> 42.7, its 8 tokens per warp score and merge on 4 warps
-// where the mma.sync kernel has 8); NSA_CUDA_SELECT_KERNEL=wgmma forces it for any power of two
-// G in [4, 32], =mma forces select_topk_kernel (mma.sync), the kernel everywhere else.
+// where the mma.sync kernel has 8; G = 32, one token per warp, is tested but not yet timed);
+// NSA_CUDA_SELECT_KERNEL=wgmma forces it for any power of two G in [4, 32], =mma forces
+// select_topk_kernel (mma.sync), the kernel everywhere else.
 inline bool select_wgmma(int group, int head_dim) {
   const bool shape = (head_dim == 64 || head_dim == 128) && group >= 4 && group <= 32 && (group & (group - 1)) == 0;
   if (!shape || env_is("NSA_CUDA_SELECT_KERNEL", "mma") || !device_is_sm90()) return false;
