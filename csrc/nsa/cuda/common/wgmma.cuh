@@ -63,6 +63,13 @@ __device__ __forceinline__ uint64_t kmajor_desc(const T* tile, int kk) {
   const WgmmaOperand o = kmajor_operand(ROWS, kk);
   return wgmma_desc(tile + o.start, o.lbo, o.sbo);
 }
+// kmajor_desc<ROWS>(tile, kk) as kmajor_desc<ROWS>(tile, 0) + kmajor_step<ROWS, T>(kk): the steps
+// differ only in their start address (in 16-byte units, far below the field's 2^14), so a loop
+// over kk adds constants instead of rebuilding each descriptor.
+template <int ROWS, typename T>
+__device__ __forceinline__ uint64_t kmajor_step(int kk) {
+  return uint64_t(kmajor_operand(ROWS, kk).start * int(sizeof(T)) / 16);
+}
 template <int ROWS, typename T>
 __device__ __forceinline__ uint64_t mnmajor_desc(const T* tile, int kk) {
   const WgmmaOperand o = mnmajor_operand(ROWS, kk);

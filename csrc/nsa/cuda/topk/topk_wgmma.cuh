@@ -111,10 +111,12 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
       float acc[kWgRows / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kWgRows / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      const uint64_t k_desc = kmajor_desc<kTileRows>(kt_s, 0), q_desc = kmajor_desc<kWgRows>(q_s, 0);
       wgmma_run([&] {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_ss<kWgRows, T>(acc, kmajor_desc<kTileRows>(kt_s, kk), kmajor_desc<kWgRows>(q_s, kk), kk > 0);
+          wgmma_ss<kWgRows, T>(acc, k_desc + kmajor_step<kTileRows, T>(kk), q_desc + kmajor_step<kWgRows, T>(kk),
+                               kk > 0);
       }, acc);
       const int col0 = (lane & 3) * 2;  // fragment columns: query rows 8 nt + col0, + 1
       if (i0 + warp * 16 + 16 <= nv_min) {  // warp-uniform: every real column sees all 16 rows
