@@ -252,6 +252,24 @@ __device__ __forceinline__ void masked_probs(float (&acc)[NT][4], const float* l
   }
 }
 
+// masked_probs for this warp's 16 key rows key0 .. key0 + 15, without the visibility test when
+// every real column sees all of them (key0 + 16 <= nv_min, warp-uniform; padding columns then get
+// values that feed no score).
+template <int NT>
+__device__ __forceinline__ void tile_probs(float (&acc)[NT][4], const float* lse_s, const int* nv_s, int col0,
+                                           int key0, int nv_min, float scale_log2) {
+  if (key0 + 16 <= nv_min) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = exp2f(fmaf(acc[nt][i], scale_log2, -((i & 1) ? lse2.y : lse2.x)));
+    }
+  } else {
+    masked_probs<NT>(acc, lse_s, nv_s, col0, key0 + ((threadIdx.x & 31) >> 2), scale_log2);
+  }
+}
+
 // A thread block's per-token state in shared memory (P tokens).
 struct TokenState {
   float* w;          // [P][ws]: group-summed probabilities, cpr - 1 carried rows, then a tile's 64
@@ -517,17 +535,7 @@ select_topk_kernel(const TopkParams p, const Shape s) {
           // Fragment columns: query rows 8 nt + c2, + 1 of the unit (lse read here: registers are
           // short).
           const int col0 = unit * kUnitRows + (lane & 3) * 2;
-          if (i0 + mt * 16 + 16 <= nv_min) {  // warp-uniform: every real column sees all 16 rows
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-              const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
-#pragma unroll
-              for (int i = 0; i < 4; ++i)
-                acc[nt][i] = exp2f(fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x)));
-            }
-          } else {
-            masked_probs<4>(acc, lse_s, nv_s, col0, i0 + mt * 16 + (lane >> 2), s.scale_log2);
-          }
+          tile_probs<4>(acc, lse_s, nv_s, col0, i0 + mt * 16, nv_min, s.scale_log2);
           const int row0 = cpr - 1 + mt * 16;  // the m-tile's rows in w_s
           if constexpr (kReduce > 0)
             group_sum_pow2<4, kReduce>(acc, wu, ws, row0, false);

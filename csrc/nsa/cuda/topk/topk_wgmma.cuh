@@ -119,17 +119,7 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
                                kk > 0);
       }, acc);
       const int col0 = (lane & 3) * 2;  // fragment columns: query rows 8 nt + col0, + 1
-      if (i0 + warp * 16 + 16 <= nv_min) {  // warp-uniform: every real column sees all 16 rows
-#pragma unroll
-        for (int nt = 0; nt < kWgRows / 8; ++nt) {
-          const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col0 + nt * 8);
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            acc[nt][i] = exp2f(fmaf(acc[nt][i], s.scale_log2, -((i & 1) ? lse2.y : lse2.x)));
-        }
-      } else {
-        masked_probs<kWgRows / 8>(acc, lse_s, nv_s, col0, i0 + warp * 16 + (lane >> 2), s.scale_log2);
-      }
+      tile_probs<kWgRows / 8>(acc, lse_s, nv_s, col0, i0 + warp * 16, nv_min, s.scale_log2);
       group_sum_pow2<kWgRows / 8, kGroup>(acc, w_s, ws, cpr - 1 + warp * 16, false);
     } else {  // past every visible row: the tile only completes cells from the carried rows
       for (int i = tid; i < P * kTileRows; i += kWgThreads) w_s[(i / kTileRows) * ws + cpr - 1 + i % kTileRows] = 0.f;
