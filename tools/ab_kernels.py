@@ -1,8 +1,8 @@
 """Times the CUDA kernel kinds that an environment switch chooses between, side by side on the
 benchmark's inputs, and prints how far each kind's results are from the first kind's:
 
-    fwd   NSA_CUDA_FWD_KERNEL = default | wide | narrow: the compressed and
-          window forward (the default is the warpgroup kernel on sm_90, else wide)
+    fwd   NSA_CUDA_FWD_KERNEL = default | wide | narrow: the compressed and window forward (the
+          default is the warpgroup kernel on sm_90, else wide)
     bwd   NSA_CUDA_BWD_KERNEL = default | mma: forward + backward of the compressed, selected and
           window branches (the dQ and dK/dV kernels; the default is wgmma on sm_90)
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
@@ -60,16 +60,14 @@ def set_kind(var, kind):
         os.environ[var] = kind
 
 
-def run_select(name, T, x, hp, lse):
+def run_select(name, T, x, sel, lse):
+    """select_blocks (keyword arguments sel, under no_grad) per kind of NSA_CUDA_SELECT_KERNEL."""
     var, kinds = SWITCHES["select"]
-    sel = {k: hp[k] for k in ("block_size", "block_stride", "select_size", "num_selected", "num_initial",
-                              "num_local")}
     ref = None
     for kind in kinds:
         set_kind(var, kind)
-        with torch.no_grad():
-            ms = do_bench(lambda: nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel), warmup=25, rep=100)
-            idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
+        ms = do_bench(lambda: nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel), warmup=25, rep=100)
+        idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
         line = f"{name} T={T} select {var}={kind:8s} fwd {ms:8.3f} ms"
         if ref is None:
             ref = idx
@@ -95,13 +93,13 @@ def run(switch, name, T):
     cfg = CONFIGS[name]
     hp = cfg["hp"]
     x = make_inputs(T, cfg)
+    sel = {k: hp[k] for k in ("block_size", "block_stride", "select_size", "num_selected", "num_initial", "num_local")}
     with torch.no_grad():
         _, lse = nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], block_size=hp["block_size"],
                                                 block_stride=hp["block_stride"])
-        idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **{k: hp[k] for k in (
-            "block_size", "block_stride", "select_size", "num_selected", "num_initial", "num_local")})
-    if switch == "select":
-        return run_select(name, T, x, hp, lse)
+        if switch == "select":
+            return run_select(name, T, x, sel, lse)
+        idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
     todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",)}[switch]
     backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():
