@@ -56,26 +56,23 @@ inline bool slc_per_warp(int group) {
   return group < 64;
 }
 
-// Does the selected branch's forward run by blocks (slc_blocks.cuh: each key tile read once, with
-// partials merged per row) instead of by tokens? On sm_90 for D, DV <= 128 and G < 16, where
-// the per-token kernels are bound by re-reading K and V from L2; NSA_CUDA_SLC_FWD_KERNEL=blocks
-// or =tokens forces one (blocks needs sm_90 and D, DV <= 128 still; slc.cu also keeps
-// select_size within [32, 256], which bounds the partials per row).
-inline bool slc_fwd_by_blocks(int group, int head_dim, int head_dim_v) {
-  if (head_dim > 128 || head_dim_v > 128 || env_is("NSA_CUDA_SLC_FWD_KERNEL", "tokens") || !device_is_sm90())
-    return false;
-  return env_is("NSA_CUDA_SLC_FWD_KERNEL", "blocks") || group < 16;
+// Does the selected branch's forward (var = NSA_CUDA_SLC_FWD_KERNEL) or dQ (var =
+// NSA_CUDA_SLC_DQ_KERNEL) run by blocks (slc_blocks.cuh: each key tile read once, partial results
+// per (row, slot) merged in slot order) instead of by tokens? On sm_90 for D, DV <= 128 and G < 16,
+// where the per-token kernels are bound by re-reading K and V from L2 (64k, G = 4: forward 70.2 ->
+// 29.2 ms; forward+backward with dQ by blocks 114.6 -> 83.9; at G = 16 both are slower by blocks,
+// forward 18.4 -> 32.2, forward+backward 55.3 -> 76.3); var=blocks or =tokens forces one (blocks
+// still needs sm_90 and D, DV <= 128; slc.cu also keeps select_size within [32, 256], which bounds
+// the partials per row).
+inline bool slc_by_blocks(const char* var, int group, int head_dim, int head_dim_v) {
+  if (head_dim > 128 || head_dim_v > 128 || env_is(var, "tokens") || !device_is_sm90()) return false;
+  return env_is(var, "blocks") || group < 16;
 }
-
-// Does the selected branch's dQ run by blocks (slc_blocks.cuh, kDq: bf16 dq partials per
-// (row, head, slot), merged in slot order) instead of by tokens? As for the forward: on sm_90 for
-// D, DV <= 128 and G < 16 (64k, G = 4: forward+backward 114.6 -> 83.9 ms; G = 16: 55.3 -> 76.3,
-// so G = 16 stays by tokens); NSA_CUDA_SLC_DQ_KERNEL=blocks or =tokens forces one (slc.cu also
-// keeps select_size within [32, 256]).
+inline bool slc_fwd_by_blocks(int group, int head_dim, int head_dim_v) {
+  return slc_by_blocks("NSA_CUDA_SLC_FWD_KERNEL", group, head_dim, head_dim_v);
+}
 inline bool slc_dq_by_blocks(int group, int head_dim, int head_dim_v) {
-  if (head_dim > 128 || head_dim_v > 128 || env_is("NSA_CUDA_SLC_DQ_KERNEL", "tokens") || !device_is_sm90())
-    return false;
-  return env_is("NSA_CUDA_SLC_DQ_KERNEL", "blocks") || group < 16;
+  return slc_by_blocks("NSA_CUDA_SLC_DQ_KERNEL", group, head_dim, head_dim_v);
 }
 
 // Does the block selection run select_topk_wgmma_kernel (topk/topk_wgmma.cuh: S^T = K Q^T on
