@@ -759,14 +759,6 @@ def test_selected_forward_kinds(case, dtype, kind, monkeypatch, small_slc_chunks
 
 
 @pytest.mark.parametrize("kind", ["blocks", "tokens"])
-@pytest.mark.parametrize("case", VARLEN.values(), ids=list(VARLEN))
-def test_selected_forward_kinds_varlen(case, kind, monkeypatch, small_slc_chunks):
-    monkeypatch.setenv("NSA_CUDA_SLC_FWD_KERNEL", kind)
-    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("slc-fwd-varlen", case, kind), **case)
-    run_branch("selected", x, case, torch.bfloat16, seed=seed_of("slc-fwd-varlen-idx", case))
-
-
-@pytest.mark.parametrize("kind", ["blocks", "tokens"])
 @pytest.mark.parametrize("case,dtype", case_params(SLC_FWD_CASES))
 def test_selected_dq_kinds(case, dtype, kind, monkeypatch, small_slc_chunks):
     """NSA_CUDA_SLC_DQ_KERNEL=blocks|tokens: the selected branch's dQ by blocks (sm_90, D, Dv <=
@@ -781,11 +773,14 @@ def test_selected_dq_kinds(case, dtype, kind, monkeypatch, small_slc_chunks):
 
 
 @pytest.mark.parametrize("kind", ["blocks", "tokens"])
+@pytest.mark.parametrize("part", ["fwd", "dq"])
 @pytest.mark.parametrize("case", VARLEN.values(), ids=list(VARLEN))
-def test_selected_dq_kinds_varlen(case, kind, monkeypatch, small_slc_chunks):
-    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", kind)
-    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("slc-dq-varlen", case, kind), **case)
-    run_branch("selected", x, case, torch.bfloat16, seed=seed_of("slc-dq-varlen-idx", case))
+def test_selected_kinds_varlen(case, part, kind, monkeypatch, small_slc_chunks):
+    """The selected branch's forward (NSA_CUDA_SLC_FWD_KERNEL) or dQ (NSA_CUDA_SLC_DQ_KERNEL) by
+    blocks or by tokens on packed batches."""
+    monkeypatch.setenv(f"NSA_CUDA_SLC_{part.upper()}_KERNEL", kind)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of(f"slc-{part}-varlen", case, kind), **case)
+    run_branch("selected", x, case, torch.bfloat16, seed=seed_of(f"slc-{part}-varlen-idx", case))
 
 
 # ------------------------------------------------------------------------------------ split dK/dV
