@@ -252,6 +252,18 @@ __device__ __forceinline__ void masked_probs(float (&acc)[NT][4], const float* l
   }
 }
 
+// lse * log2(e) and the number of visible compressed rows of query row (token t of seq, query
+// head) for the probabilities; 0 and 0 for a padding row (real = false) or one with lse = -inf
+// (it sees nothing).
+__device__ __forceinline__ void load_row_stats(const TopkParams& p, const SeqRange& seq, int t, int head, bool real,
+                                               float& lse_s, int& nv_s) {
+  float lse = -__builtin_huge_valf();
+  if (real) lse = *p.lse.ptr<const float>(seq.batch, seq.start + t, head);
+  const bool live = lse != -__builtin_huge_valf();
+  lse_s = live ? lse * kLog2e : 0.f;
+  nv_s = live ? visible_rows(t, p.block_size, p.block_stride, seq.cmp_len) : 0;
+}
+
 // masked_probs for this warp's 16 key rows key0 .. key0 + 15, without the visibility test when
 // every real column sees all of them (key0 + 16 <= nv_min, warp-uniform; padding columns then get
 // values that feed no score).
@@ -449,11 +461,8 @@ select_topk_kernel(const TopkParams p, const Shape s) {
 
   for (int e = tid; e < rows; e += kThreads) {
     int tok, h;
-    float lse = -__builtin_huge_valf();
-    if (row_of(e, tok, h)) lse = *p.lse.ptr<const float>(seq.batch, seq.start + t0 + tok, g * G + h);
-    const bool live = lse != -__builtin_huge_valf();  // lse = -inf: the row sees nothing
-    lse_s[e] = live ? lse * kLog2e : 0.f;
-    nv_s[e] = live ? visible_rows(t0 + tok, p.block_size, p.block_stride, seq.cmp_len) : 0;
+    const bool real = row_of(e, tok, h);
+    load_row_stats(p, seq, t0 + tok, g * G + h, real, lse_s[e], nv_s[e]);
   }
 
   // Resident mode: the warp's unit, its Q fragments qf[ks][np] (n-tiles 2np, 2np + 1 at k-slice

@@ -71,11 +71,7 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
 
   {  // one query row per thread
     const int tok = tid / kGroup, h = tid % kGroup;
-    float lse = -__builtin_huge_valf();
-    if (tok < ntok) lse = *p.lse.ptr<const float>(seq.batch, seq.start + t0 + tok, g * kGroup + h);
-    const bool live = lse != -__builtin_huge_valf();  // lse = -inf: the row sees nothing
-    lse_s[tid] = live ? lse * kLog2e : 0.f;
-    nv_s[tid] = live ? visible_rows(t0 + tok, p.block_size, p.block_stride, seq.cmp_len) : 0;
+    load_row_stats(p, seq, t0 + tok, g * kGroup + h, tok < ntok, lse_s[tid], nv_s[tid]);
   }
   init_tokens<kWgThreads>(ts, P, s);
   __syncthreads();
