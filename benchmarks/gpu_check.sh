@@ -33,6 +33,9 @@
 #   NSA_RACECHECK_K="sanitize and (T100 or split)"   the same for racecheck (slow)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_PROFILE_KERNELS="attn_|slc_|select_topk"   ncu's kernel-name regex (the profiled kernels)
+#   NSA_PROFILE_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats"   ncu's sections
+#   NSA_PROFILE_SOURCE=1    also the busiest CUDA source lines of each kernel (stall samples;
+#                           add SourceCounters to the sections), tools/ncu_source_top.py
 #   NSA_BENCH_LENGTHS="65536 32768 16384 8192"   (longest first: the bars are at 64k, and a run
 #                           that hits its time budget drops the shortest)
 #   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
@@ -197,11 +200,22 @@ if have profile; then
   if ! command -v ncu >/dev/null; then
     record profile "SKIPPED (no ncu)" "" 0
   else
+    sections=()
+    for sec in ${NSA_PROFILE_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats}; do
+      sections+=(--section "$sec")
+    done
+    rep=()
+    [ "${NSA_PROFILE_SOURCE:-0}" = "1" ] && rep=(--export /tmp/nsa_profile --force-overwrite)
     run_stage profile "$OUT/profile.log" "$lim" \
       ncu --target-processes all --kernel-name "regex:${NSA_PROFILE_KERNELS:-attn_|slc_|select_topk}" \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      "${sections[@]}" "${rep[@]}" \
       "$PY" tools/profile_nsa.py --T "${NSA_PROFILE_T:-16384}" --config "${NSA_PROFILE_CONFIG:-g16}"
     rc=$?
+    if [ ${#rep[@]} -gt 0 ] && [ -f /tmp/nsa_profile.ncu-rep ]; then
+      # The busiest source lines (warp-stall samples per CUDA line, -lineinfo) of each kernel.
+      ncu --import /tmp/nsa_profile.ncu-rep --page source --csv --print-source cuda > /tmp/nsa_source.csv 2>&1
+      "$PY" tools/ncu_source_top.py /tmp/nsa_source.csv >> "$OUT/profile.log" 2>&1
+    fi
     secs=$(( $(date +%s) - s ))
     record profile "$(status_of $rc)" "$(grep -c '^  [a-z_].*(.*)x(.*)' "$OUT/profile.log") kernels" "$secs"
   fi
