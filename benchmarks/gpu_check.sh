@@ -34,7 +34,7 @@
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_PROFILE_KERNELS="attn_|slc_|select_topk"   ncu's kernel-name regex (the profiled kernels)
 #   NSA_PROFILE_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats"   ncu's sections
-#   NSA_PROFILE_SOURCE=1    also the busiest CUDA source lines of each kernel (stall samples;
+#   NSA_PROFILE_SOURCE=1    also the busiest SASS instructions of each kernel (stall samples;
 #                           add SourceCounters to the sections), tools/ncu_source_top.py
 #   NSA_BENCH_LENGTHS="65536 32768 16384 8192"   (longest first: the bars are at 64k, and a run
 #                           that hits its time budget drops the shortest)
@@ -212,8 +212,10 @@ if have profile; then
       "$PY" tools/profile_nsa.py --T "${NSA_PROFILE_T:-16384}" --config "${NSA_PROFILE_CONFIG:-g16}"
     rc=$?
     if [ ${#rep[@]} -gt 0 ] && [ -f /tmp/nsa_profile.ncu-rep ]; then
-      # The busiest source lines (warp-stall samples per CUDA line, -lineinfo) of each kernel.
-      ncu --import /tmp/nsa_profile.ncu-rep --page source --csv --print-source cuda > /tmp/nsa_source.csv 2>&1
+      # With --export ncu prints nothing: the sections from the report, then the busiest SASS
+      # instructions (warp-stall samples) of each kernel.
+      ncu --import /tmp/nsa_profile.ncu-rep >> "$OUT/profile.log" 2>&1
+      ncu --import /tmp/nsa_profile.ncu-rep --page source --csv --print-source sass > /tmp/nsa_source.csv 2>&1
       "$PY" tools/ncu_source_top.py /tmp/nsa_source.csv >> "$OUT/profile.log" 2>&1
     fi
     secs=$(( $(date +%s) - s ))
