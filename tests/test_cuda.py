@@ -78,6 +78,9 @@ CASES = {
     "T520-G64-d64": dict(T=520, HQ=64, H=1, D=64, Dv=64),
     "T1100-G5-d64v128": dict(T=1100, HQ=5, H=1, D=64, Dv=128),      # NB = 18 > n = 16
     "T2100-B2-G4-d192v128": dict(B=2, T=2100, HQ=8, H=2, D=192, Dv=128),  # NB = 33, many tiles
+    # A negative scale reverses the order of the scores (the warpgroup forward puts the scale
+    # into the exps' FMA only when it is positive; a zero scale: test_zero_scale).
+    "T600-G4-d128-negscale": dict(T=600, HQ=8, H=2, D=128, Dv=128, scale=-0.15),
 }
 
 # Packed batches: empty and length-1 sequences mixed with long ones.
@@ -468,6 +471,14 @@ def test_selected_attention(case, dtype, kind):
     x = with_indices(x, case, kind, seed=seed_of("slc-idx", case, kind))
     (o,) = check_branch(selected, x, case, ["q", "k", "v"], dtype)
     check_raw_lse("slc", x, case, o)
+
+
+@pytest.mark.parametrize("branch", ["compressed", "sliding"])
+def test_zero_scale(branch):
+    """scale = 0: every visible key weighs the same (the forward's other softmax path)."""
+    case = dict(T=300, HQ=8, H=2, D=128, Dv=64, window_size=100, scale=0.0)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("zero-scale", branch), **case)
+    run_branch(branch, x, case, torch.bfloat16)
 
 
 @pytest.mark.parametrize("case,dtype", case_params(CASES))

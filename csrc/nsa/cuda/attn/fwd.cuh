@@ -236,6 +236,47 @@ __device__ __forceinline__ void softmax_probs_step(float (&s)[N / 8][4], const f
   }
 }
 
+// mask_scale_max without the scaling: masked elements -inf, this thread's two row maxima of the
+// raw scores in mx (the scale goes into the exps' FMA, softmax_probs_step_fma).
+template <int N, typename Mask>
+__device__ __forceinline__ void mask_max(float (&s)[N / 8][4], bool all, const Mask& visible, float (&mx)[2]) {
+  with_all_visible(all, [&](auto all_visible) {
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (!decltype(all_visible)::value && !visible(j, e)) s[j][e] = -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+      }
+    }
+  });
+}
+
+// softmax_probs_step on raw scores (mask_max): p = 2^(s scale_log2 - m) in one FMA and an exp per
+// element instead of a multiply, a subtraction and an exp. The maxima m (log2 units) are the same
+// as there: scaling by a positive factor keeps the order, so max(s) * scale = max(s * scale).
+template <int N>
+__device__ __forceinline__ void softmax_probs_step_fma(float (&s)[N / 8][4], const float (&mx)[2], float scale_log2,
+                                                       float (&m)[2], float (&l)[2], float (&corr)[2]) {
+  float neg_base[2];
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);
+    const float base = m_new == -INFINITY ? 0.f : m_new;
+    corr[r] = exp2f(m[r] - base);
+    neg_base[r] = -base;
+    m[r] = m_new;
+    l[r] *= corr[r];
+  }
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = exp2f(fmaf(s[j][e], scale_log2, neg_base[e >> 1]));
+      l[e >> 1] += s[j][e];
+    }
+  }
+}
+
 // acc (this thread's two rows) times corr.
 template <int DV>
 __device__ __forceinline__ void rescale_rows(float (&acc)[DV / 8][4], const float (&corr)[2]) {
@@ -261,22 +302,29 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[N / 8][4], const 
 // over kKeys columns (P or dS), rounded to T as the register A operand (before the fence, which
 // must follow every write of A); B [kKeys][N] MN-major in shared memory (V or K). wgmma_run_cb
 // also waits for it.
+// (b_desc: mnmajor_desc<kKeys>(b, 0), the k-steps added as constants.)
 template <int N, typename T>
-__device__ __forceinline__ void wgmma_issue_cb(float (&acc)[N / 8][4], const float (&c)[kKeys / 8][4], const T* b) {
+__device__ __forceinline__ void wgmma_issue_cb(float (&acc)[N / 8][4], const float (&c)[kKeys / 8][4],
+                                               uint64_t b_desc) {
   uint32_t a[kKeys / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kKeys / 16; ++kk) c_to_a<T>(a[kk], c[2 * kk], c[2 * kk + 1]);
   wgmma_fence_operands(acc);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<N, T>(acc, a[kk], mnmajor_desc<kKeys>(b, kk), true);
+  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs<N, T>(acc, a[kk], b_desc + mnmajor_step<kKeys, T>(kk), true);
   wgmma_commit();
 }
 template <int N, typename T>
-__device__ __forceinline__ void wgmma_run_cb(float (&acc)[N / 8][4], const float (&c)[kKeys / 8][4], const T* b) {
-  wgmma_issue_cb<N, T>(acc, c, b);
+__device__ __forceinline__ void wgmma_run_cb(float (&acc)[N / 8][4], const float (&c)[kKeys / 8][4],
+                                             uint64_t b_desc) {
+  wgmma_issue_cb<N, T>(acc, c, b_desc);
   wgmma_wait<0>();
   wgmma_fence_operands(acc);
+}
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_run_cb(float (&acc)[N / 8][4], const float (&c)[kKeys / 8][4], const T* b) {
+  wgmma_run_cb<N, T>(acc, c, mnmajor_desc<kKeys>(b, 0));
 }
 
 // Epilogue of the forward kernels: this thread's two rows of o = acc / l (0 when nothing was

@@ -10,6 +10,37 @@
 
 namespace nsa::cuda {
 
+// The contiguous key tiles of one KV head streamed into two stages (Layout::kWgmma, 64 keys x
+// COLS) with cp.async: thread tid copies chunk tid % (COLS / 8) of rows r0, r0 + kRowStep, ....
+// Its source is recomputed per tile from the tile's first key (one 64-bit multiply-add), full
+// tiles copy without per-row predicates, and only a last partial tile takes load_strided_async's
+// zero-filling path: the generic per-tile copy was ~190 of the ~660 instructions per warp and
+// tile of this kernel (ncu, 64k).
+template <typename T, int COLS>
+struct KeyTileStream {
+  static constexpr int kChunks = COLS / 8, kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kKeys % kRowStep == 0, "whole rows per pass");
+  const T* base;   // key row 0 of this KV head
+  index_t stride;  // elements between key rows
+  int r0, c;
+
+  __device__ KeyTileStream(const T* base_, index_t stride_)
+      : base(base_), stride(stride_), r0(int(threadIdx.x) / kChunks), c(int(threadIdx.x) % kChunks) {}
+
+  // Keys [ks, ks + valid) into stage (rows past valid zero-filled).
+  __device__ __forceinline__ void copy(T* stage, index_t ks, int valid) const {
+    if (valid == kKeys) {
+      const T* from = base + (ks + r0) * stride + c * 8;
+      const index_t step = kRowStep * stride;
+#pragma unroll
+      for (int k = 0; k < kKeys / kRowStep; ++k, from += step)
+        cp_async_16(stage + tile_offset<Layout::kWgmma, kKeys, COLS>(r0 + k * kRowStep, c * 8), from, true);
+    } else {
+      load_strided_async<kKeys, COLS, kThreads, Layout::kWgmma>(stage, base + ks * stride, stride, valid);
+    }
+  }
+};
+
 template <typename T, int D, int DV, Branch B>
 __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename BranchParams<B>::type p) {
   static_assert(B != Branch::kSlc && D <= 128 && DV <= 128, "contiguous branches, D, DV <= 128");
@@ -26,37 +57,71 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   load_query_rows<D, kRows, kThreads, Layout::kWgmma>(sQ, p.q, rows);
-  const QueryKeys<T, D, DV, B, Layout::kWgmma> keys(p, rows, nullptr, sK, sV);
+  index_t lo, hi;  // the keys some row sees; every tile of [lo, hi) holds keys
+  key_range<B>(p, rows.seq, rows.t_first, rows.t_last, lo, hi);
+  const int count = int((hi - lo + kKeys - 1) / kKeys);
+  const index_t row0 = key_row<B>(rows.seq, 0);
+  const KeyTileStream<T, D> k_stream(p.k.template ptr<const T>(rows.seq.batch, row0, rows.g), p.k.row_stride);
+  const KeyTileStream<T, DV> v_stream(p.v.template ptr<const T>(rows.seq.batch, row0, rows.g), p.v.row_stride);
+  auto load = [&](int i) {  // tile i into stage i % 2
+    const index_t ks = lo + index_t(i) * kKeys;
+    const int valid = int(min(index_t(kKeys), hi - ks));
+    k_stream.copy(sK + (i & 1) * kKeys * D, ks, valid);
+    v_stream.copy(sV + (i & 1) * kKeys * DV, ks, valid);
+  };
+  if (count > 0) load(0);
+  cp_async_commit();  // one group with Q
   const ThreadRows tr(rows, warp, lane);
 
+  // The descriptors of k-step 0 (Q; each stage of K and V), built once: a k-step adds a constant.
+  const uint64_t q_desc = kmajor_desc<kRows>(sQ, 0);
+  // (Two scalars each, not an array: a run-time index would put the array in local memory.)
+  const uint64_t k_desc0 = kmajor_desc<kKeys>(sK, 0), k_desc1 = kmajor_desc<kKeys>(sK + kKeys * D, 0);
+  const uint64_t v_desc0 = mnmajor_desc<kKeys>(sV, 0), v_desc1 = mnmajor_desc<kKeys>(sV + kKeys * DV, 0);
+
   const float scale_log2 = float(p.scale * M_LOG2E);
+  // The scale goes into the exps' FMA only when positive (then it keeps the order of the scores).
+  const bool scale_in_fma = scale_log2 > 0.f;
   float acc[DV / 8][4];
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  for (int i = 0; i < keys.count; ++i) {
-    const auto tile = keys.step(i);
-    if (tile.ks < tile.ke) {  // block-uniform: the products are warpgroup-wide
-      // S = Q K^T: both operands K-major.
-      float s[kKeys / 8][4];
-#pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      wgmma_run([&] {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_ss<kKeys, T>(s, kmajor_desc<kRows>(sQ, kk), kmajor_desc<kKeys>(tile.k, kk), kk > 0);
-      }, s);
+  for (int i = 0; i < count; ++i) {
+    if (i + 1 < count) load(i + 1);  // its stage was last read in step i - 1, before its closing barrier
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();  // the tensor cores read it next
+    __syncthreads();
+    const index_t ks = lo + index_t(i) * kKeys, ke = min(ks + kKeys, hi);
 
-      // Mask, scale, online softmax (this warp's 16 rows, the mma.sync C-fragment layout).
-      const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, ~0ull);
-      float mx[2] = {-INFINITY, -INFINITY};
-      mask_scale_max<kKeys>(s, tile_all_visible<B>(p, tile.ks, tile.ke, rows.t_first, rows.t_last), visible,
-                            scale_log2, mx);
-      online_softmax_step<kKeys, DV>(s, mx, m, l, acc);
+    // S = Q K^T: both operands K-major.
+    float s[kKeys / 8][4];
+#pragma unroll
+    for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    const uint64_t kd = (i & 1) ? k_desc1 : k_desc0;
+    wgmma_run([&] {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<kKeys, T>(s, q_desc + kmajor_step<kRows, T>(kk), kd + kmajor_step<kKeys, T>(kk), kk > 0);
+    }, s);
 
-      wgmma_run_cb<DV, T>(acc, s, tile.v);  // O += P V: P from registers, V MN-major
+    // Mask, online softmax (this warp's 16 rows, the mma.sync C-fragment layout).
+    const TileMask<B, P> visible(p, tr, rows, ks, ke, ~0ull);
+    const bool all = tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last);
+    float mx[2] = {-INFINITY, -INFINITY}, corr[2];
+    if (scale_in_fma) {
+      mask_max<kKeys>(s, all, visible, mx);
+      softmax_probs_step_fma<kKeys>(s, mx, scale_log2, m, l, corr);
+    } else {
+      mask_scale_max<kKeys>(s, all, visible, scale_log2, mx);
+      softmax_probs_step<kKeys>(s, mx, m, l, corr);
     }
+    // Once the maxima settle most tiles leave every row's maximum where it was (corr = 1 exactly):
+    // the warp then skips the rescale of O.
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) rescale_rows<DV>(acc, corr);
+
+    wgmma_run_cb<DV, T>(acc, s, (i & 1) ? v_desc1 : v_desc0);  // O += P V: P from registers, V MN-major
     __syncthreads();
   }
   cp_async_wait<0>();

@@ -75,6 +75,12 @@ __device__ __forceinline__ uint64_t mnmajor_desc(const T* tile, int kk) {
   const WgmmaOperand o = mnmajor_operand(ROWS, kk);
   return wgmma_desc(tile + o.start, o.lbo, o.sbo);
 }
+// mnmajor_desc<ROWS>(tile, kk) as mnmajor_desc<ROWS>(tile, 0) + mnmajor_step<ROWS, T>(kk) (the
+// same reasoning as kmajor_step).
+template <int ROWS, typename T>
+__device__ __forceinline__ uint64_t mnmajor_step(int kk) {
+  return uint64_t(mnmajor_operand(ROWS, kk).start * int(sizeof(T)) / 16);
+}
 
 // Traps unless the dynamic shared memory at smem starts on a 1024-byte boundary: the descriptors
 // (base offset 0) assume the tiles' swizzle atoms do.
