@@ -758,10 +758,21 @@ def small_slc_chunks(monkeypatch):
     monkeypatch.setenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS", "100")
 
 
-@pytest.mark.parametrize("kind", ["blocks", "tokens"])
+# By blocks, by tokens (the per-warp kernels' default 16-key sub-tiles) and by tokens with 32-key
+# sub-tiles (NSA_CUDA_SLC_WARP_KEYS=32).
+SLC_KINDS = ["blocks", "tokens", "tokens-32keys"]
+
+
+def set_slc_kind(monkeypatch, var, kind):
+    monkeypatch.setenv(var, kind.split("-")[0])
+    if kind.endswith("-32keys"):
+        monkeypatch.setenv("NSA_CUDA_SLC_WARP_KEYS", "32")
+
+
+@pytest.mark.parametrize("kind", SLC_KINDS)
 @pytest.mark.parametrize("case,dtype", case_params(SLC_FWD_CASES))
 def test_selected_forward_kinds(case, dtype, kind, monkeypatch, small_slc_chunks):
-    monkeypatch.setenv("NSA_CUDA_SLC_FWD_KERNEL", kind)
+    set_slc_kind(monkeypatch, "NSA_CUDA_SLC_FWD_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("slc-fwd", case, dtype, kind), **case)
     for idx_kind in ("user", "selected"):
         xi = with_indices(x, case, idx_kind, seed=seed_of("slc-fwd-idx", case, idx_kind))
@@ -769,27 +780,27 @@ def test_selected_forward_kinds(case, dtype, kind, monkeypatch, small_slc_chunks
         check_raw_lse("slc", xi, case, o)
 
 
-@pytest.mark.parametrize("kind", ["blocks", "tokens"])
+@pytest.mark.parametrize("kind", SLC_KINDS)
 @pytest.mark.parametrize("case,dtype", case_params(SLC_FWD_CASES))
 def test_selected_dq_kinds(case, dtype, kind, monkeypatch, small_slc_chunks):
     """NSA_CUDA_SLC_DQ_KERNEL=blocks|tokens: the selected branch's dQ by blocks (sm_90, D, Dv <=
     128, 32 <= select_size <= 256; the default there for G < 16: per-(row, slot) bf16 partials of
     the key tiles, summed in slot order; small chunks) or by tokens. Where by blocks does not
     apply, both check the by-tokens kernels."""
-    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", kind)
+    set_slc_kind(monkeypatch, "NSA_CUDA_SLC_DQ_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("slc-dq", case, dtype, kind), **case)
     for idx_kind in ("user", "selected"):
         xi = with_indices(x, case, idx_kind, seed=seed_of("slc-dq-idx", case, idx_kind))
         check_branch(selected, xi, case, ["q", "k", "v"], dtype)
 
 
-@pytest.mark.parametrize("kind", ["blocks", "tokens"])
+@pytest.mark.parametrize("kind", SLC_KINDS)
 @pytest.mark.parametrize("part", ["fwd", "dq"])
 @pytest.mark.parametrize("case", VARLEN.values(), ids=list(VARLEN))
 def test_selected_kinds_varlen(case, part, kind, monkeypatch, small_slc_chunks):
     """The selected branch's forward (NSA_CUDA_SLC_FWD_KERNEL) or dQ (NSA_CUDA_SLC_DQ_KERNEL) by
     blocks or by tokens on packed batches."""
-    monkeypatch.setenv(f"NSA_CUDA_SLC_{part.upper()}_KERNEL", kind)
+    set_slc_kind(monkeypatch, f"NSA_CUDA_SLC_{part.upper()}_KERNEL", kind)
     x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of(f"slc-{part}-varlen", case, kind), **case)
     run_branch("selected", x, case, torch.bfloat16, seed=seed_of(f"slc-{part}-varlen-idx", case))
 

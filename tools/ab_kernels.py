@@ -13,6 +13,8 @@ benchmark's inputs, and prints how far each kind's results are from the first ki
           (token, KV head) rows whose selection differs (near-ties)
     slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks | tokens: the selected branch's forward +
           backward (dQ by blocks: sm_90, the default for G < 16)
+    slckeys NSA_CUDA_SLC_WARP_KEYS = default | 16 | 32: keys per sub-tile of the selected
+          branch's per-warp forward and dQ (the default is 16)
 
     python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
 """
@@ -38,6 +40,7 @@ SWITCHES = {
     "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
     "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks", "tokens"]),
     "select": ("NSA_CUDA_SELECT_KERNEL", ["default", "wgmma", "mma"]),
+    "slckeys": ("NSA_CUDA_SLC_WARP_KEYS", ["default", "16", "32"]),
 }
 
 
@@ -100,7 +103,8 @@ def run(switch, name, T):
         if switch == "select":
             return run_select(name, T, x, sel, lse)
         idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
-    todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",)}[switch]
+    todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",),
+            "slckeys": ("slc",)}[switch]
     backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():
         if br not in todo:

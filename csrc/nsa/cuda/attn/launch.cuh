@@ -79,8 +79,11 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
     if constexpr (B == Branch::kSlc) {
-      if (slc_per_warp(p.num_heads / p.num_heads_k))
-        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D));
+      if (slc_per_warp(p.num_heads / p.num_heads_k)) {
+        if (slc_warp_keys() == 16)
+          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D));
+        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(D));
+      }
     } else if constexpr (D <= 128 && DV <= 128) {
       const FwdKind kind = fwd_kind<B>(D, DV);
       if (kind == FwdKind::kWide)
@@ -173,8 +176,12 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
     if (skip_dq) {
       // (the caller computes dq)
     } else if (B == Branch::kSlc && slc_per_warp(p.num_heads / p.num_heads_k)) {
-      if constexpr (B == Branch::kSlc)
-        launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D + DV), delta);
+      if constexpr (B == Branch::kSlc) {
+        if (slc_warp_keys() == 16)
+          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D + DV), delta);
+        else
+          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(D + DV), delta);
+      }
     } else {
       auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;
       if constexpr (D <= 128 && DV <= 128) {

@@ -9,9 +9,9 @@
 // for G >= 64 one thread block of the shared kernel is one token, which is this loop already.
 //
 // Per warp: the list of (block, token) items (a block a token chose, repeats dropped), each cut
-// into sub-tiles of kWarpKeys keys, double-buffered with cp.async; rows of other tokens masked.
-// Shared memory: Q [16][D] (dq kernel: then dO [16][DV]), K [2][kWarpKeys][D],
-// V [2][kWarpKeys][DV] (swizzled), then the items.
+// into sub-tiles of KEYS keys, double-buffered with cp.async; rows of other tokens masked.
+// Shared memory: Q [16][D] (dq kernel: then dO [16][DV]), K [2][KEYS][D], V [2][KEYS][DV]
+// (swizzled), then the items.
 #pragma once
 
 #include <cmath>
@@ -21,12 +21,16 @@
 namespace nsa::cuda {
 
 constexpr int kWarpRows = 16;  // query rows per warp (one m16 tile)
-constexpr int kWarpKeys = 32;  // keys per sub-tile
+
+// Keys per sub-tile (KEYS below): 16 or 32 (slc_warp_keys in switches.h). One warp per thread
+// block is the whole resident state of an SM's share of the work, so the sub-tiles' shared memory
+// sets how many warps an SM holds: ~39 KB with 32 keys (5 warps per SM, ncu at 64k: latency-bound,
+// 42% of the issue slots and 53% of L2 throughput used), ~23 KB with 16 (9 or 10 warps).
 
 // Bytes of the tiles: `query_cols` = D (forward) or D + DV (dq: Q and dO).
-template <int D, int DV>
+template <int D, int DV, int KEYS>
 constexpr size_t slc_warp_tiles_bytes(int query_cols) {
-  return size_t(2) * (kWarpRows * query_cols + 2 * kWarpKeys * (D + DV));
+  return size_t(2) * (kWarpRows * query_cols + 2 * KEYS * (D + DV));
 }
 
 inline size_t slc_warp_smem_bytes(size_t tiles_bytes, int num_selected) {
@@ -63,11 +67,10 @@ __device__ __forceinline__ int warp_block_items(const SlcParams& p, const QueryR
   return count;
 }
 
-// The warp's sub-tiles, double-buffered in sK [2][kWarpKeys][D], sV [2][kWarpKeys][DV]: tile i
-// is part i % per_block of the block of item i / per_block, per_block = ceil(select_size /
-// kWarpKeys) rounded up to a power of two (a shift, not a division, per tile; parts past the block
-// are empty).
-template <typename T, int D, int DV>
+// The warp's sub-tiles, double-buffered in sK [2][KEYS][D], sV [2][KEYS][DV]: tile i is part
+// i % per_block of the block of item i / per_block, per_block = ceil(select_size / KEYS) rounded
+// up to a power of two (a shift, not a division, per tile; parts past the block are empty).
+template <typename T, int D, int DV, int KEYS>
 struct WarpBlockTiles {
   // Step i's tile: keys [ks, ks + kend) of token t in k, v (kend <= 0: nothing to do, a part past
   // the block, or past the token in its own block).
@@ -90,7 +93,7 @@ struct WarpBlockTiles {
   // group).
   __device__ WarpBlockTiles(const SlcParams& p_, const QueryRows& rows_, T* sK_, T* sV_, int32_t* items)
       : p(p_), rows(rows_), sK(sK_), sV(sV_), block(items), token(items + kWarpRows * p_.num_selected) {
-    while ((kWarpKeys << shift) < p.select_size) ++shift;
+    while ((KEYS << shift) < p.select_size) ++shift;
     count = warp_block_items(p, rows, items, items + kWarpRows * p.num_selected) << shift;
     if (count > 0) load(0);
     cp_async_commit();
@@ -101,8 +104,8 @@ struct WarpBlockTiles {
     const int it = i >> shift;
     tl = token[it];
     const index_t start = index_t(block[it]) * p.select_size;
-    ks = start + index_t(i - (it << shift)) * kWarpKeys;
-    ke = min(min(start + p.select_size, ks + kWarpKeys), rows.t_first + tl + 1);
+    ks = start + index_t(i - (it << shift)) * KEYS;
+    ke = min(min(start + p.select_size, ks + KEYS), rows.t_first + tl + 1);
   }
 
   // cp.async of tile i into stage i % 2.
@@ -112,10 +115,10 @@ struct WarpBlockTiles {
     keys(i, ks, ke, tl);
     const int valid = int(max(index_t(0), ke - ks));
     const index_t row = rows.seq.start + ks;
-    load_strided_async<kWarpKeys, D, 32>(sK + (i & 1) * kWarpKeys * D,
-                                         p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
-    load_strided_async<kWarpKeys, DV, 32>(sV + (i & 1) * kWarpKeys * DV,
-                                          p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
+    load_strided_async<KEYS, D, 32>(sK + (i & 1) * KEYS * D, p.k.template ptr<const T>(rows.seq.batch, row, rows.g),
+                                    p.k.row_stride, valid);
+    load_strided_async<KEYS, DV, 32>(sV + (i & 1) * KEYS * DV,
+                                     p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
   }
 
   // Step i: prefetches tile i + 1 (its stage was last read in step i - 1), waits for tile i.
@@ -128,8 +131,7 @@ struct WarpBlockTiles {
     index_t ks, ke;
     int tl;
     keys(i, ks, ke, tl);
-    return Tile{int(max(index_t(0), ke - ks)), rows.t_first + tl, sK + (i & 1) * kWarpKeys * D,
-                sV + (i & 1) * kWarpKeys * DV};
+    return Tile{int(max(index_t(0), ke - ks)), rows.t_first + tl, sK + (i & 1) * KEYS * D, sV + (i & 1) * KEYS * DV};
   }
 };
 
@@ -146,19 +148,19 @@ struct WarpTileMask {
   }
 };
 
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, int KEYS>
 __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kWarpRows * D;
-  T* sV = sK + 2 * kWarpKeys * D;
-  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV>(D));
+  T* sV = sK + 2 * KEYS * D;
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS>(D));
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV> tiles(p, rows, sK, sV, items);
+  const WarpBlockTiles<T, D, DV, KEYS> tiles(p, rows, sK, sV, items);
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
@@ -175,21 +177,21 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
     }
     if (tile.kend <= 0) continue;
     const WarpTileMask visible(tr, tile.t, tile.kend);
-    float s[kWarpKeys / 8][4];
+    float s[KEYS / 8][4];
 #pragma unroll
-    for (int j = 0; j < kWarpKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    warp_gemm_nt<D, kWarpKeys, T>(s, qf, tile.k);  // S = Q K^T
+    for (int j = 0; j < KEYS / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    warp_gemm_nt<D, KEYS, T>(s, qf, tile.k);  // S = Q K^T
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < kWarpKeys / 8; ++j) {
+    for (int j = 0; j < KEYS / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         s[j][e] = visible(j, e) ? s[j][e] * scale_log2 : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
       }
     }
-    online_softmax_step<kWarpKeys, DV>(s, mx, m, l, acc);
-    warp_gemm_pn<kWarpKeys, DV, T>(acc, s, tile.v);  // O += P V
+    online_softmax_step<KEYS, DV>(s, mx, m, l, acc);
+    warp_gemm_pn<KEYS, DV, T>(acc, s, tile.v);  // O += P V
   }
   cp_async_wait<0>();
   store_rows_output<T, DV>(p, rows, tr, acc, m, l);
@@ -197,21 +199,21 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
 
 // dQ = scale * sum dS K over the warp's tiles, dS = P (dP - delta), P = exp(scale q.k - lse),
 // dP = dO V^T (the shared dq kernel's math, per warp).
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, int KEYS>
 __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, const float* __restrict__ delta) {
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kWarpRows * D;
   T* sK = sdO + kWarpRows * DV;
-  T* sV = sK + 2 * kWarpKeys * D;
-  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV>(D + DV));
+  T* sV = sK + 2 * KEYS * D;
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS>(D + DV));
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   load_query_rows<DV, kWarpRows, 32>(sdO, p.dout, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV> tiles(p, rows, sK, sV, items);
+  const WarpBlockTiles<T, D, DV, KEYS> tiles(p, rows, sK, sV, items);
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
   float lse2[2], dlt[2];
   load_row_stats(p, rows, tr, delta, lse2, dlt);
@@ -224,14 +226,14 @@ __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, cons
     const auto tile = tiles.step(i);
     if (tile.kend <= 0) continue;
     const WarpTileMask visible(tr, tile.t, tile.kend);
-    float s[kWarpKeys / 8][4], dp[kWarpKeys / 8][4];
+    float s[KEYS / 8][4], dp[KEYS / 8][4];
 #pragma unroll
-    for (int j = 0; j < kWarpKeys / 8; ++j)
+    for (int j = 0; j < KEYS / 8; ++j)
       for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-    warp_gemm_nt<D, kWarpKeys>(s, sQ, 0, tile.k);     // S = Q K^T
-    warp_gemm_nt<DV, kWarpKeys>(dp, sdO, 0, tile.v);  // dP = dO V^T
+    warp_gemm_nt<D, KEYS>(s, sQ, 0, tile.k);     // S = Q K^T
+    warp_gemm_nt<DV, KEYS>(dp, sdO, 0, tile.v);  // dP = dO V^T
 #pragma unroll
-    for (int j = 0; j < kWarpKeys / 8; ++j) {
+    for (int j = 0; j < KEYS / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
@@ -239,7 +241,7 @@ __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, cons
         s[j][e] = pr * (dp[j][e] - dlt[r]);  // dS
       }
     }
-    warp_gemm_pn<kWarpKeys, D>(dq, s, tile.k);  // dQ += dS K
+    warp_gemm_pn<KEYS, D>(dq, s, tile.k);  // dQ += dS K
   }
   cp_async_wait<0>();
   store_rows_dq<T, D>(p, rows, tr, dq);

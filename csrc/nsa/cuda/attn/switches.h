@@ -56,6 +56,10 @@ inline bool slc_per_warp(int group) {
   return group < 64;
 }
 
+// Keys per sub-tile of the per-warp kernels (slc_warp.cuh): 16 (half the shared memory of 32,
+// twice the warps per SM for a latency-bound kernel) unless NSA_CUDA_SLC_WARP_KEYS=32.
+inline int slc_warp_keys() { return env_is("NSA_CUDA_SLC_WARP_KEYS", "32") ? 32 : 16; }
+
 // Does the selected branch's forward (var = NSA_CUDA_SLC_FWD_KERNEL) or dQ (var =
 // NSA_CUDA_SLC_DQ_KERNEL) run by blocks (slc_blocks.cuh: each key tile read once, partial results
 // per (row, slot) merged in slot order) instead of by tokens? On sm_90 for D, DV <= 128 and G < 16,
