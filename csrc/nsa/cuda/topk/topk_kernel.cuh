@@ -334,21 +334,35 @@ __device__ __forceinline__ void carry_rows(const TokenState& ts, const Shape& s,
   }
 }
 
-// Step 2 of key tile kt for token tok (sequence-relative t0 + tok) and the jj-th block touching
-// the tile's cells [i0, i0 + 64): its score from w (plus the part carried in open), kept in open
-// if the tile edge cuts it, else offered as a candidate if it beats theta.
+// Step 2 of key tile kt for token tok and the jj-th block touching the tile's cells [i0, i0 + 64):
+// its score from w (plus the part carried in open), kept in open if the tile edge cuts it, else
+// offered as a candidate if it beats theta. b: the token's own block ((t0 + tok) / select_size,
+// which callers can hoist out of their item loops). kCpr, kCpb: s.cpr and s.cpb as compile-time
+// constants (0: read from s at run time). When kCpb divides the tile, no block straddles its
+// edge: the block's cells_score has fixed bounds and unrolls into constant weights (1 2 2 2 1 over
+// 5 rows for cpr = 2, cpb = 4) with the same additions in the same order, so both give the same
+// bits, and the divisions by cpb become shifts.
+template <int kCpr = 0, int kCpb = 0>
 __device__ __forceinline__ void score_block(const TopkParams& p, const Shape& s, const TokenState& ts, int P,
-                                            int kt, int t0, int tok, int jj) {
-  const int i0 = kt * kTileRows, cpb = s.cpb;
+                                            int kt, int tok, int jj, int b) {
+  static_assert((kCpr == 0) == (kCpb == 0), "both compile-time or both run-time");
+  constexpr bool kWhole = kCpb > 0 && kTileRows % kCpb == 0;  // every block inside the tile
+  const int cpr = kCpr > 0 ? kCpr : s.cpr, cpb = kCpb > 0 ? kCpb : s.cpb;
+  const int i0 = kt * kTileRows;
   const int j = i0 / cpb + jj;
-  const int ka = max(j * cpb, i0), kb = min((j + 1) * cpb, i0 + kTileRows);
-  float sc = cells_score(ts.w + tok * s.ws, i0 - (s.cpr - 1), ka, kb, s.cpr);
-  if (j * cpb < i0) sc += ts.open[((kt + 1) & 1) * P + tok];
-  if ((j + 1) * cpb > i0 + kTileRows) {
-    ts.open[(kt & 1) * P + tok] = sc;
-    return;
+  const float* w = ts.w + tok * s.ws;  // w[r - (i0 - cpr + 1)]: row r
+  float sc;
+  if constexpr (kWhole) {
+    sc = cells_score(w + (j * cpb - i0), 0, cpr - 1, cpr - 1 + cpb, cpr);  // rows j cpb - cpr + 1 ..
+  } else {
+    const int ka = max(j * cpb, i0), kb = min((j + 1) * cpb, i0 + kTileRows);
+    sc = cells_score(w, i0 - (cpr - 1), ka, kb, cpr);
+    if (j * cpb < i0) sc += ts.open[((kt + 1) & 1) * P + tok];
+    if ((j + 1) * cpb > i0 + kTileRows) {
+      ts.open[(kt & 1) * P + tok] = sc;
+      return;
+    }
   }
-  const int b = (t0 + tok) / p.select_size;
   if (j > b) return;
   const uint64_t k = block_key(sc, j, is_forced(j, b, p.num_initial, p.num_local));
   if (k > ts.theta[tok]) ts.cand[tok * s.cap + atomicAdd(&ts.nacc[tok], 1)] = k;
@@ -588,7 +602,14 @@ select_topk_kernel(const TopkParams p, const Shape s) {
     own_sync();
 
     // 2. Blocks touching cells [i0, i0 + 64): score, keep the cut one's part, filter by theta.
-    for_own_items(blocks_of_tile(kt, cpb), [&](int tok, int jj) { score_block(p, s, ts, P, kt, t0, tok, jj); });
+    // The paper's shape (cpr = 2, cpb = 4): 16 whole blocks per tile, compile-time weights.
+    if (cpr == 2 && cpb == 4)
+      for_own_items(kTileRows / 4, [&](int tok, int jj) {
+        score_block<2, 4>(p, s, ts, P, kt, tok, jj, (t0 + tok) / p.select_size);
+      });
+    else
+      for_own_items(blocks_of_tile(kt, cpb),
+                    [&](int tok, int jj) { score_block(p, s, ts, P, kt, tok, jj, (t0 + tok) / p.select_size); });
     own_sync();
 
     // 3. Carry the last cpr - 1 rows (in rounds of 64 when they overlap), then merge the tokens

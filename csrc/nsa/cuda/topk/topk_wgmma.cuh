@@ -90,6 +90,15 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
     for (int tok = warp; tok < ntok; tok += kWarps)
       for (int i = lane; i < per; i += 32) f(tok, i);
   };
+  // The paper's shape (cpr = 2, cpb = 4; chosen once per block): each tile completes 16 whole
+  // blocks per token, scored with compile-time weights by two tokens per 32 lanes (the generic
+  // loop leaves 16 lanes idle), lane's token in round q: warp + kWarps (2 q + lane / 16) (past the
+  // last token: none; G = 32 has one per warp). Its own block, a division, once per block.
+  const bool fast = cpr == 2 && cpb == 4;
+  constexpr int kRounds = (P / kWarps + 1) / 2;
+  int own_b[kRounds];
+#pragma unroll
+  for (int q = 0; q < kRounds; ++q) own_b[q] = (t0 + warp + kWarps * (2 * q + (lane >> 4))) / p.select_size;
 
   for (int kt = 0; kt < ntiles; ++kt) {
     const int i0 = kt * kTileRows;
@@ -123,12 +132,26 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
     __syncthreads();  // every warp's rows of every token's w_s
 
     // 2. Blocks touching cells [i0, i0 + 64): score, keep the cut one's part, filter by theta.
-    for_own_items(blocks_of_tile(kt, cpb), [&](int tok, int jj) { score_block(p, s, ts, P, kt, t0, tok, jj); });
+    if (fast) {
+#pragma unroll
+      for (int q = 0; q < kRounds; ++q) {
+        const int tok = warp + kWarps * (2 * q + (lane >> 4));
+        if (tok < ntok) score_block<2, 4>(p, s, ts, P, kt, tok, lane & 15, own_b[q]);
+      }
+    } else {
+      for_own_items(blocks_of_tile(kt, cpb),
+                    [&](int tok, int jj) { score_block(p, s, ts, P, kt, tok, jj, (t0 + tok) / p.select_size); });
+    }
     __syncwarp();
 
     // 3. Carry the last cpr - 1 rows (in rounds of 64 when they overlap), then merge the tokens
     // whose slots could not take another tile's candidates.
-    carry_rows(ts, s, for_own_items, [] { __syncwarp(); });
+    if (fast) {  // one row: a lane per token
+      const int tok = warp + kWarps * lane;
+      if (tok < ntok) w_s[tok * ws] = w_s[tok * ws + kTileRows];
+    } else {
+      carry_rows(ts, s, for_own_items, [] { __syncwarp(); });
+    }
     const int last = kt + 1 == ntiles;
     for (int tok = warp; tok < ntok; tok += kWarps) merge_if_due(ts, n, cap, last ? 0 : s.merge_at, tok);
   }
