@@ -440,16 +440,16 @@ def test_sliding_window_attention(case, dtype):
 
 
 FWD_KIND_PARAMS = [pytest.param(*p.values, kind, id=f"{p.id}-{kind}")
-                   for kind in ("narrow", "wide")
+                   for kind in ("narrow", "wide", "wgmma_kv2")
                    for p in case_params(CASES) if p.values[1] == torch.bfloat16 or kind != "narrow"]
 
 
 @pytest.mark.parametrize("case,dtype,kind", FWD_KIND_PARAMS)
 def test_forward_kernel_kinds(case, dtype, kind, monkeypatch):
     """The forward kernels of the compressed and window branches that sm_90 does not run by
-    default (it takes the warpgroup kernel): NSA_CUDA_FWD_KERNEL=narrow (mma.sync, 16 rows per
-    warp; the default for D = 192) and =wide (mma.sync, 32 rows per warp; the default before
-    sm_90)."""
+    default (it takes the warpgroup kernel with one stage of V): NSA_CUDA_FWD_KERNEL=narrow
+    (mma.sync, 16 rows per warp; the default for D = 192), =wide (mma.sync, 32 rows per warp; the
+    default before sm_90) and =wgmma_kv2 (the warpgroup kernel with two stages of V)."""
     monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", kind)
     x = gpu_inputs(dtype=dtype, seed=seed_of("cmp", case, dtype), **case)
     check_branch(compressed, x, case, ["q", "k_cmp", "v_cmp"], dtype)

@@ -1,8 +1,8 @@
 """Times the CUDA kernel kinds that an environment switch chooses between, side by side on the
 benchmark's inputs, and prints how far each kind's results are from the first kind's:
 
-    fwd   NSA_CUDA_FWD_KERNEL = default | wide | narrow: the compressed and window forward (the
-          default is the warpgroup kernel on sm_90, else wide)
+    fwd   NSA_CUDA_FWD_KERNEL = default | wgmma_kv2 | wide | narrow: the compressed and window
+          forward (the default is the warpgroup kernel with one stage of V on sm_90, else wide)
     bwd   NSA_CUDA_BWD_KERNEL = default | mma: forward + backward of the compressed, selected and
           window branches (the dQ and dK/dV kernels; the default is wgmma on sm_90)
     slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
@@ -34,7 +34,7 @@ import nsa_torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 SWITCHES = {
-    "fwd": ("NSA_CUDA_FWD_KERNEL", ["default", "wide", "narrow"]),
+    "fwd": ("NSA_CUDA_FWD_KERNEL", ["default", "wgmma_kv2", "wide", "narrow"]),
     "bwd": ("NSA_CUDA_BWD_KERNEL", ["default", "mma"]),
     "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
     "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),

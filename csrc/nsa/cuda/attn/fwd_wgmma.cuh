@@ -41,15 +41,27 @@ struct KeyTileStream {
   }
 };
 
-template <typename T, int D, int DV, Branch B>
-__global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename BranchParams<B>::type p) {
+// Shared memory of attn_fwd_wgmma_kernel: Q, two stages of K, and one stage of V (kOneV) or two.
+template <int D, int DV, bool kOneV>
+constexpr size_t fwd_wgmma_smem_bytes() {
+  return size_t(2) * (kRows * D + 2 * kKeys * D + (kOneV ? 1 : 2) * kKeys * DV);
+}
+
+// kOneV: one stage of V, loaded at the top of the step that uses it (its product comes after
+// S = Q K^T and the softmax, which hide the load) behind a second barrier per step. 64 KB instead
+// of 80 KB at D = Dv = 128, so 3 thread blocks fit on an SM instead of 2: ncu at 64k found the
+// kernel latency-bound (issue slots 41% busy, 5.4 cycles per instruction at 2 warps per
+// scheduler, a third of the stall samples in the softmax's dependent chains).
+template <typename T, int D, int DV, Branch B, bool kOneV = true>
+__global__ void __launch_bounds__(kThreads, kOneV ? 3 : 1)
+    attn_fwd_wgmma_kernel(const typename BranchParams<B>::type p) {
   static_assert(B != Branch::kSlc && D <= 128 && DV <= 128, "contiguous branches, D, DV <= 128");
   static_assert(kThreads == 128 && kRows == 64 && kKeys == 64, "one warpgroup, 64 rows, 64 keys");
   using P = typename BranchParams<B>::type;
   extern __shared__ __align__(1024) unsigned char smem_wg[];  // (its own name: other kernels declare 128)
   T* sQ = reinterpret_cast<T*>(smem_wg);  // [D / 64][kRows][64]         (Layout::kWgmma, 1024-aligned)
   T* sK = sQ + kRows * D;              // [2] x [D / 64][kKeys][64]
-  T* sV = sK + 2 * kKeys * D;          // [2] x [DV / 64][kKeys][64]
+  T* sV = sK + 2 * kKeys * D;          // [kOneV ? 1 : 2] x [DV / 64][kKeys][64]
   wgmma_check_alignment(smem_wg);
 
   QueryRows rows;
@@ -63,21 +75,33 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
   const index_t row0 = key_row<B>(rows.seq, 0);
   const KeyTileStream<T, D> k_stream(p.k.template ptr<const T>(rows.seq.batch, row0, rows.g), p.k.row_stride);
   const KeyTileStream<T, DV> v_stream(p.v.template ptr<const T>(rows.seq.batch, row0, rows.g), p.v.row_stride);
-  auto load = [&](int i) {  // tile i into stage i % 2
-    const index_t ks = lo + index_t(i) * kKeys;
-    const int valid = int(min(index_t(kKeys), hi - ks));
-    k_stream.copy(sK + (i & 1) * kKeys * D, ks, valid);
-    v_stream.copy(sV + (i & 1) * kKeys * DV, ks, valid);
+  auto keys_of = [&](int i, index_t& ks) {  // tile i's first key and its number of keys
+    ks = lo + index_t(i) * kKeys;
+    return int(min(index_t(kKeys), hi - ks));
   };
-  if (count > 0) load(0);
+  auto load_k = [&](int i) {  // K of tile i into stage i % 2
+    index_t ks;
+    const int valid = keys_of(i, ks);
+    k_stream.copy(sK + (i & 1) * kKeys * D, ks, valid);
+  };
+  auto load_v = [&](int i) {  // V of tile i into its stage
+    index_t ks;
+    const int valid = keys_of(i, ks);
+    v_stream.copy(sV + (kOneV ? 0 : (i & 1) * kKeys * DV), ks, valid);
+  };
+  if (count > 0) {
+    load_k(0);
+    if (!kOneV) load_v(0);
+  }
   cp_async_commit();  // one group with Q
   const ThreadRows tr(rows, warp, lane);
 
   // The descriptors of k-step 0 (Q; each stage of K and V), built once: a k-step adds a constant.
-  const uint64_t q_desc = kmajor_desc<kRows>(sQ, 0);
   // (Two scalars each, not an array: a run-time index would put the array in local memory.)
+  const uint64_t q_desc = kmajor_desc<kRows>(sQ, 0);
   const uint64_t k_desc0 = kmajor_desc<kKeys>(sK, 0), k_desc1 = kmajor_desc<kKeys>(sK + kKeys * D, 0);
-  const uint64_t v_desc0 = mnmajor_desc<kKeys>(sV, 0), v_desc1 = mnmajor_desc<kKeys>(sV + kKeys * DV, 0);
+  const uint64_t v_desc0 = mnmajor_desc<kKeys>(sV, 0),
+                 v_desc1 = kOneV ? v_desc0 : mnmajor_desc<kKeys>(sV + kKeys * DV, 0);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
   // The scale goes into the exps' FMA only when positive (then it keeps the order of the scores).
@@ -88,9 +112,18 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   for (int i = 0; i < count; ++i) {
-    if (i + 1 < count) load(i + 1);  // its stage was last read in step i - 1, before its closing barrier
+    // Stages written here were last read in step i - 1, before its closing barrier: V (kOneV)
+    // by P V, K_{i+1}'s by S = Q K^T.
+    if (kOneV) {
+      load_v(i);
+      cp_async_commit();
+    }
+    if (i + 1 < count) {
+      load_k(i + 1);
+      if (!kOneV) load_v(i + 1);
+    }
     cp_async_commit();
-    cp_async_wait<1>();
+    if (kOneV) cp_async_wait<2>(); else cp_async_wait<1>();  // K_i (and V_i unless kOneV)
     fence_proxy_async();  // the tensor cores read it next
     __syncthreads();
     const index_t ks = lo + index_t(i) * kKeys, ke = min(ks + kKeys, hi);
@@ -121,6 +154,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_wgmma_kernel(const typename
     // the warp then skips the rescale of O.
     if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) rescale_rows<DV>(acc, corr);
 
+    if (kOneV) {  // V_i, every thread's part
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncthreads();
+    }
     wgmma_run_cb<DV, T>(acc, s, (i & 1) ? v_desc1 : v_desc0);  // O += P V: P from registers, V MN-major
     __syncthreads();
   }

@@ -90,8 +90,11 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
         return launch_kernel<B>(attn_fwd_wide_kernel<T, D, DV, B>, query_grid(p, kWideRows), kThreads,
                                 fwd_wide_smem_bytes<D, DV>(), stream, p);
       if (kind == FwdKind::kWgmma)
-        return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B>, query_grid(p), kThreads,
-                                fwd_smem_tiles_bytes<D, DV>(), stream, p);
+        return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B, true>, query_grid(p), kThreads,
+                                fwd_wgmma_smem_bytes<D, DV, true>(), stream, p);
+      if (kind == FwdKind::kWgmmaKv2)
+        return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B, false>, query_grid(p), kThreads,
+                                fwd_wgmma_smem_bytes<D, DV, false>(), stream, p);
     }
     launch_kernel<B>(attn_fwd_kernel<T, D, DV, B>, query_grid(p), kThreads,
                      fwd_smem_tiles_bytes<D, DV>() + union_bytes<B>(p), stream, p);

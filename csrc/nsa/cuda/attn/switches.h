@@ -28,17 +28,18 @@ inline bool device_is_sm90() {
 }
 
 // Which forward kernel runs a contiguous branch with D, DV <= 128: attn_fwd_wgmma_kernel
-// (fwd_wgmma.cuh) on sm_90, else the wide one (fwd_wide.cuh, 32 rows per warp);
-// NSA_CUDA_FWD_KERNEL=wide or =narrow (attn_fwd_kernel, 16 rows per warp) forces an mma.sync
-// kernel. The selected branch and D = 192 always take attn_fwd_kernel.
-enum class FwdKind { kNarrow, kWide, kWgmma };
+// (fwd_wgmma.cuh; one stage of V) on sm_90, else the wide one (fwd_wide.cuh, 32 rows per warp);
+// NSA_CUDA_FWD_KERNEL=wgmma_kv2 forces the warpgroup kernel with two stages of V, =wide or
+// =narrow (attn_fwd_kernel, 16 rows per warp) an mma.sync kernel. The selected branch and
+// D = 192 always take attn_fwd_kernel.
+enum class FwdKind { kNarrow, kWide, kWgmma, kWgmmaKv2 };
 
 template <Branch B>
 inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
   if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
   if (env_is("NSA_CUDA_FWD_KERNEL", "narrow")) return FwdKind::kNarrow;
-  if (env_is("NSA_CUDA_FWD_KERNEL", "wide")) return FwdKind::kWide;
-  return device_is_sm90() ? FwdKind::kWgmma : FwdKind::kWide;
+  if (env_is("NSA_CUDA_FWD_KERNEL", "wide") || !device_is_sm90()) return FwdKind::kWide;
+  return env_is("NSA_CUDA_FWD_KERNEL", "wgmma_kv2") ? FwdKind::kWgmmaKv2 : FwdKind::kWgmma;
 }
 
 // Do the dQ and dK/dV kernels run on warpgroup products? On sm_90 for D, DV <= 128, unless
