@@ -10,37 +10,6 @@
 
 namespace nsa::cuda {
 
-// The contiguous key tiles of one KV head streamed into two stages (Layout::kWgmma, 64 keys x
-// COLS) with cp.async: thread tid copies chunk tid % (COLS / 8) of rows r0, r0 + kRowStep, ....
-// Its source is recomputed per tile from the tile's first key (one 64-bit multiply-add), full
-// tiles copy without per-row predicates, and only a last partial tile takes load_strided_async's
-// zero-filling path: the generic per-tile copy was ~190 of the ~660 instructions per warp and
-// tile of this kernel (ncu, 64k).
-template <typename T, int COLS>
-struct KeyTileStream {
-  static constexpr int kChunks = COLS / 8, kRowStep = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kKeys % kRowStep == 0, "whole rows per pass");
-  const T* base;   // key row 0 of this KV head
-  index_t stride;  // elements between key rows
-  int r0, c;
-
-  __device__ KeyTileStream(const T* base_, index_t stride_)
-      : base(base_), stride(stride_), r0(int(threadIdx.x) / kChunks), c(int(threadIdx.x) % kChunks) {}
-
-  // Keys [ks, ks + valid) into stage (rows past valid zero-filled).
-  __device__ __forceinline__ void copy(T* stage, index_t ks, int valid) const {
-    if (valid == kKeys) {
-      const T* from = base + (ks + r0) * stride + c * 8;
-      const index_t step = kRowStep * stride;
-#pragma unroll
-      for (int k = 0; k < kKeys / kRowStep; ++k, from += step)
-        cp_async_16(stage + tile_offset<Layout::kWgmma, kKeys, COLS>(r0 + k * kRowStep, c * 8), from, true);
-    } else {
-      load_strided_async<kKeys, COLS, kThreads, Layout::kWgmma>(stage, base + ks * stride, stride, valid);
-    }
-  }
-};
-
 // Shared memory of attn_fwd_wgmma_kernel: Q, two stages of K, and one stage of V (kOneV) or two.
 template <int D, int DV, bool kOneV>
 constexpr size_t fwd_wgmma_smem_bytes() {
@@ -73,8 +42,11 @@ __global__ void __launch_bounds__(kThreads, kOneV ? 3 : 1)
   key_range<B>(p, rows.seq, rows.t_first, rows.t_last, lo, hi);
   const int count = int((hi - lo + kKeys - 1) / kKeys);
   const index_t row0 = key_row<B>(rows.seq, 0);
-  const KeyTileStream<T, D> k_stream(p.k.template ptr<const T>(rows.seq.batch, row0, rows.g), p.k.row_stride);
-  const KeyTileStream<T, DV> v_stream(p.v.template ptr<const T>(rows.seq.batch, row0, rows.g), p.v.row_stride);
+  // The key tiles streamed into their stages (tiles.cuh).
+  const StridedTileStream<T, kKeys, D, kThreads, Layout::kWgmma> k_stream(
+      p.k.template ptr<const T>(rows.seq.batch, row0, rows.g), p.k.row_stride);
+  const StridedTileStream<T, kKeys, DV, kThreads, Layout::kWgmma> v_stream(
+      p.v.template ptr<const T>(rows.seq.batch, row0, rows.g), p.v.row_stride);
   auto keys_of = [&](int i, index_t& ks) {  // tile i's first key and its number of keys
     ks = lo + index_t(i) * kKeys;
     return int(min(index_t(kKeys), hi - ks));

@@ -103,6 +103,37 @@ __device__ __forceinline__ void load_strided_async(T* tile, const T* src, index_
   }
 }
 
+// Rows evenly spaced in memory streamed tile after tile (the key tiles of one head): R rows of COLS
+// elements, NT threads, layout L. Thread tid copies chunk tid % (COLS / 8) of rows r0, r0 +
+// kRowStep, ...: its source is recomputed per tile from the tile's first row (one 64-bit
+// multiply-add), full tiles copy without per-row predicates, and only a partial tile takes
+// load_strided_async's zero-filling path (per tile the generic copy cost the warpgroup forward
+// ~190 of its ~660 instructions per warp, ncu at 64k).
+template <typename T, int R, int COLS, int NT, Layout L>
+struct StridedTileStream {
+  static constexpr int kChunks = COLS / 8, kRowStep = NT / kChunks;
+  static_assert(NT % kChunks == 0 && R % kRowStep == 0, "whole rows per pass");
+  const T* base;   // row 0
+  index_t stride;  // elements between rows
+  int r0, c;
+
+  __device__ StridedTileStream(const T* base_, index_t stride_)
+      : base(base_), stride(stride_), r0(int(threadIdx.x % NT) / kChunks), c(int(threadIdx.x % NT) % kChunks) {}
+
+  // Rows [first, first + valid) into tile (rows past valid zero-filled; valid >= R: a full tile).
+  __device__ __forceinline__ void copy(T* tile, index_t first, int valid) const {
+    if (valid >= R) {
+      const T* from = base + (first + r0) * stride + c * 8;
+      const index_t step = kRowStep * stride;
+#pragma unroll
+      for (int k = 0; k < R / kRowStep; ++k, from += step)
+        cp_async_16(tile + tile_offset<L, R, COLS>(r0 + k * kRowStep, c * 8), from, true);
+    } else {
+      load_strided_async<R, COLS, NT, L>(tile, base + first * stride, stride, valid);
+    }
+  }
+};
+
 // A fragment (16 x 16, rows row0.., cols k0..) of a row-major [rows][COLS] tile.
 template <int COLS, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int k0) {

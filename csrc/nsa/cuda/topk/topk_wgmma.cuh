@@ -59,12 +59,11 @@ __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const Top
     load_pairs_async<kWgRows, D, kWgThreads, Layout::kWgmma>(
         q_s, p.q.ptr<const T>(seq.batch, seq.start + t0, g * kGroup), p.q.row_stride, p.q.head_stride, 0, kGroup,
         ntok * kGroup, [](int i) { return index_t(i); });
-  const T* k_g = p.k.ptr<const T>(seq.batch, seq.cmp_start, g);
+  const StridedTileStream<T, kTileRows, D, kWgThreads, Layout::kWgmma> k_stream(
+      p.k.ptr<const T>(seq.batch, seq.cmp_start, g), p.k.row_stride);
   auto load_keys = [&](int kt) {
     const int i0 = kt * kTileRows;
-    load_strided_async<kTileRows, D, kWgThreads, Layout::kWgmma>(k_s + (kt & 1) * kTileRows * D,
-                                                                  k_g + i0 * p.k.row_stride, p.k.row_stride,
-                                                                  nvis_max - i0);
+    k_stream.copy(k_s + (kt & 1) * kTileRows * D, i0, nvis_max - i0);
   };
   if (ntiles > 0) load_keys(0);
   cp_async_commit();
