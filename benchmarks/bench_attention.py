@@ -23,7 +23,8 @@ inputs (mean-pooled k/v over the compression windows, computed once, not timed).
 
 Writes benchmarks/results/bench_<gpu>_torch<version>_<commit>.csv and .png (also into --out-dir),
 the CSV after every measurement (a killed run keeps what it measured), and prints markdown
-tables at the end. Commit: $NSA_COMMIT if set, else `git rev-parse --short=7 HEAD`, else
+tables at the end. Commit: $NSA_COMMIT if set, else `git rev-parse --short=7 HEAD` (with -dirty
+when tracked files differ from it), else
 "nogit". `ratio` columns are baseline time / our time (> 1: ours is faster).
 """
 import argparse
@@ -80,7 +81,12 @@ def commit():
         out = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
+            # A tree that differs from HEAD (e.g. a copy of a working tree whose .git is older)
+            # is not that commit.
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   text=True, capture_output=True, timeout=10)
+            suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+            return out.stdout.strip() + suffix
     except (OSError, subprocess.SubprocessError):
         pass
     return "nogit"
