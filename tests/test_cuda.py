@@ -758,15 +758,18 @@ def small_slc_chunks(monkeypatch):
     monkeypatch.setenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS", "100")
 
 
-# By blocks, by tokens (the per-warp kernels' default 16-key sub-tiles) and by tokens with 32-key
-# sub-tiles (NSA_CUDA_SLC_WARP_KEYS=32).
-SLC_KINDS = ["blocks", "tokens", "tokens-32keys"]
+# By blocks, by tokens (the per-warp kernels' default: 16-key sub-tiles in two stages), by tokens
+# with 32-key sub-tiles (NSA_CUDA_SLC_WARP_KEYS=32) and with three stages
+# (NSA_CUDA_SLC_WARP_STAGES=3).
+SLC_KINDS = ["blocks", "tokens", "tokens-32keys", "tokens-3stages"]
 
 
 def set_slc_kind(monkeypatch, var, kind):
     monkeypatch.setenv(var, kind.split("-")[0])
     if kind.endswith("-32keys"):
         monkeypatch.setenv("NSA_CUDA_SLC_WARP_KEYS", "32")
+    if kind.endswith("-3stages"):
+        monkeypatch.setenv("NSA_CUDA_SLC_WARP_STAGES", "3")
 
 
 @pytest.mark.parametrize("kind", SLC_KINDS)
@@ -1055,6 +1058,21 @@ def test_sanitize_select(T, monkeypatch):
         case = dict(T=T, **heads, **hyper_)
         x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-select", T, heads["HQ"]), **case)
         run_branch("select", x, case, torch.bfloat16, ref_device="cpu")
+
+
+@pytest.mark.parametrize("variant", ["32keys", "3stages"])
+def test_sanitize_slc_warp(variant, monkeypatch):
+    """The selected branch's per-warp forward and dQ with 32-key sub-tiles or three stages (the
+    default, 16 keys in two stages, runs in test_sanitize_branches)."""
+    monkeypatch.setenv("NSA_CUDA_SLC_FWD_KERNEL", "tokens")
+    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", "tokens")
+    if variant == "32keys":
+        monkeypatch.setenv("NSA_CUDA_SLC_WARP_KEYS", "32")
+    else:
+        monkeypatch.setenv("NSA_CUDA_SLC_WARP_STAGES", "3")
+    case = dict(T=300, HQ=16, H=1, D=128, Dv=128)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-slc-warp", variant), **case)
+    run_branch("selected", x, case, torch.bfloat16, ref_device="cpu")
 
 
 def test_sanitize_varlen():

@@ -15,6 +15,8 @@ benchmark's inputs, and prints how far each kind's results are from the first ki
           backward (dQ by blocks: sm_90, the default for G < 16)
     slckeys NSA_CUDA_SLC_WARP_KEYS = default | 16 | 32: keys per sub-tile of the selected
           branch's per-warp forward and dQ (the default is 16)
+    slcstages NSA_CUDA_SLC_WARP_STAGES = default | 2 | 3: their stages of 16-key sub-tiles (the
+          default is 2)
 
     python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
 """
@@ -41,6 +43,7 @@ SWITCHES = {
     "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks", "tokens"]),
     "select": ("NSA_CUDA_SELECT_KERNEL", ["default", "wgmma", "mma"]),
     "slckeys": ("NSA_CUDA_SLC_WARP_KEYS", ["default", "16", "32"]),
+    "slcstages": ("NSA_CUDA_SLC_WARP_STAGES", ["default", "2", "3"]),
 }
 
 
@@ -104,7 +107,7 @@ def run(switch, name, T):
             return run_select(name, T, x, sel, lse)
         idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
     todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",),
-            "slckeys": ("slc",)}[switch]
+            "slckeys": ("slc",), "slcstages": ("slc",)}[switch]
     backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():
         if br not in todo:

@@ -80,9 +80,12 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
     if constexpr (B == Branch::kSlc) {
       if (slc_per_warp(p.num_heads / p.num_heads_k)) {
-        if (slc_warp_keys() == 16)
-          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D));
-        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(D));
+        if (slc_warp_keys() == 32)
+          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(D));
+        if (slc_warp_stages() == 3)
+          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16, 3>,
+                                 slc_warp_tiles_bytes<D, DV, 16, 3>(D));
+        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D));
       }
     } else if constexpr (D <= 128 && DV <= 128) {
       const FwdKind kind = fwd_kind<B>(D, DV);
@@ -180,10 +183,13 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
       // (the caller computes dq)
     } else if (B == Branch::kSlc && slc_per_warp(p.num_heads / p.num_heads_k)) {
       if constexpr (B == Branch::kSlc) {
-        if (slc_warp_keys() == 16)
-          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D + DV), delta);
-        else
+        if (slc_warp_keys() == 32)
           launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(D + DV), delta);
+        else if (slc_warp_stages() == 3)
+          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 16, 3>, slc_warp_tiles_bytes<D, DV, 16, 3>(D + DV),
+                          delta);
+        else
+          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D + DV), delta);
       }
     } else {
       auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;

@@ -9,9 +9,10 @@
 // for G >= 64 one thread block of the shared kernel is one token, which is this loop already.
 //
 // Per warp: the list of (block, token) items (a block a token chose, repeats dropped), each cut
-// into sub-tiles of KEYS keys, double-buffered with cp.async; rows of other tokens masked.
-// Shared memory: Q [16][D] (dq kernel: then dO [16][DV]), K [2][KEYS][D], V [2][KEYS][DV]
-// (swizzled), then the items.
+// into sub-tiles of KEYS keys, streamed through STAGES stages with cp.async; rows of other tokens
+// masked.
+// Shared memory: Q [16][D] (dq kernel: then dO [16][DV]), K [STAGES][KEYS][D],
+// V [STAGES][KEYS][DV] (swizzled), then the items.
 #pragma once
 
 #include <cmath>
@@ -27,10 +28,11 @@ constexpr int kWarpRows = 16;  // query rows per warp (one m16 tile)
 // sets how many warps an SM holds: ~39 KB with 32 keys (5 warps per SM, ncu at 64k: latency-bound,
 // 42% of the issue slots and 53% of L2 throughput used), ~23 KB with 16 (9 or 10 warps).
 
-// Bytes of the tiles: `query_cols` = D (forward) or D + DV (dq: Q and dO).
-template <int D, int DV, int KEYS>
+// Bytes of the tiles: `query_cols` = D (forward) or D + DV (dq: Q and dO); STAGES sub-tiles of K
+// and V (slc_warp_stages in switches.h).
+template <int D, int DV, int KEYS, int STAGES = 2>
 constexpr size_t slc_warp_tiles_bytes(int query_cols) {
-  return size_t(2) * (kWarpRows * query_cols + 2 * KEYS * (D + DV));
+  return size_t(2) * (kWarpRows * query_cols + STAGES * KEYS * (D + DV));
 }
 
 inline size_t slc_warp_smem_bytes(size_t tiles_bytes, int num_selected) {
@@ -67,10 +69,11 @@ __device__ __forceinline__ int warp_block_items(const SlcParams& p, const QueryR
   return count;
 }
 
-// The warp's sub-tiles, double-buffered in sK [2][KEYS][D], sV [2][KEYS][DV]: tile i is part
-// i % per_block of the block of item i / per_block, per_block = ceil(select_size / KEYS) rounded
-// up to a power of two (a shift, not a division, per tile; parts past the block are empty).
-template <typename T, int D, int DV, int KEYS>
+// The warp's sub-tiles in STAGES stages sK [STAGES][KEYS][D], sV [STAGES][KEYS][DV] (STAGES - 1
+// loads in flight while one is computed): tile i is part i % per_block of the block of item
+// i / per_block, per_block = ceil(select_size / KEYS) rounded up to a power of two (a shift, not a
+// division, per tile; parts past the block are empty).
+template <typename T, int D, int DV, int KEYS, int STAGES = 2>
 struct WarpBlockTiles {
   // Step i's tile: keys [ks, ks + kend) of token t in k, v (kend <= 0: nothing to do, a part past
   // the block, or past the token in its own block).
@@ -89,15 +92,20 @@ struct WarpBlockTiles {
   const int32_t* token;
   int shift = 0, count = 0;
 
-  // Builds the items in `items` ([2][16 n] int32) and starts loading tile 0 (its own cp.async
-  // group).
+  // Builds the items in `items` ([2][16 n] int32) and starts loading tiles 0 .. STAGES - 2 (a
+  // cp.async group each).
   __device__ WarpBlockTiles(const SlcParams& p_, const QueryRows& rows_, T* sK_, T* sV_, int32_t* items)
       : p(p_), rows(rows_), sK(sK_), sV(sV_), block(items), token(items + kWarpRows * p_.num_selected) {
     while ((KEYS << shift) < p.select_size) ++shift;
     count = warp_block_items(p, rows, items, items + kWarpRows * p.num_selected) << shift;
-    if (count > 0) load(0);
-    cp_async_commit();
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) {
+      if (j < count) load(j);
+      cp_async_commit();
+    }
   }
+
+  __device__ static int stage(int i) { return int(unsigned(i) % STAGES); }
 
   // Keys [ks, ke) of tile i (ks >= ke: empty) and its token t_first + tl.
   __device__ void keys(int i, index_t& ks, index_t& ke, int& tl) const {
@@ -108,30 +116,32 @@ struct WarpBlockTiles {
     ke = min(min(start + p.select_size, ks + KEYS), rows.t_first + tl + 1);
   }
 
-  // cp.async of tile i into stage i % 2.
+  // cp.async of tile i into stage i % STAGES.
   __device__ void load(int i) const {
     index_t ks, ke;
     int tl;
     keys(i, ks, ke, tl);
     const int valid = int(max(index_t(0), ke - ks));
     const index_t row = rows.seq.start + ks;
-    load_strided_async<KEYS, D, 32>(sK + (i & 1) * KEYS * D, p.k.template ptr<const T>(rows.seq.batch, row, rows.g),
-                                    p.k.row_stride, valid);
-    load_strided_async<KEYS, DV, 32>(sV + (i & 1) * KEYS * DV,
+    load_strided_async<KEYS, D, 32>(sK + stage(i) * KEYS * D,
+                                    p.k.template ptr<const T>(rows.seq.batch, row, rows.g), p.k.row_stride, valid);
+    load_strided_async<KEYS, DV, 32>(sV + stage(i) * KEYS * DV,
                                      p.v.template ptr<const T>(rows.seq.batch, row, rows.g), p.v.row_stride, valid);
   }
 
-  // Step i: prefetches tile i + 1 (its stage was last read in step i - 1), waits for tile i.
+  // Step i: prefetches tile i + STAGES - 1 (its stage was last read in step i - 1), waits for
+  // tile i.
   __device__ Tile step(int i) const {
     __syncwarp();
-    if (i + 1 < count) load(i + 1);
+    if (i + STAGES - 1 < count) load(i + STAGES - 1);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<STAGES - 1>();
     __syncwarp();
     index_t ks, ke;
     int tl;
     keys(i, ks, ke, tl);
-    return Tile{int(max(index_t(0), ke - ks)), rows.t_first + tl, sK + (i & 1) * KEYS * D, sV + (i & 1) * KEYS * DV};
+    return Tile{int(max(index_t(0), ke - ks)), rows.t_first + tl, sK + stage(i) * KEYS * D,
+                sV + stage(i) * KEYS * DV};
   }
 };
 
@@ -148,19 +158,19 @@ struct WarpTileMask {
   }
 };
 
-template <typename T, int D, int DV, int KEYS>
+template <typename T, int D, int DV, int KEYS, int STAGES = 2>
 __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kWarpRows * D;
-  T* sV = sK + 2 * KEYS * D;
-  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS>(D));
+  T* sV = sK + STAGES * KEYS * D;
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS, STAGES>(D));
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV, KEYS> tiles(p, rows, sK, sV, items);
+  const WarpBlockTiles<T, D, DV, KEYS, STAGES> tiles(p, rows, sK, sV, items);
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
@@ -203,21 +213,21 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
 
 // dQ = scale * sum dS K over the warp's tiles, dS = P (dP - delta), P = exp(scale q.k - lse),
 // dP = dO V^T (the shared dq kernel's math, per warp).
-template <typename T, int D, int DV, int KEYS>
+template <typename T, int D, int DV, int KEYS, int STAGES = 2>
 __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, const float* __restrict__ delta) {
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kWarpRows * D;
   T* sK = sdO + kWarpRows * DV;
-  T* sV = sK + 2 * KEYS * D;
-  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS>(D + DV));
+  T* sV = sK + STAGES * KEYS * D;
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS, STAGES>(D + DV));
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   load_query_rows<DV, kWarpRows, 32>(sdO, p.dout, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV, KEYS> tiles(p, rows, sK, sV, items);
+  const WarpBlockTiles<T, D, DV, KEYS, STAGES> tiles(p, rows, sK, sV, items);
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
   float lse2[2], dlt[2];
   load_row_stats(p, rows, tr, delta, lse2, dlt);

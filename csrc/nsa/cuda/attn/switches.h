@@ -60,6 +60,10 @@ inline bool slc_per_warp(int group) {
 // Keys per sub-tile of the per-warp kernels (slc_warp.cuh): 16 (half the shared memory of 32,
 // twice the warps per SM for a latency-bound kernel) unless NSA_CUDA_SLC_WARP_KEYS=32.
 inline int slc_warp_keys() { return env_is("NSA_CUDA_SLC_WARP_KEYS", "32") ? 32 : 16; }
+// Their stages of K and V with 16-key sub-tiles: 2 unless NSA_CUDA_SLC_WARP_STAGES=3 (two loads
+// in flight per warp, 30 KB of shared memory in the forward: 7 warps per SM instead of 10; an
+// experiment for the L2 latency that the per-warp forward waits on, not yet timed).
+inline int slc_warp_stages() { return env_is("NSA_CUDA_SLC_WARP_STAGES", "3") ? 3 : 2; }
 
 // Does the selected branch's forward (var = NSA_CUDA_SLC_FWD_KERNEL) or dQ (var =
 // NSA_CUDA_SLC_DQ_KERNEL) run by blocks (slc_blocks.cuh: each key tile read once, partial results
