@@ -1060,6 +1060,16 @@ def test_sanitize_select(T, monkeypatch):
         run_branch("select", x, case, torch.bfloat16, ref_device="cpu")
 
 
+@pytest.mark.parametrize("kind", ["wgmma_kv2"])
+def test_sanitize_forward_kinds(kind, monkeypatch):
+    """The warpgroup forward's other kinds (the default runs in test_sanitize_branches)."""
+    monkeypatch.setenv("NSA_CUDA_FWD_KERNEL", kind)
+    case = dict(T=300, HQ=16, H=1, D=128, Dv=128, window_size=100)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-fwd", kind), **case)
+    for branch in ("compressed", "sliding"):
+        run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
+
+
 @pytest.mark.parametrize("variant", ["32keys", "3stages"])
 def test_sanitize_slc_warp(variant, monkeypatch):
     """The selected branch's per-warp forward and dQ with 32-key sub-tiles or three stages (the
