@@ -1,10 +1,10 @@
 // Forward kernel of the contiguous branches (compressed, window) on Hopper's warpgroup products
 // (wgmma, sm_90a). The thread block is attn_fwd_kernel's (4 warps = one warpgroup, 64 query
 // rows, 64-key tiles streamed with cp.async: K in two stages, V in one (kOneV below) or two), but
-// the tensor cores read Q, K (S = Q K^T)
-// and V (O += P V) from shared memory once per 64 rows; with mma.sync every warp read the whole
-// K and V tile for its 16 rows through ldmatrix, which bound those kernels (benchmarks/NOTES.md).
-// P stays in registers as the A operand. The default on sm_90 (fwd_kind in switches.h).
+// the tensor cores read Q, K (S = Q K^T) and V (O += P V) from shared memory once per 64 rows;
+// with mma.sync every warp read the whole K and V tile for its 16 rows through ldmatrix, which
+// bound those kernels (benchmarks/NOTES.md). P stays in registers as the A operand. The default
+// on sm_90 (fwd_kind in switches.h).
 #pragma once
 
 #include "fwd_wide.cuh"
