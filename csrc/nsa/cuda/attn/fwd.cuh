@@ -211,31 +211,6 @@ __device__ __forceinline__ void mask_scale_max(float (&s)[N / 8][4], bool all, c
   });
 }
 
-// One key tile of the online softmax for this thread's two rows, without the accumulator: s
-// holds the tile's scores in log2 units (-inf where masked), mx their per-thread row maxima.
-// Moves the maxima m, rescales l, turns s into probabilities and adds them to l; corr is the
-// factor that takes an accumulator from the old maxima to the new ones.
-template <int N>
-__device__ __forceinline__ void softmax_probs_step(float (&s)[N / 8][4], const float (&mx)[2], float (&m)[2],
-                                                   float (&l)[2], float (&corr)[2]) {
-  float base[2];
-  for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(m[r], quad_max(mx[r]));
-    base[r] = m_new == -INFINITY ? 0.f : m_new;
-    corr[r] = exp2f(m[r] - base[r]);
-    m[r] = m_new;
-    l[r] *= corr[r];
-  }
-#pragma unroll
-  for (int j = 0; j < N / 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s[j][e] = exp2f(s[j][e] - base[e >> 1]);
-      l[e >> 1] += s[j][e];
-    }
-  }
-}
-
 // mask_scale_max without the scaling: masked elements -inf, this thread's two row maxima of the
 // raw scores in mx (the scale goes into the exps' FMA, softmax_probs_step_fma).
 template <int N, typename Mask>
@@ -252,18 +227,21 @@ __device__ __forceinline__ void mask_max(float (&s)[N / 8][4], bool all, const M
   });
 }
 
-// softmax_probs_step on raw scores (mask_max): p = 2^(s scale_log2 - m) in one FMA and an exp per
-// element instead of a multiply, a subtraction and an exp. The maxima m (log2 units) are the same
-// as there: scaling by a positive factor keeps the order, so max(s) * scale = max(s * scale).
-template <int N>
-__device__ __forceinline__ void softmax_probs_step_fma(float (&s)[N / 8][4], const float (&mx)[2], float scale_log2,
-                                                       float (&m)[2], float (&l)[2], float (&corr)[2]) {
-  float neg_base[2];
+// One key tile of the online softmax for this thread's two rows, without the accumulator: s
+// holds the tile's scores (-inf where masked), mx their per-thread row maxima. kFma: raw scores
+// (mask_max), scale_log2 > 0 the factor to log2 units applied in the exps' FMA (one FMA and an
+// exp per element; scaling by a positive factor keeps the order, so max(s) * scale =
+// max(s * scale)); else scores already in log2 units (mask_scale_max, scale_log2 unused).
+// Moves the maxima m (log2 units), rescales l, turns s into probabilities and adds them to l;
+// corr is the factor that takes an accumulator from the old maxima to the new ones.
+template <int N, bool kFma>
+__device__ __forceinline__ void softmax_probs(float (&s)[N / 8][4], const float (&mx)[2], float scale_log2,
+                                              float (&m)[2], float (&l)[2], float (&corr)[2]) {
+  float base[2];
   for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);
-    const float base = m_new == -INFINITY ? 0.f : m_new;
-    corr[r] = exp2f(m[r] - base);
-    neg_base[r] = -base;
+    const float m_new = fmaxf(m[r], kFma ? quad_max(mx[r]) * scale_log2 : quad_max(mx[r]));
+    base[r] = m_new == -INFINITY ? 0.f : m_new;
+    corr[r] = exp2f(m[r] - base[r]);
     m[r] = m_new;
     l[r] *= corr[r];
   }
@@ -271,10 +249,20 @@ __device__ __forceinline__ void softmax_probs_step_fma(float (&s)[N / 8][4], con
   for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[j][e] = exp2f(fmaf(s[j][e], scale_log2, neg_base[e >> 1]));
+      s[j][e] = kFma ? exp2f(fmaf(s[j][e], scale_log2, -base[e >> 1])) : exp2f(s[j][e] - base[e >> 1]);
       l[e >> 1] += s[j][e];
     }
   }
+}
+template <int N>
+__device__ __forceinline__ void softmax_probs_step(float (&s)[N / 8][4], const float (&mx)[2], float (&m)[2],
+                                                   float (&l)[2], float (&corr)[2]) {
+  softmax_probs<N, false>(s, mx, 0.f, m, l, corr);
+}
+template <int N>
+__device__ __forceinline__ void softmax_probs_step_fma(float (&s)[N / 8][4], const float (&mx)[2], float scale_log2,
+                                                       float (&m)[2], float (&l)[2], float (&corr)[2]) {
+  softmax_probs<N, true>(s, mx, scale_log2, m, l, corr);
 }
 
 // acc (this thread's two rows) times corr.
@@ -287,6 +275,25 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[DV / 8][4], const floa
     acc[j][2] *= corr[1];
     acc[j][3] *= corr[1];
   }
+}
+
+// One key tile of the online softmax from raw scores S (visible(j, e) false: masked; not tested
+// when `all`): the scale in the exps' FMA when it is positive (then it keeps the order of the
+// scores), else applied first; acc rescaled to the new maxima unless no row of the warp moved its
+// maximum (corr = 1 exactly: once the maxima settle, most tiles).
+template <int N, int DV, typename Mask>
+__device__ __forceinline__ void masked_softmax_step(float (&s)[N / 8][4], bool all, const Mask& visible,
+                                                    float scale_log2, float (&m)[2], float (&l)[2],
+                                                    float (&acc)[DV / 8][4]) {
+  float mx[2] = {-INFINITY, -INFINITY}, corr[2];
+  if (scale_log2 > 0.f) {
+    mask_max<N>(s, all, visible, mx);
+    softmax_probs_step_fma<N>(s, mx, scale_log2, m, l, corr);
+  } else {
+    mask_scale_max<N>(s, all, visible, scale_log2, mx);
+    softmax_probs_step<N>(s, mx, m, l, corr);
+  }
+  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) rescale_rows<DV>(acc, corr);
 }
 
 // One key tile of the online softmax: softmax_probs_step, then acc rescaled to the new maxima.

@@ -77,8 +77,6 @@ __global__ void __launch_bounds__(kThreads, kOneV ? 3 : 1)
                  v_desc1 = kOneV ? v_desc0 : mnmajor_desc<kKeys>(sV + kKeys * DV, 0);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
-  // The scale goes into the exps' FMA only when positive (then it keeps the order of the scores).
-  const bool scale_in_fma = scale_log2 > 0.f;
   float acc[DV / 8][4];
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -114,18 +112,8 @@ __global__ void __launch_bounds__(kThreads, kOneV ? 3 : 1)
 
     // Mask, online softmax (this warp's 16 rows, the mma.sync C-fragment layout).
     const TileMask<B, P> visible(p, tr, rows, ks, ke, ~0ull);
-    const bool all = tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last);
-    float mx[2] = {-INFINITY, -INFINITY}, corr[2];
-    if (scale_in_fma) {
-      mask_max<kKeys>(s, all, visible, mx);
-      softmax_probs_step_fma<kKeys>(s, mx, scale_log2, m, l, corr);
-    } else {
-      mask_scale_max<kKeys>(s, all, visible, scale_log2, mx);
-      softmax_probs_step<kKeys>(s, mx, m, l, corr);
-    }
-    // Once the maxima settle most tiles leave every row's maximum where it was (corr = 1 exactly):
-    // the warp then skips the rescale of O.
-    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) rescale_rows<DV>(acc, corr);
+    masked_softmax_step<kKeys, DV>(s, tile_all_visible<B>(p, ks, ke, rows.t_first, rows.t_last), visible,
+                                   scale_log2, m, l, acc);
 
     if (kOneV) {  // V_i, every thread's part
       cp_async_wait<1>();

@@ -174,7 +174,6 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
 
   const float scale_log2 = float(p.scale * M_LOG2E);
-  const bool scale_in_fma = scale_log2 > 0.f;  // (as in attn_fwd_wgmma_kernel)
   float acc[DV / 8][4];
   for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -192,19 +191,10 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
 #pragma unroll
     for (int j = 0; j < KEYS / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
     warp_gemm_nt<D, KEYS, T>(s, qf, tile.k);  // S = Q K^T
-    // A whole sub-tile of this thread's token needs no per-element mask.
+    // A whole sub-tile of this thread's token needs no per-element mask. (The skipped rescale
+    // saves 64 multiplies per 8 probabilities per thread here.)
     const bool all = visible.row_on[0] && visible.row_on[1] && tile.kend == KEYS;
-    float mx[2] = {-INFINITY, -INFINITY}, corr[2];
-    if (scale_in_fma) {
-      mask_max<KEYS>(s, all, visible, mx);
-      softmax_probs_step_fma<KEYS>(s, mx, scale_log2, m, l, corr);
-    } else {
-      mask_scale_max<KEYS>(s, all, visible, scale_log2, mx);
-      softmax_probs_step<KEYS>(s, mx, m, l, corr);
-    }
-    // 64 multiplies per sub-tile of 8 probabilities per thread: skipped when no row of the warp
-    // moved its maximum (corr = 1 exactly).
-    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) rescale_rows<DV>(acc, corr);
+    masked_softmax_step<KEYS, DV>(s, all, visible, scale_log2, m, l, acc);
     warp_gemm_pn<KEYS, DV, T>(acc, s, tile.v);  // O += P V
   }
   cp_async_wait<0>();
