@@ -30,7 +30,7 @@
 #   NSA_SANITIZE_TOOLS="memcheck racecheck"   (also: initcheck synccheck)
 #   NSA_SANITIZE_K="sanitize or test_cuda_matches_float64"   pytest -k expression of the
 #                           memcheck (and other tools') run
-#   NSA_RACECHECK_K="sanitize and (T100 or split)"   the same for racecheck (slow)
+#   NSA_RACECHECK_K="sanitize and (T100 or split or d128v128)"   the same for racecheck (slow)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_PROFILE_KERNELS="attn_|slc_|select_topk"   ncu's kernel-name regex (the profiled kernels)
 #   NSA_PROFILE_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats"   ncu's sections
@@ -176,9 +176,10 @@ if have sanitize; then
       if [ "$lim" -lt 20 ]; then record "sanitize $tool" "SKIPPED (no time left)" "" 0; continue; fi
       mark=$(wc -l < "$OUT/sanitize.log")
       # racecheck is ~20x slower than memcheck (290 s did not finish the 13 tests): by default it
-      # takes the T = 100 cases and the split path only.
+      # takes the T = 100 cases, the split path and one of the two many-tile forward cases (the
+      # pair took more than the stage's 190 s).
       kexpr=${NSA_SANITIZE_K:-sanitize or test_cuda_matches_float64}
-      [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split)}
+      [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split or d128v128)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
         "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda.py tests/test_gated_sum.py

@@ -1060,6 +1060,17 @@ def test_sanitize_select(T, monkeypatch):
         run_branch("select", x, case, torch.bfloat16, ref_device="cpu")
 
 
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64)], ids=lambda d: f"d{d[0]}v{d[1]}")
+def test_sanitize_forward_tiles(dims):
+    """The default warpgroup forward (sm_90) over enough key tiles to cycle its stages several
+    times: the window branch sees up to 10 tiles per block of 64 rows, the compressed up to 5
+    (Nc = 261)."""
+    case = dict(T=4200, HQ=2, H=2, D=dims[0], Dv=dims[1])
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-tiles", *dims), **case)
+    for branch in ("compressed", "sliding"):
+        run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
+
+
 @pytest.mark.parametrize("kind", ["wgmma_kv2"])
 def test_sanitize_forward_kinds(kind, monkeypatch):
     """The warpgroup forward's other kinds (the default runs in test_sanitize_branches)."""

@@ -107,11 +107,11 @@ def test_errors(arg, change, exc, message):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("Dv,offset", [(128, 0), (64, 0), (20, 0), (128, 1)],
-                         ids=["dv128", "dv64", "dv20-scalar", "dv128-misaligned"])
+@pytest.mark.parametrize("Dv,offset", [(128, 0), (64, 0), (8, 0), (192, 0), (20, 0), (128, 1)],
+                         ids=["dv128", "dv64", "dv8", "dv192", "dv20-scalar", "dv128-misaligned"])
 def test_cuda_matches_float64(dtype, Dv, offset):
-    """The 16-byte vector path (Dv % 8 == 0, aligned rows) and the element path (odd sizes, a
-    storage offset that breaks the alignment)."""
+    """The 16-byte vector path (Dv % 8 == 0, aligned rows; 1 to 32 lanes per row) and the
+    element path (odd sizes, a storage offset that breaks the alignment)."""
     args = gate_inputs(2, 37, 6, Dv + offset, dtype, device="cuda", seed=Dv)
     if offset:
         args[:3] = [t[..., offset:] for t in args[:3]]

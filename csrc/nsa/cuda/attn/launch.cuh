@@ -81,11 +81,11 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
     if constexpr (B == Branch::kSlc) {
       if (slc_per_warp(p.num_heads / p.num_heads_k)) {
         if (slc_warp_keys() == 32)
-          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(D));
+          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(0));
         if (slc_warp_stages() == 3)
           return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16, 3>,
-                                 slc_warp_tiles_bytes<D, DV, 16, 3>(D));
-        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D));
+                                 slc_warp_tiles_bytes<D, DV, 16, 3>(0));
+        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(0));
       }
     } else if constexpr (D <= 128 && DV <= 128) {
       const FwdKind kind = fwd_kind<B>(D, DV);

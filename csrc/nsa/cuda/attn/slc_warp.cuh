@@ -11,8 +11,9 @@
 // Per warp: the list of (block, token) items (a block a token chose, repeats dropped), each cut
 // into sub-tiles of KEYS keys, streamed through STAGES stages with cp.async; rows of other tokens
 // masked.
-// Shared memory: Q [16][D] (dq kernel: then dO [16][DV]), K [STAGES][KEYS][D],
-// V [STAGES][KEYS][DV] (swizzled), then the items.
+// Shared memory: K [STAGES][KEYS][D], V [STAGES][KEYS][DV] (swizzled), then the items; the
+// forward's Q [16][D] in K's last stage until it is in registers, the dq kernel's Q [16][D] and
+// dO [16][DV] ahead of K.
 #pragma once
 
 #include <cmath>
@@ -26,10 +27,11 @@ constexpr int kWarpRows = 16;  // query rows per warp (one m16 tile)
 // Keys per sub-tile (KEYS below): 16 or 32 (slc_warp_keys in switches.h). One warp per thread
 // block is the whole resident state of an SM's share of the work, so the sub-tiles' shared memory
 // sets how many warps an SM holds: ~39 KB with 32 keys (5 warps per SM, ncu at 64k: latency-bound,
-// 42% of the issue slots and 53% of L2 throughput used), ~23 KB with 16 (9 or 10 warps).
+// 42% of the issue slots and 53% of L2 throughput used), ~23 KB with 16 (9 warps), 19 KB with 16
+// and the forward's Q in a stage of K (12 warps, then registers bound it too).
 
-// Bytes of the tiles: `query_cols` = D (forward) or D + DV (dq: Q and dO); STAGES sub-tiles of K
-// and V (slc_warp_stages in switches.h).
+// Bytes of the tiles: `query_cols` = 0 (forward: Q in a stage of K) or D + DV (dq: Q and dO);
+// STAGES sub-tiles of K and V (slc_warp_stages in switches.h).
 template <int D, int DV, int KEYS, int STAGES = 2>
 constexpr size_t slc_warp_tiles_bytes(int query_cols) {
   return size_t(2) * (kWarpRows * query_cols + STAGES * KEYS * (D + DV));
@@ -158,33 +160,38 @@ struct WarpTileMask {
   }
 };
 
+// Q lives in K's last stage (STAGES - 1, first written by step 0's prefetch) until it is in
+// registers: 4 KB less per warp at D = 128, 12 warps per SM instead of 9 (ncu at 64k: the kernel
+// is latency-bound, its occupancy set by shared memory).
 template <typename T, int D, int DV, int KEYS, int STAGES = 2>
 __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
+  static_assert(KEYS >= kWarpRows, "Q [16][D] fits in a stage of K");
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kWarpRows * D;
+  T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + STAGES * KEYS * D;
-  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS, STAGES>(D));
+  T* sQ = sK + (STAGES - 1) * KEYS * D;
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS, STAGES>(0));
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV, KEYS, STAGES> tiles(p, rows, sK, sV, items);
+  const WarpBlockTiles<T, D, DV, KEYS, STAGES> tiles(p, rows, sK, sV, items);  // STAGES - 1 groups
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
+  uint32_t qf[D / 16][4];
+  cp_async_wait<STAGES - 1>();  // Q
+  __syncwarp();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, 0, kk * 16);
+  __syncwarp();  // (step 0's prefetch overwrites sQ)
 
   const float scale_log2 = float(p.scale * M_LOG2E);
   float acc[DV / 8][4];
   for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  uint32_t qf[D / 16][4];
 
   for (int i = 0; i < tiles.count; ++i) {
     const auto tile = tiles.step(i);
-    if (i == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, 0, kk * 16);
-    }
     if (tile.kend <= 0) continue;
     const WarpTileMask visible(tr, tile.t, tile.kend);
     float s[KEYS / 8][4];
