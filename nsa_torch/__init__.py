@@ -35,6 +35,7 @@ from .functional import (  # noqa: E402
     selected_attention,
     sliding_window_attention,
 )
+from .modules import BlockCompression, NativeSparseAttention, NSAConfig  # noqa: E402
 
 __all__ = [
     "compressed_attention",
@@ -43,4 +44,7 @@ __all__ = [
     "sliding_window_attention",
     "nsa_attention",
     "reference",
+    "NativeSparseAttention",
+    "NSAConfig",
+    "BlockCompression",
 ]

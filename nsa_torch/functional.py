@@ -135,11 +135,18 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, 
                                   num_initial=num_initial, num_local=num_local, **common)
     o_slc = selected_attention(q, k, v, block_indices, select_size=select_size, **common)
     o_swa = sliding_window_attention(q, k, v, window_size=window_size, **common)
+    o = gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+    return (o, block_indices) if return_block_indices else o
+
+
+def gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa):
+    """g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa for branch outputs [B, T, HQ, Dv] and gates
+    [B, T, HQ], in the outputs' dtype (nsa_attention's last step, for callers that run the
+    branches themselves)."""
     if all(g.dtype == o_cmp.dtype for g in (g_cmp, g_slc, g_swa)):
         # One pass over the rows (sums in float32, or float64 for float64) instead of five
         # element-wise ops and their temporaries.
-        o = torch.ops.nsa.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
-    else:  # gates in another float dtype (e.g. float32 gates under bf16 autocast)
-        o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
-        o = o.to(o_cmp.dtype)
-    return (o, block_indices) if return_block_indices else o
+        return _ops().gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+    # gates in another float dtype (e.g. float32 gates under bf16 autocast)
+    o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
+    return o.to(o_cmp.dtype)

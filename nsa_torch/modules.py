@@ -1,0 +1,318 @@
+"""The trainable NSA layer: hidden states in, hidden states out.
+
+    layer = nsa_torch.NativeSparseAttention(hidden_size=1024, num_heads=16, num_kv_heads=1,
+                                            head_dim=64)
+    y = layer(x)                                   # x [B, T, hidden] -> y [B, T, hidden]
+    y = layer(x_packed, cu_seqlens=cu_seqlens)     # varlen: x [1, total, hidden]
+
+The layer owns the query/key/value/output projections, the compression function phi that turns
+each window of `block_size` keys (values) into one compressed key (value), and the gate
+projection (linear + sigmoid, one gate per query head per branch). Everything else is
+`nsa_torch.nsa_attention` (or its branches, with `separate_branch_kv=True`).
+
+Rotary embeddings (rotate-half convention, as in Llama and Hugging Face): queries and the keys of
+the selected and window branches are rotated at their token positions; compressed keys are built
+from the un-rotated keys of their window and then rotated at the position of the window's last
+token, (i * block_stride + block_size - 1) in the sequence: the first query that sees compressed
+token i is that token, so the relative distance of every visible compressed key is >= 0. Values
+are not rotated.
+"""
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as nsa_fn
+
+_COMPRESSIONS = ("mlp", "mean", "linear")
+
+
+@dataclass
+class NSAConfig:
+    """The arguments of NativeSparseAttention (see its docstring)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: Optional[int] = None
+    block_size: int = 32
+    block_stride: int = 16
+    select_size: int = 64
+    num_selected: int = 16
+    num_initial: int = 1
+    num_local: int = 2
+    window_size: int = 512
+    compression: str = "mlp"
+    rope_theta: float = 10000.0
+    separate_branch_kv: bool = False
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        where = "nsa_torch.NSAConfig"
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "v_head_dim",
+                     "block_size", "block_stride", "select_size", "num_selected", "window_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+        for name in ("num_initial", "num_local"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{where}: {name} must be an int >= 0, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{where}: num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"{where}: head_dim must be even (rotary embeddings rotate pairs), "
+                             f"got {self.head_dim}")
+        if self.block_size % self.block_stride:
+            raise ValueError(f"{where}: block_size ({self.block_size}) must be a multiple of "
+                             f"block_stride ({self.block_stride})")
+        if self.select_size % self.block_stride:
+            raise ValueError(f"{where}: select_size ({self.select_size}) must be a multiple of "
+                             f"block_stride ({self.block_stride})")
+        if self.num_selected < self.num_initial + self.num_local:
+            raise ValueError(f"{where}: num_selected ({self.num_selected}) must be >= num_initial "
+                             f"+ num_local ({self.num_initial} + {self.num_local})")
+        if self.compression not in _COMPRESSIONS:
+            raise ValueError(f"{where}: compression must be one of {_COMPRESSIONS}, got "
+                             f"{self.compression!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"{where}: rope_theta must be > 0, got {self.rope_theta!r}")
+
+    def hyper(self):
+        """The hyper-parameters of nsa_torch.nsa_attention."""
+        return dict(block_size=self.block_size, block_stride=self.block_stride,
+                    select_size=self.select_size, num_selected=self.num_selected,
+                    num_initial=self.num_initial, num_local=self.num_local,
+                    window_size=self.window_size)
+
+
+def _windows(x, block_size, block_stride, starts):
+    """The compression windows of x [B, T, H, C]: [B, Nc, H, block_size, C]. starts (int64 [Nc],
+    the first token of each window, packed x with B = 1) or None (fixed length)."""
+    if starts is None:
+        if x.shape[1] < block_size:
+            return x.new_zeros(x.shape[0], 0, x.shape[2], block_size, x.shape[3])
+        return x.unfold(1, block_size, block_stride).permute(0, 1, 2, 4, 3)
+    idx = starts[:, None] + torch.arange(block_size, device=x.device)
+    return x[0, idx].permute(0, 2, 1, 3).unsqueeze(0)
+
+
+class BlockCompression(nn.Module):
+    """phi: one compressed row per window of `block_size` rows (stride `block_stride`) of
+    x [B, T, H, C] -> [B, Nc, H, C], the same map for every head.
+
+    - "mlp" (the paper's): mean(window) + W2 silu(W1 flatten(window + pos)), with a learned
+      intra-block position embedding pos [block_size, C], W1: block_size * C -> C, W2: C -> C.
+      W2 starts at zero, so phi starts as mean pooling.
+    - "linear": W flatten(window), W: block_size * C -> C, initialised to mean pooling.
+    - "mean": mean pooling, no parameters.
+    """
+
+    def __init__(self, channels, block_size, block_stride, kind="mlp"):
+        super().__init__()
+        if kind not in _COMPRESSIONS:
+            raise ValueError(f"nsa_torch.BlockCompression: kind must be one of {_COMPRESSIONS}, "
+                             f"got {kind!r}")
+        self.kind, self.block_size, self.block_stride = kind, block_size, block_stride
+        if kind == "mlp":
+            self.pos = nn.Parameter(torch.zeros(block_size, channels))
+            self.fc1 = nn.Linear(block_size * channels, channels)
+            self.fc2 = nn.Linear(channels, channels)
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+        elif kind == "linear":
+            self.proj = nn.Linear(block_size * channels, channels, bias=False)
+            with torch.no_grad():
+                eye = torch.eye(channels) / block_size
+                self.proj.weight.copy_(eye.repeat(1, block_size))
+
+    def forward(self, x, starts=None):
+        w = _windows(x, self.block_size, self.block_stride, starts)  # [B, Nc, H, l, C]
+        if self.kind == "mean":
+            return w.mean(-2)
+        if self.kind == "linear":
+            return self.proj(w.flatten(-2))
+        h = F.silu(self.fc1((w + self.pos.to(w.dtype)).flatten(-2)))
+        return w.mean(-2) + self.fc2(h)
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rope(x, pos, theta):
+    """Rotary embedding of x [B, N, heads, D] at positions pos [B, N] (rotate-half convention)."""
+    D = x.shape[-1]
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32  # the angles' precision
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=f) / D))
+    ang = pos.to(f)[..., None] * inv_freq  # [B, N, D / 2]
+    ang = torch.cat((ang, ang), dim=-1)[:, :, None, :]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _packed_positions(cu_seqlens, total):
+    """Token positions within their sequence for a packed batch: int64 [1, total]."""
+    tok = torch.arange(total, device=cu_seqlens.device)
+    cu = cu_seqlens.to(torch.int64)
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    return (tok - cu[seq])[None]
+
+
+class NativeSparseAttention(nn.Module):
+    """Native Sparse Attention layer (Yuan et al. 2025): x [B, T, hidden_size] -> [B, T, hidden_size].
+
+    Args: hidden_size, num_heads (query heads HQ), num_kv_heads (H, dividing HQ), head_dim (D),
+    v_head_dim (Dv, default D); the NSA hyper-parameters of nsa_torch.nsa_attention;
+    compression ("mlp", the paper's; "mean"; "linear"; see BlockCompression), separate for K and
+    V; rope_theta; separate_branch_kv (each branch its own K/V projections, as the paper
+    describes; else the three share k_proj/v_proj); bias (of the q/k/v/o projections; the gate
+    projection always has one, initialised to zero: every gate starts at 0.5).
+
+    forward(hidden_states, cu_seqlens=None, position_ids=None): with cu_seqlens (int32 [N + 1])
+    hidden_states is a packed batch [1, total, hidden_size] and positions restart at 0 in each
+    sequence; position_ids [B, T] overrides the positions (for the rotary embeddings and the
+    compressed keys' positions). The attention runs in the projections' dtype (e.g. bfloat16
+    under torch.autocast).
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
+                 block_size=32, block_stride=16, select_size=64, num_selected=16, num_initial=1,
+                 num_local=2, window_size=512, compression="mlp", rope_theta=10000.0,
+                 separate_branch_kv=False, bias=False):
+        super().__init__()
+        cfg = NSAConfig(hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim,
+                        block_size=block_size, block_stride=block_stride, select_size=select_size,
+                        num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+                        window_size=window_size, compression=compression, rope_theta=rope_theta,
+                        separate_branch_kv=separate_branch_kv, bias=bias)
+        self.config = cfg
+        HQ, H, D, Dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
+        self.q_proj = nn.Linear(hidden_size, HQ * D, bias=bias)
+        branches = ("cmp", "slc", "swa") if separate_branch_kv else ("",)
+        for b in branches:
+            suffix = f"_{b}" if b else ""
+            setattr(self, "k_proj" + suffix, nn.Linear(hidden_size, H * D, bias=bias))
+            setattr(self, "v_proj" + suffix, nn.Linear(hidden_size, H * Dv, bias=bias))
+        self.k_compress = BlockCompression(D, block_size, block_stride, compression)
+        self.v_compress = BlockCompression(Dv, block_size, block_stride, compression)
+        self.g_proj = nn.Linear(hidden_size, 3 * HQ, bias=True)
+        nn.init.zeros_(self.g_proj.bias)
+        self.o_proj = nn.Linear(HQ * Dv, hidden_size, bias=bias)
+
+    @classmethod
+    def from_config(cls, config: NSAConfig):
+        kw = asdict(config)
+        args = [kw.pop(n) for n in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                                    "v_head_dim")]
+        return cls(*args, **kw)
+
+    def extra_repr(self):
+        c = self.config
+        return (f"HQ={c.num_heads}, H={c.num_kv_heads}, D={c.head_dim}, Dv={c.v_head_dim}, "
+                f"l={c.block_size}, d={c.block_stride}, l'={c.select_size}, n={c.num_selected}, "
+                f"w={c.window_size}, compression={c.compression!r}, "
+                f"separate_branch_kv={c.separate_branch_kv}")
+
+    def _check(self, x, cu_seqlens, position_ids):
+        where = "nsa_torch.NativeSparseAttention"
+        c = self.config
+        if x.dim() != 3 or x.shape[-1] != c.hidden_size:
+            raise ValueError(f"{where}: hidden_states must be [B, T, hidden_size = "
+                             f"{c.hidden_size}], got {list(x.shape)}")
+        if cu_seqlens is not None:
+            if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+                raise ValueError(f"{where}: cu_seqlens must be int32 [N + 1], got "
+                                 f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+            if x.shape[0] != 1:
+                raise ValueError(f"{where}: with cu_seqlens, hidden_states must be a packed batch "
+                                 f"[1, total, hidden_size], got B = {x.shape[0]}")
+        if position_ids is not None and tuple(position_ids.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{where}: position_ids must be [B, T] = {list(x.shape[:2])}, got "
+                             f"{list(position_ids.shape)}")
+
+    def _window_starts(self, cu_seqlens, total):
+        """First token of every compression window of a packed batch (int64 [Nc_total]), in the
+        order of the packed k_cmp rows. Reads cu_seqlens on the host (window counts set the
+        shape) and checks it there."""
+        c = self.config
+        starts = []
+        cu = cu_seqlens.tolist()
+        if (not cu or cu[0] != 0 or cu[-1] != total
+                or any(b < a for a, b in zip(cu, cu[1:]))):
+            raise ValueError("nsa_torch.NativeSparseAttention: cu_seqlens must start at 0, never "
+                             f"decrease and end at the packed token count {total}, got {cu}")
+        for s in range(len(cu) - 1):
+            n = cu[s + 1] - cu[s]
+            nc = (n - c.block_size) // c.block_stride + 1 if n >= c.block_size else 0
+            starts.append(torch.arange(nc, device=cu_seqlens.device) * c.block_stride + cu[s])
+        if not starts:
+            return torch.zeros(0, dtype=torch.int64, device=cu_seqlens.device)
+        return torch.cat(starts)
+
+    def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
+        self._check(hidden_states, cu_seqlens, position_ids)
+        c = self.config
+        x = hidden_states
+        B, T, _ = x.shape
+        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
+        if position_ids is None:
+            if cu_seqlens is None:
+                position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
+            else:
+                position_ids = _packed_positions(cu_seqlens, T)
+        starts = None if cu_seqlens is None else self._window_starts(cu_seqlens, T)
+
+        q = self.q_proj(x).view(B, T, HQ, D)
+        dtype = q.dtype
+
+        def kv(suffix):
+            k = getattr(self, "k_proj" + suffix)(x).view(B, T, H, D).to(dtype)
+            v = getattr(self, "v_proj" + suffix)(x).view(B, T, H, Dv).to(dtype)
+            return k, v
+
+        k_c, v_c = kv("_cmp" if c.separate_branch_kv else "")
+        k_cmp = self.k_compress(k_c, starts).to(dtype)
+        v_cmp = self.v_compress(v_c, starts).to(dtype).contiguous()
+        # Positions of the compressed keys: the last token of their window.
+        if starts is None:
+            nc = k_cmp.shape[1]
+            ends = torch.arange(nc, device=x.device) * c.block_stride + (c.block_size - 1)
+            pos_cmp = position_ids[:, ends]
+        else:
+            pos_cmp = position_ids[:, starts + (c.block_size - 1)]
+        k_cmp = _rope(k_cmp, pos_cmp, c.rope_theta).contiguous()
+        q = _rope(q, position_ids, c.rope_theta).contiguous()
+        g = torch.sigmoid(self.g_proj(x)).to(dtype).view(B, T, 3, HQ)
+        g_cmp, g_slc, g_swa = g.unbind(2)
+        hyper = c.hyper()
+        if not c.separate_branch_kv:
+            k, v = k_c, v_c
+            k = _rope(k, position_ids, c.rope_theta).contiguous()
+            o = nsa_fn.nsa_attention(q, k, v.contiguous(), k_cmp, v_cmp, g_cmp, g_slc, g_swa,
+                                     cu_seqlens=cu_seqlens, **hyper)
+        else:
+            common = dict(cu_seqlens=cu_seqlens)
+            o_cmp, lse = nsa_fn.compressed_attention(q, k_cmp, v_cmp, block_size=c.block_size,
+                                                     block_stride=c.block_stride, **common)
+            idx = nsa_fn.select_blocks(q, k_cmp, lse, block_size=c.block_size,
+                                       block_stride=c.block_stride, select_size=c.select_size,
+                                       num_selected=c.num_selected, num_initial=c.num_initial,
+                                       num_local=c.num_local, **common)
+            k_s, v_s = kv("_slc")
+            k_s = _rope(k_s, position_ids, c.rope_theta).contiguous()
+            o_slc = nsa_fn.selected_attention(q, k_s, v_s.contiguous(), idx,
+                                              select_size=c.select_size, **common)
+            k_w, v_w = kv("_swa")
+            k_w = _rope(k_w, position_ids, c.rope_theta).contiguous()
+            o_swa = nsa_fn.sliding_window_attention(q, k_w, v_w.contiguous(),
+                                                    window_size=c.window_size, **common)
+            o = nsa_fn.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+        return self.o_proj(o.reshape(B, T, HQ * Dv))
