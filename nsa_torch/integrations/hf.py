@@ -1,0 +1,314 @@
+"""Native Sparse Attention in Hugging Face Llama-style causal LMs.
+
+    from transformers import AutoModelForCausalLM
+    from nsa_torch.integrations.hf import replace_attention
+
+    model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
+    model = replace_attention(model, nsa_kwargs=dict(window_size=512))
+    loss = model(input_ids, labels=input_ids).loss    # unpadded batches (or packed, see below)
+
+Every decoder layer's `self_attn` becomes an NSASelfAttention holding a
+nsa_torch.NativeSparseAttention (`.nsa`) that starts from the layer's q/k/v/o projections.
+transformers is imported only when replace_attention is called.
+"""
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..modules import NativeSparseAttention, NSAConfig
+
+_WHERE = "nsa_torch.integrations.hf.replace_attention"
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Set from the model's config; nsa_kwargs may set every other NSAConfig field.
+_SHAPE_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "v_head_dim")
+_NSA_FIELDS = tuple(f for f in NSAConfig.__dataclass_fields__ if f not in _SHAPE_FIELDS)
+
+
+class NSASelfAttention(nn.Module):
+    """Drop-in for a Hugging Face decoder layer's `self_attn`: runs `self.nsa`
+    (a NativeSparseAttention) and returns `(attn_output, None)` as the HF attention does.
+
+    Called like transformers' LlamaAttention: forward(hidden_states, position_embeddings,
+    attention_mask, cache, **kwargs). NSA applies its own rotary embedding, so
+    position_embeddings is ignored; positions come from position_ids, else cache_position,
+    else 0..T-1. Position ids that do not step by 1 inside a row (HF's padding-free packing, e.g.
+    DataCollatorWithFlattening) mark packed sequences, which run as a varlen batch (batch size 1).
+
+    Not supported, with a ValueError: KV caches (any `cache` / `past_key_values`; call the model
+    with use_cache=False), and attention masks that mask out tokens (padding). Causal masks, and
+    the block-causal masks of packed sequences, are accepted and otherwise ignored: NSA is causal
+    by construction. Masks given as flex-attention BlockMasks are not inspected.
+    """
+
+    def __init__(self, nsa, layer_idx=None):
+        super().__init__()
+        self.nsa = nsa
+        self.layer_idx = layer_idx
+        self.is_causal = True
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                *, position_ids=None, cache_position=None, past_key_values=None,
+                past_key_value=None, use_cache=None, **kwargs):
+        where = f"{_WHERE} (NSASelfAttention of layer {self.layer_idx})"
+        # Even an empty cache is refused: the layer never fills it, so the next decoding step
+        # would see no past tokens and silently attend to the new token alone.
+        for past in (cache, past_key_values, past_key_value):
+            if past is not None:
+                raise ValueError(
+                    f"{where}: KV-cache decoding is not supported, got a {type(past).__name__}; "
+                    "call the model with use_cache=False (replace_attention sets "
+                    "model.config.use_cache = False; generate() then recomputes the prefix)")
+        B, T = hidden_states.shape[:2]
+        _check_mask(where, attention_mask, T)
+        if position_ids is None and cache_position is not None:
+            position_ids = cache_position
+        if position_ids is None:
+            position_ids = torch.arange(T, device=hidden_states.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
+            raise ValueError(f"{where}: position_ids must be [T], [1, T] or [B, T] with B, T = "
+                             f"{B}, {T}, got {list(position_ids.shape)}")
+        position_ids = position_ids.to(device=hidden_states.device, dtype=torch.int64)
+        cu_seqlens = _packed_cu_seqlens(where, position_ids, B)
+        out = self.nsa(hidden_states, cu_seqlens=cu_seqlens,
+                       position_ids=position_ids.expand(B, T))
+        return out, None
+
+
+def _check_mask(where, mask, T):
+    """Refuse masks that hide tokens (padding): a [B, S] mask with zeros, or a 4D mask (bool:
+    True = attend; float: additive, large negative = masked) whose diagonal is masked. Causal,
+    sliding-window and block-causal (packed) masks always let a token see itself, padding never
+    does."""
+    if mask is None or not torch.is_tensor(mask):
+        return
+    if mask.dim() == 2:
+        allowed = mask != 0
+    elif mask.dim() == 4:
+        diag = torch.diagonal(mask, offset=mask.shape[-1] - T, dim1=-2, dim2=-1)
+        if mask.dtype.is_floating_point:
+            allowed = diag > torch.finfo(mask.dtype).min / 2
+        else:
+            allowed = diag != 0
+    else:
+        raise ValueError(f"{where}: attention_mask must be None, 2D [B, S] or 4D [B, 1, T, S], "
+                         f"got {list(mask.shape)}")
+    if not bool(allowed.all()):
+        raise ValueError(
+            f"{where}: padding is not supported, got an attention_mask that masks out tokens; "
+            "NSA is causal by construction and takes no mask. Pass unpadded batches (all "
+            "sequences of one length), or pack sequences into one row with position_ids "
+            "restarting at 0 for each sequence")
+
+
+def _packed_cu_seqlens(where, position_ids, B):
+    """cu_seqlens (int32) of the sequences packed in one row, found where position_ids does not
+    step by 1 (as transformers finds packed sequences); None when nothing is packed."""
+    if position_ids.shape[-1] < 2:
+        return None
+    breaks = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    if not bool(breaks.any()):
+        return None
+    if B != 1:
+        raise ValueError(f"{where}: packed sequences (position_ids that restart inside a row) "
+                         f"need batch size 1, got B = {B}")
+    T = position_ids.shape[-1]
+    starts = breaks[0].nonzero().flatten() + 1
+    edge = starts.new_tensor([0]), starts, starts.new_tensor([T])
+    return torch.cat(edge).to(torch.int32)
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"{_WHERE} needs Hugging Face transformers: pip install transformers "
+                          f"({err})") from err
+
+
+def _find_attentions(model):
+    """(parent, old self_attn, qualified name) of every `self_attn` with the four projections;
+    raises when there is none."""
+    found, partial = [], []
+    for name, module in model.named_modules():
+        attn = getattr(module, "self_attn", None)
+        if not isinstance(attn, nn.Module):
+            continue
+        if isinstance(attn, NSASelfAttention):
+            raise ValueError(f"{_WHERE}: {name or 'the model'}.self_attn is already an "
+                             "NSASelfAttention; call replace_attention once per model")
+        missing = [p for p in _PROJECTIONS if not isinstance(getattr(attn, p, None), nn.Linear)]
+        if missing:
+            partial.append(f"{name}.self_attn lacks {missing}")
+        else:
+            found.append((module, attn, f"{name}.self_attn" if name else "self_attn"))
+    if not found:
+        seen = f"; found {', '.join(partial[:3])}" if partial else ""
+        raise ValueError(
+            f"{_WHERE}: expected a Hugging Face Llama-style model (e.g. LlamaForCausalLM, "
+            "MistralForCausalLM, Qwen2ForCausalLM) whose decoder layers have `self_attn` with "
+            f"nn.Linear {', '.join(_PROJECTIONS)}, got a {type(model).__name__} without any{seen}")
+    return found
+
+
+def _rope_theta(config):
+    """rope_theta of a transformers config (rope_parameters in recent versions, rope_theta in
+    older ones); warns when the model scales its rotary embedding, which NSA does not."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    params = params if isinstance(params, Mapping) else {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if kind != "default" or partial != 1.0:
+        warnings.warn(f"{_WHERE}: the model's rotary embedding is rope_type={kind!r}, "
+                      f"partial_rotary_factor={partial}; NativeSparseAttention applies the plain "
+                      "one (every dimension, theta only), so positions are encoded differently",
+                      stacklevel=4)
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ValueError(f"{_WHERE}: found no rope_theta in the model config (neither "
+                         "config.rope_parameters['rope_theta'] nor config.rope_theta); pass "
+                         "nsa_kwargs=dict(rope_theta=...)")
+    return float(theta)
+
+
+def _nsa_config(model, nsa_kwargs, olds):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()  # the language model's config in multimodal models
+    names = ("hidden_size", "num_attention_heads")
+    if config is None or any(getattr(config, n, None) is None for n in names):
+        raise ValueError(f"{_WHERE}: expected model.config (a transformers config) with "
+                         f"{', '.join(names)}, got {type(config).__name__}")
+    hidden, HQ = config.hidden_size, config.num_attention_heads
+    H = getattr(config, "num_key_value_heads", None) or HQ  # unset in configs without GQA
+    if HQ % H:
+        raise ValueError(f"{_WHERE}: num_attention_heads ({HQ}) must be a multiple of "
+                         f"num_key_value_heads ({H})")
+    D = getattr(config, "head_dim", None)
+    if D is None:
+        if hidden % HQ:
+            raise ValueError(f"{_WHERE}: without config.head_dim, hidden_size ({hidden}) must be a "
+                             f"multiple of num_attention_heads ({HQ})")
+        D = hidden // HQ
+    if getattr(config, "attention_dropout", 0.0):
+        warnings.warn(f"{_WHERE}: config.attention_dropout = {config.attention_dropout} is "
+                      "ignored (NativeSparseAttention has no attention dropout)", stacklevel=3)
+
+    nsa_kwargs = dict(nsa_kwargs or {})
+    for key in nsa_kwargs:
+        if key in _SHAPE_FIELDS:
+            raise TypeError(f"{_WHERE}: nsa_kwargs cannot set {key!r}, it comes from the model "
+                            "config")
+        if key not in _NSA_FIELDS:
+            raise TypeError(f"{_WHERE}: unknown NSA argument {key!r} in nsa_kwargs; expected some "
+                            f"of {', '.join(_NSA_FIELDS)}")
+    if "rope_theta" not in nsa_kwargs:
+        nsa_kwargs["rope_theta"] = _rope_theta(config)
+    if "bias" not in nsa_kwargs:
+        # Qwen2 has q/k/v biases but no o_proj bias and no config.attention_bias: follow the
+        # weights too (a new bias without an old one starts at zero).
+        has_bias = any(getattr(a, p).bias is not None for _, a, _ in olds for p in _PROJECTIONS)
+        nsa_kwargs["bias"] = bool(getattr(config, "attention_bias", False)) or has_bias
+    return NSAConfig(hidden, HQ, H, D, D, **nsa_kwargs)
+
+
+def _check_shapes(cfg, olds, copy_weights):
+    """Every old projection must have the shape the config gives (and, to be copied, no bias
+    that the new layer would lose); checked before any layer is replaced."""
+    hidden, HQ, H, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    expected = dict(q_proj=(HQ * D, hidden), k_proj=(H * D, hidden), v_proj=(H * D, hidden),
+                    o_proj=(hidden, HQ * D))
+    for _, old, name in olds:
+        for p, shape in expected.items():
+            lin = getattr(old, p)
+            if tuple(lin.weight.shape) != shape:
+                raise ValueError(f"{_WHERE}: {name}.{p}.weight is {list(lin.weight.shape)}, "
+                                 f"expected {list(shape)} from the model config (hidden_size "
+                                 f"{hidden}, {HQ} heads, {H} KV heads, head_dim {D})")
+            if copy_weights and lin.bias is not None and not cfg.bias:
+                raise ValueError(f"{_WHERE}: {name}.{p} has a bias, but nsa_kwargs sets "
+                                 "bias=False")
+
+
+def _copy_linear(new, old):
+    new.weight.copy_(old.weight)
+    if new.bias is not None:  # a bias the old layer lacks starts at zero: same function
+        if old.bias is None:
+            new.bias.zero_()
+        else:
+            new.bias.copy_(old.bias)
+
+
+def replace_attention(model, *, nsa_kwargs=None, copy_weights=True):
+    """Replace the attention of a Hugging Face Llama-style causal LM by Native Sparse Attention.
+
+    Every module's `self_attn` that has nn.Linear q_proj, k_proj, v_proj and o_proj (the decoder
+    layers of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, ...) becomes an
+    NSASelfAttention whose `.nsa` is a nsa_torch.NativeSparseAttention built from the model
+    config: hidden_size, num_attention_heads, num_key_value_heads, head_dim (config.head_dim,
+    else hidden_size // num_attention_heads), rope_theta (config.rope_parameters["rope_theta"]
+    or config.rope_theta) and bias (config.attention_bias, or any old projection having a bias).
+    nsa_kwargs (a dict) overrides the other NativeSparseAttention arguments: block_size,
+    block_stride, select_size, num_selected, num_initial, num_local, window_size, compression,
+    rope_theta, separate_branch_kv, bias.
+
+    copy_weights: copy the q/k/v/o weights and biases (a bias the old layer lacks starts at zero;
+    with separate_branch_kv, k_proj/v_proj go into each branch's projections); the compression
+    and gate parameters keep the layer's own initialisation. With copy_weights=False every
+    parameter is freshly initialised, e.g. before loading a state dict saved from a replaced
+    model (build the model from its config, replace_attention, then load_state_dict).
+    The new modules take the old ones' device, dtype and train/eval mode.
+
+    Limits (each raises a ValueError when hit): no padding (attention masks that mask out
+    tokens; pack sequences with restarting position_ids instead), no KV cache (the model must
+    be called with use_cache=False, so this sets model.config.use_cache and
+    model.generation_config.use_cache to False; generate() then recomputes the whole prefix for
+    every token). Non-default rotary scaling (e.g. Llama 3's rope_type="llama3") is not
+    reproduced (a warning says so), nor attention dropout, nor extra parameters of the old
+    attention such as Qwen3's q_norm/k_norm (a warning lists them).
+
+    Returns the model, changed in place.
+    """
+    _require_transformers()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{_WHERE}: expected a torch.nn.Module (a transformers model), got "
+                        f"{type(model).__name__}")
+    if nsa_kwargs is not None and not isinstance(nsa_kwargs, Mapping):
+        raise TypeError(f"{_WHERE}: nsa_kwargs must be a dict of NativeSparseAttention "
+                        f"arguments, got {type(nsa_kwargs).__name__}")
+    olds = _find_attentions(model)
+    cfg = _nsa_config(model, nsa_kwargs, olds)
+    _check_shapes(cfg, olds, copy_weights)
+
+    known = {f"{p}.{t}" for p in _PROJECTIONS for t in ("weight", "bias")}
+    dropped = sorted({n for _, old, _ in olds for n, _ in old.named_parameters()} - known)
+    if dropped and copy_weights:
+        warnings.warn(f"{_WHERE}: the old attention has parameters NativeSparseAttention has no "
+                      f"place for, dropped: {', '.join(dropped)}", stacklevel=2)
+    for parent, old, _ in olds:
+        ref = old.q_proj.weight
+        with torch.device(ref.device):  # build in place, not on the CPU and then moved
+            nsa = NativeSparseAttention.from_config(cfg)
+        nsa = nsa.to(dtype=ref.dtype)
+        if copy_weights:
+            with torch.no_grad():
+                _copy_linear(nsa.q_proj, old.q_proj)
+                _copy_linear(nsa.o_proj, old.o_proj)
+                suffixes = ("_cmp", "_slc", "_swa") if cfg.separate_branch_kv else ("",)
+                for s in suffixes:
+                    _copy_linear(getattr(nsa, "k_proj" + s), old.k_proj)
+                    _copy_linear(getattr(nsa, "v_proj" + s), old.v_proj)
+        new = NSASelfAttention(nsa, layer_idx=getattr(old, "layer_idx", None))
+        new.train(old.training)
+        parent.self_attn = new
+
+    # The layers never fill a KV cache and refuse one (see NSASelfAttention).
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "use_cache"):
+        gen.use_cache = False
+    return model
