@@ -121,6 +121,8 @@ def short_error(e):
 class Recorder:
     """Rows of the CSV, rewritten after every measurement."""
 
+    fields = FIELDS  # the CSV's columns (a subclass may write others)
+
     def __init__(self, meta, paths, args):
         self.meta, self.paths, self.args, self.rows = meta, paths, args, []
 
@@ -140,7 +142,7 @@ class Recorder:
         for path in self.paths:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w = csv.DictWriter(f, fieldnames=self.fields)
                 w.writeheader()
                 w.writerows(self.rows)
             os.replace(path + ".tmp", path)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU round in one go, on the GPU machine, from the repository root:
 #
-#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [ab] [bench]
+#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [ab] [bench] [layer]
 #
-# Stages (default: build tests sanitize bench, in this order; profile and ab only when named):
+# Stages (default: build tests sanitize bench, in this order; profile, ab and layer only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
 #   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py, log in
 #             $OUT/tests.log
@@ -17,6 +17,8 @@
 #             (NSA_AB_SWITCHES="fwd bwd", NSA_AB_T=65536, NSA_AB_CONFIGS=g16), log at the head of
 #             $OUT/bench.log
 #   bench     benchmarks/bench_attention.py, log in $OUT/bench.log, CSV and PNG in $OUT
+#   layer     benchmarks/bench_layer.py (one NativeSparseAttention layer against the same layer
+#             with SDPA, peak memory of both; only when named), log appended to $OUT/bench.log
 # Then a summary (stage, status, pytest counts, seconds, the benchmark's table) is printed last
 # and written to $OUT/summary.txt. At most 8 files land in $OUT (what the run tool brings back).
 #
@@ -57,10 +59,10 @@ SUMMARY="$OUT/summary.txt"
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|sanitize|profile|ab|bench) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench)"; exit 2;; esac
+  case $s in build|tests|sanitize|profile|ab|bench|layer) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench layer)"; exit 2;; esac
 done
 # (sanitize: memcheck ~80 s and racecheck ~120 s on the H200 for their default selections)
-declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [ab]=60 [bench]=90)
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [ab]=60 [bench]=90 [layer]=60)
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
@@ -264,6 +266,23 @@ if have bench; then
     na=$(tail -n +"$((mark + 1))" "$OUT/bench.log" | grep -cE ' n/a ' || true)
     record bench "$(status_of $rc)" "$n timed, $na n/a or skipped" "$secs"
   fi
+fi
+
+# ---------------------------------------------------------------- layer
+# (benchmarks/bench_layer.py: one NativeSparseAttention layer against the same layer with SDPA;
+# its log goes to bench.log after the benchmark's)
+if have layer; then
+  s=$(date +%s)
+  lim=$(limit_for layer)
+  # shellcheck disable=SC2206
+  lengths=(${NSA_LAYER_LENGTHS:-65536 32768 16384 8192})
+  mark=$(wc -l < "$OUT/bench.log")
+  run_stage layer "$OUT/bench.log" "$lim" "$PY" benchmarks/bench_layer.py --out-dir "$OUT" \
+    --lengths "${lengths[@]}" --time-budget $(( lim - 30 ))
+  rc=$?
+  secs=$(( $(date +%s) - s ))
+  n=$(tail -n +"$((mark + 1))" "$OUT/bench.log" | grep -cE ' ms ?' || true)
+  record layer "$(status_of $rc)" "$n timed" "$secs"
 fi
 
 # ---------------------------------------------------------------- summary
