@@ -5,13 +5,13 @@ JOBS ?= $(shell nproc)
 TORCH_VERSION ?= 2.14.1
 CPP_BUILD := build/cpp
 
-.PHONY: test deps build cpp-test py-test bench-cpu clean
+.PHONY: test deps build cpp-test py-test bench-cpu demo demo-deps clean
 
 test: deps build py-test cpp-test
 
 # Python and Debian packages (idempotent: quick when everything is there).
 deps:
-	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)" ninja pytest numpy
+	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)" ninja pytest numpy transformers tqdm matplotlib
 	@missing=""; for p in catch2 cmake; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -34,6 +34,22 @@ cpp-test:
 
 bench-cpu:
 	$(PYTHON) benchmarks/bench_cpu.py
+
+# The training demo (examples/train.py): set-up included. The "gpu" preset when CUDA is there,
+# else the "cpu" one (a few minutes on two cores). DEMO_ARGS="--attn sdpa" trains the same model
+# with full attention; outputs in runs/<attn>-<preset>/.
+DEMO_ARGS ?=
+# Builds the extension unless it is there already, with its CUDA code only when a GPU is visible
+# (a CPU-only build takes a minute or two; the CUDA kernels take ~10 minutes on two cores).
+demo: demo-deps
+	@$(PYTHON) -c "import nsa_torch._C" 2>/dev/null || \
+	  NSA_BUILD_CUDA=$$($(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))") $(MAKE) build
+	$(PYTHON) examples/train.py $(DEMO_ARGS)
+
+# (an installed torch is kept: the GPU machines bring their own CUDA build)
+demo-deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import tqdm, matplotlib, ninja" 2>/dev/null || $(PYTHON) -m pip install -q ninja tqdm matplotlib
 
 clean:
 	rm -rf build *.egg-info nsa_torch/_C*.so

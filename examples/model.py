@@ -1,0 +1,104 @@
+"""A small decoder-only language model whose attention is nsa_torch.NativeSparseAttention, or
+full causal attention (SDPA) on the same projections and rotary embedding for comparison."""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import nsa_torch
+from nsa_torch.modules import _rope
+
+
+@dataclass
+class ModelConfig:
+    vocab: int = 48
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    attn: str = "nsa"           # "nsa" or "sdpa"
+    rope_theta: float = 10000.0
+    # NativeSparseAttention keyword arguments (block_size, ..., window_size, compression); its
+    # defaults are the paper's
+    nsa: dict = field(default_factory=dict)
+
+
+class SDPAAttention(nn.Module):
+    """Full causal attention with NativeSparseAttention's q/k/v/o projections and rotary
+    embedding (the comparison the demo's --attn sdpa trains)."""
+
+    def __init__(self, hidden, heads, kv_heads, head_dim, rope_theta):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.theta = heads, kv_heads, head_dim, rope_theta
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def forward(self, x, cu_seqlens=None, position_ids=None):
+        if cu_seqlens is not None:
+            raise ValueError("SDPAAttention: packed batches (cu_seqlens) are not supported")
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)[None].expand(B, T) if position_ids is None else position_ids
+        q = _rope(self.q_proj(x).view(B, T, self.heads, self.head_dim), pos, self.theta)
+        k = _rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), pos, self.theta)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        rep = self.heads // self.kv_heads
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rep > 1:  # (enable_gqa needs torch >= 2.5; repeating works everywhere)
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.hidden)
+        if cfg.attn == "nsa":
+            self.attn = nsa_torch.NativeSparseAttention(cfg.hidden, cfg.heads, cfg.kv_heads,
+                                                        cfg.head_dim, rope_theta=cfg.rope_theta,
+                                                        **cfg.nsa)
+        elif cfg.attn == "sdpa":
+            self.attn = SDPAAttention(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim,
+                                      cfg.rope_theta)
+        else:
+            raise ValueError(f"attn must be 'nsa' or 'sdpa', got {cfg.attn!r}")
+        self.norm2 = nn.RMSNorm(cfg.hidden)
+        inner = 8 * cfg.hidden // 3
+        self.w_in = nn.Linear(cfg.hidden, 2 * inner, bias=False)   # SwiGLU
+        self.w_out = nn.Linear(inner, cfg.hidden, bias=False)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        a, b = self.w_in(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.w_out(F.silu(a) * b)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, checkpointing=False):
+        super().__init__()
+        self.cfg, self.checkpointing = cfg, checkpointing
+        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.RMSNorm(cfg.hidden)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        nn.init.normal_(self.embed.weight, std=cfg.hidden ** -0.5)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.checkpointing and self.training else blk(x)
+        return self.head(self.norm(x))
+
+
+def masked_loss(logits, tokens, mask):
+    """Cross-entropy of the next token where mask (positions whose next token is scored)."""
+    pred = logits[:, :-1].float()
+    target = tokens[:, 1:]
+    sel = mask[:, :-1]
+    return F.cross_entropy(pred[sel], target[sel])

@@ -1,0 +1,255 @@
+"""Train a small decoder-only LM built with nsa_torch.NativeSparseAttention on synthetic
+long-context tasks (a passkey hidden in filler text, associative recall; examples/tasks.py).
+
+    python examples/train.py                      # preset "gpu" when CUDA is there, else "cpu"
+    python examples/train.py --attn sdpa          # the same model with full causal attention
+    torchrun --nproc-per-node 2 examples/train.py --dist fsdp   # or --dist ddp
+
+Writes to --out (default runs/<attn>-<preset>): checkpoint.pt (model config + weights, for
+examples/needle.py), loss.png, eval.md (accuracy by context length and needle depth) and
+metrics.json (time per step, tokens per second).
+"""
+import argparse
+import json
+from dataclasses import asdict
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model import ModelConfig, TinyLM, masked_loss  # noqa: E402
+import tasks  # noqa: E402
+
+# Presets: the CPU one finishes in a few minutes on two cores; the GPU one is sized for about
+# 10 minutes on one H200. Small NSA blocks on CPU (T = 512) so that the needle lies outside the
+# window and must be found through the compressed and selected branches.
+PRESETS = {
+    "cpu": dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32,
+                           nsa=dict(block_size=16, block_stride=8, select_size=32, num_selected=4,
+                                    num_initial=1, num_local=1, window_size=64)),
+                task="passkey", seq=512, batch=8, steps=3000, lr=3e-3, eval_lengths=[512, 1024],
+                eval_batch=16),
+    "gpu": dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=1, head_dim=64),
+                task="mix", seq=4096, batch=16, steps=3000, lr=1e-3, eval_lengths=[4096, 8192, 16384],
+                eval_batch=8),
+}
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default=None,
+                    help="model and training size (default: gpu with CUDA, else cpu)")
+    ap.add_argument("--attn", choices=["nsa", "sdpa"], default="nsa")
+    ap.add_argument("--task", choices=["mix", "passkey", "recall"], default=None,
+                    help="default: the preset's (cpu: passkey, gpu: mix)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--minutes", type=float, default=8.0, help="stop training after this wall time")
+    ap.add_argument("--fixed-length", action="store_true",
+                    help="every step at --seq (default: steps cycle through seq/8, seq/4, seq/2, "
+                         "seq with as many tokens each, more sequences when shorter)")
+    ap.add_argument("--seq", type=int, default=None, help="training context length")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step and process")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp", help="under torchrun")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--no-eval", action="store_true")
+    return ap.parse_args(argv)
+
+
+def setup_distributed(args):
+    """(rank, world, device): torchrun sets WORLD_SIZE > 1; NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device(f"cuda:{local}" if cuda else "cpu") if args.device is None or cuda else torch.device(args.device)
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def wrap(model, args, world, device):
+    if world == 1:
+        return model
+    if args.dist == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 kept it here
+        from torch.distributed._composable.fsdp import fully_shard
+    for blk in model.blocks:
+        fully_shard(blk)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model, args, world):
+    if world > 1 and args.dist == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    m = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+
+@torch.no_grad()
+def accuracy(model, task, B, T, device, gen, depth=None, autocast=False):
+    """(share of rows whose every scored token is predicted, share of scored tokens predicted):
+    argmax with the earlier answer tokens given."""
+    model.eval()
+    if task == "passkey":
+        tok, mask = tasks.passkey(B, T, gen, depth=depth)
+    else:
+        tok, mask = tasks.recall(B, T, gen)
+    tok, mask = tok.to(device), mask.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(tok)
+    right = logits[:, :-1].argmax(-1) == tok[:, 1:]
+    scored = mask[:, :-1]
+    model.train()
+    return (right | ~scored).all(dim=1).float().mean().item(), (right & scored).sum().item() / scored.sum().item()
+
+
+def evaluate(model, preset, device, autocast, seed):
+    gen = torch.Generator().manual_seed(seed + 12345)
+    rows = []
+    for T in preset["eval_lengths"]:
+        accs = [accuracy(model, "passkey", preset["eval_batch"], T, device, gen, d, autocast) for d in DEPTHS]
+        rec = accuracy(model, "recall", preset["eval_batch"], T, device, gen, None, autocast)
+        rows.append((T, accs, rec))
+    head = "| T | " + " | ".join(f"passkey @ depth {d:.2f}" for d in DEPTHS) + " | recall |"
+    lines = [head, "|" + "---|" * (len(DEPTHS) + 2)]
+    for T, accs, rec in rows:
+        lines.append(f"| {T} | " + " | ".join(f"{a:.2f} ({t:.2f})" for a, t in accs) + f" | {rec[0]:.2f} ({rec[1]:.2f}) |")
+    return "\n".join(lines)
+
+
+def plot_losses(losses, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="step")
+    k = max(1, len(losses) // 50)
+    if len(losses) >= k:
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    preset = PRESETS[name]
+    seq, B = args.seq or preset["seq"], args.batch or preset["batch"]
+    task = args.task or preset["task"]
+    steps, lr = args.steps or preset["steps"], args.lr or preset["lr"]
+    out = args.out or os.path.join("runs", f"{args.attn}-{name}")
+    cfg = ModelConfig(attn=args.attn, **preset["model"])
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = TinyLM(cfg, checkpointing=args.checkpointing).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = wrap(model, args, world, device)
+    fwd = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    autocast = device.type == "cuda"
+    # Short sequences teach the copy (many answers per step, the needle mostly in the window);
+    # long ones make the compressed and selected branches find it.
+    cycle = [seq] if args.fixed_length else [t for t in (seq // 8, seq // 4, seq // 2, seq) if t >= 32]
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        print(f"{args.attn} preset {name}: {n_params / 1e6:.2f}M parameters, T = {cycle}, "
+              f"{B * seq} tokens per step x {world} process(es), {steps} steps (at most "
+              f"{args.minutes} min), {device}", flush=True)
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, disable=rank != 0, dynamic_ncols=True)
+    except ImportError:
+        bar = None
+    losses, t0, step_times = [], time.time(), []
+    for step in range(steps):
+        ts = time.time()
+        T_step = cycle[step % len(cycle)]
+        tok, mask = tasks.batch(task, B * seq // T_step, T_step, gen)
+        tok, mask = tok.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = masked_loss(fwd(tok), tok, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        val = loss.detach()
+        if world > 1:
+            dist.all_reduce(val)
+            val /= world
+        losses.append(val.item())  # (a host sync per step: the bar shows it anyway)
+        step_times.append(time.time() - ts)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{B * seq * world / step_times[-1]:.0f}")
+        elif rank == 0 and (step % 50 == 0 or step == steps - 1):  # (no tqdm installed)
+            print(f"step {step + 1}/{steps} loss {losses[-1]:.3f}", flush=True)
+        stop = torch.tensor(float(time.time() - t0 > args.minutes * 60), device=device)
+        if world > 1:
+            dist.all_reduce(stop)  # every rank stops at the same step
+        if stop.item() > 0:
+            break
+    if bar is not None:
+        bar.close()
+    train_s = time.time() - t0
+    steady = step_times[len(step_times) // 4:] or step_times  # past compile and warm-up
+    step_s = sum(steady) / len(steady)
+    state = full_state_dict(model, args, world)
+    if rank == 0:
+        metrics = dict(attn=args.attn, preset=name, params=n_params, seq=seq, batch_per_process=B,
+                       processes=world, steps=len(losses), train_seconds=round(train_s, 1),
+                       step_seconds=round(step_s, 4), tokens_per_second=round(B * seq * world / step_s),
+                       first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
+                       losses=losses)
+        torch.save(dict(config=asdict(cfg), state_dict=state, metrics=metrics),
+                   os.path.join(out, "checkpoint.pt"))
+        plot_losses(losses, os.path.join(out, "loss.png"), f"{args.attn}, preset {name}, T = {seq}")
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"trained {len(losses)} steps in {train_s:.0f} s ({step_s * 1000:.0f} ms/step, "
+              f"{metrics['tokens_per_second']} tokens/s); loss {losses[0]:.3f} -> "
+              f"{metrics['final_loss']:.3f}; checkpoint, loss.png, metrics.json in {out}")
+        if not args.no_eval:
+            eval_model = TinyLM(cfg).to(device)
+            eval_model.load_state_dict(state)
+            table = evaluate(eval_model, preset, device, autocast, args.seed)
+            with open(os.path.join(out, "eval.md"), "w") as f:
+                f.write(f"Accuracy: rows with every answer token right (answer tokens right), "
+                        f"{args.attn}, preset {name}, trained at T = {cycle}:\n\n{table}\n")
+            print(table)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

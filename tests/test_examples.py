@@ -1,0 +1,73 @@
+"""The training demo and the needle evaluation (examples/) run end to end on CPU at a tiny size:
+one process, and two processes under torchrun with DDP and FSDP2 (gloo). The checkpoint of each
+loads into the model again and is evaluated by examples/needle.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+TINY = ["--steps", "3", "--seq", "128", "--batch", "2", "--no-eval", "--device", "cpu"]
+
+sys.path.insert(0, EXAMPLES)
+import tasks  # noqa: E402
+
+
+def run(cmd, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def check_run(out, processes, attn="nsa"):
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["processes"] == processes and metrics["steps"] == 3 and metrics["attn"] == attn
+    assert all(torch.isfinite(torch.tensor(metrics["losses"])))
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 0
+
+
+@pytest.mark.parametrize("attn", ["nsa", "sdpa"])
+def test_train_and_needle(attn, tmp_path):
+    out = str(tmp_path / attn)
+    run([sys.executable, "examples/train.py", "--attn", attn, "--out", out] + TINY, tmp_path)
+    check_run(out, 1, attn)
+    res = str(tmp_path / "needle")
+    text = run([sys.executable, "examples/needle.py", os.path.join(out, "checkpoint.pt"),
+                "--lengths", "64", "96", "--depths", "2", "--samples", "2", "--out", res,
+                "--device", "cpu"], tmp_path)
+    assert f"{attn}: 64:" in text
+    assert os.path.exists(os.path.join(res, f"needle_{attn}.png"))
+    assert "| depth | 64 | 96 |" in open(os.path.join(res, "needle.md")).read()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes(mode, tmp_path):
+    out = str(tmp_path / mode)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "examples/train.py", "--dist", mode, "--out", out] + TINY, tmp_path)
+    check_run(out, 2)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    from model import ModelConfig, TinyLM
+    TinyLM(ModelConfig(**ck["config"])).load_state_dict(ck["state_dict"])  # a full state dict
+
+
+def test_tasks_place_answers_where_scored():
+    gen = torch.Generator().manual_seed(0)
+    tok, mask = tasks.passkey(3, 64, gen, depth=0.5)
+    n = tasks.PASSKEY_DIGITS
+    for b in range(3):
+        p = int((tok[b] == tasks.KEY).nonzero())
+        assert torch.equal(tok[b, p + 1:p + 1 + n], tok[b, -n:])   # the needle is the answer
+        assert mask[b].sum() == n and torch.equal(tok[b, 1:][mask[b, :-1]], tok[b, -n:])
+    tok, mask = tasks.recall(2, 80, gen)
+    for b in range(2):
+        q = int((tok[b] == tasks.QUERY).nonzero())
+        for i in range(q + 1, 80, 2):  # each queried key's value is the one after the key earlier
+            first = int((tok[b, :q] == tok[b, i]).nonzero()[0])
+            assert tok[b, first + 1] == tok[b, i + 1] and mask[b, i]
