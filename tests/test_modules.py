@@ -268,3 +268,29 @@ def test_bad_input():
         layer(torch.randn(1, 10, 24), position_ids=torch.arange(9)[None])
     with pytest.raises(ValueError, match="cu_seqlens"):  # last entry != total tokens (the op says so)
         layer(torch.randn(1, 10, 24), cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32))
+
+
+@pytest.mark.cuda
+def test_cuda_layer_matches_cpu():
+    """The layer on CUDA in bfloat16 (the CUDA kernels' head dims: D = Dv = 64) against the same
+    weights on CPU in float64: outputs and every parameter's gradient within bf16 noise (5e-2
+    relative; the block selection may flip on near-ties in a few rows)."""
+    torch.manual_seed(3)
+    layer = nsa_torch.NativeSparseAttention(256, 8, 2, 64, block_size=32, block_stride=16,
+                                            select_size=64, num_selected=4, window_size=128)
+    x = torch.randn(2, 333, 256, dtype=F64)
+    ref = layer.to(F64)
+    y_ref = ref(x)
+    grads_ref = torch.autograd.grad(y_ref.square().mean(), list(ref.parameters()))
+    gpu = make_twin(ref).to("cuda", torch.bfloat16)
+    y = gpu(x.to("cuda", torch.bfloat16))
+    grads = torch.autograd.grad(y.float().square().mean(), list(gpu.parameters()))
+    assert_close(y.double().cpu(), y_ref.detach(), 5e-2, "cuda layer output")
+    for (n, _), g, r in zip(ref.named_parameters(), grads, grads_ref):
+        assert_close(g.double().cpu(), r, 1e-1, f"cuda layer d{n}")
+
+
+def make_twin(layer):
+    twin = nsa_torch.NativeSparseAttention.from_config(layer.config).to(next(layer.parameters()).dtype)
+    twin.load_state_dict(layer.state_dict())
+    return twin
