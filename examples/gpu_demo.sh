@@ -31,7 +31,7 @@ RUN=runs/$ATTN-gpu
 rc=${PIPESTATUS[0]}
 tail -15 "$OUT/train.log"
 [ "$rc" -eq 0 ] || exit "$rc"
-cp "$RUN/metrics.json" "$RUN/eval.md" "$RUN/loss.png" "$OUT/"
+for f in metrics.json eval.md loss.png; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
 # shellcheck disable=SC2086
 "$PY" examples/needle.py "$RUN/checkpoint.pt" --lengths ${NEEDLE_LENGTHS:-4096 8192 16384 32768 65536} \
   --samples "${NEEDLE_SAMPLES:-10}" --out "$OUT"
