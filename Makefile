@@ -39,10 +39,12 @@ bench-cpu:
 # else the "cpu" one (a few minutes on two cores). DEMO_ARGS="--attn sdpa" trains the same model
 # with full attention; outputs in runs/<attn>-<preset>/.
 DEMO_ARGS ?=
-# Builds the extension unless it is there already, with its CUDA code only when a GPU is visible
+# Builds the extension unless this checkout's is there already (not another checkout's, which an
+# earlier editable install may still point to), with its CUDA code only when a GPU is visible
 # (a CPU-only build takes a minute or two; the CUDA kernels take ~10 minutes on two cores).
 demo: demo-deps
-	@$(PYTHON) -c "import nsa_torch._C" 2>/dev/null || \
+	@$(PYTHON) -c "import os, nsa_torch, nsa_torch._C as c; \
+	  assert os.path.dirname(c.__file__) == os.path.dirname(nsa_torch.__file__)" 2>/dev/null || \
 	  NSA_BUILD_CUDA=$$($(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))") $(MAKE) build
 	$(PYTHON) examples/train.py $(DEMO_ARGS)
 
