@@ -96,6 +96,14 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
+def answer_hits(logits, tokens, mask):
+    """(rows [B] bool: every scored next token predicted by argmax, predicted scored tokens,
+    scored tokens) for mask = the positions whose next token is scored."""
+    right = logits[:, :-1].argmax(-1) == tokens[:, 1:]
+    scored = mask[:, :-1]
+    return (right | ~scored).all(dim=1), int((right & scored).sum()), int(scored.sum())
+
+
 def masked_loss(logits, tokens, mask):
     """Cross-entropy of the next token where mask (positions whose next token is scored)."""
     pred = logits[:, :-1].float()

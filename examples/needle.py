@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model import ModelConfig, TinyLM  # noqa: E402
+from model import ModelConfig, TinyLM, answer_hits  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -46,8 +46,7 @@ def grid(model, lengths, depths, samples, batch, device, seed):
                 t0 = time.time()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     logits = model(tok)
-                ok = ((logits[:, :-1].argmax(-1) == tok[:, 1:]) | ~mask[:, :-1]).all(1)
-                hits += int(ok.sum())
+                hits += int(answer_hits(logits, tok, mask)[0].sum())
                 t_len += time.time() - t0
             row.append(hits / samples)
         acc.append(row)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model import ModelConfig, TinyLM, masked_loss  # noqa: E402
+from model import ModelConfig, TinyLM, answer_hits, masked_loss  # noqa: E402
 import tasks  # noqa: E402
 
 # Presets: the CPU one finishes in a few minutes on two cores; the GPU one is sized for about
@@ -115,10 +115,9 @@ def accuracy(model, task, B, T, device, gen, depth=None, autocast=False):
     tok, mask = tok.to(device), mask.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(tok)
-    right = logits[:, :-1].argmax(-1) == tok[:, 1:]
-    scored = mask[:, :-1]
+    rows, right, scored = answer_hits(logits, tok, mask)
     model.train()
-    return (right | ~scored).all(dim=1).float().mean().item(), (right & scored).sum().item() / scored.sum().item()
+    return rows.float().mean().item(), right / scored
 
 
 def evaluate(model, preset, device, autocast, seed):

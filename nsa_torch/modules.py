@@ -196,9 +196,7 @@ class NativeSparseAttention(nn.Module):
         self.config = cfg
         HQ, H, D, Dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
         self.q_proj = nn.Linear(hidden_size, HQ * D, bias=bias)
-        branches = ("cmp", "slc", "swa") if separate_branch_kv else ("",)
-        for b in branches:
-            suffix = f"_{b}" if b else ""
+        for suffix in self.kv_suffixes():
             setattr(self, "k_proj" + suffix, nn.Linear(hidden_size, H * D, bias=bias))
             setattr(self, "v_proj" + suffix, nn.Linear(hidden_size, H * Dv, bias=bias))
         self.k_compress = BlockCompression(D, block_size, block_stride, compression)
@@ -206,6 +204,11 @@ class NativeSparseAttention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, 3 * HQ, bias=True)
         nn.init.zeros_(self.g_proj.bias)
         self.o_proj = nn.Linear(HQ * Dv, hidden_size, bias=bias)
+
+    def kv_suffixes(self):
+        """Suffixes of the K/V projections' names: k_proj, v_proj, or with separate_branch_kv
+        k_proj_cmp, k_proj_slc, k_proj_swa and the v_proj_* twins."""
+        return ("_cmp", "_slc", "_swa") if self.config.separate_branch_kv else ("",)
 
     @classmethod
     def from_config(cls, config: NSAConfig):

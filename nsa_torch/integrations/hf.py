@@ -297,8 +297,7 @@ def replace_attention(model, *, nsa_kwargs=None, copy_weights=True):
             with torch.no_grad():
                 _copy_linear(nsa.q_proj, old.q_proj)
                 _copy_linear(nsa.o_proj, old.o_proj)
-                suffixes = ("_cmp", "_slc", "_swa") if cfg.separate_branch_kv else ("",)
-                for s in suffixes:
+                for s in nsa.kv_suffixes():
                     _copy_linear(getattr(nsa, "k_proj" + s), old.k_proj)
                     _copy_linear(getattr(nsa, "v_proj" + s), old.v_proj)
         new = NSASelfAttention(nsa, layer_idx=getattr(old, "layer_idx", None))
