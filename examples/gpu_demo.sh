@@ -2,36 +2,43 @@
 # One GPU run of the training demo and its needle evaluation, for the device tool (one call of at
 # most 10 minutes, at most 8 files back under $OUT). From the repository root:
 #
-#     OUT=/writable/dir bash examples/gpu_demo.sh nsa|sdpa [train minutes, default 7]
+#     OUT=/writable/dir bash examples/gpu_demo.sh nsa|sdpa [train minutes, default 6.5]
 #
-# Builds the extension if it is not there (MAX_JOBS=16), trains examples/train.py's gpu preset
-# with --attn nsa or sdpa for the given minutes, evaluates passkey retrieval with
-# examples/needle.py at NEEDLE_LENGTHS (default 4096 8192 16384 32768 65536; NEEDLE_SAMPLES rows
-# per cell, default 10), and leaves in $OUT: train.log, metrics.json, eval.md, loss.png,
-# needle.md, needle_<attn>.png. Extra training arguments: TRAIN_ARGS="--seq 8192 ...".
+# Builds the extension if --attn nsa needs it and it is not there (MAX_JOBS=16), trains
+# examples/train.py's gpu preset with --attn nsa or sdpa for the given minutes, evaluates passkey
+# retrieval with examples/needle.py at NEEDLE_LENGTHS (default 4096 8192 16384 32768 65536;
+# NEEDLE_SAMPLES rows per cell, default 20, NEEDLE_BATCH rows per forward, default 10), and leaves
+# in $OUT: train.log, metrics.json, eval.md, loss.png, needle.md, needle_<attn>.png and
+# needle_<attn>.json. NEEDLE_MERGE="examples/results/needle_nsa.json" adds an earlier run's
+# results to needle.md. Extra training arguments: TRAIN_ARGS="--seq 8192 ...".
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 ATTN=${1:?usage: gpu_demo.sh nsa|sdpa [minutes]}
-MIN=${2:-7}
+MIN=${2:-6.5}
 OUT=${OUT:-/tmp/nsa_gpu_demo}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import nsa_torch._C" 2>/dev/null; then
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ "$ATTN" = nsa ] && ! "$PY" -c "import nsa_torch._C" 2>/dev/null; then
   echo "building the extension"
-  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
+  s=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} NSA_BUILD_CUDA=1 \
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
     || { tail -30 "$OUT/build.log"; exit 1; }
+  echo "built in $(( $(date +%s) - s )) s"
   rm -f "$OUT/build.log"
 fi
 RUN=runs/$ATTN-gpu
+# (the progress bar's redraws, "NN%|...", stay out of the log; train.py prints a line each tenth)
 # shellcheck disable=SC2086
 "$PY" examples/train.py --attn "$ATTN" --minutes "$MIN" --out "$RUN" ${TRAIN_ARGS:-} 2>&1 \
-  | tr '\r' '\n' | grep -v 'it/s\]$' > "$OUT/train.log"
+  | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' > "$OUT/train.log"
 rc=${PIPESTATUS[0]}
-tail -15 "$OUT/train.log"
+tail -25 "$OUT/train.log"
 [ "$rc" -eq 0 ] || exit "$rc"
 for f in metrics.json eval.md loss.png; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
 # shellcheck disable=SC2086
 "$PY" examples/needle.py "$RUN/checkpoint.pt" --lengths ${NEEDLE_LENGTHS:-4096 8192 16384 32768 65536} \
-  --samples "${NEEDLE_SAMPLES:-10}" --out "$OUT"
+  --samples "${NEEDLE_SAMPLES:-20}" --batch "${NEEDLE_BATCH:-10}" --out "$OUT" \
+  ${NEEDLE_MERGE:+--merge $NEEDLE_MERGE}

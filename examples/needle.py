@@ -7,8 +7,11 @@ paper's Figure 5).
 
 A row is right when all five passkey digits are predicted (argmax with the earlier digits given).
 With several checkpoints the summary puts each model's training time per step (metrics.json of
-its run) next to its accuracy. Writes needle_<attn>.png per checkpoint and needle.md.
+its run) next to its accuracy. Writes needle_<attn>.png and needle_<attn>.json per checkpoint and
+needle.md; `--merge needle_sdpa.json ...` adds the results of earlier runs (another machine's,
+say) to needle.md.
 """
+import json
 import argparse
 import os
 import sys
@@ -75,9 +78,34 @@ def heatmap(acc, lengths, depths, path, title):
     plt.close(fig)
 
 
+def report(results):
+    """needle.md's summary table (one row per model: training time per step and steps, mean
+    accuracy over depths by length) and one depth x length table per model."""
+    lengths = sorted({T for r in results for T in r["lengths"]})
+    summary = ["| model | train s | steps | ms/step | tokens/s | " + " | ".join(
+        f"{T} acc (eval s)" for T in lengths) + " |", "|" + "---|" * (5 + len(lengths))]
+    details = []
+    for r in results:
+        by_len = {T: (sum(a) / len(a), s, min(a)) for T, a, s in zip(r["lengths"], r["acc"], r["eval_seconds"])}
+        step_ms = (r.get("step_seconds") or float("nan")) * 1000
+        summary.append(f"| {r['attn']} | {r.get('train_seconds') or 'n/a'} | {r.get('steps') or 'n/a'} | "
+                       f"{step_ms:.0f} | {r.get('tokens_per_second') or 'n/a'} | " + " | ".join(
+                           f"{by_len[T][0]:.2f} ({by_len[T][1]:.1f})" if T in by_len else "-" for T in lengths) + " |")
+        rows = ["| depth | " + " | ".join(str(T) for T in r["lengths"]) + " |", "|" + "---|" * (1 + len(r["lengths"]))]
+        for j, d in enumerate(r["depths"]):
+            rows.append(f"| {d:.0%} | " + " | ".join(f"{r['acc'][i][j]:.2f}" for i in range(len(r["lengths"]))) + " |")
+        details.append(f"### {r['attn']} ({r['checkpoint']}, {r.get('device', '?')}), {r['samples']} rows per cell\n\n"
+                       + "\n".join(rows) + "\n\nmin over depths: " + ", ".join(
+                           f"{T}: {by_len[T][2]:.2f}" for T in r["lengths"])
+                       + f"\n\n![{r['attn']}](needle_{r['attn']}.png)\n")
+    return summary, details
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("checkpoints", nargs="*")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="needle_<attn>.json of earlier runs to add to needle.md")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--depths", type=int, default=11, help="needle depths from 0% to 100%")
     ap.add_argument("--samples", type=int, default=20, help="rows per (length, depth) cell")
@@ -89,30 +117,31 @@ def main(argv=None):
     device = torch.device(args.device)
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
     os.makedirs(args.out, exist_ok=True)
-    summary = ["| model | train ms/step | train tokens/s | " + " | ".join(
-        f"{T} acc (fwd s)" for T in args.lengths) + " |", "|" + "---|" * (3 + len(args.lengths))]
-    details = []
+    if not args.checkpoints and not args.merge:
+        ap.error("give checkpoints to evaluate or --merge results")
+    results = []
     for path in args.checkpoints:
         model, metrics = load(path, device)
         attn = model.cfg.attn
         acc, secs = grid(model, args.lengths, depths, args.samples, args.batch, device, args.seed)
-        png = os.path.join(args.out, f"needle_{attn}.png")
-        heatmap(acc, args.lengths, depths, png, f"{attn}: passkey retrieval")
-        mean = [sum(r) / len(r) for r in acc]
-        step_ms = metrics.get("step_seconds", float("nan")) * 1000
-        summary.append(f"| {attn} ({path}) | {step_ms:.0f} | {metrics.get('tokens_per_second', 'n/a')} | "
-                       + " | ".join(f"{m:.2f} ({s:.1f})" for m, s in zip(mean, secs)) + " |")
-        head = "| depth | " + " | ".join(str(T) for T in args.lengths) + " |"
-        rows = [head, "|" + "---|" * (1 + len(args.lengths))]
-        for j, d in enumerate(depths):
-            rows.append(f"| {d:.0%} | " + " | ".join(f"{acc[i][j]:.2f}" for i in range(len(args.lengths))) + " |")
-        details.append(f"### {attn} ({path}), {args.samples} rows per cell\n\n" + "\n".join(rows)
-                       + f"\n\nmin over depths: " + ", ".join(
-                           f"{T}: {min(r):.2f}" for T, r in zip(args.lengths, acc)) + f"\n\n![{attn}]({os.path.basename(png)})\n")
-        print(f"{attn}: " + ", ".join(f"{T}: {m:.2f}" for T, m in zip(args.lengths, mean)), flush=True)
+        res = dict(attn=attn, checkpoint=path, lengths=args.lengths, depths=depths, samples=args.samples,
+                   acc=acc, eval_seconds=secs, step_seconds=metrics.get("step_seconds"),
+                   tokens_per_second=metrics.get("tokens_per_second"),
+                   train_seconds=metrics.get("train_seconds"), steps=metrics.get("steps"),
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+        heatmap(acc, args.lengths, depths, os.path.join(args.out, f"needle_{attn}.png"),
+                f"{attn}: passkey retrieval")
+        with open(os.path.join(args.out, f"needle_{attn}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"{attn}: " + ", ".join(f"{T}: {sum(r) / len(r):.2f}" for T, r in zip(args.lengths, acc)), flush=True)
+        results.append(res)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    for path in args.merge:
+        with open(path) as f:
+            results.append(json.load(f))
+    summary, details = report(results)
     text = ("# Needle in a haystack (examples/needle.py)\n\nMean accuracy over depths by context "
             "length (seconds of evaluation forwards in brackets), and the training time per step "
             "of each model:\n\n" + "\n".join(summary) + "\n\n" + "\n".join(details))

@@ -26,17 +26,21 @@ import tasks  # noqa: E402
 
 # Presets: the CPU one finishes in a few minutes on two cores; the GPU one is sized for about
 # 10 minutes on one H200. Small NSA blocks on CPU (T = 512) so that the needle lies outside the
-# window and must be found through the compressed and selected branches.
+# window and must be found through the compressed and selected branches. The GPU model keeps the
+# paper's NSA hyper-parameters (the layer's defaults) and a large rotary base, as long-context
+# models do, so that the slowest rotary pairs barely turn over 64k tokens.
 PRESETS = {
     "cpu": dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32,
                            nsa=dict(block_size=16, block_stride=8, select_size=32, num_selected=4,
                                     num_initial=1, num_local=1, window_size=64)),
-                task="passkey", seq=512, batch=8, steps=3000, lr=3e-3, eval_lengths=[512, 1024],
-                eval_batch=16),
-    "gpu": dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=1, head_dim=64),
-                task="mix", seq=4096, batch=16, steps=3000, lr=1e-3, eval_lengths=[4096, 8192, 16384],
-                eval_batch=8),
+                task="passkey", seq=512, min_seq=64, batch=8, steps=3000, lr=3e-3,
+                eval_lengths=[512, 1024], eval_batch=16),
+    "gpu": dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=1, head_dim=64,
+                           rope_theta=500000.0),
+                task="mix", seq=16384, min_seq=512, batch=4, steps=100000, lr=1e-3,
+                eval_lengths=[4096, 16384], eval_batch=8),
 }
+WARMUP_STEPS = 100
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -48,11 +52,15 @@ def parse_args(argv=None):
     ap.add_argument("--task", choices=["mix", "passkey", "recall"], default=None,
                     help="default: the preset's (cpu: passkey, gpu: mix)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--minutes", type=float, default=8.0, help="stop training after this wall time")
+    ap.add_argument("--minutes", type=float, default=8.0,
+                    help="training wall time: the learning rate decays over it (or over --steps, "
+                         "whichever ends first)")
     ap.add_argument("--fixed-length", action="store_true",
-                    help="every step at --seq (default: steps cycle through seq/8, seq/4, seq/2, "
-                         "seq with as many tokens each, more sequences when shorter)")
-    ap.add_argument("--seq", type=int, default=None, help="training context length")
+                    help="every step at --seq (default: steps cycle through the powers of two "
+                         "from --min-seq to --seq with as many tokens each, more sequences when "
+                         "shorter)")
+    ap.add_argument("--seq", type=int, default=None, help="longest training context length")
+    ap.add_argument("--min-seq", type=int, default=None, help="shortest one (default: the preset's)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step and process")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -101,6 +109,24 @@ def full_state_dict(model, args, world):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     m = model.module if hasattr(model, "module") else model
     return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+
+def length_cycle(shortest, longest):
+    """The training lengths, one per step in turn: the powers of two times `shortest` up to
+    `longest` (short ones teach the copy, many answers per step with the needle often in the
+    window; long ones make the compressed and selected branches find it)."""
+    if not 32 <= shortest <= longest:
+        raise SystemExit(f"train.py: need 32 <= --min-seq <= --seq, got {shortest} and {longest}")
+    out = [shortest]
+    while out[-1] * 2 <= longest:
+        out.append(out[-1] * 2)
+    return out if out[-1] == longest else out + [longest]
+
+
+def lr_factor(step, progress):
+    """Linear warm-up over WARMUP_STEPS, then a cosine from 1 to 0.1 over `progress` in [0, 1]
+    (steps or wall time: a run stopped by --minutes still ends at the low learning rate)."""
+    return min(1.0, (step + 1) / WARMUP_STEPS) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -171,13 +197,8 @@ def main(argv=None):
     model = wrap(model, args, world, device)
     fwd = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     autocast = device.type == "cuda"
-    # Short sequences teach the copy (many answers per step, the needle mostly in the window);
-    # long ones make the compressed and selected branches find it.
-    cycle = [seq] if args.fixed_length else [t for t in (seq // 8, seq // 4, seq // 2, seq) if t >= 32]
+    cycle = [seq] if args.fixed_length else length_cycle(args.min_seq or min(preset["min_seq"], seq), seq)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -186,12 +207,17 @@ def main(argv=None):
               f"{args.minutes} min), {device}", flush=True)
     try:
         from tqdm import tqdm
-        bar = tqdm(total=steps, disable=rank != 0, dynamic_ncols=True)
+        # in percent of the training (steps or minutes, whichever ends it)
+        bar = tqdm(total=100, disable=rank != 0, dynamic_ncols=True,
+                   bar_format="{percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
     except ImportError:
         bar = None
     losses, t0, step_times = [], time.time(), []
+    progress = 0.0
     for step in range(steps):
         ts = time.time()
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(step, progress)
         T_step = cycle[step % len(cycle)]
         tok, mask = tasks.batch(task, B * seq // T_step, T_step, gen)
         tok, mask = tok.to(device, non_blocking=True), mask.to(device, non_blocking=True)
@@ -201,22 +227,29 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         val = loss.detach()
         if world > 1:
             dist.all_reduce(val)
             val /= world
         losses.append(val.item())  # (a host sync per step: the bar shows it anyway)
         step_times.append(time.time() - ts)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{B * seq * world / step_times[-1]:.0f}")
-        elif rank == 0 and (step % 50 == 0 or step == steps - 1):  # (no tqdm installed)
-            print(f"step {step + 1}/{steps} loss {losses[-1]:.3f}", flush=True)
-        stop = torch.tensor(float(time.time() - t0 > args.minutes * 60), device=device)
+        # Progress through training: by steps or by wall time, whichever is further; every rank
+        # takes the furthest, so that all use one learning rate and stop at the same step.
+        done = torch.tensor(max((step + 1) / steps, (time.time() - t0) / (args.minutes * 60)),
+                            device=device)
         if world > 1:
-            dist.all_reduce(stop)  # every rank stops at the same step
-        if stop.item() > 0:
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)
+        tenth = int(10 * progress)  # (before this step)
+        progress = done.item()
+        if bar is not None:
+            bar.update(min(100, int(100 * progress)) - bar.n)
+            bar.set_postfix(step=step + 1, loss=f"{losses[-1]:.3f}", tok_s=f"{B * seq * world / step_times[-1]:.0f}")
+        if rank == 0 and int(10 * progress) > tenth:  # a plain line each tenth, for logs
+            recent = losses[-50:]
+            line = (f"{min(100, int(100 * progress))}%: step {step + 1}, loss {sum(recent) / len(recent):.3f} "
+                    f"(mean of {len(recent)}), {time.time() - t0:.0f} s")
+            bar.write(line) if bar is not None else print(line, flush=True)
+        if progress >= 1.0:
             break
     if bar is not None:
         bar.close()
@@ -225,7 +258,7 @@ def main(argv=None):
     step_s = sum(steady) / len(steady)
     state = full_state_dict(model, args, world)
     if rank == 0:
-        metrics = dict(attn=args.attn, preset=name, params=n_params, seq=seq, batch_per_process=B,
+        metrics = dict(attn=args.attn, preset=name, params=n_params, seq=seq, lengths=cycle, batch_per_process=B,
                        processes=world, steps=len(losses), train_seconds=round(train_s, 1),
                        step_seconds=round(step_s, 4), tokens_per_second=round(B * seq * world / step_s),
                        first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
