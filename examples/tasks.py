@@ -18,6 +18,11 @@ def _filler(B, T, gen):
     return torch.randint(LETTER0, LETTER0 + 26, (B, T), generator=gen)
 
 
+def _distinct(B, n, k, gen):
+    """[B, k]: k distinct integers from 0..n-1 per row (k <= n)."""
+    return torch.rand(B, n, generator=gen).argsort(dim=1)[:, :k]
+
+
 def passkey(B, T, gen, depth=None):
     """[BOS] filler .. [KEY] d1..d5 [SEP] .. filler [QUERY] d1..d5: the 5-digit key sits at
     `depth` (a fraction of the filler, random per row when None); the answer digits are scored.
@@ -33,11 +38,8 @@ def passkey(B, T, gen, depth=None):
         where = torch.randint(0, room + 1, (B,), generator=gen)
     else:
         where = torch.full((B,), int(round(depth * room)))
-    for b in range(B):
-        p = 1 + int(where[b])
-        tok[b, p] = KEY
-        tok[b, p + 1:p + 1 + n] = digits[b]
-        tok[b, p + 1 + n] = SEP
+    needle = torch.cat((torch.full((B, 1), KEY), digits, torch.full((B, 1), SEP)), dim=1)
+    tok.scatter_(1, 1 + where[:, None] + torch.arange(n + 2), needle)
     tok[:, T - n - 1] = QUERY
     tok[:, T - n:] = digits
     mask[:, T - n - 1:T - 1] = True
@@ -53,22 +55,20 @@ def recall(B, T, gen, pairs=8, queries=4):
     mask = torch.zeros(B, T, dtype=torch.bool)
     tok[:, 0] = BOS
     body = T - tail - 1
-    for b in range(B):
-        keys = torch.randperm(26, generator=gen)[:pairs] + LETTER0
-        vals = torch.randint(0, 10, (pairs,), generator=gen) + DIGIT0
-        slots = torch.randperm(body // 2, generator=gen)[:pairs].sort().values * 2 + 1
-        # Filler letters that equal a key would make the pair ambiguous: filler uses other letters.
-        row = tok[b, 1:1 + body]
-        clash = torch.isin(row, keys)
-        row[clash] = SEP
-        tok[b, slots] = keys
-        tok[b, slots + 1] = vals
-        pick = torch.randperm(pairs, generator=gen)[:queries]
-        start = T - tail
-        tok[b, start] = QUERY
-        tok[b, start + 1::2] = keys[pick]
-        tok[b, start + 2::2] = vals[pick]
-        mask[b, start + 1::2] = True
+    keys = _distinct(B, 26, pairs, gen) + LETTER0
+    vals = torch.randint(0, 10, (B, pairs), generator=gen) + DIGIT0
+    slots = _distinct(B, body // 2, pairs, gen).sort(dim=1).values * 2 + 1
+    # Filler letters that equal a key would make the pair ambiguous: filler uses other letters.
+    row = tok[:, 1:1 + body]
+    row[(row[:, :, None] == keys[:, None, :]).any(-1)] = SEP
+    tok.scatter_(1, slots, keys)
+    tok.scatter_(1, slots + 1, vals)
+    pick = _distinct(B, pairs, queries, gen)
+    start = T - tail
+    tok[:, start] = QUERY
+    tok[:, start + 1::2] = keys.gather(1, pick)
+    tok[:, start + 2::2] = vals.gather(1, pick)
+    mask[:, start + 1::2] = True
     return tok, mask
 
 

@@ -37,7 +37,7 @@ PRESETS = {
                 eval_lengths=[512, 1024], eval_batch=16),
     "gpu": dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=1, head_dim=64,
                            rope_theta=500000.0),
-                task="mix", seq=16384, min_seq=512, batch=4, steps=100000, lr=1e-3,
+                task="mix", seq=16384, min_seq=64, batch=4, steps=100000, lr=1.5e-3,
                 eval_lengths=[4096, 16384], eval_batch=8),
 }
 WARMUP_STEPS = 100
