@@ -104,9 +104,10 @@ def answer_hits(logits, tokens, mask):
     return (right | ~scored).all(dim=1), int((right & scored).sum()), int(scored.sum())
 
 
-def masked_loss(logits, tokens, mask):
-    """Cross-entropy of the next token where mask (positions whose next token is scored)."""
+def masked_loss(logits, tokens, mask, reduction="mean"):
+    """Cross-entropy of the next token where mask (positions whose next token is scored); mean
+    or sum over those positions."""
     pred = logits[:, :-1].float()
     target = tokens[:, 1:]
     sel = mask[:, :-1]
-    return F.cross_entropy(pred[sel], target[sel])
+    return F.cross_entropy(pred[sel], target[sel], reduction=reduction)

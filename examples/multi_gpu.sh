@@ -5,7 +5,7 @@
 #
 # Builds the extension if it is not there, then runs examples/train.py (gpu preset, --attn nsa,
 # --no-eval, a fixed number of steps so that the curves line up step by step):
-#   1 GPU with --batch 4N (the same global batch as the runs below), then
+#   1 GPU with --batch 4N --data-shards N (the very rows that the N processes below draw), then
 #   torchrun N processes with --batch 4 each, --dist ddp, and again with --dist fsdp (FSDP2).
 # Leaves in $OUT the three metrics.json (as metrics_<run>.json) and multi_gpu.md: tokens per
 # second of each (scaling = N-GPU tokens/s over the 1-GPU run's at the same global batch) and
@@ -36,7 +36,7 @@ run() {  # name, command...
   "$@" 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' | tail -3
   cp "runs/mgpu-$name/metrics.json" "$OUT/metrics_$name.json" || return 1
 }
-run 1gpu "$PY" examples/train.py "${COMMON[@]}" --batch $(( 4 * N )) --out runs/mgpu-1gpu || exit 1
+run 1gpu "$PY" examples/train.py "${COMMON[@]}" --batch $(( 4 * N )) --data-shards "$N" --out runs/mgpu-1gpu || exit 1
 run ddp "$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" examples/train.py \
   "${COMMON[@]}" --batch 4 --dist ddp --out runs/mgpu-ddp
 run fsdp "$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" examples/train.py \
@@ -49,12 +49,18 @@ runs = {n: json.load(open(os.path.join(out, f"metrics_{n}.json")))
 base = runs["1gpu"]["tokens_per_second"]
 print("| run | processes | global tokens/step | ms/step | tokens/s | scaling |\n|---|---|---|---|---|---|")
 for n, m in runs.items():
-    print(f"| {n} | {m['processes']} | {m['batch_per_process'] * m['seq'] * m['processes']} | "
+    print(f"| {n} | {m['processes']} | {m['tokens_per_step']} | "
           f"{m['step_seconds'] * 1000:.0f} | {m['tokens_per_second']} | {m['tokens_per_second'] / base:.2f}x |")
 steps = min(len(m["losses"]) for m in runs.values())
 w = max(1, steps // 8)
-print(f"\nMean loss over windows of {w} steps (each step's lengths cycle the same way in every run):\n")
+print(f"\nEvery run trains on the same rows (--data-shards). Mean loss over windows of {w} steps:\n")
 print("| steps | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs))
 for s in range(0, steps - w + 1, w):
     print(f"| {s + 1}-{s + w} | " + " | ".join(f"{sum(m['losses'][s:s + w]) / w:.3f}" for m in runs.values()) + " |")
+ref = runs["1gpu"]["losses"]
+for n, m in runs.items():
+    if n != "1gpu":
+        d = [abs(a - b) for a, b in zip(m["losses"], ref)]
+        print(f"\n{n}: largest per-step loss difference to 1gpu {max(d):.4f}, mean {sum(d) / len(d):.4f}; "
+              f"last-{w}-step means {sum(m['losses'][steps - w:steps]) / w:.3f} vs {sum(ref[steps - w:steps]) / w:.3f}")
 PYEOF

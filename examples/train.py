@@ -10,6 +10,7 @@ examples/needle.py), loss.png, eval.md (accuracy by context length and needle de
 metrics.json (time per step, tokens per second).
 """
 import argparse
+import contextlib
 import json
 from dataclasses import asdict
 import math
@@ -59,12 +60,20 @@ def parse_args(argv=None):
                     help="every step at --seq (default: steps cycle through the powers of two "
                          "from --min-seq to --seq with as many tokens each, more sequences when "
                          "shorter)")
+    ap.add_argument("--lengths-per-step", choices=["all", "one"], default="all",
+                    help="all: every step holds every length of the cycle (about as many tokens "
+                         "each, the gradient accumulated over them, the loss the mean over all "
+                         "answers); one: each step one length, in turn")
     ap.add_argument("--seq", type=int, default=None, help="longest training context length")
     ap.add_argument("--min-seq", type=int, default=None, help="shortest one (default: the preset's)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step and process")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp", help="under torchrun")
+    ap.add_argument("--data-shards", type=int, default=None,
+                    help="the data of this many processes (default: the number of processes); "
+                         "one process with --data-shards 2 and --batch 2B draws exactly the rows "
+                         "that two processes with --batch B draw, to compare their loss curves")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--out", default=None)
@@ -121,6 +130,17 @@ def length_cycle(shortest, longest):
     while out[-1] * 2 <= longest:
         out.append(out[-1] * 2)
     return out if out[-1] == longest else out + [longest]
+
+
+def step_batches(task, cycle, tokens, gen, how, step):
+    """The (tokens, mask) batches of one training step, about `tokens` tokens in all: one length
+    of the cycle in turn (how = "one"), or every length with about tokens / len(cycle) tokens
+    each, at least one row (how = "all")."""
+    if how == "one":
+        T = cycle[step % len(cycle)]
+        return [tasks.batch(task, max(1, tokens // T), T, gen)]
+    per = tokens / len(cycle)
+    return [tasks.batch(task, max(1, round(per / T)), T, gen) for T in cycle]
 
 
 def lr_factor(step, progress):
@@ -199,11 +219,18 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     autocast = device.type == "cuda"
     cycle = [seq] if args.fixed_length else length_cycle(args.min_seq or min(preset["min_seq"], seq), seq)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data
+    # Data shard s draws from its own generator; each process takes its share of the shards.
+    shards = args.data_shards or world
+    if shards % world or B % (shards // world):
+        raise SystemExit(f"train.py: --data-shards {shards} must be a multiple of the {world} "
+                         f"process(es), with --batch {B} a multiple of the shards per process")
+    per = shards // world
+    gens = [torch.Generator().manual_seed(args.seed * 1000 + s) for s in range(rank * per, (rank + 1) * per)]
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         print(f"{args.attn} preset {name}: {n_params / 1e6:.2f}M parameters, T = {cycle}, "
-              f"{B * seq} tokens per step x {world} process(es), {steps} steps (at most "
+              f"{B * seq} tokens per step (about; lengths per step: {args.lengths_per_step}) x "
+              f"{world} process(es), {steps} steps (at most "
               f"{args.minutes} min), {device}", flush=True)
     try:
         from tqdm import tqdm
@@ -212,19 +239,31 @@ def main(argv=None):
                    bar_format="{percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
     except ImportError:
         bar = None
-    losses, t0, step_times = [], time.time(), []
+    losses, t0, step_times, token_counts = [], time.time(), [], []
+    by_length = {}  # T -> each step's mean answer loss at that length (of this process)
     progress = 0.0
     for step in range(steps):
         ts = time.time()
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, progress)
-        T_step = cycle[step % len(cycle)]
-        tok, mask = tasks.batch(task, B * seq // T_step, T_step, gen)
-        tok, mask = tok.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = masked_loss(fwd(tok), tok, mask)
+        parts = [step_batches(task, cycle, B // per * seq, g, args.lengths_per_step, step) for g in gens]
+        batches = [tuple(torch.cat(x) for x in zip(*same_len)) for same_len in zip(*parts)]
+        # The loss is the mean over every answer token of the step: each batch's sum over the
+        # step's answer count, its gradient accumulated (DDP syncs on the last one only).
+        n_ans = sum(int(m[:, :-1].sum()) for _, m in batches)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        for i, (tok, mask) in enumerate(batches):
+            tok, mask = tok.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    part = masked_loss(fwd(tok), tok, mask, reduction="sum") / n_ans
+                part.backward()
+            loss += part.detach()
+            by_length.setdefault(tok.shape[1], []).append(part.detach() * n_ans / max(1, int(mask[:, :-1].sum())))
+        step_tokens = sum(t.numel() for t, _ in batches)
+        token_counts.append(step_tokens)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         val = loss.detach()
@@ -243,24 +282,27 @@ def main(argv=None):
         progress = done.item()
         if bar is not None:
             bar.update(min(100, int(100 * progress)) - bar.n)
-            bar.set_postfix(step=step + 1, loss=f"{losses[-1]:.3f}", tok_s=f"{B * seq * world / step_times[-1]:.0f}")
+            bar.set_postfix(step=step + 1, loss=f"{losses[-1]:.3f}", tok_s=f"{step_tokens * world / step_times[-1]:.0f}")
         if rank == 0 and int(10 * progress) > tenth:  # a plain line each tenth, for logs
             recent = losses[-50:]
             line = (f"{min(100, int(100 * progress))}%: step {step + 1}, loss {sum(recent) / len(recent):.3f} "
-                    f"(mean of {len(recent)}), {time.time() - t0:.0f} s")
+                    f"(mean of {len(recent)}), {time.time() - t0:.0f} s; by length: " + ", ".join(
+                        f"{T}: {float(sum(v[-20:])) / len(v[-20:]):.2f}" for T, v in sorted(by_length.items())))
             bar.write(line) if bar is not None else print(line, flush=True)
         if progress >= 1.0:
             break
     if bar is not None:
         bar.close()
     train_s = time.time() - t0
-    steady = step_times[len(step_times) // 4:] or step_times  # past compile and warm-up
-    step_s = sum(steady) / len(steady)
+    k = len(step_times) // 4  # past compile and warm-up
+    step_s = sum(step_times[k:]) / len(step_times[k:])
+    tok_s = sum(token_counts[k:]) * world / sum(step_times[k:])
     state = full_state_dict(model, args, world)
     if rank == 0:
         metrics = dict(attn=args.attn, preset=name, params=n_params, seq=seq, lengths=cycle, batch_per_process=B,
                        processes=world, steps=len(losses), train_seconds=round(train_s, 1),
-                       step_seconds=round(step_s, 4), tokens_per_second=round(B * seq * world / step_s),
+                       step_seconds=round(step_s, 4), tokens_per_second=round(tok_s), tokens_per_step=token_counts[-1] * world,
+                       losses_by_length={T: [round(float(v), 4) for v in vals] for T, vals in by_length.items()},
                        first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        losses=losses)
         torch.save(dict(config=asdict(cfg), state_dict=state, metrics=metrics),

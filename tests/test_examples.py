@@ -46,12 +46,23 @@ def test_train_and_needle(attn, tmp_path):
     assert "| depth | 64 | 96 |" in open(os.path.join(res, "needle.md")).read()
 
 
+@pytest.fixture(scope="module")
+def one_process_two_shards(tmp_path_factory):
+    """metrics.json of one process drawing the rows of two (--data-shards 2, twice the batch)."""
+    out = str(tmp_path_factory.mktemp("shards") / "one")
+    run([sys.executable, "examples/train.py", "--out", out] + TINY + ["--batch", "4", "--data-shards", "2"], None)
+    return json.load(open(os.path.join(out, "metrics.json")))
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_two_processes(mode, tmp_path):
+def test_torchrun_two_processes(mode, tmp_path, one_process_two_shards):
     out = str(tmp_path / mode)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "examples/train.py", "--dist", mode, "--out", out] + TINY, tmp_path)
     check_run(out, 2)
+    # the same rows and the same mean over them: the loss curve of one process
+    losses = json.load(open(os.path.join(out, "metrics.json")))["losses"]
+    assert losses == pytest.approx(one_process_two_shards["losses"], rel=1e-4, abs=1e-5)
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     from model import ModelConfig, TinyLM
     TinyLM(ModelConfig(**ck["config"])).load_state_dict(ck["state_dict"])  # a full state dict
