@@ -5,7 +5,8 @@
 #
 # Stages (default: build tests sanitize bench, in this order; profile, ab and layer only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
-#   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py, log in
+#   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py
+#             tests/test_modules.py (the layer on CUDA against CPU float64), log in
 #             $OUT/tests.log
 #   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize` of
 #             tests/test_cuda.py and the CUDA cases of tests/test_gated_sum.py)
@@ -154,7 +155,7 @@ if have tests; then
   if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
   # shellcheck disable=SC2206
   extra=(${NSA_TEST_ARGS:-})
-  files=(tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py)
+  files=(tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py tests/test_modules.py)
   run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" ${kexpr:+-k "$kexpr"} "${extra[@]}" "${files[@]}"
   rc=$?
   secs=$(( $(date +%s) - s ))
