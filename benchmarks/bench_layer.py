@@ -7,7 +7,8 @@ causal attention (SDPA), forward and forward+backward, hidden states [1, T, hidd
 
 - nsa: NativeSparseAttention with the paper's hyper-parameters (l = 32, d = 16, l' = 64, n = 16,
   w = 512, mlp compression), all of it timed: projections, compression, gates, rotary, NSA, o_proj.
-- sdpa: the same layer's q/k/v/o projections (the same weights) and rotary embedding with
+- sdpa: nsa_torch.modules.FullAttention.twin_of(the layer): its q/k/v/o projections (the same
+  weights) and rotary embedding with
   F.scaled_dot_product_attention(is_causal=True, enable_gqa=True) in between (k/v repeated to
   all query heads where enable_gqa is refused); on CUDA the cuDNN backend (flash if cuDNN fails,
   said in the note), on CPU torch's default.
@@ -22,7 +23,6 @@ log-log; peak memory vs T on CUDA), and prints a markdown table between marker l
 --tiny: a CPU smoke run (hidden 64, HQ 4, H 2, D 16, T 256 128, l 16, d 8, l' 32, n 4, w 64).
 """
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -30,8 +30,6 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -39,7 +37,7 @@ from bench_attention import (PAPER, Budget, Recorder, commit, fmt, ratio,  # noq
                              short_error, slug, t_label)
 
 import nsa_torch  # noqa: E402  (bench_attention put the repository root on sys.path)
-from nsa_torch.modules import _rope  # noqa: E402
+from nsa_torch.modules import FullAttention  # noqa: E402
 
 TINY = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, lengths=[256, 128])
 TINY_HP = dict(PAPER, block_size=16, block_stride=8, select_size=32, num_selected=4, window_size=64)
@@ -48,42 +46,6 @@ IMPLS = ("nsa", "sdpa")
 FIELDS = ["gpu", "torch", "commit", "dtype", "T", "hidden", "HQ", "H", "D", "block_size",
           "block_stride", "select_size", "num_selected", "window_size", "impl", "mode", "ms",
           "peak_mib", "note"]
-
-
-class SDPAAttention(nn.Module):
-    """The twin of an NSA layer: its q/k/v/o projections (shared, not copied) and rotary
-    embedding, full causal attention by SDPA in between."""
-
-    def __init__(self, nsa_layer, backends=None, gqa=True):
-        super().__init__()
-        self.config = nsa_layer.config
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, getattr(nsa_layer, name))
-        self.backends, self.gqa = backends, gqa
-
-    def forward(self, x):
-        c = self.config
-        B, T, _ = x.shape
-        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
-        pos = torch.arange(T, device=x.device)[None].expand(B, T)
-        q = _rope(self.q_proj(x).view(B, T, HQ, D), pos, c.rope_theta).transpose(1, 2)
-        k = _rope(self.k_proj(x).view(B, T, H, D), pos, c.rope_theta).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, Dv).transpose(1, 2)
-        gqa = {}
-        if HQ != H:
-            if self.gqa:
-                gqa = dict(enable_gqa=True)
-            else:
-                k, v = k.repeat_interleave(HQ // H, 1), v.repeat_interleave(HQ // H, 1)
-        with self._kernel():
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, HQ * Dv))
-
-    def _kernel(self):
-        if not self.backends:
-            return contextlib.nullcontext()
-        from torch.nn.attention import sdpa_kernel
-        return sdpa_kernel(self.backends)
 
 
 class LayerRecorder(Recorder):
@@ -181,7 +143,7 @@ def bench_length(rec, budget, args, T, nsa_layer):
     bench_impl(rec, budget, args, T, "nsa", nsa_layer, x, dout, "")
     last = None
     for note, backends, gqa in sdpa_variants(args.device):  # the first that runs
-        twin = SDPAAttention(nsa_layer, backends, gqa)
+        twin = FullAttention.twin_of(nsa_layer, backends, gqa)
         try:
             with torch.no_grad():
                 twin(x)

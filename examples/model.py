@@ -2,13 +2,12 @@
 full causal attention (SDPA) on the same projections and rotary embedding for comparison."""
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import nsa_torch
-from nsa_torch.modules import _rope
+from nsa_torch.modules import FullAttention
 
 
 @dataclass
@@ -26,34 +25,6 @@ class ModelConfig:
     nsa: dict = field(default_factory=dict)
 
 
-class SDPAAttention(nn.Module):
-    """Full causal attention with NativeSparseAttention's q/k/v/o projections and rotary
-    embedding (the comparison the demo's --attn sdpa trains)."""
-
-    def __init__(self, hidden, heads, kv_heads, head_dim, rope_theta):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.theta = heads, kv_heads, head_dim, rope_theta
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
-
-    def forward(self, x, cu_seqlens=None, position_ids=None):
-        if cu_seqlens is not None:
-            raise ValueError("SDPAAttention: packed batches (cu_seqlens) are not supported")
-        B, T, _ = x.shape
-        pos = torch.arange(T, device=x.device)[None].expand(B, T) if position_ids is None else position_ids
-        q = _rope(self.q_proj(x).view(B, T, self.heads, self.head_dim), pos, self.theta)
-        k = _rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), pos, self.theta)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        rep = self.heads // self.kv_heads
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if rep > 1:  # (enable_gqa needs torch >= 2.5; repeating works everywhere)
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -63,8 +34,10 @@ class Block(nn.Module):
                                                         cfg.head_dim, rope_theta=cfg.rope_theta,
                                                         **cfg.nsa)
         elif cfg.attn == "sdpa":
-            self.attn = SDPAAttention(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim,
-                                      cfg.rope_theta)
+            # K/V repeated to every query head rather than enable_gqa, which some SDPA backends
+            # refuse (torch then falls back to the T x T math kernel)
+            self.attn = FullAttention(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim,
+                                      rope_theta=cfg.rope_theta, gqa=False)
         else:
             raise ValueError(f"attn must be 'nsa' or 'sdpa', got {cfg.attn!r}")
         self.norm2 = nn.RMSNorm(cfg.hidden)

@@ -319,3 +319,76 @@ class NativeSparseAttention(nn.Module):
                                                     window_size=c.window_size, **common)
             o = nsa_fn.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
         return self.o_proj(o.reshape(B, T, HQ * Dv))
+
+
+class FullAttention(nn.Module):
+    """Full causal attention (torch's scaled_dot_product_attention) between NativeSparseAttention's
+    q/k/v/o projections and rotary embedding: the dense baseline that a model or a layer is
+    compared against. `FullAttention.twin_of(nsa_layer)` shares (does not copy) an NSA layer's
+    projections.
+
+    forward(hidden_states, cu_seqlens=None, position_ids=None) as NativeSparseAttention's, without
+    packed batches. backends: SDPA backends to allow (torch.nn.attention.sdpa_kernel; None: torch
+    chooses); gqa: True passes enable_gqa to SDPA, False repeats K/V to every query head (for
+    backends that refuse enable_gqa).
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
+                 rope_theta=10000.0, bias=False, backends=None, gqa=True):
+        super().__init__()
+        self.config = NSAConfig(hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim,
+                                rope_theta=rope_theta, bias=bias)
+        c = self.config
+        self.q_proj = nn.Linear(hidden_size, c.num_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, c.num_kv_heads * c.v_head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, hidden_size, bias=bias)
+        self.backends, self.gqa = backends, gqa
+
+    @classmethod
+    def twin_of(cls, layer, backends=None, gqa=True):
+        """A FullAttention on `layer`'s own q/k/v/o projections (a NativeSparseAttention whose
+        branches share K/V)."""
+        c = layer.config
+        if c.separate_branch_kv:
+            raise ValueError("nsa_torch.FullAttention.twin_of: the layer has one K/V projection "
+                             "per branch (separate_branch_kv=True); full attention has one")
+        with torch.device("meta"):  # the projections are replaced by the layer's
+            twin = cls(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim,
+                       rope_theta=c.rope_theta, bias=c.bias, backends=backends, gqa=gqa)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(twin, name, getattr(layer, name))
+        return twin
+
+    def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
+        where = "nsa_torch.FullAttention"
+        c = self.config
+        x = hidden_states
+        if x.dim() != 3 or x.shape[-1] != c.hidden_size:
+            raise ValueError(f"{where}: hidden_states must be [B, T, hidden_size = "
+                             f"{c.hidden_size}], got {list(x.shape)}")
+        if cu_seqlens is not None:
+            raise ValueError(f"{where}: packed batches (cu_seqlens) are not supported")
+        B, T, _ = x.shape
+        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
+        elif tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"{where}: position_ids must be [B, T] = {[B, T]}, got "
+                             f"{list(position_ids.shape)}")
+        q = _rope(self.q_proj(x).view(B, T, HQ, D), position_ids, c.rope_theta).transpose(1, 2)
+        k = _rope(self.k_proj(x).view(B, T, H, D), position_ids, c.rope_theta).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, H, Dv).transpose(1, 2)
+        extra = {}
+        if HQ != H:
+            if self.gqa:
+                extra = dict(enable_gqa=True)
+            else:
+                k, v = k.repeat_interleave(HQ // H, 1), v.repeat_interleave(HQ // H, 1)
+        if self.backends:
+            from torch.nn.attention import sdpa_kernel
+            with sdpa_kernel(self.backends):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, HQ * Dv))

@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import nsa_torch
 from nsa_torch import reference
+from nsa_torch.modules import FullAttention
 from conftest import assert_close
 
 F64 = torch.float64
@@ -31,6 +32,16 @@ def make_layer(compression="mlp", separate_branch_kv=False, dtype=torch.float32,
     return layer.to(dtype)
 
 
+def ref_rope(t, p, theta):
+    """Rotary embedding of t [B, T, heads, D] at positions p [B, T]: pairs (j, j + D/2) as complex
+    numbers times exp(i p theta^(-2j/D))."""
+    half = t.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, dtype=F64) * 2 / t.shape[-1])
+    rot = torch.polar(torch.ones_like(freq), p.to(F64)[..., None] * freq)[:, :, None, :]
+    z = torch.complex(t[..., :half].to(F64), t[..., half:].to(F64)) * rot
+    return torch.cat((z.real, z.imag), -1).to(t.dtype)
+
+
 def ref_layer(layer, x, position_ids=None):
     """The layer's documented forward, written again from its docstrings: explicit windows, the
     complex-number form of the rotary embedding, nsa_torch.reference for the attention."""
@@ -39,12 +50,8 @@ def ref_layer(layer, x, position_ids=None):
     HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
     pos = torch.arange(T)[None].expand(B, T) if position_ids is None else position_ids
 
-    def rope(t, p):  # pairs (j, j + D/2) as complex numbers times exp(i p theta^(-2j/D))
-        half = t.shape[-1] // 2
-        freq = c.rope_theta ** (-torch.arange(half, dtype=F64) * 2 / t.shape[-1])
-        rot = torch.polar(torch.ones_like(freq), p.to(F64)[..., None] * freq)[:, :, None, :]
-        z = torch.complex(t[..., :half].to(F64), t[..., half:].to(F64)) * rot
-        return torch.cat((z.real, z.imag), -1).to(t.dtype)
+    def rope(t, p):
+        return ref_rope(t, p, c.rope_theta)
 
     def compress(mod, t):
         nc = (T - c.block_size) // c.block_stride + 1 if T >= c.block_size else 0
@@ -268,6 +275,32 @@ def test_bad_input():
         layer(torch.randn(1, 10, 24), position_ids=torch.arange(9)[None])
     with pytest.raises(ValueError, match="cu_seqlens"):  # last entry != total tokens (the op says so)
         layer(torch.randn(1, 10, 24), cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_full_attention_twin(gqa):
+    """FullAttention.twin_of(layer): the layer's own projections (shared), rotary embedding and
+    causal softmax attention, against an explicit float64 computation; gradients reach the
+    shared projections."""
+    layer = make_layer(dtype=F64)
+    twin = FullAttention.twin_of(layer, gqa=gqa)
+    assert twin.q_proj is layer.q_proj and twin.o_proj is layer.o_proj
+    x = torch.randn(2, 11, 24, dtype=F64)
+    pos = torch.arange(11)[None].expand(2, 11) * 3  # (not the default positions)
+    c = layer.config
+    q = ref_rope(layer.q_proj(x).view(2, 11, 4, 8), pos, c.rope_theta)
+    k = ref_rope(layer.k_proj(x).view(2, 11, 2, 8), pos, c.rope_theta).repeat_interleave(2, 2)
+    v = layer.v_proj(x).view(2, 11, 2, 6).repeat_interleave(2, 2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(8)
+    s = s.masked_fill(torch.ones(11, 11, dtype=torch.bool).triu(1), float("-inf"))
+    o = torch.einsum("bhts,bshd->bthd", s.softmax(-1), v).reshape(2, 11, 24)
+    assert_close(twin(x, position_ids=pos), layer.o_proj(o), 1e-10, "full attention")
+    twin(x).sum().backward()
+    assert layer.k_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="packed batches"):
+        twin(x[:1], cu_seqlens=torch.tensor([0, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="separate_branch_kv"):
+        FullAttention.twin_of(make_layer(separate_branch_kv=True))
 
 
 @pytest.mark.cuda
