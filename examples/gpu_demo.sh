@@ -4,7 +4,7 @@
 #
 #     OUT=/writable/dir bash examples/gpu_demo.sh nsa|sdpa [train minutes, default 6.5]
 #
-# Builds the extension if --attn nsa needs it and it is not there (MAX_JOBS=16), trains
+# Builds the extension if --attn nsa needs it and it is not there (tools/build_if_missing.sh), trains
 # examples/train.py's gpu preset with --attn nsa or sdpa for the given minutes, evaluates passkey
 # retrieval with examples/needle.py at NEEDLE_LENGTHS (default 4096 8192 16384 32768 65536;
 # NEEDLE_SAMPLES rows per cell, default 20, NEEDLE_BATCH rows per forward, default 10), and leaves
@@ -20,15 +20,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if [ "$ATTN" = nsa ] && ! "$PY" -c "import nsa_torch._C" 2>/dev/null; then
-  echo "building the extension"
-  s=$(date +%s)
-  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} NSA_BUILD_CUDA=1 \
-    "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-    || { tail -30 "$OUT/build.log"; exit 1; }
-  echo "built in $(( $(date +%s) - s )) s"
-  rm -f "$OUT/build.log"
-fi
+if [ "$ATTN" = nsa ]; then bash tools/build_if_missing.sh || exit 1; fi
 RUN=runs/$ATTN-gpu
 # (the progress bar's redraws, "NN%|...", stay out of the log; train.py prints a line each tenth)
 # shellcheck disable=SC2086

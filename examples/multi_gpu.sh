@@ -3,8 +3,9 @@
 #
 #     OUT=/writable/dir bash examples/multi_gpu.sh [steps, default 120] [N, default 2]
 #
-# Builds the extension if it is not there, then runs examples/train.py (gpu preset, --attn nsa,
-# --no-eval, a fixed number of steps so that the curves line up step by step):
+# Builds the extension if it is not there (tools/build_if_missing.sh), then runs
+# examples/train.py (gpu preset, --attn nsa, --no-eval, a fixed number of steps so that the curves
+# line up step by step):
 #   1 GPU with --batch 4N --data-shards N (the very rows that the N processes below draw), then
 #   torchrun N processes with --batch 4 each, --dist ddp, and again with --dist fsdp (FSDP2).
 # Leaves in $OUT the three metrics.json (as metrics_<run>.json) and multi_gpu.md: tokens per
@@ -21,13 +22,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # (NVLink multicast stays off, as the GPU machines require)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import nsa_torch._C" 2>/dev/null; then
-  s=$(date +%s)
-  MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} NSA_BUILD_CUDA=1 \
-    "$PY" -m pip install -q --no-build-isolation --no-deps -e . > /tmp/nsa_build.log 2>&1 \
-    || { tail -30 /tmp/nsa_build.log; exit 1; }
-  echo "built in $(( $(date +%s) - s )) s"
-fi
+bash tools/build_if_missing.sh || exit 1
 # shellcheck disable=SC2206
 COMMON=(--attn nsa --steps "$STEPS" --minutes 1000 --no-eval ${TRAIN_ARGS:-})
 run() {  # name, command...

@@ -11,8 +11,8 @@ its run) next to its accuracy. Writes needle_<attn>.png and needle_<attn>.json p
 needle.md; `--merge needle_sdpa.json ...` adds the results of earlier runs (another machine's,
 say) to needle.md.
 """
-import json
 import argparse
+import json
 import os
 import sys
 import time

@@ -57,9 +57,9 @@ def parse_args(argv=None):
                     help="training wall time: the learning rate decays over it (or over --steps, "
                          "whichever ends first)")
     ap.add_argument("--fixed-length", action="store_true",
-                    help="every step at --seq (default: steps cycle through the powers of two "
-                         "from --min-seq to --seq with as many tokens each, more sequences when "
-                         "shorter)")
+                    help="train at --seq only (default: the powers of two from --min-seq to "
+                         "--seq, as many tokens each, more sequences when shorter; see "
+                         "--lengths-per-step)")
     ap.add_argument("--lengths-per-step", choices=["all", "one"], default="all",
                     help="all: every step holds every length of the cycle (about as many tokens "
                          "each, the gradient accumulated over them, the loss the mean over all "
@@ -121,9 +121,9 @@ def full_state_dict(model, args, world):
 
 
 def length_cycle(shortest, longest):
-    """The training lengths, one per step in turn: the powers of two times `shortest` up to
-    `longest` (short ones teach the copy, many answers per step with the needle often in the
-    window; long ones make the compressed and selected branches find it)."""
+    """The training lengths: the powers of two times `shortest` up to `longest` (short ones teach
+    the copy, many answers with the needle often in the window; long ones make the compressed and
+    selected branches find it)."""
     if not 32 <= shortest <= longest:
         raise SystemExit(f"train.py: need 32 <= --min-seq <= --seq, got {shortest} and {longest}")
     out = [shortest]
@@ -250,7 +250,8 @@ def main(argv=None):
         batches = [tuple(torch.cat(x) for x in zip(*same_len)) for same_len in zip(*parts)]
         # The loss is the mean over every answer token of the step: each batch's sum over the
         # step's answer count, its gradient accumulated (DDP syncs on the last one only).
-        n_ans = sum(int(m[:, :-1].sum()) for _, m in batches)
+        counts = [int(m[:, :-1].sum()) for _, m in batches]  # answers per batch (on the host)
+        n_ans = sum(counts)
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=device)
         for i, (tok, mask) in enumerate(batches):
@@ -261,7 +262,7 @@ def main(argv=None):
                     part = masked_loss(fwd(tok), tok, mask, reduction="sum") / n_ans
                 part.backward()
             loss += part.detach()
-            by_length.setdefault(tok.shape[1], []).append(part.detach() * n_ans / max(1, int(mask[:, :-1].sum())))
+            by_length.setdefault(tok.shape[1], []).append(part.detach() * n_ans / max(1, counts[i]))
         step_tokens = sum(t.numel() for t, _ in batches)
         token_counts.append(step_tokens)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

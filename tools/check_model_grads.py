@@ -105,12 +105,11 @@ def main():
             if g is None:
                 rows.append((float("inf"), -1.0, n))
                 continue
-            rel = ((g - r).norm() / r.norm().clamp_min(1e-30)).item()
             cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0).item()
-            rows.append((rel, cos, n))
+            rows.append((rel(g, r), cos, n))
         rows.sort(reverse=True)
-        for rel, cos, n in rows[:8]:
-            print(f"  {n:40s} rel err {rel:.3e}  cos {cos:.5f}")
+        for err, cos, n in rows[:8]:
+            print(f"  {n:40s} rel err {err:.3e}  cos {cos:.5f}")
         worst = max(worst, rows[0][0])
     print(f"worst relative gradient error: {worst:.3e}")
     hyper = NSAConfig(kw["hidden"], kw["heads"], kw["kv_heads"], kw["head_dim"], **kw.get("nsa", {})).hyper()
