@@ -45,8 +45,8 @@ class Block(nn.Module):
         self.w_in = nn.Linear(cfg.hidden, 2 * inner, bias=False)   # SwiGLU
         self.w_out = nn.Linear(inner, cfg.hidden, bias=False)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, cu_seqlens=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens=cu_seqlens)
         a, b = self.w_in(self.norm2(x)).chunk(2, dim=-1)
         return x + self.w_out(F.silu(a) * b)
 
@@ -62,10 +62,15 @@ class TinyLM(nn.Module):
         self.head.weight = self.embed.weight  # tied
         nn.init.normal_(self.embed.weight, std=cfg.hidden ** -0.5)
 
-    def forward(self, tokens):
+    def forward(self, tokens, cu_seqlens=None):
+        """tokens [B, T] -> logits [B, T, vocab]; with cu_seqlens (int32 [N + 1], on the tokens'
+        device) tokens [1, total] packs N sequences that do not see each other."""
         x = self.embed(tokens)
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.checkpointing and self.training else blk(x)
+            if self.checkpointing and self.training:
+                x = checkpoint(blk, x, cu_seqlens, use_reentrant=False)
+            else:
+                x = blk(x, cu_seqlens)
         return self.head(self.norm(x))
 
 
@@ -79,7 +84,7 @@ def answer_hits(logits, tokens, mask):
 
 def masked_loss(logits, tokens, mask, reduction="mean"):
     """Cross-entropy of the next token where mask (positions whose next token is scored); mean
-    or sum over those positions."""
+    or sum over those positions, or each one's ("none", in the order of mask's True entries)."""
     pred = logits[:, :-1].float()
     target = tokens[:, 1:]
     sel = mask[:, :-1]

@@ -64,6 +64,10 @@ def parse_args(argv=None):
                     help="all: every step holds every length of the cycle (about as many tokens "
                          "each, the gradient accumulated over them, the loss the mean over all "
                          "answers); one: each step one length, in turn")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="with --lengths-per-step all: one forward and backward per length (the "
+                         "gradient accumulated) instead of all lengths packed in one varlen batch "
+                         "(cu_seqlens), which launches 1/len(cycle) as many kernels")
     ap.add_argument("--seq", type=int, default=None, help="longest training context length")
     ap.add_argument("--min-seq", type=int, default=None, help="shortest one (default: the preset's)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step and process")
@@ -141,6 +145,19 @@ def step_batches(task, cycle, tokens, gen, how, step):
         return [tasks.batch(task, max(1, tokens // T), T, gen)]
     per = tokens / len(cycle)
     return [tasks.batch(task, max(1, round(per / T)), T, gen) for T in cycle]
+
+
+def pack(batches):
+    """One varlen batch from equal-length batches [(tokens [B_i, T_i], mask)]: (tokens [1, N],
+    mask [1, N], cu_seqlens int32 [rows + 1], answers' length index [answers]: the batch each
+    scored position came from). Rows of one length stay together (FullAttention runs them as one
+    batch); no scored position is a row's last, so none predicts across rows."""
+    tok = torch.cat([t.reshape(-1) for t, _ in batches])[None]
+    mask = torch.cat([m.reshape(-1) for _, m in batches])[None]
+    lens = torch.cat([torch.full((t.shape[0],), t.shape[1]) for t, _ in batches])
+    cu = torch.cat((torch.zeros(1, dtype=torch.int64), lens.cumsum(0))).to(torch.int32)
+    which = torch.cat([torch.full((int(m[:, :-1].sum()),), i) for i, (_, m) in enumerate(batches)])
+    return tok, mask, cu, which
 
 
 def lr_factor(step, progress):
@@ -248,21 +265,34 @@ def main(argv=None):
             g["lr"] = lr * lr_factor(step, progress)
         parts = [step_batches(task, cycle, B // per * seq, g, args.lengths_per_step, step) for g in gens]
         batches = [tuple(torch.cat(x) for x in zip(*same_len)) for same_len in zip(*parts)]
-        # The loss is the mean over every answer token of the step: each batch's sum over the
-        # step's answer count, its gradient accumulated (DDP syncs on the last one only).
-        counts = [int(m[:, :-1].sum()) for _, m in batches]  # answers per batch (on the host)
+        # The loss is the mean over every answer token of the step (of this process).
+        counts = [int(m[:, :-1].sum()) for _, m in batches]  # answers per length (on the host)
         n_ans = sum(counts)
         opt.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=device)
-        for i, (tok, mask) in enumerate(batches):
-            tok, mask = tok.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    part = masked_loss(fwd(tok), tok, mask, reduction="sum") / n_ans
-                part.backward()
-            loss += part.detach()
-            by_length.setdefault(tok.shape[1], []).append(part.detach() * n_ans / max(1, counts[i]))
+        if len(batches) > 1 and not args.no_pack:
+            # every length in one packed forward and backward
+            tok, mask, cu, which = (t.to(device, non_blocking=True) for t in pack(batches))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                each = masked_loss(fwd(tok, cu), tok, mask, reduction="none")
+            loss = each.sum() / n_ans
+            loss.backward()
+            sums = torch.zeros(len(batches), device=device).index_add_(0, which, each.detach().float())
+        else:
+            # a forward and backward per length, the gradient accumulated (DDP syncs on the last)
+            loss, sums = torch.zeros((), device=device), []
+            for i, (tok, mask) in enumerate(batches):
+                tok, mask = tok.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        part = masked_loss(fwd(tok), tok, mask, reduction="sum") / n_ans
+                    part.backward()
+                loss += part.detach()
+                sums.append(part.detach() * n_ans)
+            sums = torch.stack(sums)
+        per_length = sums / torch.tensor(counts, device=device).clamp(min=1)
+        for (t, _), v in zip(batches, per_length):
+            by_length.setdefault(t.shape[1], []).append(v)
         step_tokens = sum(t.numel() for t, _ in batches)
         token_counts.append(step_tokens)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -288,7 +318,7 @@ def main(argv=None):
             recent = losses[-50:]
             line = (f"{min(100, int(100 * progress))}%: step {step + 1}, loss {sum(recent) / len(recent):.3f} "
                     f"(mean of {len(recent)}), {time.time() - t0:.0f} s; by length: " + ", ".join(
-                        f"{T}: {float(sum(v[-20:])) / len(v[-20:]):.2f}" for T, v in sorted(by_length.items())))
+                        f"{T}: {torch.stack(v[-20:]).mean().item():.2f}" for T, v in sorted(by_length.items())))
             bar.write(line) if bar is not None else print(line, flush=True)
         if progress >= 1.0:
             break
@@ -303,7 +333,8 @@ def main(argv=None):
         metrics = dict(attn=args.attn, preset=name, params=n_params, seq=seq, lengths=cycle, batch_per_process=B,
                        processes=world, steps=len(losses), train_seconds=round(train_s, 1),
                        step_seconds=round(step_s, 4), tokens_per_second=round(tok_s), tokens_per_step=token_counts[-1] * world,
-                       losses_by_length={T: [round(float(v), 4) for v in vals] for T, vals in by_length.items()},
+                       losses_by_length={T: [round(v, 4) for v in torch.stack(vals).tolist()]
+                                         for T, vals in by_length.items()},
                        first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        losses=losses)
         torch.save(dict(config=asdict(cfg), state_dict=state, metrics=metrics),

@@ -166,6 +166,24 @@ def _packed_positions(cu_seqlens, total):
     return (tok - cu[seq])[None]
 
 
+def _check_packed(where, x, cu_seqlens):
+    """Checks a packed batch (x [1, total, hidden], cu_seqlens int32 [N + 1] from 0, never
+    decreasing, to total) and returns cu_seqlens as a host list (one device read: the layers
+    need the sequence lengths on the host to shape their work)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{where}: cu_seqlens must be int32 [N + 1], got "
+                         f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+    if x.shape[0] != 1:
+        raise ValueError(f"{where}: with cu_seqlens, hidden_states must be a packed batch "
+                         f"[1, total, hidden_size], got B = {x.shape[0]}")
+    cu = cu_seqlens.tolist()
+    if not cu or cu[0] != 0 or cu[-1] != x.shape[1] or any(b < a for a, b in zip(cu, cu[1:])):
+        shown = cu if len(cu) <= 12 else cu[:6] + ["..."] + cu[-3:]
+        raise ValueError(f"{where}: cu_seqlens must start at 0, never decrease and end at the "
+                         f"packed token count {x.shape[1]}, got {shown}")
+    return cu
+
+
 class NativeSparseAttention(nn.Module):
     """Native Sparse Attention layer (Yuan et al. 2025): x [B, T, hidden_size] -> [B, T, hidden_size].
 
@@ -225,43 +243,31 @@ class NativeSparseAttention(nn.Module):
                 f"separate_branch_kv={c.separate_branch_kv}")
 
     def _check(self, x, cu_seqlens, position_ids):
+        """Raises on bad input; returns cu_seqlens as a host list (None when not packed)."""
         where = "nsa_torch.NativeSparseAttention"
         c = self.config
         if x.dim() != 3 or x.shape[-1] != c.hidden_size:
             raise ValueError(f"{where}: hidden_states must be [B, T, hidden_size = "
                              f"{c.hidden_size}], got {list(x.shape)}")
-        if cu_seqlens is not None:
-            if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-                raise ValueError(f"{where}: cu_seqlens must be int32 [N + 1], got "
-                                 f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
-            if x.shape[0] != 1:
-                raise ValueError(f"{where}: with cu_seqlens, hidden_states must be a packed batch "
-                                 f"[1, total, hidden_size], got B = {x.shape[0]}")
         if position_ids is not None and tuple(position_ids.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{where}: position_ids must be [B, T] = {list(x.shape[:2])}, got "
                              f"{list(position_ids.shape)}")
+        return None if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
 
-    def _window_starts(self, cu_seqlens, total):
+    def _window_starts(self, cu, device):
         """First token of every compression window of a packed batch (int64 [Nc_total]), in the
-        order of the packed k_cmp rows. Reads cu_seqlens on the host (window counts set the
-        shape) and checks it there."""
+        order of the packed k_cmp rows, from the host list cu (cu_seqlens); built on the host and
+        copied once (a loop of per-sequence aranges costs a launch per sequence)."""
         c = self.config
-        starts = []
-        cu = cu_seqlens.tolist()
-        if (not cu or cu[0] != 0 or cu[-1] != total
-                or any(b < a for a, b in zip(cu, cu[1:]))):
-            raise ValueError("nsa_torch.NativeSparseAttention: cu_seqlens must start at 0, never "
-                             f"decrease and end at the packed token count {total}, got {cu}")
-        for s in range(len(cu) - 1):
-            n = cu[s + 1] - cu[s]
-            nc = (n - c.block_size) // c.block_stride + 1 if n >= c.block_size else 0
-            starts.append(torch.arange(nc, device=cu_seqlens.device) * c.block_stride + cu[s])
-        if not starts:
-            return torch.zeros(0, dtype=torch.int64, device=cu_seqlens.device)
-        return torch.cat(starts)
+        cu = torch.tensor(cu, dtype=torch.int64)
+        n = cu.diff()
+        nc = torch.where(n >= c.block_size, (n - c.block_size).div(c.block_stride, rounding_mode="floor") + 1, 0)
+        first = (nc.cumsum(0) - nc).repeat_interleave(nc)  # each window's sequence's first k_cmp row
+        local = torch.arange(int(nc.sum())) - first       # window index within its sequence
+        return (cu[:-1].repeat_interleave(nc) + local * c.block_stride).to(device)
 
     def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
-        self._check(hidden_states, cu_seqlens, position_ids)
+        cu = self._check(hidden_states, cu_seqlens, position_ids)  # cu_seqlens on the host
         c = self.config
         x = hidden_states
         B, T, _ = x.shape
@@ -271,7 +277,7 @@ class NativeSparseAttention(nn.Module):
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
             else:
                 position_ids = _packed_positions(cu_seqlens, T)
-        starts = None if cu_seqlens is None else self._window_starts(cu_seqlens, T)
+        starts = None if cu is None else self._window_starts(cu, x.device)
 
         q = self.q_proj(x).view(B, T, HQ, D)
         dtype = q.dtype
@@ -327,8 +333,9 @@ class FullAttention(nn.Module):
     compared against. `FullAttention.twin_of(nsa_layer)` shares (does not copy) an NSA layer's
     projections.
 
-    forward(hidden_states, cu_seqlens=None, position_ids=None) as NativeSparseAttention's, without
-    packed batches. backends: SDPA backends to allow (torch.nn.attention.sdpa_kernel; None: torch
+    forward(hidden_states, cu_seqlens=None, position_ids=None) as NativeSparseAttention's; a packed
+    batch runs one SDPA call per run of consecutive sequences of equal length (pack sequences of
+    one length together). backends: SDPA backends to allow (torch.nn.attention.sdpa_kernel; None: torch
     chooses); gqa: True passes enable_gqa to SDPA, False repeats K/V to every query head (for
     backends that refuse enable_gqa).
     """
@@ -367,18 +374,40 @@ class FullAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != c.hidden_size:
             raise ValueError(f"{where}: hidden_states must be [B, T, hidden_size = "
                              f"{c.hidden_size}], got {list(x.shape)}")
-        if cu_seqlens is not None:
-            raise ValueError(f"{where}: packed batches (cu_seqlens) are not supported")
         B, T, _ = x.shape
-        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
-        if position_ids is None:
-            position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
-        elif tuple(position_ids.shape) != (B, T):
+        if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"{where}: position_ids must be [B, T] = {[B, T]}, got "
                              f"{list(position_ids.shape)}")
-        q = _rope(self.q_proj(x).view(B, T, HQ, D), position_ids, c.rope_theta).transpose(1, 2)
-        k = _rope(self.k_proj(x).view(B, T, H, D), position_ids, c.rope_theta).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, Dv).transpose(1, 2)
+        cu = None if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=x.device)[None].expand(B, T) if cu is None
+                            else _packed_positions(cu_seqlens, T))
+        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
+        q = _rope(self.q_proj(x).view(B, T, HQ, D), position_ids, c.rope_theta)
+        k = _rope(self.k_proj(x).view(B, T, H, D), position_ids, c.rope_theta)
+        v = self.v_proj(x).view(B, T, H, Dv)
+        if cu is None:
+            o = self._attend(q, k, v)
+        else:
+            # A packed batch: each run of consecutive sequences of one length L is a [n, L]
+            # batch of its own (one SDPA call per run, no T x T mask over the whole pack).
+            parts, s = [], 0
+            while s < len(cu) - 1:
+                L, e = cu[s + 1] - cu[s], s + 1
+                while e < len(cu) - 1 and cu[e + 1] - cu[e] == L:
+                    e += 1
+                if L > 0:
+                    run = slice(cu[s], cu[e])
+                    parts.append(self._attend(*(t[:, run].reshape(e - s, L, *t.shape[2:]) for t in (q, k, v)))
+                                 .reshape(1, (e - s) * L, HQ, Dv))
+                s = e
+            o = torch.cat(parts, 1) if parts else q.new_zeros(1, 0, HQ, Dv)
+        return self.o_proj(o.reshape(B, T, HQ * Dv))
+
+    def _attend(self, q, k, v):
+        """Causal SDPA of q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> [B, T, HQ, Dv]."""
+        HQ, H = q.shape[2], k.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         extra = {}
         if HQ != H:
             if self.gqa:
@@ -391,4 +420,4 @@ class FullAttention(nn.Module):
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, HQ * Dv))
+        return o.transpose(1, 2)

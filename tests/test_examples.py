@@ -46,6 +46,23 @@ def test_train_and_needle(attn, tmp_path):
     assert "| depth | 64 | 96 |" in open(os.path.join(res, "needle.md")).read()
 
 
+@pytest.mark.parametrize("attn", ["nsa", "sdpa"])
+def test_packed_step_equals_per_length_steps(attn, tmp_path):
+    """Every length of a step packed in one varlen batch (the default) trains exactly as one
+    forward and backward per length: the same losses, overall and by length."""
+    got = {}
+    for how in ([], ["--no-pack"]):
+        out = str(tmp_path / ("unpacked" if how else "packed"))
+        run([sys.executable, "examples/train.py", "--attn", attn, "--out", out, "--min-seq", "32"]
+            + TINY + how, tmp_path)
+        got[bool(how)] = json.load(open(os.path.join(out, "metrics.json")))
+    packed, unpacked = got[False], got[True]
+    assert packed["lengths"] == [32, 64, 128]
+    assert packed["losses"] == pytest.approx(unpacked["losses"], rel=1e-4, abs=1e-5)
+    for T, vals in unpacked["losses_by_length"].items():
+        assert packed["losses_by_length"][T] == pytest.approx(vals, rel=1e-3, abs=1e-4), f"T = {T}"
+
+
 @pytest.fixture(scope="module")
 def one_process_two_shards(tmp_path_factory):
     """metrics.json of one process drawing the rows of two (--data-shards 2, twice the batch)."""

@@ -162,10 +162,9 @@ def test_every_parameter_gets_a_gradient(separate):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{n}: no gradient"
 
 
-@pytest.mark.parametrize("compression", ["mlp", "mean"])
-def test_packed_varlen_equals_per_sequence(compression):
-    layer = make_layer(compression, dtype=F64)
-    lengths = [13, 1, 0, 22, 5]
+def check_packed_equals_per_sequence(layer, lengths, tol):
+    """layer on the sequences of `lengths` packed (cu_seqlens) against each on its own: outputs
+    and parameter gradients within tol."""
     xs = [torch.randn(1, n, 24, dtype=F64, requires_grad=True) for n in lengths]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     packed = layer(torch.cat(xs, 1), cu_seqlens=cu)
@@ -174,9 +173,14 @@ def test_packed_varlen_equals_per_sequence(compression):
     layer.zero_grad()
     singles = [layer(x) for x in xs]
     sum(y.square().sum() for y in singles).backward()
-    assert_close(packed, torch.cat(singles, 1), 1e-9, "packed output")
+    assert_close(packed, torch.cat(singles, 1), tol, "packed output")
     for n, p in layer.named_parameters():
-        assert_close(g_packed[n], p.grad, 1e-9, f"d{n}")
+        assert_close(g_packed[n], p.grad, tol, f"d{n}")
+
+
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+def test_packed_varlen_equals_per_sequence(compression):
+    check_packed_equals_per_sequence(make_layer(compression, dtype=F64), [13, 1, 0, 22, 5], 1e-9)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -297,10 +301,20 @@ def test_full_attention_twin(gqa):
     assert_close(twin(x, position_ids=pos), layer.o_proj(o), 1e-10, "full attention")
     twin(x).sum().backward()
     assert layer.k_proj.weight.grad is not None
-    with pytest.raises(ValueError, match="packed batches"):
-        twin(x[:1], cu_seqlens=torch.tensor([0, 11], dtype=torch.int32))
     with pytest.raises(ValueError, match="separate_branch_kv"):
         FullAttention.twin_of(make_layer(separate_branch_kv=True))
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_full_attention_packed_equals_per_sequence(gqa):
+    """A packed batch through FullAttention (runs of equal lengths, an empty sequence, a lone
+    one) equals each sequence on its own, forward and backward."""
+    twin = FullAttention.twin_of(make_layer(dtype=F64), gqa=gqa)
+    check_packed_equals_per_sequence(twin, [7, 7, 7, 0, 12, 3, 3, 1], 1e-10)
+    with pytest.raises(ValueError, match="FullAttention: cu_seqlens must start at 0"):
+        twin(torch.randn(1, 10, 24, dtype=F64), cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="FullAttention: with cu_seqlens, hidden_states must be a packed"):
+        twin(torch.randn(2, 5, 24, dtype=F64), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
 
 
 @pytest.mark.cuda
