@@ -318,19 +318,23 @@ def test_full_attention_packed_equals_per_sequence(gqa):
 
 
 @pytest.mark.cuda
-def test_cuda_layer_matches_cpu():
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_cuda_layer_matches_cpu(packed):
     """The layer on CUDA in bfloat16 (the CUDA kernels' head dims: D = Dv = 64) against the same
-    weights on CPU in float64: outputs and every parameter's gradient within bf16 noise (5e-2
+    weights on CPU in float64, on a batch or on packed sequences of odd lengths (some shorter
+    than a compression block): outputs and every parameter's gradient within bf16 noise (5e-2
     relative; the block selection may flip on near-ties in a few rows)."""
     torch.manual_seed(3)
     layer = nsa_torch.NativeSparseAttention(256, 8, 2, 64, block_size=32, block_stride=16,
                                             select_size=64, num_selected=4, window_size=128)
-    x = torch.randn(2, 333, 256, dtype=F64)
+    lengths = [333, 17, 64, 0, 200, 31, 129]
+    x = torch.randn(1, sum(lengths), 256, dtype=F64) if packed else torch.randn(2, 333, 256, dtype=F64)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32) if packed else None
     ref = layer.to(F64)
-    y_ref = ref(x)
+    y_ref = ref(x, cu_seqlens=cu)
     grads_ref = torch.autograd.grad(y_ref.square().mean(), list(ref.parameters()))
     gpu = make_twin(ref).to("cuda", torch.bfloat16)
-    y = gpu(x.to("cuda", torch.bfloat16))
+    y = gpu(x.to("cuda", torch.bfloat16), cu_seqlens=None if cu is None else cu.cuda())
     grads = torch.autograd.grad(y.float().square().mean(), list(gpu.parameters()))
     assert_close(y.double().cpu(), y_ref.detach(), 5e-2, "cuda layer output")
     for (n, _), g, r in zip(ref.named_parameters(), grads, grads_ref):
