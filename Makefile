@@ -39,6 +39,10 @@ bench-cpu:
 # else the "cpu" one (a few minutes on two cores). DEMO_ARGS="--attn sdpa" trains the same model
 # with full attention; outputs in runs/<attn>-<preset>/.
 DEMO_ARGS ?=
+# The whole of `make demo` (set-up, build, training, evaluation) ends within DEMO_SECONDS: training
+# gets what the set-up leaves (train.py --finish-by), up to its --minutes (8).
+DEMO_SECONDS ?= 570
+DEMO_START := $(shell date +%s)
 # Builds the extension unless this checkout's is there already (not another checkout's, which an
 # earlier editable install may still point to), with its CUDA code only when a GPU is visible
 # (a CPU-only build takes a minute or two; the CUDA kernels take ~10 minutes on two cores).
@@ -46,7 +50,7 @@ demo: demo-deps
 	@$(PYTHON) -c "import os, nsa_torch, nsa_torch._C as c; \
 	  assert os.path.dirname(c.__file__) == os.path.dirname(nsa_torch.__file__)" 2>/dev/null || \
 	  NSA_BUILD_CUDA=$$($(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))") $(MAKE) build
-	$(PYTHON) examples/train.py $(DEMO_ARGS)
+	$(PYTHON) examples/train.py --finish-by $$(( $(DEMO_START) + $(DEMO_SECONDS) )) $(DEMO_ARGS)
 
 # (an installed torch is kept: the GPU machines bring their own CUDA build)
 demo-deps:

@@ -42,6 +42,7 @@ PRESETS = {
                 eval_lengths=[4096, 16384], eval_batch=8),
 }
 WARMUP_STEPS = 100
+FINISH_BY_RESERVE_S = 20  # the checkpoint, loss.png and the evaluation after training (cpu preset)
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -56,6 +57,11 @@ def parse_args(argv=None):
     ap.add_argument("--minutes", type=float, default=8.0,
                     help="training wall time: the learning rate decays over it (or over --steps, "
                          "whichever ends first)")
+    ap.add_argument("--finish-by", type=float, default=None,
+                    help="a Unix time: training ends 20 s before it (for the save and the "
+                         "evaluation) or after --minutes, whichever is first, but lasts at least a "
+                         "minute; make demo sets it so that set-up, training and evaluation end "
+                         "within DEMO_SECONDS")
     ap.add_argument("--fixed-length", action="store_true",
                     help="train at --seq only (default: the powers of two from --min-seq to "
                          "--seq, as many tokens each, more sequences when shorter; see "
@@ -257,6 +263,10 @@ def main(argv=None):
     except ImportError:
         bar = None
     losses, t0, step_times, token_counts = [], time.time(), [], []
+    if args.finish_by is not None:  # what is left of the time budget, less the save and evaluation
+        args.minutes = min(args.minutes, max(1.0, (args.finish_by - FINISH_BY_RESERVE_S - t0) / 60))
+        if rank == 0:
+            print(f"training for {args.minutes:.1f} min (--finish-by)", flush=True)
     by_length = {}  # T -> each step's mean answer loss at that length (of this process)
     progress = 0.0
     for step in range(steps):

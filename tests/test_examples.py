@@ -63,6 +63,20 @@ def test_packed_step_equals_per_length_steps(attn, tmp_path):
         assert packed["losses_by_length"][T] == pytest.approx(vals, rel=1e-3, abs=1e-4), f"T = {T}"
 
 
+def test_finish_by_bounds_the_training_time(tmp_path):
+    """--finish-by (make demo's time budget): the training minutes are what is left before it,
+    less 20 s for the save and the evaluation, capped by --minutes."""
+    import time
+    out = str(tmp_path / "budget")
+    text = run([sys.executable, "examples/train.py", "--out", out, "--finish-by", str(time.time() + 20 + 150)]
+               + TINY, tmp_path)
+    left = float(text.split("training for ")[1].split(" min")[0])
+    assert 2.0 < left <= 2.5, text[:500]
+    text = run([sys.executable, "examples/train.py", "--out", out, "--minutes", "1.5", "--finish-by",
+                str(time.time() + 1000)] + TINY, tmp_path)
+    assert "training for 1.5 min" in text
+
+
 @pytest.fixture(scope="module")
 def one_process_two_shards(tmp_path_factory):
     """metrics.json of one process drawing the rows of two (--data-shards 2, twice the batch)."""
