@@ -45,7 +45,7 @@ DEMO_SECONDS ?= 570
 DEMO_START := $(shell date +%s)
 # Builds the extension unless this checkout's is there already (not another checkout's, which an
 # earlier editable install may still point to), with its CUDA code only when a GPU is visible
-# (a CPU-only build takes a minute or two; the CUDA kernels take ~10 minutes on two cores).
+# (a CPU-only build takes ~4 minutes on two cores; the CUDA kernels ~10).
 demo: demo-deps
 	@$(PYTHON) -c "import os, nsa_torch, nsa_torch._C as c; \
 	  assert os.path.dirname(c.__file__) == os.path.dirname(nsa_torch.__file__)" 2>/dev/null || \

@@ -58,10 +58,10 @@ def parse_args(argv=None):
                     help="training wall time: the learning rate decays over it (or over --steps, "
                          "whichever ends first)")
     ap.add_argument("--finish-by", type=float, default=None,
-                    help="a Unix time: training ends 20 s before it (for the save and the "
-                         "evaluation) or after --minutes, whichever is first, but lasts at least a "
-                         "minute; make demo sets it so that set-up, training and evaluation end "
-                         "within DEMO_SECONDS")
+                    help=f"a Unix time: training ends {FINISH_BY_RESERVE_S} s before it (for the "
+                         "save and the evaluation) or after --minutes, whichever is first, but "
+                         "lasts at least a minute; make demo sets it so that set-up, training and "
+                         "evaluation end within DEMO_SECONDS")
     ap.add_argument("--fixed-length", action="store_true",
                     help="train at --seq only (default: the powers of two from --min-seq to "
                          "--seq, as many tokens each, more sequences when shorter; see "
@@ -153,16 +153,17 @@ def step_batches(task, cycle, tokens, gen, how, step):
     return [tasks.batch(task, max(1, round(per / T)), T, gen) for T in cycle]
 
 
-def pack(batches):
-    """One varlen batch from equal-length batches [(tokens [B_i, T_i], mask)]: (tokens [1, N],
-    mask [1, N], cu_seqlens int32 [rows + 1], answers' length index [answers]: the batch each
-    scored position came from). Rows of one length stay together (FullAttention runs them as one
-    batch); no scored position is a row's last, so none predicts across rows."""
+def pack(batches, counts):
+    """One varlen batch from equal-length batches [(tokens [B_i, T_i], mask)] with counts[i]
+    scored positions each: (tokens [1, N], mask [1, N], cu_seqlens int32 [rows + 1], answers'
+    length index [answers]: the batch each scored position came from). Rows of one length stay
+    together (FullAttention runs them as one batch); no scored position is a row's last, so none
+    predicts across rows."""
     tok = torch.cat([t.reshape(-1) for t, _ in batches])[None]
     mask = torch.cat([m.reshape(-1) for _, m in batches])[None]
     lens = torch.cat([torch.full((t.shape[0],), t.shape[1]) for t, _ in batches])
     cu = torch.cat((torch.zeros(1, dtype=torch.int64), lens.cumsum(0))).to(torch.int32)
-    which = torch.cat([torch.full((int(m[:, :-1].sum()),), i) for i, (_, m) in enumerate(batches)])
+    which = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
     return tok, mask, cu, which
 
 
@@ -281,7 +282,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if len(batches) > 1 and not args.no_pack:
             # every length in one packed forward and backward
-            tok, mask, cu, which = (t.to(device, non_blocking=True) for t in pack(batches))
+            tok, mask, cu, which = (t.to(device, non_blocking=True) for t in pack(batches, counts))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 each = masked_loss(fwd(tok, cu), tok, mask, reduction="none")
             loss = each.sum() / n_ans

@@ -162,11 +162,16 @@ def test_every_parameter_gets_a_gradient(separate):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{n}: no gradient"
 
 
+def cu_seqlens_of(lengths):
+    """int32 [N + 1] cumulative sequence lengths, from 0."""
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+
+
 def check_packed_equals_per_sequence(layer, lengths, tol):
     """layer on the sequences of `lengths` packed (cu_seqlens) against each on its own: outputs
     and parameter gradients within tol."""
     xs = [torch.randn(1, n, 24, dtype=F64, requires_grad=True) for n in lengths]
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    cu = cu_seqlens_of(lengths)
     packed = layer(torch.cat(xs, 1), cu_seqlens=cu)
     packed.square().sum().backward()
     g_packed = {n: p.grad.clone() for n, p in layer.named_parameters()}
@@ -329,7 +334,7 @@ def test_cuda_layer_matches_cpu(packed):
                                             select_size=64, num_selected=4, window_size=128)
     lengths = [333, 17, 64, 0, 200, 31, 129]
     x = torch.randn(1, sum(lengths), 256, dtype=F64) if packed else torch.randn(2, 333, 256, dtype=F64)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32) if packed else None
+    cu = cu_seqlens_of(lengths) if packed else None
     ref = layer.to(F64)
     y_ref = ref(x, cu_seqlens=cu)
     grads_ref = torch.autograd.grad(y_ref.square().mean(), list(ref.parameters()))
