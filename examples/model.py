@@ -63,8 +63,8 @@ class TinyLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=cfg.hidden ** -0.5)
 
     def forward(self, tokens, cu_seqlens=None):
-        """tokens [B, T] -> logits [B, T, vocab]; with cu_seqlens (int32 [N + 1], on the tokens'
-        device) tokens [1, total] packs N sequences that do not see each other."""
+        """tokens [B, T] -> logits [B, T, vocab]; with cu_seqlens (int32 [N + 1], best on the CPU:
+        see NativeSparseAttention) tokens [1, total] packs N sequences that do not see each other."""
         x = self.embed(tokens)
         for blk in self.blocks:
             if self.checkpointing and self.training:

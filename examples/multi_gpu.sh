@@ -12,13 +12,14 @@
 # Leaves in $OUT the four metrics.json (as metrics_<run>.json) and multi_gpu.md: tokens per
 # second of each (scaling = N-GPU tokens/s over the 1-GPU run's at the same global batch) and
 # the mean loss over windows of steps for each run side by side. TRAIN_ARGS="..." adds train.py
-# arguments to every run (e.g. "--device cpu --seq 128" for a CPU smoke test with gloo).
+# arguments to every run (e.g. "--device cpu --seq 128" for a CPU smoke test with gloo);
+# RUNS="1gpu ddp fsdp" picks runs (default all four; 1gpu is the baseline, always wanted).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 STEPS=${1:-120}
 N=${2:-2}
 OUT=${OUT:-/tmp/nsa_multi_gpu}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && rm -f "$OUT"/metrics_*.json
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # (NVLink multicast stays off, as the GPU machines require)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -26,8 +27,10 @@ PY=${PYTHON:-python3}
 bash tools/build_if_missing.sh || exit 1
 # shellcheck disable=SC2206
 COMMON=(--attn nsa --steps "$STEPS" --minutes 1000 --no-eval ${TRAIN_ARGS:-})
+RUNS=" ${RUNS:-1gpu ddp fsdp fsdp-reshard} "
 run() {  # name, command...
   local name=$1; shift
+  [[ $RUNS == *" $name "* ]] || return 0
   echo "=== $name: $*"
   "$@" 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' | tail -3
   cp "runs/mgpu-$name/metrics.json" "$OUT/metrics_$name.json" || return 1

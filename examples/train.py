@@ -288,7 +288,9 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if len(batches) > 1 and not args.no_pack:
             # every length in one packed forward and backward
-            tok, mask, cu, which = (t.to(device, non_blocking=True) for t in pack(batches, counts))
+            tok, mask, cu, which = pack(batches, counts)
+            # (cu_seqlens stays on the CPU: the layers read the lengths without a device sync)
+            tok, mask, which = (t.to(device, non_blocking=True) for t in (tok, mask, which))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 each = masked_loss(fwd(tok, cu), tok, mask, reduction="none")
             loss = each.sum() / n_ans

@@ -168,11 +168,16 @@ def _packed_positions(cu_seqlens, total):
 
 def _check_packed(where, x, cu_seqlens):
     """Checks a packed batch (x [1, total, hidden], cu_seqlens int32 [N + 1] from 0, never
-    decreasing, to total) and returns cu_seqlens as a host list (one device read: the layers
-    need the sequence lengths on the host to shape their work)."""
+    decreasing, to total, on the CPU or on x's device) and returns (cu_seqlens as a host list,
+    cu_seqlens on x's device). The layers need the lengths on the host to shape their work: a
+    cu_seqlens on the CPU gives them without waiting for the device, which one on the device
+    costs at every layer."""
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{where}: cu_seqlens must be int32 [N + 1], got "
                          f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+    if cu_seqlens.device.type != "cpu" and cu_seqlens.device != x.device:
+        raise ValueError(f"{where}: cu_seqlens must be on the CPU or on hidden_states' device "
+                         f"{x.device}, got {cu_seqlens.device}")
     if x.shape[0] != 1:
         raise ValueError(f"{where}: with cu_seqlens, hidden_states must be a packed batch "
                          f"[1, total, hidden_size], got B = {x.shape[0]}")
@@ -181,7 +186,8 @@ def _check_packed(where, x, cu_seqlens):
         shown = cu if len(cu) <= 12 else cu[:6] + ["..."] + cu[-3:]
         raise ValueError(f"{where}: cu_seqlens must start at 0, never decrease and end at the "
                          f"packed token count {x.shape[1]}, got {shown}")
-    return cu
+    # (non_blocking: from pageable memory the copy is staged before it returns)
+    return cu, cu_seqlens.to(x.device, non_blocking=True)
 
 
 class NativeSparseAttention(nn.Module):
@@ -196,9 +202,10 @@ class NativeSparseAttention(nn.Module):
 
     forward(hidden_states, cu_seqlens=None, position_ids=None): with cu_seqlens (int32 [N + 1])
     hidden_states is a packed batch [1, total, hidden_size] and positions restart at 0 in each
-    sequence; position_ids [B, T] overrides the positions (for the rotary embeddings and the
-    compressed keys' positions). The attention runs in the projections' dtype (e.g. bfloat16
-    under torch.autocast).
+    sequence; cu_seqlens may be on the CPU, which spares each layer a wait for the device (the
+    layer needs the lengths on the host), or on hidden_states' device; position_ids [B, T]
+    overrides the positions (for the rotary embeddings and the compressed keys' positions). The
+    attention runs in the projections' dtype (e.g. bfloat16 under torch.autocast).
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
@@ -243,7 +250,8 @@ class NativeSparseAttention(nn.Module):
                 f"separate_branch_kv={c.separate_branch_kv}")
 
     def _check(self, x, cu_seqlens, position_ids):
-        """Raises on bad input; returns cu_seqlens as a host list (None when not packed)."""
+        """Raises on bad input; returns cu_seqlens as (a host list, a tensor on x's device), or
+        (None, None) when not packed."""
         where = "nsa_torch.NativeSparseAttention"
         c = self.config
         if x.dim() != 3 or x.shape[-1] != c.hidden_size:
@@ -252,7 +260,7 @@ class NativeSparseAttention(nn.Module):
         if position_ids is not None and tuple(position_ids.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{where}: position_ids must be [B, T] = {list(x.shape[:2])}, got "
                              f"{list(position_ids.shape)}")
-        return None if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
+        return (None, None) if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
 
     def _window_starts(self, cu, device):
         """First token of every compression window of a packed batch (int64 [Nc_total]), in the
@@ -264,10 +272,10 @@ class NativeSparseAttention(nn.Module):
         nc = torch.where(n >= c.block_size, (n - c.block_size).div(c.block_stride, rounding_mode="floor") + 1, 0)
         first = (nc.cumsum(0) - nc).repeat_interleave(nc)  # each window's sequence's first k_cmp row
         local = torch.arange(int(nc.sum())) - first       # window index within its sequence
-        return (cu[:-1].repeat_interleave(nc) + local * c.block_stride).to(device)
+        return (cu[:-1].repeat_interleave(nc) + local * c.block_stride).to(device, non_blocking=True)
 
     def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
-        cu = self._check(hidden_states, cu_seqlens, position_ids)  # cu_seqlens on the host
+        cu, cu_seqlens = self._check(hidden_states, cu_seqlens, position_ids)
         c = self.config
         x = hidden_states
         B, T, _ = x.shape
@@ -378,7 +386,7 @@ class FullAttention(nn.Module):
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"{where}: position_ids must be [B, T] = {[B, T]}, got "
                              f"{list(position_ids.shape)}")
-        cu = None if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
+        cu, cu_seqlens = (None, None) if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device)[None].expand(B, T) if cu is None
                             else _packed_positions(cu_seqlens, T))

@@ -280,6 +280,8 @@ def test_bad_input():
         layer(torch.randn(2, 10, 24), cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens must be int32"):
         layer(torch.randn(1, 10, 24), cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="cu_seqlens must be on the CPU or on hidden_states' device cpu, got meta"):
+        layer(torch.randn(1, 10, 24), cu_seqlens=cu.to("meta"))
     with pytest.raises(ValueError, match=r"position_ids must be \[B, T\] = \[1, 10\], got \[1, 9\]"):
         layer(torch.randn(1, 10, 24), position_ids=torch.arange(9)[None])
     with pytest.raises(ValueError, match="cu_seqlens"):  # last entry != total tokens (the op says so)
@@ -323,11 +325,11 @@ def test_full_attention_packed_equals_per_sequence(gqa):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+@pytest.mark.parametrize("packed", [None, "cuda", "cpu"], ids=["batch", "packed", "packed-host-cu"])
 def test_cuda_layer_matches_cpu(packed):
     """The layer on CUDA in bfloat16 (the CUDA kernels' head dims: D = Dv = 64) against the same
     weights on CPU in float64, on a batch or on packed sequences of odd lengths (some shorter
-    than a compression block): outputs and every parameter's gradient within bf16 noise (5e-2
+    than a compression block; cu_seqlens on the GPU or on the CPU): outputs and every parameter's gradient within bf16 noise (5e-2
     relative; the block selection may flip on near-ties in a few rows)."""
     torch.manual_seed(3)
     layer = nsa_torch.NativeSparseAttention(256, 8, 2, 64, block_size=32, block_stride=16,
@@ -339,7 +341,7 @@ def test_cuda_layer_matches_cpu(packed):
     y_ref = ref(x, cu_seqlens=cu)
     grads_ref = torch.autograd.grad(y_ref.square().mean(), list(ref.parameters()))
     gpu = make_twin(ref).to("cuda", torch.bfloat16)
-    y = gpu(x.to("cuda", torch.bfloat16), cu_seqlens=None if cu is None else cu.cuda())
+    y = gpu(x.to("cuda", torch.bfloat16), cu_seqlens=None if cu is None else cu.to(packed))
     grads = torch.autograd.grad(y.float().square().mean(), list(gpu.parameters()))
     assert_close(y.double().cpu(), y_ref.detach(), 5e-2, "cuda layer output")
     for (n, _), g, r in zip(ref.named_parameters(), grads, grads_ref):
