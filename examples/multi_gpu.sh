@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # The training demo on N GPUs of one host against one GPU, for the device tool (one call):
 #
-#     OUT=/writable/dir bash examples/multi_gpu.sh [steps, default 120] [N, default 2]
+#     OUT=/writable/dir bash examples/multi_gpu.sh [steps, default 250] [N, default 2]
 #
 # Builds the extension if it is not there (tools/build_if_missing.sh), then runs
 # examples/train.py (gpu preset, --attn nsa, --no-eval, a fixed number of steps so that the curves
-# line up step by step):
-#   1 GPU with --batch 4N --data-shards N (the very rows that the N processes below draw), then
-#   torchrun N processes with --batch 4 each, --dist ddp, again with --dist fsdp (FSDP2), and
-#   with --dist fsdp --fsdp-reshard (FSDP2's default of gathering parameters again for backward).
-# Leaves in $OUT the four metrics.json (as metrics_<run>.json) and multi_gpu.md: tokens per
-# second of each (scaling = N-GPU tokens/s over the 1-GPU run's at the same global batch) and
-# the mean loss over windows of steps for each run side by side. TRAIN_ARGS="..." adds train.py
-# arguments to every run (e.g. "--device cpu --seq 128" for a CPU smoke test with gloo);
-# RUNS="1gpu ddp fsdp" picks runs (default all four; 1gpu is the baseline, always wanted).
+# line up step by step); B = 4, the preset's batch:
+#   1gpu       1 GPU with --batch NB --data-shards N (the very rows that ddp and fsdp draw)
+#   1gpu-part  1 GPU with --batch B --data-shards 1 (what rank 0 of ddp and fsdp does)
+#   ddp, fsdp  torchrun N processes with --batch B each, --dist ddp or fsdp (FSDP2)
+#   ddp-weak, fsdp-weak
+#              N processes with --batch NB each (1gpu's), WEAK_STEPS steps (default 100)
+# ~9 min on two H200s at the defaults. Leaves in $OUT each run's metrics.json (as
+# metrics_<run>.json) and multi_gpu.md (examples/multi_gpu_summary.py: tokens/s of each over
+# common steps, against 1gpu; the loss curves of the runs on the same rows side by side, and the
+# noise between them). RUNS="1gpu ddp fsdp" picks runs (1gpu, the baseline, is always wanted);
+# TRAIN_ARGS="..." adds train.py arguments to every run (e.g. "--device cpu --seq 128 --preset
+# cpu" for a CPU smoke test with gloo).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
-STEPS=${1:-120}
+STEPS=${1:-250}
 N=${2:-2}
+B=4
+WEAK_STEPS=${WEAK_STEPS:-$(( STEPS < 100 ? STEPS : 100 ))}
 OUT=${OUT:-/tmp/nsa_multi_gpu}
 mkdir -p "$OUT" && rm -f "$OUT"/metrics_*.json
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -26,48 +31,20 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 PY=${PYTHON:-python3}
 bash tools/build_if_missing.sh || exit 1
 # shellcheck disable=SC2206
-COMMON=(--attn nsa --steps "$STEPS" --minutes 1000 --no-eval ${TRAIN_ARGS:-})
-RUNS=" ${RUNS:-1gpu ddp fsdp fsdp-reshard} "
-run() {  # name, command...
+COMMON=(--attn nsa --minutes 1000 --no-eval ${TRAIN_ARGS:-})
+RUNS=" ${RUNS:-1gpu 1gpu-part ddp fsdp ddp-weak fsdp-weak} "
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" examples/train.py)
+run() {  # name, train.py or torchrun command...
   local name=$1; shift
   [[ $RUNS == *" $name "* ]] || return 0
   echo "=== $name: $*"
-  "$@" 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' | tail -3
+  "$@" "${COMMON[@]}" --out "runs/mgpu-$name" 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' | tail -3
   cp "runs/mgpu-$name/metrics.json" "$OUT/metrics_$name.json" || return 1
 }
-run 1gpu "$PY" examples/train.py "${COMMON[@]}" --batch $(( 4 * N )) --data-shards "$N" --out runs/mgpu-1gpu || exit 1
-run ddp "$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" examples/train.py \
-  "${COMMON[@]}" --batch 4 --dist ddp --out runs/mgpu-ddp
-run fsdp "$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" examples/train.py \
-  "${COMMON[@]}" --batch 4 --dist fsdp --out runs/mgpu-fsdp
-run fsdp-reshard "$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" examples/train.py \
-  "${COMMON[@]}" --batch 4 --dist fsdp --fsdp-reshard --out runs/mgpu-fsdp-reshard
-"$PY" - "$OUT" <<'PYEOF' | tee "$OUT/multi_gpu.md"
-import json, os, sys
-out = sys.argv[1]
-runs = {n: json.load(open(os.path.join(out, f"metrics_{n}.json")))
-        for n in ("1gpu", "ddp", "fsdp", "fsdp-reshard") if os.path.exists(os.path.join(out, f"metrics_{n}.json"))}
-base = runs["1gpu"]["tokens_per_second"]
-print("| run | processes | global tokens/step | ms/step | tokens/s | scaling |\n|---|---|---|---|---|---|")
-for n, m in runs.items():
-    print(f"| {n} | {m['processes']} | {m['tokens_per_step']} | "
-          f"{m['step_seconds'] * 1000:.0f} | {m['tokens_per_second']} | {m['tokens_per_second'] / base:.2f}x |")
-steps = min(len(m["losses"]) for m in runs.values())
-w = max(1, steps // 8)
-print(f"\nEvery run trains on the same rows (--data-shards). Mean loss over windows of {w} steps:\n")
-print("| steps | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs))
-for s in range(0, steps - w + 1, w):
-    print(f"| {s + 1}-{s + w} | " + " | ".join(f"{sum(m['losses'][s:s + w]) / w:.3f}" for m in runs.values()) + " |")
-# The noise: DDP and FSDP2 compute the same steps (same rows, same per-process batch) and differ
-# only in rounding and in the order of reductions, so their difference is the yardstick.
-print("\nMean (largest) per-step loss difference between runs; the N-process runs against each other"
-      " are the noise:\n")
-names = list(runs)
-print("| | " + " | ".join(names[1:]) + " |\n|---|" + "---|" * (len(names) - 1))
-for i, a in enumerate(names[:-1]):
-    cells = []
-    for j, b in enumerate(names[1:], 1):
-        d = [abs(x - y) for x, y in zip(runs[a]["losses"][:steps], runs[b]["losses"][:steps])]
-        cells.append(f"{sum(d) / len(d):.4f} ({max(d):.3f})" if j > i else "")
-    print(f"| {a} | " + " | ".join(cells) + " |")
-PYEOF
+run 1gpu "$PY" examples/train.py --steps "$STEPS" --batch $(( N * B )) --data-shards "$N" || exit 1
+run 1gpu-part "$PY" examples/train.py --steps "$STEPS" --batch "$B" --data-shards 1
+run ddp "${TORCHRUN[@]}" --steps "$STEPS" --batch "$B" --dist ddp
+run fsdp "${TORCHRUN[@]}" --steps "$STEPS" --batch "$B" --dist fsdp
+run ddp-weak "${TORCHRUN[@]}" --steps "$WEAK_STEPS" --batch $(( N * B )) --dist ddp
+run fsdp-weak "${TORCHRUN[@]}" --steps "$WEAK_STEPS" --batch $(( N * B )) --dist fsdp
+"$PY" examples/multi_gpu_summary.py "$OUT" | tee "$OUT/multi_gpu.md"

@@ -80,10 +80,6 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp", help="under torchrun")
-    ap.add_argument("--fsdp-reshard", action="store_true",
-                    help="with --dist fsdp: free each block's gathered parameters after its "
-                         "forward and gather them again for its backward (FSDP2's default, for "
-                         "models too big to hold whole; the demo's are not)")
     ap.add_argument("--data-shards", type=int, default=None,
                     help="the data of this many processes (default: the number of processes); "
                          "one process with --data-shards 2 and --batch 2B draws exactly the rows "
@@ -120,10 +116,11 @@ def wrap(model, args, world, device):
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6 kept it here
         from torch.distributed._composable.fsdp import fully_shard
-    # Keeping a block's parameters gathered from its forward to its backward spares one
-    # all-gather per block and step (1.67x -> ? on two H200s, examples/results/h200/).
+    # (FSDP2's default of gathering a block's parameters again for its backward: keeping them
+    # from the forward measured no faster for the demo's model, examples/results/h200/
+    # multi_gpu_5e6e51c.md)
     for blk in model.blocks:
-        fully_shard(blk, reshard_after_forward=args.fsdp_reshard)
+        fully_shard(blk)
     fully_shard(model)
     return model
 
@@ -276,14 +273,20 @@ def main(argv=None):
             print(f"training for {args.minutes:.1f} min (--finish-by)", flush=True)
     by_length = {}  # T -> each step's mean answer loss at that length (of this process)
     progress = 0.0
+
+    def draw(step):
+        """This process's batches of a step (one per length) and their answer counts."""
+        parts = [step_batches(task, cycle, B // per * seq, g, args.lengths_per_step, step) for g in gens]
+        batches = [tuple(torch.cat(x) for x in zip(*same_len)) for same_len in zip(*parts)]
+        return batches, [int(m[:, :-1].sum()) for _, m in batches]
+
+    upcoming = draw(0)
     for step in range(steps):
         ts = time.time()
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, progress)
-        parts = [step_batches(task, cycle, B // per * seq, g, args.lengths_per_step, step) for g in gens]
-        batches = [tuple(torch.cat(x) for x in zip(*same_len)) for same_len in zip(*parts)]
+        batches, counts = upcoming
         # The loss is the mean over every answer token of the step (of this process).
-        counts = [int(m[:, :-1].sum()) for _, m in batches]  # answers per length (on the host)
         n_ans = sum(counts)
         opt.zero_grad(set_to_none=True)
         if len(batches) > 1 and not args.no_pack:
@@ -319,6 +322,8 @@ def main(argv=None):
         token_counts.append(step_tokens)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        # the next step's data, drawn on the host while the device still runs this step
+        upcoming = draw(step + 1) if step + 1 < steps else None
         val = loss.detach()
         if world > 1:
             dist.all_reduce(val)
@@ -358,7 +363,8 @@ def main(argv=None):
                        losses_by_length={T: [round(v, 4) for v in torch.stack(vals).tolist()]
                                          for T, vals in by_length.items()},
                        first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
-                       losses=losses)
+                       losses=losses, step_times=[round(t, 4) for t in step_times],
+                       step_tokens=[n * world for n in token_counts])
         torch.save(dict(config=asdict(cfg), state_dict=state, metrics=metrics),
                    os.path.join(out, "checkpoint.pt"))
         plot_losses(losses, os.path.join(out, "loss.png"), f"{args.attn}, preset {name}, T = {seq}")

@@ -85,11 +85,13 @@ def one_process_two_shards(tmp_path_factory):
     return json.load(open(os.path.join(out, "metrics.json")))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp --no-pack"])
 def test_torchrun_two_processes(mode, tmp_path, one_process_two_shards):
-    out = str(tmp_path / mode)
+    """Under torchrun the loss curve is the one process's of the same rows (with --no-pack, FSDP2
+    accumulates the lengths' gradients and reduces them once)."""
+    out = str(tmp_path / "run")
     run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "examples/train.py", "--dist", mode, "--out", out] + TINY, tmp_path)
+         "examples/train.py", "--dist", *mode.split(), "--out", out] + TINY, tmp_path)
     check_run(out, 2)
     # the same rows and the same mean over them: the loss curve of one process
     losses = json.load(open(os.path.join(out, "metrics.json")))["losses"]
@@ -113,3 +115,25 @@ def test_tasks_place_answers_where_scored():
         for i in range(q + 1, 80, 2):  # each queried key's value is the one after the key earlier
             first = int((tok[b, :q] == tok[b, i]).nonzero()[0])
             assert tok[b, first + 1] == tok[b, i + 1] and mask[b, i]
+
+
+def test_multi_gpu_summary():
+    """examples/multi_gpu_summary.py: throughput over the steps common to every run, past the
+    first quarter; the single-GPU bound and the cost of the processes; the loss tables."""
+    import multi_gpu_summary as mg
+
+    def metrics(processes, batch, ms, tokens, steps, loss):
+        return dict(processes=processes, batch_per_process=batch, step_times=[ms / 1000] * steps,
+                    step_tokens=[tokens] * steps, losses=[loss] * steps)
+    runs = {"1gpu": metrics(1, 8, 400, 100000, 8, 1.0), "1gpu-part": metrics(1, 4, 250, 50000, 8, 2.0),
+            "ddp": metrics(2, 4, 275, 100000, 8, 1.5), "ddp-weak": metrics(2, 8, 400, 200000, 4, 3.0)}
+    runs["ddp"]["step_times"][-1] = 100.0  # past the common window (4 steps): not counted
+    text = mg.summary(runs)
+    assert "over steps 2-4 of every run" in text
+    assert "| ddp | 2 | 4 | 100000 | 275 | 363636 | 1.45x |" in text
+    assert "| ddp-weak | 2 | 8 | 200000 | 400 | 500000 | 2.00x |" in text
+    assert "1.60x 1gpu's tokens/s for 2 of them" in text
+    assert "ddp against 1gpu-part: 1.10x the step time" in text
+    assert "| 1gpu | 0.5000 (0.500) |" in text  # |1.0 - 1.5| every step; ddp-weak is not compared
+    with pytest.raises(SystemExit, match="metrics_1gpu.json"):
+        mg.summary({"ddp": runs["ddp"]})

@@ -1,0 +1,85 @@
+"""The summary of examples/multi_gpu.sh: python examples/multi_gpu_summary.py DIR prints (as
+markdown) the runs whose metrics_<run>.json lie in DIR, written by examples/train.py:
+
+  1gpu       one GPU, the global batch of the N processes and their very rows (--data-shards N)
+  1gpu-part  one GPU doing what rank 0 of the N processes does (its batch, its rows)
+  ddp, fsdp  N processes, the same global batch as 1gpu (strong scaling)
+  ddp-weak, fsdp-weak
+             N processes, each with 1gpu's batch (weak scaling; other rows)
+
+Throughput is taken over one window of steps common to every run (the first quarter of the
+shortest run is left out as warm-up), since a step's time drifts as training goes on."""
+import json
+import os
+import sys
+
+ORDER = ("1gpu", "1gpu-part", "ddp", "fsdp", "ddp-weak", "fsdp-weak")
+SAME_ROWS = ("1gpu", "ddp", "fsdp")  # trained on the same rows: their loss curves compare
+
+
+def load(folder):
+    return {n: json.load(open(os.path.join(folder, f"metrics_{n}.json")))
+            for n in ORDER if os.path.exists(os.path.join(folder, f"metrics_{n}.json"))}
+
+
+def throughput(m, lo, hi):
+    """(ms per step, tokens per second) over steps lo..hi-1."""
+    t = sum(m["step_times"][lo:hi])
+    return 1000 * t / (hi - lo), sum(m["step_tokens"][lo:hi]) / t
+
+
+def summary(runs):
+    """The markdown text for the runs (a dict name -> metrics; 1gpu required)."""
+    if "1gpu" not in runs:
+        raise SystemExit("multi_gpu_summary: metrics_1gpu.json (the baseline) is missing")
+    hi = min(len(m["step_times"]) for m in runs.values())
+    lo = hi // 4
+    speed = {n: throughput(m, lo, hi) for n, m in runs.items()}
+    base = speed["1gpu"][1]
+    out = [f"Tokens per second over steps {lo + 1}-{hi} of every run:\n",
+           "| run | processes | sequences per process | tokens/step (all processes) | ms/step | "
+           "tokens/s | against 1gpu |", "|---|---|---|---|---|---|---|"]
+    for n, m in runs.items():
+        ms, tok_s = speed[n]
+        out.append(f"| {n} | {m['processes']} | {m['batch_per_process']} | {m['step_tokens'][-1]} | "
+                   f"{ms:.0f} | {tok_s:.0f} | {tok_s / base:.2f}x |")
+    N = max(m["processes"] for m in runs.values())
+    notes = []
+    if "1gpu-part" in runs:
+        part = speed["1gpu-part"]
+        notes.append(f"- 1gpu-part: one GPU alone at one process's share is {N * part[1] / base:.2f}x "
+                     f"1gpu's tokens/s for {N} of them, the most that strong scaling can reach "
+                     f"with these kernels at this batch.")
+        for n in ("ddp", "fsdp"):
+            if n in runs:
+                notes.append(f"- {n} against 1gpu-part: {speed[n][0] / part[0]:.2f}x the step time "
+                             f"(what running as {N} processes costs).")
+    if notes:
+        out += [""] + notes
+    same = [n for n in SAME_ROWS if n in runs]
+    if len(same) > 1:
+        steps = min(len(runs[n]["losses"]) for n in same)
+        w = max(1, steps // 8)
+        out += ["", f"{', '.join(same)} train on the same rows. Mean loss over windows of {w} steps:\n",
+                "| steps | " + " | ".join(same) + " |", "|---|" + "---|" * len(same)]
+        for s in range(0, steps - w + 1, w):
+            out.append(f"| {s + 1}-{s + w} | " + " | ".join(
+                f"{sum(runs[n]['losses'][s:s + w]) / w:.3f}" for n in same) + " |")
+        # The noise: DDP and FSDP2 compute the same steps and differ only in rounding and in the
+        # order of reductions, so their difference is the yardstick.
+        out += ["", "Mean (largest) per-step loss difference between runs; the N-process runs "
+                    "against each other are the noise:\n",
+                "| | " + " | ".join(same[1:]) + " |", "|---|" + "---|" * (len(same) - 1)]
+        for i, a in enumerate(same[:-1]):
+            cells = []
+            for j, b in enumerate(same[1:], 1):
+                d = [abs(x - y) for x, y in zip(runs[a]["losses"][:steps], runs[b]["losses"][:steps])]
+                cells.append(f"{sum(d) / len(d):.4f} ({max(d):.3f})" if j > i else "")
+            out.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python examples/multi_gpu_summary.py DIR (holding metrics_<run>.json)")
+    print(summary(load(sys.argv[1])))
