@@ -14,7 +14,10 @@
 # ~9 min on two H200s at the defaults. Leaves in $OUT each run's metrics.json (as
 # metrics_<run>.json) and multi_gpu.md (examples/multi_gpu_summary.py: tokens/s of each over
 # common steps, against 1gpu; the loss curves of the runs on the same rows side by side, and the
-# noise between them). RUNS="1gpu ddp fsdp" picks runs (1gpu, the baseline, is always wanted);
+# noise between them), and runs.log (every run's output). RUNS="1gpu ddp fsdp" picks runs (1gpu,
+# the baseline, is always wanted); PROFILE=N profiles N steps of each (train.py --profile: the
+# device's busy share is printed, the kernel tables go to runs.log; the profiled steps run
+# slower: not for the throughput table);
 # TRAIN_ARGS="..." adds train.py arguments to every run (e.g. "--device cpu --seq 128 --preset
 # cpu" for a CPU smoke test with gloo).
 set -u -o pipefail
@@ -24,21 +27,23 @@ N=${2:-2}
 B=4
 WEAK_STEPS=${WEAK_STEPS:-$(( STEPS < 100 ? STEPS : 100 ))}
 OUT=${OUT:-/tmp/nsa_multi_gpu}
-mkdir -p "$OUT" && rm -f "$OUT"/metrics_*.json
+mkdir -p "$OUT" runs && rm -f "$OUT"/metrics_*.json "$OUT/runs.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # (NVLink multicast stays off, as the GPU machines require)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PYTHON:-python3}
 bash tools/build_if_missing.sh || exit 1
 # shellcheck disable=SC2206
-COMMON=(--attn nsa --minutes 1000 --no-eval ${TRAIN_ARGS:-})
+COMMON=(--attn nsa --minutes 1000 --no-eval --profile "${PROFILE:-0}" ${TRAIN_ARGS:-})
 RUNS=" ${RUNS:-1gpu 1gpu-part ddp fsdp ddp-weak fsdp-weak} "
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" examples/train.py)
 run() {  # name, train.py or torchrun command...
   local name=$1; shift
   [[ $RUNS == *" $name "* ]] || return 0
-  echo "=== $name: $*"
-  "$@" "${COMMON[@]}" --out "runs/mgpu-$name" 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' | tail -3
+  echo "=== $name: $*" | tee -a "$OUT/runs.log"
+  "$@" "${COMMON[@]}" --out "runs/mgpu-$name" 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' > "runs/mgpu-$name.log"
+  cat "runs/mgpu-$name.log" >> "$OUT/runs.log"
+  grep "^profile of" "runs/mgpu-$name.log"; tail -2 "runs/mgpu-$name.log"
   cp "runs/mgpu-$name/metrics.json" "$OUT/metrics_$name.json" || return 1
 }
 run 1gpu "$PY" examples/train.py --steps "$STEPS" --batch $(( N * B )) --data-shards "$N" || exit 1

@@ -84,6 +84,9 @@ def parse_args(argv=None):
                     help="the data of this many processes (default: the number of processes); "
                          "one process with --data-shards 2 and --batch 2B draws exactly the rows "
                          "that two processes with --batch B draw, to compare their loss curves")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="torch.profiler over N steps from a quarter into training: rank 0 "
+                         "prints the kernels by device time and how busy the device was")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--out", default=None)
@@ -131,6 +134,25 @@ def full_state_dict(model, args, world):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     m = model.module if hasattr(model, "module") else model
     return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+
+def start_profiler(device):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts)
+    prof.start()
+    return prof
+
+
+def profile_table(prof, device, wall, steps):
+    """The profiled steps' kernels by device time (CPU ops on a CPU run) and the share of the
+    wall time that the device was busy: what a step spends outside the kernels."""
+    where = "device" if device.type == "cuda" else "cpu"
+    events = prof.key_averages()
+    busy = sum(getattr(e, f"self_{where}_time_total") for e in events) / 1e6  # (us -> s)
+    return (f"profile of {steps} steps: {wall / steps * 1000:.1f} ms/step wall, {where} busy "
+            f"{busy / steps * 1000:.1f} ms/step ({busy / wall:.0%})\n"
+            + events.table(sort_by=f"self_{where}_time_total", row_limit=20))
 
 
 def length_cycle(shortest, longest):
@@ -281,7 +303,11 @@ def main(argv=None):
         return batches, [int(m[:, :-1].sum()) for _, m in batches]
 
     upcoming = draw(0)
+    profiled = range(steps // 4, steps // 4 + args.profile)
+    prof = None
     for step in range(steps):
+        if step == profiled.start and args.profile:
+            prof = start_profiler(device)
         ts = time.time()
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, progress)
@@ -330,6 +356,11 @@ def main(argv=None):
             val /= world
         losses.append(val.item())  # (a host sync per step: the bar shows it anyway)
         step_times.append(time.time() - ts)
+        if prof is not None and step == profiled.stop - 1:
+            prof.stop()
+            if rank == 0:
+                print(profile_table(prof, device, sum(step_times[-len(profiled):]), len(profiled)), flush=True)
+            prof = None
         # Progress through training: by steps or by wall time, whichever is further; every rank
         # takes the furthest, so that all use one learning rate and stop at the same step.
         done = torch.tensor(max((step + 1) / steps, (time.time() - t0) / (args.minutes * 60)),

@@ -29,6 +29,7 @@ def check_run(out, processes, attn="nsa"):
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["processes"] == processes and metrics["steps"] == 3 and metrics["attn"] == attn
     assert all(torch.isfinite(torch.tensor(metrics["losses"])))
+    assert len(metrics["step_times"]) == len(metrics["step_tokens"]) == 3
     assert os.path.getsize(os.path.join(out, "loss.png")) > 0
 
 
@@ -75,6 +76,12 @@ def test_finish_by_bounds_the_training_time(tmp_path):
     text = run([sys.executable, "examples/train.py", "--out", out, "--minutes", "1.5", "--finish-by",
                 str(time.time() + 1000)] + TINY, tmp_path)
     assert "training for 1.5 min" in text
+
+
+def test_profile_prints_the_busy_time(tmp_path):
+    text = run([sys.executable, "examples/train.py", "--out", str(tmp_path / "p"), "--profile", "2"] + TINY,
+               tmp_path)
+    assert "profile of 2 steps:" in text and "cpu busy" in text and "aten::mm" in text, text[-2000:]
 
 
 @pytest.fixture(scope="module")
