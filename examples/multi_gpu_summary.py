@@ -53,7 +53,8 @@ def summary(runs):
         for n in ("ddp", "fsdp"):
             if n in runs:
                 notes.append(f"- {n} against 1gpu-part: {speed[n][0] / part[0]:.2f}x the step time "
-                             f"(what running as {N} processes costs).")
+                             f"(what running as {N} processes costs); {speed[n][1] / part[1]:.2f}x "
+                             f"its tokens/s (weak scaling at 1gpu-part's batch).")
     if notes:
         out += [""] + notes
     same = [n for n in SAME_ROWS if n in runs]

@@ -140,7 +140,7 @@ def test_multi_gpu_summary():
     assert "| ddp | 2 | 4 | 100000 | 275 | 363636 | 1.45x |" in text
     assert "| ddp-weak | 2 | 8 | 200000 | 400 | 500000 | 2.00x |" in text
     assert "1.60x 1gpu's tokens/s for 2 of them" in text
-    assert "ddp against 1gpu-part: 1.10x the step time" in text
+    assert "ddp against 1gpu-part: 1.10x the step time" in text and "; 1.82x its tokens/s" in text
     assert "| 1gpu | 0.5000 (0.500) |" in text  # |1.0 - 1.5| every step; ddp-weak is not compared
     with pytest.raises(SystemExit, match="metrics_1gpu.json"):
         mg.summary({"ddp": runs["ddp"]})
