@@ -8,7 +8,8 @@ markdown) the runs whose metrics_<run>.json lie in DIR, written by examples/trai
              N processes, each with 1gpu's batch (weak scaling; other rows)
 
 Throughput is taken over one window of steps common to every run (the first quarter of the
-shortest run is left out as warm-up), since a step's time drifts as training goes on."""
+shortest run is left out as warm-up, and so are the steps that train.py --profile profiled),
+since a step's time drifts as training goes on."""
 import json
 import os
 import sys
@@ -23,9 +24,10 @@ def load(folder):
 
 
 def throughput(m, lo, hi):
-    """(ms per step, tokens per second) over steps lo..hi-1."""
-    t = sum(m["step_times"][lo:hi])
-    return 1000 * t / (hi - lo), sum(m["step_tokens"][lo:hi]) / t
+    """(ms per step, tokens per second) over steps lo..hi-1, less the profiled ones (slower)."""
+    steps = [i for i in range(lo, hi) if i not in set(m.get("profiled_steps", ()))]
+    t = sum(m["step_times"][i] for i in steps)
+    return 1000 * t / len(steps), sum(m["step_tokens"][i] for i in steps) / t
 
 
 def summary(runs):

@@ -114,7 +114,9 @@ def wrap(model, args, world, device):
         return model
     if args.dist == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # (gradients as views into the all-reduce buckets: no copy into the buckets and back)
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True)
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6 kept it here
@@ -305,6 +307,36 @@ def main(argv=None):
     upcoming = draw(0)
     profiled = range(steps // 4, steps // 4 + args.profile)
     prof = None
+    # The host reads a step's loss and progress one step late: by then it has queued the next
+    # step, so the device never waits for the host between steps. Every rank adds its loss and
+    # puts its progress in its own slot: one all-reduce gives the mean loss and every rank's
+    # progress (each rank takes the furthest, so that all use one learning rate and stop at the
+    # same step).
+    pending = None
+
+    def settle(stats):
+        """Reads a step's [loss, progress of each rank] (all-reduced): loss, progress."""
+        if world > 1:
+            dist.all_reduce(stats)
+        v = stats.tolist()  # (the host waits here for that step)
+        return v[0] / world, max(v[1:])
+
+    def report(step, loss_val, new_progress):
+        nonlocal progress
+        losses.append(loss_val)
+        tenth = int(10 * progress)  # (before this step)
+        progress = new_progress
+        if bar is not None:
+            bar.update(min(100, int(100 * progress)) - bar.n)
+            bar.set_postfix(step=step + 1, loss=f"{loss_val:.3f}",
+                            tok_s=f"{token_counts[step] * world / step_times[step]:.0f}")
+        if rank == 0 and int(10 * progress) > tenth:  # a plain line each tenth, for logs
+            recent = losses[-50:]
+            line = (f"{min(100, int(100 * progress))}%: step {step + 1}, loss {sum(recent) / len(recent):.3f} "
+                    f"(mean of {len(recent)}), {time.time() - t0:.0f} s; by length: " + ", ".join(
+                        f"{T}: {torch.stack(v[-20:]).mean().item():.2f}" for T, v in sorted(by_length.items())))
+            bar.write(line) if bar is not None else print(line, flush=True)
+
     for step in range(steps):
         if step == profiled.start and args.profile:
             prof = start_profiler(device)
@@ -350,42 +382,37 @@ def main(argv=None):
         opt.step()
         # the next step's data, drawn on the host while the device still runs this step
         upcoming = draw(step + 1) if step + 1 < steps else None
-        val = loss.detach()
-        if world > 1:
-            dist.all_reduce(val)
-            val /= world
-        losses.append(val.item())  # (a host sync per step: the bar shows it anyway)
+        # This step's loss and progress (by steps or by wall time, whichever is further), read
+        # after the next step is queued.
+        stats = torch.zeros(1 + world, device=device)
+        stats[0] = loss.detach().float()
+        stats[1 + rank] = max((step + 1) / steps, (time.time() - t0) / (args.minutes * 60))
+        if pending is not None:
+            report(step - 1, *settle(pending))
+        pending = stats
         step_times.append(time.time() - ts)
         if prof is not None and step == profiled.stop - 1:
             prof.stop()
             if rank == 0:
                 print(profile_table(prof, device, sum(step_times[-len(profiled):]), len(profiled)), flush=True)
             prof = None
-        # Progress through training: by steps or by wall time, whichever is further; every rank
-        # takes the furthest, so that all use one learning rate and stop at the same step.
-        done = torch.tensor(max((step + 1) / steps, (time.time() - t0) / (args.minutes * 60)),
-                            device=device)
-        if world > 1:
-            dist.all_reduce(done, op=dist.ReduceOp.MAX)
-        tenth = int(10 * progress)  # (before this step)
-        progress = done.item()
-        if bar is not None:
-            bar.update(min(100, int(100 * progress)) - bar.n)
-            bar.set_postfix(step=step + 1, loss=f"{losses[-1]:.3f}", tok_s=f"{step_tokens * world / step_times[-1]:.0f}")
-        if rank == 0 and int(10 * progress) > tenth:  # a plain line each tenth, for logs
-            recent = losses[-50:]
-            line = (f"{min(100, int(100 * progress))}%: step {step + 1}, loss {sum(recent) / len(recent):.3f} "
-                    f"(mean of {len(recent)}), {time.time() - t0:.0f} s; by length: " + ", ".join(
-                        f"{T}: {torch.stack(v[-20:]).mean().item():.2f}" for T, v in sorted(by_length.items())))
-            bar.write(line) if bar is not None else print(line, flush=True)
         if progress >= 1.0:
             break
+    if pending is not None:
+        report(len(step_times) - 1, *settle(pending))
+    if prof is not None:  # training stopped inside the profiled steps
+        prof.stop()
+        if rank == 0:
+            n = len(step_times) - profiled.start
+            print(profile_table(prof, device, sum(step_times[-n:]), n), flush=True)
     if bar is not None:
         bar.close()
     train_s = time.time() - t0
-    k = len(step_times) // 4  # past compile and warm-up
-    step_s = sum(step_times[k:]) / len(step_times[k:])
-    tok_s = sum(token_counts[k:]) * world / sum(step_times[k:])
+    # past compile and warm-up; the profiled steps run slower and are left out (unless that is all)
+    warm = range(len(step_times) // 4, len(step_times))
+    timed = [i for i in warm if i not in profiled or not args.profile] or list(warm)
+    step_s = sum(step_times[i] for i in timed) / len(timed)
+    tok_s = sum(token_counts[i] for i in timed) * world / sum(step_times[i] for i in timed)
     state = full_state_dict(model, args, world)
     if rank == 0:
         metrics = dict(attn=args.attn, preset=name, params=n_params, seq=seq, lengths=cycle, batch_per_process=B,
@@ -395,7 +422,8 @@ def main(argv=None):
                                          for T, vals in by_length.items()},
                        first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        losses=losses, step_times=[round(t, 4) for t in step_times],
-                       step_tokens=[n * world for n in token_counts])
+                       step_tokens=[n * world for n in token_counts],
+                       profiled_steps=list(profiled) if args.profile else [])
         torch.save(dict(config=asdict(cfg), state_dict=state, metrics=metrics),
                    os.path.join(out, "checkpoint.pt"))
         plot_losses(losses, os.path.join(out, "loss.png"), f"{args.attn}, preset {name}, T = {seq}")

@@ -79,9 +79,15 @@ def test_finish_by_bounds_the_training_time(tmp_path):
 
 
 def test_profile_prints_the_busy_time(tmp_path):
+    """--profile N: the table of N steps from a quarter in, those steps left out of tokens/s; a
+    training that ends inside the profiled steps still prints the ones it ran."""
     text = run([sys.executable, "examples/train.py", "--out", str(tmp_path / "p"), "--profile", "2"] + TINY,
                tmp_path)
     assert "profile of 2 steps:" in text and "cpu busy" in text and "aten::mm" in text, text[-2000:]
+    assert json.load(open(tmp_path / "p" / "metrics.json"))["profiled_steps"] == [0, 1]
+    text = run([sys.executable, "examples/train.py", "--out", str(tmp_path / "q"), "--profile", "5"] + TINY,
+               tmp_path)
+    assert "profile of 3 steps:" in text, text[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +141,7 @@ def test_multi_gpu_summary():
     runs = {"1gpu": metrics(1, 8, 400, 100000, 8, 1.0), "1gpu-part": metrics(1, 4, 250, 50000, 8, 2.0),
             "ddp": metrics(2, 4, 275, 100000, 8, 1.5), "ddp-weak": metrics(2, 8, 400, 200000, 4, 3.0)}
     runs["ddp"]["step_times"][-1] = 100.0  # past the common window (4 steps): not counted
+    runs["1gpu"]["step_times"][2], runs["1gpu"]["profiled_steps"] = 100.0, [2]  # profiled: not counted
     text = mg.summary(runs)
     assert "over steps 2-4 of every run" in text
     assert "| ddp | 2 | 4 | 100000 | 275 | 363636 | 1.45x |" in text
