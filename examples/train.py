@@ -80,6 +80,11 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp", help="under torchrun")
+    ap.add_argument("--comm-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="under torchrun, what crosses between GPUs: bf16 halves the bytes (DDP: "
+                         "gradients all-reduced in bfloat16; FSDP2: parameters gathered and "
+                         "gradients reduce-scattered in bfloat16), for links slower than the "
+                         "backward (e.g. GPUs without peer-to-peer access)")
     ap.add_argument("--data-shards", type=int, default=None,
                     help="the data of this many processes (default: the number of processes); "
                          "one process with --data-shards 2 and --batch 2B draws exactly the rows "
@@ -115,18 +120,25 @@ def wrap(model, args, world, device):
     if args.dist == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         # (gradients as views into the all-reduce buckets: no copy into the buckets and back)
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   gradient_as_bucket_view=True)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  gradient_as_bucket_view=True)
+        if args.comm_dtype == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+            ddp.register_comm_hook(None, bf16_compress_hook)
+        return ddp
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 kept it here
-        from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 = torch.bfloat16 if args.comm_dtype == "bf16" else None
+    # (the sharded parameters, their gradients and the optimizer stay float32 either way)
+    mp = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)
     # (FSDP2's default of gathering a block's parameters again for its backward: keeping them
     # from the forward measured no faster for the demo's model, examples/results/h200/
     # multi_gpu_5e6e51c.md)
     for blk in model.blocks:
-        fully_shard(blk)
-    fully_shard(model)
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     return model
 
 
@@ -416,7 +428,8 @@ def main(argv=None):
     state = full_state_dict(model, args, world)
     if rank == 0:
         metrics = dict(attn=args.attn, preset=name, params=n_params, seq=seq, lengths=cycle, batch_per_process=B,
-                       processes=world, steps=len(losses), train_seconds=round(train_s, 1),
+                       processes=world, dist=args.dist if world > 1 else None,
+                       comm_dtype=args.comm_dtype if world > 1 else None, steps=len(losses), train_seconds=round(train_s, 1),
                        step_seconds=round(step_s, 4), tokens_per_second=round(tok_s), tokens_per_step=token_counts[-1] * world,
                        losses_by_length={T: [round(v, 4) for v in torch.stack(vals).tolist()]
                                          for T, vals in by_length.items()},
