@@ -31,8 +31,8 @@ mkdir -p "$OUT" runs && rm -f "$OUT"/metrics_*.json "$OUT/runs.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # (NVLink multicast stays off, as the GPU machines require)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# (torchrun would give each process one CPU thread; every run gets the host's share of one process)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / N > 0 ? $(nproc) / N : 1 ))}
+# (torchrun gives each process one CPU thread: 16 each measured slower on two H200s, 245 against
+# 227 ms/step, examples/results/h200/multi_gpu_5d913a1.md)
 PY=${PYTHON:-python3}
 bash tools/build_if_missing.sh || exit 1
 # shellcheck disable=SC2206

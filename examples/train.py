@@ -333,6 +333,9 @@ def main(argv=None):
         v = stats.tolist()  # (the host waits here for that step)
         return v[0] / world, max(v[1:])
 
+    def say(text):  # (a line of its own under the progress bar)
+        bar.write(text) if bar is not None else print(text, flush=True)
+
     def report(step, loss_val, new_progress):
         nonlocal progress
         losses.append(loss_val)
@@ -347,7 +350,7 @@ def main(argv=None):
             line = (f"{min(100, int(100 * progress))}%: step {step + 1}, loss {sum(recent) / len(recent):.3f} "
                     f"(mean of {len(recent)}), {time.time() - t0:.0f} s; by length: " + ", ".join(
                         f"{T}: {torch.stack(v[-20:]).mean().item():.2f}" for T, v in sorted(by_length.items())))
-            bar.write(line) if bar is not None else print(line, flush=True)
+            say(line)
 
     for step in range(steps):
         if step == profiled.start and args.profile:
@@ -406,7 +409,7 @@ def main(argv=None):
         if prof is not None and step == profiled.stop - 1:
             prof.stop()
             if rank == 0:
-                print(profile_table(prof, device, sum(step_times[-len(profiled):]), len(profiled)), flush=True)
+                say(profile_table(prof, device, sum(step_times[-len(profiled):]), len(profiled)))
             prof = None
         if progress >= 1.0:
             break
@@ -416,7 +419,7 @@ def main(argv=None):
         prof.stop()
         if rank == 0:
             n = len(step_times) - profiled.start
-            print(profile_table(prof, device, sum(step_times[-n:]), n), flush=True)
+            say(profile_table(prof, device, sum(step_times[-n:]), n))
     if bar is not None:
         bar.close()
     train_s = time.time() - t0
