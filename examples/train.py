@@ -90,8 +90,12 @@ def parse_args(argv=None):
                          "one process with --data-shards 2 and --batch 2B draws exactly the rows "
                          "that two processes with --batch B draw, to compare their loss curves")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="torch.profiler over N steps from a quarter into training: rank 0 "
-                         "prints the kernels by device time and how busy the device was")
+                    help="torch.profiler over N steps from a quarter into training (or from "
+                         "--profile-from): rank 0 prints the kernels by device time and how busy "
+                         "the device was")
+    ap.add_argument("--profile-from", type=int, default=None, metavar="STEP",
+                    help="the first profiled step (from 0; the kernels' time can change as "
+                         "training sharpens the selected blocks)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--out", default=None)
@@ -317,7 +321,8 @@ def main(argv=None):
         return batches, [int(m[:, :-1].sum()) for _, m in batches]
 
     upcoming = draw(0)
-    profiled = range(steps // 4, steps // 4 + args.profile)
+    first = steps // 4 if args.profile_from is None else args.profile_from
+    profiled = range(first, first + args.profile)
     prof = None
     # The host reads a step's loss and progress one step late: by then it has queued the next
     # step, so the device never waits for the host between steps. Every rank adds its loss and

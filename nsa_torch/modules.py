@@ -162,7 +162,9 @@ def _packed_positions(cu_seqlens, total):
     """Token positions within their sequence for a packed batch: int64 [1, total]."""
     tok = torch.arange(total, device=cu_seqlens.device)
     cu = cu_seqlens.to(torch.int64)
-    seq = torch.searchsorted(cu[1:], tok, right=True)
+    # (the sequence of each token: the count of starts at or before it, less one. Not
+    # searchsorted(cu[1:], ...): inductor in torch 2.11 cannot lower it on a slice, SliceView)
+    seq = torch.searchsorted(cu, tok, right=True) - 1
     return (tok - cu[seq])[None]
 
 

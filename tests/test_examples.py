@@ -88,6 +88,9 @@ def test_profile_prints_the_busy_time(tmp_path):
     text = run([sys.executable, "examples/train.py", "--out", str(tmp_path / "q"), "--profile", "5"] + TINY,
                tmp_path)
     assert "profile of 3 steps:" in text, text[-2000:]
+    run([sys.executable, "examples/train.py", "--out", str(tmp_path / "r"), "--profile", "1",
+         "--profile-from", "2"] + TINY, tmp_path)
+    assert json.load(open(tmp_path / "r" / "metrics.json"))["profiled_steps"] == [2]
 
 
 @pytest.fixture(scope="module")
