@@ -5,7 +5,7 @@
 #
 # Builds the extension if it is not there (tools/build_if_missing.sh), then runs
 # examples/train.py (gpu preset, --attn nsa, --no-eval, a fixed number of steps so that the curves
-# line up step by step); B = 4, the preset's batch:
+# line up step by step); B sequences per process (env B, default 4, the preset's batch):
 #   1gpu       1 GPU with --batch NB --data-shards N (the very rows that ddp and fsdp draw)
 #   1gpu-part  1 GPU with --batch B --data-shards 1 (what rank 0 of ddp and fsdp does)
 #   ddp, fsdp  torchrun N processes with --batch B each, --dist ddp or fsdp (FSDP2)
@@ -16,15 +16,16 @@
 # common steps, against 1gpu; the loss curves of the runs on the same rows side by side, and the
 # noise between them), and runs.log (every run's output). RUNS="1gpu ddp fsdp" picks runs (1gpu,
 # the baseline, is always wanted); PROFILE=N profiles N steps of each (train.py --profile: the
-# device's busy share is printed, the kernel tables go to runs.log; the profiled steps run
-# slower: not for the throughput table);
-# TRAIN_ARGS="..." adds train.py arguments to every run (e.g. "--device cpu --seq 128 --preset
-# cpu" for a CPU smoke test with gloo).
+# kernels' share of the wall time is printed, the kernel tables go to runs.log; the profiled
+# steps run slower and are left out of the throughput);
+# TRAIN_ARGS="..." adds train.py arguments to every run (e.g. "--comm-dtype bf16", as measured in
+# examples/results/h200/multi_gpu_5d913a1.md; "--device cpu --seq 128 --preset cpu" for a CPU
+# smoke test with gloo).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 STEPS=${1:-250}
 N=${2:-2}
-B=4
+B=${B:-4}  # sequences per process (the gpu preset's batch)
 WEAK_STEPS=${WEAK_STEPS:-$(( STEPS < 100 ? STEPS : 100 ))}
 OUT=${OUT:-/tmp/nsa_multi_gpu}
 mkdir -p "$OUT" runs && rm -f "$OUT"/metrics_*.json "$OUT/runs.log"

@@ -163,11 +163,15 @@ def start_profiler(device):
 
 
 def profile_table(prof, device, wall, steps):
-    """The profiled steps' kernels by device time (CPU ops on a CPU run) and the share of the
-    wall time that the device was busy: what a step spends outside the kernels."""
+    """The profiled steps' kernels by device time (CPU ops on a CPU run) and their time against
+    the wall time: what a step spends outside the kernels."""
+    from torch.autograd import DeviceType
     where = "device" if device.type == "cuda" else "cpu"
     events = prof.key_averages()
-    busy = sum(getattr(e, f"self_{where}_time_total") for e in events) / 1e6  # (us -> s)
+    # On CUDA the kernels' own events only: an op's row also counts the kernels it launched.
+    # (Kernels of two streams, e.g. NCCL's, may overlap: the share can pass 100%.)
+    busy = sum(getattr(e, f"self_{where}_time_total") for e in events
+               if where == "cpu" or e.device_type == DeviceType.CUDA) / 1e6  # (us -> s)
     return (f"profile of {steps} steps: {wall / steps * 1000:.1f} ms/step wall, {where} busy "
             f"{busy / steps * 1000:.1f} ms/step ({busy / wall:.0%})\n"
             + events.table(sort_by=f"self_{where}_time_total", row_limit=20))
