@@ -7,6 +7,8 @@ markdown) the runs whose metrics_<run>.json lie in DIR, written by examples/trai
   ddp-weak, fsdp-weak
              N processes, each with 1gpu's batch (weak scaling; other rows)
 
+or, with --compare DIR NAME..., the table of any runs against the first (tools/multi_gpu_ab.sh).
+
 Throughput is taken over one window of steps common to every run (the first quarter of the
 shortest run is left out as warm-up, and so are the steps that train.py --profile profiled),
 since a step's time drifts as training goes on."""
@@ -82,7 +84,28 @@ def summary(runs):
     return "\n".join(out)
 
 
+def compare(runs):
+    """The markdown table of any runs (a dict name -> metrics, in order), e.g. the variants of
+    tools/multi_gpu_ab.sh: ms/step and tokens/s over their common steps, against the first."""
+    hi = min(len(m["step_times"]) for m in runs.values())
+    lo = hi // 4
+    speed = {n: throughput(m, lo, hi) for n, m in runs.items()}
+    first = next(iter(speed.values()))[1]
+    out = [f"Over steps {lo + 1}-{hi} of every run:\n",
+           "| run | processes | tokens/step (all processes) | ms/step | tokens/s | against the first |",
+           "|---|---|---|---|---|---|"]
+    for n, m in runs.items():
+        ms, tok_s = speed[n]
+        out.append(f"| {n} | {m['processes']} | {m['step_tokens'][-1]} | {ms:.0f} | {tok_s:.0f} | "
+                   f"{tok_s / first:.2f}x |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python examples/multi_gpu_summary.py DIR (holding metrics_<run>.json)")
-    print(summary(load(sys.argv[1])))
+    if len(sys.argv) > 2 and sys.argv[1] == "--compare":  # DIR NAME...: metrics_<NAME>.json
+        print(compare({n: json.load(open(os.path.join(sys.argv[2], f"metrics_{n}.json"))) for n in sys.argv[3:]}))
+    elif len(sys.argv) == 2:
+        print(summary(load(sys.argv[1])))
+    else:
+        raise SystemExit("usage: python examples/multi_gpu_summary.py DIR (holding metrics_<run>.json)\n"
+                         "       python examples/multi_gpu_summary.py --compare DIR NAME... (metrics_<NAME>.json)")

@@ -85,6 +85,10 @@ def parse_args(argv=None):
                          "gradients all-reduced in bfloat16; FSDP2: parameters gathered and "
                          "gradients reduce-scattered in bfloat16), for links slower than the "
                          "backward (e.g. GPUs without peer-to-peer access)")
+    ap.add_argument("--bucket-mb", type=float, default=None,
+                    help="DDP's gradient bucket size (default DDP's 25 MB); one bucket larger "
+                         "than the gradients reduces them once, after the backward, instead of "
+                         "overlapping the all-reduces (and NCCL's thread blocks) with it")
     ap.add_argument("--data-shards", type=int, default=None,
                     help="the data of this many processes (default: the number of processes); "
                          "one process with --data-shards 2 and --batch 2B draws exactly the rows "
@@ -124,8 +128,9 @@ def wrap(model, args, world, device):
     if args.dist == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         # (gradients as views into the all-reduce buckets: no copy into the buckets and back)
+        extra = {} if args.bucket_mb is None else dict(bucket_cap_mb=args.bucket_mb)
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  gradient_as_bucket_view=True)
+                  gradient_as_bucket_view=True, **extra)
         if args.comm_dtype == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
             ddp.register_comm_hook(None, bf16_compress_hook)

@@ -122,6 +122,22 @@ def test_torchrun_two_processes(mode, tmp_path, one_process_two_shards):
     TinyLM(ModelConfig(**ck["config"])).load_state_dict(ck["state_dict"])  # a full state dict
 
 
+def test_multi_gpu_ab_script(tmp_path):
+    """tools/multi_gpu_ab.sh (settings side by side in one device call) on CPU: a one-process and
+    a two-process variant with their environment and arguments, the table against the first."""
+    variants = ("# one GPU, then two processes\n"
+                "one 1 -- --device cpu --preset cpu --seq 128 --batch 4 --data-shards 2\n"
+                "ddp 2 OMP_NUM_THREADS=1 -- --device cpu --preset cpu --seq 128 --batch 2 --dist ddp --bucket-mb 1000\n")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(["bash", "tools/multi_gpu_ab.sh", "3"], input=variants, cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = open(tmp_path / "ab.md").read()
+    assert "Over steps 1-3 of every run" in table, table
+    assert "| one | 1 | 512 |" in table and "| ddp | 2 | 512 |" in table and "| 1.00x |" in table, table
+    assert "=== ddp: OMP_NUM_THREADS=1" in res.stdout
+
+
 def test_tasks_place_answers_where_scored():
     gen = torch.Generator().manual_seed(0)
     tok, mask = tasks.passkey(3, 64, gen, depth=0.5)
@@ -159,3 +175,6 @@ def test_multi_gpu_summary():
     assert "| 1gpu | 0.5000 (0.500) |" in text  # |1.0 - 1.5| every step; ddp-weak is not compared
     with pytest.raises(SystemExit, match="metrics_1gpu.json"):
         mg.summary({"ddp": runs["ddp"]})
+    text = mg.compare({"ddp-weak": runs["ddp-weak"], "1gpu-part": runs["1gpu-part"]})
+    assert "Over steps 2-4 of every run" in text and "| ddp-weak | 2 | 200000 | 400 | 500000 | 1.00x |" in text
+    assert "| 1gpu-part | 1 | 50000 | 250 | 200000 | 0.40x |" in text
