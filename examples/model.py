@@ -84,8 +84,15 @@ def answer_hits(logits, tokens, mask):
 
 def masked_loss(logits, tokens, mask, reduction="mean"):
     """Cross-entropy of the next token where mask (positions whose next token is scored); mean
-    or sum over those positions, or each one's ("none", in the order of mask's True entries)."""
+    or sum over those positions, or each position's ("none": [B, T - 1], 0 where not scored).
+    Every position's loss is computed and the unscored ones zeroed: picking the scored ones
+    (pred[mask]) would make the host wait for the device to learn their count, at every step."""
     pred = logits[:, :-1].float()
     target = tokens[:, 1:]
     sel = mask[:, :-1]
-    return F.cross_entropy(pred[sel], target[sel], reduction=reduction)
+    each = F.cross_entropy(pred.transpose(1, 2), target, reduction="none") * sel
+    if reduction == "none":
+        return each
+    if reduction == "sum":
+        return each.sum()
+    return each.sum() / sel.sum()

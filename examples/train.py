@@ -100,6 +100,10 @@ def parse_args(argv=None):
     ap.add_argument("--profile-from", type=int, default=None, metavar="STEP",
                     help="the first profiled step (from 0; the kernels' time can change as "
                          "training sharpens the selected blocks)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="CUDA: warn at every point where the host waits for the device inside the "
+                         "training steps from the second on (torch.cuda.set_sync_debug_mode; the "
+                         "one expected is the loss read one step late)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--out", default=None)
@@ -205,17 +209,16 @@ def step_batches(task, cycle, tokens, gen, how, step):
     return [tasks.batch(task, max(1, round(per / T)), T, gen) for T in cycle]
 
 
-def pack(batches, counts):
-    """One varlen batch from equal-length batches [(tokens [B_i, T_i], mask)] with counts[i]
-    scored positions each: (tokens [1, N], mask [1, N], cu_seqlens int32 [rows + 1], answers'
-    length index [answers]: the batch each scored position came from). Rows of one length stay
-    together (FullAttention runs them as one batch); no scored position is a row's last, so none
-    predicts across rows."""
+def pack(batches):
+    """One varlen batch from equal-length batches [(tokens [B_i, T_i], mask)]: (tokens [1, N],
+    mask [1, N], cu_seqlens int32 [rows + 1], which [N - 1]: the batch that each position's
+    next-token loss belongs to). Rows of one length stay together (FullAttention runs them as
+    one batch); no scored position is a row's last, so none predicts across rows."""
     tok = torch.cat([t.reshape(-1) for t, _ in batches])[None]
     mask = torch.cat([m.reshape(-1) for _, m in batches])[None]
     lens = torch.cat([torch.full((t.shape[0],), t.shape[1]) for t, _ in batches])
     cu = torch.cat((torch.zeros(1, dtype=torch.int64), lens.cumsum(0))).to(torch.int32)
-    which = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
+    which = torch.cat([torch.full((t.numel(),), i) for i, (t, _) in enumerate(batches)])[:-1]
     return tok, mask, cu, which
 
 
@@ -323,11 +326,21 @@ def main(argv=None):
     by_length = {}  # T -> each step's mean answer loss at that length (of this process)
     progress = 0.0
 
+    packing = not args.no_pack
+
     def draw(step):
-        """This process's batches of a step (one per length) and their answer counts."""
+        """This process's batches of a step (one per length), their answer counts and, when the
+        step runs packed with more than one length, pack()'s tensors (in pinned memory on CUDA:
+        copied to the GPU without waiting for the step before to finish)."""
         parts = [step_batches(task, cycle, B // per * seq, g, args.lengths_per_step, step) for g in gens]
         batches = [tuple(torch.cat(x) for x in zip(*same_len)) for same_len in zip(*parts)]
-        return batches, [int(m[:, :-1].sum()) for _, m in batches]
+        counts = [int(m[:, :-1].sum()) for _, m in batches]
+        packed = pack(batches) if packing and len(batches) > 1 else None
+        if packed is not None and device.type == "cuda":
+            packed = tuple(t.pin_memory() for t in packed)
+        # (the answer counts as a tensor too: torch.tensor(..., device=cuda) would wait for the device)
+        count_t = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
+        return batches, counts, packed, count_t.pin_memory() if device.type == "cuda" else count_t
 
     upcoming = draw(0)
     first = steps // 4 if args.profile_from is None else args.profile_from
@@ -369,23 +382,25 @@ def main(argv=None):
     for step in range(steps):
         if step == profiled.start and args.profile:
             prof = start_profiler(device)
+        if step == 1 and args.sync_debug and device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
         ts = time.time()
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, progress)
-        batches, counts = upcoming
+        batches, counts, packed, count_t = upcoming
         # The loss is the mean over every answer token of the step (of this process).
         n_ans = sum(counts)
         opt.zero_grad(set_to_none=True)
-        if len(batches) > 1 and not args.no_pack:
+        if packed is not None:
             # every length in one packed forward and backward
-            tok, mask, cu, which = pack(batches, counts)
+            tok, mask, cu, which = packed
             # (cu_seqlens stays on the CPU: the layers read the lengths without a device sync)
             tok, mask, which = (t.to(device, non_blocking=True) for t in (tok, mask, which))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 each = masked_loss(fwd(tok, cu), tok, mask, reduction="none")
             loss = each.sum() / n_ans
             loss.backward()
-            sums = torch.zeros(len(batches), device=device).index_add_(0, which, each.detach().float())
+            sums = torch.zeros(len(batches), device=device).index_add_(0, which, each.detach()[0])
         else:
             # a forward and backward per length, the gradient accumulated and reduced across
             # processes on the last backward only (DDP: no_sync, FSDP2: set_requires_gradient_sync)
@@ -402,7 +417,7 @@ def main(argv=None):
                 loss += part.detach()
                 sums.append(part.detach() * n_ans)
             sums = torch.stack(sums)
-        per_length = sums / torch.tensor(counts, device=device).clamp(min=1)
+        per_length = sums / count_t.to(device, non_blocking=True)
         for (t, _), v in zip(batches, per_length):
             by_length.setdefault(t.shape[1], []).append(v)
         step_tokens = sum(t.numel() for t, _ in batches)
@@ -427,6 +442,8 @@ def main(argv=None):
             prof = None
         if progress >= 1.0:
             break
+    if args.sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
     if pending is not None:
         report(len(step_times) - 1, *settle(pending))
     if prof is not None:  # training stopped inside the profiled steps

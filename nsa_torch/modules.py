@@ -168,6 +168,14 @@ def _packed_positions(cu_seqlens, total):
     return (tok - cu[seq])[None]
 
 
+def _to_device_async(t, device):
+    """A host tensor copied to `device` without the host waiting: from pinned memory on CUDA (a
+    copy from pageable memory may wait for the device's queue to drain first)."""
+    if t.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling():
+        t = t.pin_memory()  # (itself when it is pinned already)
+    return t.to(device, non_blocking=True)
+
+
 def _check_packed(where, x, cu_seqlens):
     """Checks a packed batch (x [1, total, hidden], cu_seqlens int32 [N + 1] from 0, never
     decreasing, to total, on the CPU or on x's device) and returns (cu_seqlens as a host list,
@@ -188,8 +196,7 @@ def _check_packed(where, x, cu_seqlens):
         shown = cu if len(cu) <= 12 else cu[:6] + ["..."] + cu[-3:]
         raise ValueError(f"{where}: cu_seqlens must start at 0, never decrease and end at the "
                          f"packed token count {x.shape[1]}, got {shown}")
-    # (non_blocking: from pageable memory the copy is staged before it returns)
-    return cu, cu_seqlens.to(x.device, non_blocking=True)
+    return cu, _to_device_async(cu_seqlens, x.device)
 
 
 class NativeSparseAttention(nn.Module):
@@ -274,7 +281,7 @@ class NativeSparseAttention(nn.Module):
         nc = torch.where(n >= c.block_size, (n - c.block_size).div(c.block_stride, rounding_mode="floor") + 1, 0)
         first = (nc.cumsum(0) - nc).repeat_interleave(nc)  # each window's sequence's first k_cmp row
         local = torch.arange(int(nc.sum())) - first       # window index within its sequence
-        return (cu[:-1].repeat_interleave(nc) + local * c.block_stride).to(device, non_blocking=True)
+        return _to_device_async(cu[:-1].repeat_interleave(nc) + local * c.block_stride, device)
 
     def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
         cu, cu_seqlens = self._check(hidden_states, cu_seqlens, position_ids)
