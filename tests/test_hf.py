@@ -204,3 +204,35 @@ def test_refused_inputs(attn_implementation):
     packed = torch.tensor([[0, 1, 2, 0, 1, 2]]).expand(2, 6)
     with pytest.raises(ValueError, match="need batch size 1"):
         model(ids[:, :6], position_ids=packed)
+
+
+def test_mask_and_packing_found_once_per_forward(monkeypatch):
+    """Every layer gets the same attention_mask and position_ids: the padding check and the
+    packed lengths (each a wait for the device on a GPU) run once per forward, not per layer,
+    and again when the tensors change in place."""
+    from nsa_torch.integrations import hf
+    calls = {"mask": 0, "packed": 0}
+
+    def counted(name, f):
+        def g(*args):
+            calls[name] += 1
+            return f(*args)
+        return g
+    monkeypatch.setattr(hf, "_check_mask", counted("mask", hf._check_mask))
+    monkeypatch.setattr(hf, "_packed_cu_seqlens", counted("packed", hf._packed_cu_seqlens))
+    model = replace_attention(tiny_model(), nsa_kwargs=SMALL)  # (2 layers)
+    ids = input_ids(B=1)
+    mask = torch.ones_like(ids)
+    packed = torch.tensor([list(range(20)) + list(range(T - 20))])
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask, position_ids=packed).logits
+        assert calls == {"mask": 1, "packed": 1}
+        again = model(ids, attention_mask=mask, position_ids=packed).logits
+        # (transformers builds a new 4D mask each forward; the position_ids are the same tensor)
+        assert calls == {"mask": 2, "packed": 1} and torch.equal(first, again)
+        packed[0, 20:] += 20  # one sequence now: found again, and it changes the output
+        whole = model(ids, attention_mask=mask, position_ids=packed).logits
+        assert calls["packed"] == 2 and not torch.allclose(whole, first, atol=1e-3)
+        mask[0, 0] = 0  # padding now: refused, though the mask object was checked before
+        with pytest.raises(ValueError, match="padding is not supported"):
+            model(ids, attention_mask=mask, position_ids=packed)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..modules import NativeSparseAttention, NSAConfig
 
@@ -61,21 +62,43 @@ class NSASelfAttention(nn.Module):
                     "call the model with use_cache=False (replace_attention sets "
                     "model.config.use_cache = False; generate() then recomputes the prefix)")
         B, T = hidden_states.shape[:2]
-        _check_mask(where, attention_mask, T)
-        if position_ids is None and cache_position is not None:
-            position_ids = cache_position
-        if position_ids is None:
-            position_ids = torch.arange(T, device=hidden_states.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids[None]
-        if position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
-            raise ValueError(f"{where}: position_ids must be [T], [1, T] or [B, T] with B, T = "
-                             f"{B}, {T}, got {list(position_ids.shape)}")
-        position_ids = position_ids.to(device=hidden_states.device, dtype=torch.int64)
-        cu_seqlens = _packed_cu_seqlens(where, position_ids, B)
+        if torch.is_tensor(attention_mask):
+            _once_per_forward(attention_mask, (B, T), lambda m: _check_mask(where, m, T))
+        given = position_ids if position_ids is not None else cache_position
+        cu_seqlens = None
+        if given is None:  # (0..T-1: nothing packed)
+            position_ids = torch.arange(T, device=hidden_states.device)[None]
+        else:
+            position_ids = given[None] if given.dim() == 1 else given
+            if position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
+                raise ValueError(f"{where}: position_ids must be [T], [1, T] or [B, T] with B, T = "
+                                 f"{B}, {T}, got {list(position_ids.shape)}")
+            position_ids = position_ids.to(device=hidden_states.device, dtype=torch.int64)
+            cu_seqlens = _once_per_forward(given, (B, T), lambda _: _packed_cu_seqlens(where, position_ids, B))
         out = self.nsa(hidden_states, cu_seqlens=cu_seqlens,
                        position_ids=position_ids.expand(B, T))
         return out, None
+
+
+# What the layers found out about the mask and position_ids of the current forward: every
+# decoder layer receives the same tensors, and each finding costs a wait for the device, so a
+# model of L layers waits once rather than L times. Keyed by the tensor object (weakly: gone
+# with it) and its version (recomputed after an in-place change).
+_FOUND = WeakIdKeyDictionary()
+
+
+def _once_per_forward(t, shape, find):
+    """find(t) for the tensor t with the layers' (B, T) = shape, computed once while t lives
+    unchanged (every call under torch.compile, which traces it instead)."""
+    if torch.compiler.is_compiling():
+        return find(t)
+    key = (t._version, shape)
+    hit = _FOUND.get(t)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = find(t)
+    _FOUND[t] = (key, out)
+    return out
 
 
 def _check_mask(where, mask, T):
@@ -105,8 +128,9 @@ def _check_mask(where, mask, T):
 
 
 def _packed_cu_seqlens(where, position_ids, B):
-    """cu_seqlens (int32) of the sequences packed in one row, found where position_ids does not
-    step by 1 (as transformers finds packed sequences); None when nothing is packed."""
+    """cu_seqlens (int32, on the CPU: the layers read the lengths there) of the sequences packed
+    in one row, found where position_ids does not step by 1 (as transformers finds packed
+    sequences); None when nothing is packed."""
     if position_ids.shape[-1] < 2:
         return None
     breaks = position_ids[:, 1:] - position_ids[:, :-1] != 1
@@ -118,7 +142,7 @@ def _packed_cu_seqlens(where, position_ids, B):
     T = position_ids.shape[-1]
     starts = breaks[0].nonzero().flatten() + 1
     edge = starts.new_tensor([0]), starts, starts.new_tensor([T])
-    return torch.cat(edge).to(torch.int32)
+    return torch.cat(edge).to(device="cpu", dtype=torch.int32)
 
 
 def _require_transformers():
