@@ -350,14 +350,30 @@ def main(argv=None):
     # step, so the device never waits for the host between steps. Every rank adds its loss and
     # puts its progress in its own slot: one all-reduce gives the mean loss and every rank's
     # progress (each rank takes the furthest, so that all use one learning rate and stop at the
-    # same step).
+    # same step). The all-reduce and the copy to the host are queued right behind their step,
+    # with an event: reading them later (.tolist() of the device tensor) would queue the copy
+    # behind the next step too and wait for it.
     pending = None
 
-    def settle(stats):
-        """Reads a step's [loss, progress of each rank] (all-reduced): loss, progress."""
+    def send(stats):
+        """Queues the all-reduce of this step's stats and their copy to the host: (host tensor,
+        CUDA event after the copy, or None on the CPU, where the copy is done on return)."""
         if world > 1:
             dist.all_reduce(stats)
-        v = stats.tolist()  # (the host waits here for that step)
+        if device.type != "cuda":
+            return stats, None
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def settle(sent):
+        """A step's loss (mean over the processes) and progress (the furthest), once there."""
+        host, done = sent
+        if done is not None:
+            done.synchronize()  # (the host waits here for that step only)
+        v = host.tolist()
         return v[0] / world, max(v[1:])
 
     def say(text):  # (a line of its own under the progress bar)
@@ -431,9 +447,10 @@ def main(argv=None):
         stats = torch.zeros(1 + world, device=device)
         stats[0] = loss.detach().float()
         stats[1 + rank] = max((step + 1) / steps, (time.time() - t0) / (args.minutes * 60))
+        sent = send(stats)
         if pending is not None:
             report(step - 1, *settle(pending))
-        pending = stats
+        pending = sent
         step_times.append(time.time() - ts)
         if prof is not None and step == profiled.stop - 1:
             prof.stop()
