@@ -103,7 +103,8 @@ def parse_args(argv=None):
     ap.add_argument("--sync-debug", action="store_true",
                     help="CUDA: warn at every point where the host waits for the device inside the "
                          "training steps from the second on (torch.cuda.set_sync_debug_mode; the "
-                         "one expected is the loss read one step late)")
+                         "step is written to have none: the loss is read a step late, through "
+                         "an event)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--out", default=None)
