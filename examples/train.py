@@ -95,8 +95,8 @@ def parse_args(argv=None):
                          "that two processes with --batch B draw, to compare their loss curves")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="torch.profiler over N steps from a quarter into training (or from "
-                         "--profile-from): rank 0 prints the kernels by device time and how busy "
-                         "the device was")
+                         "--profile-from): rank 0 prints the kernels by device time and their "
+                         "share of the wall time (these steps are left out of tokens/s)")
     ap.add_argument("--profile-from", type=int, default=None, metavar="STEP",
                     help="the first profiled step (from 0; the kernels' time can change as "
                          "training sharpens the selected blocks)")
