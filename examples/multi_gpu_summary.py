@@ -27,18 +27,24 @@ def load(folder):
 
 def throughput(m, lo, hi):
     """(ms per step, tokens per second) over steps lo..hi-1, less the profiled ones (slower)."""
-    steps = [i for i in range(lo, hi) if i not in set(m.get("profiled_steps", ()))]
+    profiled = set(m.get("profiled_steps", ()))
+    steps = [i for i in range(lo, hi) if i not in profiled]
     t = sum(m["step_times"][i] for i in steps)
     return 1000 * t / len(steps), sum(m["step_tokens"][i] for i in steps) / t
+
+
+def speeds(runs):
+    """(lo, hi, {name: throughput}) over the steps common to every run, past the first quarter."""
+    hi = min(len(m["step_times"]) for m in runs.values())
+    lo = hi // 4
+    return lo, hi, {n: throughput(m, lo, hi) for n, m in runs.items()}
 
 
 def summary(runs):
     """The markdown text for the runs (a dict name -> metrics; 1gpu required)."""
     if "1gpu" not in runs:
         raise SystemExit("multi_gpu_summary: metrics_1gpu.json (the baseline) is missing")
-    hi = min(len(m["step_times"]) for m in runs.values())
-    lo = hi // 4
-    speed = {n: throughput(m, lo, hi) for n, m in runs.items()}
+    lo, hi, speed = speeds(runs)
     base = speed["1gpu"][1]
     out = [f"Tokens per second over steps {lo + 1}-{hi} of every run:\n",
            "| run | processes | sequences per process | tokens/step (all processes) | ms/step | "
@@ -87,9 +93,7 @@ def summary(runs):
 def compare(runs):
     """The markdown table of any runs (a dict name -> metrics, in order), e.g. the variants of
     tools/multi_gpu_ab.sh: ms/step and tokens/s over their common steps, against the first."""
-    hi = min(len(m["step_times"]) for m in runs.values())
-    lo = hi // 4
-    speed = {n: throughput(m, lo, hi) for n, m in runs.items()}
+    lo, hi, speed = speeds(runs)
     first = next(iter(speed.values()))[1]
     out = [f"Over steps {lo + 1}-{hi} of every run:\n",
            "| run | processes | tokens/step (all processes) | ms/step | tokens/s | against the first |",

@@ -380,6 +380,13 @@ def main(argv=None):
     def say(text):  # (a line of its own under the progress bar)
         bar.write(text) if bar is not None else print(text, flush=True)
 
+    def end_profile():
+        """Stops the profiler after the profiled steps that ran; rank 0 prints their table."""
+        prof.stop()
+        if rank == 0:
+            n = len(step_times) - profiled.start
+            say(profile_table(prof, device, sum(step_times[-n:]), n))
+
     def report(step, loss_val, new_progress):
         nonlocal progress
         losses.append(loss_val)
@@ -454,9 +461,7 @@ def main(argv=None):
         pending = sent
         step_times.append(time.time() - ts)
         if prof is not None and step == profiled.stop - 1:
-            prof.stop()
-            if rank == 0:
-                say(profile_table(prof, device, sum(step_times[-len(profiled):]), len(profiled)))
+            end_profile()
             prof = None
         if progress >= 1.0:
             break
@@ -465,16 +470,13 @@ def main(argv=None):
     if pending is not None:
         report(len(step_times) - 1, *settle(pending))
     if prof is not None:  # training stopped inside the profiled steps
-        prof.stop()
-        if rank == 0:
-            n = len(step_times) - profiled.start
-            say(profile_table(prof, device, sum(step_times[-n:]), n))
+        end_profile()
     if bar is not None:
         bar.close()
     train_s = time.time() - t0
     # past compile and warm-up; the profiled steps run slower and are left out (unless that is all)
     warm = range(len(step_times) // 4, len(step_times))
-    timed = [i for i in warm if i not in profiled or not args.profile] or list(warm)
+    timed = [i for i in warm if i not in profiled] or list(warm)  # (profiled: empty without --profile)
     step_s = sum(step_times[i] for i in timed) / len(timed)
     tok_s = sum(token_counts[i] for i in timed) * world / sum(step_times[i] for i in timed)
     state = full_state_dict(model, args, world)
@@ -488,7 +490,7 @@ def main(argv=None):
                        first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        losses=losses, step_times=[round(t, 4) for t in step_times],
                        step_tokens=[n * world for n in token_counts],
-                       profiled_steps=list(profiled) if args.profile else [])
+                       profiled_steps=list(profiled))
         torch.save(dict(config=asdict(cfg), state_dict=state, metrics=metrics),
                    os.path.join(out, "checkpoint.pt"))
         plot_losses(losses, os.path.join(out, "loss.png"), f"{args.attn}, preset {name}, T = {seq}")
