@@ -324,7 +324,7 @@ def main(argv=None):
         args.minutes = min(args.minutes, max(1.0, (args.finish_by - FINISH_BY_RESERVE_S - t0) / 60))
         if rank == 0:
             print(f"training for {args.minutes:.1f} min (--finish-by)", flush=True)
-    by_length = {}  # T -> each step's mean answer loss at that length (of this process)
+    by_length = {}  # T -> each step's mean answer loss at that length (mean over the processes)
     progress = 0.0
 
     packing = not args.no_pack
@@ -369,13 +369,17 @@ def main(argv=None):
         done.record()
         return host, done
 
-    def settle(sent):
-        """A step's loss (mean over the processes) and progress (the furthest), once there."""
+    def settle(sent, lengths):
+        """A step's loss and its mean answer loss at each of its lengths (means over the
+        processes), and its progress (the furthest), once there."""
         host, done = sent
         if done is not None:
             done.synchronize()  # (the host waits here for that step only)
         v = host.tolist()
-        return v[0] / world, max(v[1:])
+        n = len(lengths)
+        for T, x in zip(lengths, v[1:1 + n]):
+            by_length.setdefault(T, []).append(x / world)
+        return v[0] / world, max(v[1 + n:])
 
     def say(text):  # (a line of its own under the progress bar)
         bar.write(text) if bar is not None else print(text, flush=True)
@@ -400,7 +404,7 @@ def main(argv=None):
             recent = losses[-50:]
             line = (f"{min(100, int(100 * progress))}%: step {step + 1}, loss {sum(recent) / len(recent):.3f} "
                     f"(mean of {len(recent)}), {time.time() - t0:.0f} s; by length: " + ", ".join(
-                        f"{T}: {torch.stack(v[-20:]).mean().item():.2f}" for T, v in sorted(by_length.items())))
+                        f"{T}: {sum(v[-20:]) / len(v[-20:]):.2f}" for T, v in sorted(by_length.items())))
             say(line)
 
     for step in range(steps):
@@ -442,8 +446,6 @@ def main(argv=None):
                 sums.append(part.detach() * n_ans)
             sums = torch.stack(sums)
         per_length = sums / count_t.to(device, non_blocking=True)
-        for (t, _), v in zip(batches, per_length):
-            by_length.setdefault(t.shape[1], []).append(v)
         step_tokens = sum(t.numel() for t, _ in batches)
         token_counts.append(step_tokens)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -452,12 +454,15 @@ def main(argv=None):
         upcoming = draw(step + 1) if step + 1 < steps else None
         # This step's loss and progress (by steps or by wall time, whichever is further), read
         # after the next step is queued.
-        stats = torch.zeros(1 + world, device=device)
-        stats[0] = loss.detach().float()
-        stats[1 + rank] = max((step + 1) / steps, (time.time() - t0) / (args.minutes * 60))
-        sent = send(stats)
+        # (stats: the loss, the per-length losses, each rank's progress; the progress goes from
+        # pinned memory, since writing a host number into a device tensor waits for the device)
+        mine = torch.zeros(world, pin_memory=device.type == "cuda")
+        mine[rank] = max((step + 1) / steps, (time.time() - t0) / (args.minutes * 60))
+        stats = torch.cat([loss.detach().float().view(1), per_length.float(),
+                           mine.to(device, non_blocking=True)])
+        sent = (send(stats), [t.shape[1] for t, _ in batches])
         if pending is not None:
-            report(step - 1, *settle(pending))
+            report(step - 1, *settle(*pending))
         pending = sent
         step_times.append(time.time() - ts)
         if prof is not None and step == profiled.stop - 1:
@@ -468,7 +473,7 @@ def main(argv=None):
     if args.sync_debug and device.type == "cuda":
         torch.cuda.set_sync_debug_mode("default")
     if pending is not None:
-        report(len(step_times) - 1, *settle(pending))
+        report(len(step_times) - 1, *settle(*pending))
     if prof is not None:  # training stopped inside the profiled steps
         end_profile()
     if bar is not None:
@@ -485,8 +490,7 @@ def main(argv=None):
                        processes=world, dist=args.dist if world > 1 else None,
                        comm_dtype=args.comm_dtype if world > 1 else None, steps=len(losses), train_seconds=round(train_s, 1),
                        step_seconds=round(step_s, 4), tokens_per_second=round(tok_s), tokens_per_step=token_counts[-1] * world,
-                       losses_by_length={T: [round(v, 4) for v in torch.stack(vals).tolist()]
-                                         for T, vals in by_length.items()},
+                       losses_by_length={T: [round(v, 4) for v in vals] for T, vals in by_length.items()},
                        first_loss=losses[0], final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        losses=losses, step_times=[round(t, 4) for t in step_times],
                        step_tokens=[n * world for n in token_counts],

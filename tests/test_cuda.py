@@ -1048,6 +1048,19 @@ def test_sanitize_split(monkeypatch):
         run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
 
 
+def test_sanitize_split_heavy_tiles(monkeypatch):
+    """The selected branch's forward and dQ by blocks with every key tile split by the tokens
+    that chose it: G = 16 and chunks of 100 rows give 3 splits, and at T = 300 with 16 blocks
+    chosen each of the 5 blocks is chosen by every later token."""
+    monkeypatch.setenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS", "100")
+    monkeypatch.setenv("NSA_CUDA_SLC_FWD_KERNEL", "blocks")
+    monkeypatch.setenv("NSA_CUDA_SLC_DQ_KERNEL", "blocks")
+    case = dict(T=300, HQ=16, H=1, D=128, Dv=128)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-slc-heavy"), **case)
+    run_branch("selected", with_indices(x, case, "selected", ref_device="cpu"), case,
+               torch.bfloat16, ref_device="cpu")
+
+
 @pytest.mark.parametrize("T", [100, 1200], ids=lambda T: f"T{T}")
 def test_sanitize_select(T, monkeypatch):
     """The warpgroup selection kernel (sm_90; G = 16, D = 128 and, forced, G = 4, D = 64): one key

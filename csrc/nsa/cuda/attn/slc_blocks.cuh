@@ -32,13 +32,18 @@ struct SlcPartials {
   int32_t key0 = 0;                 // this chunk's first key: chunk * H * vblocks
   int slots = 0;        // S = num_selected * tiles_per_block(select_size): slot k * tiles + i is
                         // tile i of the block in list entry k
-  int splits = 1;       // thread blocks sharing each lead key tile (grid.z = batch rows * splits)
-  int lead_blocks = 0;  // blocks per sequence whose tiles are split (the first ones, chosen by
-                        // every later token when num_initial > 0)
+  int splits = 1;       // thread blocks per key tile at most (grid.z = batch rows * splits); a
+                        // tile chosen by many tokens (the first blocks, chosen by every later
+                        // token when num_initial > 0; blocks that training makes popular) is
+                        // split over up to this many, kSplitRows rows each at least
   void* o = nullptr;    // forward: [rows][HQ][S][DV] output dtype, the tile's o normalized by its
                         // own sum; dQ: [rows][HQ][S][D] bf16, the tile's dS K * scale
   float* lse = nullptr; // forward: [rows][HQ][S] the tile's log-sum-exp (-inf: no key visible)
 };
+
+// Rows ((token, head) pairs) of a key tile per thread block at least, when the tile is split:
+// 8 row tiles, against one load of the tile's keys and values.
+constexpr index_t kSplitRows = 8 * kRows;
 
 template <int D, int DV, bool kDq>
 constexpr size_t slc_blocks_smem_bytes() {
@@ -74,19 +79,22 @@ __global__ void __launch_bounds__(kThreads)
   const int sub = int(blockIdx.x % per_block);
   const index_t ks = st.tile * p.select_size + index_t(sub) * kKeys;
   const index_t ke = min(min((st.tile + 1) * p.select_size, ks + kKeys), seq.len);
-  const bool lead = st.tile < part.lead_blocks;
-  if (ks >= ke || (!lead && sp > 0)) return;
+  if (ks >= ke) return;
 
   // The tokens of this chunk that chose the block: a segment of the reverse index (token order),
-  // of which a lead tile's split sp takes its share.
+  // of which split sp of the tile's `parts` takes its share. The work of a tile follows how many
+  // tokens chose it, so one chosen by most of them would otherwise be one thread block's long
+  // loop while the others are done.
   const index_t vb = p.seqs.cu_seqlens ? index_t(blockIdx.x / per_block)
                                        : index_t(zb) * num_select_blocks(p.seqs.seqlen, p.select_size) + st.tile;
   const index_t key = part.key0 + g * rix.vblocks + vb;
   index_t lo = part.starts[key];
   index_t n_all = part.starts[key + 1] - lo;
-  if (lead && part.splits > 1) {
-    const index_t a = sp * n_all / part.splits;
-    n_all = (sp + 1) * n_all / part.splits - a;
+  const int parts = int(min(index_t(part.splits), max(index_t(1), n_all * G / kSplitRows)));
+  if (sp >= parts) return;
+  if (parts > 1) {
+    const index_t a = sp * n_all / parts;
+    n_all = (sp + 1) * n_all / parts - a;
     lo += a;
   }
   if (n_all == 0) return;

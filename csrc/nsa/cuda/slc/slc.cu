@@ -129,10 +129,9 @@ void run_by_blocks(const SlcParams& p, const BlocksPlan& f, bool dq, const float
   part.slots = f.slots;
   part.o = ws + f.starts_bytes;
   part.lse = dq ? nullptr : reinterpret_cast<float*>(ws + f.starts_bytes + f.o_bytes);
-  part.lead_blocks = kSlcSplitBlocks;
-  // Split the lead blocks' tokens (chosen by every token with num_initial > 0) so that no
-  // thread block walks a whole chunk alone: ~8 row tiles of 64 per split at least.
-  part.splits = int(std::min<index_t>(16, std::max<index_t>(1, f.chunk_rows * (p.num_heads / p.num_heads_k) / 512)));
+  // Up to as many thread blocks per key tile as a tile chosen by every token of the chunk
+  // needs at kSplitRows rows each (16 at most); each tile takes what its token count needs.
+  part.splits = int(std::min<index_t>(16, std::max<index_t>(1, f.chunk_rows * (p.num_heads / p.num_heads_k) / kSplitRows)));
   const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen;
   for (index_t c = 0; c < f.chunks; ++c) {
     part.row0 = c * f.chunk_rows;
