@@ -11,7 +11,7 @@
 #   ddp, fsdp  torchrun N processes with --batch B each, --dist ddp or fsdp (FSDP2)
 #   ddp-weak, fsdp-weak
 #              N processes with --batch NB each (1gpu's), WEAK_STEPS steps (default 100)
-# ~9 min on two H200s at the defaults. Leaves in $OUT each run's metrics.json (as
+# ~8 min on two H200s at the defaults. Leaves in $OUT each run's metrics.json (as
 # metrics_<run>.json) and multi_gpu.md (examples/multi_gpu_summary.py: tokens/s of each over
 # common steps, against 1gpu; the loss curves of the runs on the same rows side by side, and the
 # noise between them), and runs.log (every run's output). RUNS="1gpu ddp fsdp" picks runs (1gpu,
