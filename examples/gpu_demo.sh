@@ -17,15 +17,11 @@ ATTN=${1:?usage: gpu_demo.sh nsa|sdpa [minutes]}
 MIN=${2:-7}
 OUT=${OUT:-/tmp/nsa_gpu_demo}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source tools/gpu_run_env.sh
 if [ "$ATTN" = nsa ]; then bash tools/build_if_missing.sh || exit 1; fi
 RUN=runs/$ATTN-gpu
-# (the progress bar's redraws, "NN%|...", stay out of the log; train.py prints a line each tenth)
 # shellcheck disable=SC2086
-"$PY" examples/train.py --attn "$ATTN" --minutes "$MIN" --out "$RUN" ${TRAIN_ARGS:-} 2>&1 \
-  | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' > "$OUT/train.log"
+"$PY" examples/train.py --attn "$ATTN" --minutes "$MIN" --out "$RUN" ${TRAIN_ARGS:-} 2>&1 | train_log > "$OUT/train.log"
 rc=${PIPESTATUS[0]}
 tail -25 "$OUT/train.log"
 [ "$rc" -eq 0 ] || exit "$rc"

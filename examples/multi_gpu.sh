@@ -29,12 +29,9 @@ B=${B:-4}  # sequences per process (the gpu preset's batch)
 WEAK_STEPS=${WEAK_STEPS:-$(( STEPS < 100 ? STEPS : 100 ))}
 OUT=${OUT:-/tmp/nsa_multi_gpu}
 mkdir -p "$OUT" runs && rm -f "$OUT"/metrics_*.json "$OUT/runs.log"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# (NVLink multicast stays off, as the GPU machines require)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source tools/gpu_run_env.sh
 # (torchrun gives each process one CPU thread: 16 each measured slower on two H200s, 245 against
 # 227 ms/step, examples/results/h200/multi_gpu_5d913a1.md)
-PY=${PYTHON:-python3}
 bash tools/build_if_missing.sh || exit 1
 # shellcheck disable=SC2206
 COMMON=(--attn nsa --minutes 1000 --no-eval --profile "${PROFILE:-0}" ${TRAIN_ARGS:-})
@@ -44,7 +41,7 @@ run() {  # name, train.py or torchrun command...
   local name=$1; shift
   [[ $RUNS == *" $name "* ]] || return 0
   echo "=== $name: $*" | tee -a "$OUT/runs.log"
-  "$@" "${COMMON[@]}" --out "runs/mgpu-$name" 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' > "runs/mgpu-$name.log"
+  "$@" "${COMMON[@]}" --out "runs/mgpu-$name" 2>&1 | train_log > "runs/mgpu-$name.log"
   cat "runs/mgpu-$name.log" >> "$OUT/runs.log"
   grep "^profile of" "runs/mgpu-$name.log"; tail -2 "runs/mgpu-$name.log"
   cp "runs/mgpu-$name/metrics.json" "$OUT/metrics_$name.json" || return 1

@@ -20,10 +20,7 @@ OUT=${OUT:-/tmp/nsa_multi_gpu_ab}
 WORK=$(mktemp -d)   # logs and metrics (packed into ab.tgz)
 RUNS=$(mktemp -d)   # train.py's --out of each run (checkpoints: left behind)
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# (NVLink multicast stays off, as the GPU machines require)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PY=${PYTHON:-python3}
+source tools/gpu_run_env.sh
 bash tools/build_if_missing.sh || exit 1
 names=()
 while read -r name procs rest; do
@@ -36,7 +33,7 @@ while read -r name procs rest; do
   echo "=== $name: $envs ${cmd[*]} $args"
   # shellcheck disable=SC2086
   env $envs "${cmd[@]}" --attn nsa --no-eval --minutes 1000 --steps "$STEPS" $args --out "$RUNS/$name" </dev/null \
-    2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+%\|' > "$WORK/$name.log"
+    2>&1 | train_log > "$WORK/$name.log"
   tail -1 "$WORK/$name.log"
   cp "$RUNS/$name/metrics.json" "$WORK/metrics_$name.json" && names+=("$name")
 done
