@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional as nsa_fn
 
@@ -159,13 +160,41 @@ def _rope(x, pos, theta):
 
 
 def _packed_positions(cu_seqlens, total):
-    """Token positions within their sequence for a packed batch: int64 [1, total]."""
+    """Token positions within their sequence for a packed batch: int64 [1, total] (once per
+    cu_seqlens tensor)."""
+    return _once_per_tensor(cu_seqlens, ("positions", total), lambda t: _packed_positions_now(t, total))
+
+
+def _packed_positions_now(cu_seqlens, total):
     tok = torch.arange(total, device=cu_seqlens.device)
     cu = cu_seqlens.to(torch.int64)
     # (the sequence of each token: the count of starts at or before it, less one. Not
     # searchsorted(cu[1:], ...): inductor in torch 2.11 cannot lower it on a slice, SliceView)
     seq = torch.searchsorted(cu, tok, right=True) - 1
     return (tok - cu[seq])[None]
+
+
+# What the layers of a model derive from the tensors that every layer receives (cu_seqlens; in
+# the Hugging Face integration the mask and position_ids): without it each layer derives the same
+# again, and a read of a device tensor waits for the device at every layer. Keyed by the tensor
+# object (weakly: gone with it) and its version (derived again after an in-place change).
+_DERIVED = WeakIdKeyDictionary()
+
+
+def _once_per_tensor(t, key, derive):
+    """derive(t), computed once for the tensor t and `key` (what else derive depends on) while t
+    lives unchanged; every call under torch.compile (which traces it instead) and for inference
+    tensors (they keep no version). derive must not return t itself (the entry would keep its
+    key alive)."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return derive(t)
+    found = _DERIVED.get(t)
+    if found is None or found[0] != t._version:
+        found = (t._version, {})
+        _DERIVED[t] = found
+    if key not in found[1]:
+        found[1][key] = derive(t)
+    return found[1][key]
 
 
 def _to_device_async(t, device):
@@ -179,9 +208,17 @@ def _to_device_async(t, device):
 def _check_packed(where, x, cu_seqlens):
     """Checks a packed batch (x [1, total, hidden], cu_seqlens int32 [N + 1] from 0, never
     decreasing, to total, on the CPU or on x's device) and returns (cu_seqlens as a host list,
-    cu_seqlens on x's device). The layers need the lengths on the host to shape their work: a
-    cu_seqlens on the CPU gives them without waiting for the device, which one on the device
-    costs at every layer."""
+    cu_seqlens on x's device), once per cu_seqlens tensor for all the layers of a forward. The
+    layers need the lengths on the host to shape their work: a cu_seqlens on the CPU gives them
+    without waiting for the device, which one on the device costs once per forward."""
+    cu = _once_per_tensor(cu_seqlens, (where, tuple(x.shape[:2]), x.device),
+                          lambda t: _check_packed_now(where, x, t))
+    if cu_seqlens.device == x.device:  # (not kept under its own key: it would never be freed)
+        return cu, cu_seqlens
+    return cu, _once_per_tensor(cu_seqlens, x.device, lambda t: _to_device_async(t, x.device))
+
+
+def _check_packed_now(where, x, cu_seqlens):
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{where}: cu_seqlens must be int32 [N + 1], got "
                          f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
@@ -196,7 +233,7 @@ def _check_packed(where, x, cu_seqlens):
         shown = cu if len(cu) <= 12 else cu[:6] + ["..."] + cu[-3:]
         raise ValueError(f"{where}: cu_seqlens must start at 0, never decrease and end at the "
                          f"packed token count {x.shape[1]}, got {shown}")
-    return cu, _to_device_async(cu_seqlens, x.device)
+    return cu
 
 
 class NativeSparseAttention(nn.Module):
@@ -294,7 +331,9 @@ class NativeSparseAttention(nn.Module):
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
             else:
                 position_ids = _packed_positions(cu_seqlens, T)
-        starts = None if cu is None else self._window_starts(cu, x.device)
+        # (cu_seqlens on x's device is one tensor for all the layers of a forward: _check_packed)
+        starts = None if cu is None else _once_per_tensor(
+            cu_seqlens, ("window starts", c.block_size, c.block_stride), lambda _: self._window_starts(cu, x.device))
 
         q = self.q_proj(x).view(B, T, HQ, D)
         dtype = q.dtype

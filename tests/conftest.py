@@ -68,6 +68,16 @@ def assert_close(out, ref, bound, what=""):
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
 
 
+def count_calls(monkeypatch, calls, owner, name, key):
+    """Replaces owner.name (a function) by one that also counts its calls in calls[key]."""
+    f = getattr(owner, name)
+
+    def counted(*args):
+        calls[key] += 1
+        return f(*args)
+    monkeypatch.setattr(owner, name, counted)
+
+
 # ------------------------------------------------------------------------------------ inputs
 def num_cmp(T, block_size, block_stride):
     return reference.num_cmp_tokens(T, block_size, block_stride)

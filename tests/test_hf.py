@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import nsa_torch  # noqa: E402
 from nsa_torch.integrations.hf import NSASelfAttention, replace_attention  # noqa: E402
+from conftest import count_calls  # noqa: E402
 
 # Small NSA hyper-parameters so that every branch matters at T = 50.
 SMALL = dict(block_size=8, block_stride=4, select_size=16, num_selected=4, num_initial=1,
@@ -212,14 +213,8 @@ def test_mask_and_packing_found_once_per_forward(monkeypatch):
     and again when the tensors change in place."""
     from nsa_torch.integrations import hf
     calls = {"mask": 0, "packed": 0}
-
-    def counted(name, f):
-        def g(*args):
-            calls[name] += 1
-            return f(*args)
-        return g
-    monkeypatch.setattr(hf, "_check_mask", counted("mask", hf._check_mask))
-    monkeypatch.setattr(hf, "_packed_cu_seqlens", counted("packed", hf._packed_cu_seqlens))
+    count_calls(monkeypatch, calls, hf, "_check_mask", "mask")
+    count_calls(monkeypatch, calls, hf, "_packed_cu_seqlens", "packed")
     model = replace_attention(tiny_model(), nsa_kwargs=SMALL)  # (2 layers)
     ids = input_ids(B=1)
     mask = torch.ones_like(ids)
@@ -236,3 +231,17 @@ def test_mask_and_packing_found_once_per_forward(monkeypatch):
         mask[0, 0] = 0  # padding now: refused, though the mask object was checked before
         with pytest.raises(ValueError, match="padding is not supported"):
             model(ids, attention_mask=mask, position_ids=packed)
+
+
+def test_inference_mode():
+    """Under torch.inference_mode the mask and position_ids are inference tensors, which keep no
+    version to key the once-per-forward findings on: they are found at every layer instead."""
+    model = replace_attention(tiny_model(), nsa_kwargs=SMALL)
+    ids = input_ids(B=1)
+    with torch.no_grad():
+        want = model(ids, attention_mask=torch.ones_like(ids),
+                     position_ids=torch.tensor([list(range(20)) + list(range(T - 20))])).logits
+    with torch.inference_mode():
+        got = model(ids, attention_mask=torch.ones_like(ids),
+                    position_ids=torch.tensor([list(range(20)) + list(range(T - 20))])).logits
+    assert torch.equal(got, want)

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import nsa_torch
 from nsa_torch import reference
 from nsa_torch.modules import FullAttention
-from conftest import assert_close
+from conftest import assert_close, count_calls
 
 F64 = torch.float64
 # Small hyper-parameters so that every branch matters at T ~ 50: 4-token windows every 2 tokens,
@@ -186,6 +186,40 @@ def check_packed_equals_per_sequence(layer, lengths, tol):
 @pytest.mark.parametrize("compression", ["mlp", "mean"])
 def test_packed_varlen_equals_per_sequence(compression):
     check_packed_equals_per_sequence(make_layer(compression, dtype=F64), [13, 1, 0, 22, 5], 1e-9)
+
+
+def test_packed_batch_derived_once_per_forward(monkeypatch):
+    """Every layer gets the same cu_seqlens: its check and host read, its copy, the token
+    positions and the window starts are derived once per forward (a wait for the device at every
+    layer otherwise, with cu_seqlens on a GPU), again after an in-place change, and let go with
+    the tensor; under inference_mode (no version to key on) at every layer."""
+    import gc
+    from nsa_torch import modules
+    calls = {"check": 0, "positions": 0, "starts": 0}
+    count_calls(monkeypatch, calls, modules, "_check_packed_now", "check")
+    count_calls(monkeypatch, calls, modules, "_packed_positions_now", "positions")
+    count_calls(monkeypatch, calls, modules.NativeSparseAttention, "_window_starts", "starts")
+    layers = [make_layer(seed=0), make_layer(seed=1)]
+    x = torch.randn(1, 60, 24)
+    cu = cu_seqlens_of([13, 1, 0, 41, 5])
+    with torch.no_grad():
+        first = [f(x, cu_seqlens=cu) for f in layers]
+        assert calls == {"check": 1, "positions": 1, "starts": 1}
+        assert all(torch.equal(a, f(x, cu_seqlens=cu)) for a, f in zip(first, layers))
+        assert calls == {"check": 1, "positions": 1, "starts": 1}
+        cu[1:] = torch.tensor([30, 30, 30, 55, 60], dtype=torch.int32)  # in place: derived again
+        changed = layers[0](x, cu_seqlens=cu)
+        assert calls == {"check": 2, "positions": 2, "starts": 2}
+        assert torch.equal(changed, layers[0](x, cu_seqlens=cu_seqlens_of([30, 0, 0, 25, 5])))
+    del cu
+    gc.collect()
+    assert len(modules._DERIVED) == 0, "derived values outlive their cu_seqlens"
+    calls.update(check=0, positions=0, starts=0)
+    with torch.inference_mode():
+        cu = cu_seqlens_of([13, 1, 0, 41, 5])
+        again = [f(x, cu_seqlens=cu) for f in layers]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert calls == {"check": 2, "positions": 2, "starts": 2}
 
 
 def check_compiled_matches_eager(layer, x, cu_seqlens=None, tol=1e-5, **compile_kw):

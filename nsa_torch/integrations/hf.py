@@ -16,9 +16,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
-
-from ..modules import NativeSparseAttention, NSAConfig
+from ..modules import NativeSparseAttention, NSAConfig, _once_per_tensor
 
 _WHERE = "nsa_torch.integrations.hf.replace_attention"
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -63,7 +61,7 @@ class NSASelfAttention(nn.Module):
                     "model.config.use_cache = False; generate() then recomputes the prefix)")
         B, T = hidden_states.shape[:2]
         if torch.is_tensor(attention_mask):
-            _once_per_forward(attention_mask, (B, T), lambda m: _check_mask(where, m, T))
+            _once_per_tensor(attention_mask, ("mask", B, T), lambda m: _check_mask(where, m, T))
         given = position_ids if position_ids is not None else cache_position
         cu_seqlens = None
         if given is None:  # (0..T-1: nothing packed)
@@ -74,31 +72,11 @@ class NSASelfAttention(nn.Module):
                 raise ValueError(f"{where}: position_ids must be [T], [1, T] or [B, T] with B, T = "
                                  f"{B}, {T}, got {list(position_ids.shape)}")
             position_ids = position_ids.to(device=hidden_states.device, dtype=torch.int64)
-            cu_seqlens = _once_per_forward(given, (B, T), lambda _: _packed_cu_seqlens(where, position_ids, B))
+            cu_seqlens = _once_per_tensor(given, ("cu_seqlens", B, T),
+                                          lambda _: _packed_cu_seqlens(where, position_ids, B))
         out = self.nsa(hidden_states, cu_seqlens=cu_seqlens,
                        position_ids=position_ids.expand(B, T))
         return out, None
-
-
-# What the layers found out about the mask and position_ids of the current forward: every
-# decoder layer receives the same tensors, and each finding costs a wait for the device, so a
-# model of L layers waits once rather than L times. Keyed by the tensor object (weakly: gone
-# with it) and its version (recomputed after an in-place change).
-_FOUND = WeakIdKeyDictionary()
-
-
-def _once_per_forward(t, shape, find):
-    """find(t) for the tensor t with the layers' (B, T) = shape, computed once while t lives
-    unchanged (every call under torch.compile, which traces it instead)."""
-    if torch.compiler.is_compiling():
-        return find(t)
-    key = (t._version, shape)
-    hit = _FOUND.get(t)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    out = find(t)
-    _FOUND[t] = (key, out)
-    return out
 
 
 def _check_mask(where, mask, T):
