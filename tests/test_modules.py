@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import nsa_torch
 from nsa_torch import reference
 from nsa_torch.modules import FullAttention
-from conftest import assert_close, count_calls
+from conftest import assert_close, count_calls, cu_seqlens_of
 
 F64 = torch.float64
 # Small hyper-parameters so that every branch matters at T ~ 50: 4-token windows every 2 tokens,
@@ -160,11 +160,6 @@ def test_every_parameter_gets_a_gradient(separate):
     layer(torch.randn(2, 30, 24)).square().mean().backward()
     for n, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{n}: no gradient"
-
-
-def cu_seqlens_of(lengths):
-    """int32 [N + 1] cumulative sequence lengths, from 0."""
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
 
 
 def check_packed_equals_per_sequence(layer, lengths, tol):
