@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import nsa_torch
 from nsa_torch import reference
 from nsa_torch.modules import FullAttention
-from conftest import assert_close, count_calls, cu_seqlens_of
+from helpers import assert_close, count_calls, cu_seqlens_of
 
 F64 = torch.float64
 # Small hyper-parameters so that every branch matters at T ~ 50: 4-token windows every 2 tokens,
