@@ -332,7 +332,8 @@ def seed_of(*parts):
 # ------------------------------------------------------------------------------------ cases
 # Anything not given takes its DESIGN.md default (l = 32, d = 16, l' = 64, n = 16, w = 512).
 # Head dims (D, Dv) cover the five CUDA instantiations; G = HQ / H covers 1, 2, 3, 4, 5, 8, 16, 24
-# and 64. No case name may contain "long" (gpu_check.sh deselects -k 'not long').
+# and 64. No case name may contain "long", nor any test file's name but test_cuda_long.py's
+# (gpu_check.sh deselects -k 'not long', which also matches module names).
 FLA_HYPER = dict(block_size=64, block_stride=64, select_size=64)  # fla's configuration
 CUSTOM_HYPER = dict(block_size=32, block_stride=16, select_size=32, window_size=100,
                     num_selected=8, num_initial=2, num_local=1)
