@@ -162,6 +162,15 @@ def three_kv_heads(a, target):
     a["block_indices"] = torch.cat([a["block_indices"], a["block_indices"][:, :, :1]], 2)
 
 
+def no_tokens_no_query_heads(a, target):
+    """T = 0 everywhere (no compressed rows either) and HQ = 0."""
+    for n in ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_swa", "lse", "dlse", "o",
+              "dout", "block_indices"):
+        a[n] = a[n][:, :0]
+    for n in ("q", "g_cmp", "g_slc", "g_swa", "lse", "dlse", "o", "dout"):
+        a[n] = a[n][:, :, :0]
+
+
 def non_contiguous_last(x):
     wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
     wide[..., ::2] = x
@@ -253,9 +262,47 @@ CHECKS = [
           r"num_selected must be at least num_initial \+ num_local = 3, got 2",
           r"num_selected must be at least 1 and at least num_initial \+ num_local = 3, got 2"),
     Check("num_initial", SEL, setter(num_initial=-1), ValueError,
-          r"num_initial must be an int >= 0, got -1", r"num_initial must be at least 0, got -1"),
+          r"num_initial must be in \[0, num_selected\], got -1",
+          r"num_initial must be in \[0, num_selected\], got -1"),
     Check("num_local", SEL, setter(num_local=-1), ValueError,
-          r"num_local must be an int >= 0, got -1", r"num_local must be at least 0, got -1"),
+          r"num_local must be in \[0, num_selected\], got -1",
+          r"num_local must be in \[0, num_selected\], got -1"),
+    # ---- integers past int32 / int64: bounded before any narrowing or sum, never truncated
+    Check("select_size-past-int32", SEL + SLC, setter(select_size=2**32 + 32), ValueError,
+          r"select_size must be at most 1073741824, got 4294967328",
+          r"select_size must be at most 1073741824, got 4294967328"),
+    Check("block_size-past-int32", CMP, setter(block_size=2**32 + 32), ValueError,
+          r"block_size must be at most 1073741824, got 4294967328",
+          r"block_size must be at most 1073741824, got 4294967328"),
+    Check("num_selected-past-int32", SEL, setter(num_selected=2**32 + 4), ValueError,
+          r"num_selected must be at most 65536, got 4294967300",
+          r"num_selected must be at most 65536, got 4294967300"),
+    Check("num_selected-huge-allocation", SEL, setter(num_selected=10**9), ValueError,
+          r"num_selected must be at most 65536, got 1000000000",
+          r"num_selected must be at most 65536, got 1000000000"),
+    # num_initial + num_local would overflow int64: each is bounded by num_selected first
+    Check("num_initial-sum-overflow", SEL, setter(num_initial=2**62, num_local=2**62), ValueError,
+          r"num_initial must be in \[0, num_selected\], got 4611686018427387904",
+          r"num_initial must be in \[0, num_selected\], got 4611686018427387904"),
+    Check("window_size-past-int64", tuple(t for t in PUBLIC if t in SWA),
+          setter(window_size=2**64), ValueError,
+          r"window_size must be at most 9223372036854775807, got 18446744073709551616", ""),
+    Check("window_size-bool", tuple(t for t in PUBLIC if t in SWA), setter(window_size=True),
+          TypeError, r"window_size must be an int, got bool", ""),
+    Check("scale-str", PUBLIC, setter(scale="0.5"), TypeError,
+          r"scale must be a float or None, got str", ""),
+    # ---- zero sizes: an error, never a crash (HQ = 0 divided by zero in every op, also at T = 0)
+    Check("zero-query-heads", ALL, lambda a, t: a.update(q=a["q"][:, :, :0]), ValueError,
+          r"the number of query heads HQ must be at least 1, got HQ = 0",
+          r"the number of query heads HQ must be at least 1, got HQ = 0"),
+    Check("zero-query-heads-no-tokens", ALL, no_tokens_no_query_heads, ValueError,
+          r"the number of query heads HQ must be at least 1, got HQ = 0",
+          r"the number of query heads HQ must be at least 1, got HQ = 0"),
+    Check("zero-head-dim", ALL,
+          lambda a, t: a.update({n: a[n][..., :0] for n in ("q", "k", "k_cmp")}, scale=1.0),
+          ValueError,
+          r"the head dims must be at least 1, got D = 0",
+          r"the head dims must be at least 1, got D = 0"),
     Check("window_size", SWA, setter(window_size=0), ValueError,
           r"window_size must be at least 1, got 0", r"window_size must be at least 1, got 0"),
     Check("scale-nan", ALL, setter(scale=float("nan")), ValueError,
