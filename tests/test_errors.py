@@ -561,3 +561,59 @@ def test_cpp_device_mismatch(target):
     with pytest.raises(ValueError, match=re.escape(f"nsa.{FAMILY[target]}: {key(target)} must be "
                                                    "on cpu (the device of q), got cuda")):
         CALLS[target](a)
+
+
+# ------------------------------------------------------------------------------------ more
+@pytest.mark.parametrize("B,T", [(2, 0), (0, 40)], ids=["no-tokens", "no-batch"])
+def test_backward_through_an_empty_output(B, T):
+    """o.sum().backward() through an empty output: its incoming gradient is an expanded empty
+    tensor with zero strides, which is read by no kernel (it failed the stride check)."""
+    a = make_inputs(B=B, T=T, HQ=HQ, H=H, D=D, Dv=DV, seed=5)
+    names = ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_swa")
+    x = {n: a[n].requires_grad_() for n in names}
+    nsa_torch.nsa_attention(*x.values(), num_selected=3, window_size=16).sum().backward()
+    for n in names:
+        assert x[n].grad.shape == x[n].shape
+
+
+def test_nsa_attention_checks_each_argument_once(monkeypatch):
+    """One public call checks each argument once: nsa_attention runs its branches' unchecked
+    internals, not the public branch functions (which would check q, k, v again)."""
+    from collections import Counter
+
+    from nsa_torch import _checks
+    calls = Counter()
+    for name in ("hyper", "qkv", "tensor", "seqlens", "num_cmp_rows", "gate", "scale"):
+        f = getattr(_checks, name)
+
+        def counted(fn, *args, _f=f, _name=name, **kwargs):
+            calls[(_name, args[0] if _name == "tensor" else None)] += 1
+            return _f(fn, *args, **kwargs)
+        monkeypatch.setattr(_checks, name, counted)
+    a = make_inputs(B=B, T=T, HQ=HQ, H=H, D=D, Dv=DV, seed=6)
+    nsa_torch.nsa_attention(*(a[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc",
+                                             "g_swa")), num_selected=3, window_size=16)
+    assert calls[("qkv", None)] == 1 and calls[("hyper", None)] == 1
+    assert calls[("scale", None)] == 1 and calls[("seqlens", None)] == 1
+    assert calls[("tensor", "k_cmp")] == 1 and calls[("tensor", "v_cmp")] == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_cuda_bad_cu_seqlens_raises_at_synchronisation(target):
+    """A decreasing CUDA cu_seqlens is never a silent result: the ops check its values on the
+    device (no host sync) and the error surfaces at the next synchronisation. (It is a
+    device-side assert, which leaves the CUDA context unusable: one case per process would be
+    cleaner, so this test runs the checks in a subprocess.)"""
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests'); import test_errors as t\n"
+        f"a = t.on_cuda(t.base(True), torch.bfloat16, 64, 64)\n"
+        "a['cu_seqlens'] = torch.tensor([0, 50, 40, 80], dtype=torch.int32, device='cuda')\n"
+        f"t.CALLS[{target!r}](a)\n"
+        "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "cu_seqlens must start at 0, be non-decreasing" in r.stderr or \
+        "device-side assert" in r.stderr, r.stderr[-2000:]
