@@ -7,6 +7,8 @@
 #endif
 
 #include <cmath>
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <iostream>  // initialises a statically linked libstdc++'s streams (see shape_str)
 #include <limits>
@@ -103,6 +105,10 @@ void check_qkv(const Checker& c, const at::Tensor& q, const at::Tensor& k, const
           "HQ = " + std::to_string(HQ));
   c.value(D >= 1 && Dv >= 1, "the head dims", "at least 1",
           "D = " + std::to_string(D) + ", Dv = " + std::to_string(Dv));
+  // The params hold these sizes as int (an empty tensor may have any size).
+  const int64_t largest = std::max({B, HQ, D, Dv});
+  c.value(largest <= INT32_MAX, "the sizes B, HQ, D, Dv", "at most 2^31 - 1",
+          std::to_string(largest));
 }
 
 at::ScalarType lse_dtype(at::ScalarType dtype) {
@@ -131,8 +137,8 @@ SeqsArg make_seqs(const Checker& c, const at::Tensor& q,
   }
   const at::Tensor& cu = *cu_seqlens;
   c.tensor(cu, "cu_seqlens", at::kInt, {"N + 1"}, {kAny}, q.device());
-  c.value(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens", "int32 [N + 1] with N >= 0",
-          tensor_str(cu));
+  c.value(cu.dim() == 1 && cu.size(0) >= 1 && cu.size(0) <= INT32_MAX, "cu_seqlens",
+          "int32 [N + 1] with N >= 0", tensor_str(cu));
   c.value(q.size(0) == 1, "q", "packed with B == 1 when cu_seqlens is given",
           "B = " + std::to_string(q.size(0)));
   TORCH_CHECK_VALUE(s.seqlen < (int64_t(1) << 31), c.op(),

@@ -22,6 +22,8 @@ SeqsArg check_slc(const Checker& c, const at::Tensor& q, const at::Tensor& k, co
   c.tensor(block_indices, "block_indices", at::kInt, {"B", "T", "H", "n"},
            {B, T, H, block_indices.size(3)}, q.device());
   check_size(c, "select_size", select_size);
+  c.value(block_indices.size(3) <= kMaxSelected, "block_indices",
+          "[B, T, H, n] with n <= " + std::to_string(kMaxSelected), tensor_str(block_indices));
   check_scale(c, scale);
   return make_seqs(c, q, cu_seqlens);
 }
