@@ -12,7 +12,7 @@ import torch
 import nsa_torch
 from nsa_torch import reference
 
-from conftest import make_inputs
+from helpers import make_inputs
 
 T, HQ, H = 96, 4, 2        # l = 32, d = 16: Nc = 5; queries t < 31 see no compressed token
 SEL = dict(select_size=32)
