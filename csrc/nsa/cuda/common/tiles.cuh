@@ -1,8 +1,11 @@
 // Shared-memory tiles of 2-byte elements and the fragment loads the attention kernels use.
 //
 // A tile [R][COLS] is stored row-major with its 16-byte chunks swizzled: chunk c of row r lives at
-// chunk c ^ (r % 8). ldmatrix reads 8 rows at one logical chunk; the swizzle spreads them over the
-// 8 bank groups of a 128-byte line (COLS is a multiple of 64, so a row is a multiple of 128 bytes).
+// chunk c ^ (r % 8). ldmatrix reads 8 rows (r0 .. r0 + 7, r0 a multiple of 8) at one logical chunk;
+// the swizzle spreads them over the 8 bank groups (16-byte units) of a 128-byte line. COLS = 64 m
+// + 32 (D = 96): a row is 8 m + 4 chunks, so row r starts at bank group 4 (r % 2); its first 8 m
+// chunks keep c ^ (r % 8) (r % 8 ^ 4 (r % 2) still takes each group once over 8 rows), its last 4
+// lie at 8 m + ((c - 8 m) ^ (r / 2 % 4)) (that and r % 2 tell the 8 rows apart).
 #pragma once
 
 #include "../../params.h"
@@ -13,8 +16,13 @@ namespace nsa::cuda {
 
 template <int COLS>
 __device__ __forceinline__ int swz(int row, int col) {
-  static_assert(COLS % 64 == 0, "tile rows must be a multiple of 64 elements");
-  return row * COLS + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  static_assert(COLS % 32 == 0, "tile rows must be a multiple of 32 elements");
+  const int c = col >> 3;
+  int chunk = c ^ (row & 7);
+  if constexpr (COLS % 64 != 0) {
+    if (c >= COLS / 8 - 4) chunk = c ^ ((row >> 1) & 3);
+  }
+  return row * COLS + (chunk << 3) + (col & 7);
 }
 
 // Where the loaders below put element (row, col) of an R x COLS tile.
@@ -34,7 +42,8 @@ __device__ __forceinline__ int tile_offset(int row, int col) {
   }
 }
 
-// Copies R rows of COLS elements into a tile (layout L) with cp.async, rows that walk a
+// Copies R rows of COLS elements into a tile (layout L) with cp.async (NT threads; when they do
+// not divide the R * COLS / 8 chunks evenly, the last pass leaves some idle), rows that walk a
 // [token][head] grid in groups of G heads: row r is head hh = (h0 + r) % G of token index
 // i = (h0 + r) / G, at src + token_of(i) * token_stride + hh * head_stride (the (token, head) query
 // rows of a KV head). Rows >= valid are zero-filled (rows past the data must be zeros: a NaN there
@@ -45,10 +54,10 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
                                                  index_t head_stride, int h0, int G, int valid,
                                                  TokenOf token_of) {
   constexpr int kChunks = COLS / 8;
-  static_assert((R * kChunks) % NT == 0, "every thread copies the same number of chunks");
   const int tid = threadIdx.x % NT;
   if constexpr (NT % kChunks == 0) {
     constexpr int kRowStep = NT / kChunks;
+    static_assert(R % kRowStep == 0, "every thread copies the same number of rows");
     const int c = tid % kChunks;
     int r = tid / kChunks;
     int i = (h0 + r) / G, hh = (h0 + r) - i * G;
@@ -65,8 +74,9 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < R * kChunks / NT; ++k) {
+    for (int k = 0; k < (R * kChunks + NT - 1) / NT; ++k) {
       const int e = tid + k * NT;
+      if ((R * kChunks) % NT != 0 && e >= R * kChunks) break;
       const int r = e / kChunks, c = e % kChunks;
       const int i = (h0 + r) / G, hh = (h0 + r) - i * G;
       const bool ok = r < valid;
