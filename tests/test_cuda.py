@@ -59,8 +59,9 @@ def seed_of(*parts):
 
 # ------------------------------------------------------------------------------------ cases
 # Anything not given takes its DESIGN.md default (l = 32, d = 16, l' = 64, n = 16, w = 512).
-# Head dims (D, Dv) cover the five CUDA instantiations; G = HQ / H covers 1, 2, 3, 4, 5, 8, 16, 24
-# and 64. No case name may contain "long" (gpu_check.sh deselects -k 'not long').
+# Head dims (D, Dv) cover every pair of nsa_torch._C.CUDA_HEAD_DIMS (test_cases_cover_every_head_dim),
+# the mma.sync-only ones (96, 96) and (256, 256) at G = 1, 4 and 16; G = HQ / H covers 1, 2, 3, 4, 5,
+# 8, 16, 24 and 64. No case name may contain "long" (gpu_check.sh deselects -k 'not long').
 FLA_HYPER = dict(block_size=64, block_stride=64, select_size=64)  # fla's configuration
 CUSTOM_HYPER = dict(block_size=32, block_stride=16, select_size=32, window_size=100,
                     num_selected=8, num_initial=2, num_local=1)
@@ -81,6 +82,14 @@ CASES = {
     # A negative scale reverses the order of the scores (the warpgroup forward puts the scale
     # into the exps' FMA only when it is positive; a zero scale: test_zero_scale).
     "T600-G4-d128-negscale": dict(T=600, HQ=8, H=2, D=128, Dv=128, scale=-0.15),
+    # D = Dv = 96 (rows of 12 16-byte chunks: the swizzle's odd tail) and 256 (dK, dV in two passes;
+    # Q read from shared memory per key tile), mma.sync kernels only.
+    "T77-G1-d96": dict(T=77, HQ=2, H=2, D=96, Dv=96, window_size=40),
+    "T333-G4-d96-custom": dict(T=333, HQ=8, H=2, D=96, Dv=96, **CUSTOM_HYPER),
+    "T1031-G16-d96": dict(T=1031, HQ=16, H=1, D=96, Dv=96),         # NB = 17 > n = 16
+    "T129-G1-d256": dict(T=129, HQ=2, H=2, D=256, Dv=256, window_size=64),
+    "T601-G4-d256-fla": dict(T=601, HQ=8, H=2, D=256, Dv=256, **FLA_HYPER),
+    "T1031-B2-G16-d256": dict(B=2, T=1031, HQ=16, H=1, D=256, Dv=256, scale=0.1),
 }
 
 # Packed batches: empty and length-1 sequences mixed with long ones.
@@ -91,7 +100,20 @@ VARLEN = {
                                       Dv=128, **CUSTOM_HYPER),
     "mixed-G3-d64v128-fla": dict(lengths=[200, 0, 1, 777, 63, 64], HQ=6, H=2, D=64, Dv=128,
                                  **FLA_HYPER),
+    "mixed-G4-d96": dict(lengths=[1, 0, 300, 65, 777], HQ=8, H=2, D=96, Dv=96),
+    "mixed-G16-d256-custom": dict(lengths=[0, 130, 1, 513], HQ=16, H=1, D=256, Dv=256,
+                                  **CUSTOM_HYPER),
 }
+
+
+def test_cases_cover_every_head_dim():
+    """Every (D, Dv) pair with CUDA kernels has cases here, at G = 1, 4 and 16 and packed."""
+    for dims in nsa_torch._C.CUDA_HEAD_DIMS:
+        groups = {c["HQ"] // c["H"] for c in CASES.values() if (c["D"], c["Dv"]) == tuple(dims)}
+        assert groups, f"no case for (D, Dv) = {tuple(dims)}"
+        if dims[0] in (96, 256):
+            assert {1, 4, 16} <= groups, f"(D, Dv) = {tuple(dims)}: G = {sorted(groups)}"
+            assert any((c["D"], c["Dv"]) == tuple(dims) for c in VARLEN.values())
 
 
 def case_params(cases, dtypes=LOW):
@@ -814,6 +836,7 @@ def test_selected_kinds_varlen(case, part, kind, monkeypatch, small_slc_chunks):
 # (default 4096, up to 16 ranges), so only sequences of 8k tokens and more split by default; 64
 # makes short sequences split too.
 SPLIT_CASES = {k: CASES[k] for k in ("T700-G24-d128", "T2100-B2-G4-d192v128", "T1100-G5-d64v128",
+                                     "T1031-G16-d96", "T1031-B2-G16-d256",
                                      "T333-G8-d64-custom")}
 
 
@@ -997,7 +1020,7 @@ def test_float32_is_rejected(target):
 
 @pytest.mark.parametrize("target", ALL)
 def test_unsupported_head_dim_is_rejected(target):
-    a = on_cuda(base(), torch.bfloat16, 96, 96)
+    a = on_cuda(base(), torch.bfloat16, 80, 80)
     with pytest.raises(ValueError, match=r"head dim"):
         CALLS[target](a)
 
@@ -1091,6 +1114,16 @@ def test_sanitize_forward_kinds(kind, monkeypatch):
     case = dict(T=300, HQ=16, H=1, D=128, Dv=128, window_size=100)
     x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-fwd", kind), **case)
     for branch in ("compressed", "sliding"):
+        run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
+
+
+@pytest.mark.parametrize("dims", [(96, 96), (256, 256)], ids=lambda d: f"d{d[0]}v{d[1]}")
+def test_sanitize_head_dims(dims):
+    """The mma.sync-only head dims: rows of 12 chunks (D = 96, also through the top-k kernel's
+    resident units) and dK, dV in two passes (D = 256), every branch and select_blocks."""
+    case = dict(T=300, HQ=8, H=2, D=dims[0], Dv=dims[1], **CUSTOM_HYPER)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-dims", *dims), **case)
+    for branch in ("compressed", "selected", "sliding", "select", "nsa"):
         run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
 
 
