@@ -25,15 +25,23 @@ inline void check_launch(const char* op) {
     throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err));
 }
 
-template <typename Kernel>
-void set_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-}
-
 template <Branch B>
 constexpr const char* op_name() {
   return B == Branch::kCmp ? "nsa.compressed_attention"
                            : B == Branch::kSlc ? "nsa.selected_attention" : "nsa.sliding_window_attention";
+}
+
+// Opts kernel in to `bytes` of dynamic shared memory. More than the device allows is an error
+// naming branch B's op (the selected branch's block union grows with num_selected: with
+// D = Dv = 256 and G >= 64 the dq kernel passes sm_90's 227 KB beyond about 45 blocks).
+template <Branch B, typename Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // (reported here instead)
+    throw std::invalid_argument(std::string(op_name<B>()) + ": a kernel needs " + std::to_string(bytes) +
+                                " bytes of shared memory per thread block, more than the device allows");
+  }
 }
 
 // Shared memory of the selected branch's block union (0 for the other branches).
@@ -48,7 +56,7 @@ size_t union_bytes(const P& p) {
 template <Branch B, typename Kernel, typename... Args>
 void launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  set_smem(kernel, smem);
+  set_smem<B>(kernel, smem);
   kernel<<<grid, threads, smem, stream>>>(args...);
   check_launch(op_name<B>());
 }
