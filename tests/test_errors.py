@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import nsa_torch
-from conftest import cu_seqlens_of, make_inputs
+from helpers import cu_seqlens_of, make_inputs
 
 # ------------------------------------------------------------------------------------ calls
 B, T, HQ, H, D, DV = 2, 40, 4, 2, 16, 8  # l = 32, d = 16: Nc(40) = 1; l' = 64: one block
@@ -566,3 +566,41 @@ def test_cpp_device_mismatch(target):
     with pytest.raises(ValueError, match=re.escape(f"nsa.{FAMILY[target]}: {key(target)} must be "
                                                    "on cpu (the device of q), got cuda")):
         CALLS[target](a)
+
+
+# On the GPU itself (the C++ checks behind the Python ones), every function and op.
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_float32_is_rejected(target):
+    """CUDA kernels take bfloat16/float16: float32 CUDA inputs raise a TypeError naming the op
+    (never a silent CPU or reference fallback)."""
+    a = on_cuda(base(), torch.float32, 64, 64)
+    with pytest.raises(TypeError, match=rf"{_name(target)}.*bfloat16 or float16"):
+        CALLS[target](a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_unsupported_head_dim_is_rejected(target):
+    a = on_cuda(base(), torch.bfloat16, UNSUPPORTED_D, UNSUPPORTED_D)
+    with pytest.raises(ValueError, match=head_dim_error("nsa_torch." if target[:3] == "fn:" else "nsa.",
+                                                        target, UNSUPPORTED_D, UNSUPPORTED_D)):
+        CALLS[target](a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_cpu_cu_seqlens_is_rejected(target):
+    """cu_seqlens on the CPU with CUDA q: a device-mismatch ValueError naming cu_seqlens."""
+    a = on_cuda(base(varlen=True), torch.bfloat16, 64, 64, keep_cpu=("cu_seqlens",))
+    assert not a["cu_seqlens"].is_cuda and a["q"].is_cuda
+    with pytest.raises(ValueError, match=r"cu_seqlens"):
+        CALLS[target](a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_valid_arguments_pass(target):
+    """The arguments the error tests break are valid as they are (bf16, D = Dv = 64)."""
+    for varlen in (False, True):
+        CALLS[target](on_cuda(base(varlen), torch.bfloat16, 64, 64))
