@@ -117,25 +117,35 @@ def qkv(fn, q, k, v, k_name="k", v_name="v", same_len=True):
     device_support(fn, q, D, Dv)
 
 
-# (D, Dv) pairs with CUDA kernels (csrc/nsa/cuda/kernels.h).
-CUDA_HEAD_DIMS = ((64, 64), (64, 128), (128, 64), (128, 128), (192, 128))
+# The (D, Dv) pairs with CUDA kernels, from the one list in csrc/nsa/cuda/head_dims.h through the
+# compiled module; empty in a build without CUDA kernels (or when _C failed to load).
+try:
+    from ._C import CUDA_HEAD_DIMS
+except ImportError:
+    CUDA_HEAD_DIMS = ()
 
 
 def device_support(fn, q, D, Dv):
     """CPU: every float dtype and head dim. CUDA: bfloat16/float16 and the compiled head dims
-    (Dv None: the op reads no values, only D matters). Nothing else."""
+    (Dv None: the op reads no values, only D matters), in a build with CUDA kernels. Nothing
+    else."""
     if q.device.type == "cpu":
         return
     if q.device.type != "cuda":
         raise NotImplementedError(f"{fn}: nsa_torch has CPU and CUDA kernels; got q on {q.device}")
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"{fn}: q must be bfloat16 or float16 on CUDA, got {_dt(q.dtype)}")
-    dims = CUDA_HEAD_DIMS if Dv is not None else tuple((d, None) for d in (64, 128, 192))
-    if (D, Dv) not in dims:
-        want = ", ".join(f"({d}, {dv})" if dv is not None else str(d) for d, dv in dims)
-        raise ValueError(f"{fn}: head dims (D, Dv) must be one of {want} on CUDA, got "
-                         f"({D}, {Dv})" if Dv is not None else
-                         f"{fn}: head dim D must be one of {want} on CUDA, got {D}")
+    if not CUDA_HEAD_DIMS:
+        raise NotImplementedError(f"{fn}: this build of nsa_torch has no CUDA kernels (it was built "
+                                  f"without nvcc or a CUDA build of torch); got q on {q.device}")
+    if Dv is None:
+        dims = sorted({d for d, _ in CUDA_HEAD_DIMS})
+        if D not in dims:
+            raise ValueError(f"{fn}: head dim D must be one of {', '.join(map(str, dims))} on CUDA, "
+                             f"got {D}")
+    elif (D, Dv) not in CUDA_HEAD_DIMS:
+        want = ", ".join(f"({d}, {dv})" for d, dv in CUDA_HEAD_DIMS)
+        raise ValueError(f"{fn}: head dims (D, Dv) must be one of {want} on CUDA, got ({D}, {Dv})")
 
 
 def seqlens(fn, q, cu_seqlens):

@@ -331,8 +331,9 @@ def seed_of(*parts):
 
 # ------------------------------------------------------------------------------------ cases
 # Anything not given takes its DESIGN.md default (l = 32, d = 16, l' = 64, n = 16, w = 512).
-# Head dims (D, Dv) cover the five CUDA instantiations; G = HQ / H covers 1, 2, 3, 4, 5, 8, 16, 24
-# and 64. No case name may contain "long", nor any test file's name but test_cuda_long.py's
+# Head dims (D, Dv) cover every pair of nsa_torch._C.CUDA_HEAD_DIMS (test_cases_cover_every_head_dim
+# in test_cuda_branches.py), the mma.sync-only (96, 96) and (256, 256) at G = 1, 4 and 16; G = HQ / H
+# covers 1, 2, 3, 4, 5, 8, 16, 24 and 64. No case name may contain "long", nor any test file's name but test_cuda_long.py's
 # (gpu_check.sh deselects -k 'not long', which also matches module names).
 FLA_HYPER = dict(block_size=64, block_stride=64, select_size=64)  # fla's configuration
 CUSTOM_HYPER = dict(block_size=32, block_stride=16, select_size=32, window_size=100,
@@ -354,6 +355,14 @@ CASES = {
     # A negative scale reverses the order of the scores (the warpgroup forward puts the scale
     # into the exps' FMA only when it is positive; a zero scale: test_zero_scale).
     "T600-G4-d128-negscale": dict(T=600, HQ=8, H=2, D=128, Dv=128, scale=-0.15),
+    # D = Dv = 96 (rows of 12 16-byte chunks: the swizzle's odd tail) and 256 (dK, dV in two passes;
+    # Q read from shared memory per key tile), mma.sync kernels only.
+    "T77-G1-d96": dict(T=77, HQ=2, H=2, D=96, Dv=96, window_size=40),
+    "T333-G4-d96-custom": dict(T=333, HQ=8, H=2, D=96, Dv=96, **CUSTOM_HYPER),
+    "T1031-G16-d96": dict(T=1031, HQ=16, H=1, D=96, Dv=96),         # NB = 17 > n = 16
+    "T129-G1-d256": dict(T=129, HQ=2, H=2, D=256, Dv=256, window_size=64),
+    "T601-G4-d256-fla": dict(T=601, HQ=8, H=2, D=256, Dv=256, **FLA_HYPER),
+    "T1031-B2-G16-d256": dict(B=2, T=1031, HQ=16, H=1, D=256, Dv=256, scale=0.1),
 }
 
 # Packed batches: empty and length-1 sequences mixed with long ones.
@@ -364,6 +373,9 @@ VARLEN = {
                                       Dv=128, **CUSTOM_HYPER),
     "mixed-G3-d64v128-fla": dict(lengths=[200, 0, 1, 777, 63, 64], HQ=6, H=2, D=64, Dv=128,
                                  **FLA_HYPER),
+    "mixed-G4-d96": dict(lengths=[1, 0, 300, 65, 777], HQ=8, H=2, D=96, Dv=96),
+    "mixed-G16-d256-custom": dict(lengths=[0, 130, 1, 513], HQ=16, H=1, D=256, Dv=256,
+                                  **CUSTOM_HYPER),
 }
 
 
@@ -738,21 +750,24 @@ def strided_copy(t, seed):
 # is refused too, which fails the test instead of silently testing the default kernel.
 def shape_refusal(case, key, value):
     """Why the case's shape cannot run kernel `value` of plan key `key`, or None: the shape limits
-    of the _debug contract (D, Dv <= 128 for the sm_90 kernels and the wide forward; the
-    selection's wgmma kernel for D in {64, 128} and G in {16, 32}; the per-warp selected kernels
-    for G < 64; the selected branch by blocks for 32 <= select_size <= 256)."""
+    of the _debug contract (D, Dv in {64, 128} for the sm_90 kernels, wgmma_head_dims in
+    csrc/nsa/cuda/head_dims.h; D, Dv <= 128 for the wide forward; the selection's wgmma kernel for
+    D in {64, 128} and G in {16, 32}; the per-warp selected kernels for G < 64; the selected
+    branch by blocks for 32 <= select_size <= 256)."""
     D = case["D"]
     Dv = case.get("Dv", D)
     G = case["HQ"] // case["H"]
     l_sel = hyper(case, "select_size")["select_size"]
-    small = D <= 128 and Dv <= 128
-    if key in ("fwd", "bwd") and value in ("wgmma", "wide") and not small:
+    wgmma_dims = D in (64, 128) and Dv in (64, 128)
+    if key in ("fwd", "bwd") and value == "wgmma" and not wgmma_dims:
+        return f"D = {D}, Dv = {Dv} not in {{64, 128}}"
+    if key == "fwd" and value == "wide" and not (D <= 128 and Dv <= 128):
         return f"D = {D}, Dv = {Dv} > 128"
     if key == "select" and value == "wgmma" and (D not in (64, 128) or G not in (16, 32)):
         return f"D = {D}, G = {G}"
     if key == "slc_fwd" and value == "warp" and G >= 64:
         return f"G = {G} >= 64"
-    if key in ("slc_fwd", "slc_dq") and value == "blocks" and not (small and 32 <= l_sel <= 256):
+    if key in ("slc_fwd", "slc_dq") and value == "blocks" and not (wgmma_dims and 32 <= l_sel <= 256):
         return f"D = {D}, Dv = {Dv}, select_size = {l_sel}"
     return None
 

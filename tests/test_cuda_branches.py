@@ -5,10 +5,22 @@ forward ops against the independent row checker (helpers.check_raw_lse)."""
 import pytest
 import torch
 
-from helpers import (CASES, case_params, check_branch, check_nsa, check_raw_lse, compressed,
-                     gpu_inputs, run_branch, seed_of, selected, sliding, with_indices)
+import nsa_torch
+from helpers import (CASES, VARLEN, case_params, check_branch, check_nsa, check_raw_lse,
+                     compressed, gpu_inputs, run_branch, seed_of, selected, sliding, with_indices)
 
 pytestmark = pytest.mark.cuda
+
+
+def test_cases_cover_every_head_dim():
+    """Every (D, Dv) pair with CUDA kernels has cases; the mma.sync-only 96 and 256 at G = 1, 4
+    and 16, and packed."""
+    for dims in map(tuple, nsa_torch._C.CUDA_HEAD_DIMS):
+        groups = {c["HQ"] // c["H"] for c in CASES.values() if (c["D"], c["Dv"]) == dims}
+        assert groups, f"no case for (D, Dv) = {dims}"
+        if dims[0] in (96, 256):
+            assert {1, 4, 16} <= groups, f"(D, Dv) = {dims}: G = {sorted(groups)}"
+            assert any((c["D"], c["Dv"]) == dims for c in VARLEN.values()), f"{dims}: no packed case"
 
 
 @pytest.mark.parametrize("case,dtype", case_params(CASES))

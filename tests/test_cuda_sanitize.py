@@ -37,6 +37,19 @@ def test_sanitize_split():
     assert_split(ran)
 
 
+@pytest.mark.parametrize("dims", [(96, 96), (256, 256)], ids=lambda d: f"d{d[0]}v{d[1]}")
+def test_sanitize_head_dims(dims):
+    """The mma.sync-only head dims, every branch and select_blocks with split dK/dV: rows of 12
+    chunks (D = 96, also in the selection's resident units) and dK, dV in two passes whose split
+    partials share one buffer (D = 256)."""
+    case = dict(T=300, HQ=8, H=2, D=dims[0], Dv=dims[1], **CUSTOM_HYPER)
+    x = gpu_inputs(dtype=torch.bfloat16, seed=seed_of("sanitize-dims", *dims), **case)
+    with kernels(case, split_tokens=64) as ran:
+        for branch in ("compressed", "selected", "sliding", "select", "nsa"):
+            run_branch(branch, x, case, torch.bfloat16, ref_device="cpu")
+    assert_split(ran)
+
+
 def test_sanitize_split_heavy_tiles():
     """The selected branch's forward and dQ by blocks with every key tile split by the tokens
     that chose it: G = 16 and chunks of 100 rows give 3 splits, and at T = 300 with 16 blocks

@@ -12,6 +12,7 @@ from helpers import (CASES, VARLEN, assert_split, case_params, gpu_inputs, kerne
 pytestmark = pytest.mark.cuda
 
 SPLIT_CASES = {k: CASES[k] for k in ("T700-G24-d128", "T2100-B2-G4-d192v128", "T1100-G5-d64v128",
+                                     "T1031-G16-d96", "T1031-B2-G16-d256",
                                      "T333-G8-d64-custom")}
 
 

@@ -467,10 +467,24 @@ def test_every_check_is_exercised_on_both_paths():
 
 
 # ------------------------------------------------------------------------------------ CUDA
-# The CUDA kernels take bfloat16/float16 and these head dims (D, Dv); anything else on CUDA is an
-# error naming the op (never a silent fallback to the CPU or the reference).
+# The CUDA kernels take bfloat16/float16 and the head dims (D, Dv) of the compiled module's list
+# (csrc/nsa/cuda/head_dims.h; empty in a build without CUDA); anything else on CUDA is an error
+# naming the op (never a silent fallback to the CPU or the reference).
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
-CUDA_HEAD_DIMS = ((64, 64), (64, 128), (128, 64), (128, 128), (192, 128))
+CUDA_HEAD_DIMS = getattr(nsa_torch._C, "CUDA_HEAD_DIMS", ())
+cuda_build = pytest.mark.skipif(not CUDA_HEAD_DIMS, reason="this build of nsa_torch has no CUDA kernels")
+UNSUPPORTED_D = 80  # no pair has it
+
+
+def head_dim_error(prefix, target, D, Dv, dims=CUDA_HEAD_DIMS):
+    """The message of an unsupported head dim on CUDA: every supported pair listed (only the D for
+    select_blocks, which reads no values)."""
+    if "select_blocks" in target:
+        ds = ", ".join(str(d) for d in sorted({d for d, _ in dims}))
+        return re.escape(f"{prefix}{_name(target)}: head dim D must be one of {ds} on CUDA, got {D}")
+    pairs = ", ".join(f"({d}, {dv})" for d, dv in dims)
+    return re.escape(f"{prefix}{_name(target)}: head dims (D, Dv) must be one of {pairs} on CUDA, "
+                     f"got ({D}, {Dv})")
 OPS = tuple(t for t in ALL if t[:3] == "op:")
 _D_NAMES = ("q", "k", "k_cmp")                    # [..., D]
 _DV_NAMES = ("v", "v_cmp", "o", "dout")           # [..., Dv]
@@ -517,15 +531,49 @@ def test_cuda_float32_is_rejected(target):
             CALLS[target](a)
 
 
+@cuda_build
+@pytest.mark.parametrize("D,Dv", [(UNSUPPORTED_D, UNSUPPORTED_D), (UNSUPPORTED_D, 128), (256, 128)])
 @pytest.mark.parametrize("target", PUBLIC)
-def test_cuda_unsupported_head_dim_is_rejected(target):
+def test_cuda_unsupported_head_dim_is_rejected(target, D, Dv):
+    """An unlisted (D, Dv) on CUDA: ValueError naming the function and listing the supported
+    pairs (select_blocks reads no values: its supported D)."""
+    if "select_blocks" in target and D != UNSUPPORTED_D:
+        pytest.skip("select_blocks reads no values: only D matters")
     with FakeTensorMode():
-        a = on_cuda(base(), torch.bfloat16, 96, 96, fake=True)
-        with pytest.raises(ValueError, match=re.escape(f"nsa_torch.{_name(target)}: ")
-                           + r".*head dim"):
+        a = on_cuda(base(), torch.bfloat16, D, Dv, fake=True)
+        with pytest.raises(ValueError, match=head_dim_error("nsa_torch.", target, D, Dv)):
             CALLS[target](a)
 
 
+@pytest.mark.parametrize("target", PUBLIC)
+def test_cuda_head_dim_check_uses_the_module_list(target, monkeypatch):
+    """The Python check takes its pairs from the compiled module's list (replaced here, so that it
+    runs in a build without CUDA too): a listed pair passes, an unlisted one is rejected with the
+    list."""
+    from nsa_torch import _checks
+    dims = ((64, 128), (96, 96))
+    monkeypatch.setattr(_checks, "CUDA_HEAD_DIMS", dims)
+    with FakeTensorMode():
+        CALLS[target](on_cuda(base(), torch.bfloat16, 96, 96, fake=True))
+        with pytest.raises(ValueError, match=head_dim_error("nsa_torch.", target, 80, 96, dims)):
+            CALLS[target](on_cuda(base(), torch.bfloat16, 80, 96, fake=True))
+        if "select_blocks" not in target:
+            with pytest.raises(ValueError, match=head_dim_error("nsa_torch.", target, 64, 64, dims)):
+                CALLS[target](on_cuda(base(), torch.bfloat16, 64, 64, fake=True))
+
+
+@pytest.mark.skipif(bool(CUDA_HEAD_DIMS), reason="this build of nsa_torch has CUDA kernels")
+@pytest.mark.parametrize("target", PUBLIC)
+def test_cuda_inputs_need_a_cuda_build(target):
+    """Without CUDA kernels the Python checks say so (the module's list is empty)."""
+    with FakeTensorMode():
+        a = on_cuda(base(), torch.bfloat16, 64, 64, fake=True)
+        with pytest.raises(NotImplementedError, match=re.escape(f"nsa_torch.{_name(target)}: this build "
+                                                                "of nsa_torch has no CUDA kernels")):
+            CALLS[target](a)
+
+
+@cuda_build
 @pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("target", PUBLIC)
@@ -547,10 +595,14 @@ def test_cpp_cuda_float32_is_rejected(target):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("D,Dv", [(UNSUPPORTED_D, UNSUPPORTED_D), (256, 128)])
 @pytest.mark.parametrize("target", OPS)
-def test_cpp_cuda_unsupported_head_dim_is_rejected(target):
-    a = on_cuda(base(), torch.bfloat16, 96, 96)
-    with pytest.raises(ValueError, match=re.escape(f"nsa.{_name(target)}: ") + r".*head dim"):
+def test_cpp_cuda_unsupported_head_dim_is_rejected(target, D, Dv):
+    """The ops' own check (C++, the same list): ValueError naming the op and the supported pairs."""
+    if "select_blocks" in target and D != UNSUPPORTED_D:
+        pytest.skip("select_blocks reads no values: only D matters")
+    a = on_cuda(base(), torch.bfloat16, D, Dv)
+    with pytest.raises(ValueError, match=head_dim_error("nsa.", target, D, Dv)):
         CALLS[target](a)
 
 
@@ -613,8 +665,9 @@ def test_gpu_float32_is_rejected(target):
 @pytest.mark.cuda
 @pytest.mark.parametrize("target", ALL)
 def test_gpu_unsupported_head_dim_is_rejected(target):
-    a = on_cuda(base(), torch.bfloat16, 80, 80)
-    with pytest.raises(ValueError, match=r"head dim"):
+    a = on_cuda(base(), torch.bfloat16, UNSUPPORTED_D, UNSUPPORTED_D)
+    with pytest.raises(ValueError, match=head_dim_error("nsa_torch." if target[:3] == "fn:" else "nsa.",
+                                                        target, UNSUPPORTED_D, UNSUPPORTED_D)):
         CALLS[target](a)
 
 

@@ -3,7 +3,7 @@
 #include <ATen/Parallel.h>
 
 #ifdef NSA_WITH_CUDA
-#include "nsa/cuda/kernels.h"
+#include "nsa/cuda/head_dims.h"
 #endif
 
 #include <cmath>
@@ -224,16 +224,16 @@ void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64
   check_device_dtype(c, q, "q");
   if (q.is_cpu()) return;
 #ifdef NSA_WITH_CUDA
+  // (int64 sizes compared before narrowing; the messages are built only for the error)
+  const auto fits = [](int64_t x) { return x >= 0 && x <= 1 << 20; };
   if (head_dim_v < 0) {
-    c.value(head_dim == 64 || head_dim == 128 || head_dim == 192, "head dim D",
-            "one of 64, 128, 192 on CUDA", std::to_string(head_dim));
+    if (fits(head_dim) && nsa::cuda::supported_head_dim(int(head_dim))) return;
+    c.value(false, "head dim D", "one of " + nsa::cuda::head_dims_list(false) + " on CUDA",
+            std::to_string(head_dim));
     return;
   }
-  if (nsa::cuda::supported_head_dims(int(head_dim), int(head_dim_v))) return;
-  std::string pairs;  // the message is built only for the error
-  for (const auto& hd : nsa::cuda::kHeadDims)
-    pairs += (pairs.empty() ? "(" : ", (") + std::to_string(hd[0]) + ", " + std::to_string(hd[1]) + ")";
-  c.value(false, "head dims (D, Dv)", "one of " + pairs + " on CUDA",
+  if (fits(head_dim) && fits(head_dim_v) && nsa::cuda::supported_head_dims(int(head_dim), int(head_dim_v))) return;
+  c.value(false, "head dims (D, Dv)", "one of " + nsa::cuda::head_dims_list(true) + " on CUDA",
           "(" + std::to_string(head_dim) + ", " + std::to_string(head_dim_v) + ")");
 #endif
 }

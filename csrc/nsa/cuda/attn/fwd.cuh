@@ -388,19 +388,27 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   float acc[DV / 8][4];
   for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  uint32_t qf[D / 16][4];
+  // Q's fragments stay in registers over the key loop, except where they would not fit beside O
+  // (D + DV > 320: D = DV = 256): there the products read them from shared memory per tile.
+  constexpr bool kQInRegs = D + DV <= 320;
+  uint32_t qf[kQInRegs ? D / 16 : 1][4];
 
   for (int i = 0; i < keys.count; ++i) {
     const auto tile = keys.step(i);
-    if (i == 0) {
+    if constexpr (kQInRegs) {
+      if (i == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16);
+        for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16);
+      }
     }
     if (tile.ks < tile.ke && (tile.tokens & tr.warp_tokens)) {
       float s[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      warp_gemm_nt<D, kKeys, T>(s, qf, tile.k);
+      if constexpr (kQInRegs)
+        warp_gemm_nt<D, kKeys, T>(s, qf, tile.k);
+      else
+        warp_gemm_nt<D, kKeys, T>(s, sQ, warp * 16, tile.k);
       // Mask, scale, online softmax.
       const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, tile.tokens);
       float mx[2] = {-INFINITY, -INFINITY};

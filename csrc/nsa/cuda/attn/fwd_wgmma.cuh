@@ -25,7 +25,7 @@ constexpr size_t fwd_wgmma_smem_bytes() {
 template <typename T, int D, int DV, Branch B, bool kOneV = true>
 __global__ void __launch_bounds__(kThreads, kOneV ? 3 : 1)
     attn_fwd_wgmma_kernel(const typename BranchParams<B>::type p) {
-  static_assert(B != Branch::kSlc && D <= 128 && DV <= 128, "contiguous branches, D, DV <= 128");
+  static_assert(B != Branch::kSlc && wgmma_head_dims(D, DV), "contiguous branches, D, DV in {64, 128}");
   static_assert(kThreads == 128 && kRows == 64 && kKeys == 64, "one warpgroup, 64 rows, 64 keys");
   using P = typename BranchParams<B>::type;
   extern __shared__ __align__(1024) unsigned char smem_wg[];  // (its own name: other kernels declare 128)

@@ -1,4 +1,4 @@
-// The selected branch's forward by blocks (sm_90a, D, DV <= 128): key tiles outer, the queries
+// The selected branch's forward by blocks (sm_90a, D, DV in {64, 128}): key tiles outer, the queries
 // that chose them inner, as the dK/dV kernel walks them (the reverse index, slc/reverse_index.cuh).
 //
 // Why: the per-token kernels (slc_warp.cuh, fwd.cuh) read every chosen block from L2 once per
@@ -56,7 +56,7 @@ constexpr size_t slc_blocks_smem_bytes() {
 template <typename T, int D, int DV, bool kDq>
 __global__ void __launch_bounds__(kThreads)
     slc_blocks_kernel(const SlcParams p, const ReverseIndex rix, const SlcPartials part, const float* delta) {
-  static_assert(D <= 128 && DV <= 128 && kThreads == 128 && kRows == 64 && kKeys == 64,
+  static_assert(wgmma_head_dims(D, DV) && kThreads == 128 && kRows == 64 && kKeys == 64,
                 "one warpgroup, 64 rows, 64 keys");
   constexpr int R = kRows;
   extern __shared__ __align__(1024) unsigned char smem_sb[];  // (its own name: see fwd_wgmma.cuh)

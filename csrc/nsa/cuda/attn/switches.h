@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../head_dims.h"
 #include "branch.cuh"
 
 namespace nsa::cuda {
@@ -28,24 +29,25 @@ inline bool device_is_sm90() {
 }
 
 // Which forward kernel runs a contiguous branch with D, DV <= 128: attn_fwd_wgmma_kernel
-// (fwd_wgmma.cuh; one stage of V) on sm_90, else the wide one (fwd_wide.cuh, 32 rows per warp);
+// (fwd_wgmma.cuh; one stage of V) on sm_90 for D, DV in {64, 128}, else the wide one (fwd_wide.cuh, 32 rows per warp);
 // NSA_CUDA_FWD_KERNEL=wgmma_kv2 forces the warpgroup kernel with two stages of V, =wide or
 // =narrow (attn_fwd_kernel, 16 rows per warp) an mma.sync kernel. The selected branch and
-// D = 192 always take attn_fwd_kernel.
+// D > 128 always take attn_fwd_kernel.
 enum class FwdKind { kNarrow, kWide, kWgmma, kWgmmaKv2 };
 
 template <Branch B>
 inline FwdKind fwd_kind(int head_dim, int head_dim_v) {
   if (B == Branch::kSlc || head_dim > 128 || head_dim_v > 128) return FwdKind::kNarrow;
   if (env_is("NSA_CUDA_FWD_KERNEL", "narrow")) return FwdKind::kNarrow;
-  if (env_is("NSA_CUDA_FWD_KERNEL", "wide") || !device_is_sm90()) return FwdKind::kWide;
+  if (env_is("NSA_CUDA_FWD_KERNEL", "wide") || !wgmma_head_dims(head_dim, head_dim_v) || !device_is_sm90())
+    return FwdKind::kWide;
   return env_is("NSA_CUDA_FWD_KERNEL", "wgmma_kv2") ? FwdKind::kWgmmaKv2 : FwdKind::kWgmma;
 }
 
-// Do the dQ and dK/dV kernels run on warpgroup products? On sm_90 for D, DV <= 128, unless
+// Do the dQ and dK/dV kernels run on warpgroup products? On sm_90 for D, DV in {64, 128}, unless
 // NSA_CUDA_BWD_KERNEL=mma forces the mma.sync kernels.
 inline bool bwd_wgmma(int head_dim, int head_dim_v) {
-  return head_dim <= 128 && head_dim_v <= 128 && !env_is("NSA_CUDA_BWD_KERNEL", "mma") && device_is_sm90();
+  return wgmma_head_dims(head_dim, head_dim_v) && !env_is("NSA_CUDA_BWD_KERNEL", "mma") && device_is_sm90();
 }
 
 // The selected branch's per-warp forward and dq kernels (slc_warp.cuh) are used below this
@@ -67,14 +69,14 @@ inline int slc_warp_stages() { return env_is("NSA_CUDA_SLC_WARP_STAGES", "3") ? 
 
 // Does the selected branch's forward (var = NSA_CUDA_SLC_FWD_KERNEL) or dQ (var =
 // NSA_CUDA_SLC_DQ_KERNEL) run by blocks (slc_blocks.cuh: each key tile read once, partial results
-// per (row, slot) merged in slot order) instead of by tokens? On sm_90 for D, DV <= 128 and G < 16,
+// per (row, slot) merged in slot order) instead of by tokens? On sm_90 for D, DV in {64, 128} and G < 16,
 // where the per-token kernels are bound by re-reading K and V from L2 (64k, G = 4: forward 70.2 ->
 // 29.2 ms; forward+backward with dQ by blocks 114.6 -> 83.9; at G = 16 both are slower by blocks,
 // forward 18.4 -> 32.2, forward+backward 55.3 -> 76.3); var=blocks or =tokens forces one (blocks
-// still needs sm_90 and D, DV <= 128; slc.cu also keeps select_size within [32, 256], which bounds
+// still needs sm_90 and D, DV in {64, 128}; slc.cu also keeps select_size within [32, 256], which bounds
 // the partials per row).
 inline bool slc_by_blocks(const char* var, int group, int head_dim, int head_dim_v) {
-  if (head_dim > 128 || head_dim_v > 128 || env_is(var, "tokens") || !device_is_sm90()) return false;
+  if (!wgmma_head_dims(head_dim, head_dim_v) || env_is(var, "tokens") || !device_is_sm90()) return false;
   return env_is(var, "blocks") || group < 16;
 }
 inline bool slc_fwd_by_blocks(int group, int head_dim, int head_dim_v) {
@@ -91,7 +93,7 @@ inline bool slc_dq_by_blocks(int group, int head_dim, int head_dim_v) {
 // NSA_CUDA_SELECT_KERNEL=wgmma forces it for any power of two G in [4, 32], =mma forces
 // select_topk_kernel (mma.sync), the kernel everywhere else.
 inline bool select_wgmma(int group, int head_dim) {
-  const bool shape = (head_dim == 64 || head_dim == 128) && group >= 4 && group <= 32 && (group & (group - 1)) == 0;
+  const bool shape = wgmma_head_dim(head_dim) && group >= 4 && group <= 32 && (group & (group - 1)) == 0;
   if (!shape || env_is("NSA_CUDA_SELECT_KERNEL", "mma") || !device_is_sm90()) return false;
   return group >= 16 || env_is("NSA_CUDA_SELECT_KERNEL", "wgmma");
 }

@@ -104,7 +104,7 @@ BlocksPlan plan_blocks(const SlcParams& p, bool dq) {
   return f;
 }
 
-// Shapes the kernels by blocks take (plus their switch: sm_90, D, DV <= 128).
+// Shapes the kernels by blocks take (plus their switch: sm_90, D, DV in {64, 128}).
 bool blocks_shape(const SlcParams& p) {
   return p.seqs.batch > 0 && p.seqs.seqlen > 0 && p.num_heads > 0 && p.select_size >= 32 && p.select_size <= 256;
 }
