@@ -5,11 +5,11 @@
 #
 # Stages (default: build tests sanitize bench, in this order; profile, ab and layer only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
-#   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py
+#   tests     pytest -m cuda tests/test_cuda_*.py tests/test_gated_sum.py tests/test_errors.py
 #             tests/test_modules.py (the layer on CUDA against CPU float64), log in
 #             $OUT/tests.log
-#   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize` of
-#             tests/test_cuda.py and the CUDA cases of tests/test_gated_sum.py)
+#   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize`:
+#             tests/test_cuda_sanitize.py, and the CUDA cases of tests/test_gated_sum.py)
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
@@ -155,7 +155,7 @@ if have tests; then
   if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
   # shellcheck disable=SC2206
   extra=(${NSA_TEST_ARGS:-})
-  files=(tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py tests/test_modules.py)
+  files=(tests/test_cuda_*.py tests/test_gated_sum.py tests/test_errors.py tests/test_modules.py)
   run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" ${kexpr:+-k "$kexpr"} "${extra[@]}" "${files[@]}"
   rc=$?
   secs=$(( $(date +%s) - s ))
@@ -185,7 +185,7 @@ if have sanitize; then
       [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split or d128v128)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
-        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda.py tests/test_gated_sum.py
+        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda_*.py tests/test_gated_sum.py
       rc=$?
       secs=$(( $(date +%s) - s ))
       part=$(tail -n +"$((mark + 1))" "$OUT/sanitize.log")
