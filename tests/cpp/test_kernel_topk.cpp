@@ -21,29 +21,6 @@ struct TopkCase {
   unsigned seed = 1;
 };
 
-// Sequences with their compressed rows: Nc(len) each, packed when varlen.
-struct Layout {
-  std::vector<int32_t> cu_cmp;
-  nsa::Seqs seqs;
-  int rows = 0;  // compressed rows per batch row
-
-  explicit Layout(const TopkCase& c) {
-    seqs = c.pr.seqs();
-    if (c.pr.cu.empty()) {
-      rows = int(nsa::num_cmp_tokens(c.pr.T, c.l, c.d));
-      seqs.cmp_seqlen = rows;
-    } else {
-      cu_cmp.push_back(0);
-      for (size_t s = 0; s + 1 < c.pr.cu.size(); ++s)
-        cu_cmp.push_back(cu_cmp.back() +
-                         int32_t(nsa::num_cmp_tokens(c.pr.cu[s + 1] - c.pr.cu[s], c.l, c.d)));
-      rows = cu_cmp.back();
-      seqs.cu_seqlens_cmp = cu_cmp.data();
-    }
-  }
-  Layout(const Layout&) = delete;  // seqs points into cu_cmp
-};
-
 template <typename T>
 struct TopkRun {
   using A = nsa::cpu::acc_t<T>;
@@ -52,7 +29,7 @@ struct TopkRun {
   Tensor<int32_t> idx;
 
   // lse: the float64 softmax normaliser of each row, or (fast) that of the cmp_fwd kernel.
-  TopkRun(const TopkCase& c, const Layout& lay, bool kernel_lse = false)
+  TopkRun(const TopkCase& c, const CmpSeqs& lay, bool kernel_lse = false)
       : q(c.pr.B, c.pr.T, c.pr.HQ, c.pr.D, c.pad),
         k(c.pr.B, lay.rows, c.pr.H, c.pr.D, c.pad),
         lse(c.pr.B, c.pr.T, c.pr.HQ, 1, c.pad),
@@ -97,7 +74,7 @@ struct TopkRun {
     }
   }
 
-  void run(const TopkCase& c, const Layout& lay, const nsa::cpu::ParallelFor& pf) {
+  void run(const TopkCase& c, const CmpSeqs& lay, const nsa::cpu::ParallelFor& pf) {
     nsa::TopkParams p;
     p.dtype = dtype_of<T>();
     p.q = q.view();
@@ -170,7 +147,7 @@ std::vector<int32_t> reference_selection(const TopkCase& c, index_t t,
 // by more than tol.
 template <typename T>
 void check_case(const TopkCase& c, bool exact, double tol) {
-  const Layout lay(c);
+  const CmpSeqs lay(c.pr, c.l, c.d);
   TopkRun<T> run(c, lay);
   run.run(c, lay, nsa::cpu::serial_for);
   int rows = 0;
@@ -217,7 +194,7 @@ std::vector<TopkCase> cases() {
   auto add = [&](int B, int T, int HQ, int H, int D, std::array<int, 6> hp, int pad,
                  std::vector<int32_t> cu = {}) {
     TopkCase c;
-    c.pr.B = B, c.pr.T = T, c.pr.HQ = HQ, c.pr.H = H, c.pr.D = D, c.pr.cu = cu;
+    c.pr = Problem(B, T, HQ, H, D, D, cu);
     c.l = hp[0], c.d = hp[1], c.sel = hp[2], c.n = hp[3], c.initial = hp[4], c.local = hp[5];
     c.pad = pad, c.seed = unsigned(cs.size() + 5);
     cs.push_back(c);
@@ -232,13 +209,6 @@ std::vector<TopkCase> cases() {
   add(1, 400, 16, 1, 16, {16, 8, 32, 6, 1, 2}, 1);     // G = 16
   add(1, 698, 2, 2, 16, {16, 8, 32, 4, 1, 2}, 2, {0, 0, 1, 41, 41, 381, 698});  // varlen
   return cs;
-}
-
-// Like at::parallel_for on two threads: two contiguous halves, run concurrently.
-void two_threads_for(index_t n, index_t, const std::function<void(index_t, index_t)>& fn) {
-  std::thread other([&] { fn(0, n / 2); });
-  fn(n / 2, n);
-  other.join();
 }
 
 }  // namespace
@@ -259,7 +229,7 @@ TEST_CASE("select_topk matches the float64 selection (bfloat16: by score)", "[to
 
 TEST_CASE("select_topk is deterministic under any chunking", "[topk]") {
   const TopkCase c = cases()[2];
-  const Layout lay(c);
+  const CmpSeqs lay(c.pr, c.l, c.d);
   TopkRun<float> a(c, lay), b(c, lay), t(c, lay);
   a.run(c, lay, nsa::cpu::serial_for);
   b.run(c, lay, reverse_for);
@@ -271,8 +241,8 @@ TEST_CASE("select_topk is deterministic under any chunking", "[topk]") {
 // Timing at the benchmark shape (hidden: run with [.bench] or the test name).
 TEST_CASE("select_topk speed at T = 32k", "[.bench]") {
   TopkCase c;
-  c.pr.B = 1, c.pr.T = 32768, c.pr.HQ = 8, c.pr.H = 2, c.pr.D = 64;
-  const Layout lay(c);
+  c.pr = Problem(1, 32768, 8, 2, 64, 64);
+  const CmpSeqs lay(c.pr, c.l, c.d);
   TopkRun<float> run(c, lay, true);
   double pairs = 0;  // visible (query head, compressed row) pairs: 2 D FLOP each
   for (index_t t = 0; t < c.pr.T; ++t) pairs += double(nsa::num_cmp_tokens(t + 1, c.l, c.d));

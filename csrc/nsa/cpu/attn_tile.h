@@ -28,12 +28,7 @@ constexpr int kMaxRows = 64;  // query rows per batch (lanes of a score tile)
 constexpr int kMaxKeys = 64;  // keys per chunk
 constexpr int kRowAlign = 8;  // batches are padded to whole vectors (8 floats, 2 x 4 doubles)
 
-using simd::kVecLen;
-using simd::Simd;
-using simd::vec;
-using simd::vexp;
-using simd::vload;
-using simd::vstore;
+using namespace simd;  // the vector types, their loads and stores, vexp
 using cpu::store_fwd_row;  // numeric.h: the finished row, non-finite rows included
 
 // out[b, a] = sum_{d < nd} x[b, d] * yt[d, a]  for b < nb, a < na; row strides ldx, na, na.

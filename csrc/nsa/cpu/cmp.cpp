@@ -8,7 +8,9 @@
 // ParallelFor splits the items.
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cmp_tiles.h"
@@ -72,6 +74,35 @@ void visible_in_block(const Geometry& geo, const SeqRange& seq, index_t t0, inde
   }
 }
 
+// A forward / dq work item: tokens [t0, t0 + ntok) of sequence w.seq, kv head w.head.
+struct QueryItem {
+  WorkList::Item w;
+  SeqRange seq;
+  index_t t0, ntok;
+
+  QueryItem(const CmpParams& p, const Geometry& geo, const WorkList& work, index_t item)
+      : w(work.at(item)), seq(p.seqs.range(w.seq)), t0(w.tile * geo.tile.tokens),
+        ntok(std::min(geo.tile.tokens, seq.len - t0)) {}
+};
+
+// Walks the blocks of compressed rows that a query tile sees: for each, sets valid (see
+// visible_in_block) and the scores s = q k^T ([R, KB], q at row stride D) of rows [r0, R), then
+// calls fn(j, r0) for block j. Rows before r0, whole register blocks, see none of its keys.
+template <typename A, typename Fn>
+void for_each_block(const Geometry& geo, const Inputs<A>& in, const QueryItem& qi, const A* q,
+                    A* s, index_t* valid, Fn&& fn) {
+  const index_t R = geo.tile.rows;
+  const index_t nvis = geo.visible(qi.seq, qi.t0 + qi.ntok - 1);
+  for (index_t j0 = 0; j0 < nvis; j0 += KB) {
+    const index_t nk = std::min(KB, nvis - j0);
+    const index_t r0 = geo.first_seeing(qi.seq, qi.t0, j0) * geo.G / kTileM * kTileM;
+    visible_in_block(geo, qi.seq, qi.t0, qi.ntok, j0, nk, r0, R, valid);
+    cmp_tiles::tile_gemm<false>(R - r0, KB, geo.D, q + r0 * geo.D, geo.D,
+                                in.kt.block(qi.w.seq, qi.w.head, j0 / KB), KB, s + r0 * KB, KB);
+    fn(j0 / KB, r0);
+  }
+}
+
 // ---- forward ------------------------------------------------------------------------------
 
 template <typename T>
@@ -86,25 +117,15 @@ void fwd_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
   std::vector<index_t> valid(R);
 
   for (index_t item = begin; item < end; ++item) {
-    const WorkList::Item w = in.work.at(item);
-    const SeqRange seq = p.seqs.range(w.seq);
-    const index_t t0 = w.tile * geo.tile.tokens;
-    const index_t ntok = std::min(geo.tile.tokens, seq.len - t0);
+    const QueryItem qi(p, geo, in.work, item);
+    const auto& [w, seq, t0, ntok] = qi;
     cmp_tiles::load_query_tile<T>(p.q, seq.batch, seq.start + t0, ntok, w.head * G, G, D,
                                   A(p.scale), q.data(), R, D);
     std::fill(o.begin(), o.end(), A(0));
     std::fill(m.begin(), m.end(), ninf);
     std::fill(l.begin(), l.end(), A(0));
 
-    const index_t nvis = geo.visible(seq, t0 + ntok - 1);
-    for (index_t j0 = 0; j0 < nvis; j0 += KB) {
-      const index_t nk = std::min(KB, nvis - j0);
-      const A* kt = in.kt.block(w.seq, w.head, j0 / KB);
-      const A* v = in.v.block(w.seq, w.head, j0 / KB);
-      const index_t r0 = geo.first_seeing(seq, t0, j0) * G / kTileM * kTileM;
-      visible_in_block(geo, seq, t0, ntok, j0, nk, r0, R, valid.data());
-      cmp_tiles::tile_gemm<false>(R - r0, KB, D, q.data() + r0 * D, D, kt, KB, s.data() + r0 * KB,
-                                  KB);
+    for_each_block(geo, in, qi, q.data(), s.data(), valid.data(), [&](index_t j, index_t r0) {
       // Online softmax: m = running max, l = running sum of exp(s - m); o is rescaled when the
       // max moves.
       for (index_t r = r0; r < R; ++r) {
@@ -121,9 +142,9 @@ void fwd_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
         l[r] = l[r] * alpha + sum;
         m[r] = m_new;
       }
-      cmp_tiles::tile_gemm<true>(R - r0, Dvp, KB, s.data() + r0 * KB, KB, v, Dvp,
-                                 o.data() + r0 * Dvp, Dvp);
-    }
+      cmp_tiles::tile_gemm<true>(R - r0, Dvp, KB, s.data() + r0 * KB, KB,
+                                 in.v.block(w.seq, w.head, j), Dvp, o.data() + r0 * Dvp, Dvp);
+    });
 
     for (index_t tt = 0; tt < ntok; ++tt)
       for (int hh = 0; hh < G; ++hh) {
@@ -211,30 +232,19 @@ void dq_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
   std::vector<index_t> valid(R);
 
   for (index_t item = begin; item < end; ++item) {
-    const WorkList::Item w = in.work.at(item);
-    const SeqRange seq = p.seqs.range(w.seq);
-    const index_t t0 = w.tile * geo.tile.tokens;
-    const index_t ntok = std::min(geo.tile.tokens, seq.len - t0);
+    const QueryItem qi(p, geo, in.work, item);
+    const auto& [w, seq, t0, ntok] = qi;
     tile.fill(p, geo, seq, t0, ntok, w.head);
     std::fill(dq.begin(), dq.end(), A(0));
 
-    const index_t nvis = geo.visible(seq, t0 + ntok - 1);
-    for (index_t j0 = 0; j0 < nvis; j0 += KB) {
-      const index_t nk = std::min(KB, nvis - j0);
-      const A* kt = in.kt.block(w.seq, w.head, j0 / KB);
-      const A* kr = in.kr.block(w.seq, w.head, j0 / KB);
-      const A* vt = in.v.block(w.seq, w.head, j0 / KB);
-      const index_t r0 = geo.first_seeing(seq, t0, j0) * G / kTileM * kTileM;
-      visible_in_block(geo, seq, t0, ntok, j0, nk, r0, R, valid.data());
-      cmp_tiles::tile_gemm<false>(R - r0, KB, D, tile.q.data() + r0 * D, D, kt, KB,
-                                  s.data() + r0 * KB, KB);
-      cmp_tiles::tile_gemm<false>(R - r0, KB, Dv, tile.dout.data() + r0 * Dv, Dv, vt, KB,
-                                  dp.data() + r0 * KB, KB);
+    for_each_block(geo, in, qi, tile.q.data(), s.data(), valid.data(), [&](index_t j, index_t r0) {
+      cmp_tiles::tile_gemm<false>(R - r0, KB, Dv, tile.dout.data() + r0 * Dv, Dv,
+                                  in.v.block(w.seq, w.head, j), KB, dp.data() + r0 * KB, KB);
       probs_and_dscores(s.data(), dp.data(), r0, R, valid.data(), tile.lse.data(),
                         tile.delta.data());
-      cmp_tiles::tile_gemm<true>(R - r0, Dp, KB, dp.data() + r0 * KB, KB, kr, Dp,
-                                 dq.data() + r0 * Dp, Dp);
-    }
+      cmp_tiles::tile_gemm<true>(R - r0, Dp, KB, dp.data() + r0 * KB, KB,
+                                 in.kr.block(w.seq, w.head, j), Dp, dq.data() + r0 * Dp, Dp);
+    });
 
     const A scale = A(p.scale);
     for (index_t tt = 0; tt < ntok; ++tt)
@@ -298,33 +308,40 @@ void dkdv_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
 NSA_CPU_CHUNKS(dq_chunk, dq_items, Inputs)
 NSA_CPU_CHUNKS(dkdv_chunk, dkdv_items, Inputs)
 
-index_t query_tiles(const CmpParams& p, const SeqRange& seq) {
+// Work items of the forward and dq: the query tiles of every sequence and kv head.
+WorkList query_work(const CmpParams& p) {
   const index_t tokens = cmp_tiles::QueryTile(p.num_heads / p.num_heads_k).tokens;
-  return (seq.len + tokens - 1) / tokens;
+  return WorkList(p.seqs, p.num_heads_k,
+                  [&](const SeqRange& seq) { return (seq.len + tokens - 1) / tokens; });
+}
+
+// Packs each (blocks, source) pair, compressed keys or values of element type T, in one
+// parallel pass (every PackedBlocks of a call has the same blocks).
+template <typename T, typename A>
+void pack_blocks(const CmpParams& p, const ParallelFor& parallel_for,
+                 std::initializer_list<std::pair<cmp_tiles::PackedBlocks<A>*, const View*>> jobs) {
+  parallel_for(jobs.begin()->first->size(), 16, [&](index_t b, index_t e) {
+    for (const auto& [blocks, x] : jobs) blocks->template pack<T>(*x, p.seqs, b, e);
+  });
 }
 
 }  // namespace
 
 void cmp_fwd(const CmpParams& p, const ParallelFor& parallel_for) {
-  const WorkList work(p.seqs, p.num_heads_k,
-                      [&](const SeqRange& seq) { return query_tiles(p, seq); });
+  const WorkList work = query_work(p);
   dispatch_dtype(p.dtype, "nsa.compressed_attention", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     cmp_tiles::PackedBlocks<A> kt(p.seqs, p.num_heads_k, p.head_dim, true);
     cmp_tiles::PackedBlocks<A> v(p.seqs, p.num_heads_k, p.head_dim_v, false);
-    parallel_for(kt.size(), 16, [&](index_t b, index_t e) {
-      kt.template pack<T>(p.k, p.seqs, b, e);
-      v.template pack<T>(p.v, p.seqs, b, e);
-    });
+    pack_blocks<T, A>(p, parallel_for, {{&kt, &p.k}, {&v, &p.v}});
     const Inputs<A> in{p, work, kt, kt, v};
     parallel_for(work.size(), 1, [&](index_t b, index_t e) { fwd_chunk(in, b, e, tag); });
   });
 }
 
 void cmp_bwd(const CmpParams& p, const ParallelFor& parallel_for) {
-  const WorkList queries(p.seqs, p.num_heads_k,
-                         [&](const SeqRange& seq) { return query_tiles(p, seq); });
+  const WorkList queries = query_work(p);
   const WorkList keys(p.seqs, p.num_heads_k,
                       [](const SeqRange& seq) { return (seq.cmp_len + KB - 1) / KB; });
   dispatch_dtype(p.dtype, "nsa.compressed_attention_backward", [&](auto tag) {
@@ -333,11 +350,7 @@ void cmp_bwd(const CmpParams& p, const ParallelFor& parallel_for) {
     cmp_tiles::PackedBlocks<A> kt(p.seqs, p.num_heads_k, p.head_dim, true);
     cmp_tiles::PackedBlocks<A> kr(p.seqs, p.num_heads_k, p.head_dim, false);
     cmp_tiles::PackedBlocks<A> vt(p.seqs, p.num_heads_k, p.head_dim_v, true);
-    parallel_for(kt.size(), 16, [&](index_t b, index_t e) {
-      kt.template pack<T>(p.k, p.seqs, b, e);
-      kr.template pack<T>(p.k, p.seqs, b, e);
-      vt.template pack<T>(p.v, p.seqs, b, e);
-    });
+    pack_blocks<T, A>(p, parallel_for, {{&kt, &p.k}, {&kr, &p.k}, {&vt, &p.v}});
     const Inputs<A> in_q{p, queries, kt, kr, vt}, in_k{p, keys, kt, kr, vt};
     parallel_for(queries.size(), 1, [&](index_t b, index_t e) { dq_chunk(in_q, b, e, tag); });
     parallel_for(keys.size(), 1, [&](index_t b, index_t e) { dkdv_chunk(in_k, b, e, tag); });

@@ -17,12 +17,7 @@
 
 namespace nsa::cpu::cmp_tiles {
 
-using simd::kVecLen;
-using simd::Simd;
-using simd::vec;
-using simd::vexp;
-using simd::vload;
-using simd::vstore;
+using namespace simd;  // the vector types, their loads and stores, vexp
 
 // Register block of tile_gemm: 4 x 16 floats is 8 accumulators, which leaves room for the
 // loaded B row and the broadcast A element among the 16 AVX registers.
