@@ -1,6 +1,7 @@
 // nsa.compressed_attention: forward and backward ops.
 #include "args.h"
 #include "cuda_launch.h"
+#include "kernel_plan.h"
 #include "nsa/cpu/kernels.h"
 #ifdef NSA_WITH_CUDA
 #include "nsa/cuda/kernels.h"
@@ -42,9 +43,10 @@ static std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd_impl(
   at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v_cmp.size(3)}, q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(lse_dtype(q.scalar_type())));
-  const nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
+  nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kFwd, q);
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::cmp_fwd(p, s); });
 #endif
   } else {
@@ -72,6 +74,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd_i
   if (dlse.has_value()) p.dlse = view_of(*dlse);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kBwd, q);
     const at::Tensor ws = cuda_workspace(q, nsa::cuda::cmp_bwd_workspace_bytes(p));
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::cmp_bwd(p, ws.data_ptr(), s); });
 #endif

@@ -6,11 +6,11 @@
 #include "ops.h"
 
 #ifndef NSA_NO_PYTHON_MODULE
-#include <Python.h>
-// `import nsa_torch._C` loads this library (and so runs the registrations below); the module
-// itself is empty: the ops are reached through torch.ops.nsa.
+#include "debug_module.h"
+// `import nsa_torch._C` loads this library (and so runs the registrations below); the ops are
+// reached through torch.ops.nsa, the module holds only the hooks of nsa_torch._debug.
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nsa_torch::kDebugMethods,
                                nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }

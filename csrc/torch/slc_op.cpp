@@ -1,6 +1,7 @@
 // nsa.selected_attention: forward and backward ops.
 #include "args.h"
 #include "cuda_launch.h"
+#include "kernel_plan.h"
 #include "nsa/cpu/kernels.h"
 #ifdef NSA_WITH_CUDA
 #include "nsa/cuda/kernels.h"
@@ -67,9 +68,10 @@ static std::tuple<at::Tensor, at::Tensor> selected_attention_fwd_impl(
   at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(lse_dtype(q.scalar_type())));
-  const nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
+  nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kFwd, q);
     const size_t bytes = nsa::cuda::slc_fwd_workspace_bytes(p);
     const at::Tensor ws = bytes ? cuda_workspace(q, bytes) : at::Tensor();
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_fwd(p, bytes ? ws.data_ptr() : nullptr, s); });
@@ -96,6 +98,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd_imp
   fill_attn_bwd(p, dout, dq, dk, dv);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kBwd, q);
     const at::Tensor ws = cuda_workspace(q, nsa::cuda::slc_bwd_workspace_bytes(p));
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_bwd(p, ws.data_ptr(), s); });
 #endif

@@ -1,6 +1,7 @@
 // nsa.sliding_window_attention: forward and backward ops.
 #include "args.h"
 #include "cuda_launch.h"
+#include "kernel_plan.h"
 #include "nsa/cpu/kernels.h"
 #ifdef NSA_WITH_CUDA
 #include "nsa/cuda/kernels.h"
@@ -40,9 +41,10 @@ static std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd_impl(
   at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(lse_dtype(q.scalar_type())));
-  const nsa::SwaParams p = swa_params(q, k, v, o, lse, seqs, window_size, scale);
+  nsa::SwaParams p = swa_params(q, k, v, o, lse, seqs, window_size, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kFwd, q);
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::swa_fwd(p, s); });
 #endif
   } else {
@@ -66,6 +68,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_b
   fill_attn_bwd(p, dout, dq, dk, dv);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kBwd, q);
     const at::Tensor ws = cuda_workspace(q, nsa::cuda::swa_bwd_workspace_bytes(p));
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::swa_bwd(p, ws.data_ptr(), s); });
 #endif
