@@ -61,8 +61,10 @@ CONFIGS = {
 DEFAULT_CONFIGS = ["g16", "fla", "g4", "g1", "d192"]
 DEFAULT_LENGTHS = [8192, 16384, 32768, 65536]
 BRANCHES = ("ours.cmp", "ours.select", "ours.slc", "ours.swa")
-COLORS = {"sdpa_cudnn": "tab:blue", "sdpa_flash": "tab:orange", "flex_swa": "tab:green",
-          "fla_nsa": "tab:red", "fla_nsa+flex_swa": "tab:purple"}
+COLORS = {"ours": "black", "sdpa_cudnn": "tab:blue", "sdpa_flash": "tab:orange",
+          "flex_swa": "tab:green", "fla_nsa": "tab:red", "fla_nsa+flex_swa": "tab:purple"}
+# Baselines that compute only the window branch: shown for reference, never as a ratio to ours.
+WINDOW_ONLY = ("flex_swa",)
 FIELDS = ["gpu", "torch", "triton", "commit", "config", "B", "T", "HQ", "H", "D", "Dv",
           "block_size", "block_stride", "select_size", "num_selected", "window_size", "impl",
           "mode", "ms", "note"]
@@ -431,7 +433,10 @@ def markdown(rows):
             row = [t_label(T), config, fmt(of), fmt(ob)]
             for b in bases:
                 bf, bb = cells.get((b, "fwd")), cells.get((b, "fwdbwd"))
-                row += [fmt(bf) + ratio(bf, of), fmt(bb) + ratio(bb, ob)]
+                if b in WINDOW_ONLY:  # not the same work as ours: its time, no ratio
+                    row += [fmt(bf), fmt(bb)]
+                else:
+                    row += [fmt(bf) + ratio(bf, of), fmt(bb) + ratio(bb, ob)]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         # time split by branch
@@ -463,8 +468,24 @@ def add_derived(rec, config, T, cfg, fla, flex):
                 "derived: fla_nsa + flex_swa")
 
 
+LABELS = {"ours": "nsa_torch", "flex_swa": "flex_swa (window only)", "fla_nsa": "fla_nsa (no window)",
+          "fla_nsa+flex_swa": "fla_nsa + flex_swa"}
+
+
+def plotted_configs(rows):
+    """The configs of `rows` with a time of ours and of a baseline (something to compare), in
+    CONFIGS order."""
+    timed = {}
+    for r in rows:
+        if r["ms"] and not r["impl"].startswith("ours."):
+            timed.setdefault(r["config"], set()).add(r["impl"] == "ours")
+    return sorted((c for c, kinds in timed.items() if kinds == {True, False}), key=config_order)
+
+
 def plot(rows, path):
-    """Speedup of ours over each baseline vs T: one row of panels per config, fwd | fwd+bwd."""
+    """Time against T on log axes, one panel per config of plotted_configs: ours and every
+    baseline, forward+backward solid with circles, forward dashed with triangles. Returns the
+    path, or None when nothing was drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -474,40 +495,43 @@ def plot(rows, path):
               "matplotlib is installed")
         return None
     data = table_rows(rows)
-    configs = sorted({c for c, _ in data}, key=config_order)
-    configs = [c for c in configs
-               if any(not i.startswith("ours") for (cc, _), cells in data.items() if cc == c
-                      for i, _ in cells)]
+    configs = plotted_configs(rows)
     if not configs:
         return None
-    fig, axes = plt.subplots(len(configs), 2, figsize=(11, 3.6 * len(configs)), squeeze=False)
-    for r, config in enumerate(configs):
+    cols = min(3, len(configs))
+    nrows = (len(configs) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, 5.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(configs):]:
+        ax.remove()
+    for ax, config in zip(axes.flat, configs):
         entries = sorted((T, cells) for (c, T), cells in data.items() if c == config)
-        bases = baselines_of(config, set().union(*(c.keys() for _, c in entries)))
-        for col, mode in enumerate(("fwd", "fwdbwd")):
-            ax = axes[r][col]
-            for b in bases:
-                pts = [(T, cells[(b, mode)] / cells[("ours", mode)]) for T, cells in entries
-                       if cells.get((b, mode)) and cells.get(("ours", mode))]
+        impls = ["ours"] + baselines_of(config, set().union(*(c.keys() for _, c in entries)))
+        for impl in impls:
+            for mode, ls, marker in (("fwdbwd", "-", "o"), ("fwd", "--", "^")):
+                pts = [(T, cells[(impl, mode)]) for T, cells in entries if cells.get((impl, mode))]
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b,
-                            color=COLORS.get(b))
-            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([T for T, _ in entries], [t_label(T) for T, _ in entries])
-            ax.minorticks_off()
-            ax.set_yscale("log")
-            ax.set_xlabel("T (tokens)")
-            ax.set_ylabel("baseline time / our time")
-            ax.set_title(f"{config}: {'forward' if mode == 'fwd' else 'forward + backward'}")
-            ax.grid(True, which="both", alpha=0.3)
-            if any(not line.get_label().startswith("_") for line in ax.get_lines()):
-                ax.legend(fontsize=8)
-            else:
-                ax.text(0.5, 0.5, "no baseline measured", ha="center", transform=ax.transAxes)
+                    what = "fwd+bwd" if mode == "fwdbwd" else "fwd"
+                    ax.plot(*zip(*pts), ls=ls, marker=marker, ms=5, color=COLORS.get(impl, "gray"),
+                            label=f"{LABELS.get(impl, impl)} {what}")
+        ts = [T for T, _ in entries]
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ts, [t_label(T) for T in ts])
+        ax.minorticks_off()
+        if len(ts) == 1:
+            ax.set_xlim(ts[0] / 1.5, ts[0] * 1.5)
+        cfg = CONFIGS.get(config, {})
+        hp = cfg.get("hp", {})
+        ax.set_title(f"{config}: HQ={cfg.get('HQ')}, H={cfg.get('H')}, D={cfg.get('D')}, "
+                     f"Dv={cfg.get('Dv')}, l={hp.get('block_size')}, d={hp.get('block_stride')}",
+                     fontsize=9)
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel("ms (median)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     meta = rows[0]
-    fig.suptitle(f"nsa_torch speedup, {meta['gpu']}, torch {meta['torch']}, "
-                 f"commit {meta['commit']}")
+    fig.suptitle(f"nsa_attention and baselines, {meta['gpu']}, torch {meta['torch']}, "
+                 f"commit {meta['commit']} (bf16, B = 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
