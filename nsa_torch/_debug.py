@@ -102,9 +102,16 @@ class _Plans(list):
         self._sync()
         return super().__getitem__(i)
 
+    def __contains__(self, item):
+        self._sync()
+        return super().__contains__(item)
+
     def __eq__(self, other):
         self._sync()
         return list(super().__iter__()) == other
+
+    def __ne__(self, other):
+        return not self == other
 
     def __repr__(self):
         self._sync()
