@@ -54,7 +54,7 @@ def _extension():
     # compiled without it, its `omp parallel` is ignored and every op runs on one thread.
     cxx = ["-O3", "-Wall", "-Wno-unused-parameter", "-fopenmp"]
     link = ["-fopenmp"]
-    sources = _sources("csrc/nsa/cpu/*.cpp", "csrc/torch/*.cpp")
+    sources = _sources("csrc/nsa/*.cpp", "csrc/nsa/cpu/*.cpp", "csrc/torch/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         return CppExtension("nsa_torch._C", sources, include_dirs=include_dirs,

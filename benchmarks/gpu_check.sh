@@ -14,7 +14,7 @@
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
 #             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), log in $OUT/profile.log
-#   ab        tools/ab_kernels.py: the kernel kinds of the NSA_CUDA_*_KERNEL switches side by side
+#   ab        tools/ab_kernels.py: the kernel kinds of nsa_torch._debug.force side by side
 #             (NSA_AB_SWITCHES="fwd bwd", NSA_AB_T=65536, NSA_AB_CONFIGS=g16), log at the head of
 #             $OUT/bench.log
 #   bench     benchmarks/bench_attention.py, log in $OUT/bench.log, CSV and PNG in $OUT
@@ -353,10 +353,10 @@ fi
     grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -25
   fi
   if [ -f "$OUT/bench.log" ]; then
-    if grep -q 'NSA_CUDA_.*_KERNEL=' "$OUT/bench.log"; then
+    if grep -q ' force [a-z_]*=' "$OUT/bench.log"; then
       echo
       echo "kernel kinds side by side (tools/ab_kernels.py):"
-      grep 'NSA_CUDA_.*_KERNEL=' "$OUT/bench.log"
+      grep ' force [a-z_]*=' "$OUT/bench.log"
     fi
     echo
     sed -n '/^### nsa-bench table begin/,/^### nsa-bench table end/p' "$OUT/bench.log" | grep -v '^### nsa-bench'

@@ -1,22 +1,23 @@
-"""Times the CUDA kernel kinds that an environment switch chooses between, side by side on the
-benchmark's inputs, and prints how far each kind's results are from the first kind's:
+"""Times the CUDA kernel kinds that nsa_torch._debug.force chooses between, side by side on the
+benchmark's inputs, prints the kernels each run recorded (nsa_torch._debug.plans) and how far each
+kind's results are from the first kind's:
 
-    fwd   NSA_CUDA_FWD_KERNEL = default | wgmma_kv2 | wide | narrow: the compressed and window
-          forward (the default is the warpgroup kernel with one stage of V on sm_90, else wide)
-    bwd   NSA_CUDA_BWD_KERNEL = default | mma: forward + backward of the compressed, selected and
-          window branches (the dQ and dK/dV kernels; the default is wgmma on sm_90)
-    slc   NSA_CUDA_SLC_KERNEL = union | warp: the selected branch's forward and forward + backward
-    slcfwd  NSA_CUDA_SLC_FWD_KERNEL = default | blocks | tokens: the selected branch's forward
-          (by blocks: sm_90, the default for G < 16)
-    select  NSA_CUDA_SELECT_KERNEL = default | wgmma | mma: select_blocks (the default is the
-          warpgroup kernel on sm_90 for D in {64, 128} and G = 16, 32); the diff is the share of
-          (token, KV head) rows whose selection differs (near-ties)
-    slcdq NSA_CUDA_SLC_DQ_KERNEL = default | blocks | tokens: the selected branch's forward +
-          backward (dQ by blocks: sm_90, the default for G < 16)
-    slckeys NSA_CUDA_SLC_WARP_KEYS = default | 16 | 32: keys per sub-tile of the selected
-          branch's per-warp forward and dQ (the default is 16)
-    slcstages NSA_CUDA_SLC_WARP_STAGES = default | 2 | 3: their stages of 16-key sub-tiles (the
-          default is 2)
+    fwd     force(fwd=) default | wide | mma: the compressed and window forward (the default is
+            the warpgroup kernel on sm_90 for D, Dv <= 128)
+    bwd     force(bwd=) default | mma: forward + backward of the compressed, selected and window
+            branches (the dQ and dK/dV kernels; the default is wgmma on sm_90)
+    slc     force(slc_fwd=) warp | union: the selected branch's forward and forward + backward
+            (its dQ by tokens follows)
+    slcfwd  force(slc_fwd=) default | blocks | warp | union: the selected branch's forward (by
+            blocks: sm_90, the default for G < 16)
+    slcdq   force(slc_dq=) default | blocks | tokens: the selected branch's forward + backward
+            (dQ by blocks: sm_90, the default for G < 16)
+    select  force(select=) default | wgmma | mma: select_blocks (the default is the warpgroup
+            kernel on sm_90 for D in {64, 128} and G = 16, 32); the diff is the share of
+            (token, KV head) rows whose selection differs (near-ties)
+    split   force(split_tokens=) default | 0 | 1024 | 16384: forward + backward (the dK/dV split)
+
+A kind the shape or GPU cannot take is reported as refused, with the reason.
 
     python3 tools/ab_kernels.py fwd bwd --T 65536 --configs g16 g4
 """
@@ -33,17 +34,18 @@ sys.path.insert(0, ROOT)
 from bench_attention import CONFIGS, grad_of, make_inputs  # noqa: E402
 
 import nsa_torch  # noqa: E402
+from nsa_torch import _debug  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+# switch -> (the key of _debug.force, its kinds; "default" is the plan's own choice)
 SWITCHES = {
-    "fwd": ("NSA_CUDA_FWD_KERNEL", ["default", "wgmma_kv2", "wide", "narrow"]),
-    "bwd": ("NSA_CUDA_BWD_KERNEL", ["default", "mma"]),
-    "slc": ("NSA_CUDA_SLC_KERNEL", ["warp", "union"]),
-    "slcfwd": ("NSA_CUDA_SLC_FWD_KERNEL", ["default", "blocks", "tokens"]),
-    "slcdq": ("NSA_CUDA_SLC_DQ_KERNEL", ["default", "blocks", "tokens"]),
-    "select": ("NSA_CUDA_SELECT_KERNEL", ["default", "wgmma", "mma"]),
-    "slckeys": ("NSA_CUDA_SLC_WARP_KEYS", ["default", "16", "32"]),
-    "slcstages": ("NSA_CUDA_SLC_WARP_STAGES", ["default", "2", "3"]),
+    "fwd": ("fwd", ["default", "wide", "mma"]),
+    "bwd": ("bwd", ["default", "mma"]),
+    "slc": ("slc_fwd", ["warp", "union"]),
+    "slcfwd": ("slc_fwd", ["default", "blocks", "warp", "union"]),
+    "slcdq": ("slc_dq", ["default", "blocks", "tokens"]),
+    "select": ("select", ["default", "wgmma", "mma"]),
+    "split": ("split_tokens", ["default", 0, 1024, 16384]),
 }
 
 
@@ -59,29 +61,45 @@ def branches(x, hp, idx):
     }
 
 
-def set_kind(var, kind):
-    if kind == "default":
-        os.environ.pop(var, None)
-    else:
-        os.environ[var] = kind
+def forced(key, kind):
+    """_debug.force of one kind ("default": no override)."""
+    return _debug.force(**{key: None if kind == "default" else kind})
+
+
+def ran(fn, key):
+    """Runs fn once and returns what the plans it recorded chose for key (and the dQ by tokens's
+    kernel for slc_dq), e.g. "nsa.compressed_attention_fwd:wgmma"."""
+    with _debug.plans() as plans:
+        fn()
+    shown = []
+    for p in plans:
+        if key in p:
+            shown.append(f"{p['op'].removeprefix('nsa.')}:{p[key]}" + (f"/{p['slc_tokens']}" if "slc_tokens" in p else ""))
+    return " ".join(shown)
 
 
 def run_select(name, T, x, sel, lse):
-    """select_blocks (keyword arguments sel, under no_grad) per kind of NSA_CUDA_SELECT_KERNEL."""
-    var, kinds = SWITCHES["select"]
+    """select_blocks (keyword arguments sel, under no_grad) per kind of force(select=)."""
+    key, kinds = SWITCHES["select"]
     ref = None
     for kind in kinds:
-        set_kind(var, kind)
-        ms = do_bench(lambda: nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel), warmup=25, rep=100)
-        idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
-        line = f"{name} T={T} select {var}={kind:8s} fwd {ms:8.3f} ms"
+        head = f"{name} T={T} select force {key}={kind!s:8s}"
+        try:
+            with forced(key, kind):
+                call = lambda: nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)  # noqa: E731
+                plan = ran(call, key)
+                ms = do_bench(call, warmup=25, rep=100)
+                idx = call()
+        except ValueError as e:
+            print(f"{head} refused: {e}", flush=True)
+            continue
+        line = f"{head} fwd {ms:8.3f} ms  ran {plan}"
         if ref is None:
-            ref = idx
+            ref, first = idx, kind
         else:
             differ = (idx.sort(-1).values != ref.sort(-1).values).any(-1).float().mean().item()
-            line += f"  rows whose selection differs from {kinds[0]}: {differ:.2e}"
+            line += f"  rows whose selection differs from {first}: {differ:.2e}"
         print(line, flush=True)
-    os.environ.pop(var, None)
 
 
 def results(fn, names, x, backward):
@@ -95,7 +113,7 @@ def results(fn, names, x, backward):
 
 
 def run(switch, name, T):
-    var, kinds = SWITCHES[switch]
+    key, kinds = SWITCHES[switch]
     cfg = CONFIGS[name]
     hp = cfg["hp"]
     x = make_inputs(T, cfg)
@@ -107,29 +125,36 @@ def run(switch, name, T):
             return run_select(name, T, x, sel, lse)
         idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **sel)
     todo = {"fwd": ("cmp", "swa"), "bwd": ("cmp", "slc", "swa"), "slc": ("slc",), "slcfwd": ("slc",), "slcdq": ("slc",),
-            "slckeys": ("slc",), "slcstages": ("slc",)}[switch]
+            "split": ("cmp", "slc")}[switch]
     backward = switch not in ("fwd", "slcfwd")
     for br, (fn, names) in branches(x, hp, idx).items():
         if br not in todo:
             continue
         ref = None
         for kind in kinds:
-            set_kind(var, kind)
-            with torch.no_grad():
-                fwd = do_bench(fn, warmup=25, rep=100)
-            line = f"{name} T={T} {br} {var}={kind:8s} fwd {fwd:8.3f} ms"
-            if backward:
-                douts = [grad_of(o, 3 + i) for i, o in enumerate(fn())]
-                fb = do_bench(lambda: torch.autograd.grad(fn(), [x[n] for n in names], douts), warmup=25, rep=100)
-                line += f"  fwd+bwd {fb:8.3f} ms"
-            res = results(fn, names, x, backward)
+            head = f"{name} T={T} {br} force {key}={kind!s:8s}"
+            try:
+                with forced(key, kind):
+                    plan = ran(lambda: results(fn, names, x, backward), "split" if key == "split_tokens" else key)
+                    with torch.no_grad():
+                        fwd = do_bench(fn, warmup=25, rep=100)
+                    line = f"{head} fwd {fwd:8.3f} ms"
+                    if backward:
+                        douts = [grad_of(o, 3 + i) for i, o in enumerate(fn())]
+                        fb = do_bench(lambda: torch.autograd.grad(fn(), [x[n] for n in names], douts), warmup=25,
+                                      rep=100)
+                        line += f"  fwd+bwd {fb:8.3f} ms"
+                    res = results(fn, names, x, backward)
+            except ValueError as e:
+                print(f"{head} refused: {e}", flush=True)
+                continue
+            line += f"  ran {plan}"
             if ref is None:
-                ref = res
+                ref, first = res, kind
             else:
                 diff = ", ".join(f"{(a - b).nan_to_num().abs().max().item():.2e}" for a, b in zip(res, ref))
-                line += f"  max |diff| to {kinds[0]} (outputs, grads): {diff}"
+                line += f"  max |diff| to {first} (outputs, grads): {diff}"
             print(line, flush=True)
-        os.environ.pop(var, None)
 
 
 def main():

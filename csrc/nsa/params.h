@@ -86,6 +86,49 @@ struct Seqs {
   }
 };
 
+// Which CUDA kernel an op runs, where there is a choice: chosen on the host by nsa/plan.h from
+// the shape, the device facts and the overrides of nsa_torch._debug, and carried in the params so
+// that the workspace sizes and the launches read one decision. The CPU kernels ignore it.
+
+// What the plan knows of the GPU (the binding fills it from cached device properties).
+struct DeviceFacts {
+  int arch = 0;            // compute capability as 10 * major + minor (90: sm_90)
+  int num_sms = 0;         // streaming multiprocessors
+  int smem_per_block = 0;  // bytes of shared memory a thread block may opt in to
+  int smem_per_sm = 0;     // bytes of shared memory per SM
+};
+
+// Forward of the compressed and window branches: warpgroup products (fwd_wgmma.cuh), mma.sync
+// with 32 rows per warp (fwd_wide.cuh) or 16 (fwd.cuh, the one for D or Dv > 128).
+enum class FwdKernel : int32_t { kWgmma, kWide, kMma };
+// dQ and dK/dV kernels (bwd.cuh): on warpgroup products or on mma.sync.
+enum class BwdKernel : int32_t { kWgmma, kMma };
+// The selected branch's forward or dQ: one warp per 16 rows walking its own tokens' blocks
+// (slc_warp.cuh), the shared kernels over the union of a 64-row tile's blocks (fwd.cuh, bwd.cuh),
+// or by key blocks (slc_blocks.cuh).
+enum class SlcKernel : int32_t { kWarp, kUnion, kBlocks };
+// Block selection: select_topk_wgmma_kernel or select_topk_kernel (mma.sync).
+enum class SelectKernel : int32_t { kWgmma, kMma };
+
+// The plan of one attention op call (forward or backward of one branch).
+struct AttnPlan {
+  DeviceFacts device;
+  FwdKernel fwd = FwdKernel::kMma;        // forward of the compressed and window branches
+  SlcKernel slc_fwd = SlcKernel::kUnion;  // forward of the selected branch
+  BwdKernel bwd = BwdKernel::kMma;        // dK/dV, and dQ where it runs on the shared kernels
+  SlcKernel slc_dq = SlcKernel::kUnion;   // dQ of the selected branch
+  index_t split_tokens = 0;               // tokens per dK/dV split range (0: no split)
+  int split = 1;                          // dK/dV split ranges of the long key tiles (1: none)
+  index_t slc_chunk_rows = 0;             // rows (b, t) per chunk of the selected branch by
+                                          // blocks (0 when it does not run by blocks)
+};
+
+// The plan of one select_blocks call.
+struct TopkPlan {
+  DeviceFacts device;
+  SelectKernel select = SelectKernel::kMma;
+};
+
 // Fields shared by the three attention branches (compressed, selected, sliding window).
 // In the forward, o and lse are outputs; in the backward they are inputs and dq, dk, dv outputs.
 struct AttnParams {
@@ -108,6 +151,7 @@ struct AttnParams {
   int head_dim = 0;     // D
   int head_dim_v = 0;   // Dv
   double scale = 1.0;   // softmax scale applied to q.k
+  AttnPlan plan;        // CUDA only
 };
 
 // Compressed branch: query t sees compressed token i iff i*block_stride + block_size - 1 <= t.
@@ -138,6 +182,7 @@ struct TopkParams {
   int num_selected = 16;  // n >= num_initial + num_local
   int num_initial = 1;    // blocks 0 .. num_initial-1 are always selected (when causal)
   int num_local = 2;      // the query's own block and the num_local-1 before it likewise
+  TopkPlan plan;          // CUDA only
 };
 
 // Selected branch: query t, head h attends keys s <= t whose block s / select_size is listed in

@@ -1,6 +1,7 @@
 // nsa.compressed_attention: forward and backward ops.
 #include "args.h"
 #include "cuda_launch.h"
+#include "kernel_plan.h"
 #include "nsa/cpu/kernels.h"
 #ifdef NSA_WITH_CUDA
 #include "nsa/cuda/kernels.h"
@@ -43,9 +44,10 @@ std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd(
   const SeqsArg seqs = check_cmp(c, q, k_cmp, v_cmp, cu_seqlens, block_size, block_stride, scale);
   check_device(c, q, q.size(3), v_cmp.size(3));
   auto [o, lse] = new_attn_outputs(q, v_cmp);
-  const nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
+  nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kFwd, q);
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::cmp_fwd(p, s); });
 #endif
   } else {
@@ -73,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd(
   if (dlse.has_value()) p.dlse = view_of(*dlse);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kBwd, q);
     const at::Tensor ws = cuda_workspace(q, nsa::cuda::cmp_bwd_workspace_bytes(p));
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::cmp_bwd(p, ws.data_ptr(), s); });
 #endif

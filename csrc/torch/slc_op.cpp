@@ -1,6 +1,7 @@
 // nsa.selected_attention: forward and backward ops.
 #include "args.h"
 #include "cuda_launch.h"
+#include "kernel_plan.h"
 #include "nsa/cpu/kernels.h"
 #ifdef NSA_WITH_CUDA
 #include "nsa/cuda/kernels.h"
@@ -70,9 +71,10 @@ std::tuple<at::Tensor, at::Tensor> selected_attention_fwd(
   const SeqsArg seqs = check_slc(c, q, k, v, block_indices, cu_seqlens, select_size, scale);
   check_device(c, q, q.size(3), v.size(3));
   auto [o, lse] = new_attn_outputs(q, v);
-  const nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
+  nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kFwd, q);
     const size_t bytes = nsa::cuda::slc_fwd_workspace_bytes(p);
     const at::Tensor ws = bytes ? cuda_workspace(q, bytes) : at::Tensor();
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_fwd(p, bytes ? ws.data_ptr() : nullptr, s); });
@@ -98,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd(
   auto [dq, dk, dv] = new_attn_grads(p, dout, q, k, v);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kBwd, q);
     const at::Tensor ws = cuda_workspace(q, nsa::cuda::slc_bwd_workspace_bytes(p));
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::slc_bwd(p, ws.data_ptr(), s); });
 #endif

@@ -1,6 +1,7 @@
 // nsa.sliding_window_attention: forward and backward ops.
 #include "args.h"
 #include "cuda_launch.h"
+#include "kernel_plan.h"
 #include "nsa/cpu/kernels.h"
 #ifdef NSA_WITH_CUDA
 #include "nsa/cuda/kernels.h"
@@ -41,9 +42,10 @@ std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(
   const SeqsArg seqs = check_swa(c, q, k, v, cu_seqlens, window_size, scale);
   check_device(c, q, q.size(3), v.size(3));
   auto [o, lse] = new_attn_outputs(q, v);
-  const nsa::SwaParams p = swa_params(q, k, v, o, lse, seqs, window_size, scale);
+  nsa::SwaParams p = swa_params(q, k, v, o, lse, seqs, window_size, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kFwd, q);
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::swa_fwd(p, s); });
 #endif
   } else {
@@ -66,6 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
   auto [dq, dk, dv] = new_attn_grads(p, dout, q, k, v);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, nsa::Pass::kBwd, q);
     const at::Tensor ws = cuda_workspace(q, nsa::cuda::swa_bwd_workspace_bytes(p));
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::swa_bwd(p, ws.data_ptr(), s); });
 #endif

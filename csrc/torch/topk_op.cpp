@@ -1,6 +1,7 @@
 // nsa.select_blocks: the top-n block selection op (not differentiable).
 #include "args.h"
 #include "cuda_launch.h"
+#include "kernel_plan.h"
 #include "nsa/cpu/kernels.h"
 #ifdef NSA_WITH_CUDA
 #include "nsa/cuda/kernels.h"
@@ -46,6 +47,7 @@ at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_cmp_in, con
   p.num_local = int(num_local);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
+    plan_cuda(p, q);
     run_cuda(q, [&](cudaStream_t s) { nsa::cuda::select_topk(p, s); });
 #endif
   } else {

@@ -15,6 +15,7 @@
 
 #include "../common/seq_tiles.cuh"
 #include "../common/tiles.cuh"
+#include "../../plan.h"
 
 namespace nsa::cuda {
 
@@ -32,6 +33,7 @@ struct BranchParams<Branch::kSwa> { using type = SwaParams; };
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kRows = 64;      // query rows per tile: 16 per warp
 constexpr int kKeys = 64;      // keys per key tile
+static_assert(kKeys == kPlanKeyTile, "the plan's chunks of the selected branch by blocks count these tiles");
 
 // Key tiles per selection block (a block of select_size > kKeys keys spans several).
 NSA_HOST_DEVICE int tiles_per_block(int select_size) { return (select_size + kKeys - 1) / kKeys; }

@@ -71,7 +71,7 @@ __device__ __forceinline__ void store_rows_dq(const AttnParams& p, const QueryRo
 }
 
 // kWgmma (D, DV in {64, 128}, sm_90a): the three products on warpgroup instructions, tiles in
-// Layout::kWgmma (the sm_90 default, see bwd_wgmma in switches.h).
+// Layout::kWgmma (the sm_90 default, see plan_contiguous in nsa/plan.cpp).
 template <typename T, int D, int DV, Branch B, bool kWgmma = false>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta) {
@@ -242,7 +242,7 @@ __device__ __forceinline__ bool locate_key_tile(const P& p, const DkdvSplit& spl
 // y = KV head, z = batch row. kWgmma (D, DV in {64, 128}, sm_90a): the four products on Hopper's
 // warpgroup instructions (the thread block is one warpgroup; the tensor cores read K, V, Q and dO
 // from shared memory once per 64 keys instead of once per warp), tiles in Layout::kWgmma (the
-// sm_90 default, see bwd_wgmma in switches.h).
+// sm_90 default, see plan_contiguous in nsa/plan.cpp).
 template <typename T, int D, int DV, Branch B, bool kWgmma = false, DkdvOut kOut = DkdvOut::kBoth>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta,

@@ -13,7 +13,7 @@ namespace nsa::cuda {
 #define NSA_EXTERN_ATTN(T, B)                                                                        \
   extern template void run_fwd<T, B>(const typename BranchParams<B>::type&, cudaStream_t);          \
   extern template void run_bwd<T, B>(const typename BranchParams<B>::type&, float*,                 \
-                                     const ReverseIndex&, float*, bool, cudaStream_t);
+                                     const ReverseIndex&, float*, cudaStream_t);
 NSA_EXTERN_ATTN(__nv_bfloat16, Branch::kCmp)
 NSA_EXTERN_ATTN(__half, Branch::kCmp)
 NSA_EXTERN_ATTN(__nv_bfloat16, Branch::kSlc)
@@ -45,9 +45,8 @@ void attn_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
 
 template <Branch B>
 void attn_bwd(const typename BranchParams<B>::type& p, float* delta, const ReverseIndex& rix,
-              float* partial, cudaStream_t stream, bool skip_dq = false) {
-  dispatch_dtype(op_name<B>(), p.dtype,
-                 [&](auto t) { run_bwd<decltype(t), B>(p, delta, rix, partial, skip_dq, stream); });
+              float* partial, cudaStream_t stream) {
+  dispatch_dtype(op_name<B>(), p.dtype, [&](auto t) { run_bwd<decltype(t), B>(p, delta, rix, partial, stream); });
 }
 
 // Bytes of the workspace slice holding delta (B * T * HQ floats), rounded to 256.

@@ -1,9 +1,9 @@
 // Launch templates of the attention kernels: dtype and head-dim dispatch, shared-memory limits,
-// grids, launch checks. Instantiated per (dtype, branch) by the files in cmp/, slc/, swa/.
+// grids, launch checks. Instantiated per (dtype, branch) by the files in cmp/, slc/, swa/. Which
+// kernel runs is the params' plan (nsa/plan.h, filled by the binding).
 #pragma once
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -14,7 +14,6 @@
 #include "fwd_wide.cuh"
 #include "slc_blocks.cuh"
 #include "slc_warp.cuh"
-#include "switches.h"
 
 namespace nsa::cuda {
 
@@ -74,27 +73,19 @@ template <typename T, Branch B>
 void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
+    // (The plan picks kWide only for D, DV <= 128 and kWgmma only for D, DV in {64, 128}; the
+    // selected branch by blocks runs from slc.cu.)
     if constexpr (B == Branch::kSlc) {
-      if (slc_per_warp(p.num_heads / p.num_heads_k)) {
-        if (slc_warp_keys() == 32)
-          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(0));
-        if (slc_warp_stages() == 3)
-          return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16, 3>,
-                                 slc_warp_tiles_bytes<D, DV, 16, 3>(0));
-        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(0));
-      }
+      if (p.plan.slc_fwd == SlcKernel::kWarp)
+        return launch_slc_warp(p, stream, slc_fwd_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(0));
     } else if constexpr (D <= 128 && DV <= 128) {
-      const FwdKind kind = fwd_kind<B>(D, DV);
-      if (kind == FwdKind::kWide)
+      if (p.plan.fwd == FwdKernel::kWide)
         return launch_kernel<B>(attn_fwd_wide_kernel<T, D, DV, B>, query_grid(p, kWideRows), kThreads,
                                 fwd_wide_smem_bytes<D, DV>(), stream, p);
       if constexpr (wgmma_head_dims(D, DV)) {
-        if (kind == FwdKind::kWgmma)
-          return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B, true>, query_grid(p), kThreads,
-                                  fwd_wgmma_smem_bytes<D, DV, true>(), stream, p);
-        if (kind == FwdKind::kWgmmaKv2)
-          return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B, false>, query_grid(p), kThreads,
-                                  fwd_wgmma_smem_bytes<D, DV, false>(), stream, p);
+        if (p.plan.fwd == FwdKernel::kWgmma)
+          return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B>, query_grid(p), kThreads,
+                                  fwd_wgmma_smem_bytes<D, DV>(), stream, p);
       }
     }
     launch_kernel<B>(attn_fwd_kernel<T, D, DV, B>, query_grid(p), kThreads,
@@ -116,31 +107,19 @@ dim3 key_grid(const P& p, index_t vblocks) {
   }
 }
 
-// How the dkdv kernel splits its long key tiles (see DkdvSplit): by up to 16 token ranges of
-// split_tokens() tokens, for every compressed key tile and the selected branch's first
+// How the dkdv kernel splits its long key tiles (see DkdvSplit): by the plan's p.plan.split token
+// ranges (nsa/plan.h), for every compressed key tile and the selected branch's first
 // kSlcSplitBlocks blocks of each sequence; never for the window branch (its key tiles see at
 // most window_size + 63 queries). Without the split, the thread block of the first compressed key
 // tile (seen by every query) loops over all T * G / 64 row tiles alone: at 64k it alone takes
 // longer than the rest of the kernel (benchmarks/NOTES.md).
 constexpr int kSlcSplitBlocks = 4;
-constexpr index_t kDefaultSplitTokens = 4096;
-
-// Tokens per split range; NSA_CUDA_SPLIT_TOKENS overrides the default (0 turns the split off; the
-// tests set 64 to exercise it on short sequences).
-inline index_t split_tokens() {
-  const char* env = std::getenv("NSA_CUDA_SPLIT_TOKENS");
-  if (!env || !*env) return kDefaultSplitTokens;
-  const long long v = std::atoll(env);
-  return v > 0 ? index_t(v) : 0;
-}
 
 template <Branch B, typename P>
 DkdvSplit plan_dkdv_split(const P& p, index_t vblocks) {
   DkdvSplit sp;
-  const index_t tokens = split_tokens();
-  const index_t count = tokens ? std::min<index_t>(16, std::max<index_t>(1, p.seqs.seqlen / tokens)) : 1;
-  if (B == Branch::kSwa || count <= 1) return sp;
-  sp.count = int(count);
+  if (B == Branch::kSwa || p.plan.split <= 1) return sp;
+  sp.count = p.plan.split;
   const index_t zrows = p.seqs.cu_seqlens ? 1 : p.seqs.batch;
   if constexpr (B == Branch::kCmp) {
     sp.slots = zrows * p.num_heads_k * index_t(key_grid<B>(p, vblocks).x);
@@ -163,11 +142,11 @@ inline size_t split_bytes(const DkdvSplit& sp, const AttnParams& p) {
 }
 
 // delta must hold B * T * HQ floats, partial split_bytes(plan_dkdv_split(p, rix.vblocks), p)
-// bytes. rix is used by the selected branch only.
-// skip_dq: dq is computed elsewhere (the selected branch's dQ by blocks); delta still is here.
+// bytes. rix is used by the selected branch only. The selected branch's dQ by blocks is computed
+// elsewhere (slc.cu); delta still is here.
 template <typename T, Branch B>
 void run_bwd(const typename BranchParams<B>::type& p, float* delta, const ReverseIndex& rix,
-             float* partial, bool skip_dq, cudaStream_t stream) {
+             float* partial, cudaStream_t stream) {
   const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen * p.num_heads;
   if (rows > 0) {
     View dlse;
@@ -177,22 +156,17 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
   }
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
-    if (skip_dq) {
-      // (the caller computes dq)
-    } else if (B == Branch::kSlc && slc_per_warp(p.num_heads / p.num_heads_k)) {
-      if constexpr (B == Branch::kSlc) {
-        if (slc_warp_keys() == 32)
-          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 32>, slc_warp_tiles_bytes<D, DV, 32>(D + DV), delta);
-        else if (slc_warp_stages() == 3)
-          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 16, 3>, slc_warp_tiles_bytes<D, DV, 16, 3>(D + DV),
-                          delta);
-        else
-          launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV, 16>, slc_warp_tiles_bytes<D, DV, 16>(D + DV), delta);
-      }
+    // (The plan picks kWgmma only for D, DV in {64, 128}.)
+    const bool wgmma = p.plan.bwd == BwdKernel::kWgmma;
+    if (B == Branch::kSlc && p.plan.slc_dq == SlcKernel::kBlocks) {
+      // (slc.cu computes dq)
+    } else if (B == Branch::kSlc && p.plan.slc_dq == SlcKernel::kWarp) {
+      if constexpr (B == Branch::kSlc)
+        launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D + DV), delta);
     } else {
       auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;
       if constexpr (wgmma_head_dims(D, DV)) {
-        if (bwd_wgmma(D, DV)) kernel = attn_bwd_dq_kernel<T, D, DV, B, true>;
+        if (wgmma) kernel = attn_bwd_dq_kernel<T, D, DV, B, true>;
       }
       launch_kernel<B>(kernel, query_grid(p), kThreads, dq_smem_tiles_bytes<D, DV>() + union_bytes<B>(p), stream, p,
                        delta);
@@ -211,7 +185,7 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
       } else {
         auto kernel = attn_bwd_dkdv_kernel<T, D, DV, B>;
         if constexpr (wgmma_head_dims(D, DV)) {
-          if (bwd_wgmma(D, DV)) kernel = attn_bwd_dkdv_kernel<T, D, DV, B, true>;
+          if (wgmma) kernel = attn_bwd_dkdv_kernel<T, D, DV, B, true>;
         }
         launch_dkdv(kernel);
       }
@@ -255,7 +229,7 @@ void run_slc_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPartia
 #define NSA_INSTANTIATE_ATTN(T, B)                                                                \
   template void run_fwd<T, B>(const typename BranchParams<B>::type&, cudaStream_t);              \
   template void run_bwd<T, B>(const typename BranchParams<B>::type&, float*, const ReverseIndex&, \
-                              float*, bool, cudaStream_t);
+                              float*, cudaStream_t);
 #define NSA_INSTANTIATE_SLC_BLOCKS(T)                                                                    \
   template void run_slc_blocks<T, false>(const SlcParams&, const ReverseIndex&, const SlcPartials&, const float*, \
                                          cudaStream_t);                                                   \

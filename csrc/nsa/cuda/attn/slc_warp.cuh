@@ -9,9 +9,10 @@
 // for G >= 64 one thread block of the shared kernel is one token, which is this loop already.
 //
 // Per warp: the list of (block, token) items (a block a token chose, repeats dropped), each cut
-// into sub-tiles of KEYS keys, streamed through STAGES stages with cp.async; rows of other tokens
-// masked.
-// Shared memory: K [STAGES][KEYS][D], V [STAGES][KEYS][DV] (swizzled), then the items; the
+// into sub-tiles of kWarpKeys keys, streamed through kWarpStages stages with cp.async; rows of other
+// tokens masked.
+// Shared memory: K [kWarpStages][kWarpKeys][D], V [kWarpStages][kWarpKeys][DV] (swizzled), then the
+// items; the
 // forward's Q [16][D] in K's last stage until it is in registers, the dq kernel's Q [16][D] and
 // dO [16][DV] ahead of K.
 #pragma once
@@ -24,17 +25,19 @@ namespace nsa::cuda {
 
 constexpr int kWarpRows = 16;  // query rows per warp (one m16 tile)
 
-// Keys per sub-tile (KEYS below): 16 or 32 (slc_warp_keys in switches.h). One warp per thread
-// block is the whole resident state of an SM's share of the work, so the sub-tiles' shared memory
-// sets how many warps an SM holds: ~39 KB with 32 keys (5 warps per SM, ncu at 64k: latency-bound,
-// 42% of the issue slots and 53% of L2 throughput used), ~23 KB with 16 (9 warps), 19 KB with 16
-// and the forward's Q in a stage of K (12 warps, then registers bound it too).
+// Keys per sub-tile. One warp per thread block is the whole resident state of an SM's share of the
+// work, so the sub-tiles' shared memory sets how many warps an SM holds: 16 keys take half the
+// shared memory of 32, twice the warps per SM for a latency-bound kernel (benchmarks/NOTES.md).
+constexpr int kWarpKeys = 16;
+// Stages of K and V: one load in flight per warp while a sub-tile is computed (a third stage,
+// fewer warps per SM, measured slower).
+constexpr int kWarpStages = 2;
 
 // Bytes of the tiles: `query_cols` = 0 (forward: Q in a stage of K) or D + DV (dq: Q and dO);
-// STAGES sub-tiles of K and V (slc_warp_stages in switches.h).
-template <int D, int DV, int KEYS, int STAGES = 2>
+// kWarpStages sub-tiles of K and V.
+template <int D, int DV>
 constexpr size_t slc_warp_tiles_bytes(int query_cols) {
-  return size_t(2) * (kWarpRows * query_cols + STAGES * KEYS * (D + DV));
+  return size_t(2) * (kWarpRows * query_cols + kWarpStages * kWarpKeys * (D + DV));
 }
 
 inline size_t slc_warp_smem_bytes(size_t tiles_bytes, int num_selected) {
@@ -75,8 +78,10 @@ __device__ __forceinline__ int warp_block_items(const SlcParams& p, const QueryR
 // loads in flight while one is computed): tile i is part i % per_block of the block of item
 // i / per_block, per_block = ceil(select_size / KEYS) rounded up to a power of two (a shift, not a
 // division, per tile; parts past the block are empty).
-template <typename T, int D, int DV, int KEYS, int STAGES = 2>
+template <typename T, int D, int DV>
 struct WarpBlockTiles {
+  static constexpr int KEYS = kWarpKeys, STAGES = kWarpStages;
+
   // Step i's tile: keys [ks, ks + kend) of token t in k, v (kend <= 0: nothing to do, a part past
   // the block, or past the token in its own block).
   struct Tile {
@@ -163,20 +168,21 @@ struct WarpTileMask {
 // Q lives in K's last stage (STAGES - 1, first written by step 0's prefetch) until it is in
 // registers: 4 KB less per warp at D = 128, 12 warps per SM instead of 9 (ncu at 64k: the kernel
 // is latency-bound, its occupancy set by shared memory).
-template <typename T, int D, int DV, int KEYS, int STAGES = 2>
+template <typename T, int D, int DV>
 __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
+  constexpr int KEYS = kWarpKeys, STAGES = kWarpStages;
   static_assert(KEYS >= kWarpRows, "Q [16][D] fits in a stage of K");
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + STAGES * KEYS * D;
   T* sQ = sK + (STAGES - 1) * KEYS * D;
-  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS, STAGES>(0));
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV>(0));
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV, KEYS, STAGES> tiles(p, rows, sK, sV, items);  // STAGES - 1 groups
+  const WarpBlockTiles<T, D, DV> tiles(p, rows, sK, sV, items);  // STAGES - 1 groups
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
   uint32_t qf[D / 16][4];
   cp_async_wait<STAGES - 1>();  // Q
@@ -210,21 +216,22 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
 
 // dQ = scale * sum dS K over the warp's tiles, dS = P (dP - delta), P = exp(scale q.k - lse),
 // dP = dO V^T (the shared dq kernel's math, per warp).
-template <typename T, int D, int DV, int KEYS, int STAGES = 2>
+template <typename T, int D, int DV>
 __global__ void __launch_bounds__(32) slc_dq_warp_kernel(const SlcParams p, const float* __restrict__ delta) {
+  constexpr int KEYS = kWarpKeys, STAGES = kWarpStages;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kWarpRows * D;
   T* sK = sdO + kWarpRows * DV;
   T* sV = sK + STAGES * KEYS * D;
-  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV, KEYS, STAGES>(D + DV));
+  int32_t* items = reinterpret_cast<int32_t*>(smem + slc_warp_tiles_bytes<D, DV>(D + DV));
 
   QueryRows rows;
   if (!locate_query_rows(p, rows, kWarpRows)) return;
   load_query_rows<D, kWarpRows, 32>(sQ, p.q, rows);
   load_query_rows<DV, kWarpRows, 32>(sdO, p.dout, rows);
   cp_async_commit();
-  const WarpBlockTiles<T, D, DV, KEYS, STAGES> tiles(p, rows, sK, sV, items);
+  const WarpBlockTiles<T, D, DV> tiles(p, rows, sK, sV, items);
   const ThreadRows tr(rows, 0, threadIdx.x & 31);
   float lse2[2], dlt[2];
   load_row_stats(p, rows, tr, delta, lse2, dlt);

@@ -1,6 +1,5 @@
 // Entry points of the selected branch.
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 
 #include "../attn/entry.cuh"
@@ -69,10 +68,8 @@ ReverseIndex build_reverse_index(const SlcParams& p, index_t chunk_rows, index_t
   return rix;
 }
 
-// By blocks (the forward, and the opt-in dQ): rows per chunk, so that a chunk's partials stay
-// under kPartialBytes.
-constexpr size_t kPartialBytes = size_t(2) << 30;
-
+// By blocks (p.plan.slc_fwd or slc_dq == kBlocks): the rows in chunks of p.plan.slc_chunk_rows,
+// which keeps a chunk's partials under nsa::kSlcPartialBytes (nsa/plan.cpp).
 struct BlocksPlan {
   index_t chunk_rows = 0, chunks = 0, num_keys = 0;
   int slots = 0;
@@ -87,14 +84,7 @@ BlocksPlan plan_blocks(const SlcParams& p, bool dq) {
   BlocksPlan f;
   const index_t rows = index_t(p.seqs.batch) * p.seqs.seqlen;
   f.slots = p.num_selected * tiles_per_block(p.select_size);
-  const size_t per_slot = dq ? size_t(p.head_dim) * 2 : size_t(p.head_dim_v) * 2 + sizeof(float);
-  const size_t per_row = size_t(p.num_heads) * f.slots * per_slot;
-  f.chunk_rows = std::max<index_t>(1, std::min<index_t>(rows, index_t(kPartialBytes / per_row)));
-  // NSA_CUDA_SLC_FWD_CHUNK_ROWS: smaller chunks (the tests make short sequences take several).
-  if (const char* env = std::getenv("NSA_CUDA_SLC_FWD_CHUNK_ROWS")) {
-    const long long v = std::atoll(env);
-    if (v > 0) f.chunk_rows = std::max<index_t>(1, std::min<index_t>(rows, index_t(v)));
-  }
+  f.chunk_rows = std::max<index_t>(1, p.plan.slc_chunk_rows);
   f.chunks = rows > 0 ? (rows + f.chunk_rows - 1) / f.chunk_rows : 0;
   f.num_keys = f.chunks * p.num_heads_k * reverse_index_vblocks(p);
   const size_t per_chunk = size_t(f.chunk_rows) * p.num_heads * f.slots;
@@ -104,14 +94,12 @@ BlocksPlan plan_blocks(const SlcParams& p, bool dq) {
   return f;
 }
 
-// Shapes the kernels by blocks take (plus their switch: sm_90, D, DV in {64, 128}).
-bool blocks_shape(const SlcParams& p) {
-  return p.seqs.batch > 0 && p.seqs.seqlen > 0 && p.num_heads > 0 && p.select_size >= 32 && p.select_size <= 256;
+// Does the forward (dq = false) or dQ run by blocks? The plan checked the shape (sm_90, D, Dv <=
+// 128, select_size within [32, 256]); an empty problem has nothing to compute.
+bool by_blocks(const SlcParams& p, bool dq) {
+  const bool empty = p.seqs.batch <= 0 || p.seqs.seqlen <= 0 || p.num_heads <= 0;
+  return !empty && (dq ? p.plan.slc_dq : p.plan.slc_fwd) == SlcKernel::kBlocks;
 }
-bool fwd_by_blocks(const SlcParams& p) {
-  return blocks_shape(p) && slc_fwd_by_blocks(p.num_heads / p.num_heads_k, p.head_dim, p.head_dim_v);
-}
-bool dq_by_blocks(const SlcParams& p) { return blocks_shape(p) && slc_dq_by_blocks(p.num_heads / p.num_heads_k, p.head_dim, p.head_dim_v); }
 
 // Runs the kernels by blocks (slc_blocks.cuh) chunk by chunk in `ws` (f.bytes(p) bytes): the
 // forward's o and lse, or (dq) dq from delta.
@@ -149,14 +137,16 @@ void run_by_blocks(const SlcParams& p, const BlocksPlan& f, bool dq, const float
 }  // namespace
 
 size_t slc_fwd_workspace_bytes(const SlcParams& p) {
-  if (!fwd_by_blocks(p)) return 0;
+  if (!by_blocks(p, false)) return 0;
   const BlocksPlan f = plan_blocks(p, false);
   check_sizes(p, f.num_keys);
   return f.bytes(p);
 }
 
 void slc_fwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
-  if (workspace == nullptr || !fwd_by_blocks(p)) return attn_fwd<Branch::kSlc>(p, stream);
+  if (p.plan.slc_fwd != SlcKernel::kBlocks) return attn_fwd<Branch::kSlc>(p, stream);
+  if (!by_blocks(p, false)) return;
+  if (workspace == nullptr) throw std::invalid_argument(std::string(kOp) + ": the forward by blocks needs a workspace");
   run_by_blocks(p, plan_blocks(p, false), false, nullptr, static_cast<unsigned char*>(workspace), stream);
 }
 
@@ -167,7 +157,7 @@ size_t slc_bwd_workspace_bytes(const SlcParams& p) {
   check_sizes(p, num_keys);
   size_t bytes = delta_bytes(p) + index_bytes(p, num_keys) +
                  split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
-  if (dq_by_blocks(p)) {
+  if (by_blocks(p, true)) {
     const BlocksPlan f = plan_blocks(p, true);
     check_sizes(p, f.num_keys);
     bytes += f.bytes(p);
@@ -183,9 +173,8 @@ void slc_bwd(const SlcParams& p, void* workspace, cudaStream_t stream) {
   const ReverseIndex rix = build_reverse_index(p, 0, num_keys, ws + delta_bytes(p), stream);
   const size_t split = split_bytes(plan_dkdv_split<Branch::kSlc>(p, reverse_index_vblocks(p)), p);
   float* partial = reinterpret_cast<float*>(ws + delta_bytes(p) + index_bytes(p, num_keys));
-  const bool dq_blocks = dq_by_blocks(p);
-  attn_bwd<Branch::kSlc>(p, delta, rix, partial, stream, dq_blocks);  // delta, dK/dV (and dQ by tokens)
-  if (dq_blocks)
+  attn_bwd<Branch::kSlc>(p, delta, rix, partial, stream);  // delta, dK/dV (and dQ by tokens)
+  if (by_blocks(p, true))
     run_by_blocks(p, plan_blocks(p, true), true, delta, ws + delta_bytes(p) + index_bytes(p, num_keys) + split,
                   stream);
 }

@@ -49,13 +49,12 @@ void dispatch_mode(const TopkParams& p, const Shape& s, int max_smem, dim3 grid,
   }
 }
 
-// select_topk_wgmma_kernel, compiled per G (its group sum's width) and D.
+// select_topk_wgmma_kernel, compiled per G (its group sum's width) and D: G = 16 and 32, where it
+// is the default (below G = 16 it lost to select_topk_kernel).
 template <typename T, int D>
 void dispatch_wgmma(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
   auto go = [&](auto kernel) { launch_kernel(kernel, kWgThreads, p, s, max_smem, grid, stream); };
   switch (s.group) {
-    case 4: return go(select_topk_wgmma_kernel<T, D, 4>);
-    case 8: return go(select_topk_wgmma_kernel<T, D, 8>);
     case 16: return go(select_topk_wgmma_kernel<T, D, 16>);
     case 32: return go(select_topk_wgmma_kernel<T, D, 32>);
     default: invalid("internal: no warpgroup selection kernel for G = " + std::to_string(s.group));

@@ -4,14 +4,12 @@
 #include <stdexcept>
 #include <string>
 
-#include "../attn/switches.h"
 #include "../kernels.h"
 #include "launch.h"
 
 namespace nsa::cuda {
 namespace {
 
-using topk::check_cuda;
 using topk::invalid;
 using topk::Shape;
 
@@ -55,11 +53,11 @@ void layout(const TopkParams& p, Shape& s) {
   s.smem = off;
 }
 
-// wgmma (the caller's choice, select_wgmma in attn/switches.h): one segment of 128 rows (128 / G
-// tokens), if its state fits the budget with at least the fewest slots. Otherwise G <= 32: units of
-// 32 rows (32 / G tokens), Q in registers; G > 32: chunks of 64 rows (64 / G tokens, or one token
-// in ceil(G / 64) chunks for G > 64). As many segments as fill the warps (256 query rows), halved
-// until the budget holds; G > 64 keeps all its chunks.
+// wgmma (p.plan.select, nsa/plan.cpp): one segment of 128 rows (128 / G tokens), its state within
+// the budget with at least the fewest slots (else invalid: the plan cannot run). Otherwise
+// G <= 32: units of 32 rows (32 / G tokens), Q in registers; G > 32: chunks of 64 rows (64 / G
+// tokens, or one token in ceil(G / 64) chunks for G > 64). As many segments as fill the warps (256
+// query rows), halved until the budget holds; G > 64 keeps all its chunks.
 Shape make_shape(const TopkParams& p, int budget, bool wgmma) {
   Shape s{};
   const int G = p.num_heads / p.num_heads_k;
@@ -85,14 +83,16 @@ Shape make_shape(const TopkParams& p, int budget, bool wgmma) {
     return s.smem <= budget;
   };
   if (wgmma) {
-    const Shape mma = s;
     s.wgmma = 1;
     s.resident = 0;
     s.segs = 1;
     s.seg_rows = topk::kWgRows;
     s.seg_tokens = topk::kWgRows / G;
     if (fits(topk::kMaxCand) || fits(min_cap)) return s;
-    s = mma;
+    invalid("select=\"wgmma\" cannot run: it needs " + std::to_string(s.smem) + " bytes of shared memory per block, "
+            "more than the budget of " + std::to_string(budget) + " (G = " + std::to_string(G) + ", D = " +
+            std::to_string(p.head_dim) + ", block_size / block_stride = " + std::to_string(s.cpr) +
+            ", num_selected = " + std::to_string(p.num_selected) + ")");
   }
   if (G > topk::kRows) {
     s.segs = (G + topk::kRows - 1) / topk::kRows;
@@ -134,14 +134,8 @@ void select_topk(const TopkParams& p, cudaStream_t stream) {
             std::to_string(p.num_selected) + ", num_initial = " + std::to_string(p.num_initial) +
             ", num_local = " + std::to_string(p.num_local));
 
-  int dev = 0, max_smem = 0, smem_per_sm = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice failed");
-  check_cuda(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-             "cudaDeviceGetAttribute failed");
-  check_cuda(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
-             "cudaDeviceGetAttribute failed");
-  const int G = p.num_heads / p.num_heads_k;
-  const Shape s = make_shape(p, smem_budget(smem_per_sm), select_wgmma(G, p.head_dim));
+  const DeviceFacts& dev = p.plan.device;
+  const Shape s = make_shape(p, smem_budget(dev.smem_per_sm), p.plan.select == SelectKernel::kWgmma);
   const bool packed = p.seqs.cu_seqlens != nullptr;
   if (p.seqs.num_seqs <= 0 || p.seqs.seqlen <= 0 || p.seqs.batch <= 0) return;
   const index_t tiles = num_virtual_tiles(p.seqs, p.seqs.seqlen, 1, s.tokens);
@@ -150,9 +144,9 @@ void select_topk(const TopkParams& p, cudaStream_t stream) {
             ", B = " + std::to_string(p.seqs.batch) + ")");
   const dim3 grid(unsigned(tiles), unsigned(p.num_heads_k), unsigned(packed ? 1 : p.seqs.batch));
   if (p.dtype == Dtype::kBFloat16)
-    topk::launch_select<__nv_bfloat16>(p, s, max_smem, grid, stream);
+    topk::launch_select<__nv_bfloat16>(p, s, dev.smem_per_block, grid, stream);
   else
-    topk::launch_select<__half>(p, s, max_smem, grid, stream);
+    topk::launch_select<__half>(p, s, dev.smem_per_block, grid, stream);
 }
 
 }  // namespace nsa::cuda

@@ -5,8 +5,8 @@
 // mma.sync kernel was 20% of its FLOP floor at 64k, benchmarks/NOTES.md).
 //
 // Thread block: one warpgroup (4 warps) and P = 128 / G whole tokens of one sequence and KV head g,
-// G a power of two in [4, 32] (the default for G = 16, 32: switches.h), their (token, head) query rows
-// token-major in one 128-row tile (Layout::kWgmma). Per key tile of 64 compressed rows
+// G = 16 or 32 (where it is the default on sm_90, nsa/plan.cpp; below G = 16 it lost to the
+// mma.sync kernel), their (token, head) query rows token-major in one 128-row tile (Layout::kWgmma). Per key tile of 64 compressed rows
 // (double-buffered cp.async):
 //   1. S^T = K Q^T (wgmma m64n128k16, both operands K-major in shared memory): warp w holds key
 //      rows 16w .. 16w + 15 against all 128 query columns in the C-fragment layout of mma.sync,
@@ -29,7 +29,7 @@ namespace nsa::cuda::topk {
 template <typename T, int D, int kGroup>
 __global__ void __launch_bounds__(kWgThreads) select_topk_wgmma_kernel(const TopkParams p, const Shape s) {
   static_assert(D == 64 || D == 128, "D: 64 or 128");
-  static_assert(kGroup >= 4 && kGroup <= 32 && (kGroup & (kGroup - 1)) == 0, "G: a power of two in [4, 32]");
+  static_assert(kGroup == 16 || kGroup == 32, "G: 16 or 32");
   constexpr int kWarps = kWgThreads / 32;
   constexpr int P = kWgRows / kGroup;  // tokens per thread block (= s.tokens)
   extern __shared__ __align__(1024) unsigned char smem_tw[];  // (its own name: the other kernel declares 128)

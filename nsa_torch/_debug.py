@@ -1,0 +1,135 @@
+"""Private hooks into the CUDA kernel choice, for A/B comparisons and tests (not a public API).
+
+Each CUDA op call runs the kernels of a plan: a pure function of the shape, the GPU (architecture,
+SM count) and the overrides set here (csrc/nsa/plan.h). ``force`` overrides choices, ``plans``
+records the plans that ran::
+
+    from nsa_torch import _debug
+    with _debug.force(fwd="wide", bwd="mma", slc_fwd="blocks", slc_dq="tokens", select="mma",
+                      split_tokens=64, slc_chunk_rows=100):   # any subset of these keywords
+        ...
+    with _debug.plans() as ran:
+        o = nsa_torch.nsa_attention(...)
+    # ran: one dict per CUDA op call, in call order, e.g.
+    # {"op": "nsa.compressed_attention_fwd", "fwd": "wgmma", "arch": 90, "num_sms": 132}
+    # {"op": "nsa.selected_attention_bwd", "slc_dq": "blocks", "slc_chunk_rows": 4096,
+    #  "bwd": "wgmma", "split_tokens": 4096, "split": 4, "arch": 90, "num_sms": 132}
+    # {"op": "nsa.select_blocks", "select": "wgmma", "arch": 90, "num_sms": 132}
+
+Keys and values (``keys()`` lists them):
+  fwd             "wgmma" (sm_90, D, Dv <= 128), "wide" (mma.sync, 32 rows per warp, D, Dv <= 128)
+                  or "mma" (mma.sync, 16 rows per warp): forward of the compressed and window branches
+  bwd             "wgmma" (sm_90, D, Dv <= 128) or "mma": dQ and dK/dV of every branch
+  slc_fwd         "warp" (per-warp kernels, G < 64), "union" (block union, any G) or "blocks" (by key
+                  blocks, sm_90, D, Dv <= 128, select_size in [32, 256]): the selected forward.
+                  "warp" and "union" also choose the selected dQ's kernel when it runs by tokens
+                  (a backward plan reports it as "slc_tokens")
+  slc_dq          "tokens" or "blocks" (as slc_fwd's): the selected branch's dQ
+  select          "wgmma" (sm_90, D in {64, 128}, G in {16, 32}) or "mma": select_blocks
+  split_tokens    int >= 0: tokens per dK/dV split range (0: no split; default 4096)
+  slc_chunk_rows  int >= 1: rows per chunk of the selected branch by blocks (default: as many as
+                  fit the partials' memory bound)
+A value of None removes the key's override (the plan's own choice, also inside an outer force).
+
+An unknown key or value raises ValueError when ``force`` is called. Forcing a kernel that the
+shape or GPU cannot take raises ValueError at the op call, naming the key, the value and why:
+never a silent fallback. Overrides nest and are restored on exit; they are process-global state
+for eager debugging and tests (every thread sees them), not for use under torch.compile. CPU op
+calls have no plan: they are neither affected nor recorded.
+"""
+import threading
+
+from . import _C
+
+_lock = threading.Lock()
+_in_force = [{}]  # the overrides of each open force, outermost first ({} when none is open)
+
+
+def keys():
+    """{key: tuple of kernel names} (an empty tuple for the int keys)."""
+    return _C._debug_keys()
+
+
+class force:
+    """Context manager overriding the kernel choice of CUDA op calls (see the module docstring)."""
+
+    def __init__(self, **choices):
+        self._choices = choices
+        _C._debug_force(self._merged(choices, {}), False)  # validates: ValueError for a bad key or value
+        self._saved = None
+
+    @staticmethod
+    def _merged(choices, outer):
+        merged = {**outer, **choices}
+        return {k: v for k, v in merged.items() if v is not None}
+
+    def __enter__(self):
+        with _lock:
+            merged = self._merged(self._choices, _in_force[-1])
+            _C._debug_force(merged, True)
+            _in_force.append(merged)
+            self._saved = len(_in_force) - 1
+        return self
+
+    def __exit__(self, *exc):
+        with _lock:
+            del _in_force[self._saved:]
+            _C._debug_force(_in_force[-1], True)
+        return False
+
+
+class _Plans(list):
+    """The plans recorded since the recording opened; read live from the log while it is open."""
+
+    def __init__(self, start):
+        super().__init__()
+        self._start = start
+        self._open = True
+
+    def _sync(self):
+        if self._open:
+            self.extend(_C._debug_plans_read(self._start + super().__len__()))
+
+    def __len__(self):
+        self._sync()
+        return super().__len__()
+
+    def __iter__(self):
+        self._sync()
+        return super().__iter__()
+
+    def __getitem__(self, i):
+        self._sync()
+        return super().__getitem__(i)
+
+    def __contains__(self, item):
+        self._sync()
+        return super().__contains__(item)
+
+    def __eq__(self, other):
+        self._sync()
+        return list(super().__iter__()) == other
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __repr__(self):
+        self._sync()
+        return super().__repr__()
+
+
+class plans:
+    """Context manager recording the plan of every CUDA op call inside it: ``as ran`` gives a list
+    of dicts, one per op call in call order (live while open, fixed on exit). Recordings nest."""
+
+    def __enter__(self):
+        self._ran = _Plans(_C._debug_plans_open())
+        return self._ran
+
+    def __exit__(self, *exc):
+        try:
+            self._ran._sync()
+        finally:
+            self._ran._open = False
+            _C._debug_plans_close()
+        return False

@@ -1,0 +1,289 @@
+// The kernel plan (nsa/plan.h): which CUDA kernel each shape gets on an sm_90 GPU with 132 SMs
+// (H100 SXM) and on sm_80, and which overrides are accepted or refused, and why.
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "catch.h"
+#include "nsa/plan.h"
+
+using namespace nsa;
+
+namespace {
+
+const DeviceFacts kH100{90, 132, 227 * 1024, 228 * 1024};
+const DeviceFacts kA100{80, 108, 163 * 1024, 164 * 1024};
+
+// A fixed-length batch of B x T tokens, HQ = 64 query heads in groups of G.
+template <typename P>
+P attn_shape(int G, int D, int DV, index_t T = 4096, int B = 1) {
+  P p;
+  p.seqs.batch = B;
+  p.seqs.num_seqs = B;
+  p.seqs.seqlen = T;
+  p.num_heads = 64;
+  p.num_heads_k = 64 / G;
+  p.head_dim = D;
+  p.head_dim_v = DV;
+  return p;
+}
+
+SlcParams slc_shape(int G, int D = 128, int DV = 128, index_t T = 4096) {
+  SlcParams p = attn_shape<SlcParams>(G, D, DV, T);
+  p.select_size = 64;
+  p.num_selected = 16;
+  return p;
+}
+
+TopkParams topk_shape(int G, int D = 128) {
+  TopkParams p;
+  p.seqs.batch = 1;
+  p.seqs.num_seqs = 1;
+  p.seqs.seqlen = 4096;
+  p.num_heads = 64;
+  p.num_heads_k = 64 / G;
+  p.head_dim = D;
+  return p;
+}
+
+PlanOverrides with(const std::string& key, const std::string& value) {
+  PlanOverrides o;
+  set_override(o, key, value);
+  return o;
+}
+
+// The message of the std::invalid_argument that f throws ("" when it throws none).
+template <typename F>
+std::string refusal(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+const int kGroups[] = {1, 2, 4, 8, 16, 32, 64};
+const std::pair<int, int> kWgmmaDims[] = {{64, 64}, {64, 128}, {128, 64}, {128, 128}};
+
+}  // namespace
+
+TEST_CASE("plan: forward of the compressed and window branches", "[plan]") {
+  const PlanOverrides none;
+  for (int G : kGroups) {
+    CAPTURE(G);
+    for (auto [D, DV] : kWgmmaDims) {
+      CAPTURE(D, DV);
+      CHECK(plan_cmp(attn_shape<CmpParams>(G, D, DV), Pass::kFwd, kH100, none).fwd == FwdKernel::kWgmma);
+      CHECK(plan_swa(attn_shape<SwaParams>(G, D, DV), Pass::kFwd, kH100, none).fwd == FwdKernel::kWgmma);
+      CHECK(plan_cmp(attn_shape<CmpParams>(G, D, DV), Pass::kFwd, kA100, none).fwd == FwdKernel::kWide);
+      CHECK(plan_swa(attn_shape<SwaParams>(G, D, DV), Pass::kFwd, kA100, none).fwd == FwdKernel::kWide);
+    }
+    CHECK(plan_cmp(attn_shape<CmpParams>(G, 192, 128), Pass::kFwd, kH100, none).fwd == FwdKernel::kMma);
+    CHECK(plan_swa(attn_shape<SwaParams>(G, 192, 128), Pass::kFwd, kA100, none).fwd == FwdKernel::kMma);
+  }
+}
+
+TEST_CASE("plan: backward kernels and the dK/dV split by T", "[plan]") {
+  const PlanOverrides none;
+  const AttnPlan h = plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kBwd, kH100, none);
+  CHECK(h.bwd == BwdKernel::kWgmma);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kBwd, kA100, none).bwd == BwdKernel::kMma);
+  CHECK(plan_swa(attn_shape<SwaParams>(4, 192, 128), Pass::kBwd, kH100, none).bwd == BwdKernel::kMma);
+  CHECK(plan_slc(slc_shape(16), Pass::kBwd, kH100, none).bwd == BwdKernel::kWgmma);
+  CHECK(plan_slc(slc_shape(16, 192, 128), Pass::kBwd, kH100, none).bwd == BwdKernel::kMma);
+
+  // Ranges of 4096 tokens, 16 at most; none below 2 * 4096 tokens, none for the window branch.
+  CHECK(h.split_tokens == 4096);
+  CHECK(h.split == 1);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128, 8192), Pass::kBwd, kH100, none).split == 2);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128, 65536), Pass::kBwd, kH100, none).split == 16);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128, 1 << 20), Pass::kBwd, kH100, none).split == 16);
+  CHECK(plan_slc(slc_shape(16, 128, 128, 16384), Pass::kBwd, kA100, none).split == 4);
+  CHECK(plan_swa(attn_shape<SwaParams>(16, 128, 128, 65536), Pass::kBwd, kH100, none).split == 1);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128, 65536), Pass::kFwd, kH100, none).split == 1);
+
+  PlanOverrides o;
+  set_override(o, "split_tokens", int64_t(64));
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128, 300), Pass::kBwd, kH100, o).split == 4);
+  CHECK(plan_swa(attn_shape<SwaParams>(16, 128, 128, 300), Pass::kBwd, kH100, o).split == 1);
+  set_override(o, "split_tokens", int64_t(0));
+  const AttnPlan off = plan_cmp(attn_shape<CmpParams>(16, 128, 128, 65536), Pass::kBwd, kH100, o);
+  CHECK(off.split_tokens == 0);
+  CHECK(off.split == 1);
+}
+
+TEST_CASE("plan: the selected branch by G, GPU and head dims", "[plan]") {
+  const PlanOverrides none;
+  for (int G : kGroups) {
+    CAPTURE(G);
+    const SlcKernel tokens = G < 64 ? SlcKernel::kWarp : SlcKernel::kUnion;
+    const SlcKernel h100 = G < 16 ? SlcKernel::kBlocks : tokens;
+    const AttnPlan fwd = plan_slc(slc_shape(G), Pass::kFwd, kH100, none);
+    const AttnPlan bwd = plan_slc(slc_shape(G), Pass::kBwd, kH100, none);
+    CHECK(fwd.slc_fwd == h100);
+    CHECK(bwd.slc_dq == h100);
+    CHECK((fwd.slc_chunk_rows > 0) == (G < 16));
+    CHECK(plan_slc(slc_shape(G), Pass::kFwd, kA100, none).slc_fwd == tokens);
+    CHECK(plan_slc(slc_shape(G), Pass::kBwd, kA100, none).slc_dq == tokens);
+    CHECK(plan_slc(slc_shape(G, 192, 128), Pass::kFwd, kH100, none).slc_fwd == tokens);
+    CHECK(plan_slc(slc_shape(G, 64, 128), Pass::kFwd, kH100, none).slc_fwd == h100);
+  }
+  // By blocks needs select_size within [32, 256], and something to compute.
+  SlcParams p = slc_shape(4);
+  p.select_size = 16;
+  CHECK(plan_slc(p, Pass::kFwd, kH100, none).slc_fwd == SlcKernel::kWarp);
+  p.select_size = 512;
+  CHECK(plan_slc(p, Pass::kBwd, kH100, none).slc_dq == SlcKernel::kWarp);
+  CHECK(plan_slc(slc_shape(4, 128, 128, 0), Pass::kFwd, kH100, none).slc_fwd == SlcKernel::kWarp);
+}
+
+TEST_CASE("plan: chunk rows of the selected branch by blocks", "[plan]") {
+  const PlanOverrides none;
+  // Per row: HQ x n x tiles per block slots of Dv 16-bit outputs and an fp32 lse (forward) or of
+  // D bf16 dQ values; chunks stay under 2 GiB and within [1, B * T].
+  const SlcParams p = slc_shape(4, 128, 64, 1 << 20);
+  const index_t fwd_row = 64 * 16 * (64 * 2 + 4), dq_row = 64 * 16 * (128 * 2);
+  const index_t fwd_rows = plan_slc(p, Pass::kFwd, kH100, none).slc_chunk_rows;
+  const index_t dq_rows = plan_slc(p, Pass::kBwd, kH100, none).slc_chunk_rows;
+  CHECK(fwd_rows == (index_t(2) << 30) / fwd_row);
+  CHECK(dq_rows == (index_t(2) << 30) / dq_row);
+  CHECK(fwd_rows * fwd_row <= index_t(kSlcPartialBytes));
+  CHECK((fwd_rows + 1) * fwd_row > index_t(kSlcPartialBytes));
+  CHECK(plan_slc(slc_shape(4, 128, 128, 100), Pass::kFwd, kH100, none).slc_chunk_rows == 100);
+
+  PlanOverrides o;
+  set_override(o, "slc_chunk_rows", int64_t(70));
+  CHECK(plan_slc(slc_shape(4), Pass::kFwd, kH100, o).slc_chunk_rows == 70);
+  CHECK(plan_slc(slc_shape(4), Pass::kBwd, kH100, o).slc_chunk_rows == 70);
+  CHECK(plan_slc(slc_shape(4, 128, 128, 50), Pass::kFwd, kH100, o).slc_chunk_rows == 50);
+  CHECK(plan_slc(slc_shape(16), Pass::kFwd, kH100, o).slc_chunk_rows == 0);  // by tokens
+}
+
+TEST_CASE("plan: block selection", "[plan]") {
+  const PlanOverrides none;
+  for (int G : kGroups) {
+    CAPTURE(G);
+    const SelectKernel h100 = G == 16 || G == 32 ? SelectKernel::kWgmma : SelectKernel::kMma;
+    CHECK(plan_select(topk_shape(G, 64), kH100, none).select == h100);
+    CHECK(plan_select(topk_shape(G, 128), kH100, none).select == h100);
+    CHECK(plan_select(topk_shape(G, 192), kH100, none).select == SelectKernel::kMma);
+    CHECK(plan_select(topk_shape(G, 128), kA100, none).select == SelectKernel::kMma);
+  }
+  TopkParams p = topk_shape(16);
+  p.block_size = 1024;
+  p.block_stride = 1;  // a window of 1023 compressed rows per token: beyond the default's bound
+  CHECK(plan_select(p, kH100, none).select == SelectKernel::kMma);
+  CHECK(plan_select(p, kH100, with("select", "wgmma")).select == SelectKernel::kWgmma);
+  CHECK(plan_select(topk_shape(64), kH100, with("select", "mma")).select == SelectKernel::kMma);
+}
+
+TEST_CASE("plan: overrides accepted where the kernel can run", "[plan]") {
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kFwd, kH100, with("fwd", "wide")).fwd == FwdKernel::kWide);
+  CHECK(plan_swa(attn_shape<SwaParams>(16, 128, 128), Pass::kFwd, kH100, with("fwd", "mma")).fwd == FwdKernel::kMma);
+  CHECK(plan_swa(attn_shape<SwaParams>(4, 192, 128), Pass::kFwd, kA100, with("fwd", "mma")).fwd == FwdKernel::kMma);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 64, 64), Pass::kBwd, kH100, with("bwd", "mma")).bwd == BwdKernel::kMma);
+  CHECK(plan_slc(slc_shape(16), Pass::kFwd, kH100, with("slc_fwd", "blocks")).slc_fwd == SlcKernel::kBlocks);
+  CHECK(plan_slc(slc_shape(64), Pass::kFwd, kH100, with("slc_fwd", "blocks")).slc_fwd == SlcKernel::kBlocks);
+  CHECK(plan_slc(slc_shape(4), Pass::kFwd, kH100, with("slc_fwd", "union")).slc_fwd == SlcKernel::kUnion);
+  CHECK(plan_slc(slc_shape(1), Pass::kFwd, kA100, with("slc_fwd", "union")).slc_fwd == SlcKernel::kUnion);
+  CHECK(plan_slc(slc_shape(64), Pass::kFwd, kA100, with("slc_fwd", "union")).slc_fwd == SlcKernel::kUnion);
+  CHECK(plan_slc(slc_shape(16), Pass::kBwd, kH100, with("slc_dq", "blocks")).slc_dq == SlcKernel::kBlocks);
+  CHECK(plan_slc(slc_shape(4), Pass::kBwd, kH100, with("slc_dq", "tokens")).slc_dq == SlcKernel::kWarp);
+  // warp and union also pick the dQ's kernel by tokens; blocks leaves the dQ to the plan.
+  CHECK(plan_slc(slc_shape(32), Pass::kBwd, kH100, with("slc_fwd", "union")).slc_dq == SlcKernel::kUnion);
+  CHECK(plan_slc(slc_shape(4), Pass::kBwd, kH100, with("slc_fwd", "union")).slc_dq == SlcKernel::kBlocks);
+  CHECK(plan_slc(slc_shape(32), Pass::kBwd, kH100, with("slc_fwd", "blocks")).slc_dq == SlcKernel::kWarp);
+  CHECK(plan_select(topk_shape(32, 64), kH100, with("select", "wgmma")).select == SelectKernel::kWgmma);
+  // Keys that do not concern an op leave it alone.
+  CHECK(plan_slc(slc_shape(16), Pass::kFwd, kA100, with("fwd", "wgmma")).slc_fwd == SlcKernel::kWarp);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 192, 128), Pass::kBwd, kH100, with("fwd", "wgmma")).bwd == BwdKernel::kMma);
+}
+
+TEST_CASE("plan: overrides the shape or GPU cannot take are refused with the reason", "[plan]") {
+  std::string why = refusal([] { plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kFwd, kA100, with("fwd", "wgmma")); });
+  CHECK(contains(why, "nsa.compressed_attention"));
+  CHECK(contains(why, "fwd=\"wgmma\""));
+  CHECK(contains(why, "sm_90"));
+  CHECK(contains(why, "sm_80"));
+  why = refusal([] { plan_swa(attn_shape<SwaParams>(16, 192, 128), Pass::kFwd, kH100, with("fwd", "wgmma")); });
+  CHECK(contains(why, "nsa.sliding_window_attention"));
+  CHECK(contains(why, "D = 192"));
+  why = refusal([] { plan_swa(attn_shape<SwaParams>(16, 192, 128), Pass::kFwd, kH100, with("fwd", "wide")); });
+  CHECK(contains(why, "fwd=\"wide\""));
+  CHECK(contains(why, "D, Dv <= 128"));
+  why = refusal([] { plan_cmp(attn_shape<CmpParams>(4, 192, 128), Pass::kBwd, kH100, with("bwd", "wgmma")); });
+  CHECK(contains(why, "bwd=\"wgmma\""));
+  why = refusal([] { plan_slc(slc_shape(64), Pass::kFwd, kH100, with("slc_fwd", "warp")); });
+  CHECK(contains(why, "nsa.selected_attention"));
+  CHECK(contains(why, "slc_fwd=\"warp\""));
+  CHECK(contains(why, "G = 64"));
+  why = refusal([] { plan_slc(slc_shape(64), Pass::kBwd, kH100, with("slc_fwd", "warp")); });
+  CHECK(contains(why, "slc_fwd=\"warp\""));
+  why = refusal([] { plan_slc(slc_shape(4), Pass::kFwd, kA100, with("slc_fwd", "blocks")); });
+  CHECK(contains(why, "slc_fwd=\"blocks\""));
+  CHECK(contains(why, "sm_80"));
+  why = refusal([] { plan_slc(slc_shape(4, 192, 128), Pass::kBwd, kH100, with("slc_dq", "blocks")); });
+  CHECK(contains(why, "slc_dq=\"blocks\""));
+  CHECK(contains(why, "D = 192"));
+  SlcParams p = slc_shape(4);
+  p.select_size = 512;
+  why = refusal([&] { plan_slc(p, Pass::kBwd, kH100, with("slc_dq", "blocks")); });
+  CHECK(contains(why, "select_size in [32, 256], got 512"));
+  why = refusal([] { plan_select(topk_shape(8), kH100, with("select", "wgmma")); });
+  CHECK(contains(why, "nsa.select_blocks"));
+  CHECK(contains(why, "select=\"wgmma\""));
+  CHECK(contains(why, "G = 8"));
+  why = refusal([] { plan_select(topk_shape(16, 192), kH100, with("select", "wgmma")); });
+  CHECK(contains(why, "D = 192"));
+  CHECK(contains(refusal([] { plan_select(topk_shape(16), kA100, with("select", "wgmma")); }), "sm_80"));
+}
+
+TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
+  PlanOverrides o;
+  CHECK(contains(refusal([&] { set_override(o, "fwdd", "wide"); }), "unknown key \"fwdd\""));
+  CHECK(contains(refusal([&] { set_override(o, "fwd", "narrow"); }), "\"wgmma\", \"wide\", \"mma\""));
+  CHECK(contains(refusal([&] { set_override(o, "fwd", "wgmma_kv2"); }), "fwd=\"wgmma_kv2\""));
+  CHECK(contains(refusal([&] { set_override(o, "slc_dq", "warp"); }), "\"tokens\", \"blocks\""));
+  CHECK(contains(refusal([&] { set_override(o, "select", int64_t(1)); }), "select=1"));
+  CHECK(contains(refusal([&] { set_override(o, "split_tokens", "64"); }), "expected an int >= 0"));
+  CHECK(contains(refusal([&] { set_override(o, "split_tokens", int64_t(-1)); }), "expected an int >= 0"));
+  CHECK(contains(refusal([&] { set_override(o, "slc_chunk_rows", int64_t(0)); }), "expected an int >= 1"));
+  CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
+  CHECK(!o.fwd);  // nothing refused was set
+  CHECK(o.split_tokens == 0);
+  CHECK(plan_keys().size() == 7);
+  for (const std::string& key : plan_keys())
+    for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
+}
+
+TEST_CASE("plan: description of what ran", "[plan]") {
+  const PlanOverrides none;
+  auto find = [](const std::vector<PlanItem>& items, const std::string& key) {
+    for (const PlanItem& it : items)
+      if (it.key == key) return it;
+    return PlanItem{"(absent)", "", -1};
+  };
+  const auto cmp_fwd = describe(plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kFwd, kH100, none),
+                                AttnBranch::kCmp, Pass::kFwd);
+  CHECK(find(cmp_fwd, "fwd").name == "wgmma");
+  CHECK(find(cmp_fwd, "bwd").key == "(absent)");
+  CHECK(find(cmp_fwd, "arch").number == 90);
+  CHECK(find(cmp_fwd, "num_sms").number == 132);
+  const auto slc_bwd = describe(plan_slc(slc_shape(4, 128, 128, 16384), Pass::kBwd, kH100, none), AttnBranch::kSlc,
+                                Pass::kBwd);
+  CHECK(find(slc_bwd, "slc_dq").name == "blocks");
+  CHECK(find(slc_bwd, "bwd").name == "wgmma");
+  CHECK(find(slc_bwd, "split").number == 4);
+  CHECK(find(slc_bwd, "slc_chunk_rows").number > 0);
+  const auto slc_tokens = describe(plan_slc(slc_shape(64), Pass::kBwd, kA100, none), AttnBranch::kSlc, Pass::kBwd);
+  CHECK(find(slc_tokens, "slc_dq").name == "tokens");
+  CHECK(find(slc_tokens, "slc_tokens").name == "union");
+  CHECK(find(slc_tokens, "bwd").name == "mma");
+  const auto swa_bwd = describe(plan_swa(attn_shape<SwaParams>(16, 64, 64), Pass::kBwd, kA100, none),
+                                AttnBranch::kSwa, Pass::kBwd);
+  CHECK(find(swa_bwd, "split").key == "(absent)");
+  CHECK(find(describe(plan_select(topk_shape(16), kH100, none)), "select").name == "wgmma");
+}
