@@ -9,14 +9,23 @@ CPP_BUILD := build/cpp
 
 test: deps build py-test cpp-test
 
-# Python and Debian packages (idempotent: quick when everything is there).
+# Python and Debian packages, each installed only where missing (quick when everything is there;
+# no network needed then). torch likewise: an installed torch is kept and tested (a CUDA build of
+# the user's or a GPU machine's; >= 2.6), a machine without one (CI's) gets TORCH_VERSION.
+PY_PACKAGES := ninja pytest numpy transformers tqdm matplotlib
 deps:
-	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)" ninja pytest numpy transformers tqdm matplotlib
-	@missing=""; for p in catch2 cmake; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import sys, torch; v = torch.__version__; \
+	  sys.exit(tuple(map(int, v.split('.')[:2])) < (2, 6) and f'make: nsa-torch needs torch >= 2.6, the installed torch is {v} ({torch.__file__}); upgrade it or use another Python (make PYTHON=...)')"
+	@missing=""; for p in $(PY_PACKAGES); do $(PYTHON) -c "import $$p" 2>/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Python packages:$$missing"; $(PYTHON) -m pip install -q $$missing; fi
+	@missing=""; dpkg -s catch2 >/dev/null 2>&1 || missing="$$missing catch2"; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@$(PYTHON) -c "import torch; print(f'testing against torch {torch.__version__} ({torch.__file__}), CUDA ' + (torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available: CUDA tests skip'))"
 
 # The extension (CPU kernels, plus the CUDA part when nvcc and a CUDA torch are present).
 build:

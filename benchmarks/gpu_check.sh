@@ -5,11 +5,11 @@
 #
 # Stages (default: build tests sanitize bench, in this order; profile, ab and layer only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
-#   tests     pytest -m cuda tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py
+#   tests     pytest -m cuda tests/test_cuda_*.py tests/test_gated_sum.py tests/test_errors.py
 #             tests/test_modules.py (the layer on CUDA against CPU float64), log in
 #             $OUT/tests.log
-#   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize` of
-#             tests/test_cuda.py and the CUDA cases of tests/test_gated_sum.py)
+#   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize`:
+#             tests/test_cuda_sanitize.py, and the CUDA cases of tests/test_gated_sum.py)
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
@@ -18,6 +18,12 @@
 #             (NSA_AB_SWITCHES="fwd bwd", NSA_AB_T=65536, NSA_AB_CONFIGS=g16), log at the head of
 #             $OUT/bench.log
 #   bench     benchmarks/bench_attention.py, log in $OUT/bench.log, CSV and PNG in $OUT
+#   baseline  the no-regression check of a change: the tree before it ($NSA_BASELINE_DIR, default
+#             .baseline: e.g. `git archive BASE | tar -x -C .baseline`, carried with the call) is
+#             built beside this one during `build`, its bench_attention.py runs in its own process
+#             right after this tree's `bench` with the same lengths, configs and arguments, and
+#             benchmarks/compare_bench.py compares the two trees' speed-ups over their own cuDNN
+#             (fails beyond 3%); log appended to $OUT/bench.log, its CSV as $OUT/baseline.csv
 #   layer     benchmarks/bench_layer.py (one NativeSparseAttention layer against the same layer
 #             with SDPA, peak memory of both; only when named), log appended to $OUT/bench.log
 # Then a summary (stage, status, pytest counts, seconds, the benchmark's table) is printed last
@@ -60,10 +66,10 @@ SUMMARY="$OUT/summary.txt"
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|sanitize|profile|ab|bench|layer) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench layer)"; exit 2;; esac
+  case $s in build|tests|sanitize|profile|ab|bench|baseline|layer) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench baseline layer)"; exit 2;; esac
 done
 # (sanitize: memcheck ~80 s and racecheck ~120 s on the H200 for their default selections)
-declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [ab]=60 [bench]=90 [layer]=60)
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60)
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
@@ -120,8 +126,18 @@ if have build; then
   s=$(date +%s)
   lim=$(limit_for build)
   : > "$OUT/build.log"
+  jobs=${MAX_JOBS:-16}
+  BASE_DIR=${NSA_BASELINE_DIR:-.baseline}
+  if have baseline; then
+    # the tree before the change builds in place beside this one, half the jobs each
+    jobs=$(( jobs / 2 > 0 ? jobs / 2 : 1 ))
+    ( cd "$BASE_DIR" && env MAX_JOBS=$jobs TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" NSA_BUILD_CUDA=1 \
+        timeout "$lim" "$PY" setup.py -q build_ext --inplace > /tmp/baseline_build.log 2>&1
+      echo $? > /tmp/baseline_build.rc ) &
+    BASE_BUILD_PID=$!
+  fi
   run_stage build "$OUT/build.log" "$lim" \
-    env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" NSA_BUILD_CUDA=1 \
+    env MAX_JOBS="$jobs" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" NSA_BUILD_CUDA=1 \
     "$PY" -m pip install --no-build-isolation --no-deps -v -e . > /dev/null
   rc=$?
   secs=$(( $(date +%s) - s ))
@@ -135,6 +151,12 @@ if have build; then
   fi
   "$PY" -c "import nsa_torch; print('nsa_torch._C:', nsa_torch._C.__file__ if nsa_torch._C is not None else nsa_torch._C_ERROR)" 2>&1 | tee -a "$OUT/build.log"
   record build pass "" "$secs"
+  if have baseline; then
+    wait "$BASE_BUILD_PID"
+    brc=$(cat /tmp/baseline_build.rc 2>/dev/null || echo 1)
+    { echo "=== baseline build of $BASE_DIR: rc $brc"; tail -20 /tmp/baseline_build.log; } >> "$OUT/build.log"
+    record "build baseline" "$(status_of "$brc")" "$BASE_DIR" "$(( $(date +%s) - s ))"
+  fi
   echo "clocks after build: $(nvidia-smi --query-gpu=clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null)"
 fi
 
@@ -155,7 +177,7 @@ if have tests; then
   if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
   # shellcheck disable=SC2206
   extra=(${NSA_TEST_ARGS:-})
-  files=(tests/test_cuda.py tests/test_gated_sum.py tests/test_errors.py tests/test_modules.py)
+  files=(tests/test_cuda_*.py tests/test_gated_sum.py tests/test_errors.py tests/test_modules.py)
   run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" ${kexpr:+-k "$kexpr"} "${extra[@]}" "${files[@]}"
   rc=$?
   secs=$(( $(date +%s) - s ))
@@ -185,7 +207,7 @@ if have sanitize; then
       [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split or d128v128)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
-        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda.py tests/test_gated_sum.py
+        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda_*.py tests/test_gated_sum.py
       rc=$?
       secs=$(( $(date +%s) - s ))
       part=$(tail -n +"$((mark + 1))" "$OUT/sanitize.log")
@@ -269,6 +291,37 @@ if have bench; then
   fi
 fi
 
+# ---------------------------------------------------------------- baseline
+if have baseline; then
+  s=$(date +%s)
+  lim=$(limit_for baseline)
+  if [ "$(cat /tmp/baseline_build.rc 2>/dev/null)" != 0 ] || [ "$lim" -lt 30 ]; then
+    record baseline "SKIPPED (no baseline build or no time left)" "" 0
+  else
+    # the same measurements as the bench stage, from the baseline tree's own script and build
+    # shellcheck disable=SC2206
+    lengths=(${NSA_BENCH_LENGTHS:-65536 32768 16384 8192}); configs=(${NSA_BENCH_CONFIGS:-g16 g4 fla})
+    # shellcheck disable=SC2206
+    extra=(${NSA_BENCH_ARGS:-})
+    mark=$(wc -l < "$OUT/bench.log")
+    run_stage baseline "$OUT/bench.log" "$lim" env PYTHONPATH="$PWD/$BASE_DIR${PYTHONPATH:+:$PYTHONPATH}" \
+      NSA_COMMIT=baseline "$PY" "$BASE_DIR/benchmarks/bench_attention.py" --out-dir /tmp/baseline_out \
+      --lengths "${lengths[@]}" --configs "${configs[@]}" --time-budget $(( lim - 30 )) "${extra[@]}"
+    rc=$?
+    base_csv=$(ls /tmp/baseline_out/bench_*.csv 2>/dev/null | head -1)
+    new_csv=$(ls "$OUT"/bench_*.csv 2>/dev/null | head -1)
+    cmp_rc=1
+    if [ -n "$base_csv" ] && [ -n "$new_csv" ]; then
+      cp "$base_csv" "$OUT/baseline.csv"
+      "$PY" benchmarks/compare_bench.py "$base_csv" "$new_csv" | tee -a "$OUT/bench.log" > /tmp/compare.txt
+      cmp_rc=${PIPESTATUS[0]}
+    fi
+    secs=$(( $(date +%s) - s ))
+    record baseline "$(status_of $rc); compare $( [ $cmp_rc -eq 0 ] && echo within || echo OUTSIDE) 3%" \
+      "$(tail -1 /tmp/compare.txt 2>/dev/null)" "$secs"
+  fi
+fi
+
 # ---------------------------------------------------------------- layer
 # (benchmarks/bench_layer.py: one NativeSparseAttention layer against the same layer with SDPA;
 # its log goes to bench.log after the benchmark's)
@@ -307,6 +360,7 @@ fi
     fi
     echo
     sed -n '/^### nsa-bench table begin/,/^### nsa-bench table end/p' "$OUT/bench.log" | grep -v '^### nsa-bench'
+    [ -f /tmp/compare.txt ] && { echo; echo "speed-up over cuDNN, baseline tree against this one:"; cat /tmp/compare.txt; }
   fi
 } > "$OUT/.summary"
 mv "$OUT/.summary" "$SUMMARY"

@@ -30,6 +30,10 @@ import tasks  # noqa: E402
 # window and must be found through the compressed and selected branches. The GPU model keeps the
 # paper's NSA hyper-parameters (the layer's defaults) and a large rotary base, as long-context
 # models do, so that the slowest rotary pairs barely turn over 64k tokens.
+# Both presets train on the passkey task alone: associative recall (--task mix or recall) is not
+# learned in the demo's minutes, with NSA or with full attention (on an H200 after 8 minutes of the
+# mix, rows right 0.00-0.25 and answer digits 0.22-0.47 for both, about what guessing among the
+# context's digits gives), and the evaluation reports only the tasks a run trained on.
 PRESETS = {
     "cpu": dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32,
                            nsa=dict(block_size=16, block_stride=8, select_size=32, num_selected=4,
@@ -38,7 +42,7 @@ PRESETS = {
                 eval_lengths=[512, 1024], eval_batch=16),
     "gpu": dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=1, head_dim=64,
                            rope_theta=500000.0),
-                task="mix", seq=16384, min_seq=64, batch=4, steps=100000, lr=1.5e-3,
+                task="passkey", seq=16384, min_seq=64, batch=4, steps=100000, lr=1.5e-3,
                 eval_lengths=[4096, 16384], eval_batch=8),
 }
 WARMUP_STEPS = 100
@@ -52,7 +56,8 @@ def parse_args(argv=None):
                     help="model and training size (default: gpu with CUDA, else cpu)")
     ap.add_argument("--attn", choices=["nsa", "sdpa"], default="nsa")
     ap.add_argument("--task", choices=["mix", "passkey", "recall"], default=None,
-                    help="default: the preset's (cpu: passkey, gpu: mix)")
+                    help="passkey (the presets'), recall (associative recall, not learned in "
+                         "the demo's minutes) or mix (half of each)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--minutes", type=float, default=8.0,
                     help="training wall time: the learning rate decays over it (or over --steps, "
@@ -246,17 +251,19 @@ def accuracy(model, task, B, T, device, gen, depth=None, autocast=False):
     return rows.float().mean().item(), right / scored
 
 
-def evaluate(model, preset, device, autocast, seed):
+def evaluate(model, preset, device, autocast, seed, task):
+    """A markdown table of accuracy by length for the tasks that `task` trains (passkey by needle
+    depth, recall), each "rows right (answer tokens right)"."""
     gen = torch.Generator().manual_seed(seed + 12345)
-    rows = []
+    cols = []  # (header, task, depth)
+    if task in ("passkey", "mix"):
+        cols += [(f"passkey @ depth {d:.2f}", "passkey", d) for d in DEPTHS]
+    if task in ("recall", "mix"):
+        cols.append(("recall", "recall", None))
+    lines = ["| T | " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for T in preset["eval_lengths"]:
-        accs = [accuracy(model, "passkey", preset["eval_batch"], T, device, gen, d, autocast) for d in DEPTHS]
-        rec = accuracy(model, "recall", preset["eval_batch"], T, device, gen, None, autocast)
-        rows.append((T, accs, rec))
-    head = "| T | " + " | ".join(f"passkey @ depth {d:.2f}" for d in DEPTHS) + " | recall |"
-    lines = [head, "|" + "---|" * (len(DEPTHS) + 2)]
-    for T, accs, rec in rows:
-        lines.append(f"| {T} | " + " | ".join(f"{a:.2f} ({t:.2f})" for a, t in accs) + f" | {rec[0]:.2f} ({rec[1]:.2f}) |")
+        accs = [accuracy(model, t, preset["eval_batch"], T, device, gen, d, autocast) for _, t, d in cols]
+        lines.append(f"| {T} | " + " | ".join(f"{a:.2f} ({r:.2f})" for a, r in accs) + " |")
     return "\n".join(lines)
 
 
@@ -506,10 +513,11 @@ def main(argv=None):
         if not args.no_eval:
             eval_model = TinyLM(cfg).to(device)
             eval_model.load_state_dict(state)
-            table = evaluate(eval_model, preset, device, autocast, args.seed)
+            table = evaluate(eval_model, preset, device, autocast, args.seed, task)
             with open(os.path.join(out, "eval.md"), "w") as f:
                 f.write(f"Accuracy: rows with every answer token right (answer tokens right), "
-                        f"{args.attn}, preset {name}, trained at T = {cycle}:\n\n{table}\n")
+                        f"{args.attn}, preset {name}, task {task}, trained at T = {cycle}:\n\n"
+                        f"{table}\n")
             print(table)
     if world > 1:
         dist.destroy_process_group()

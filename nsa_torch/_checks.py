@@ -1,6 +1,10 @@
 """Argument checks of the public functions, raised from Python before any op runs (so they also
-fire while torch.compile traces). The C++ ops repeat them for callers of torch.ops.nsa.*.
-Messages name the function, the argument, what was expected and what was given."""
+fire while torch.compile traces, and name the function the user called). Each public call checks
+each argument once: nsa_attention checks everything, then runs the branches' unchecked internals
+(functional.py). The C++ ops check their own arguments again for callers of torch.ops.nsa.*:
+they are the memory-safety boundary and never trust their caller; they also check what Python
+cannot see without a host sync (cu_seqlens values, packed compressed-row counts, block index
+values). Messages name the function, the argument, what was expected and what was given."""
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -14,21 +18,32 @@ def _desc(t):
     return f"{_dt(t.dtype)} {list(t.shape)} on {t.device}"
 
 
+# Bounds of the integer hyper-parameters, the C++ ops' (csrc/torch/args.h): sizes fit the kernels'
+# int fields (a sequence has fewer than 2^31 tokens), num_selected sizes the [B, T, H, n] output;
+# window_size may be anything up to the ops' int64 (beyond the sequence it is the whole past).
+MAX_SIZE = 1 << 30
+MAX_SELECTED = 1 << 16
+_MAX = dict(block_size=MAX_SIZE, block_stride=MAX_SIZE, select_size=MAX_SIZE,
+            num_selected=MAX_SELECTED, window_size=(1 << 63) - 1)
+
+
 def hyper(fn, **values):
-    """Hyper-parameter constraints of DESIGN.md section 1."""
+    """Hyper-parameter constraints of DESIGN.md section 1, each integer bounded before any sum
+    or narrowing."""
     def need(cond, arg, expected):
         if not cond:
             raise ValueError(f"{fn}: {arg} must be {expected}, got {values[arg]}")
 
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
     for name in ("block_size", "block_stride", "select_size", "window_size", "num_selected"):
         if name in values:
-            v = values[name]
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-            need(v >= 1, name, "at least 1")
+            need(values[name] >= 1, name, "at least 1")
+            need(values[name] <= _MAX[name], name, f"at most {_MAX[name]}")
     for name in ("num_initial", "num_local"):
         if name in values:
-            need(isinstance(values[name], int) and values[name] >= 0, name, "an int >= 0")
+            need(0 <= values[name] <= values["num_selected"], name, "in [0, num_selected]")
     if "block_size" in values:
         need(values["block_size"] % values["block_stride"] == 0, "block_size",
              f"a multiple of block_stride ({values['block_stride']})")
@@ -41,8 +56,11 @@ def hyper(fn, **values):
 
 
 def scale(fn, q, value):
+    """The softmax scale as a float: D ** -0.5 by default (D >= 1 is checked with q)."""
     if value is None:
         return q.shape[-1] ** -0.5
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(value).__name__}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{fn}: scale must be a finite number, got {value}")
@@ -69,7 +87,8 @@ def tensor(fn, name, t, dims, expected=None, dtype=None, device=None, contiguous
         raise ValueError(f"{fn}: {name} must be {want()}, got {_desc(t)}")
     if device is not None and t.device != device:
         raise ValueError(f"{fn}: {name} must be on {device} (the device of q), got {t.device}")
-    if contiguous_last and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+    # (an empty tensor is read by no kernel)
+    if contiguous_last and t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{fn}: {name} must have a contiguous last dim, got strides "
                          f"{list(t.stride())}; call .contiguous() first")
 
@@ -80,37 +99,53 @@ def qkv(fn, q, k, v, k_name="k", v_name="v", same_len=True):
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{fn}: q must be float32, float64, bfloat16 or float16, got {_dt(q.dtype)}")
     B, T, HQ, D = q.shape
-    tensor(fn, k_name, k, ("B", "Tk", "H", "D"))
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:  # its sizes name the others' expectations
+        tensor(fn, k_name, k, ("B", "Tk", "H", "D"))
     Tk, H = (T if same_len else k.shape[1]), k.shape[2]
     tensor(fn, k_name, k, ("B", "T" if same_len else "Nc", "H", "D"), (B, Tk, H, D), q.dtype, q.device)
     if v is not None:
         tensor(fn, v_name, v, ("B", "T" if same_len else "Nc", "H", "Dv"), (B, Tk, H, None),
                q.dtype, q.device)
+    if HQ < 1:
+        raise ValueError(f"{fn}: the number of query heads HQ must be at least 1, got HQ = {HQ}")
     if H < 1 or HQ % H:
         raise ValueError(f"{fn}: the number of query heads HQ = {HQ} must be a multiple of the "
                          f"number of key/value heads H = {H}")
-    device_support(fn, q, D, None if v is None else v.shape[3])
+    Dv = None if v is None else v.shape[3]
+    if D < 1 or (Dv is not None and Dv < 1):
+        raise ValueError(f"{fn}: the head dims must be at least 1, got D = {D}, Dv = {Dv}")
+    device_support(fn, q, D, Dv)
 
 
-# (D, Dv) pairs with CUDA kernels (csrc/nsa/cuda/kernels.h).
-CUDA_HEAD_DIMS = ((64, 64), (64, 128), (128, 64), (128, 128), (192, 128))
+# The (D, Dv) pairs with CUDA kernels, from the one list in csrc/nsa/cuda/head_dims.h through the
+# compiled module; empty in a build without CUDA kernels (or when _C failed to load).
+try:
+    from ._C import CUDA_HEAD_DIMS
+except ImportError:
+    CUDA_HEAD_DIMS = ()
 
 
 def device_support(fn, q, D, Dv):
     """CPU: every float dtype and head dim. CUDA: bfloat16/float16 and the compiled head dims
-    (Dv None: the op reads no values, only D matters). Nothing else."""
+    (Dv None: the op reads no values, only D matters), in a build with CUDA kernels. Nothing
+    else."""
     if q.device.type == "cpu":
         return
     if q.device.type != "cuda":
         raise NotImplementedError(f"{fn}: nsa_torch has CPU and CUDA kernels; got q on {q.device}")
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"{fn}: q must be bfloat16 or float16 on CUDA, got {_dt(q.dtype)}")
-    dims = CUDA_HEAD_DIMS if Dv is not None else tuple((d, None) for d in (64, 128, 192))
-    if (D, Dv) not in dims:
-        want = ", ".join(f"({d}, {dv})" if dv is not None else str(d) for d, dv in dims)
-        raise ValueError(f"{fn}: head dims (D, Dv) must be one of {want} on CUDA, got "
-                         f"({D}, {Dv})" if Dv is not None else
-                         f"{fn}: head dim D must be one of {want} on CUDA, got {D}")
+    if not CUDA_HEAD_DIMS:
+        raise NotImplementedError(f"{fn}: this build of nsa_torch has no CUDA kernels (it was built "
+                                  f"without nvcc or a CUDA build of torch); got q on {q.device}")
+    if Dv is None:
+        dims = sorted({d for d, _ in CUDA_HEAD_DIMS})
+        if D not in dims:
+            raise ValueError(f"{fn}: head dim D must be one of {', '.join(map(str, dims))} on CUDA, "
+                             f"got {D}")
+    elif (D, Dv) not in CUDA_HEAD_DIMS:
+        want = ", ".join(f"({d}, {dv})" for d, dv in CUDA_HEAD_DIMS)
+        raise ValueError(f"{fn}: head dims (D, Dv) must be one of {want} on CUDA, got ({D}, {Dv})")
 
 
 def seqlens(fn, q, cu_seqlens):

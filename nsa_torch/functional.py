@@ -30,12 +30,18 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+# Each public function checks its arguments once (_checks.py), then runs its unchecked internal
+# (the leading underscore), which calls the op. nsa_attention checks all of its arguments itself
+# and calls the internals straight away: its branches never check again.
+
 def compressed_attention(q, k_cmp, v_cmp, *, block_size=32, block_stride=16, scale=None,
                          cu_seqlens=None):
     """Attention of each query over the compressed tokens whose whole window is in its past.
 
     Returns (o [B, T, HQ, Dv], lse [B, T, HQ]); lse is float32 (float64 for float64 inputs), and
     -inf (with o = 0) for queries that see no compressed token yet. Both are differentiable.
+    A NaN or Inf in an input, or scores that overflow, give NaN in the rows that read it
+    (forward and backward), never a finite row.
     """
     fn = _NS + "compressed_attention"
     q, k_cmp, v_cmp = _autocast(q, k_cmp, v_cmp)
@@ -43,7 +49,11 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size=32, block_stride=16, sca
     check.qkv(fn, q, k_cmp, v_cmp, "k_cmp", "v_cmp", same_len=False)
     check.seqlens(fn, q, cu_seqlens)
     check.num_cmp_rows(fn, q, k_cmp, block_size, block_stride, cu_seqlens)
-    scale = check.scale(fn, q, scale)
+    return _compressed_attention(q, k_cmp, v_cmp, block_size, block_stride,
+                                 check.scale(fn, q, scale), cu_seqlens)
+
+
+def _compressed_attention(q, k_cmp, v_cmp, block_size, block_stride, scale, cu_seqlens):
     return _ops().compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, block_size, block_stride,
                                            scale)
 
@@ -53,7 +63,7 @@ def select_blocks(q, k_cmp, lse, *, block_size=32, block_stride=16, select_size=
     """Top-n selection blocks per (token, KV head) from the compressed attention scores.
 
     Returns int32 [B, T, H, num_selected]: ascending block indices of the query's sequence,
-    padded with -1. Not differentiable.
+    padded with -1. Not differentiable. NaN block scores rank last.
     """
     fn = _NS + "select_blocks"
     q, k_cmp = _autocast(q, k_cmp)
@@ -65,7 +75,12 @@ def select_blocks(q, k_cmp, lse, *, block_size=32, block_stride=16, select_size=
     check.tensor(fn, "lse", lse, ("B", "T", "HQ"), (B, T, HQ), lse_dtype, q.device)
     check.seqlens(fn, q, cu_seqlens)
     check.num_cmp_rows(fn, q, k_cmp, block_size, block_stride, cu_seqlens)
-    scale = check.scale(fn, q, scale)
+    return _select_blocks(q, k_cmp, lse, block_size, block_stride, select_size, num_selected,
+                          num_initial, num_local, check.scale(fn, q, scale), cu_seqlens)
+
+
+def _select_blocks(q, k_cmp, lse, block_size, block_stride, select_size, num_selected,
+                   num_initial, num_local, scale, cu_seqlens):
     return _ops().select_blocks(q.detach(), k_cmp.detach(), lse.detach(), cu_seqlens, block_size,
                                 block_stride, select_size, num_selected, num_initial, num_local,
                                 scale)
@@ -73,7 +88,8 @@ def select_blocks(q, k_cmp, lse, *, block_size=32, block_stride=16, select_size=
 
 def selected_attention(q, k, v, block_indices, *, select_size=64, scale=None, cu_seqlens=None):
     """Attention of query t, head h over the causal keys of the blocks listed in
-    block_indices[t, h // G] (int32 [B, T, H, n], -1 = empty slot, no duplicates)."""
+    block_indices[t, h // G] (int32 [B, T, H, n], -1 = empty slot, no duplicates).
+    A NaN or Inf in an input, or scores that overflow, give NaN in the rows that read it."""
     fn = _NS + "selected_attention"
     q, k, v = _autocast(q, k, v)
     check.hyper(fn, select_size=select_size)
@@ -82,20 +98,28 @@ def selected_attention(q, k, v, block_indices, *, select_size=64, scale=None, cu
     check.tensor(fn, "block_indices", block_indices, ("B", "T", "H", "n"),
                  (B, T, k.shape[2], None), torch.int32, q.device)
     check.seqlens(fn, q, cu_seqlens)
-    scale = check.scale(fn, q, scale)
+    return _selected_attention(q, k, v, block_indices, select_size, check.scale(fn, q, scale),
+                               cu_seqlens)
+
+
+def _selected_attention(q, k, v, block_indices, select_size, scale, cu_seqlens):
     o, _ = _ops().selected_attention_fwd(q, k, v, block_indices, cu_seqlens, select_size, scale)
     return o
 
 
 def sliding_window_attention(q, k, v, *, window_size=512, scale=None, cu_seqlens=None):
     """Causal attention of query t over keys max(0, t - window_size + 1) .. t
-    (flash-attn's window_size=(window_size - 1, 0))."""
+    (flash-attn's window_size=(window_size - 1, 0)).
+    A NaN or Inf in an input, or scores that overflow, give NaN in the rows that read it."""
     fn = _NS + "sliding_window_attention"
     q, k, v = _autocast(q, k, v)
     check.hyper(fn, window_size=window_size)
     check.qkv(fn, q, k, v)
     check.seqlens(fn, q, cu_seqlens)
-    scale = check.scale(fn, q, scale)
+    return _sliding_window_attention(q, k, v, window_size, check.scale(fn, q, scale), cu_seqlens)
+
+
+def _sliding_window_attention(q, k, v, window_size, scale, cu_seqlens):
     o, _ = _ops().sliding_window_attention_fwd(q, k, v, cu_seqlens, window_size, scale)
     return o
 
@@ -108,6 +132,12 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, 
 
     Gradients reach q, k, v, k_cmp, v_cmp and the gates. Returns o [B, T, HQ, Dv] in q's dtype,
     or (o, block_indices) with return_block_indices=True.
+
+    Non-finite values never vanish: a NaN or Inf in an input shows as NaN in every output row
+    that depends on it, forward and backward (it may reach more rows, as in any tiled attention),
+    and scores that overflow the accumulation type give NaN rows, never zeros. A query that sees
+    no key of a branch gets 0 from it, without NaN. With cu_seqlens on CUDA, its values are
+    checked on the device (a bad one raises at the next synchronisation).
     """
     fn = _NS + "nsa_attention"
     check.hyper(fn, block_size=block_size, block_stride=block_stride, select_size=select_size,
@@ -115,7 +145,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, 
                 window_size=window_size)
     # Checked here as a whole, so that errors name the function the caller used, and so that
     # k_cmp/v_cmp agree with k/v (each branch alone cannot see a mismatch between them, and
-    # o_cmp with Dv = 1 would silently broadcast).
+    # o_cmp with Dv = 1 would silently broadcast). The branches below are the unchecked internals.
     check.qkv(fn, q, k, v)
     B, _, _, D = q.shape
     H, Dv = k.shape[2], v.shape[3]
@@ -126,15 +156,14 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, 
     check.num_cmp_rows(fn, q, k_cmp, block_size, block_stride, cu_seqlens)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         check.gate(fn, name, g, q)
-    check.scale(fn, q, scale)
-    common = dict(scale=scale, cu_seqlens=cu_seqlens)
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, block_size=block_size,
-                                      block_stride=block_stride, **common)
-    block_indices = select_blocks(q, k_cmp, lse, block_size=block_size, block_stride=block_stride,
-                                  select_size=select_size, num_selected=num_selected,
-                                  num_initial=num_initial, num_local=num_local, **common)
-    o_slc = selected_attention(q, k, v, block_indices, select_size=select_size, **common)
-    o_swa = sliding_window_attention(q, k, v, window_size=window_size, **common)
+    scale = check.scale(fn, q, scale)
+    q, k, v, k_cmp, v_cmp = _autocast(q, k, v, k_cmp, v_cmp)
+    o_cmp, lse = _compressed_attention(q, k_cmp, v_cmp, block_size, block_stride, scale,
+                                       cu_seqlens)
+    block_indices = _select_blocks(q, k_cmp, lse, block_size, block_stride, select_size,
+                                   num_selected, num_initial, num_local, scale, cu_seqlens)
+    o_slc = _selected_attention(q, k, v, block_indices, select_size, scale, cu_seqlens)
+    o_swa = _sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
     o = gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
     return (o, block_indices) if return_block_indices else o
 

@@ -17,6 +17,7 @@ token, (i * block_stride + block_size - 1) in the sequence: the first query that
 token i is that token, so the relative distance of every visible compressed key is >= 0. Values
 are not rotated.
 """
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -205,6 +206,26 @@ def _to_device_async(t, device):
     return t.to(device, non_blocking=True)
 
 
+_float32_cuda_warned = False
+
+
+def _attention_dtype(dtype, device):
+    """The dtype the layer's attention runs in: its projections' dtype, except float32 on CUDA,
+    where no kernel runs: bfloat16 then, with a warning once per process (as Hugging Face's
+    flash-attention integration does)."""
+    global _float32_cuda_warned
+    if dtype != torch.float32 or device.type != "cuda":
+        return dtype
+    if not _float32_cuda_warned:
+        _float32_cuda_warned = True
+        warnings.warn("nsa_torch.NativeSparseAttention: float32 on CUDA, where the NSA kernels take "
+                      "bfloat16 or float16: the attention runs in bfloat16 and its output is cast "
+                      "back to float32. To avoid the casts, run the model under "
+                      "torch.autocast('cuda', dtype=torch.bfloat16) or keep its weights in "
+                      "bfloat16.", stacklevel=2)
+    return torch.bfloat16
+
+
 def _check_packed(where, x, cu_seqlens):
     """Checks a packed batch (x [1, total, hidden], cu_seqlens int32 [N + 1] from 0, never
     decreasing, to total, on the CPU or on x's device) and returns (cu_seqlens as a host list,
@@ -251,7 +272,9 @@ class NativeSparseAttention(nn.Module):
     sequence; cu_seqlens may be on the CPU, which spares each layer a wait for the device (the
     layer needs the lengths on the host), or on hidden_states' device; position_ids [B, T]
     overrides the positions (for the rotary embeddings and the compressed keys' positions). The
-    attention runs in the projections' dtype (e.g. bfloat16 under torch.autocast).
+    attention runs in the projections' dtype (e.g. bfloat16 under torch.autocast); float32 on
+    CUDA, which the kernels do not take, runs it in bfloat16 (with a warning, once) and returns
+    float32.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
@@ -337,6 +360,12 @@ class NativeSparseAttention(nn.Module):
 
         q = self.q_proj(x).view(B, T, HQ, D)
         dtype = q.dtype
+        # The attention's inputs are cast last (a no-op but for float32 on CUDA): the rotary
+        # embedding and the compression run in the projections' dtype.
+        attn = _attention_dtype(dtype, q.device)
+
+        def cast(*ts):
+            return [t.to(attn) for t in ts]
 
         def kv(suffix):
             k = getattr(self, "k_proj" + suffix)(x).view(B, T, H, D).to(dtype)
@@ -361,10 +390,11 @@ class NativeSparseAttention(nn.Module):
         if not c.separate_branch_kv:
             k, v = k_c, v_c
             k = _rope(k, position_ids, c.rope_theta).contiguous()
-            o = nsa_fn.nsa_attention(q, k, v.contiguous(), k_cmp, v_cmp, g_cmp, g_slc, g_swa,
+            o = nsa_fn.nsa_attention(*cast(q, k, v.contiguous(), k_cmp, v_cmp, g_cmp, g_slc, g_swa),
                                      cu_seqlens=cu_seqlens, **hyper)
         else:
             common = dict(cu_seqlens=cu_seqlens)
+            q, k_cmp, v_cmp, g_cmp, g_slc, g_swa = cast(q, k_cmp, v_cmp, g_cmp, g_slc, g_swa)
             o_cmp, lse = nsa_fn.compressed_attention(q, k_cmp, v_cmp, block_size=c.block_size,
                                                      block_stride=c.block_stride, **common)
             idx = nsa_fn.select_blocks(q, k_cmp, lse, block_size=c.block_size,
@@ -373,14 +403,14 @@ class NativeSparseAttention(nn.Module):
                                        num_local=c.num_local, **common)
             k_s, v_s = kv("_slc")
             k_s = _rope(k_s, position_ids, c.rope_theta).contiguous()
-            o_slc = nsa_fn.selected_attention(q, k_s, v_s.contiguous(), idx,
+            o_slc = nsa_fn.selected_attention(q, *cast(k_s, v_s.contiguous()), idx,
                                               select_size=c.select_size, **common)
             k_w, v_w = kv("_swa")
             k_w = _rope(k_w, position_ids, c.rope_theta).contiguous()
-            o_swa = nsa_fn.sliding_window_attention(q, k_w, v_w.contiguous(),
+            o_swa = nsa_fn.sliding_window_attention(q, *cast(k_w, v_w.contiguous()),
                                                     window_size=c.window_size, **common)
             o = nsa_fn.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
-        return self.o_proj(o.reshape(B, T, HQ * Dv))
+        return self.o_proj(o.to(dtype).reshape(B, T, HQ * Dv))
 
 
 class FullAttention(nn.Module):

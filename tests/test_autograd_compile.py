@@ -5,7 +5,7 @@ import torch
 from torch.autograd import gradcheck
 
 import nsa_torch
-from conftest import (TENSOR_NAMES, assert_close, hyper, leaves, make_inputs, op_samples_for,
+from helpers import (TENSOR_NAMES, assert_close, hyper, leaves, make_inputs, op_samples_for,
                       opcheck_all, random_like)
 
 F64 = torch.float64

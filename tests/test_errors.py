@@ -5,6 +5,7 @@ Checks of tensor *values* (cu_seqlens contents, packed compressed-row counts, bl
 live in the C++ ops only, since reading values would need a host sync in Python: through the
 public functions they raise the C++ message of the first op that sees them.
 """
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -14,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import nsa_torch
-from conftest import cu_seqlens_of, make_inputs
+from helpers import cu_seqlens_of, make_inputs
 
 # ------------------------------------------------------------------------------------ calls
 B, T, HQ, H, D, DV = 2, 40, 4, 2, 16, 8  # l = 32, d = 16: Nc(40) = 1; l' = 64: one block
@@ -162,6 +163,15 @@ def three_kv_heads(a, target):
     a["block_indices"] = torch.cat([a["block_indices"], a["block_indices"][:, :, :1]], 2)
 
 
+def no_tokens_no_query_heads(a, target):
+    """T = 0 everywhere (no compressed rows either) and HQ = 0."""
+    for n in ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_swa", "lse", "dlse", "o",
+              "dout", "block_indices"):
+        a[n] = a[n][:, :0]
+    for n in ("q", "g_cmp", "g_slc", "g_swa", "lse", "dlse", "o", "dout"):
+        a[n] = a[n][:, :, :0]
+
+
 def non_contiguous_last(x):
     wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
     wide[..., ::2] = x
@@ -253,9 +263,47 @@ CHECKS = [
           r"num_selected must be at least num_initial \+ num_local = 3, got 2",
           r"num_selected must be at least 1 and at least num_initial \+ num_local = 3, got 2"),
     Check("num_initial", SEL, setter(num_initial=-1), ValueError,
-          r"num_initial must be an int >= 0, got -1", r"num_initial must be at least 0, got -1"),
+          r"num_initial must be in \[0, num_selected\], got -1",
+          r"num_initial must be in \[0, num_selected\], got -1"),
     Check("num_local", SEL, setter(num_local=-1), ValueError,
-          r"num_local must be an int >= 0, got -1", r"num_local must be at least 0, got -1"),
+          r"num_local must be in \[0, num_selected\], got -1",
+          r"num_local must be in \[0, num_selected\], got -1"),
+    # ---- integers past int32 / int64: bounded before any narrowing or sum, never truncated
+    Check("select_size-past-int32", SEL + SLC, setter(select_size=2**32 + 32), ValueError,
+          r"select_size must be at most 1073741824, got 4294967328",
+          r"select_size must be at most 1073741824, got 4294967328"),
+    Check("block_size-past-int32", CMP, setter(block_size=2**32 + 32), ValueError,
+          r"block_size must be at most 1073741824, got 4294967328",
+          r"block_size must be at most 1073741824, got 4294967328"),
+    Check("num_selected-past-int32", SEL, setter(num_selected=2**32 + 4), ValueError,
+          r"num_selected must be at most 65536, got 4294967300",
+          r"num_selected must be at most 65536, got 4294967300"),
+    Check("num_selected-huge-allocation", SEL, setter(num_selected=10**9), ValueError,
+          r"num_selected must be at most 65536, got 1000000000",
+          r"num_selected must be at most 65536, got 1000000000"),
+    # num_initial + num_local would overflow int64: each is bounded by num_selected first
+    Check("num_initial-sum-overflow", SEL, setter(num_initial=2**62, num_local=2**62), ValueError,
+          r"num_initial must be in \[0, num_selected\], got 4611686018427387904",
+          r"num_initial must be in \[0, num_selected\], got 4611686018427387904"),
+    Check("window_size-past-int64", tuple(t for t in PUBLIC if t in SWA),
+          setter(window_size=2**64), ValueError,
+          r"window_size must be at most 9223372036854775807, got 18446744073709551616", ""),
+    Check("window_size-bool", tuple(t for t in PUBLIC if t in SWA), setter(window_size=True),
+          TypeError, r"window_size must be an int, got bool", ""),
+    Check("scale-str", PUBLIC, setter(scale="0.5"), TypeError,
+          r"scale must be a float or None, got str", ""),
+    # ---- zero sizes: an error, never a crash (HQ = 0 divided by zero in every op, also at T = 0)
+    Check("zero-query-heads", ALL, lambda a, t: a.update(q=a["q"][:, :, :0]), ValueError,
+          r"the number of query heads HQ must be at least 1, got HQ = 0",
+          r"the number of query heads HQ must be at least 1, got HQ = 0"),
+    Check("zero-query-heads-no-tokens", ALL, no_tokens_no_query_heads, ValueError,
+          r"the number of query heads HQ must be at least 1, got HQ = 0",
+          r"the number of query heads HQ must be at least 1, got HQ = 0"),
+    Check("zero-head-dim", ALL,
+          lambda a, t: a.update({n: a[n][..., :0] for n in ("q", "k", "k_cmp")}, scale=1.0),
+          ValueError,
+          r"the head dims must be at least 1, got D = 0",
+          r"the head dims must be at least 1, got D = 0"),
     Check("window_size", SWA, setter(window_size=0), ValueError,
           r"window_size must be at least 1, got 0", r"window_size must be at least 1, got 0"),
     Check("scale-nan", ALL, setter(scale=float("nan")), ValueError,
@@ -419,10 +467,24 @@ def test_every_check_is_exercised_on_both_paths():
 
 
 # ------------------------------------------------------------------------------------ CUDA
-# The CUDA kernels take bfloat16/float16 and these head dims (D, Dv); anything else on CUDA is an
-# error naming the op (never a silent fallback to the CPU or the reference).
+# The CUDA kernels take bfloat16/float16 and the head dims (D, Dv) of the compiled module's list
+# (csrc/nsa/cuda/head_dims.h; empty in a build without CUDA); anything else on CUDA is an error
+# naming the op (never a silent fallback to the CPU or the reference).
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
-CUDA_HEAD_DIMS = ((64, 64), (64, 128), (128, 64), (128, 128), (192, 128))
+CUDA_HEAD_DIMS = getattr(nsa_torch._C, "CUDA_HEAD_DIMS", ())
+cuda_build = pytest.mark.skipif(not CUDA_HEAD_DIMS, reason="this build of nsa_torch has no CUDA kernels")
+UNSUPPORTED_D = 80  # no pair has it
+
+
+def head_dim_error(prefix, target, D, Dv, dims=CUDA_HEAD_DIMS):
+    """The message of an unsupported head dim on CUDA: every supported pair listed (only the D for
+    select_blocks, which reads no values)."""
+    if "select_blocks" in target:
+        ds = ", ".join(str(d) for d in sorted({d for d, _ in dims}))
+        return re.escape(f"{prefix}{_name(target)}: head dim D must be one of {ds} on CUDA, got {D}")
+    pairs = ", ".join(f"({d}, {dv})" for d, dv in dims)
+    return re.escape(f"{prefix}{_name(target)}: head dims (D, Dv) must be one of {pairs} on CUDA, "
+                     f"got ({D}, {Dv})")
 OPS = tuple(t for t in ALL if t[:3] == "op:")
 _D_NAMES = ("q", "k", "k_cmp")                    # [..., D]
 _DV_NAMES = ("v", "v_cmp", "o", "dout")           # [..., Dv]
@@ -469,15 +531,49 @@ def test_cuda_float32_is_rejected(target):
             CALLS[target](a)
 
 
+@cuda_build
+@pytest.mark.parametrize("D,Dv", [(UNSUPPORTED_D, UNSUPPORTED_D), (UNSUPPORTED_D, 128), (256, 128)])
 @pytest.mark.parametrize("target", PUBLIC)
-def test_cuda_unsupported_head_dim_is_rejected(target):
+def test_cuda_unsupported_head_dim_is_rejected(target, D, Dv):
+    """An unlisted (D, Dv) on CUDA: ValueError naming the function and listing the supported
+    pairs (select_blocks reads no values: its supported D)."""
+    if "select_blocks" in target and D != UNSUPPORTED_D:
+        pytest.skip("select_blocks reads no values: only D matters")
     with FakeTensorMode():
-        a = on_cuda(base(), torch.bfloat16, 96, 96, fake=True)
-        with pytest.raises(ValueError, match=re.escape(f"nsa_torch.{_name(target)}: ")
-                           + r".*head dim"):
+        a = on_cuda(base(), torch.bfloat16, D, Dv, fake=True)
+        with pytest.raises(ValueError, match=head_dim_error("nsa_torch.", target, D, Dv)):
             CALLS[target](a)
 
 
+@pytest.mark.parametrize("target", PUBLIC)
+def test_cuda_head_dim_check_uses_the_module_list(target, monkeypatch):
+    """The Python check takes its pairs from the compiled module's list (replaced here, so that it
+    runs in a build without CUDA too): a listed pair passes, an unlisted one is rejected with the
+    list."""
+    from nsa_torch import _checks
+    dims = ((64, 128), (96, 96))
+    monkeypatch.setattr(_checks, "CUDA_HEAD_DIMS", dims)
+    with FakeTensorMode():
+        CALLS[target](on_cuda(base(), torch.bfloat16, 96, 96, fake=True))
+        with pytest.raises(ValueError, match=head_dim_error("nsa_torch.", target, 80, 96, dims)):
+            CALLS[target](on_cuda(base(), torch.bfloat16, 80, 96, fake=True))
+        if "select_blocks" not in target:
+            with pytest.raises(ValueError, match=head_dim_error("nsa_torch.", target, 64, 64, dims)):
+                CALLS[target](on_cuda(base(), torch.bfloat16, 64, 64, fake=True))
+
+
+@pytest.mark.skipif(bool(CUDA_HEAD_DIMS), reason="this build of nsa_torch has CUDA kernels")
+@pytest.mark.parametrize("target", PUBLIC)
+def test_cuda_inputs_need_a_cuda_build(target):
+    """Without CUDA kernels the Python checks say so (the module's list is empty)."""
+    with FakeTensorMode():
+        a = on_cuda(base(), torch.bfloat16, 64, 64, fake=True)
+        with pytest.raises(NotImplementedError, match=re.escape(f"nsa_torch.{_name(target)}: this build "
+                                                                "of nsa_torch has no CUDA kernels")):
+            CALLS[target](a)
+
+
+@cuda_build
 @pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("target", PUBLIC)
@@ -499,10 +595,14 @@ def test_cpp_cuda_float32_is_rejected(target):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("D,Dv", [(UNSUPPORTED_D, UNSUPPORTED_D), (256, 128)])
 @pytest.mark.parametrize("target", OPS)
-def test_cpp_cuda_unsupported_head_dim_is_rejected(target):
-    a = on_cuda(base(), torch.bfloat16, 96, 96)
-    with pytest.raises(ValueError, match=re.escape(f"nsa.{_name(target)}: ") + r".*head dim"):
+def test_cpp_cuda_unsupported_head_dim_is_rejected(target, D, Dv):
+    """The ops' own check (C++, the same list): ValueError naming the op and the supported pairs."""
+    if "select_blocks" in target and D != UNSUPPORTED_D:
+        pytest.skip("select_blocks reads no values: only D matters")
+    a = on_cuda(base(), torch.bfloat16, D, Dv)
+    with pytest.raises(ValueError, match=head_dim_error("nsa.", target, D, Dv)):
         CALLS[target](a)
 
 
@@ -514,3 +614,97 @@ def test_cpp_device_mismatch(target):
     with pytest.raises(ValueError, match=re.escape(f"nsa.{FAMILY[target]}: {key(target)} must be "
                                                    "on cpu (the device of q), got cuda")):
         CALLS[target](a)
+
+
+# ------------------------------------------------------------------------------------ more
+@pytest.mark.parametrize("B,T", [(2, 0), (0, 40)], ids=["no-tokens", "no-batch"])
+def test_backward_through_an_empty_output(B, T):
+    """o.sum().backward() through an empty output: its incoming gradient is an expanded empty
+    tensor with zero strides, which is read by no kernel (it failed the stride check)."""
+    a = make_inputs(B=B, T=T, HQ=HQ, H=H, D=D, Dv=DV, seed=5)
+    names = ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_swa")
+    x = {n: a[n].requires_grad_() for n in names}
+    nsa_torch.nsa_attention(*x.values(), num_selected=3, window_size=16).sum().backward()
+    for n in names:
+        assert x[n].grad.shape == x[n].shape
+
+
+def test_nsa_attention_checks_each_argument_once(monkeypatch):
+    """One public call checks each argument once: nsa_attention runs its branches' unchecked
+    internals, not the public branch functions (which would check q, k, v again)."""
+    from collections import Counter
+
+    from nsa_torch import _checks
+    calls = Counter()
+    for name in ("hyper", "qkv", "tensor", "seqlens", "num_cmp_rows", "gate", "scale"):
+        f = getattr(_checks, name)
+
+        def counted(fn, *args, _f=f, _name=name, **kwargs):
+            calls[(_name, args[0] if _name == "tensor" else None)] += 1
+            return _f(fn, *args, **kwargs)
+        monkeypatch.setattr(_checks, name, counted)
+    a = make_inputs(B=B, T=T, HQ=HQ, H=H, D=D, Dv=DV, seed=6)
+    nsa_torch.nsa_attention(*(a[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc",
+                                             "g_swa")), num_selected=3, window_size=16)
+    assert calls[("qkv", None)] == 1 and calls[("hyper", None)] == 1
+    assert calls[("scale", None)] == 1 and calls[("seqlens", None)] == 1
+    assert calls[("tensor", "k_cmp")] == 1 and calls[("tensor", "v_cmp")] == 1
+
+
+# On the GPU itself (the C++ checks behind the Python ones), every function and op.
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_float32_is_rejected(target):
+    """CUDA kernels take bfloat16/float16: float32 CUDA inputs raise a TypeError naming the op
+    (never a silent CPU or reference fallback)."""
+    a = on_cuda(base(), torch.float32, 64, 64)
+    with pytest.raises(TypeError, match=rf"{_name(target)}.*bfloat16 or float16"):
+        CALLS[target](a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_unsupported_head_dim_is_rejected(target):
+    a = on_cuda(base(), torch.bfloat16, UNSUPPORTED_D, UNSUPPORTED_D)
+    with pytest.raises(ValueError, match=head_dim_error("nsa_torch." if target[:3] == "fn:" else "nsa.",
+                                                        target, UNSUPPORTED_D, UNSUPPORTED_D)):
+        CALLS[target](a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_cpu_cu_seqlens_is_rejected(target):
+    """cu_seqlens on the CPU with CUDA q: a device-mismatch ValueError naming cu_seqlens."""
+    a = on_cuda(base(varlen=True), torch.bfloat16, 64, 64, keep_cpu=("cu_seqlens",))
+    assert not a["cu_seqlens"].is_cuda and a["q"].is_cuda
+    with pytest.raises(ValueError, match=r"cu_seqlens"):
+        CALLS[target](a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_gpu_valid_arguments_pass(target):
+    """The arguments the error tests break are valid as they are (bf16, D = Dv = 64)."""
+    for varlen in (False, True):
+        CALLS[target](on_cuda(base(varlen), torch.bfloat16, 64, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ALL)
+def test_cuda_bad_cu_seqlens_raises_at_synchronisation(target):
+    """A decreasing CUDA cu_seqlens is never a silent result: the ops check its values on the
+    device (no host sync) and the error surfaces at the next synchronisation. (It is a
+    device-side assert, which leaves the CUDA context unusable: one case per process would be
+    cleaner, so this test runs the checks in a subprocess.)"""
+    import subprocess
+    import sys
+    code = (
+        f"import sys, torch; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_errors as t\n"
+        f"a = t.on_cuda(t.base(True), torch.bfloat16, 64, 64)\n"
+        "a['cu_seqlens'] = torch.tensor([0, 50, 40, 80], dtype=torch.int32, device='cuda')\n"
+        f"t.CALLS[{target!r}](a)\n"
+        "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "cu_seqlens must start at 0, be non-decreasing" in r.stderr or \
+        "device-side assert" in r.stderr, r.stderr[-2000:]

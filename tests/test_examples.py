@@ -154,6 +154,31 @@ def test_tasks_place_answers_where_scored():
             assert tok[b, first + 1] == tok[b, i + 1] and mask[b, i]
 
 
+
+def test_evaluation_reports_the_trained_tasks():
+    """eval.md's table has the columns of the tasks the run trained on: passkey by needle depth,
+    recall (opt-in: the presets train on passkey alone), or both for the mix."""
+    import train
+    from model import ModelConfig, TinyLM
+    torch.manual_seed(0)
+    model = TinyLM(ModelConfig(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                               nsa=dict(block_size=16, block_stride=8, select_size=32,
+                                        num_selected=2, num_initial=1, num_local=1,
+                                        window_size=16)))
+    preset = dict(eval_lengths=[64, 96], eval_batch=2)
+    tables = {task: train.evaluate(model, preset, torch.device("cpu"), False, 0, task).splitlines()
+              for task in ("passkey", "recall", "mix")}
+    depths = " | ".join(f"passkey @ depth {d:.2f}" for d in train.DEPTHS)
+    assert tables["passkey"][0] == f"| T | {depths} |"
+    assert tables["recall"][0] == "| T | recall |"
+    assert tables["mix"][0] == f"| T | {depths} | recall |"
+    for lines in tables.values():
+        cells = lines[0].count("|")
+        assert len(lines) == 4 and lines[1].count("|") == cells
+        assert [r.split(" | ")[0] for r in lines[2:]] == ["| 64", "| 96"]
+        assert all(r.count("|") == cells for r in lines[2:])
+    assert train.PRESETS["gpu"]["task"] == train.PRESETS["cpu"]["task"] == "passkey"
+
 def test_multi_gpu_summary():
     """examples/multi_gpu_summary.py: throughput over the steps common to every run, past the
     first quarter; the single-GPU bound and the cost of the processes; the loss tables."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nsa_torch
-from conftest import DTYPES, LOW_PRECISION, assert_close, make_inputs, random_like, tol
+from helpers import DTYPES, LOW_PRECISION, assert_close, make_inputs, random_like, tol
 
 F64 = torch.float64
 NAMES = ("o_cmp", "o_slc", "o_swa", "g_cmp", "g_slc", "g_swa")

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import nsa_torch  # noqa: E402
 from nsa_torch.integrations.hf import NSASelfAttention, replace_attention  # noqa: E402
-from conftest import count_calls  # noqa: E402
+from helpers import count_calls  # noqa: E402
 
 # Small NSA hyper-parameters so that every branch matters at T = 50.
 SMALL = dict(block_size=8, block_stride=4, select_size=16, num_selected=4, num_initial=1,

@@ -2,6 +2,7 @@
 plain re-implementation on nsa_torch.reference), gradients to every parameter, varlen packing,
 torch.compile, activation checkpointing, autocast, a short training run, and bad input."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from torch.utils.checkpoint import checkpoint
 
 import nsa_torch
 from nsa_torch import reference
+from nsa_torch import modules
 from nsa_torch.modules import FullAttention
-from conftest import assert_close, count_calls, cu_seqlens_of
+from helpers import assert_close, count_calls, cu_seqlens_of
 
 F64 = torch.float64
 # Small hyper-parameters so that every branch matters at T ~ 50: 4-token windows every 2 tokens,
@@ -384,6 +386,56 @@ def test_cuda_layer_matches_cpu(packed):
     assert_close(y.double().cpu(), y_ref.detach(), 5e-2, "cuda layer output")
     for (n, _), g, r in zip(ref.named_parameters(), grads, grads_ref):
         assert_close(g.double().cpu(), r, 1e-1, f"cuda layer d{n}")
+
+
+def test_attention_dtype_float32_on_cuda(monkeypatch):
+    """The layer's attention runs in its projections' dtype, except float32 on CUDA (no kernel
+    takes it): bfloat16, with one warning per process that says how to avoid the cast."""
+    monkeypatch.setattr(modules, "_float32_cuda_warned", False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            assert modules._attention_dtype(dtype, cpu) == dtype
+        for dtype in (torch.bfloat16, torch.float16, torch.float64):
+            assert modules._attention_dtype(dtype, cuda) == dtype
+    with pytest.warns(UserWarning, match=r"float32 on CUDA.*bfloat16.*torch\.autocast.*bfloat16"):
+        assert modules._attention_dtype(torch.float32, cuda) == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert modules._attention_dtype(torch.float32, cuda) == torch.bfloat16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("separate", [False, True], ids=["shared-kv", "separate-kv"])
+def test_cuda_float32_layer_runs_in_bfloat16(separate, monkeypatch):
+    """A float32 layer moved to the GPU: the attention runs in bfloat16 (one warning), the output
+    is float32 and every float32 parameter gets its gradient, both within bf16 noise of the same
+    weights in float64 on CPU. Under autocast nothing changes: no warning, bfloat16 output."""
+    monkeypatch.setattr(modules, "_float32_cuda_warned", False)
+    torch.manual_seed(5)
+    layer = nsa_torch.NativeSparseAttention(256, 8, 2, 64, block_size=32, block_stride=16,
+                                            select_size=64, num_selected=4, window_size=128,
+                                            separate_branch_kv=separate)
+    x = torch.randn(2, 333, 256, dtype=F64)
+    ref = make_twin(layer).to(F64)
+    y_ref = ref(x)
+    grads_ref = torch.autograd.grad(y_ref.square().mean(), list(ref.parameters()))
+    gpu = layer.to("cuda")
+    with pytest.warns(UserWarning, match="torch.autocast"):
+        y = gpu(x.to("cuda", torch.float32))
+    assert y.dtype == torch.float32
+    grads = torch.autograd.grad(y.square().mean(), list(gpu.parameters()))
+    assert_close(y.double().cpu(), y_ref.detach(), 5e-2, "float32 cuda layer output")
+    for (n, _), g, r in zip(ref.named_parameters(), grads, grads_ref):
+        assert g.dtype == torch.float32, f"d{n} dtype {g.dtype}"
+        assert_close(g.double().cpu(), r, 1e-1, f"float32 cuda layer d{n}")
+    monkeypatch.setattr(modules, "_float32_cuda_warned", False)
+    with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.bfloat16):
+        warnings.filterwarnings("error", message=".*float32 on CUDA")
+        y_auto = gpu(x.to("cuda", torch.float32))
+    assert y_auto.dtype == torch.bfloat16
+    assert_close(y_auto.double().cpu(), y_ref.detach(), 5e-2, "autocast cuda layer output")
 
 
 @pytest.mark.cuda

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import nsa_torch
-from conftest import (DTYPES, LOW_PRECISION, TENSOR_NAMES, assert_close, hyper, leaves,
-                      make_inputs, random_block_indices, random_like, tol)
+from helpers import (DTYPES, LOW_PRECISION, TENSOR_NAMES, as_tuple, assert_close, compressed,
+                     dtype_name, grads, hyper, leaves, make_inputs, nsa, random_block_indices,
+                     random_like, ref_nsa_given_indices, selected, sliding, tol)
 from nsa_torch import reference
 
 # Shapes and hyper-parameters (anything not given takes its DESIGN.md default).
@@ -38,13 +39,6 @@ VARLEN = {
     "paper-hyper": dict(lengths=[1, 0, 100, 65, 200, 0], HQ=6, H=2, D=16, window_size=48),
 }
 
-HYPER_NSA = ("block_size", "block_stride", "select_size", "num_selected", "num_initial",
-             "num_local", "window_size", "scale")
-
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
-
 
 def case_dtypes(cases=CASES, dtypes=DTYPES):
     """(case, dtype) pairs; a case may restrict its dtypes (the slowest run in two only)."""
@@ -58,51 +52,7 @@ def cast(x, dtype):
             for n, t in x.items()}
 
 
-# ------------------------------------------------------------------------------------ branches
-# Each takes the module (nsa_torch or reference), the tensors and the case's hyper-parameters.
-def compressed(mod, x, case):
-    return mod.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], cu_seqlens=x["cu_seqlens"],
-                                    **hyper(case, "block_size", "block_stride", "scale"))
-
-
-def selected(mod, x, case):
-    return mod.selected_attention(x["q"], x["k"], x["v"], x["block_indices"],
-                                  cu_seqlens=x["cu_seqlens"], **hyper(case, "select_size", "scale"))
-
-
-def sliding(mod, x, case):
-    return mod.sliding_window_attention(x["q"], x["k"], x["v"], cu_seqlens=x["cu_seqlens"],
-                                        **hyper(case, "window_size", "scale"))
-
-
-def nsa(mod, x, case):
-    return mod.nsa_attention(*(x[n] for n in TENSOR_NAMES), cu_seqlens=x["cu_seqlens"],
-                             return_block_indices=True, **hyper(case, *HYPER_NSA))
-
-
-def ref_nsa_given_indices(x, block_indices, case):
-    """nsa_attention of the reference with the selection replaced by `block_indices`."""
-    h = dict(cu_seqlens=x["cu_seqlens"], scale=case.get("scale"))
-    o_cmp, _ = reference.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
-                                              **hyper(case, "block_size", "block_stride"), **h)
-    o_slc = reference.selected_attention(x["q"], x["k"], x["v"], block_indices,
-                                         **hyper(case, "select_size"), **h)
-    o_swa = reference.sliding_window_attention(x["q"], x["k"], x["v"],
-                                               **hyper(case, "window_size"), **h)
-    return (x["g_cmp"].unsqueeze(-1) * o_cmp + x["g_slc"].unsqueeze(-1) * o_slc
-            + x["g_swa"].unsqueeze(-1) * o_swa)
-
-
 # ------------------------------------------------------------------------------------ harness
-def as_tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
-def grads(outs, inputs, douts):
-    gs = torch.autograd.grad(outs, inputs, douts, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gs)]
-
-
 def check_branch(branch, x, case, names, dtype, seed=100):
     """branch(nsa_torch) on x (in dtype) against branch(reference) on x in float64: every output,
     then the gradients of `names`. Returns ours' outputs."""

@@ -7,11 +7,8 @@ import pytest
 import torch
 
 import nsa_torch
-from conftest import hyper, make_inputs
+from helpers import CMP_H, SEL_H, check_selection, hyper, make_inputs, positions
 from nsa_torch import reference
-
-CMP = ("block_size", "block_stride", "scale")
-SEL = ("select_size", "num_selected", "num_initial", "num_local")
 
 # Relative slack of the score comparison, per dtype of the inputs (scores accumulate in float
 # for every dtype but float64).
@@ -35,60 +32,17 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
 
 
-def positions(B, T, cu_seqlens):
-    """[B, T] position of each token in its own sequence."""
-    if cu_seqlens is None:
-        return torch.arange(T).expand(B, T)
-    lens = cu_seqlens.diff().long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
-    return (torch.arange(T) - starts).unsqueeze(0)
-
-
-def check_selection(idx, scores, pos, case, rtol):
-    """idx int32 [B, T, H, n] against scores [B, T, H, NB] (-inf for non-candidates)."""
-    h = hyper(case, *SEL)
-    n, l_sel = h["num_selected"], h["select_size"]
-    NB = scores.shape[-1]
-    assert idx.dtype == torch.int32 and idx.shape[-1] == n
-    idx = idx.long()
-    last = (pos // l_sel)[:, :, None, None]                      # t // l', [B, T, 1, 1]
-    j = torch.arange(NB)
-    candidate = j <= last
-    forced = candidate & ((j < h["num_initial"]) | (j > last - h["num_local"]))
-    valid = idx >= 0
-
-    count = valid.sum(-1)
-    assert torch.equal(count, torch.minimum(last[..., 0] + 1, torch.tensor(n)).expand_as(count)), \
-        "fewer blocks than min(n, candidates)"
-    assert torch.equal(valid, torch.arange(n) < count[..., None]), "-1 padding not only at the end"
-    assert ((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]).all(), "not ascending / duplicate"
-    assert ((idx <= last) & (idx >= -1)).all(), "block not a candidate"
-
-    chosen = torch.zeros(*idx.shape[:-1], NB + 1, dtype=torch.bool)
-    chosen = chosen.scatter(-1, torch.where(valid, idx, NB), True)[..., :NB]
-    missing = forced & ~chosen
-    assert not missing.any(), f"forced block missing at {missing.nonzero()[0].tolist()}"
-
-    lowest_chosen = torch.where(chosen & ~forced, scores, torch.inf).amin(-1)
-    best_unchosen = torch.where(candidate & ~chosen, scores, -torch.inf).amax(-1)
-    slack = rtol * torch.where(candidate, scores, 0).abs().amax(-1)
-    bad = lowest_chosen < best_unchosen - slack
-    assert not bad.any(), (f"a chosen free block scores below an unchosen candidate at "
-                           f"{bad.nonzero()[0].tolist()}: {lowest_chosen[bad][0].item()!r} < "
-                           f"{best_unchosen[bad][0].item()!r}")
-
-
 def reference_lse(x, case):
     """lse of the compressed branch from the reference in float64, in the dtype our ops use."""
     _, lse = reference.compressed_attention(x["q"].double(), x["k_cmp"].double(),
                                             x["v_cmp"].double(), cu_seqlens=x["cu_seqlens"],
-                                            **hyper(case, *CMP))
+                                            **hyper(case, *CMP_H))
     return lse.to(torch.float64 if x["q"].dtype == torch.float64 else torch.float32)
 
 
 def select_and_check(x, case, lse, dtype):
-    h = dict(hyper(case, *CMP), cu_seqlens=x["cu_seqlens"])
-    idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **h, **hyper(case, *SEL))
+    h = dict(hyper(case, *CMP_H), cu_seqlens=x["cu_seqlens"])
+    idx = nsa_torch.select_blocks(x["q"], x["k_cmp"], lse, **h, **hyper(case, *SEL_H))
     scores = reference.block_scores(x["q"].double(), x["k_cmp"].double(), lse.double(),
                                     **h, **hyper(case, "select_size"))
     B, T = x["q"].shape[:2]
@@ -123,10 +77,10 @@ def test_ties_go_to_the_smaller_block(dtype, G):
     lse = reference_lse(x, case)
     idx = select_and_check(x, case, lse, dtype)
     scores = reference.block_scores(x["q"].double(), x["k_cmp"].double(), lse.double(),
-                                    **hyper(case, *CMP, "select_size"))
+                                    **hyper(case, *CMP_H, "select_size"))
     assert (scores[..., 1] == scores[..., 2]).any(), "the case has no tie: fix the test"
     ref = reference.select_blocks(x["q"].double(), x["k_cmp"].double(), lse.double(),
-                                  **hyper(case, *CMP, *SEL))
+                                  **hyper(case, *CMP_H, *SEL_H))
     assert torch.equal(idx, ref)
 
 
@@ -136,7 +90,7 @@ def test_rows_that_see_nothing():
     case = dict(T=30, HQ=4, H=2, D=16, block_size=32, block_stride=16, select_size=16,
                 num_selected=1, num_initial=0, num_local=0)
     x = make_inputs(dtype=torch.float32, seed=24, **case)
-    _, lse = nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], **hyper(case, *CMP))
+    _, lse = nsa_torch.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], **hyper(case, *CMP_H))
     assert torch.isinf(lse).all()
     idx = select_and_check(x, case, lse, torch.float32)
     assert (idx[..., 0] == 0).all()
@@ -156,7 +110,7 @@ def test_lse_minus_inf_rows(dtype):
     lse = lse.masked_fill(dead_head | dead_group, -torch.inf)
     idx = select_and_check(x, case, lse, dtype)
     ref = reference.select_blocks(x["q"].double(), x["k_cmp"].double(), lse.double(),
-                                  **hyper(case, *CMP, *SEL))
+                                  **hyper(case, *CMP_H, *SEL_H))
     rows = dead_group[..., ::2]                                              # [B, T, H]
     assert torch.equal(idx[rows], ref[rows])
 
@@ -167,9 +121,9 @@ def test_the_checker_rejects_wrong_selections():
     case = CASES["l16-T333-G3"]
     x = make_inputs(dtype=torch.float64, seed=27, **case)
     lse = reference_lse(x, case)
-    h = dict(hyper(case, *CMP))
+    h = dict(hyper(case, *CMP_H))
     scores = reference.block_scores(x["q"], x["k_cmp"], lse, **h, **hyper(case, "select_size"))
-    good = reference.select_blocks(x["q"], x["k_cmp"], lse, **h, **hyper(case, *SEL))
+    good = reference.select_blocks(x["q"], x["k_cmp"], lse, **h, **hyper(case, *SEL_H))
     pos = positions(*x["q"].shape[:2], None)
     check_selection(good, scores, pos, case, 0.0)
     t, g = 300, 1  # t // l' = 9: forced 0, 8, 9 and one free slot: row = [0, free, 8, 9]

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "cuda/head_dims.h"
+
 namespace nsa {
 namespace {
 
@@ -51,11 +53,10 @@ std::string arch_str(const DeviceFacts& dev) { return "sm_" + std::to_string(dev
 std::string needs_sm90(const DeviceFacts& dev) {
   return dev.arch == 90 ? "" : "needs an sm_90 GPU, this one is " + arch_str(dev);
 }
-// The warpgroup kernels' shared-memory tiles are 64 columns wide: D, Dv in {64, 128}.
+// The warpgroup kernels take D, Dv in {64, 128} (cuda/head_dims.h).
 std::string needs_wgmma_dims(const AttnParams& p) {
-  const bool ok = p.head_dim <= 128 && p.head_dim_v <= 128 && p.head_dim % 64 == 0 && p.head_dim_v % 64 == 0;
-  return ok ? "" : "needs D, Dv in {64, 128}, got D = " + std::to_string(p.head_dim) + ", Dv = " +
-                       std::to_string(p.head_dim_v);
+  if (cuda::wgmma_head_dims(p.head_dim, p.head_dim_v)) return "";
+  return "needs D, Dv in {64, 128}, got D = " + std::to_string(p.head_dim) + ", Dv = " + std::to_string(p.head_dim_v);
 }
 std::string wgmma_reason(const AttnParams& p, const DeviceFacts& dev) {
   std::string why = needs_sm90(dev);
@@ -237,7 +238,7 @@ TopkPlan plan_select(const TopkParams& p, const DeviceFacts& dev, const PlanOver
   plan.device = dev;
   const int G = group_of(p.num_heads, p.num_heads_k);
   std::string why = needs_sm90(dev);
-  if (why.empty() && p.head_dim != 64 && p.head_dim != 128)
+  if (why.empty() && !cuda::wgmma_head_dim(p.head_dim))
     why = "needs D in {64, 128}, got D = " + std::to_string(p.head_dim);
   if (why.empty() && G != 16 && G != 32) why = "needs a group size G in {16, 32}, got G = " + std::to_string(G);
   if (o.select) {

@@ -3,10 +3,12 @@
 #include <ATen/Parallel.h>
 
 #ifdef NSA_WITH_CUDA
-#include "nsa/cuda/kernels.h"
+#include "nsa/cuda/head_dims.h"
 #endif
 
 #include <cmath>
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <iostream>  // initialises a statically linked libstdc++'s streams (see shape_str)
 #include <limits>
@@ -64,7 +66,8 @@ void Checker::tensor(const at::Tensor& t, const char* arg, at::ScalarType dtype,
   TORCH_CHECK_VALUE(shape_ok, op_, ": ", arg, " must be ", want, ", got ", got);
   TORCH_CHECK_VALUE(t.device() == device, op_, ": ", arg, " must be on ", device.str(),
                     " (the device of q), got ", t.device().str());
-  if (contiguous_last && t.dim() > 0 && t.size(-1) > 1)
+  // (An empty tensor is read by no kernel: an expanded empty gradient keeps its zero strides.)
+  if (contiguous_last && t.numel() > 0 && t.size(-1) > 1)
     TORCH_CHECK_VALUE(t.stride(-1) == 1, op_, ": ", arg,
                       " must have a contiguous last dim (stride 1), got strides ",
                       shape_str(t.strides()), "; call .contiguous() first");
@@ -96,11 +99,16 @@ void check_qkv(const Checker& c, const at::Tensor& q, const at::Tensor& k, const
   c.tensor(q, "q", dt, {"B", "T", "HQ", "D"}, {B, kAny, HQ, D}, q.device());
   c.tensor(k, k_name, dt, {"B", rows, "H", "D"}, {B, Tk, H, D}, q.device());
   c.tensor(v, v_name, dt, {"B", rows, "H", "Dv"}, {B, Tk, H, Dv}, q.device());
+  c.value(HQ >= 1, "the number of query heads HQ", "at least 1", "HQ = " + std::to_string(HQ));
   c.value(H >= 1 && HQ % H == 0, "the number of query heads HQ",
           "a multiple of the number of key/value heads H = " + std::to_string(H),
           "HQ = " + std::to_string(HQ));
   c.value(D >= 1 && Dv >= 1, "the head dims", "at least 1",
           "D = " + std::to_string(D) + ", Dv = " + std::to_string(Dv));
+  // The params hold these sizes as int (an empty tensor may have any size).
+  const int64_t largest = std::max({B, HQ, D, Dv});
+  c.value(largest <= INT32_MAX, "the sizes B, HQ, D, Dv", "at most 2^31 - 1",
+          std::to_string(largest));
 }
 
 at::ScalarType lse_dtype(at::ScalarType dtype) {
@@ -129,8 +137,8 @@ SeqsArg make_seqs(const Checker& c, const at::Tensor& q,
   }
   const at::Tensor& cu = *cu_seqlens;
   c.tensor(cu, "cu_seqlens", at::kInt, {"N + 1"}, {kAny}, q.device());
-  c.value(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens", "int32 [N + 1] with N >= 0",
-          tensor_str(cu));
+  c.value(cu.dim() == 1 && cu.size(0) >= 1 && cu.size(0) <= INT32_MAX, "cu_seqlens",
+          "int32 [N + 1] with N >= 0", tensor_str(cu));
   c.value(q.size(0) == 1, "q", "packed with B == 1 when cu_seqlens is given",
           "B = " + std::to_string(q.size(0)));
   TORCH_CHECK_VALUE(s.seqlen < (int64_t(1) << 31), c.op(),
@@ -140,7 +148,16 @@ SeqsArg make_seqs(const Checker& c, const at::Tensor& q,
   const at::Tensor& cu_c = out.cu_seqlens;
   s.num_seqs = int(cu.size(0) - 1);
   s.cu_seqlens = cu_c.data_ptr<int32_t>();
-  if (cu_c.is_cpu()) {
+  if (!cu_c.is_cpu()) {
+    // On the device the values are checked there, without a host sync: a bad cu_seqlens raises
+    // at the next synchronisation (a device-side assert, as torch's own index checks). The layer
+    // (nsa_torch/modules.py) checks them on the host, where it reads the lengths anyway.
+    const at::Tensor ok = at::logical_and(
+        at::logical_and(cu_c.select(0, 0).eq(0), cu_c.select(0, s.num_seqs).eq(s.seqlen)),
+        (cu_c.slice(0, 1) >= cu_c.slice(0, 0, -1)).all());
+    at::_assert_async(ok, std::string(c.op()) + ": cu_seqlens must start at 0, be non-decreasing "
+                          "and end at the number of packed tokens T = " + std::to_string(s.seqlen));
+  } else {
     const int32_t* p = cu_c.data_ptr<int32_t>();
     c.value(p[0] == 0, "cu_seqlens", "a tensor starting at 0", "cu_seqlens[0] = " + std::to_string(p[0]));
     for (int64_t i = 0; i < s.num_seqs; ++i)
@@ -207,16 +224,16 @@ void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64
   check_device_dtype(c, q, "q");
   if (q.is_cpu()) return;
 #ifdef NSA_WITH_CUDA
+  // (int64 sizes compared before narrowing; the messages are built only for the error)
+  const auto fits = [](int64_t x) { return x >= 0 && x <= 1 << 20; };
   if (head_dim_v < 0) {
-    c.value(head_dim == 64 || head_dim == 128 || head_dim == 192, "head dim D",
-            "one of 64, 128, 192 on CUDA", std::to_string(head_dim));
+    if (fits(head_dim) && nsa::cuda::supported_head_dim(int(head_dim))) return;
+    c.value(false, "head dim D", "one of " + nsa::cuda::head_dims_list(false) + " on CUDA",
+            std::to_string(head_dim));
     return;
   }
-  if (nsa::cuda::supported_head_dims(int(head_dim), int(head_dim_v))) return;
-  std::string pairs;  // the message is built only for the error
-  for (const auto& hd : nsa::cuda::kHeadDims)
-    pairs += (pairs.empty() ? "(" : ", (") + std::to_string(hd[0]) + ", " + std::to_string(hd[1]) + ")";
-  c.value(false, "head dims (D, Dv)", "one of " + pairs + " on CUDA",
+  if (fits(head_dim) && fits(head_dim_v) && nsa::cuda::supported_head_dims(int(head_dim), int(head_dim_v))) return;
+  c.value(false, "head dims (D, Dv)", "one of " + nsa::cuda::head_dims_list(true) + " on CUDA",
           "(" + std::to_string(head_dim) + ", " + std::to_string(head_dim_v) + ")");
 #endif
 }
@@ -229,11 +246,35 @@ at::Tensor aligned(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+void check_size(const Checker& c, const char* arg, int64_t v, int64_t max) {
+  c.value(v >= 1, arg, "at least 1", std::to_string(v));
+  c.value(v <= max, arg, "at most " + std::to_string(max), std::to_string(v));
+}
+
 void check_compression(const Checker& c, int64_t block_size, int64_t block_stride) {
-  c.value(block_stride >= 1, "block_stride", "at least 1", std::to_string(block_stride));
-  c.value(block_size >= 1 && block_size % block_stride == 0, "block_size",
+  check_size(c, "block_stride", block_stride);
+  check_size(c, "block_size", block_size);
+  c.value(block_size % block_stride == 0, "block_size",
           "a positive multiple of block_stride (" + std::to_string(block_stride) + ")",
           std::to_string(block_size));
+}
+
+void check_selection(const Checker& c, int64_t block_stride, int64_t select_size,
+                     int64_t num_selected, int64_t num_initial, int64_t num_local) {
+  check_size(c, "select_size", select_size);
+  c.value(select_size % block_stride == 0, "select_size",
+          "a positive multiple of block_stride (" + std::to_string(block_stride) + ")",
+          std::to_string(select_size));
+  check_size(c, "num_selected", num_selected, kMaxSelected);
+  // Each bounded first, so that their sum cannot overflow.
+  c.value(num_initial >= 0 && num_initial <= num_selected, "num_initial",
+          "in [0, num_selected]", std::to_string(num_initial));
+  c.value(num_local >= 0 && num_local <= num_selected, "num_local", "in [0, num_selected]",
+          std::to_string(num_local));
+  c.value(num_selected >= num_initial + num_local, "num_selected",
+          "at least 1 and at least num_initial + num_local = " +
+              std::to_string(num_initial + num_local),
+          std::to_string(num_selected));
 }
 
 void check_scale(const Checker& c, double scale) {
@@ -246,6 +287,21 @@ void check_bwd_inputs(const Checker& c, const at::Tensor& q, const at::Tensor& v
   c.tensor(dout, "dout", q.scalar_type(), {"B", "T", "HQ", "Dv"}, {B, T, HQ, Dv}, q.device());
   c.tensor(o, "o", q.scalar_type(), {"B", "T", "HQ", "Dv"}, {B, T, HQ, Dv}, q.device());
   c.tensor(lse, "lse", lse_dtype(q.scalar_type()), {"B", "T", "HQ"}, {B, T, HQ}, q.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> new_attn_outputs(const at::Tensor& q, const at::Tensor& v) {
+  return {new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options()),
+          new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q.scalar_type())))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> new_attn_grads(nsa::AttnParams& p, const at::Tensor& dout,
+                                                              const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v) {
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = new_output(v.sizes(), v.options());
+  fill_attn_bwd(p, dout, dq, dk, dv);
+  return {dq, dk, dv};
 }
 
 void fill_attn(nsa::AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -11,6 +11,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "nsa/params.h"
 
@@ -87,14 +88,32 @@ void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64
 // other tensor (CPU, other dtypes, malformed shapes left for the checks) is returned as is.
 at::Tensor aligned(const at::Tensor& t);
 
-// Hyper-parameter checks of DESIGN.md section 1 (ValueError naming the argument).
+// Hyper-parameter checks of DESIGN.md section 1 (ValueError naming the argument). Every integer
+// is bounded before it is narrowed to the params' int. Sizes (block_size, block_stride,
+// select_size) are at most kMaxSize: a sequence has fewer than 2^31 tokens. num_selected sizes
+// the [B, T, H, n] output: at most kMaxSelected. window_size is clamped instead (any window past
+// the sequence is the whole causal past).
+constexpr int64_t kMaxSize = int64_t(1) << 30;
+constexpr int64_t kMaxSelected = int64_t(1) << 16;
+void check_size(const Checker& c, const char* arg, int64_t v, int64_t max = kMaxSize);
 void check_compression(const Checker& c, int64_t block_size, int64_t block_stride);
+void check_selection(const Checker& c, int64_t block_stride, int64_t select_size,
+                     int64_t num_selected, int64_t num_initial, int64_t num_local);
 void check_scale(const Checker& c, double scale);
 
 // Saved forward tensors and the incoming gradient of a backward op: o and dout [B, T, HQ, Dv] in
 // q's dtype, lse [B, T, HQ] in lse_dtype, all on q's device.
 void check_bwd_inputs(const Checker& c, const at::Tensor& q, const at::Tensor& v,
                       const at::Tensor& dout, const at::Tensor& o, const at::Tensor& lse);
+
+// The outputs of an attention forward: o [B, T, HQ, Dv] in q's dtype, lse [B, T, HQ] in lse_dtype.
+std::tuple<at::Tensor, at::Tensor> new_attn_outputs(const at::Tensor& q, const at::Tensor& v);
+
+// The outputs of an attention backward: dq, dk, dv shaped like q, k, v; points p at them and at
+// dout (fill_attn_bwd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> new_attn_grads(nsa::AttnParams& p, const at::Tensor& dout,
+                                                              const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v);
 
 // Fills the fields shared by the attention branches; the backward ones stay null.
 void fill_attn(nsa::AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

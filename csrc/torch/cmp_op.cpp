@@ -34,15 +34,16 @@ nsa::CmpParams cmp_params(const at::Tensor& q, const at::Tensor& k_cmp, const at
 
 }  // namespace
 
-static std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd_impl(
-    const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& v_cmp,
+// Unaligned CUDA inputs are replaced by aligned copies first (see aligned()); they live through
+// the call.
+std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_cmp_in, const at::Tensor& v_cmp_in,
     const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
+  const at::Tensor q = aligned(q_in), k_cmp = aligned(k_cmp_in), v_cmp = aligned(v_cmp_in);
   const Checker c(kOp);
   const SeqsArg seqs = check_cmp(c, q, k_cmp, v_cmp, cu_seqlens, block_size, block_stride, scale);
   check_device(c, q, q.size(3), v_cmp.size(3));
-  at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v_cmp.size(3)}, q.options());
-  at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
-                             q.options().dtype(lse_dtype(q.scalar_type())));
+  auto [o, lse] = new_attn_outputs(q, v_cmp);
   nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
@@ -55,10 +56,13 @@ static std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd_impl(
   return {o, lse};
 }
 
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd_impl(
-    const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k_cmp,
-    const at::Tensor& v_cmp, const at::Tensor& o, const at::Tensor& lse,
-    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd(
+    const at::Tensor& dout_in, const OptTensor& dlse, const at::Tensor& q_in,
+    const at::Tensor& k_cmp_in, const at::Tensor& v_cmp_in, const at::Tensor& o_in,
+    const at::Tensor& lse, const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride,
+    double scale) {
+  const at::Tensor dout = aligned(dout_in), q = aligned(q_in), k_cmp = aligned(k_cmp_in),
+                   v_cmp = aligned(v_cmp_in), o = aligned(o_in);
   const Checker c(kOp);
   const SeqsArg seqs = check_cmp(c, q, k_cmp, v_cmp, cu_seqlens, block_size, block_stride, scale);
   check_bwd_inputs(c, q, v_cmp, dout, o, lse);
@@ -66,11 +70,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd_i
     c.tensor(*dlse, "dlse", lse.scalar_type(), {"B", "T", "HQ"}, {q.size(0), q.size(1), q.size(2)},
              q.device());
   check_device(c, q, q.size(3), v_cmp.size(3));
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k_cmp.sizes(), k_cmp.options());
-  at::Tensor dv = new_output(v_cmp.sizes(), v_cmp.options());
   nsa::CmpParams p = cmp_params(q, k_cmp, v_cmp, o, lse, seqs, block_size, block_stride, scale);
-  fill_attn_bwd(p, dout, dq, dk, dv);
+  auto [dq, dk, dv] = new_attn_grads(p, dout, q, k_cmp, v_cmp);
   if (dlse.has_value()) p.dlse = view_of(*dlse);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
@@ -82,23 +83,6 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd_i
     nsa::cpu::cmp_bwd(p, torch_parallel_for);
   }
   return {dq, dk, dv};
-}
-
-// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
-std::tuple<at::Tensor, at::Tensor> compressed_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& v_cmp,
-    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
-  return compressed_attention_fwd_impl(aligned(q), aligned(k_cmp), aligned(v_cmp), cu_seqlens,
-      block_size, block_stride, scale);
-}
-
-// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_attention_bwd(
-    const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k_cmp,
-    const at::Tensor& v_cmp, const at::Tensor& o, const at::Tensor& lse,
-    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, double scale) {
-  return compressed_attention_bwd_impl(aligned(dout), dlse, aligned(q), aligned(k_cmp),
-      aligned(v_cmp), aligned(o), lse, cu_seqlens, block_size, block_stride, scale);
 }
 
 }  // namespace nsa_torch

@@ -6,13 +6,38 @@
 #include "ops.h"
 
 #ifndef NSA_NO_PYTHON_MODULE
+#include <Python.h>
+
 #include "debug_module.h"
+#ifdef NSA_WITH_CUDA
+#include "nsa/cuda/head_dims.h"
+#endif
+
 // `import nsa_torch._C` loads this library (and so runs the registrations below); the ops are
-// reached through torch.ops.nsa, the module holds only the hooks of nsa_torch._debug.
+// reached through torch.ops.nsa. The module holds the hooks of nsa_torch._debug
+// (debug_module.cpp) and one constant: CUDA_HEAD_DIMS, the (D, Dv) pairs with CUDA kernels
+// (nsa/cuda/head_dims.h) as a tuple of int pairs, empty in a build without CUDA.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nsa_torch::kDebugMethods,
                                nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (!m) return nullptr;
+#ifdef NSA_WITH_CUDA
+  PyObject* dims = PyTuple_New(nsa::cuda::kNumHeadDims);
+  for (int i = 0; dims && i < nsa::cuda::kNumHeadDims; ++i) {
+    PyObject* pair = Py_BuildValue("(ii)", nsa::cuda::kHeadDims[i].d, nsa::cuda::kHeadDims[i].dv);
+    if (!pair) Py_CLEAR(dims);
+    else PyTuple_SET_ITEM(dims, i, pair);  // steals the reference
+  }
+#else
+  PyObject* dims = PyTuple_New(0);
+#endif
+  if (!dims || PyModule_AddObject(m, "CUDA_HEAD_DIMS", dims) < 0) {
+    Py_XDECREF(dims);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 #endif
 

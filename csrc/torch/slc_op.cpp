@@ -22,7 +22,9 @@ SeqsArg check_slc(const Checker& c, const at::Tensor& q, const at::Tensor& k, co
           tensor_str(block_indices));
   c.tensor(block_indices, "block_indices", at::kInt, {"B", "T", "H", "n"},
            {B, T, H, block_indices.size(3)}, q.device());
-  c.value(select_size >= 1, "select_size", "at least 1", std::to_string(select_size));
+  check_size(c, "select_size", select_size);
+  c.value(block_indices.size(3) <= kMaxSelected, "block_indices",
+          "[B, T, H, n] with n <= " + std::to_string(kMaxSelected), tensor_str(block_indices));
   check_scale(c, scale);
   return make_seqs(c, q, cu_seqlens);
 }
@@ -35,7 +37,7 @@ nsa::SlcParams slc_params(const at::Tensor& q, const at::Tensor& k, const at::Te
   fill_attn(p, q, k, v, o, lse, seqs.seqs, scale);
   p.block_indices = view_of(block_indices);
   p.num_selected = int(block_indices.size(3));
-  p.select_size = int(std::min<int64_t>(select_size, int64_t(1) << 30));
+  p.select_size = int(select_size);
   return p;
 }
 
@@ -58,16 +60,17 @@ void check_block_index_values(const Checker& c, const nsa::SlcParams& p) {
 
 }  // namespace
 
-static std::tuple<at::Tensor, at::Tensor> selected_attention_fwd_impl(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// Unaligned CUDA inputs are replaced by aligned copies first (see aligned()); they live through
+// the call.
+std::tuple<at::Tensor, at::Tensor> selected_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& block_indices, const OptTensor& cu_seqlens, int64_t select_size,
     double scale) {
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   const Checker c(kOp);
   const SeqsArg seqs = check_slc(c, q, k, v, block_indices, cu_seqlens, select_size, scale);
   check_device(c, q, q.size(3), v.size(3));
-  at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
-                             q.options().dtype(lse_dtype(q.scalar_type())));
+  auto [o, lse] = new_attn_outputs(q, v);
   nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
@@ -83,19 +86,18 @@ static std::tuple<at::Tensor, at::Tensor> selected_attention_fwd_impl(
   return {o, lse};
 }
 
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd_impl(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& block_indices, const at::Tensor& o, const at::Tensor& lse,
-    const OptTensor& cu_seqlens, int64_t select_size, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& block_indices, const at::Tensor& o_in,
+    const at::Tensor& lse, const OptTensor& cu_seqlens, int64_t select_size, double scale) {
+  const at::Tensor dout = aligned(dout_in), q = aligned(q_in), k = aligned(k_in), v = aligned(v_in),
+                   o = aligned(o_in);
   const Checker c(kOp);
   const SeqsArg seqs = check_slc(c, q, k, v, block_indices, cu_seqlens, select_size, scale);
   check_bwd_inputs(c, q, v, dout, o, lse);
   check_device(c, q, q.size(3), v.size(3));
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k.sizes(), k.options());
-  at::Tensor dv = new_output(v.sizes(), v.options());
   nsa::SlcParams p = slc_params(q, k, v, block_indices, o, lse, seqs, select_size, scale);
-  fill_attn_bwd(p, dout, dq, dk, dv);
+  auto [dq, dk, dv] = new_attn_grads(p, dout, q, k, v);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
     plan_cuda(p, nsa::Pass::kBwd, q);
@@ -107,23 +109,6 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd_imp
     nsa::cpu::slc_bwd(p, torch_parallel_for);
   }
   return {dq, dk, dv};
-}
-
-// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
-std::tuple<at::Tensor, at::Tensor> selected_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_indices,
-    const OptTensor& cu_seqlens, int64_t select_size, double scale) {
-  return selected_attention_fwd_impl(aligned(q), aligned(k), aligned(v), block_indices, cu_seqlens,
-      select_size, scale);
-}
-
-// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_attention_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& block_indices, const at::Tensor& o, const at::Tensor& lse,
-    const OptTensor& cu_seqlens, int64_t select_size, double scale) {
-  return selected_attention_bwd_impl(aligned(dout), aligned(q), aligned(k), aligned(v),
-      block_indices, aligned(o), lse, cu_seqlens, select_size, scale);
 }
 
 }  // namespace nsa_torch

@@ -26,21 +26,22 @@ nsa::SwaParams swa_params(const at::Tensor& q, const at::Tensor& k, const at::Te
                           int64_t window_size, double scale) {
   nsa::SwaParams p;
   fill_attn(p, q, k, v, o, lse, seqs.seqs, scale);
-  p.window_size = int(std::min<int64_t>(window_size, int64_t(1) << 30));
+  p.window_size = int(std::min<int64_t>(window_size, int64_t(1) << 30));  // the whole past beyond
   return p;
 }
 
 }  // namespace
 
-static std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd_impl(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& cu_seqlens,
-    int64_t window_size, double scale) {
+// Unaligned CUDA inputs are replaced by aligned copies first (see aligned()); they live through
+// the call.
+std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const OptTensor& cu_seqlens, int64_t window_size, double scale) {
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   const Checker c(kOp);
   const SeqsArg seqs = check_swa(c, q, k, v, cu_seqlens, window_size, scale);
   check_device(c, q, q.size(3), v.size(3));
-  at::Tensor o = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
-                             q.options().dtype(lse_dtype(q.scalar_type())));
+  auto [o, lse] = new_attn_outputs(q, v);
   nsa::SwaParams p = swa_params(q, k, v, o, lse, seqs, window_size, scale);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
@@ -53,19 +54,18 @@ static std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd_impl(
   return {o, lse};
 }
 
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd_impl(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& o, const at::Tensor& lse, const OptTensor& cu_seqlens, int64_t window_size,
-    double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse,
+    const OptTensor& cu_seqlens, int64_t window_size, double scale) {
+  const at::Tensor dout = aligned(dout_in), q = aligned(q_in), k = aligned(k_in), v = aligned(v_in),
+                   o = aligned(o_in);
   const Checker c(kOp);
   const SeqsArg seqs = check_swa(c, q, k, v, cu_seqlens, window_size, scale);
   check_bwd_inputs(c, q, v, dout, o, lse);
   check_device(c, q, q.size(3), v.size(3));
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k.sizes(), k.options());
-  at::Tensor dv = new_output(v.sizes(), v.options());
   nsa::SwaParams p = swa_params(q, k, v, o, lse, seqs, window_size, scale);
-  fill_attn_bwd(p, dout, dq, dk, dv);
+  auto [dq, dk, dv] = new_attn_grads(p, dout, q, k, v);
   if (q.is_cuda()) {
 #ifdef NSA_WITH_CUDA
     plan_cuda(p, nsa::Pass::kBwd, q);
@@ -76,23 +76,6 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_b
     nsa::cpu::swa_bwd(p, torch_parallel_for);
   }
   return {dq, dk, dv};
-}
-
-// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
-std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& cu_seqlens,
-    int64_t window_size, double scale) {
-  return sliding_window_attention_fwd_impl(aligned(q), aligned(k), aligned(v), cu_seqlens,
-      window_size, scale);
-}
-
-// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& o, const at::Tensor& lse, const OptTensor& cu_seqlens, int64_t window_size,
-    double scale) {
-  return sliding_window_attention_bwd_impl(aligned(dout), aligned(q), aligned(k), aligned(v),
-      aligned(o), lse, cu_seqlens, window_size, scale);
 }
 
 }  // namespace nsa_torch

@@ -10,24 +10,19 @@
 
 namespace nsa_torch {
 
-static at::Tensor select_blocks_impl(const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse,
+// Unaligned CUDA inputs are replaced by aligned copies first (see aligned()); they live through
+// the call.
+at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_cmp_in, const at::Tensor& lse,
                          const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride,
                          int64_t select_size, int64_t num_selected, int64_t num_initial,
                          int64_t num_local, double scale) {
+  const at::Tensor q = aligned(q_in), k_cmp = aligned(k_cmp_in);
   const Checker c("nsa.select_blocks");
   check_qkv(c, q, k_cmp, k_cmp, "k_cmp", "k_cmp", /*same_len=*/false);  // no values here: k_cmp stands in for them
   const int64_t B = q.size(0), T = q.size(1), HQ = q.size(2), H = k_cmp.size(2);
   c.tensor(lse, "lse", lse_dtype(q.scalar_type()), {"B", "T", "HQ"}, {B, T, HQ}, q.device());
   check_compression(c, block_size, block_stride);
-  c.value(select_size >= 1 && select_size % block_stride == 0, "select_size",
-          "a positive multiple of block_stride (" + std::to_string(block_stride) + ")",
-          std::to_string(select_size));
-  c.value(num_initial >= 0, "num_initial", "at least 0", std::to_string(num_initial));
-  c.value(num_local >= 0, "num_local", "at least 0", std::to_string(num_local));
-  c.value(num_selected >= 1 && num_selected >= num_initial + num_local, "num_selected",
-          "at least 1 and at least num_initial + num_local = " +
-              std::to_string(num_initial + num_local),
-          std::to_string(num_selected));
+  check_selection(c, block_stride, select_size, num_selected, num_initial, num_local);
   check_scale(c, scale);
   const SeqsArg seqs = make_seqs(c, q, cu_seqlens, k_cmp.size(1), block_size, block_stride);
   check_device(c, q, q.size(3), -1);
@@ -59,15 +54,6 @@ static at::Tensor select_blocks_impl(const at::Tensor& q, const at::Tensor& k_cm
     nsa::cpu::select_topk(p, torch_parallel_for);
   }
   return indices;
-}
-
-// Unaligned CUDA inputs get aligned copies (see aligned()); the copies live through the call.
-at::Tensor select_blocks(
-    const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse,
-    const OptTensor& cu_seqlens, int64_t block_size, int64_t block_stride, int64_t select_size,
-    int64_t num_selected, int64_t num_initial, int64_t num_local, double scale) {
-  return select_blocks_impl(aligned(q), aligned(k_cmp), lse, cu_seqlens, block_size, block_stride,
-      select_size, num_selected, num_initial, num_local, scale);
 }
 
 }  // namespace nsa_torch

@@ -34,6 +34,7 @@ using simd::vec;
 using simd::vexp;
 using simd::vload;
 using simd::vstore;
+using cpu::store_fwd_row;  // numeric.h: the finished row, non-finite rows included
 
 // out[b, a] = sum_{d < nd} x[b, d] * yt[d, a]  for b < nb, a < na; row strides ldx, na, na.
 // na is a multiple of kRowAlign. K keys (rows of x) share every loaded vector of yt.
@@ -256,8 +257,12 @@ inline void attend_fwd(const A* k, index_t ldk, const A* v, index_t ldv, int nk,
     lsum = lsum * alpha + sum;
     vstore(lb + a, alpha);
     for (int i = 0; i < L && a + i < b.n; ++i) {
+      // Max -inf although the row sees a key of this chunk: every score it sees is -inf (an
+      // overflow or an -inf input), not "no visible key". The NaN sum makes the row non-finite
+      // (see store_fwd_row); a check here per row and chunk keeps the key loops as they are.
+      const bool sees = b.full ? nk > 0 : b.hi[a + i] > b.lo[a + i];
       m[b.row[a + i]] = mx[i];
-      l[b.row[a + i]] = lsum[i];
+      l[b.row[a + i]] = mx[i] == ninf && sees ? std::numeric_limits<A>::quiet_NaN() : lsum[i];
     }
   }
   A* rows[kMaxRows];
@@ -397,20 +402,6 @@ struct GatheredRows {
     return batch.n == kMaxRows;
   }
 };
-
-// Output of a finished forward row: o = acc / l, lse = m + log l; a row that saw no key gets
-// o = 0 and lse = -inf.
-template <typename T, typename A>
-inline void store_fwd_row(const A* acc, A m, A l, int Dv, T* o, A* lse) {
-  if (l > A(0)) {
-    const A inv = A(1) / l;
-    for (int c = 0; c < Dv; ++c) store(o[c], acc[c] * inv);
-    *lse = m + std::log(l);
-  } else {
-    for (int c = 0; c < Dv; ++c) store(o[c], A(0));
-    *lse = -std::numeric_limits<A>::infinity();
-  }
-}
 
 // Tokens [t0, t1) of sequence `seq`: the unit of the forward and dq work items.
 struct TokenTile {

@@ -131,14 +131,9 @@ void fwd_items(const Inputs<acc_t<T>>& in, index_t begin, index_t end) {
         const int h = w.head * G + hh;
         T* out = p.o.ptr<T>(seq.batch, seq.start + t0 + tt, h);
         A* lse = p.lse.ptr<A>(seq.batch, seq.start + t0 + tt, h);
-        if (l[r] > A(0)) {
-          const A inv = A(1) / l[r];
-          for (int c = 0; c < Dv; ++c) store(out[c], o[r * Dvp + c] * inv);
-          *lse = m[r] + std::log(l[r]);
-        } else {  // sees no compressed row
-          for (int c = 0; c < Dv; ++c) store(out[c], A(0));
-          *lse = ninf;
-        }
+        // l is NaN when a score was not finite, also when every score the row sees is -inf:
+        // then m_new = -inf above and alpha = exp(-inf + inf) = NaN.
+        store_fwd_row(o.data() + r * Dvp, m[r], l[r], Dv, out, lse);
       }
   }
 }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -116,6 +117,28 @@ inline void load_row(const T* __restrict src, A* __restrict dst, int64_t n) {
 template <typename T, typename A>
 inline void store_row(const A* __restrict src, T* __restrict dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store(dst[i], src[i]);
+}
+
+// Output of a finished softmax row from its online state: accumulator acc[0 .. Dv), running
+// max m and sum l of exp(s - m). Three cases (DESIGN.md section 1, "Non-finite values"):
+// - l > 0: o = acc / l, lse = m + log l;
+// - l == 0: the row saw no key: o = 0 and lse = -inf, and no NaN;
+// - l NaN: a score was NaN or +-inf (a non-finite input, or q.k overflowing the accumulation
+//   type): o and lse are NaN, so that the input's NaN never vanishes into a finite output.
+// Checking l once per row here keeps the per-element loops free of finiteness tests.
+template <typename T, typename A>
+inline void store_fwd_row(const A* acc, A m, A l, int Dv, T* o, A* lse) {
+  if (l > A(0)) {
+    const A inv = A(1) / l;
+    for (int c = 0; c < Dv; ++c) store(o[c], acc[c] * inv);
+    *lse = m + std::log(l);
+  } else if (l == A(0)) {
+    for (int c = 0; c < Dv; ++c) store(o[c], A(0));
+    *lse = -std::numeric_limits<A>::infinity();
+  } else {
+    for (int c = 0; c < Dv; ++c) store(o[c], std::numeric_limits<A>::quiet_NaN());
+    *lse = std::numeric_limits<A>::quiet_NaN();
+  }
 }
 
 // Calls f(T{}) with T the element type of `dtype`; throws on any other value.

@@ -1,6 +1,6 @@
 // CUDA kernels of every NSA op (torch-free). Each entry point takes its op family's params and
 // the stream to launch on; it launches asynchronously and never synchronises with the host.
-// Supported: dtype bf16 or fp16; (D, Dv) one of kHeadDims. Unsupported values throw
+// Supported: dtype bf16 or fp16; (D, Dv) one of kHeadDims (head_dims.h). Unsupported values throw
 // std::invalid_argument (the binding checks first and raises a Python error naming the op).
 // Launch failures throw std::runtime_error with the CUDA error string.
 //
@@ -17,12 +17,9 @@
 #include <cstddef>
 
 #include "../params.h"
+#include "head_dims.h"
 
 namespace nsa::cuda {
-
-// (D, Dv) pairs with compiled kernels.
-inline constexpr int kHeadDims[][2] = {{64, 64}, {64, 128}, {128, 64}, {128, 128}, {192, 128}};
-bool supported_head_dims(int head_dim, int head_dim_v);
 
 void cmp_fwd(const CmpParams& p, cudaStream_t stream);
 size_t cmp_bwd_workspace_bytes(const CmpParams& p);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "../head_dims.h"
 #include "fwd.cuh"
 
 namespace nsa::cuda {
@@ -69,13 +70,13 @@ __device__ __forceinline__ void store_rows_dq(const AttnParams& p, const QueryRo
   }
 }
 
-// kWgmma (D, DV <= 128, sm_90a): the three products on warpgroup instructions, tiles in
+// kWgmma (D, DV in {64, 128}, sm_90a): the three products on warpgroup instructions, tiles in
 // Layout::kWgmma (the sm_90 default, see plan_contiguous in nsa/plan.cpp).
 template <typename T, int D, int DV, Branch B, bool kWgmma = false>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta) {
   using P = typename BranchParams<B>::type;
-  static_assert(!kWgmma || (D <= 128 && DV <= 128 && kThreads == 128 && kRows == 64), "wgmma: one warpgroup");
+  static_assert(!kWgmma || (wgmma_head_dims(D, DV) && kThreads == 128 && kRows == 64), "wgmma: one warpgroup");
   constexpr Layout L = kWgmma ? Layout::kWgmma : Layout::kRowSwizzled;
   extern __shared__ __align__(128) unsigned char smem[];
   if constexpr (kWgmma) wgmma_check_alignment(smem);
@@ -150,6 +151,13 @@ __global__ void __launch_bounds__(kThreads)
 // Query rows per tile of the dkdv kernel: fewer for D = 192 to keep dK, dV, S^T, dP^T in registers.
 template <int D>
 constexpr int dkdv_rows() { return D > 128 ? 32 : 64; }
+
+// Which gradients a dkdv thread block accumulates: both, or (dkdv_two_passes) one per launch, where
+// dK and dV together would not fit the registers (per thread 2 keys x (D + DV) / 4 floats, 256 at
+// D = DV = 256); the dV pass skips dP, the dK pass recomputes P.
+enum class DkdvOut { kBoth, kDk, kDv };
+template <int D, int DV>
+constexpr bool dkdv_two_passes() { return D + DV > 320; }
 
 template <int D, int DV>
 constexpr size_t dkdv_smem_bytes() {
@@ -231,16 +239,19 @@ __device__ __forceinline__ bool locate_key_tile(const P& p, const DkdvSplit& spl
 }
 
 // Grid: x = key tiles (virtual when packed; for kSlc virtual blocks * tiles per block),
-// y = KV head, z = batch row. kWgmma (D, DV <= 128, sm_90a): the four products on Hopper's
+// y = KV head, z = batch row. kWgmma (D, DV in {64, 128}, sm_90a): the four products on Hopper's
 // warpgroup instructions (the thread block is one warpgroup; the tensor cores read K, V, Q and dO
 // from shared memory once per 64 keys instead of once per warp), tiles in Layout::kWgmma (the
 // sm_90 default, see plan_contiguous in nsa/plan.cpp).
-template <typename T, int D, int DV, Branch B, bool kWgmma = false>
+template <typename T, int D, int DV, Branch B, bool kWgmma = false, DkdvOut kOut = DkdvOut::kBoth>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(const typename BranchParams<B>::type p, const float* __restrict__ delta,
                          const ReverseIndex rix, const DkdvSplit split) {
   constexpr int R = dkdv_rows<D>();
-  static_assert(!kWgmma || (D <= 128 && DV <= 128 && R == 64 && kThreads == 128), "wgmma: one warpgroup");
+  static_assert(!kWgmma || (wgmma_head_dims(D, DV) && R == 64 && kThreads == 128), "wgmma: one warpgroup");
+  static_assert(kOut == DkdvOut::kBoth || !kWgmma, "one gradient per pass: mma.sync only");
+  // Columns of dK and dV this block accumulates (0: the other pass's).
+  constexpr int kDkCols = kOut == DkdvOut::kDv ? 0 : D, kDvCols = kOut == DkdvOut::kDk ? 0 : DV;
   constexpr Layout L = kWgmma ? Layout::kWgmma : Layout::kRowSwizzled;
   extern __shared__ __align__(128) unsigned char smem[];
   if constexpr (kWgmma) wgmma_check_alignment(smem);
@@ -383,9 +394,9 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_commit();
 
   const float scale_log2 = float(p.scale * M_LOG2E);
-  float dk[D / 8][4], dv[DV / 8][4];
-  for (int j = 0; j < D / 8; ++j) dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.f;
-  for (int j = 0; j < DV / 8; ++j) dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.f;
+  float dk[kDkCols ? kDkCols / 8 : 1][4], dv[kDvCols ? kDvCols / 8 : 1][4];
+  for (int j = 0; j < kDkCols / 8; ++j) dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.f;
+  for (int j = 0; j < kDvCols / 8; ++j) dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.f;
   // This thread's two keys.
   index_t key[2];
   for (int i = 0; i < 2; ++i) key[i] = ks + warp * 16 + lane / 4 + 8 * i;
@@ -424,8 +435,8 @@ __global__ void __launch_bounds__(kThreads)
             wgmma_ss<R, T>(dp, kmajor_desc<kKeys>(sV, kk), kmajor_desc<R>(do_tile, kk), kk > 0);
         }, s, dp);
       } else {
-        warp_gemm_nt<D, R>(s, sK, warp * 16, q_tile);     // S^T = K Q^T
-        warp_gemm_nt<DV, R>(dp, sV, warp * 16, do_tile);  // dP^T = V dO^T
+        warp_gemm_nt<D, R>(s, sK, warp * 16, q_tile);                         // S^T = K Q^T
+        if constexpr (kDkCols > 0) warp_gemm_nt<DV, R>(dp, sV, warp * 16, do_tile);  // dP^T = V dO^T
       }
       // s <- P^T, dp <- dS^T; without masks when every row sees every key (tokens ascend in the
       // contiguous branches' row tiles, so the first and last rows bound them).
@@ -460,8 +471,8 @@ __global__ void __launch_bounds__(kThreads)
           for (int kk = 0; kk < R / 16; ++kk) wgmma_rs<D, T>(dk, da[kk], mnmajor_desc<R>(q_tile, kk), true);
         }, dv, dk);
       } else {
-        warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
-        warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
+        if constexpr (kDvCols > 0) warp_gemm_pn<R, DV>(dv, s, do_tile);  // dV += P^T dO
+        if constexpr (kDkCols > 0) warp_gemm_pn<R, D>(dk, dp, q_tile);   // dK += dS^T Q
       }
     }
     // Stage (i + 1) % 2 of the statistics was last read in step i - 1, and tile i's tokens (slot
@@ -479,10 +490,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < 2; ++r) {
       float* row = out + index_t(warp * 16 + lane / 4 + 8 * r) * (D + DV);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j)
+      for (int j = 0; j < kDkCols / 8; ++j)
         *reinterpret_cast<float2*>(row + j * 8 + (lane & 3) * 2) = make_float2(dk[j][2 * r], dk[j][2 * r + 1]);
 #pragma unroll
-      for (int j = 0; j < DV / 8; ++j)
+      for (int j = 0; j < kDvCols / 8; ++j)
         *reinterpret_cast<float2*>(row + D + j * 8 + (lane & 3) * 2) = make_float2(dv[j][2 * r], dv[j][2 * r + 1]);
     }
     return;
@@ -494,12 +505,12 @@ __global__ void __launch_bounds__(kThreads)
     T* dk_out = p.dk.template ptr<T>(seq.batch, row, g);
     T* dv_out = p.dv.template ptr<T>(seq.batch, row, g);
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
+    for (int j = 0; j < kDkCols / 8; ++j) {
       const int col = j * 8 + (lane & 3) * 2;
       *reinterpret_cast<uint32_t*>(dk_out + col) = pack2<T>(dk[j][2 * r] * scale, dk[j][2 * r + 1] * scale);
     }
 #pragma unroll
-    for (int j = 0; j < DV / 8; ++j) {
+    for (int j = 0; j < kDvCols / 8; ++j) {
       const int col = j * 8 + (lane & 3) * 2;
       *reinterpret_cast<uint32_t*>(dv_out + col) = pack2<T>(dv[j][2 * r], dv[j][2 * r + 1]);
     }

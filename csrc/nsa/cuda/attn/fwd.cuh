@@ -334,8 +334,17 @@ __device__ __forceinline__ void wgmma_run_cb(float (&acc)[N / 8][4], const float
   wgmma_run_cb<N, T>(acc, c, mnmajor_desc<kKeys>(b, 0));
 }
 
-// Epilogue of the forward kernels: this thread's two rows of o = acc / l (0 when nothing was
-// visible) and lse = m + log l (-inf then); m in log2 units.
+// The end of a row's online softmax, from its sum l (DESIGN.md section 1, "Non-finite values"):
+// l > 0: o = acc / l and lse = m + log l; l == 0: the row saw no key: o = 0, lse = -inf, no NaN;
+// l NaN: a score was NaN or +inf (fmaxf drops a NaN from the running max, but exp2f carries it
+// into l): o and lse are NaN, never "saw nothing". Tested once per row, not per element.
+__device__ __forceinline__ float softmax_inv(float l) { return l > 0.f ? 1.f / l : l * 0.f; }
+__device__ __forceinline__ float softmax_lse(float l, float lse) {
+  return l > 0.f ? lse : (l == 0.f ? -INFINITY : l);
+}
+
+// Epilogue of the forward kernels: this thread's two rows of o = acc / l and lse = m + log l
+// (m in log2 units), as softmax_inv/softmax_lse say.
 template <typename T, int DV>
 __device__ __forceinline__ void store_rows_output(const AttnParams& p, const QueryRows& rows,
                                                   const ThreadRows& tr, const float (&acc)[DV / 8][4],
@@ -344,7 +353,7 @@ __device__ __forceinline__ void store_rows_output(const AttnParams& p, const Que
   for (int r = 0; r < 2; ++r) {
     const float lsum = quad_sum(l[r]);
     if (!tr.valid[r]) continue;
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    const float inv = softmax_inv(lsum);
     const index_t t = rows.seq.start + tr.tok[r];
     const int h = rows.head(tr.row[r]);
     T* o = p.o.template ptr<T>(rows.seq.batch, t, h);
@@ -355,7 +364,7 @@ __device__ __forceinline__ void store_rows_output(const AttnParams& p, const Que
     }
     if ((lane & 3) == 0)
       *p.lse.template ptr<float>(rows.seq.batch, t, h) =
-          lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
+          softmax_lse(lsum, (m[r] + log2f(lsum)) * float(M_LN2));
   }
 }
 
@@ -379,19 +388,27 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   float acc[DV / 8][4];
   for (int j = 0; j < DV / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  uint32_t qf[D / 16][4];
+  // Q's fragments stay in registers over the key loop, except where they would not fit beside O
+  // (D + DV > 320: D = DV = 256): there the products read them from shared memory per tile.
+  constexpr bool kQInRegs = D + DV <= 320;
+  uint32_t qf[kQInRegs ? D / 16 : 1][4];
 
   for (int i = 0; i < keys.count; ++i) {
     const auto tile = keys.step(i);
-    if (i == 0) {
+    if constexpr (kQInRegs) {
+      if (i == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16);
+        for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16);
+      }
     }
     if (tile.ks < tile.ke && (tile.tokens & tr.warp_tokens)) {
       float s[kKeys / 8][4];
 #pragma unroll
       for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      warp_gemm_nt<D, kKeys, T>(s, qf, tile.k);
+      if constexpr (kQInRegs)
+        warp_gemm_nt<D, kKeys, T>(s, qf, tile.k);
+      else
+        warp_gemm_nt<D, kKeys, T>(s, sQ, warp * 16, tile.k);
       // Mask, scale, online softmax.
       const TileMask<B, P> visible(p, tr, rows, tile.ks, tile.ke, tile.tokens);
       float mx[2] = {-INFINITY, -INFINITY};

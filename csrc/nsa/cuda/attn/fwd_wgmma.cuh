@@ -24,7 +24,7 @@ constexpr size_t fwd_wgmma_smem_bytes() {
 // scheduler, a third of the stall samples in the softmax's dependent chains).
 template <typename T, int D, int DV, Branch B>
 __global__ void __launch_bounds__(kThreads, 3) attn_fwd_wgmma_kernel(const typename BranchParams<B>::type p) {
-  static_assert(B != Branch::kSlc && D <= 128 && DV <= 128, "contiguous branches, D, DV <= 128");
+  static_assert(B != Branch::kSlc && wgmma_head_dims(D, DV), "contiguous branches, D, DV in {64, 128}");
   static_assert(kThreads == 128 && kRows == 64 && kKeys == 64, "one warpgroup, 64 rows, 64 keys");
   using P = typename BranchParams<B>::type;
   extern __shared__ __align__(1024) unsigned char smem_wg[];  // (its own name: other kernels declare 128)

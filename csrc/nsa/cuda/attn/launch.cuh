@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../head_dims.h"
 #include "bwd.cuh"
 #include "fwd_wgmma.cuh"
 #include "fwd_wide.cuh"
@@ -23,28 +24,23 @@ inline void check_launch(const char* op) {
     throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err));
 }
 
-// Calls f(integral_constant<D>, integral_constant<DV>) for a supported pair, else throws.
-template <typename F>
-void dispatch_head_dims(const char* op, int d, int dv, F&& f) {
-  using std::integral_constant;
-  if (d == 64 && dv == 64) return f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
-  if (d == 64 && dv == 128) return f(integral_constant<int, 64>{}, integral_constant<int, 128>{});
-  if (d == 128 && dv == 64) return f(integral_constant<int, 128>{}, integral_constant<int, 64>{});
-  if (d == 128 && dv == 128) return f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
-  if (d == 192 && dv == 128) return f(integral_constant<int, 192>{}, integral_constant<int, 128>{});
-  throw std::invalid_argument(std::string(op) + ": head dims (D, Dv) = (" + std::to_string(d) + ", " +
-                              std::to_string(dv) + ") have no CUDA kernel");
-}
-
-template <typename Kernel>
-void set_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-}
-
 template <Branch B>
 constexpr const char* op_name() {
   return B == Branch::kCmp ? "nsa.compressed_attention"
                            : B == Branch::kSlc ? "nsa.selected_attention" : "nsa.sliding_window_attention";
+}
+
+// Opts kernel in to `bytes` of dynamic shared memory. More than the device allows is an error
+// naming branch B's op (the selected branch's block union grows with num_selected: with
+// D = Dv = 256 and G >= 64 the dq kernel passes sm_90's 227 KB beyond about 45 blocks).
+template <Branch B, typename Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // (reported here instead)
+    throw std::invalid_argument(std::string(op_name<B>()) + ": a kernel needs " + std::to_string(bytes) +
+                                " bytes of shared memory per thread block, more than the device allows");
+  }
 }
 
 // Shared memory of the selected branch's block union (0 for the other branches).
@@ -59,7 +55,7 @@ size_t union_bytes(const P& p) {
 template <Branch B, typename Kernel, typename... Args>
 void launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  set_smem(kernel, smem);
+  set_smem<B>(kernel, smem);
   kernel<<<grid, threads, smem, stream>>>(args...);
   check_launch(op_name<B>());
 }
@@ -86,9 +82,11 @@ void run_fwd(const typename BranchParams<B>::type& p, cudaStream_t stream) {
       if (p.plan.fwd == FwdKernel::kWide)
         return launch_kernel<B>(attn_fwd_wide_kernel<T, D, DV, B>, query_grid(p, kWideRows), kThreads,
                                 fwd_wide_smem_bytes<D, DV>(), stream, p);
-      if (p.plan.fwd == FwdKernel::kWgmma)
-        return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B>, query_grid(p), kThreads,
-                                fwd_wgmma_smem_bytes<D, DV>(), stream, p);
+      if constexpr (wgmma_head_dims(D, DV)) {
+        if (p.plan.fwd == FwdKernel::kWgmma)
+          return launch_kernel<B>(attn_fwd_wgmma_kernel<T, D, DV, B>, query_grid(p), kThreads,
+                                  fwd_wgmma_smem_bytes<D, DV>(), stream, p);
+      }
     }
     launch_kernel<B>(attn_fwd_kernel<T, D, DV, B>, query_grid(p), kThreads,
                      fwd_smem_tiles_bytes<D, DV>() + union_bytes<B>(p), stream, p);
@@ -167,7 +165,7 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
         launch_slc_warp(p, stream, slc_dq_warp_kernel<T, D, DV>, slc_warp_tiles_bytes<D, DV>(D + DV), delta);
     } else {
       auto kernel = attn_bwd_dq_kernel<T, D, DV, B>;
-      if constexpr (D <= 128 && DV <= 128) {
+      if constexpr (wgmma_head_dims(D, DV)) {
         if (wgmma) kernel = attn_bwd_dq_kernel<T, D, DV, B, true>;
       }
       launch_kernel<B>(kernel, query_grid(p), kThreads, dq_smem_tiles_bytes<D, DV>() + union_bytes<B>(p), stream, p,
@@ -177,12 +175,20 @@ void run_bwd(const typename BranchParams<B>::type& p, float* delta, const Revers
     if (kgrid.x > 0 && kgrid.y > 0 && kgrid.z > 0) {
       DkdvSplit split = plan_dkdv_split<B>(p, rix.vblocks);
       split.partial = partial;
-      auto kernel = attn_bwd_dkdv_kernel<T, D, DV, B>;
-      if constexpr (D <= 128 && DV <= 128) {
-        if (wgmma) kernel = attn_bwd_dkdv_kernel<T, D, DV, B, true>;
+      auto launch_dkdv = [&](auto kernel) {
+        launch_kernel<B>(kernel, dim3(kgrid.x, kgrid.y, kgrid.z * split.count), kThreads, dkdv_smem_bytes<D, DV>(),
+                         stream, p, delta, rix, split);
+      };
+      if constexpr (dkdv_two_passes<D, DV>()) {
+        launch_dkdv(attn_bwd_dkdv_kernel<T, D, DV, B, false, DkdvOut::kDv>);
+        launch_dkdv(attn_bwd_dkdv_kernel<T, D, DV, B, false, DkdvOut::kDk>);
+      } else {
+        auto kernel = attn_bwd_dkdv_kernel<T, D, DV, B>;
+        if constexpr (wgmma_head_dims(D, DV)) {
+          if (wgmma) kernel = attn_bwd_dkdv_kernel<T, D, DV, B, true>;
+        }
+        launch_dkdv(kernel);
       }
-      launch_kernel<B>(kernel, dim3(kgrid.x, kgrid.y, kgrid.z * split.count), kThreads, dkdv_smem_bytes<D, DV>(),
-                       stream, p, delta, rix, split);
       if (split.count > 1)
         launch_kernel<B>(attn_bwd_dkdv_reduce_kernel<T, D, DV, B>, kgrid, kThreads, 0, stream, p, split);
     }
@@ -199,7 +205,7 @@ void run_slc_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPartia
   constexpr Branch B = Branch::kSlc;
   dispatch_head_dims(op_name<B>(), p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
-    if constexpr (D <= 128 && DV <= 128) {
+    if constexpr (wgmma_head_dims(D, DV)) {
       dim3 grid = key_grid<B>(p, rix.vblocks);
       if (!p.seqs.cu_seqlens && p.seqs.batch == 1) {
         const index_t last = part.row0 + part.rows - 1;  // the chunk's last token
@@ -214,7 +220,7 @@ void run_slc_blocks(const SlcParams& p, const ReverseIndex& rix, const SlcPartia
       else
         launch_kernel<B>(slc_merge_kernel<T, DV>, merge_grid, kThreads, 0, stream, p, part);
     } else {
-      throw std::invalid_argument(std::string(op_name<B>()) + ": the selected branch by blocks needs D, Dv <= 128");
+      throw std::invalid_argument(std::string(op_name<B>()) + ": the selected branch by blocks needs D, Dv in {64, 128}");
     }
   });
 }

@@ -1,4 +1,4 @@
-// The selected branch's forward by blocks (sm_90a, D, DV <= 128): key tiles outer, the queries
+// The selected branch's forward by blocks (sm_90a, D, DV in {64, 128}): key tiles outer, the queries
 // that chose them inner, as the dK/dV kernel walks them (the reverse index, slc/reverse_index.cuh).
 //
 // Why: the per-token kernels (slc_warp.cuh, fwd.cuh) read every chosen block from L2 once per
@@ -56,7 +56,7 @@ constexpr size_t slc_blocks_smem_bytes() {
 template <typename T, int D, int DV, bool kDq>
 __global__ void __launch_bounds__(kThreads)
     slc_blocks_kernel(const SlcParams p, const ReverseIndex rix, const SlcPartials part, const float* delta) {
-  static_assert(D <= 128 && DV <= 128 && kThreads == 128 && kRows == 64 && kKeys == 64,
+  static_assert(wgmma_head_dims(D, DV) && kThreads == 128 && kRows == 64 && kKeys == 64,
                 "one warpgroup, 64 rows, 64 keys");
   constexpr int R = kRows;
   extern __shared__ __align__(1024) unsigned char smem_sb[];  // (its own name: see fwd_wgmma.cuh)
@@ -265,14 +265,14 @@ __global__ void __launch_bounds__(kThreads)
         const float lsum = quad_sum(l[r]);
         if (t[r] < 0) continue;
         const index_t idx = partial_index(r);
-        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        const float inv = softmax_inv(lsum);
         T* o = static_cast<T*>(part.o) + idx * DV;
 #pragma unroll
         for (int j = 0; j < DV / 8; ++j) {
           const int col = j * 8 + (lane & 3) * 2;
           *reinterpret_cast<uint32_t*>(o + col) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
         }
-        if ((lane & 3) == 0) part.lse[idx] = lsum > 0.f ? (m[r] + log2f(lsum)) * float(M_LN2) : -INFINITY;
+        if ((lane & 3) == 0) part.lse[idx] = softmax_lse(lsum, (m[r] + log2f(lsum)) * float(M_LN2));
       }
     }
     if (i + 2 < ntiles) store_token(i + 2, next);
@@ -378,11 +378,11 @@ __global__ void __launch_bounds__(kThreads) slc_merge_kernel(const SlcParams p, 
     for (int c = 0; c < kCols; ++c) acc[c] = acc[c] * corr + wgt * v[c];
     m = m_new;
   });
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = softmax_inv(sum);  // a NaN partial lse makes sum NaN
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] *= inv;
   store_lane_cols<DV>(p.o.template ptr<T>(b, trow, h), lane, acc);
-  if (lane == 0) *p.lse.template ptr<float>(b, trow, h) = sum > 0.f ? m + logf(sum) : -INFINITY;
+  if (lane == 0) *p.lse.template ptr<float>(b, trow, h) = softmax_lse(sum, m + logf(sum));
 }
 
 // dq of each (row, query head) of the chunk: the sum of its bf16 partials in slot order (0 when it

@@ -4,12 +4,6 @@
 
 namespace nsa::cuda {
 
-bool supported_head_dims(int head_dim, int head_dim_v) {
-  for (const auto& hd : kHeadDims)
-    if (hd[0] == head_dim && hd[1] == head_dim_v) return true;
-  return false;
-}
-
 void cmp_fwd(const CmpParams& p, cudaStream_t stream) { attn_fwd<Branch::kCmp>(p, stream); }
 
 // Workspace: delta, then the split dK/dV partials.

@@ -1,24 +1,16 @@
-// Shared-memory tiles of 2-byte elements and the fragment loads the attention kernels use.
-//
-// A tile [R][COLS] is stored row-major with its 16-byte chunks swizzled: chunk c of row r lives at
-// chunk c ^ (r % 8). ldmatrix reads 8 rows at one logical chunk; the swizzle spreads them over the
-// 8 bank groups of a 128-byte line (COLS is a multiple of 64, so a row is a multiple of 128 bytes).
+// Shared-memory tiles of 2-byte elements and the fragment loads the attention kernels use; the
+// layout of the mma.sync kernels' tiles (swz) is in swizzle.h.
 #pragma once
 
 #include "../../params.h"
 #include "mma.cuh"
+#include "swizzle.h"
 #include "wgmma_layout.h"
 
 namespace nsa::cuda {
 
-template <int COLS>
-__device__ __forceinline__ int swz(int row, int col) {
-  static_assert(COLS % 64 == 0, "tile rows must be a multiple of 64 elements");
-  return row * COLS + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
-}
-
 // Where the loaders below put element (row, col) of an R x COLS tile.
-//   kRowSwizzled: the layout above (ldmatrix reads it; every mma.sync kernel).
+//   kRowSwizzled: swz (swizzle.h; ldmatrix reads it, every mma.sync kernel).
 //   kWgmma: [COLS / 64][R][64], each 128-byte row's chunk c at c ^ (row % 8): the 128-byte
 //   swizzle atoms (8 rows x 128 bytes) that wgmma's shared-memory descriptors address
 //   (wgmma_layout.h); such tiles must start at a multiple of 1024 bytes.
@@ -34,7 +26,8 @@ __device__ __forceinline__ int tile_offset(int row, int col) {
   }
 }
 
-// Copies R rows of COLS elements into a tile (layout L) with cp.async, rows that walk a
+// Copies R rows of COLS elements into a tile (layout L) with cp.async (NT threads; when they do
+// not divide the R * COLS / 8 chunks evenly, the last pass leaves some idle), rows that walk a
 // [token][head] grid in groups of G heads: row r is head hh = (h0 + r) % G of token index
 // i = (h0 + r) / G, at src + token_of(i) * token_stride + hh * head_stride (the (token, head) query
 // rows of a KV head). Rows >= valid are zero-filled (rows past the data must be zeros: a NaN there
@@ -45,10 +38,10 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
                                                  index_t head_stride, int h0, int G, int valid,
                                                  TokenOf token_of) {
   constexpr int kChunks = COLS / 8;
-  static_assert((R * kChunks) % NT == 0, "every thread copies the same number of chunks");
   const int tid = threadIdx.x % NT;
   if constexpr (NT % kChunks == 0) {
     constexpr int kRowStep = NT / kChunks;
+    static_assert(R % kRowStep == 0, "every thread copies the same number of rows");
     const int c = tid % kChunks;
     int r = tid / kChunks;
     int i = (h0 + r) / G, hh = (h0 + r) - i * G;
@@ -65,8 +58,9 @@ __device__ __forceinline__ void load_pairs_async(T* tile, const T* src, index_t 
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < R * kChunks / NT; ++k) {
+    for (int k = 0; k < (R * kChunks + NT - 1) / NT; ++k) {
       const int e = tid + k * NT;
+      if ((R * kChunks) % NT != 0 && e >= R * kChunks) break;
       const int r = e / kChunks, c = e % kChunks;
       const int i = (h0 + r) / G, hh = (h0 + r) - i * G;
       const bool ok = r < valid;

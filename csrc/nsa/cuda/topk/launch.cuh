@@ -1,6 +1,7 @@
 // Definitions of launch_select (launch.h), included by the per-dtype instantiation files.
 #pragma once
 
+#include "../head_dims.h"
 #include "launch.h"
 #include "topk_wgmma.cuh"
 
@@ -62,17 +63,14 @@ void dispatch_wgmma(const TopkParams& p, const Shape& s, int max_smem, dim3 grid
 
 template <typename T>
 void launch_select(const TopkParams& p, const Shape& s, int max_smem, dim3 grid, cudaStream_t stream) {
-  if (s.wgmma) {
-    if (p.head_dim == 64) return dispatch_wgmma<T, 64>(p, s, max_smem, grid, stream);
-    if (p.head_dim == 128) return dispatch_wgmma<T, 128>(p, s, max_smem, grid, stream);
-    invalid("internal: no warpgroup selection kernel for D = " + std::to_string(p.head_dim));
-  }
-  switch (p.head_dim) {
-    case 64: return dispatch_mode<T, 64>(p, s, max_smem, grid, stream);
-    case 128: return dispatch_mode<T, 128>(p, s, max_smem, grid, stream);
-    case 192: return dispatch_mode<T, 192>(p, s, max_smem, grid, stream);
-    default: invalid("head dim D must be 64, 128 or 192 on CUDA, got " + std::to_string(p.head_dim));
-  }
+  dispatch_head_dim(kOp, p.head_dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    if constexpr (wgmma_head_dim(D)) {
+      if (s.wgmma) return dispatch_wgmma<T, D>(p, s, max_smem, grid, stream);
+    }
+    if (s.wgmma) invalid("internal: no warpgroup selection kernel for D = " + std::to_string(D));
+    dispatch_mode<T, D>(p, s, max_smem, grid, stream);
+  });
 }
 
 }  // namespace nsa::cuda::topk

@@ -115,8 +115,8 @@ Shape make_shape(const TopkParams& p, int budget, bool wgmma) {
 void select_topk(const TopkParams& p, cudaStream_t stream) {
   if (p.dtype != Dtype::kBFloat16 && p.dtype != Dtype::kFloat16)
     invalid("dtype must be bfloat16 or float16 on CUDA");
-  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 192)
-    invalid("head dim D must be 64, 128 or 192 on CUDA, got " + std::to_string(p.head_dim));
+  if (!supported_head_dim(p.head_dim))
+    invalid("head dim D must be one of " + head_dims_list(false) + " on CUDA, got " + std::to_string(p.head_dim));
   if (p.num_heads_k < 1 || p.num_heads < 1 || p.num_heads % p.num_heads_k != 0)
     invalid("num_heads (" + std::to_string(p.num_heads) + ") must be a positive multiple of num_heads_k (" +
             std::to_string(p.num_heads_k) + ")");
