@@ -53,7 +53,7 @@ std::string arch_str(const DeviceFacts& dev) { return "sm_" + std::to_string(dev
 std::string needs_sm90(const DeviceFacts& dev) {
   return dev.arch == 90 ? "" : "needs an sm_90 GPU, this one is " + arch_str(dev);
 }
-// The warpgroup kernels' shared-memory tiles are 64 columns wide: D, Dv in {64, 128}.
+// The warpgroup kernels take D, Dv in {64, 128} (cuda/head_dims.h).
 std::string needs_wgmma_dims(const AttnParams& p) {
   if (cuda::wgmma_head_dims(p.head_dim, p.head_dim_v)) return "";
   return "needs D, Dv in {64, 128}, got D = " + std::to_string(p.head_dim) + ", Dv = " + std::to_string(p.head_dim_v);

@@ -14,9 +14,9 @@
 #endif
 
 // `import nsa_torch._C` loads this library (and so runs the registrations below); the ops are
-// reached through torch.ops.nsa. The module holds the hooks of nsa_torch._debug and one constant:
-// CUDA_HEAD_DIMS, the (D, Dv) pairs with CUDA kernels (nsa/cuda/head_dims.h) as a tuple of int
-// pairs, empty in a build without CUDA.
+// reached through torch.ops.nsa. The module holds the hooks of nsa_torch._debug
+// (debug_module.cpp) and one constant: CUDA_HEAD_DIMS, the (D, Dv) pairs with CUDA kernels
+// (nsa/cuda/head_dims.h) as a tuple of int pairs, empty in a build without CUDA.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nsa_torch::kDebugMethods,
                                nullptr, nullptr, nullptr, nullptr};

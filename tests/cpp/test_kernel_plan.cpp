@@ -81,6 +81,10 @@ TEST_CASE("plan: forward of the compressed and window branches", "[plan]") {
       CHECK(plan_cmp(attn_shape<CmpParams>(G, D, DV), Pass::kFwd, kA100, none).fwd == FwdKernel::kWide);
       CHECK(plan_swa(attn_shape<SwaParams>(G, D, DV), Pass::kFwd, kA100, none).fwd == FwdKernel::kWide);
     }
+    // (96, 96): no warpgroup kernel, the wide one; (192, 128) and (256, 256): the 16-row one.
+    CHECK(plan_cmp(attn_shape<CmpParams>(G, 96, 96), Pass::kFwd, kH100, none).fwd == FwdKernel::kWide);
+    CHECK(plan_swa(attn_shape<SwaParams>(G, 96, 96), Pass::kBwd, kH100, none).bwd == BwdKernel::kMma);
+    CHECK(plan_swa(attn_shape<SwaParams>(G, 256, 256), Pass::kFwd, kH100, none).fwd == FwdKernel::kMma);
     CHECK(plan_cmp(attn_shape<CmpParams>(G, 192, 128), Pass::kFwd, kH100, none).fwd == FwdKernel::kMma);
     CHECK(plan_swa(attn_shape<SwaParams>(G, 192, 128), Pass::kFwd, kA100, none).fwd == FwdKernel::kMma);
   }

@@ -94,8 +94,8 @@ BlocksPlan plan_blocks(const SlcParams& p, bool dq) {
   return f;
 }
 
-// Does the forward (dq = false) or dQ run by blocks? The plan checked the shape (sm_90, D, Dv <=
-// 128, select_size within [32, 256]); an empty problem has nothing to compute.
+// Does the forward (dq = false) or dQ run by blocks? The plan checked the shape (sm_90, D, Dv in
+// {64, 128}, select_size within [32, 256]); an empty problem has nothing to compute.
 bool by_blocks(const SlcParams& p, bool dq) {
   const bool empty = p.seqs.batch <= 0 || p.seqs.seqlen <= 0 || p.num_heads <= 0;
   return !empty && (dq ? p.plan.slc_dq : p.plan.slc_fwd) == SlcKernel::kBlocks;
