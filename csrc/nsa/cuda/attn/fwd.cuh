@@ -334,26 +334,39 @@ __device__ __forceinline__ void wgmma_run_cb(float (&acc)[N / 8][4], const float
   wgmma_run_cb<N, T>(acc, c, mnmajor_desc<kKeys>(b, 0));
 }
 
-// The end of a row's online softmax, from its sum l (DESIGN.md section 1, "Non-finite values"):
-// l > 0: o = acc / l and lse = m + log l; l == 0: the row saw no key: o = 0, lse = -inf, no NaN;
-// l NaN: a score was NaN or +inf (fmaxf drops a NaN from the running max, but exp2f carries it
-// into l): o and lse are NaN, never "saw nothing". Tested once per row, not per element.
-__device__ __forceinline__ float softmax_inv(float l) { return l > 0.f ? 1.f / l : l * 0.f; }
-__device__ __forceinline__ float softmax_lse(float l, float lse) {
-  return l > 0.f ? lse : (l == 0.f ? -INFINITY : l);
+// The end of a row's online softmax, from its sum l (docs/design.md section 4, "Non-finite
+// values"): l > 0: o = acc / l and lse = m + log l; l == 0: the row saw no key: o = 0, lse = -inf,
+// no NaN, unless `sees_key` says its position sees one (then every score was -inf: an overflow,
+// NaN); l NaN: a score was NaN or +inf (fmaxf drops a NaN from the running max, but exp2f carries
+// it into l): o and lse are NaN, never "saw nothing". Tested once per row, not per element.
+__device__ __forceinline__ float softmax_inv(float l, bool sees_key = false) {
+  return l > 0.f ? 1.f / l : (sees_key ? __int_as_float(0x7fffffff) : l * 0.f);
+}
+__device__ __forceinline__ float softmax_lse(float l, float lse, bool sees_key = false) {
+  return l > 0.f ? lse : (l == 0.f && !sees_key ? -INFINITY : __int_as_float(0x7fffffff));
+}
+
+// Does the query at sequence position t see a key whatever the scores (the compressed branch once
+// its first window is complete, the window branch always)? The selected branch's keys depend on
+// the blocks chosen, which the epilogue does not see: false.
+template <Branch B, typename P>
+__device__ __forceinline__ bool row_sees_key(const P& p, const SeqRange& seq, index_t t) {
+  if constexpr (B == Branch::kCmp) return seq.cmp_len > 0 && key_visible<B>(p, t, 0);
+  return B == Branch::kSwa;
 }
 
 // Epilogue of the forward kernels: this thread's two rows of o = acc / l and lse = m + log l
 // (m in log2 units), as softmax_inv/softmax_lse say.
-template <typename T, int DV>
-__device__ __forceinline__ void store_rows_output(const AttnParams& p, const QueryRows& rows,
+template <typename T, int DV, Branch B, typename P>
+__device__ __forceinline__ void store_rows_output(const P& p, const QueryRows& rows,
                                                   const ThreadRows& tr, const float (&acc)[DV / 8][4],
                                                   const float (&m)[2], const float (&l)[2]) {
   const int lane = threadIdx.x & 31;
   for (int r = 0; r < 2; ++r) {
     const float lsum = quad_sum(l[r]);
     if (!tr.valid[r]) continue;
-    const float inv = softmax_inv(lsum);
+    const bool sees_key = row_sees_key<B>(p, rows.seq, tr.tok[r]);
+    const float inv = softmax_inv(lsum, sees_key);
     const index_t t = rows.seq.start + tr.tok[r];
     const int h = rows.head(tr.row[r]);
     T* o = p.o.template ptr<T>(rows.seq.batch, t, h);
@@ -364,7 +377,7 @@ __device__ __forceinline__ void store_rows_output(const AttnParams& p, const Que
     }
     if ((lane & 3) == 0)
       *p.lse.template ptr<float>(rows.seq.batch, t, h) =
-          softmax_lse(lsum, (m[r] + log2f(lsum)) * float(M_LN2));
+          softmax_lse(lsum, (m[r] + log2f(lsum)) * float(M_LN2), sees_key);
   }
 }
 
@@ -421,7 +434,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const typename Branc
   }
   cp_async_wait<0>();
 
-  store_rows_output<T, DV>(p, rows, tr, acc, m, l);
+  store_rows_output<T, DV, B>(p, rows, tr, acc, m, l);
 }
 
 }  // namespace nsa::cuda

@@ -4,7 +4,7 @@
 // the tensor cores read Q, K (S = Q K^T) and V (O += P V) from shared memory once per 64 rows;
 // with mma.sync every warp read the whole K and V tile for its 16 rows through ldmatrix, which
 // bound those kernels (benchmarks/NOTES.md). P stays in registers as the A operand. The default
-// on sm_90 for D, Dv <= 128 (nsa/plan.cpp).
+// on sm_90 for D, Dv in {64, 128} (nsa/plan.cpp).
 #pragma once
 
 #include "fwd_wide.cuh"
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 3) attn_fwd_wgmma_kernel(const typen
   }
   cp_async_wait<0>();
 
-  store_rows_output<T, DV>(p, rows, tr, acc, m, l);
+  store_rows_output<T, DV, B>(p, rows, tr, acc, m, l);
 }
 
 }  // namespace nsa::cuda

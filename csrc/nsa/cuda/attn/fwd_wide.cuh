@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_wide_kernel(const typena
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) store_rows_output<T, DV>(p, rows, tr[mt], acc[mt], m[mt], l[mt]);
+  for (int mt = 0; mt < 2; ++mt) store_rows_output<T, DV, B>(p, rows, tr[mt], acc[mt], m[mt], l[mt]);
 }
 
 }  // namespace nsa::cuda

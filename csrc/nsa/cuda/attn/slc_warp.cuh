@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(32) slc_fwd_warp_kernel(const SlcParams p) {
     warp_gemm_pn<KEYS, DV, T>(acc, s, tile.v);  // O += P V
   }
   cp_async_wait<0>();
-  store_rows_output<T, DV>(p, rows, tr, acc, m, l);
+  store_rows_output<T, DV, Branch::kSlc>(p, rows, tr, acc, m, l);
 }
 
 // dQ = scale * sum dS K over the warp's tiles, dS = P (dP - delta), P = exp(scale q.k - lse),
