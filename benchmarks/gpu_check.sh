@@ -5,9 +5,9 @@
 #
 # Stages (default: build tests sanitize bench, in this order; profile, ab and layer only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
-#   tests     pytest -m cuda tests/test_cuda_*.py tests/test_gated_sum.py tests/test_errors.py
-#             tests/test_modules.py (the layer on CUDA against CPU float64), log in
-#             $OUT/tests.log
+#   tests     pytest -m cuda tests: every CUDA-marked test of the suite (the ops against the
+#             float64 reference, kernel variants, errors, non-finite inputs, the layer against CPU
+#             float64, ...), log in $OUT/tests.log
 #   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize`:
 #             tests/test_cuda_sanitize.py, and the CUDA cases of tests/test_gated_sum.py)
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
@@ -102,7 +102,7 @@ run_stage() {
   timeout -k 20 -s INT "$limit" "$@" 2>&1 | tee -a "$log"
   return "${PIPESTATUS[0]}"
 }
-have() { for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+have() { local st; for st in "${STAGES[@]}"; do [ "$st" = "$1" ] && return 0; done; return 1; }
 
 # ---------------------------------------------------------------- wheels (fla) and environment
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -177,7 +177,7 @@ if have tests; then
   if $PY -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout=300 --timeout-method=thread); fi
   # shellcheck disable=SC2206
   extra=(${NSA_TEST_ARGS:-})
-  files=(tests/test_cuda_*.py tests/test_gated_sum.py tests/test_errors.py tests/test_modules.py)
+  files=(tests)  # every CUDA-marked test of the suite
   run_stage tests "$OUT/tests.log" "$lim" "$PY" -m pytest "${args[@]}" ${kexpr:+-k "$kexpr"} "${extra[@]}" "${files[@]}"
   rc=$?
   secs=$(( $(date +%s) - s ))
@@ -207,7 +207,7 @@ if have sanitize; then
       [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split or d128v128)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
-        "$PY" -m pytest -q -p no:cacheprovider --tb=short -k "$kexpr" tests/test_cuda_*.py tests/test_gated_sum.py
+        "$PY" -m pytest -q -p no:cacheprovider -p no:hypothesispytest --tb=short -k "$kexpr" tests/test_cuda_*.py tests/test_gated_sum.py
       rc=$?
       secs=$(( $(date +%s) - s ))
       part=$(tail -n +"$((mark + 1))" "$OUT/sanitize.log")
