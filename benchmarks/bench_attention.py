@@ -1,4 +1,4 @@
-"""GPU benchmark: nsa_torch.nsa_attention against the baselines of DESIGN.md section 5, all in
+"""GPU benchmark: nsa_torch.nsa_attention against the baselines of docs/design.md section 6, all in
 one process (same GPU state, same torch):
 
 - ours: nsa_torch.nsa_attention, every branch, the block selection and the gating included,

@@ -28,7 +28,7 @@ _MAX = dict(block_size=MAX_SIZE, block_stride=MAX_SIZE, select_size=MAX_SIZE,
 
 
 def hyper(fn, **values):
-    """Hyper-parameter constraints of DESIGN.md section 1, each integer bounded before any sum
+    """Hyper-parameter constraints of docs/design.md section 1, each integer bounded before any sum
     or narrowing."""
     def need(cond, arg, expected):
         if not cond:

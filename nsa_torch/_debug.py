@@ -17,11 +17,11 @@ records the plans that ran::
     # {"op": "nsa.select_blocks", "select": "wgmma", "arch": 90, "num_sms": 132}
 
 Keys and values (``keys()`` lists them):
-  fwd             "wgmma" (sm_90, D, Dv <= 128), "wide" (mma.sync, 32 rows per warp, D, Dv <= 128)
+  fwd             "wgmma" (sm_90, D, Dv in {64, 128}), "wide" (mma.sync, 32 rows per warp, D, Dv <= 128)
                   or "mma" (mma.sync, 16 rows per warp): forward of the compressed and window branches
-  bwd             "wgmma" (sm_90, D, Dv <= 128) or "mma": dQ and dK/dV of every branch
+  bwd             "wgmma" (sm_90, D, Dv in {64, 128}) or "mma": dQ and dK/dV of every branch
   slc_fwd         "warp" (per-warp kernels, G < 64), "union" (block union, any G) or "blocks" (by key
-                  blocks, sm_90, D, Dv <= 128, select_size in [32, 256]): the selected forward.
+                  blocks, sm_90, D, Dv in {64, 128}, select_size in [32, 256]): the selected forward.
                   "warp" and "union" also choose the selected dQ's kernel when it runs by tokens
                   (a backward plan reports it as "slc_tokens")
   slc_dq          "tokens" or "blocks" (as slc_fwd's): the selected branch's dQ

@@ -1,4 +1,4 @@
-"""The public functions of nsa-torch (DESIGN.md section 2). Each checks its arguments, then calls
+"""The public functions of nsa-torch (docs/design.md section 1). Each checks its arguments, then calls
 the nsa:: torch ops (whose autograd and fake kernels are in ops.py).
 
 Layout is flash-attn's: q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], compressed keys/values

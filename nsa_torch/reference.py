@@ -1,11 +1,11 @@
 """Pure-PyTorch reference of Native Sparse Attention: the test oracle of every kernel.
 
-This module follows DESIGN.md section 1 literally, with dense masked matrices per sequence:
+This module follows docs/design.md section 1 literally, with dense masked matrices per sequence:
 every branch builds a boolean "query t may see key s" mask and runs one masked softmax. It is
 meant to be obviously right, not fast, and it imports nothing compiled, so it works without
 the extension.
 
-Conventions (those of the public API, DESIGN.md section 2):
+Conventions (those of the public API, docs/design.md section 1):
 - Tensors are [B, T, heads, dim]; query head h reads key/value head h // G, G = HQ // H.
 - Arithmetic runs in float64 for float64 inputs, else in float32; o comes back in the input
   dtype, lse in the accumulation dtype (float32, or float64 for float64 inputs).

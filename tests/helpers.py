@@ -1,7 +1,7 @@
 """Shared helpers of the pytest suite (every test file imports what it uses from here; tests/ is
 on sys.path through pyproject's pytest `pythonpath`).
 
-- measures and tolerances against the float64 reference (DESIGN.md section 4);
+- measures and tolerances against the float64 reference (docs/design.md section 5);
 - seeded CPU input factories (make_inputs) and the branches as functions of a module
   (nsa_torch or nsa_torch.reference), so one harness runs both;
 - the select_blocks score rule (check_selection) and torch.library.opcheck samples;
@@ -27,7 +27,7 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 F64 = torch.float64
 
-# ||out - ref|| / ||ref|| against the float64 reference (DESIGN.md section 4); gradients get 2x.
+# ||out - ref|| / ||ref|| against the float64 reference (docs/design.md section 5); gradients get 2x.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 # The eight tensor inputs of nsa_attention, in its argument order.
@@ -330,7 +330,7 @@ def seed_of(*parts):
 
 
 # ------------------------------------------------------------------------------------ cases
-# Anything not given takes its DESIGN.md default (l = 32, d = 16, l' = 64, n = 16, w = 512).
+# Anything not given takes its default (docs/design.md section 1) (l = 32, d = 16, l' = 64, n = 16, w = 512).
 # Head dims (D, Dv) cover every pair of nsa_torch._C.CUDA_HEAD_DIMS (test_cases_cover_every_head_dim
 # in test_cuda_branches.py), the mma.sync-only (96, 96) and (256, 256) at G = 1, 4 and 16; G = HQ / H
 # covers 1, 2, 3, 4, 5, 8, 16, 24 and 64. No case name may contain "long", nor any test file's name but test_cuda_long.py's
@@ -536,7 +536,7 @@ def rows_attend(q_rows, k, v, visible, scale):
 
 
 def visible_rows(branch, rows, S, case, bi_rows=None):
-    """[R, H or 1, S] bool: what query rows (positions in their sequence) see (DESIGN.md 1).
+    """[R, H or 1, S] bool: what query rows (positions in their sequence) see (docs/design.md section 1).
     branch 'cmp': compressed tokens 0 .. S-1; 'swa', 'slc': tokens 0 .. S-1 of the sequence;
     'slc' reads the rows' block indices bi_rows [R, H, n]."""
     dev = rows.device

@@ -1,5 +1,5 @@
-"""Each branch and nsa_attention on CUDA against nsa_torch.reference in float64 (DESIGN.md
-section 4), forward and backward, over odd shapes, GQA group sizes, head dims and
+"""Each branch and nsa_attention on CUDA against nsa_torch.reference in float64 (docs/design.md
+section 5), forward and backward, over odd shapes, GQA group sizes, head dims and
 hyper-parameters (helpers.CASES), plus the log-sum-exp of the raw selected and sliding-window
 forward ops against the independent row checker (helpers.check_raw_lse)."""
 import pytest

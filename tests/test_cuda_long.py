@@ -238,7 +238,7 @@ def test_long_nsa_attention(case):
 
 @long_only
 def test_long_int64_offsets():
-    """T = 131072, HQ = 128, D = 192: q has 3.2e9 elements, past 2^31 (DESIGN.md section 6):
+    """T = 131072, HQ = 128, D = 192: q has 3.2e9 elements, past 2^31 (docs/design.md section 4):
     index arithmetic must be 64-bit. o, dq and the gate gradients on 64 rows, everything finite."""
     case = dict(T=131072, HQ=128, H=8, D=192, Dv=128)
     x = long_inputs(case, 97)

@@ -110,7 +110,7 @@ def leaf(t):
 
 def run_fwd_bwd(fn, ref_fn, x, names):
     """fn on x in bf16 (forward, then backward under a fixed upstream gradient) against ref_fn on
-    x in float64: relative errors within bf16's bounds (DESIGN.md: 1e-2, 2e-2 for gradients)."""
+    x in float64: relative errors within bf16's bounds (docs/design.md section 5: 1e-2, 2e-2 for gradients)."""
     ours = {n: leaf(x[n]) for n in names}
     ref = {n: leaf(x[n].double()) for n in names}
     o = fn(**ours)

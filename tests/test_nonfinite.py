@@ -1,4 +1,4 @@
-"""Non-finite values never vanish (DESIGN.md section 1, "Non-finite values"): a NaN or Inf in an
+"""Non-finite values never vanish (docs/design.md section 4, "Non-finite values"): a NaN or Inf in an
 input shows in every output row that depends on it, forward and backward (it may reach more rows),
 and scores that overflow give non-finite rows, never zeros. A query that sees no key still gets
 o = 0 and lse = -inf without NaN.

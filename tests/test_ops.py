@@ -13,7 +13,7 @@ from helpers import (DTYPES, LOW_PRECISION, TENSOR_NAMES, as_tuple, assert_close
                      random_like, ref_nsa_given_indices, selected, sliding, tol)
 from nsa_torch import reference
 
-# Shapes and hyper-parameters (anything not given takes its DESIGN.md default).
+# Shapes and hyper-parameters (anything not given takes its default (docs/design.md section 1)).
 CASES = {
     "T1": dict(B=2, T=1, HQ=4, H=2, D=16),
     "T<l": dict(T=20, HQ=4, H=1, D=16, Dv=8),  # Nc = 0: no compressed token at all

@@ -1,4 +1,4 @@
-"""Tests of nsa_torch.reference against per-token loops written from DESIGN.md section 1.
+"""Tests of nsa_torch.reference against per-token loops written from docs/design.md section 1.
 
 The loops below are deliberately naive (one query token and head at a time, Python lists of
 visible keys, sorting for top-n) so that they can be checked by reading them against the

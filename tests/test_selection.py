@@ -1,4 +1,4 @@
-"""select_blocks checked by the score rule of DESIGN.md section 4 (not by exact indices, which
+"""select_blocks checked by the score rule of docs/design.md section 5 (not by exact indices, which
 rounding may legitimately reorder when two block scores are within an ulp): forced blocks
 present, ascending, -1 padding only at the end and only when there are fewer than n candidates,
 no duplicates, and every chosen free block scores at least as high as every unchosen candidate.

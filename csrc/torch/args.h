@@ -88,7 +88,7 @@ void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64
 // other tensor (CPU, other dtypes, malformed shapes left for the checks) is returned as is.
 at::Tensor aligned(const at::Tensor& t);
 
-// Hyper-parameter checks of DESIGN.md section 1 (ValueError naming the argument). Every integer
+// Hyper-parameter checks of docs/design.md section 1 (ValueError naming the argument). Every integer
 // is bounded before it is narrowed to the params' int. Sizes (block_size, block_stride,
 // select_size) are at most kMaxSize: a sequence has fewer than 2^31 tokens. num_selected sizes
 // the [B, T, H, n] output: at most kMaxSelected. window_size is clamped instead (any window past

@@ -232,7 +232,7 @@ double err_all(const Tensor<T>& x, const std::vector<double>& ref) {
   return rel_err_rows(x, ref, [](int, index_t) { return true; });
 }
 
-// Tolerances of DESIGN.md section 4 (forward; gradients get twice as much).
+// Tolerances of docs/design.md section 5 (forward; gradients get twice as much).
 template <typename T>
 double tolerance() {
   if (std::is_same_v<T, double>) return 1e-9;
@@ -332,7 +332,7 @@ void check_same_outputs(const AttnTensors<T>& a, const AttnTensors<T>& b) {
 }
 
 // The slc and swa kernels' check: fwd and bwd (run(x, parallel_for)) on the tensors of make()
-// against reference_attention under visible(x) with DESIGN.md's tolerances, then the same bits
+// against reference_attention under visible(x) with the tolerances of docs/design.md section 5, then the same bits
 // under other chunkings and threads.
 template <typename T, typename Make, typename Run, typename Vis>
 void check_attention(const Problem& pr, Make&& make, Run&& run, Vis&& visible) {

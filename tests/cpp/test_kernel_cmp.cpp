@@ -1,4 +1,4 @@
-// Compressed-branch CPU kernels (cmp_fwd, cmp_bwd) against float64 loops that follow DESIGN.md
+// Compressed-branch CPU kernels (cmp_fwd, cmp_bwd) against float64 loops that follow docs/design.md section 1
 // section 1 literally, and the float64 backward against finite differences of the forward.
 #include "attn_reference.h"
 #include "catch.h"

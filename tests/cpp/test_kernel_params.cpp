@@ -10,7 +10,7 @@
 
 using namespace nsa;
 
-TEST_CASE("num_cmp_tokens and num_select_blocks follow DESIGN.md", "[params]") {
+TEST_CASE("num_cmp_tokens and num_select_blocks follow docs/design.md section 1", "[params]") {
   // Nc(T) = (T - l) // d + 1 for T >= l, else 0.
   CHECK(num_cmp_tokens(0, 32, 16) == 0);
   CHECK(num_cmp_tokens(31, 32, 16) == 0);

@@ -1,4 +1,4 @@
-// Top-n block selection CPU kernel (select_topk) against float64 loops that follow DESIGN.md
+// Top-n block selection CPU kernel (select_topk) against float64 loops that follow docs/design.md section 1
 // section 1 literally: block scores from the overlap of each compressed window with each block,
 // forced blocks, the best others with ties to the smaller j.
 #include <array>

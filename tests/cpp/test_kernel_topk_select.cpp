@@ -1,6 +1,6 @@
 // The scalar pieces the CUDA top-n kernel shares with the host (csrc/nsa/cuda/topk/select.h):
 // the candidate order, the overlap-weighted block scores and the candidates left after the
-// streamed key tiles, each against a direct reading of DESIGN.md section 1.
+// streamed key tiles, each against a direct reading of docs/design.md section 1.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -120,7 +120,7 @@ inline void store_row(const A* __restrict src, T* __restrict dst, int64_t n) {
 }
 
 // Output of a finished softmax row from its online state: accumulator acc[0 .. Dv), running
-// max m and sum l of exp(s - m). Three cases (DESIGN.md section 1, "Non-finite values"):
+// max m and sum l of exp(s - m). Three cases (docs/design.md section 4, "Non-finite values"):
 // - l > 0: o = acc / l, lse = m + log l;
 // - l == 0: the row saw no key: o = 0 and lse = -inf, and no NaN;
 // - l NaN: a score was NaN or +-inf (a non-finite input, or q.k overflowing the accumulation

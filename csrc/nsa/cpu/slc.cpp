@@ -1,5 +1,5 @@
 // Selected-block branch on the CPU: query t, head h attends the keys s <= t whose block s / l'
-// is listed in block_indices[t, h / G] (DESIGN.md section 1). The passes are attn_driver.h's;
+// is listed in block_indices[t, h / G] (docs/design.md section 1). The passes are attn_driver.h's;
 // this file says which blocks a tile walks and which queries a block's dk/dv item gathers.
 //
 // Forward and dq: the G heads of a group share every block and neighbouring tokens share the

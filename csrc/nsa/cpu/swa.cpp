@@ -1,5 +1,5 @@
 // Sliding-window branch on the CPU: query t attends keys max(0, t - w + 1) .. t of its sequence
-// (DESIGN.md section 1; flash-attn's window_size = (w - 1, 0)). The passes are attn_driver.h's;
+// (docs/design.md section 1; flash-attn's window_size = (w - 1, 0)). The passes are attn_driver.h's;
 // this file says which keys a tile walks and how the dk/dv items cut the keys.
 #include <algorithm>
 #include <vector>
