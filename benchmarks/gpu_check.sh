@@ -62,6 +62,7 @@ T0=$(date +%s)
 BUDGET=${NSA_BUDGET_S:-560}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
+rm -f /tmp/compare.txt /tmp/baseline_build.rc  # (a warm machine keeps /tmp between calls)
 
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
