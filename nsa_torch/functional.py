@@ -1,5 +1,5 @@
-"""The public functions of nsa-torch (docs/design.md section 1). Each checks its arguments, then calls
-the nsa:: torch ops (whose autograd and fake kernels are in ops.py).
+"""The public functions of nsa-torch (docs/design.md section 1). Each checks its arguments, then
+calls the nsa:: torch ops (whose autograd and fake kernels are in ops.py).
 
 Layout is flash-attn's: q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], compressed keys/values
 [B, Nc, H, D|Dv], gates [B, T, HQ]; with cu_seqlens (int32 [N + 1]) everything is packed, B = 1.
