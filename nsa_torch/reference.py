@@ -31,6 +31,8 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "nsa_attention",
+    "cache_tokens",
+    "decode_attention",
 ]
 
 _PREFIX = "nsa_torch.reference"
@@ -522,3 +524,85 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, 
     o = (g_cmp.to(acc).unsqueeze(-1) * o_cmp + g_slc.to(acc).unsqueeze(-1) * o_slc
          + g_swa.to(acc).unsqueeze(-1) * o_swa).to(q.dtype)
     return (o, block_indices) if return_block_indices else o
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding: a step over a KV cache (docs/design.md, "Decoding")
+
+
+def cache_tokens(cache: torch.Tensor, length: int, batch: int,
+                 block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens 0 .. length-1 of sequence `batch` of a KV cache: [length, H, C].
+
+    cache is contiguous [B, capacity, H, C] (block_table None), or a page pool
+    [num_pages, page_size, H, C] with block_table int [B, max_pages]: token t of sequence b is
+    row t % page_size of page block_table[b, t // page_size]."""
+    if block_table is None:
+        return cache[batch, :length]
+    page_size = cache.shape[1]
+    t = torch.arange(length, device=cache.device)
+    pages = block_table[batch].to(device=cache.device, dtype=torch.int64)[t // page_size]
+    return cache[pages, t % page_size]
+
+
+def decode_attention(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_swa,
+                     cache_seqlens, *, block_table=None, k_swa_cache=None, v_swa_cache=None,
+                     block_size=32, block_stride=16, select_size=64, num_selected=16,
+                     num_initial=1, num_local=2, window_size=512, scale=None,
+                     return_block_indices=False):
+    """One decoding step: the S newest tokens of each sequence attend its cache.
+
+    q [B, S, HQ, D]: query s of sequence b sits at position cache_seqlens[b] - S + s; its own key
+    and value are already in the cache. k_cache/v_cache: the raw (rotated) keys and values of the
+    selected branch, and of the window branch unless k_swa_cache/v_swa_cache are given (same
+    layout): contiguous [B, capacity, H, D|Dv], or page pools [num_pages, page_size, H, D|Dv]
+    with block_table [B, max_pages]. k_cmp_cache [B, cmp_capacity, H, D], v_cmp_cache
+    [B, cmp_capacity, H, Dv]: row i is compressed token i of the sequence (rows >= Nc(length)
+    are not read). Gates [B, S, HQ]; cache_seqlens int [B]: tokens in each sequence's cache, the
+    S new ones included (>= S).
+
+    Output: row s of sequence b equals row cache_seqlens[b] - S + s of nsa_attention over the
+    sequence's whole cached prefix. Returns o [B, S, HQ, Dv] in q's dtype, or (o, block_indices
+    int32 [B, S, H, n]) with return_block_indices=True.
+    """
+    op = "decode_attention"
+    _check_cmp_sizes(op, block_size, block_stride)
+    _check_select_sizes(op, block_stride, select_size, num_selected, num_initial, num_local)
+    _check_positive(op, window_size=window_size)
+    _check_q(op, q)
+    B, S, HQ, _ = q.shape
+    lengths = [int(n) for n in cache_seqlens.tolist()]
+    if len(lengths) != B:
+        _fail(op, f"cache_seqlens must be [B] = [{B}], got {list(cache_seqlens.shape)}")
+    k_swa_cache = k_cache if k_swa_cache is None else k_swa_cache
+    v_swa_cache = v_cache if v_swa_cache is None else v_swa_cache
+    scale = _scale(q, scale)
+    acc = _acc_dtype(q.dtype)
+    outs, blocks = [], []
+    for b, L in enumerate(lengths):
+        if L < S:
+            _fail(op, f"cache_seqlens[{b}] = {L} must count the S = {S} new tokens")
+        k, v = (cache_tokens(c, L, b, block_table).to(acc) for c in (k_cache, v_cache))
+        k_w, v_w = (cache_tokens(c, L, b, block_table).to(acc) for c in (k_swa_cache, v_swa_cache))
+        Nc = num_cmp_tokens(L, block_size, block_stride)
+        k_c, v_c = k_cmp_cache[b, :Nc].to(acc), v_cmp_cache[b, :Nc].to(acc)
+        # The whole prefix's queries, of which only the last S are real: every branch computes row
+        # t from query t alone, so the other rows do not change the last S.
+        q_full = q.new_zeros((L,) + tuple(q.shape[2:]), dtype=acc)
+        q_full[L - S:] = q[b].to(acc)
+        o_cmp, lse = _compressed_seq(q_full, k_c, v_c, block_size, block_stride, scale)
+        NB = num_select_blocks(L, select_size)
+        scores = _block_scores_seq(q_full, k_c, lse, NB, block_size, block_stride, select_size, scale)
+        idx = _top_n(scores, select_size, num_selected, num_initial, num_local)
+        o_slc, _ = _selected_seq(q_full, k, v, idx, select_size, scale)
+        o_swa, _ = _sliding_seq(q_full, k_w, v_w, window_size, scale)
+        g = [x[b].to(acc).unsqueeze(-1) for x in (g_cmp, g_slc, g_swa)]
+        outs.append(g[0] * o_cmp[L - S:] + g[1] * o_slc[L - S:] + g[2] * o_swa[L - S:])
+        blocks.append(idx[L - S:].to(torch.int32))
+    o = torch.stack(outs, 0).to(q.dtype) if outs else q.new_zeros(0, S, HQ, v_cache.shape[-1])
+    if not return_block_indices:
+        return o
+    H = k_cache.shape[2]
+    idx = (torch.stack(blocks, 0) if blocks
+           else torch.zeros(0, S, H, num_selected, dtype=torch.int32, device=q.device))
+    return o, idx

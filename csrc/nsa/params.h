@@ -217,4 +217,68 @@ struct GateParams {
   int head_dim_v = 0;  // Dv
 };
 
+// The plan of one decode_attention call (CUDA): how the step's work is split over thread blocks.
+// Fixed by the cache's capacity, never by the lengths in it (those live on the device), so that a
+// step keeps its launch shapes from one token to the next and can be captured in a CUDA graph.
+struct DecodePlan {
+  DeviceFacts device;
+  int cmp_splits = 1;        // thread blocks per (sequence, KV head) over the compressed tokens
+  index_t cmp_chunk = 0;     // compressed tokens per split (cmp_splits * cmp_chunk >= cmp_capacity)
+  int slc_splits = 1;        // thread blocks per (sequence, KV head) over selected + window keys
+};
+
+// One decoding step (decode_attention): the S newest tokens of each sequence attend the
+// sequence's KV cache, whose rows 0 .. seqlens[b]-1 hold tokens 0 .. seqlens[b]-1 (the S new ones
+// included). Query s of sequence b sits at position seqlens[b] - S + s. Every branch follows
+// section 1 of docs/design.md for that position: the compressed branch over the cached
+// compressed tokens, the block scores and top-n selection, the selected and window branches over
+// the raw cache, and the gated sum.
+//
+// The raw cache is contiguous (block_table == nullptr: "page" b is batch row b, page_size =
+// capacity) or paged: token t of sequence b is row t % page_size of page
+// block_table[b * block_table_stride + t / page_size] (page_size % select_size == 0, so a
+// selection block never straddles two pages).
+struct DecodeParams {
+  Dtype dtype = Dtype::kFloat32;
+  View q;              // [B, S, HQ, D]
+  View k;              // [B, capacity, H, D] contiguous, or [num_pages, page_size, H, D] paged
+  View v;              // [B, capacity, H, Dv] or [num_pages, page_size, H, Dv]
+  View k_swa;          // the window branch's keys and values, as k and v (the same pointers as
+  View v_swa;          //   k and v when the branches share them)
+  View k_cmp;          // [B, cmp_capacity, H, D]   row i: compressed token i of sequence b
+  View v_cmp;          // [B, cmp_capacity, H, Dv]  (rows >= Nc(seqlens[b]) are never read)
+  View gate[3];        // [B, S, HQ]  g_cmp, g_slc, g_swa (any strides)
+  View o;              // [B, S, HQ, Dv]  output
+  View block_indices;  // [B, S, H, n] int32 output: the blocks each query chose, as select_blocks
+  const int32_t* seqlens = nullptr;      // [B] tokens in each sequence's cache, in [S, capacity]
+  const int32_t* block_table = nullptr;  // [B, max_pages] pages of each sequence (paged), else nullptr
+  index_t block_table_stride = 0;        // elements between two sequences' rows of block_table
+
+  int batch = 0;             // B
+  int num_queries = 1;       // S: new tokens per sequence in this step
+  int num_heads = 0;         // HQ
+  int num_heads_k = 0;       // H (divides HQ)
+  int head_dim = 0;          // D
+  int head_dim_v = 0;        // Dv
+  index_t capacity = 0;      // tokens a sequence's cache can hold (paged: max_pages * page_size)
+  index_t page_size = 0;     // paged: tokens per page; contiguous: capacity
+  index_t num_pages = 0;     // paged: pages in the pool (block_table entries are < num_pages)
+  index_t cmp_capacity = 0;  // rows of k_cmp / v_cmp per sequence: Nc(capacity)
+  double scale = 1.0;
+  int block_size = 32;    // l
+  int block_stride = 16;  // d
+  int select_size = 64;   // l'
+  int num_selected = 16;  // n
+  int num_initial = 1;
+  int num_local = 2;
+  int window_size = 512;  // w
+  DecodePlan plan;        // CUDA only
+
+  // Page and row of token t of sequence b in k, v, k_swa, v_swa.
+  NSA_HOST_DEVICE index_t page_of(index_t b, index_t t) const {
+    return block_table ? block_table[b * block_table_stride + t / page_size] : b;
+  }
+  NSA_HOST_DEVICE index_t row_of(index_t t) const { return t % page_size; }
+};
+
 }  // namespace nsa

@@ -63,6 +63,8 @@ AttnPlan plan_cmp(const CmpParams& p, Pass pass, const DeviceFacts& dev, const P
 AttnPlan plan_slc(const SlcParams& p, Pass pass, const DeviceFacts& dev, const PlanOverrides& o);
 AttnPlan plan_swa(const SwaParams& p, Pass pass, const DeviceFacts& dev, const PlanOverrides& o);
 TopkPlan plan_select(const TopkParams& p, const DeviceFacts& dev, const PlanOverrides& o);
+// The split of a decode step (DecodePlan): from the capacity, never the lengths (graph capture).
+DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o);
 
 // What a plan chose, as (key, value) items in the vocabulary above plus split (split ranges),
 // arch and num_sms: what nsa_torch._debug.plans() records. Only the keys that matter to the op

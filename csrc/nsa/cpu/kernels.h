@@ -42,6 +42,10 @@ void swa_bwd(const SwaParams& p, const ParallelFor& parallel_for);
 void gate_fwd(const GateParams& p, const ParallelFor& parallel_for);
 void gate_bwd(const GateParams& p, const ParallelFor& parallel_for);
 
+// One decoding step (decode.cpp). Throws std::invalid_argument naming the sequence when a length
+// is outside [S, capacity] or a page of block_table outside the pool.
+void decode_attention(const DecodeParams& p, const ParallelFor& parallel_for);
+
 // Validation of caller-given block indices (p.block_indices, p.seqs, p.num_heads_k,
 // p.num_selected, p.select_size). An entry is valid when it is -1 or a block of its own
 // sequence (0 <= j < ceil(len / select_size)) not already listed in the same row.

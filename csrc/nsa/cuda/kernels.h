@@ -44,4 +44,8 @@ void swa_bwd(const SwaParams& p, void* workspace, cudaStream_t stream);
 void gate_fwd(const GateParams& p, cudaStream_t stream);
 void gate_bwd(const GateParams& p, cudaStream_t stream);
 
+// One decoding step (nsa/cuda/decode); the workspace holds the split partials and scores.
+size_t decode_workspace_bytes(const DecodeParams& p);
+void decode_attention(const DecodeParams& p, void* workspace, cudaStream_t stream);
+
 }  // namespace nsa::cuda
