@@ -169,7 +169,7 @@ class NSACache:
         if not (dtype.is_floating_point):
             raise ValueError(f"{_WHERE}: dtype must be a floating-point dtype, got {dtype}")
         self.config = {f: getattr(config, f) for f in _LAYOUT_FIELDS}
-        self.batch_size, self.capacity, self.device, self.dtype = batch_size, capacity, device, dtype
+        self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
         H, D, Dv = config.num_kv_heads, config.head_dim, config.v_head_dim
         l, d = config.block_size, config.block_stride
         self.block_size, self.block_stride = l, d
@@ -180,6 +180,7 @@ class NSACache:
         self.ring_k = torch.zeros(batch_size, l, H, D, device=device, dtype=dtype)
         self.ring_v = torch.zeros(batch_size, l, H, Dv, device=device, dtype=dtype)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.device = self.seqlens.device  # (with its index: "cuda" becomes "cuda:0")
         self.lengths: List[int] = [0] * batch_size
 
     def _set_raw(self, pools, block_table, page_size):

@@ -21,9 +21,10 @@ from helpers import assert_close, cu_seqlens_of, rel_err
 
 F64 = torch.float64
 # Small enough for the reference, large enough that every branch matters within T ~ 140:
-# compression windows of 32 every 16 tokens, selection blocks of 32, 4 selected, a window of 24.
-HYPER = dict(block_size=32, block_stride=16, select_size=32, num_selected=4, num_initial=1,
-             num_local=2, window_size=24)
+# compression windows of 32 every 16 tokens, selection blocks of 32, 3 selected (block 0, the
+# current block and one free choice from t = 96 on), a window of 24.
+HYPER = dict(block_size=32, block_stride=16, select_size=32, num_selected=3, num_initial=1,
+             num_local=1, window_size=24)
 HIDDEN = 24
 
 
@@ -51,8 +52,9 @@ def shuffled_paged(layer, B, capacity, page_size=32, spare=3, seed=1, **kw):
     num_pages = B * max_pages + spare
     gen = torch.Generator().manual_seed(seed)
     table = torch.randperm(num_pages, generator=gen)[:B * max_pages].view(B, max_pages)
+    device = next(layer.parameters()).device
     return NSACache.paged(layer, B, page_size=page_size, max_pages=max_pages, num_pages=num_pages,
-                          block_table=table.to(torch.int32), **kw)
+                          block_table=table.to(device, torch.int32), **kw)
 
 
 def make_cache(layer, B, capacity, paged, **kw):
@@ -88,7 +90,8 @@ class Blocks:
 
 def teacher_forcing(layer, x, t0, chunk, cache, blocks=None, bound=1e-9):
     """Prefills x[:, :t0] into cache, feeds the rest `chunk` tokens at a time, and checks every
-    output row against the training forward's (and, with `blocks`, the chosen blocks)."""
+    output row against the training forward's (and, with `blocks`, the chosen blocks). Returns
+    the training forward's output and the cached forward's, [B, T, hidden] each."""
     B, T, _ = x.shape
     with torch.no_grad():
         full = layer(x)
@@ -96,6 +99,7 @@ def teacher_forcing(layer, x, t0, chunk, cache, blocks=None, bound=1e-9):
     y = layer(x[:, :t0], cache=cache)
     assert y.shape == (B, t0, HIDDEN)
     assert_close(y, full[:, :t0], bound, "prefill")
+    ys = [y]
     assert cache.lengths == [t0] * B and cache.seqlens.tolist() == [t0] * B
     t = t0
     while t < T:
@@ -105,9 +109,10 @@ def teacher_forcing(layer, x, t0, chunk, cache, blocks=None, bound=1e-9):
         assert_close(y, full[:, t:t + S], bound, f"tokens {t}..{t + S - 1}")
         if blocks:
             assert torch.equal(blocks.steps[-1], full_idx[:, t:t + S]), f"blocks of {t}..{t + S - 1}"
+        ys.append(y)
         t += S
     assert cache.lengths == [T] * B and cache.seqlens.tolist() == [T] * B
-    return full
+    return full, torch.cat(ys, 1)
 
 
 @pytest.mark.parametrize("G", [4, 1])
@@ -121,14 +126,14 @@ def test_teacher_forcing(compression, separate, G, monkeypatch):
     teacher_forcing(layer, x, 33, 1, NSACache(layer, 2, 150), Blocks(monkeypatch))
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("t0", [1, 5, 31, 32, 33, 70])
+@pytest.mark.parametrize("t0,paged", [(1, False), (1, True), (5, True), (31, False), (32, True),
+                                      (33, False), (70, True)])
 def test_prompt_lengths(t0, paged, monkeypatch):
     """Prompts shorter than, equal to and just over a compression window, and longer than the
-    sliding window; decoding to 100 tokens."""
+    sliding window; decoding to 120 tokens."""
     layer = make_layer(seed=t0)
-    x = torch.randn(3, 100, HIDDEN, dtype=F64)
-    teacher_forcing(layer, x, t0, 1, make_cache(layer, 3, 100, paged), Blocks(monkeypatch))
+    x = torch.randn(2, 120, HIDDEN, dtype=F64)
+    teacher_forcing(layer, x, t0, 1, make_cache(layer, 2, 120, paged), Blocks(monkeypatch))
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
@@ -143,12 +148,12 @@ def test_chunked(chunk, paged, monkeypatch):
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_packed_prefill_then_decode_together(paged, monkeypatch):
-    """Sequences of different lengths prefilled as one packed batch (sequence s into row s),
-    then decoded together token by token and by chunks of 3: each row against its sequence's
-    own training forward, with its blocks."""
+    """Sequences of different lengths (one empty: it starts at the first step) prefilled as one
+    packed batch (sequence s into row s), then decoded together token by token and by chunks
+    of 3: each row against its sequence's own training forward, with its blocks."""
     blocks = Blocks(monkeypatch)
     layer = make_layer("linear", separate=True, seed=3)
-    lengths, steps = [37, 1, 64, 90, 16], [1] * 20 + [3] * 6
+    lengths, steps = [37, 1, 0, 64, 90, 16], [1] * 20 + [3] * 6
     T = [n + sum(steps) for n in lengths]
     xs = [torch.randn(1, n, HIDDEN, dtype=F64) for n in T]
     full, full_idx = [], []
@@ -312,11 +317,7 @@ def test_bfloat16_on_cpu(monkeypatch):
     for chunk, paged in ((1, False), (7, True)):
         cache = make_cache(layer, 2, 120, paged)
         assert cache.dtype == torch.bfloat16
-        full = teacher_forcing(layer, x.bfloat16(), 17, chunk, cache, bound=1e-2)
-        cache.reset()
-        ys = [layer(x[:, :17].bfloat16(), cache=cache)]
-        ys += [layer(x[:, t:t + chunk].bfloat16(), cache=cache) for t in range(17, 120, chunk)]
-        y = torch.cat(ys, 1)
+        full, y = teacher_forcing(layer, x.bfloat16(), 17, chunk, cache, bound=1e-2)
         assert y.dtype == torch.bfloat16
         assert_close(y, full64, 1e-2, "bf16 decode against float64")
         assert rel_err(y, full64) <= 1.5 * rel_err(full, full64)
