@@ -143,11 +143,11 @@ def selection_by_score(idx, x64, b, L, S, case):
     check_selection(idx.unsqueeze(0).cpu(), scores[:, L - S:].cpu(), pos, case, SCORE_RTOL)
 
 
-def check_step(x, lengths, S, case, dtype, *, ref_device=None, agree=0.98, **layout):
+def check_step(x, lengths, S, case, dtype, *, ref_device=None, **layout):
     """nsa_torch.decode_attention on the step of x against reference.decode_attention in
-    float64: identical block indices (float64 and float32: every row; bfloat16 and float16:
-    `agree` of the rows, the others by the score rule) and o within DESIGN.md's tolerance (rows
-    whose selection differs: against the reference run with our blocks)."""
+    float64: identical block indices (float64 and float32: every row; bfloat16 and float16: a
+    row may differ where blocks tie within rounding, and must then pass the score rule) and o
+    within DESIGN.md's tolerance (against the reference run with our blocks where they differ)."""
     step = build_step(x, lengths, S, seed=seed_of(lengths, S), **layout, **case)
     o, idx = decode(nsa_torch, step, case)
     B, _, HQ, _ = step["q"].shape
@@ -159,9 +159,6 @@ def check_step(x, lengths, S, case, dtype, *, ref_device=None, agree=0.98, **lay
     same = (idx.cpu() == ref_idx.cpu()).all(-1).all(-1)  # [B, S]
     if dtype in (torch.float64, torch.float32):
         assert same.all(), f"block indices differ from the reference at {(~same).nonzero()[0]}"
-    else:
-        share = same.float().mean().item()
-        assert share >= agree, f"selection equals the reference on {share:.1%} of the rows"
     if same.all():
         assert_close(o, ref_o, tol(dtype), "decode o")
         return o, idx, step
@@ -826,16 +823,18 @@ def test_cuda_teacher_forcing(dtype):
     blocks (but for near-ties) and outputs within the dtype's tolerance of each other."""
     x = cuda_step_inputs(16, 128, 128, dtype, seed_of("cuda-tf", dtype))
     S = 2
-    step = build_step(x, CUDA_LENGTHS, S, page_size=64, capacity=CUDA_CAPACITY, seed=4)
+    lengths = [max(L, S) for L in CUDA_LENGTHS]
+    step = build_step(x, lengths, S, page_size=64, capacity=CUDA_CAPACITY, seed=4)
     o, idx = decode(nsa_torch, step, {})
-    for b, L in enumerate(CUDA_LENGTHS):
+    x64 = to64(x)
+    for b, L in enumerate(lengths):
         p = prefix(x, b, L, {})
         o_t, idx_t = nsa_torch.nsa_attention(
             *(p[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_swa")),
             return_block_indices=True)
-        same = (idx[b] == idx_t[0, L - S:]).all(-1)
-        assert same.float().mean() >= 0.9, f"sequence {b}: blocks differ in {(~same).sum()} rows"
-        rows = same.all(-1)
+        rows = (idx[b] == idx_t[0, L - S:]).all(-1).all(-1)  # [S]
+        if not rows.all():  # blocks that tie within rounding
+            selection_by_score(idx[b], x64, b, L, S, {})
         assert_close(o[b][rows], o_t[0, L - S:][rows], tol(dtype), f"sequence {b}")
 
 
@@ -868,16 +867,17 @@ def test_cuda_graph_capture_and_replay(page_size):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         o, idx = run()
+    graph.replay()
+    old = o.clone(), idx.clone()
+    o_e, idx_e = run()
+    assert torch.equal(old[0], o_e) and torch.equal(old[1], idx_e)
     for n, t in new.items():
         if t is not None:
             step[n].copy_(t)
     graph.replay()
     o_e, idx_e = run()
-    assert torch.equal(idx, idx_e)
-    assert torch.equal(o, o_e)
-    ref_o, ref_idx = decode(reference, to64(new), {})
-    assert (idx.cpu() == ref_idx.cpu()).all(-1).float().mean() >= 0.98
-    assert_close(o, ref_o, tol(dtype), "replayed step vs the reference")
+    assert torch.equal(idx, idx_e) and torch.equal(o, o_e)
+    assert not torch.equal(o, old[0]), "the replay did not see the new state"
 
 
 @pytest.mark.cuda
@@ -897,9 +897,10 @@ def test_cuda_bad_lengths_give_nan():
     torch.cuda.synchronize()
     for b in (1, 2, 3, 4):
         assert torch.isnan(o[b]).all(), f"sequence {b}: not NaN"
-    good = [0]
-    ref = {n: (t[good] if n in STEP_ARGS or n == "block_table" else t) if torch.is_tensor(t)
-           else t for n, t in step.items()}
+    good = [0]  # the raw caches are page pools: only the per-sequence tensors are indexed
+    batched = ("q", "k_cmp_cache", "v_cmp_cache", "g_cmp", "g_slc", "g_swa", "cache_seqlens",
+               "block_table")
+    ref = {n: t[good] if n in batched else t for n, t in step.items()}
     ref_o, _ = decode(reference, to64(ref), SMALL)
     assert_close(o[good], ref_o, tol(dtype), "the valid sequence")
 
