@@ -35,6 +35,7 @@ from .functional import (  # noqa: E402
     selected_attention,
     sliding_window_attention,
 )
+from .cache import NSACache  # noqa: E402
 from .modules import BlockCompression, NativeSparseAttention, NSAConfig  # noqa: E402
 
 __all__ = [
@@ -46,5 +47,6 @@ __all__ = [
     "reference",
     "NativeSparseAttention",
     "NSAConfig",
+    "NSACache",
     "BlockCompression",
 ]

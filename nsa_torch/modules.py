@@ -19,7 +19,7 @@ are not rotated.
 """
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional as nsa_fn
+from .cache import NSACache
+from .reference import num_cmp_tokens
 
 _COMPRESSIONS = ("mlp", "mean", "linear")
 
@@ -135,7 +137,11 @@ class BlockCompression(nn.Module):
                 self.proj.weight.copy_(eye.repeat(1, block_size))
 
     def forward(self, x, starts=None):
-        w = _windows(x, self.block_size, self.block_stride, starts)  # [B, Nc, H, l, C]
+        return self.compress_windows(_windows(x, self.block_size, self.block_stride, starts))
+
+    def compress_windows(self, w):
+        """phi of the windows w [..., H, block_size, C] -> [..., H, C]: the training forward's
+        and the decoding step's (which compresses the windows its new tokens complete)."""
         if self.kind == "mean":
             return w.mean(-2)
         if self.kind == "linear":
@@ -343,12 +349,34 @@ class NativeSparseAttention(nn.Module):
         local = torch.arange(int(nc.sum())) - first       # window index within its sequence
         return _to_device_async(cu[:-1].repeat_interleave(nc) + local * c.block_stride, device)
 
-    def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
+    def forward(self, hidden_states, cu_seqlens=None, position_ids=None, cache=None):
+        if cache is not None:
+            return self._forward_cached(hidden_states, cu_seqlens, position_ids, cache)
         cu, cu_seqlens = self._check(hidden_states, cu_seqlens, position_ids)
+        p = self._project(hidden_states, cu, cu_seqlens, position_ids)
+        return self._output(self._attend(p, cu_seqlens), p.q.dtype)
+
+    def _kv(self, x, suffix, dtype):
+        """The un-rotated keys and values of one K/V projection: [B, T, H, D], [B, T, H, Dv]."""
         c = self.config
-        x = hidden_states
         B, T, _ = x.shape
-        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
+        k = getattr(self, "k_proj" + suffix)(x).view(B, T, c.num_kv_heads, c.head_dim).to(dtype)
+        v = getattr(self, "v_proj" + suffix)(x).view(B, T, c.num_kv_heads, c.v_head_dim).to(dtype)
+        return k, v
+
+    def _gates(self, x, dtype):
+        """g_cmp, g_slc, g_swa: [B, T, HQ] each."""
+        B, T, _ = x.shape
+        return torch.sigmoid(self.g_proj(x)).to(dtype).view(B, T, 3, self.config.num_heads).unbind(2)
+
+    def _project(self, x, cu, cu_seqlens, position_ids):
+        """Everything the attention of the training forward takes, in the projections' dtype:
+        _Projected (rotated q, the compressed branch's un-rotated k_c / v_c, the compressed
+        k_cmp (rotated) / v_cmp, the gates, and `raw`: the rotated keys and values of the
+        selected branch, then of the window branch with separate_branch_kv)."""
+        c = self.config
+        B, T, _ = x.shape
+        HQ, D = c.num_heads, c.head_dim
         if position_ids is None:
             if cu_seqlens is None:
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
@@ -360,19 +388,7 @@ class NativeSparseAttention(nn.Module):
 
         q = self.q_proj(x).view(B, T, HQ, D)
         dtype = q.dtype
-        # The attention's inputs are cast last (a no-op but for float32 on CUDA): the rotary
-        # embedding and the compression run in the projections' dtype.
-        attn = _attention_dtype(dtype, q.device)
-
-        def cast(*ts):
-            return [t.to(attn) for t in ts]
-
-        def kv(suffix):
-            k = getattr(self, "k_proj" + suffix)(x).view(B, T, H, D).to(dtype)
-            v = getattr(self, "v_proj" + suffix)(x).view(B, T, H, Dv).to(dtype)
-            return k, v
-
-        k_c, v_c = kv("_cmp" if c.separate_branch_kv else "")
+        k_c, v_c = self._kv(x, "_cmp" if c.separate_branch_kv else "", dtype)
         k_cmp = self.k_compress(k_c, starts).to(dtype)
         v_cmp = self.v_compress(v_c, starts).to(dtype).contiguous()
         # Positions of the compressed keys: the last token of their window.
@@ -384,33 +400,164 @@ class NativeSparseAttention(nn.Module):
             pos_cmp = position_ids[:, starts + (c.block_size - 1)]
         k_cmp = _rope(k_cmp, pos_cmp, c.rope_theta).contiguous()
         q = _rope(q, position_ids, c.rope_theta).contiguous()
-        g = torch.sigmoid(self.g_proj(x)).to(dtype).view(B, T, 3, HQ)
-        g_cmp, g_slc, g_swa = g.unbind(2)
-        hyper = c.hyper()
         if not c.separate_branch_kv:
-            k, v = k_c, v_c
-            k = _rope(k, position_ids, c.rope_theta).contiguous()
-            o = nsa_fn.nsa_attention(*cast(q, k, v.contiguous(), k_cmp, v_cmp, g_cmp, g_slc, g_swa),
-                                     cu_seqlens=cu_seqlens, **hyper)
+            raw = (_rope(k_c, position_ids, c.rope_theta).contiguous(), v_c.contiguous())
         else:
-            common = dict(cu_seqlens=cu_seqlens)
-            q, k_cmp, v_cmp, g_cmp, g_slc, g_swa = cast(q, k_cmp, v_cmp, g_cmp, g_slc, g_swa)
-            o_cmp, lse = nsa_fn.compressed_attention(q, k_cmp, v_cmp, block_size=c.block_size,
-                                                     block_stride=c.block_stride, **common)
-            idx = nsa_fn.select_blocks(q, k_cmp, lse, block_size=c.block_size,
-                                       block_stride=c.block_stride, select_size=c.select_size,
-                                       num_selected=c.num_selected, num_initial=c.num_initial,
-                                       num_local=c.num_local, **common)
-            k_s, v_s = kv("_slc")
-            k_s = _rope(k_s, position_ids, c.rope_theta).contiguous()
-            o_slc = nsa_fn.selected_attention(q, *cast(k_s, v_s.contiguous()), idx,
-                                              select_size=c.select_size, **common)
-            k_w, v_w = kv("_swa")
-            k_w = _rope(k_w, position_ids, c.rope_theta).contiguous()
-            o_swa = nsa_fn.sliding_window_attention(q, *cast(k_w, v_w.contiguous()),
-                                                    window_size=c.window_size, **common)
-            o = nsa_fn.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+            raw = ()
+            for suffix in ("_slc", "_swa"):
+                k, v = self._kv(x, suffix, dtype)
+                raw += (_rope(k, position_ids, c.rope_theta).contiguous(), v.contiguous())
+        return _Projected(q, k_c, v_c, k_cmp, v_cmp, self._gates(x, dtype), raw)
+
+    def _attend(self, p, cu_seqlens):
+        """The training forward's attention: [B, T, HQ, Dv] in the attention's dtype."""
+        c = self.config
+        # The attention's inputs are cast last (a no-op but for float32 on CUDA): the rotary
+        # embedding and the compression run in the projections' dtype.
+        attn = _attention_dtype(p.q.dtype, p.q.device)
+        q, k_cmp, v_cmp, g_cmp, g_slc, g_swa = (t.to(attn) for t in (p.q, p.k_cmp, p.v_cmp) + p.gates)
+        raw = [t.to(attn) for t in p.raw]
+        if not c.separate_branch_kv:
+            return nsa_fn.nsa_attention(q, *raw, k_cmp, v_cmp, g_cmp, g_slc, g_swa,
+                                        cu_seqlens=cu_seqlens, **c.hyper())
+        common = dict(cu_seqlens=cu_seqlens)
+        o_cmp, lse = nsa_fn.compressed_attention(q, k_cmp, v_cmp, block_size=c.block_size,
+                                                 block_stride=c.block_stride, **common)
+        idx = nsa_fn.select_blocks(q, k_cmp, lse, block_size=c.block_size,
+                                   block_stride=c.block_stride, select_size=c.select_size,
+                                   num_selected=c.num_selected, num_initial=c.num_initial,
+                                   num_local=c.num_local, **common)
+        k_s, v_s, k_w, v_w = raw
+        o_slc = nsa_fn.selected_attention(q, k_s, v_s, idx, select_size=c.select_size, **common)
+        o_swa = nsa_fn.sliding_window_attention(q, k_w, v_w, window_size=c.window_size, **common)
+        return nsa_fn.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+
+    def _output(self, o, dtype):
+        B, T, HQ, Dv = o.shape
         return self.o_proj(o.to(dtype).reshape(B, T, HQ * Dv))
+
+    # ---------------------------------------------------------------------------- decoding
+    def _forward_cached(self, x, cu_seqlens, position_ids, cache):
+        """forward with an NSACache: prefill when it is empty, else append S tokens to each of
+        its sequences (docs/design.md, "Decoding")."""
+        where = "nsa_torch.NativeSparseAttention"
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"{where}: cache must be an nsa_torch.NSACache, got "
+                            f"{type(cache).__name__}")
+        cu, cu_dev = self._check(x, cu_seqlens, position_ids)
+        if x.shape[1] == 0:
+            raise ValueError(f"{where}: with a cache, hidden_states must hold at least one token, "
+                             f"got {list(x.shape)}")
+        # Only host values here: every check comes before the first write.
+        cache.check_layer(where, self.config, x.device)
+        prefill = not any(cache.lengths)
+        if cu is not None:
+            if not prefill:
+                raise ValueError(f"{where}: cu_seqlens (a packed prompt) needs an empty cache, got "
+                                 f"one holding {cache.lengths} tokens; pass the next tokens of "
+                                 f"every sequence as hidden_states [B = {cache.batch_size}, S, "
+                                 f"hidden_size] without cu_seqlens")
+            new = [e - s for s, e in zip(cu, cu[1:])]
+            if len(new) != cache.batch_size:
+                raise ValueError(f"{where}: cu_seqlens holds {len(new)} sequences, the cache "
+                                 f"{cache.batch_size} (sequence s of the pack fills batch row s)")
+        else:
+            if x.shape[0] != cache.batch_size:
+                raise ValueError(f"{where}: hidden_states holds B = {x.shape[0]} sequences, the "
+                                 f"cache {cache.batch_size}")
+            new = [x.shape[1]] * x.shape[0]
+        cache.check_room(where, new)
+        with torch.no_grad():
+            if prefill:
+                return self._prefill(x, cu, cu_dev, position_ids, cache, new, where)
+            return self._extend(x, position_ids, cache, where)
+
+    def _prefill(self, x, cu, cu_dev, position_ids, cache, lengths, where):
+        """The training forward, whose K/V, compressed tokens and last block_size compression
+        inputs then fill the empty cache (packed sequence s into row s)."""
+        p = self._project(x, cu, cu_dev, position_ids)
+        cache.check_layer(where, self.config, x.device, _attention_dtype(p.q.dtype, x.device))
+        y = self._output(self._attend(p, cu_dev), p.q.dtype)
+        B, T, _ = x.shape
+        dev, l = x.device, self.config.block_size
+        if cu is None:
+            b = torch.arange(B, device=dev)[:, None].expand(B, T)
+            t = torch.arange(T, device=dev)[None].expand(B, T)
+            cache.write_raw(b, t, p.raw)
+            nc = p.k_cmp.shape[1]
+            cache.write_cmp(b[:, :nc], t[:, :nc], p.k_cmp, p.v_cmp)
+            m = min(T, l)
+            cache.write_ring(b[:, T - m:], t[:, T - m:], p.k_c[:, T - m:], p.v_c[:, T - m:])
+        else:
+            # Index tensors built on the host (the lengths are there), copied once each.
+            n = torch.tensor(lengths)
+            seq = torch.repeat_interleave(torch.arange(len(lengths)), n)
+            pos = torch.arange(T) - torch.repeat_interleave(torch.tensor(cu[:-1]), n)
+            nc = torch.tensor([num_cmp_tokens(L, l, self.config.block_stride) for L in lengths])
+            seq_c = torch.repeat_interleave(torch.arange(len(lengths)), nc)
+            row_c = torch.arange(int(nc.sum())) - torch.repeat_interleave(nc.cumsum(0) - nc, nc)
+            last = (pos >= n[seq] - l).nonzero()[:, 0]  # each sequence's last block_size tokens
+            seq, pos, seq_c, row_c, last = (_to_device_async(t, dev) for t in (seq, pos, seq_c, row_c, last))
+            cache.write_raw(seq, pos, [r[0] for r in p.raw])
+            cache.write_cmp(seq_c, row_c, p.k_cmp[0], p.v_cmp[0])
+            cache.write_ring(seq[last], pos[last], p.k_c[0, last], p.v_c[0, last])
+        cache.seqlens.copy_(_to_device_async(torch.tensor(lengths, dtype=torch.int32), dev))
+        cache.lengths = list(lengths)
+        return y
+
+    def _extend(self, x, position_ids, cache, where):
+        """One decoding step (or a chunk of a prompt): x [B, S, hidden] are the next S tokens of
+        every sequence. Device work of fixed shapes only, no host read: a CUDA graph can
+        capture it."""
+        c = self.config
+        B, S, _ = x.shape
+        dev = x.device
+        pos = cache.seqlens.long()[:, None] + torch.arange(S, device=dev)  # [B, S]
+        rot = pos if position_ids is None else position_ids
+        q = self.q_proj(x).view(B, S, c.num_heads, c.head_dim)
+        dtype = q.dtype
+        attn = _attention_dtype(dtype, dev)
+        cache.check_layer(where, c, dev, attn)
+        k_c, v_c = self._kv(x, "_cmp" if c.separate_branch_kv else "", dtype)
+        if not c.separate_branch_kv:
+            raw = (_rope(k_c, rot, c.rope_theta), v_c)
+        else:
+            raw = ()
+            for suffix in ("_slc", "_swa"):
+                k, v = self._kv(x, suffix, dtype)
+                raw += (_rope(k, rot, c.rope_theta), v)
+        b = torch.arange(B, device=dev)[:, None]
+        cache.write_raw(b.expand(B, S), pos, raw)
+        # The compressed tokens whose window the new tokens complete: phi as in training, the
+        # rotation at the window's last token; the candidates that complete none go to the
+        # scratch row.
+        s, row, wk, wv = cache.new_windows(k_c, v_c)
+        k_new = self.k_compress.compress_windows(wk.to(dtype)).to(dtype)
+        v_new = self.v_compress.compress_windows(wv.to(dtype)).to(dtype)
+        k_new = _rope(k_new, rot.gather(1, s), c.rope_theta)
+        cache.write_cmp(b.expand_as(row), row, k_new, v_new)
+        m = min(S, c.block_size)
+        cache.write_ring(b.expand(B, m), pos[:, S - m:], k_c[:, S - m:], v_c[:, S - m:])
+        cache.advance(S)
+        q = _rope(q, rot, c.rope_theta).to(attn).contiguous()
+        g_cmp, g_slc, g_swa = (g.to(attn) for g in self._gates(x, dtype))
+        o = nsa_fn.decode_attention(q, cache.k, cache.v, cache.k_cmp, cache.v_cmp, g_cmp, g_slc,
+                                    g_swa, cache.seqlens, block_table=cache.block_table,
+                                    k_swa_cache=cache.k_swa, v_swa_cache=cache.v_swa,
+                                    **c.hyper())
+        return self._output(o, dtype)
+
+
+class _Projected(NamedTuple):
+    """What NativeSparseAttention._project returns (see there)."""
+
+    q: torch.Tensor
+    k_c: torch.Tensor
+    v_c: torch.Tensor
+    k_cmp: torch.Tensor
+    v_cmp: torch.Tensor
+    gates: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    raw: Tuple[torch.Tensor, ...]
 
 
 class StaticKVCache:
