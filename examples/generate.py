@@ -69,7 +69,8 @@ def generate(model, prompt, new_tokens, autocast=False):
 
 @torch.no_grad()
 def generate_without_cache(model, prompt, new_tokens, autocast=False):
-    """Greedy generation by a full forward over the whole sequence for every token: [B, new_tokens]."""
+    """Greedy generation by a full forward over the whole sequence for each token:
+    [B, new_tokens]."""
     seq = prompt
     with torch.autocast(prompt.device.type, dtype=torch.bfloat16, enabled=autocast):
         for _ in range(new_tokens):
@@ -124,8 +125,9 @@ def run_model(model, args, device, autocast):
             by_depth.append(depth_hits / args.samples)
         steps = args.new_tokens - 1
         dec_s = sum(t[2] for t in timed)
-        row = dict(attn=model.cfg.attn, length=T, batch=batch, samples=args.samples * len(args.depths),
-                   accuracy=hits / (args.samples * len(args.depths)), accuracy_by_depth=by_depth,
+        rows_n = args.samples * len(args.depths)
+        row = dict(attn=model.cfg.attn, length=T, batch=batch, samples=rows_n,
+                   accuracy=hits / rows_n, accuracy_by_depth=by_depth,
                    prefill_s=sum(t[1] for t in timed) / len(timed),
                    decode_tokens_per_s=sum(t[0] for t in timed) * steps / dec_s,
                    decode_ms_per_step=1000 * dec_s / (len(timed) * steps), timed_batches=len(timed))
@@ -138,8 +140,8 @@ def run_model(model, args, device, autocast):
 
 
 def summary_line(r):
-    line = (f"{r['attn']} T={r['length']}: accuracy {r['accuracy']:.2f}, prefill {r['prefill_s']:.3f} s "
-            f"(batch {r['batch']}), decode {r['decode_tokens_per_s']:.0f} tokens/s "
+    line = (f"{r['attn']} T={r['length']}: accuracy {r['accuracy']:.2f}, prefill "
+            f"{r['prefill_s']:.3f} s (batch {r['batch']}), decode {r['decode_tokens_per_s']:.0f} tokens/s "
             f"({r['decode_ms_per_step']:.2f} ms/step)")
     if "check_ok" in r:
         line += (f"; check {'ok' if r['check_ok'] else 'FAILED'} (gap to the full forward's argmax "
@@ -158,12 +160,13 @@ def speedups(rows):
 def table(rows, meta):
     ups = speedups(rows)
     lines = [f"# Passkey by generation (examples/generate.py), {meta['device']}", "",
-             f"Prompts of `length` tokens (the passkey at depths {meta['depths']}), {meta['new_tokens']} "
-             f"tokens generated greedily with the cache, batch {meta['batch']}"
+             f"Prompts of `length` tokens (the passkey at depths {meta['depths']}), "
+             f"{meta['new_tokens']} tokens generated greedily with the cache, batch {meta['batch']}"
              + (", under bf16 autocast" if meta["autocast"] else "") + ". Accuracy: rows with all "
-             f"{DIGITS} digits right. Prefill: seconds per batch (time to first token). Decode: tokens/s "
-             "over the steps after the first token, every row counted.", "",
-             "| model | length | rows | accuracy | prefill s | decode tokens/s | ms/step | NSA speed-up decode (prefill) |",
+             f"{DIGITS} digits right. Prefill: seconds per batch (time to first token). Decode: "
+             "tokens/s over the steps after the first token, every row counted.", "",
+             "| model | length | rows | accuracy | prefill s | decode tokens/s | ms/step "
+             "| NSA speed-up decode (prefill) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         up = ups.get(r["length"]) if r["attn"] == "nsa" else None
@@ -173,16 +176,18 @@ def table(rows, meta):
                      f"{r['decode_ms_per_step']:.2f} | {cell} |")
     checks = [r for r in rows if "check_ok" in r]
     if checks:
-        lines += ["", f"Check (the first row of each length against a full forward without cache; a "
-                      f"generated token may trail the full forward's top logit by {meta['check_tol']:g}): "
-                  + ", ".join(f"{r['attn']} {r['length']}: {'ok' if r['check_ok'] else 'FAILED'} "
-                              f"(gap {r['check_gap']:.3g}, logits within {r['check_logit_diff']:.3g})"
-                              for r in checks) + "."]
+        lines += ["", "Check (the first row of each length against a full forward without cache; "
+                      "a generated token may trail the full forward's top logit by "
+                      f"{meta['check_tol']:g}): " + ", ".join(
+                          f"{r['attn']} {r['length']}: {'ok' if r['check_ok'] else 'FAILED'} (gap "
+                          f"{r['check_gap']:.3g}, logits within {r['check_logit_diff']:.3g})"
+                          for r in checks) + "."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help="prompt lengths (default 16384 65536 on CUDA, 512 1024 on the CPU)")
@@ -190,16 +195,16 @@ def main(argv=None):
                     help="needle depths, fractions of the filler")
     ap.add_argument("--samples", type=int, default=8, help="rows per (length, depth)")
     ap.add_argument("--batch", type=int, default=8,
-                    help="rows generated together (a larger batch makes the attention a larger share "
-                         "of a decode step)")
+                    help="rows generated together (a larger batch makes the attention a larger "
+                         "share of a decode step)")
     ap.add_argument("--new-tokens", type=int, default=32,
                     help=f"tokens generated per row (>= {DIGITS}, the answer's)")
     ap.add_argument("--check", action="store_true",
                     help="compare each length's first row with a full forward without cache")
     ap.add_argument("--check-tol", type=float, default=None,
-                    help="the largest gap allowed between the full forward's top logit and its logit "
-                         "of a generated token (near-ties may flip under rounding; default 1e-4, "
-                         "0.1 under bf16 autocast)")
+                    help="the largest gap allowed between the full forward's top logit and its "
+                         "logit of a generated token (near-ties may flip under rounding; default "
+                         "1e-4, 0.1 under bf16 autocast)")
     ap.add_argument("--out", default=None, help="default examples/results/<gpu or cpu>")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -225,8 +230,8 @@ def main(argv=None):
         print(f"NSA over SDPA at {T}: decode {dec:.2f}x, prefill {pre:.2f}x")
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, checkpoints=args.checkpoints, depths=args.depths,
-                batch=min(args.batch, args.samples), new_tokens=args.new_tokens, autocast=autocast, seed=args.seed,
-                check_tol=args.check_tol if args.check else None)
+                batch=min(args.batch, args.samples), new_tokens=args.new_tokens, autocast=autocast,
+                seed=args.seed, check_tol=args.check_tol if args.check else None)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "generate.md"), "w") as f:
         f.write(table(rows, meta))

@@ -85,9 +85,8 @@ class TinyLM(nn.Module):
         """An empty decoding cache for batch_size sequences of up to `capacity` tokens: one per
         layer, on the model's device, in `dtype`: the dtype the attention runs in (bfloat16
         under CUDA autocast; by default the layers' own choice)."""
-        if self.cfg.attn == "nsa":
-            return [nsa_torch.NSACache(blk.attn, batch_size, capacity, dtype=dtype) for blk in self.blocks]
-        return [StaticKVCache.for_layer(blk.attn, batch_size, capacity, dtype=dtype) for blk in self.blocks]
+        make = nsa_torch.NSACache if self.cfg.attn == "nsa" else StaticKVCache.for_layer
+        return [make(blk.attn, batch_size, capacity, dtype=dtype) for blk in self.blocks]
 
 
 def answer_hits(logits, tokens, mask):

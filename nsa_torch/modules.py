@@ -575,8 +575,9 @@ class StaticKVCache:
     def __init__(self, batch_size, capacity, num_kv_heads, head_dim, v_head_dim=None, *,
                  device=None, dtype=None):
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        self.k = torch.empty(batch_size, capacity, num_kv_heads, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty(batch_size, capacity, num_kv_heads, v_head_dim, device=device, dtype=dtype)
+        kw = dict(device=device, dtype=dtype)
+        self.k = torch.empty(batch_size, capacity, num_kv_heads, head_dim, **kw)
+        self.v = torch.empty(batch_size, capacity, num_kv_heads, v_head_dim, **kw)
         self.length = 0
 
     @classmethod
@@ -625,9 +626,10 @@ class FullAttention(nn.Module):
     NativeSparseAttention's; a packed batch runs one SDPA call per run of consecutive sequences of
     equal length (pack sequences of one length together). cache: a StaticKVCache; empty, the
     forward fills it; filled, hidden_states' S tokens follow the cached ones (positions from
-    there) and attend them (decoding). backends: SDPA backends to allow (torch.nn.attention.sdpa_kernel; None: torch
-    chooses); gqa: True passes enable_gqa to SDPA, False repeats K/V to every query head (for
-    backends that refuse enable_gqa).
+    there) and attend them (decoding). backends: SDPA backends to allow
+    (torch.nn.attention.sdpa_kernel; None: torch chooses); gqa: True passes enable_gqa to SDPA,
+    False repeats K/V to every query head (for backends that refuse enable_gqa; decoding steps
+    need neither).
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,

@@ -240,7 +240,8 @@ def test_cached_generation_equals_recompute(attn):
     seq = torch.cat((prompt, out), 1)
     cache = model.new_cache(3, 45)
     with torch.no_grad():
-        parts = [model(seq[:, a:b], cache=cache) for a, b in ((0, 30), (30, 33), (33, 34), (34, 35))]
+        parts = [model(seq[:, a:b], cache=cache)
+                 for a, b in ((0, 30), (30, 33), (33, 34), (34, 35))]
         assert_close(torch.cat(parts, 1), model(seq[:, :35]), 1e-10, "cached logits")
 
 
@@ -250,7 +251,8 @@ def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     paths = []
     for attn in ("nsa", "sdpa"):
-        run([sys.executable, "examples/train.py", "--attn", attn, "--out", str(root / attn)] + TINY, None)
+        run([sys.executable, "examples/train.py", "--attn", attn, "--out", str(root / attn)] + TINY,
+            None)
         paths.append(str(root / attn / "checkpoint.pt"))
     return paths
 
@@ -270,5 +272,7 @@ def test_generate_script(tiny_checkpoints, tmp_path):
     assert "| sdpa | 512 | 3 |" in table and "| nsa | 256 | 3 |" in table, table
     assert "x (" in table.split("| nsa | 512 |")[1].splitlines()[0]  # the speed-up cell
     rows = json.load(open(os.path.join(res, "generate.json")))["rows"]
-    assert [(r["attn"], r["length"]) for r in rows] == [("nsa", 256), ("nsa", 512), ("sdpa", 256), ("sdpa", 512)]
-    assert all(r["check_ok"] and r["timed_batches"] == 1 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert [(r["attn"], r["length"]) for r in rows] == [("nsa", 256), ("nsa", 512), ("sdpa", 256),
+                                                        ("sdpa", 512)]
+    assert all(r["check_ok"] and r["timed_batches"] == 1 and r["decode_tokens_per_s"] > 0
+               for r in rows)
