@@ -624,9 +624,9 @@ class FullAttention(nn.Module):
 
     forward(hidden_states, cu_seqlens=None, position_ids=None, cache=None) as
     NativeSparseAttention's; a packed batch runs one SDPA call per run of consecutive sequences of
-    equal length (pack sequences of one length together). cache: a StaticKVCache; empty, the
-    forward fills it; filled, hidden_states' S tokens follow the cached ones (positions from
-    there) and attend them (decoding). backends: SDPA backends to allow
+    equal length (pack sequences of one length together). cache: a StaticKVCache (no autograd);
+    empty, the forward fills it; filled, hidden_states' S tokens follow the cached ones
+    (positions from there) and attend them (decoding). backends: SDPA backends to allow
     (torch.nn.attention.sdpa_kernel; None: torch chooses); gqa: True passes enable_gqa to SDPA,
     False repeats K/V to every query head (for backends that refuse enable_gqa; decoding steps
     need neither).
@@ -660,6 +660,9 @@ class FullAttention(nn.Module):
         return twin
 
     def forward(self, hidden_states, cu_seqlens=None, position_ids=None, cache=None):
+        if cache is not None and torch.is_grad_enabled():  # decoding is inference
+            with torch.no_grad():
+                return self.forward(hidden_states, cu_seqlens, position_ids, cache)
         where = "nsa_torch.FullAttention"
         c = self.config
         x = hidden_states
