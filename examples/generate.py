@@ -170,7 +170,7 @@ def table(rows, meta):
              + (", under bf16 autocast" if meta["autocast"] else "") + ". Accuracy: rows with all "
              f"{DIGITS} digits right. Prefill: seconds per batch (time to first token). Decode: "
              "tokens/s over the steps after the first token, every row counted.", "",
-             "| model | length | rows | accuracy | prefill s | decode tokens/s | ms/step "
+             "| model | length | rows | accuracy | TTFT s (prefill) | decode tokens/s | ms/step "
              "| NSA speed-up decode (prefill) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
