@@ -258,7 +258,8 @@ def test_pages_assigned_as_sequences_grow():
     layer = make_layer(seed=13)
     B, page, T = 2, 32, 100
     H, D, Dv = 1, 8, 6
-    pools = dict(k_pool=torch.zeros(9, page, H, D, dtype=F64), v_pool=torch.zeros(9, page, H, Dv, dtype=F64))
+    pools = dict(k_pool=torch.zeros(9, page, H, D, dtype=F64),
+                 v_pool=torch.zeros(9, page, H, Dv, dtype=F64))
     table = torch.full((B, 4), -1, dtype=torch.int32)
     table[0, 0], table[1, 0] = 7, 2
     cache = NSACache.paged(layer, B, page_size=page, max_pages=4, block_table=table, **pools)
@@ -268,6 +269,12 @@ def test_pages_assigned_as_sequences_grow():
     with torch.no_grad():
         full = layer(x)
     layer(x[:, :30], cache=cache)
+    # What a CUDA graph replay, which runs no host check, would do past the assigned pages: the
+    # write into page -1 is out of range, not wrapped to the pool's last page.
+    b, t = torch.tensor([[1]]), torch.tensor([[page]])
+    with pytest.raises(IndexError, match="out of bounds"):
+        cache.write_raw(b, t, (torch.ones(1, 1, H, D, dtype=F64), torch.ones(1, 1, H, Dv, dtype=F64)))
+    assert cache.k[-1].abs().sum() == 0
     free = [4, 0, 8, 1, 5, 3]
     for t in range(30, T):
         for b in range(B):
@@ -293,9 +300,9 @@ def test_bytes_per_sequence():
 
 
 def test_bfloat16_on_cpu(monkeypatch):
-    """A bf16 layer decoding token by token and by chunks against the float64 training forward
-    of the same weights: within bf16 noise (the layer's CUDA tests' 5e-2), and the bf16 training
-    forward's rows as closely."""
+    """A bf16 layer decoding token by token and by chunks, against the bf16 training forward and
+    the float64 one of the same weights: within the bf16 tolerance (1e-2), and not much further
+    from float64 than the bf16 training forward is."""
     layer = make_layer("mlp", seed=14, dtype=torch.bfloat16)
     ref = make_layer("mlp", seed=14)
     ref.load_state_dict({k: v.to(F64) for k, v in layer.state_dict().items()})
@@ -305,14 +312,14 @@ def test_bfloat16_on_cpu(monkeypatch):
     for chunk, paged in ((1, False), (7, True)):
         cache = make_cache(layer, 2, 120, paged)
         assert cache.dtype == torch.bfloat16
-        full = teacher_forcing(layer, x.bfloat16(), 17, chunk, cache, bound=5e-2)
+        full = teacher_forcing(layer, x.bfloat16(), 17, chunk, cache, bound=1e-2)
         cache.reset()
         ys = [layer(x[:, :17].bfloat16(), cache=cache)]
         ys += [layer(x[:, t:t + chunk].bfloat16(), cache=cache) for t in range(17, 120, chunk)]
         y = torch.cat(ys, 1)
         assert y.dtype == torch.bfloat16
-        assert_close(y, full64, 5e-2, "bf16 decode against float64")
-        assert rel_err(y, full64) <= 2 * rel_err(full, full64) + 1e-3
+        assert_close(y, full64, 1e-2, "bf16 decode against float64")
+        assert rel_err(y, full64) <= 1.5 * rel_err(full, full64)
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -347,7 +354,8 @@ def test_error_more_tokens_than_capacity():
         layer(torch.randn(1, 55, HIDDEN, dtype=F64), cache=cache, cu_seqlens=cu_seqlens_of([5, 50]))
     # Paged: max_pages * page_size.
     cache = NSACache.paged(layer, 2, page_size=32, max_pages=2)
-    with pytest.raises(ValueError, match="holds 0 tokens and gets 65 more, but its 2 assigned pages of 32 hold 64"):
+    with pytest.raises(ValueError, match="holds 0 tokens and gets 65 more, but its 2 assigned "
+                                         "pages of 32 hold 64"):
         layer(torch.randn(2, 65, HIDDEN, dtype=F64), cache=cache)
 
 
@@ -407,7 +415,8 @@ def test_error_batch_and_packing():
         layer(torch.randn(1, 6, HIDDEN, dtype=F64), cache=empty, cu_seqlens=cu_seqlens_of([2, 2, 2]))
     with pytest.raises(ValueError, match="hidden_states holds B = 1 sequences, the cache 2"):
         layer(torch.randn(1, 6, HIDDEN, dtype=F64), cache=empty)
-    with pytest.raises(TypeError, match="NativeSparseAttention: cache must be an nsa_torch.NSACache, got dict"):
+    with pytest.raises(TypeError, match="NativeSparseAttention: cache must be an "
+                                        "nsa_torch.NSACache, got dict"):
         layer(torch.randn(2, 1, HIDDEN, dtype=F64), cache={})
     assert_untouched(empty, [0, 0])
 
@@ -418,7 +427,8 @@ def test_error_construction():
         NSACache(layer, 2, 0)
     with pytest.raises(ValueError, match="NSACache: batch_size must be a positive int, got -1"):
         NSACache(layer, -1, 8)
-    with pytest.raises(TypeError, match="NSACache: expected a NativeSparseAttention or an NSAConfig, got int"):
+    with pytest.raises(TypeError, match="NSACache: expected a NativeSparseAttention or an "
+                                        "NSAConfig, got int"):
         NSACache(3, 2, 8)
     with pytest.raises(ValueError, match=r"NSACache.paged: page_size must be a multiple of the "
                                          r"layer's select_size \(32\), got 48"):
@@ -443,7 +453,8 @@ def test_error_construction():
                        v_pool=torch.zeros(5, 32, 1, 8, dtype=F64))
     with pytest.raises(ValueError, match="pass all of k_pool, v_pool, k_swa_pool, v_swa_pool"):
         NSACache.paged(make_layer(separate=True), 2, page_size=32, max_pages=2, **pool)
-    with pytest.raises(ValueError, match="pass all of k_pool, v_pool .the layer has separate_branch_kv=False"):
+    with pytest.raises(ValueError, match="pass all of k_pool, v_pool .the layer has "
+                                         "separate_branch_kv=False"):
         NSACache.paged(layer, 2, page_size=32, max_pages=2, k_pool=pool["k_pool"])
 
 
