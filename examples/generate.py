@@ -104,31 +104,26 @@ def run_model(model, args, device, autocast):
     """The rows of one model: one per length."""
     rows = []
     batch = min(args.batch, args.samples)
-    n_batches = len(args.depths) * -(-args.samples // batch)
+    per_depth = -(-args.samples // batch)
+    batches = [(d, start) for d in args.depths for start in range(0, args.samples, batch)]
     for T in args.lengths:
         gen = torch.Generator().manual_seed(args.seed + T)  # the same prompts for every model
-        hits, by_depth, timed, checked, i = 0, [], [], None, 0
-        for d in args.depths:
-            depth_hits = 0
-            for start in range(0, args.samples, batch):
-                b = min(batch, args.samples - start)
-                tok, _ = tasks.passkey(b, T + DIGITS, gen, depth=d)
-                prompt, answer = tok[:, :T].to(device), tok[:, T:].to(device)
-                out, pre_s, dec_s, logits = generate(model, prompt, args.new_tokens, autocast)
-                right = int((out[:, :DIGITS] == answer).all(1).sum())
-                depth_hits += right
-                if i > 0 or n_batches == 1:
-                    timed.append((b, pre_s, dec_s))
-                if args.check and i == 0:
-                    checked = check(model, prompt[0], out[0], logits, autocast)
-                i += 1
-            hits += depth_hits
-            by_depth.append(depth_hits / args.samples)
+        hits, timed, checked = [0] * len(args.depths), [], None
+        for i, (d, start) in enumerate(batches):
+            b = min(batch, args.samples - start)
+            tok, _ = tasks.passkey(b, T + DIGITS, gen, depth=d)
+            prompt, answer = tok[:, :T].to(device), tok[:, T:].to(device)
+            out, pre_s, dec_s, logits = generate(model, prompt, args.new_tokens, autocast)
+            hits[i // per_depth] += int((out[:, :DIGITS] == answer).all(1).sum())
+            if i > 0 or len(batches) == 1:
+                timed.append((b, pre_s, dec_s))
+            if args.check and i == 0:
+                checked = check(model, prompt[0], out[0], logits, autocast)
         steps = args.new_tokens - 1
         dec_s = sum(t[2] for t in timed)
-        rows_n = args.samples * len(args.depths)
-        row = dict(attn=model.cfg.attn, length=T, batch=batch, samples=rows_n,
-                   accuracy=hits / rows_n, accuracy_by_depth=by_depth,
+        row = dict(attn=model.cfg.attn, length=T, batch=batch, samples=args.samples * len(hits),
+                   accuracy=sum(hits) / (args.samples * len(hits)),
+                   accuracy_by_depth=[h / args.samples for h in hits],
                    prefill_s=sum(t[1] for t in timed) / len(timed),
                    decode_tokens_per_s=sum(t[0] for t in timed) * steps / dec_s,
                    decode_ms_per_step=1000 * dec_s / (len(timed) * steps), timed_batches=len(timed))
