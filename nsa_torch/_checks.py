@@ -190,12 +190,13 @@ def decode(fn, q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp
     one device. The lengths' values live on the device and are the op's to check."""
     tensor(fn, "q", q, ("B", "S", "HQ", "D"))
     if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: q must be float32, float64, bfloat16 or float16, got {_dt(q.dtype)}")
+        raise TypeError(f"{fn}: q must be float32, float64, bfloat16 or float16, "
+                        f"got {_dt(q.dtype)}")
     B, S, HQ, D = q.shape
     paged = block_table is not None
     raw = ("num_pages", "page_size", "H") if paged else ("B", "capacity", "H")
     for name, t, dim in (("k_cache", k_cache, "D"), ("v_cache", v_cache, "Dv")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:  # its sizes name the others' expectations
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:  # the sizes below read its dims
             tensor(fn, name, t, raw + (dim,))
     capacity = k_cache.shape[1]
     shown = capacity
@@ -233,7 +234,7 @@ def decode(fn, q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp
     tensor(fn, "cache_seqlens", cache_seqlens, ("B",), (B,), torch.int32, q.device,
            contiguous_last=False)
     if paged and k_cache.shape[1] % select_size:
-        raise ValueError(f"{fn}: k_cache must have pages of a multiple of select_size = "
+        raise ValueError(f"{fn}: k_cache must be a pool of pages of a multiple of select_size = "
                          f"{select_size} tokens (a selection block never straddles two pages), "
                          f"got page_size = {k_cache.shape[1]}")
     if S > capacity:

@@ -69,11 +69,10 @@ DecodeArgs check_decode(const Checker& c, const at::Tensor& q, const at::Tensor&
   const int64_t B = q.size(0), S = q.size(1), HQ = q.size(2), D = q.size(3);
   c.tensor(q, "q", q.scalar_type(), {"B", "S", "HQ", "D"}, {B, S, HQ, D}, q.device());
   const bool paged = block_table.has_value();
-  const char* layout = paged ? "[num_pages, page_size, H, D]" : "[B, capacity, H, D]";
-  c.value(k_cache.dim() == 4, "k_cache", std::string("a 4-D tensor ") + layout,
-          tensor_str(k_cache));
-  c.value(v_cache.dim() == 4, "v_cache", std::string("a 4-D tensor ") + layout,
-          tensor_str(v_cache));
+  const std::string layout = paged ? "a 4-D tensor [num_pages, page_size, H, "
+                                   : "a 4-D tensor [B, capacity, H, ";
+  c.value(k_cache.dim() == 4, "k_cache", layout + "D]", tensor_str(k_cache));
+  c.value(v_cache.dim() == 4, "v_cache", layout + "Dv]", tensor_str(v_cache));
   CacheShape cs{paged, paged ? k_cache.size(0) : B, k_cache.size(1), k_cache.size(1)};
   std::string capacity = str(cs.capacity);
   if (paged) {
@@ -126,7 +125,7 @@ DecodeArgs check_decode(const Checker& c, const at::Tensor& q, const at::Tensor&
   check_scale(c, scale);
   if (paged)
     c.value(cs.per_row % select_size == 0, "k_cache",
-            "pages of a multiple of select_size = " + str(select_size) +
+            "a pool of pages of a multiple of select_size = " + str(select_size) +
                 " tokens (a selection block never straddles two pages)",
             "page_size = " + str(cs.per_row));
   c.value(S <= cs.capacity, "q",

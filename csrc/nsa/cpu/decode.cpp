@@ -134,7 +134,8 @@ class Step {
       const A* os = branch_[1].o.data() + index_t(r) * Dv_;
       const A* ow = branch_[2].o.data() + index_t(r) * Dv_;
       T* o = p_.o.ptr<T>(b, s, h);
-      for (int c = 0; c < Dv_; ++c) store(o[c], gate[0] * oc[c] + gate[1] * os[c] + gate[2] * ow[c]);
+      for (int c = 0; c < Dv_; ++c)
+        store(o[c], gate[0] * oc[c] + gate[1] * os[c] + gate[2] * ow[c]);
     }
   }
 
