@@ -36,6 +36,7 @@ from .functional import (  # noqa: E402
     selected_attention,
     sliding_window_attention,
 )
+from .cache import NSACache  # noqa: E402
 from .modules import BlockCompression, NativeSparseAttention, NSAConfig  # noqa: E402
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "reference",
     "NativeSparseAttention",
     "NSAConfig",
+    "NSACache",
     "BlockCompression",
 ]

@@ -4,6 +4,9 @@
                                             head_dim=64)
     y = layer(x)                                   # x [B, T, hidden] -> y [B, T, hidden]
     y = layer(x_packed, cu_seqlens=cu_seqlens)     # varlen: x [1, total, hidden]
+    cache = nsa_torch.NSACache(layer, batch_size=B, capacity=4096)
+    y = layer(prompt, cache=cache)                 # prefill, then decode:
+    y = layer(next_tokens, cache=cache)            # [B, S, hidden], the next S tokens of each
 
 The layer owns the query/key/value/output projections, the compression function phi that turns
 each window of `block_size` keys (values) into one compressed key (value), and the gate
@@ -19,7 +22,7 @@ are not rotated.
 """
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,8 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional as nsa_fn
+from .cache import NSACache
+from .reference import num_cmp_tokens
 
 _COMPRESSIONS = ("mlp", "mean", "linear")
 
@@ -135,7 +140,11 @@ class BlockCompression(nn.Module):
                 self.proj.weight.copy_(eye.repeat(1, block_size))
 
     def forward(self, x, starts=None):
-        w = _windows(x, self.block_size, self.block_stride, starts)  # [B, Nc, H, l, C]
+        return self.compress_windows(_windows(x, self.block_size, self.block_stride, starts))
+
+    def compress_windows(self, w):
+        """phi of the windows w [..., H, block_size, C] -> [..., H, C]: the training forward's
+        and the decoding step's (which compresses the windows its new tokens complete)."""
         if self.kind == "mean":
             return w.mean(-2)
         if self.kind == "linear":
@@ -275,6 +284,15 @@ class NativeSparseAttention(nn.Module):
     attention runs in the projections' dtype (e.g. bfloat16 under torch.autocast); float32 on
     CUDA, which the kernels do not take, runs it in bfloat16 (with a warning, once) and returns
     float32.
+
+    forward(..., cache=NSACache) decodes, without autograd (docs/design.md, section 7). An empty
+    cache is prefilled: the forward above runs (batched [B, T], B = the cache's batch size, or
+    packed with cu_seqlens, sequence s into row s) and its K/V and compressed tokens fill the
+    cache. A non-empty cache takes hidden_states [B, S, hidden] as the next S >= 1 tokens of
+    every sequence (a decoding step, or a chunk of a prompt), at positions seqlens + 0 .. S-1
+    (position_ids [B, S] may override the rotary positions); the output rows equal the forward's
+    rows at those positions over the whole sequence. A step has fixed shapes and no host sync:
+    it can be captured in a CUDA graph.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
@@ -343,12 +361,34 @@ class NativeSparseAttention(nn.Module):
         local = torch.arange(int(nc.sum())) - first       # window index within its sequence
         return _to_device_async(cu[:-1].repeat_interleave(nc) + local * c.block_stride, device)
 
-    def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
+    def forward(self, hidden_states, cu_seqlens=None, position_ids=None, cache=None):
+        if cache is not None:
+            return self._forward_cached(hidden_states, cu_seqlens, position_ids, cache)
         cu, cu_seqlens = self._check(hidden_states, cu_seqlens, position_ids)
+        p = self._project(hidden_states, cu, cu_seqlens, position_ids)
+        return self._output(self._attend(p, cu_seqlens), p.q.dtype)
+
+    def _kv(self, x, suffix, dtype):
+        """The un-rotated keys and values of one K/V projection: [B, T, H, D], [B, T, H, Dv]."""
         c = self.config
-        x = hidden_states
         B, T, _ = x.shape
-        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
+        k = getattr(self, "k_proj" + suffix)(x).view(B, T, c.num_kv_heads, c.head_dim).to(dtype)
+        v = getattr(self, "v_proj" + suffix)(x).view(B, T, c.num_kv_heads, c.v_head_dim).to(dtype)
+        return k, v
+
+    def _gates(self, x, dtype):
+        """g_cmp, g_slc, g_swa: [B, T, HQ] each."""
+        B, T, _ = x.shape
+        return torch.sigmoid(self.g_proj(x)).to(dtype).view(B, T, 3, self.config.num_heads).unbind(2)
+
+    def _project(self, x, cu, cu_seqlens, position_ids):
+        """Everything the attention of the training forward takes, in the projections' dtype:
+        _Projected (rotated q, the compressed branch's un-rotated k_c / v_c, the compressed
+        k_cmp (rotated) / v_cmp, the gates, and `raw`: the rotated keys and values of the
+        selected branch, then of the window branch with separate_branch_kv)."""
+        c = self.config
+        B, T, _ = x.shape
+        HQ, D = c.num_heads, c.head_dim
         if position_ids is None:
             if cu_seqlens is None:
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
@@ -360,19 +400,7 @@ class NativeSparseAttention(nn.Module):
 
         q = self.q_proj(x).view(B, T, HQ, D)
         dtype = q.dtype
-        # The attention's inputs are cast last (a no-op but for float32 on CUDA): the rotary
-        # embedding and the compression run in the projections' dtype.
-        attn = _attention_dtype(dtype, q.device)
-
-        def cast(*ts):
-            return [t.to(attn) for t in ts]
-
-        def kv(suffix):
-            k = getattr(self, "k_proj" + suffix)(x).view(B, T, H, D).to(dtype)
-            v = getattr(self, "v_proj" + suffix)(x).view(B, T, H, Dv).to(dtype)
-            return k, v
-
-        k_c, v_c = kv("_cmp" if c.separate_branch_kv else "")
+        k_c, v_c = self._kv(x, "_cmp" if c.separate_branch_kv else "", dtype)
         k_cmp = self.k_compress(k_c, starts).to(dtype)
         v_cmp = self.v_compress(v_c, starts).to(dtype).contiguous()
         # Positions of the compressed keys: the last token of their window.
@@ -384,33 +412,221 @@ class NativeSparseAttention(nn.Module):
             pos_cmp = position_ids[:, starts + (c.block_size - 1)]
         k_cmp = _rope(k_cmp, pos_cmp, c.rope_theta).contiguous()
         q = _rope(q, position_ids, c.rope_theta).contiguous()
-        g = torch.sigmoid(self.g_proj(x)).to(dtype).view(B, T, 3, HQ)
-        g_cmp, g_slc, g_swa = g.unbind(2)
-        hyper = c.hyper()
         if not c.separate_branch_kv:
-            k, v = k_c, v_c
-            k = _rope(k, position_ids, c.rope_theta).contiguous()
-            o = nsa_fn.nsa_attention(*cast(q, k, v.contiguous(), k_cmp, v_cmp, g_cmp, g_slc, g_swa),
-                                     cu_seqlens=cu_seqlens, **hyper)
+            raw = (_rope(k_c, position_ids, c.rope_theta).contiguous(), v_c.contiguous())
         else:
-            common = dict(cu_seqlens=cu_seqlens)
-            q, k_cmp, v_cmp, g_cmp, g_slc, g_swa = cast(q, k_cmp, v_cmp, g_cmp, g_slc, g_swa)
-            o_cmp, lse = nsa_fn.compressed_attention(q, k_cmp, v_cmp, block_size=c.block_size,
-                                                     block_stride=c.block_stride, **common)
-            idx = nsa_fn.select_blocks(q, k_cmp, lse, block_size=c.block_size,
-                                       block_stride=c.block_stride, select_size=c.select_size,
-                                       num_selected=c.num_selected, num_initial=c.num_initial,
-                                       num_local=c.num_local, **common)
-            k_s, v_s = kv("_slc")
-            k_s = _rope(k_s, position_ids, c.rope_theta).contiguous()
-            o_slc = nsa_fn.selected_attention(q, *cast(k_s, v_s.contiguous()), idx,
-                                              select_size=c.select_size, **common)
-            k_w, v_w = kv("_swa")
-            k_w = _rope(k_w, position_ids, c.rope_theta).contiguous()
-            o_swa = nsa_fn.sliding_window_attention(q, *cast(k_w, v_w.contiguous()),
-                                                    window_size=c.window_size, **common)
-            o = nsa_fn.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+            raw = ()
+            for suffix in ("_slc", "_swa"):
+                k, v = self._kv(x, suffix, dtype)
+                raw += (_rope(k, position_ids, c.rope_theta).contiguous(), v.contiguous())
+        return _Projected(q, k_c, v_c, k_cmp, v_cmp, self._gates(x, dtype), raw)
+
+    def _attend(self, p, cu_seqlens):
+        """The training forward's attention: [B, T, HQ, Dv] in the attention's dtype."""
+        c = self.config
+        # The attention's inputs are cast last (a no-op but for float32 on CUDA): the rotary
+        # embedding and the compression run in the projections' dtype.
+        attn = _attention_dtype(p.q.dtype, p.q.device)
+        q, k_cmp, v_cmp, g_cmp, g_slc, g_swa = (t.to(attn) for t in (p.q, p.k_cmp, p.v_cmp) + p.gates)
+        raw = [t.to(attn) for t in p.raw]
+        if not c.separate_branch_kv:
+            return nsa_fn.nsa_attention(q, *raw, k_cmp, v_cmp, g_cmp, g_slc, g_swa,
+                                        cu_seqlens=cu_seqlens, **c.hyper())
+        common = dict(cu_seqlens=cu_seqlens)
+        o_cmp, lse = nsa_fn.compressed_attention(q, k_cmp, v_cmp, block_size=c.block_size,
+                                                 block_stride=c.block_stride, **common)
+        idx = nsa_fn.select_blocks(q, k_cmp, lse, block_size=c.block_size,
+                                   block_stride=c.block_stride, select_size=c.select_size,
+                                   num_selected=c.num_selected, num_initial=c.num_initial,
+                                   num_local=c.num_local, **common)
+        k_s, v_s, k_w, v_w = raw
+        o_slc = nsa_fn.selected_attention(q, k_s, v_s, idx, select_size=c.select_size, **common)
+        o_swa = nsa_fn.sliding_window_attention(q, k_w, v_w, window_size=c.window_size, **common)
+        return nsa_fn.gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+
+    def _output(self, o, dtype):
+        B, T, HQ, Dv = o.shape
         return self.o_proj(o.to(dtype).reshape(B, T, HQ * Dv))
+
+    # ---------------------------------------------------------------------------- decoding
+    def _forward_cached(self, x, cu_seqlens, position_ids, cache):
+        """forward with an NSACache: prefill when it is empty, else append S tokens to each of
+        its sequences (docs/design.md, "Decoding")."""
+        where = "nsa_torch.NativeSparseAttention"
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"{where}: cache must be an nsa_torch.NSACache, got "
+                            f"{type(cache).__name__}")
+        cu, cu_dev = self._check(x, cu_seqlens, position_ids)
+        if x.shape[1] == 0:
+            raise ValueError(f"{where}: with a cache, hidden_states must hold at least one token, "
+                             f"got {list(x.shape)}")
+        # Only host values here: every check comes before the first write.
+        cache.check_layer(where, self.config, x.device)
+        prefill = not any(cache.lengths)
+        if cu is not None:
+            if not prefill:
+                raise ValueError(f"{where}: cu_seqlens (a packed prompt) needs an empty cache, got "
+                                 f"one holding {cache.lengths} tokens; pass the next tokens of "
+                                 f"every sequence as hidden_states [B = {cache.batch_size}, S, "
+                                 f"hidden_size] without cu_seqlens")
+            new = [e - s for s, e in zip(cu, cu[1:])]
+            if len(new) != cache.batch_size:
+                raise ValueError(f"{where}: cu_seqlens holds {len(new)} sequences, the cache "
+                                 f"{cache.batch_size} (sequence s of the pack fills batch row s)")
+        else:
+            if x.shape[0] != cache.batch_size:
+                raise ValueError(f"{where}: hidden_states holds B = {x.shape[0]} sequences, the "
+                                 f"cache {cache.batch_size}")
+            new = [x.shape[1]] * x.shape[0]
+        cache.check_room(where, new)
+        with torch.no_grad():
+            if prefill:
+                return self._prefill(x, cu, cu_dev, position_ids, cache, new, where)
+            return self._extend(x, position_ids, cache, where)
+
+    def _prefill(self, x, cu, cu_dev, position_ids, cache, lengths, where):
+        """The training forward, whose K/V, compressed tokens and last block_size compression
+        inputs then fill the empty cache (packed sequence s into row s)."""
+        p = self._project(x, cu, cu_dev, position_ids)
+        cache.check_layer(where, self.config, x.device, _attention_dtype(p.q.dtype, x.device))
+        y = self._output(self._attend(p, cu_dev), p.q.dtype)
+        B, T, _ = x.shape
+        dev, l = x.device, self.config.block_size
+        if cu is None:
+            b = torch.arange(B, device=dev)[:, None].expand(B, T)
+            t = torch.arange(T, device=dev)[None].expand(B, T)
+            cache.write_raw(b, t, p.raw)
+            nc = p.k_cmp.shape[1]
+            cache.write_cmp(b[:, :nc], t[:, :nc], p.k_cmp, p.v_cmp)
+            m = min(T, l)
+            cache.write_ring(b[:, T - m:], t[:, T - m:], p.k_c[:, T - m:], p.v_c[:, T - m:])
+        else:
+            # Index tensors built on the host (the lengths are there), copied once each.
+            n = torch.tensor(lengths)
+            seq = torch.repeat_interleave(torch.arange(len(lengths)), n)
+            pos = torch.arange(T) - torch.repeat_interleave(torch.tensor(cu[:-1]), n)
+            nc = torch.tensor([num_cmp_tokens(L, l, self.config.block_stride) for L in lengths])
+            seq_c = torch.repeat_interleave(torch.arange(len(lengths)), nc)
+            row_c = torch.arange(int(nc.sum())) - torch.repeat_interleave(nc.cumsum(0) - nc, nc)
+            last = (pos >= n[seq] - l).nonzero()[:, 0]  # each sequence's last block_size tokens
+            seq, pos, seq_c, row_c, last = (_to_device_async(t, dev)
+                                            for t in (seq, pos, seq_c, row_c, last))
+            cache.write_raw(seq, pos, [r[0] for r in p.raw])
+            cache.write_cmp(seq_c, row_c, p.k_cmp[0], p.v_cmp[0])
+            cache.write_ring(seq[last], pos[last], p.k_c[0, last], p.v_c[0, last])
+        cache.seqlens.copy_(_to_device_async(torch.tensor(lengths, dtype=torch.int32), dev))
+        cache.lengths = list(lengths)
+        return y
+
+    def _extend(self, x, position_ids, cache, where):
+        """One decoding step (or a chunk of a prompt): x [B, S, hidden] are the next S tokens of
+        every sequence. Device work of fixed shapes only, no host read: a CUDA graph can
+        capture it."""
+        c = self.config
+        B, S, _ = x.shape
+        dev = x.device
+        pos = cache.seqlens.long()[:, None] + torch.arange(S, device=dev)  # [B, S]
+        rot = pos if position_ids is None else position_ids
+        q = self.q_proj(x).view(B, S, c.num_heads, c.head_dim)
+        dtype = q.dtype
+        attn = _attention_dtype(dtype, dev)
+        cache.check_layer(where, c, dev, attn)
+        k_c, v_c = self._kv(x, "_cmp" if c.separate_branch_kv else "", dtype)
+        if not c.separate_branch_kv:
+            raw = (_rope(k_c, rot, c.rope_theta), v_c)
+        else:
+            raw = ()
+            for suffix in ("_slc", "_swa"):
+                k, v = self._kv(x, suffix, dtype)
+                raw += (_rope(k, rot, c.rope_theta), v)
+        b = torch.arange(B, device=dev)[:, None]
+        cache.write_raw(b.expand(B, S), pos, raw)
+        # The compressed tokens whose window the new tokens complete: phi as in training, the
+        # rotation at the window's last token; the candidates that complete none go to the
+        # scratch row.
+        s, row, wk, wv = cache.new_windows(k_c, v_c)
+        k_new = self.k_compress.compress_windows(wk.to(dtype)).to(dtype)
+        v_new = self.v_compress.compress_windows(wv.to(dtype)).to(dtype)
+        k_new = _rope(k_new, rot.gather(1, s), c.rope_theta)
+        cache.write_cmp(b.expand_as(row), row, k_new, v_new)
+        m = min(S, c.block_size)
+        cache.write_ring(b.expand(B, m), pos[:, S - m:], k_c[:, S - m:], v_c[:, S - m:])
+        cache.advance(S)
+        q = _rope(q, rot, c.rope_theta).to(attn).contiguous()
+        g_cmp, g_slc, g_swa = (g.to(attn) for g in self._gates(x, dtype))
+        o = nsa_fn.decode_attention(q, cache.k, cache.v, cache.k_cmp, cache.v_cmp, g_cmp, g_slc,
+                                    g_swa, cache.seqlens, block_table=cache.block_table,
+                                    k_swa_cache=cache.k_swa, v_swa_cache=cache.v_swa,
+                                    **c.hyper())
+        return self._output(o, dtype)
+
+
+class _Projected(NamedTuple):
+    """What NativeSparseAttention._project returns (see there)."""
+
+    q: torch.Tensor
+    k_c: torch.Tensor
+    v_c: torch.Tensor
+    k_cmp: torch.Tensor
+    v_cmp: torch.Tensor
+    gates: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    raw: Tuple[torch.Tensor, ...]
+
+
+class StaticKVCache:
+    """The decoding state of one FullAttention layer (the dense baseline) for B sequences of one
+    length: rotated keys k [B, capacity, H, D] and values v [B, capacity, H, Dv], allocated once,
+    of which the first `length` tokens are filled.
+
+        cache = StaticKVCache.for_layer(layer, batch_size=B, capacity=T + new, dtype=torch.bfloat16)
+        layer(prompt, cache=cache)      # prefill: causal attention over the prompt, fills the cache
+        layer(x_next, cache=cache)      # decode: x_next's S tokens attend the whole cached prefix
+
+    dtype is the dtype the attention runs in (the projections', e.g. bfloat16 under autocast).
+    """
+
+    def __init__(self, batch_size, capacity, num_kv_heads, head_dim, v_head_dim=None, *,
+                 device=None, dtype=None):
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.k = torch.empty(batch_size, capacity, num_kv_heads, head_dim, **kw)
+        self.v = torch.empty(batch_size, capacity, num_kv_heads, v_head_dim, **kw)
+        self.length = 0
+
+    @classmethod
+    def for_layer(cls, layer, batch_size, capacity, *, device=None, dtype=None):
+        """A cache shaped for `layer` (a FullAttention), on its device and in its dtype unless
+        given."""
+        c, w = layer.config, layer.q_proj.weight
+        return cls(batch_size, capacity, c.num_kv_heads, c.head_dim, c.v_head_dim,
+                   device=w.device if device is None else device, dtype=dtype or w.dtype)
+
+    @property
+    def capacity(self):
+        return self.k.shape[1]
+
+    def append(self, k, v):
+        """Writes k [B, S, H, D], v [B, S, H, Dv] at positions length .. length + S - 1; returns
+        the filled caches [B, length, H, D|Dv] (views)."""
+        where = "nsa_torch.StaticKVCache"
+        B, S = k.shape[:2]
+        if tuple(k.shape) != (self.k.shape[0], S) + tuple(self.k.shape[2:]) or \
+                tuple(v.shape) != (self.v.shape[0], S) + tuple(self.v.shape[2:]):
+            raise ValueError(f"{where}: the layer's keys {list(k.shape)} and values "
+                             f"{list(v.shape)} do not fit the cache's [B, S, H, D|Dv] = "
+                             f"{[self.k.shape[0], S] + list(self.k.shape[2:])} and "
+                             f"{[self.v.shape[0], S] + list(self.v.shape[2:])}")
+        if k.dtype != self.k.dtype or k.device != self.k.device:
+            raise ValueError(f"{where}: the layer's keys are {k.dtype} on {k.device}, the cache "
+                             f"{self.k.dtype} on {self.k.device}")
+        if self.length + S > self.capacity:
+            raise ValueError(f"{where}: {self.length} cached + {S} new tokens exceed the "
+                             f"capacity {self.capacity}")
+        end = self.length + S
+        self.k[:, self.length:end] = k
+        self.v[:, self.length:end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
 
 
 class FullAttention(nn.Module):
@@ -419,11 +635,14 @@ class FullAttention(nn.Module):
     compared against. `FullAttention.twin_of(nsa_layer)` shares (does not copy) an NSA layer's
     projections.
 
-    forward(hidden_states, cu_seqlens=None, position_ids=None) as NativeSparseAttention's; a packed
-    batch runs one SDPA call per run of consecutive sequences of equal length (pack sequences of
-    one length together). backends: SDPA backends to allow (torch.nn.attention.sdpa_kernel; None: torch
-    chooses); gqa: True passes enable_gqa to SDPA, False repeats K/V to every query head (for
-    backends that refuse enable_gqa).
+    forward(hidden_states, cu_seqlens=None, position_ids=None, cache=None) as
+    NativeSparseAttention's; a packed batch runs one SDPA call per run of consecutive sequences of
+    equal length (pack sequences of one length together). cache: a StaticKVCache (no autograd);
+    empty, the forward fills it; filled, hidden_states' S tokens follow the cached ones
+    (positions from there) and attend them (decoding). backends: SDPA backends to allow
+    (torch.nn.attention.sdpa_kernel; None: torch chooses); gqa: True passes enable_gqa to SDPA,
+    False repeats K/V to every query head (for backends that refuse enable_gqa; decoding steps
+    need neither).
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
@@ -453,7 +672,10 @@ class FullAttention(nn.Module):
             setattr(twin, name, getattr(layer, name))
         return twin
 
-    def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
+    def forward(self, hidden_states, cu_seqlens=None, position_ids=None, cache=None):
+        if cache is not None and torch.is_grad_enabled():  # decoding is inference
+            with torch.no_grad():
+                return self.forward(hidden_states, cu_seqlens, position_ids, cache)
         where = "nsa_torch.FullAttention"
         c = self.config
         x = hidden_states
@@ -464,15 +686,23 @@ class FullAttention(nn.Module):
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"{where}: position_ids must be [B, T] = {[B, T]}, got "
                              f"{list(position_ids.shape)}")
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError(f"{where}: a cache holds a batch [B, T, hidden_size], not a packed "
+                             f"one (cu_seqlens)")
         cu, cu_seqlens = (None, None) if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
+        start = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = (torch.arange(T, device=x.device)[None].expand(B, T) if cu is None
-                            else _packed_positions(cu_seqlens, T))
+            position_ids = (torch.arange(start, start + T, device=x.device)[None].expand(B, T)
+                            if cu is None else _packed_positions(cu_seqlens, T))
         HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
         q = _rope(self.q_proj(x).view(B, T, HQ, D), position_ids, c.rope_theta)
         k = _rope(self.k_proj(x).view(B, T, H, D), position_ids, c.rope_theta)
         v = self.v_proj(x).view(B, T, H, Dv)
-        if cu is None:
+        if cache is not None:
+            k_all, v_all = cache.append(k, v)
+        if start > 0:
+            o = self._attend_cached(q, k_all, v_all)
+        elif cu is None:
             o = self._attend(q, k, v)
         else:
             # A packed batch: each run of consecutive sequences of one length L is a [n, L]
@@ -500,10 +730,26 @@ class FullAttention(nn.Module):
                 extra = dict(enable_gqa=True)
             else:
                 k, v = k.repeat_interleave(HQ // H, 1), v.repeat_interleave(HQ // H, 1)
-        if self.backends:
-            from torch.nn.attention import sdpa_kernel
-            with sdpa_kernel(self.backends):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-        return o.transpose(1, 2)
+        return self._sdpa(q, k, v, is_causal=True, **extra).transpose(1, 2)
+
+    def _attend_cached(self, q, k, v):
+        """SDPA of the S newest tokens q [B, S, HQ, D] over the cached prefix k [B, L, H, D],
+        v [B, L, H, Dv] (the last S of which are theirs) -> [B, S, HQ, Dv]. The G query heads of
+        a KV head are rows of one [S * G, L] problem: no K/V repeated, no enable_gqa."""
+        B, S, HQ, D = q.shape
+        L, H = k.shape[1], k.shape[2]
+        G = HQ // H
+        q = q.view(B, S, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, S * G, D)
+        mask = None
+        if S > 1:  # row (s, g) is query s, at position L - S + s
+            s = torch.arange(S, device=q.device).repeat_interleave(G)
+            mask = torch.arange(L, device=q.device) <= (L - S + s)[:, None]
+        o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return o.view(B, H, S, G, -1).permute(0, 2, 1, 3, 4).reshape(B, S, HQ, -1)
+
+    def _sdpa(self, q, k, v, **kw):
+        if not self.backends:
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(self.backends):
+            return F.scaled_dot_product_attention(q, k, v, **kw)

@@ -1,0 +1,379 @@
+"""NSACache: one NativeSparseAttention layer's decoding state for a batch of B sequences.
+
+    cache = nsa_torch.NSACache(layer, batch_size=4, capacity=8192)
+    y = layer(prompt, cache=cache)          # prefill: [4, T, hidden], fills the cache
+    y = layer(next_tokens, cache=cache)     # decode: [4, S, hidden], the next S tokens of each
+
+What it holds (C = D for keys, Dv for values; docs/design.md, "Decoding"):
+- the raw keys (rotated at their positions) and values of the selected branch, which the window
+  branch shares unless the layer has separate_branch_kv (then `k_swa`, `v_swa` too): contiguous
+  [B, capacity, H, C] (token t of sequence b at [b, t]), or page pools [num_pages, page_size,
+  H, C] with `block_table` int32 [B, max_pages] (token t of sequence b at row t % page_size of
+  page block_table[b, t // page_size]; page_size a multiple of select_size);
+- the compressed keys (rotated at their window's last position) and values, [B, Nc(capacity) + 1,
+  H, C]: row i is compressed token i; the last row is a scratch target, so that a decoding step
+  writes every candidate compressed token unconditionally (the ones whose window is not complete
+  go there). `k_cmp` / `v_cmp` are the views without it;
+- the ring of the last block_size un-rotated compression inputs (the compressed branch's K and V
+  before phi), token t at slot t % block_size: what the next compression windows need;
+- `seqlens` (int32 [B], on the device: what a step reads, so that it never waits for the host
+  and can be captured in a CUDA graph) and `lengths` (the same on the host, a list of ints that
+  the layer keeps in step; only for errors raised before anything is written).
+
+Bytes per sequence (e = dtype size, H kv heads, contiguous; paged: the pages it uses):
+    e * H * (D + Dv) * (capacity * (2 if separate_branch_kv else 1) + Nc(capacity) + 1
+                        + block_size) + 4
+with Nc(capacity) = (capacity - block_size) // block_stride + 1: about 1 + 1/block_stride times
+the dense KV cache.
+"""
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from .reference import num_cmp_tokens
+
+_WHERE = "nsa_torch.NSACache"
+
+# The layer config fields the cache's contents depend on.
+_LAYOUT_FIELDS = ("num_kv_heads", "head_dim", "v_head_dim", "block_size", "block_stride",
+                  "select_size", "separate_branch_kv")
+
+
+def _config_of(layer_or_config):
+    config = getattr(layer_or_config, "config", layer_or_config)
+    if not all(hasattr(config, f) for f in _LAYOUT_FIELDS):
+        raise TypeError(f"{_WHERE}: expected a NativeSparseAttention or an NSAConfig, got "
+                        f"{type(layer_or_config).__name__}")
+    return config
+
+
+def _defaults(layer_or_config, device, dtype):
+    """device and dtype from the layer's parameters where not given: the dtype the layer's
+    attention runs in (its projections', except float32 on CUDA: bfloat16)."""
+    param = None
+    if isinstance(layer_or_config, torch.nn.Module):
+        param = next(layer_or_config.parameters(), None)
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = param.dtype if param is not None else torch.get_default_dtype()
+        if dtype == torch.float32 and device.type == "cuda":
+            dtype = torch.bfloat16
+    return device, dtype
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{_WHERE}: {name} must be a positive int, got {value!r}")
+
+
+class NSACache:
+    """One layer's decoding state for a batch of B sequences (see the module docstring).
+
+    NSACache(layer, batch_size, capacity, device=None, dtype=None): contiguous, `capacity`
+    tokens per sequence. NSACache.paged(...): page pools and a block table, possibly a serving
+    engine's own. `layer` is the NativeSparseAttention (device and dtype default to its
+    attention's) or its NSAConfig. Pass the cache to the layer's forward (`cache=`); the layer
+    prefills it when every sequence is empty and appends to it otherwise.
+    """
+
+    def __init__(self, layer, batch_size: int, capacity: int, *, device=None, dtype=None):
+        config = _config_of(layer)
+        device, dtype = _defaults(layer, device, dtype)
+        _positive_int("batch_size", batch_size)
+        _positive_int("capacity", capacity)
+        H, D, Dv = config.num_kv_heads, config.head_dim, config.v_head_dim
+        self._setup(config, batch_size, capacity, device, dtype)
+        pools = [torch.zeros(batch_size, capacity, H, C, device=device, dtype=dtype)
+                 for C in self._raw_dims_of(config)]
+        self._set_raw(pools, block_table=None, page_size=capacity)
+
+    @classmethod
+    def paged(cls, layer, batch_size: int, *, page_size: int, max_pages: int,
+              num_pages: Optional[int] = None, block_table: Optional[torch.Tensor] = None,
+              k_pool: Optional[torch.Tensor] = None, v_pool: Optional[torch.Tensor] = None,
+              k_swa_pool: Optional[torch.Tensor] = None, v_swa_pool: Optional[torch.Tensor] = None,
+              device=None, dtype=None) -> "NSACache":
+        """A cache whose raw K/V live in page pools [num_pages, page_size, H, D|Dv] (page_size a
+        multiple of the layer's select_size) and a block table int32 [batch_size, max_pages]:
+        a sequence holds at most max_pages * page_size tokens.
+
+        The pools are new (zeros) unless given: a serving engine may pass its own k_pool /
+        v_pool (and k_swa_pool / v_swa_pool with separate_branch_kv), all four or none; then
+        num_pages, device and dtype come from them. block_table: the engine's (checked once
+        here, on the host: entries in [0, num_pages), or -1 for pages not assigned yet, only
+        after the assigned ones) or, when None, a new one giving sequence b the pages
+        b * max_pages .. (b + 1) * max_pages - 1 (num_pages defaults to batch_size *
+        max_pages). Change a row later with set_block_table_row, which checks it the same way:
+        the layer never writes to a page that was not checked.
+        """
+        config = _config_of(layer)
+        _positive_int("batch_size", batch_size)
+        _positive_int("page_size", page_size)
+        _positive_int("max_pages", max_pages)
+        if page_size % config.select_size:
+            raise ValueError(f"{_WHERE}.paged: page_size must be a multiple of the layer's "
+                             f"select_size ({config.select_size}), got {page_size}")
+        self = cls.__new__(cls)
+        given = [p for p in (k_pool, v_pool, k_swa_pool, v_swa_pool) if p is not None]
+        H, D, Dv = config.num_kv_heads, config.head_dim, config.v_head_dim
+        if given:
+            names = ("k_pool", "v_pool") + (("k_swa_pool", "v_swa_pool")
+                                            if config.separate_branch_kv else ())
+            pools = [k_pool, v_pool, k_swa_pool, v_swa_pool][:len(names)]
+            if any(p is None for p in pools) or len(given) != len(names):
+                raise ValueError(f"{_WHERE}.paged: pass all of {', '.join(names)} (the layer "
+                                 f"has separate_branch_kv={config.separate_branch_kv}) or none")
+            first = pools[0]
+            device, dtype = first.device, first.dtype
+            if num_pages is None:
+                num_pages = first.shape[0] if first.dim() == 4 else -1
+            for name, pool, C in zip(names, pools, (D, Dv, D, Dv)):
+                want = (num_pages, page_size, H, C)
+                if tuple(pool.shape) != want or pool.dtype != dtype or pool.device != device:
+                    raise ValueError(f"{_WHERE}.paged: {name} must be {dtype} on {device} "
+                                     f"[num_pages, page_size, H, C] = {list(want)}, got "
+                                     f"{pool.dtype} on {pool.device} {list(pool.shape)}")
+                if pool.stride(-1) != 1:
+                    raise ValueError(f"{_WHERE}.paged: {name} must have a contiguous last dim, "
+                                     f"got strides {pool.stride()}")
+        else:
+            device, dtype = _defaults(layer, device, dtype)
+            if num_pages is None:
+                num_pages = batch_size * max_pages
+            _positive_int("num_pages", num_pages)
+            pools = [torch.zeros(num_pages, page_size, H, C, device=device, dtype=dtype)
+                     for C in self._raw_dims_of(config)]
+        self._setup(config, batch_size, max_pages * page_size, device, dtype)
+        if block_table is None:
+            if num_pages < batch_size * max_pages:
+                raise ValueError(f"{_WHERE}.paged: without a block_table every sequence gets "
+                                 f"max_pages pages of its own: num_pages must be >= batch_size "
+                                 f"* max_pages = {batch_size * max_pages}, got {num_pages}")
+            block_table = torch.arange(batch_size * max_pages, dtype=torch.int32,
+                                       device=device).view(batch_size, max_pages)
+        self.num_pages, self.max_pages = num_pages, max_pages
+        self._set_raw(pools, block_table=block_table, page_size=page_size)
+        return self
+
+    # ------------------------------------------------------------------------------ layout
+    @staticmethod
+    def _raw_dims_of(config):
+        D, Dv = config.head_dim, config.v_head_dim
+        return (D, Dv, D, Dv) if config.separate_branch_kv else (D, Dv)
+
+    def _setup(self, config, batch_size, capacity, device, dtype):
+        """Everything but the raw K/V: the compressed rows (+ scratch), the ring, the lengths."""
+        if not (dtype.is_floating_point):
+            raise ValueError(f"{_WHERE}: dtype must be a floating-point dtype, got {dtype}")
+        self.config = {f: getattr(config, f) for f in _LAYOUT_FIELDS}
+        self.batch_size, self.capacity, self.device, self.dtype = batch_size, capacity, device, dtype
+        H, D, Dv = config.num_kv_heads, config.head_dim, config.v_head_dim
+        l, d = config.block_size, config.block_stride
+        self.block_size, self.block_stride = l, d
+        self.cmp_capacity = num_cmp_tokens(capacity, l, d)
+        rows = self.cmp_capacity + 1
+        self.k_cmp_rows = torch.zeros(batch_size, rows, H, D, device=device, dtype=dtype)
+        self.v_cmp_rows = torch.zeros(batch_size, rows, H, Dv, device=device, dtype=dtype)
+        self.ring_k = torch.zeros(batch_size, l, H, D, device=device, dtype=dtype)
+        self.ring_v = torch.zeros(batch_size, l, H, Dv, device=device, dtype=dtype)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.lengths: List[int] = [0] * batch_size
+
+    def _set_raw(self, pools, block_table, page_size):
+        self.k, self.v = pools[0], pools[1]
+        self.k_swa, self.v_swa = (pools[2], pools[3]) if len(pools) == 4 else (None, None)
+        self.page_size = page_size
+        self.block_table = None
+        self._pages = None  # paged: pages assigned to each sequence (a host list)
+        if block_table is not None:
+            self.num_pages = pools[0].shape[0]
+            if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32
+                    or tuple(block_table.shape) != (self.batch_size, self.max_pages)
+                    or block_table.device != self.device):
+                got = (f"{block_table.dtype} on {block_table.device} {list(block_table.shape)}"
+                       if isinstance(block_table, torch.Tensor) else type(block_table).__name__)
+                raise ValueError(f"{_WHERE}.paged: block_table must be int32 on {self.device} "
+                                 f"[batch_size, max_pages] = [{self.batch_size}, "
+                                 f"{self.max_pages}], got {got}")
+            self.block_table = block_table
+            self._pages = [self._checked_row(b, row) for b, row in enumerate(block_table.tolist())]
+
+    @property
+    def k_cmp(self) -> torch.Tensor:
+        """The compressed keys without the scratch row: [B, Nc(capacity), H, D]."""
+        return self.k_cmp_rows[:, :self.cmp_capacity]
+
+    @property
+    def v_cmp(self) -> torch.Tensor:
+        return self.v_cmp_rows[:, :self.cmp_capacity]
+
+    @property
+    def is_paged(self) -> bool:
+        return self.block_table is not None
+
+    def capacity_of(self, b: int) -> int:
+        """Tokens sequence b can hold: capacity, or (paged) its assigned pages' tokens."""
+        return self.capacity if self._pages is None else self._pages[b] * self.page_size
+
+    def bytes_per_sequence(self) -> int:
+        """The module docstring's formula for this cache (paged: with all max_pages pages)."""
+        H, D, Dv = (self.config[f] for f in ("num_kv_heads", "head_dim", "v_head_dim"))
+        raw = self.capacity * (2 if self.config["separate_branch_kv"] else 1)
+        e = torch.empty(0, dtype=self.dtype).element_size()
+        return e * H * (D + Dv) * (raw + self.cmp_capacity + 1 + self.block_size) + 4
+
+    def __repr__(self):
+        layout = (f"paged: {self.num_pages} pages of {self.page_size}" if self.is_paged
+                  else f"contiguous: capacity {self.capacity}")
+        return (f"NSACache(B={self.batch_size}, {layout}, {self.dtype}, {self.device}, "
+                f"lengths={self.lengths})")
+
+    # ------------------------------------------------------------------------------ engine API
+    def _checked_row(self, b: int, row: Sequence[int]) -> int:
+        """Checks one block table row (host ints): entries in [0, num_pages) then only -1;
+        returns how many pages are assigned."""
+        n = 0
+        while n < len(row) and row[n] != -1:
+            n += 1
+        bad = [p for p in row[:n] if not 0 <= p < self.num_pages]
+        if bad or any(p != -1 for p in row[n:]):
+            raise ValueError(f"{_WHERE}: block_table row {b} must hold pages in [0, num_pages = "
+                             f"{self.num_pages}), then only -1 (not assigned), got {list(row)}")
+        return n
+
+    def set_block_table_row(self, b: int, pages: Sequence[int]) -> None:
+        """Gives sequence b the pages `pages` (host ints, at most max_pages; the rest of the row
+        becomes -1), after checking them: inside the pool, and enough for the tokens the
+        sequence already holds. Copies the row to the device table in place (a CUDA graph that
+        captured the table sees it)."""
+        if not self.is_paged:
+            raise ValueError(f"{_WHERE}.set_block_table_row: the cache is contiguous, not paged")
+        if not 0 <= b < self.batch_size:
+            raise ValueError(f"{_WHERE}.set_block_table_row: b must be in [0, {self.batch_size}), "
+                             f"got {b}")
+        pages = [int(p) for p in (pages.tolist() if isinstance(pages, torch.Tensor) else pages)]
+        if len(pages) > self.max_pages:
+            raise ValueError(f"{_WHERE}.set_block_table_row: at most max_pages = {self.max_pages} "
+                             f"pages, got {len(pages)}")
+        row = pages + [-1] * (self.max_pages - len(pages))
+        n = self._checked_row(b, row)
+        if n * self.page_size < self.lengths[b]:
+            raise ValueError(f"{_WHERE}.set_block_table_row: sequence {b} holds "
+                             f"{self.lengths[b]} tokens, which need "
+                             f"{math.ceil(self.lengths[b] / self.page_size)} pages, got {n}")
+        self.block_table[b].copy_(torch.tensor(row, dtype=torch.int32))
+        self._pages[b] = n
+
+    def reset(self, b: Optional[int] = None) -> None:
+        """Empties every sequence (or only sequence b); the buffers and the block table stay.
+        Nothing needs zeroing: rows past a sequence's length are never read."""
+        rows = range(self.batch_size) if b is None else [b]
+        for r in rows:
+            self.lengths[r] = 0
+        if b is None:
+            self.seqlens.zero_()
+        else:
+            self.seqlens[b] = 0
+
+    def sync_lengths(self) -> None:
+        """Reads `seqlens` back into the host `lengths` (waits for the device). Needed only after
+        replaying a captured CUDA graph of a step, which advances seqlens without running the
+        Python that keeps lengths in step."""
+        self.lengths = [int(n) for n in self.seqlens.tolist()]
+
+    # ------------------------------------------------------------------------------ checks
+    def check_layer(self, where: str, config, device: torch.device,
+                    dtype: Optional[torch.dtype] = None) -> None:
+        """Raises unless this cache was built for a layer of `config` on `device` (whose
+        attention runs in `dtype`, where given)."""
+        for f in _LAYOUT_FIELDS:
+            if getattr(config, f) != self.config[f]:
+                raise ValueError(f"{where}: the cache was built for another layer: {f} = "
+                                 f"{self.config[f]} in the cache, {getattr(config, f)} in the "
+                                 f"layer")
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(f"{where}: the cache holds {self.dtype}, the layer's attention runs "
+                             f"in {dtype} (build the cache with dtype={dtype})")
+        if torch.device(device) != self.device:
+            raise ValueError(f"{where}: the cache is on {self.device}, hidden_states on {device}")
+
+    def check_room(self, where: str, new_tokens: Sequence[int]) -> None:
+        """Raises unless sequence b has room for new_tokens[b] more tokens (host lengths)."""
+        for b, (n, add) in enumerate(zip(self.lengths, new_tokens)):
+            room = self.capacity_of(b)
+            if n + add > room:
+                what = (f"its {self._pages[b]} assigned pages of {self.page_size} hold {room}"
+                        if self.is_paged else f"the cache's capacity is {room}")
+                raise ValueError(f"{where}: sequence {b} of the cache holds {n} tokens and gets "
+                                 f"{add} more, but {what} tokens")
+
+    # ------------------------------------------------------------------------------ writes
+    # Index tensors live on the device and keep their shapes from one step to the next: no
+    # host read, so that a step can be captured in a CUDA graph.
+    def write_raw(self, b: torch.Tensor, t: torch.Tensor, kv) -> None:
+        """Tokens at positions t (int64) of sequences b (int64, t's shape) get the rotated keys
+        and values kv = (k, v) or (k, v, k_swa, v_swa), each [*t.shape, H, C]."""
+        if self.block_table is None:
+            index = (b, t)
+        else:
+            page = self.block_table[b, t // self.page_size]
+            # A page of -1 (not assigned) must fail as out of range, not wrap to the pool's last
+            # page (the host checks refuse it in eager calls; a CUDA graph replay runs none).
+            index = (torch.where(page < 0, self.num_pages, page), t % self.page_size)
+        bufs = (self.k, self.v, self.k_swa, self.v_swa)
+        for buf, x in zip(bufs, kv):
+            buf.index_put_(index, x.to(self.dtype))
+
+    def write_cmp(self, b: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Compressed rows `rows` (int64; cmp_capacity is the scratch row) of sequences b."""
+        self.k_cmp_rows.index_put_((b, rows), k.to(self.dtype))
+        self.v_cmp_rows.index_put_((b, rows), v.to(self.dtype))
+
+    def write_ring(self, b: torch.Tensor, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """The un-rotated compression inputs of the tokens at positions t of sequences b (no two
+        of one sequence block_size or more apart: each slot is written once)."""
+        slot = t % self.block_size
+        self.ring_k.index_put_((b, slot), k.to(self.dtype))
+        self.ring_v.index_put_((b, slot), v.to(self.dtype))
+
+    def new_windows(self, k_new: torch.Tensor, v_new: torch.Tensor):
+        """The compression windows completed by the next S tokens of every sequence, before they
+        are appended (seqlens and the ring still describe the cache without them).
+
+        k_new [B, S, H, D], v_new [B, S, H, Dv]: their un-rotated compression inputs. Window i
+        (tokens i*d .. i*d + l - 1) is completed by the token at position i*d + l - 1; among S
+        consecutive positions at most ceil(S / d) do, the first at offset
+        (l - 1 - seqlens) mod d. Returns, for K = ceil(S / d) candidates per sequence:
+        s [B, K] (the candidate's index among the S tokens, clamped into range), row [B, K] (its
+        compressed row, or the scratch row when it completes no window), and the windows
+        wk [B, K, H, l, D], wv [B, K, H, l, Dv] (rubbish for the scratch ones): each from the
+        ring where the token is older than the S new ones, else from k_new / v_new.
+        """
+        B, S = k_new.shape[:2]
+        l, d = self.block_size, self.block_stride
+        dev = k_new.device
+        L = self.seqlens.long()[:, None]                                  # [B, 1]
+        K = (S + d - 1) // d
+        s = torch.remainder(l - 1 - L, d) + d * torch.arange(K, device=dev)  # [B, K]
+        end = L + s                                                       # the windows' last tokens
+        valid = (s < S) & (end >= l - 1)
+        row = torch.where(valid, (end - (l - 1)).div(d, rounding_mode="floor"), self.cmp_capacity)
+        s = s.clamp(max=S - 1)
+        # Token j of the window sits at end - l + 1 + j: in the S new tokens (index l + (t - L)
+        # of ring ++ new) or in the ring (index t mod l; rubbish for t < 0, masked by `valid`).
+        t = (L + s - (l - 1))[..., None] + torch.arange(l, device=dev)            # [B, K, l]
+        src = torch.where(t >= L[..., None], t - L[..., None] + l, torch.remainder(t, l))
+        bi = torch.arange(B, device=dev)[:, None, None]
+
+        def gather(ring, new):
+            both = torch.cat((ring.to(new.dtype), new), 1)                       # [B, l + S, H, C]
+            return both[bi, src].transpose(2, 3)                                 # [B, K, H, l, C]
+        return s, row, gather(self.ring_k, k_new), gather(self.ring_v, v_new)
+
+    def advance(self, S: int) -> None:
+        """Every sequence got S more tokens."""
+        self.seqlens += S
+        self.lengths = [n + S for n in self.lengths]
