@@ -140,11 +140,12 @@ class NSAModelCache(Cache):
         call, grown when needed and allowed (max_length None), checked otherwise."""
         entry = self.layer(layer_idx)
         c = entry.nsa_cache
-        if c is None:
+        made = (batch_size, x.device, _attention_dtype(nsa, x))
+        # (an empty cache, e.g. after reset(), takes any batch)
+        if c is None or (entry.seen == 0 and (c.batch_size, c.device, c.dtype) != made):
             capacity = self.max_length or new_tokens + _FIRST_ROOM
             self._check_room(where, layer_idx, 0, new_tokens, capacity)
-            entry.nsa_cache = NSACache(nsa, batch_size, capacity, device=x.device,
-                                       dtype=_attention_dtype(nsa, x))
+            entry.nsa_cache = NSACache(nsa, batch_size, capacity, device=made[1], dtype=made[2])
             return entry.nsa_cache
         if batch_size != c.batch_size:
             raise ValueError(f"{where}: the NSAModelCache holds {c.batch_size} sequences, got a "
