@@ -286,10 +286,10 @@ def decode_steps(monkeypatch):
     return steps
 
 
-def decoding_model(kind="llama", dtype=torch.float64, **nsa):
+def decoding_model(kind="llama", dtype=torch.float64, config=None, **nsa):
     """A converted tiny model with non-zero biases where it has any, generating to the end
     (no EOS)."""
-    model = tiny_model(kind)
+    model = tiny_model(kind, **(config or {}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -448,3 +448,35 @@ def test_cache_refusals():
     empty[1] = 0
     with pytest.raises(ValueError, match="row 1 masks 40 of its 40"):
         call(ids, NSAModelCache(), attention_mask=empty)
+
+
+def check_bf16_generation(kind, device):
+    """Greedy generate() of a bf16 model on `device` with its NSAModelCache against the float64
+    CPU model's teacher-forced logits of the same tokens (and the bf16 model's own full
+    recompute): logits to bf16 accuracy, and the same tokens wherever the float64 logits do not
+    nearly tie. head_dim 64: a head dim the CUDA kernels take."""
+    prompt, new = 75, 40
+    cpu = decoding_model(kind, config=dict(head_dim=64))
+    model = copy.deepcopy(cpu).to(device, torch.bfloat16)
+    ids = input_ids(B=2, n=prompt)
+    out = model.generate(ids.to(device), max_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    assert isinstance(generated_cache(out), NSAModelCache)
+    seq = out.sequences.cpu()
+    got = torch.stack(out.logits, 1).cpu().double()  # [B, new, vocab]: step i's logits
+    with torch.no_grad():
+        want = cpu(seq[:, :-1]).logits[:, prompt - 1:]
+        own = model(out.sequences[:, :-1], use_cache=False).logits[:, prompt - 1:].cpu().double()
+    for ref, tol in ((own, 2e-2), (want, 5e-2)):
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < tol, f"relative error {err:.3g}"
+    top2 = want.topk(2, -1).values
+    clear = top2[..., 0] - top2[..., 1] > 0.1 * want.std(-1)
+    assert clear.double().mean() > 0.25  # (the token check below is not empty)
+    assert torch.equal(seq[:, prompt:][clear], want.argmax(-1)[clear])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cuda_generate_bf16(kind):
+    check_bf16_generation(kind, "cuda")
