@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 import nsa_torch  # noqa: E402
 from nsa_torch import reference  # noqa: E402
-from nsa_torch.integrations.hf import NSAModelCache, NSASelfAttention, replace_attention  # noqa: E402
+from nsa_torch.integrations.hf import (  # noqa: E402
+    NSAModelCache, NSASelfAttention, replace_attention)
 from helpers import count_calls  # noqa: E402
 
 # Small NSA hyper-parameters so that every branch matters at T = 50.

@@ -6,10 +6,21 @@
     model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
     model = replace_attention(model, nsa_kwargs=dict(window_size=512))
     loss = model(input_ids, labels=input_ids).loss    # unpadded batches (or packed, see below)
+    out = model.generate(input_ids, max_new_tokens=64)  # decodes with the NSA KV cache
 
 Every decoder layer's `self_attn` becomes an NSASelfAttention holding a
 nsa_torch.NativeSparseAttention (`.nsa`) that starts from the layer's q/k/v/o projections.
-transformers is imported only when replace_attention is called.
+
+Decoding: generate() gets an NSAModelCache (hf_cache.py: one nsa_torch.NSACache per layer, sized
+to generate's max_length) from a hook that replace_attention sets on the model
+(`_prepare_cache_for_generation`, where transformers makes its default cache); the first step
+prefills every layer's cache, each next one appends a token and runs the decode op. Nothing to
+pass; to drive the model by hand, pass cache=NSAModelCache() (past_key_values= in transformers
+4.x) with use_cache=True. Greedy, sampling and beam search work, as do left-padded prompt
+batches; transformers' own caches (DynamicCache, cache_implementation="static") and assisted
+generation are refused. A plain forward makes no cache (config.use_cache is set to False).
+Supported: transformers 4.56 to 5.x (tested with 4.57 and 5.25). transformers is imported only
+when replace_attention is called or NSAModelCache is first used.
 """
 import inspect
 import types
@@ -405,13 +416,16 @@ def replace_attention(model, *, nsa_kwargs=None, copy_weights=True):
     model (build the model from its config, replace_attention, then load_state_dict).
     The new modules take the old ones' device, dtype and train/eval mode.
 
-    Limits (each raises a ValueError when hit): no padding (attention masks that mask out
-    tokens; pack sequences with restarting position_ids instead), no KV cache (the model must
-    be called with use_cache=False, so this sets model.config.use_cache and
-    model.generation_config.use_cache to False; generate() then recomputes the whole prefix for
-    every token). Non-default rotary scaling (e.g. Llama 3's rope_type="llama3") is not
-    reproduced (a warning says so), nor attention dropout, nor extra parameters of the old
-    attention such as Qwen3's q_norm/k_norm (a warning lists them).
+    Decoding: generate() decodes with an NSAModelCache, which a hook set on the model makes
+    (see the module docstring); model.config.use_cache becomes False, so that a plain forward
+    makes none of transformers' caches, which the NSA layers refuse.
+
+    Limits (each raises a ValueError when hit): padding only on the left of prompts and only
+    with an NSAModelCache (without a cache, attention masks that mask out tokens are refused:
+    pack sequences with restarting position_ids instead); no other cache than NSAModelCache.
+    Non-default rotary scaling (e.g. Llama 3's rope_type="llama3") is not reproduced (a warning
+    says so), nor attention dropout, nor extra parameters of the old attention such as Qwen3's
+    q_norm/k_norm (a warning lists them).
 
     Returns the model, changed in place.
     """
