@@ -394,6 +394,22 @@ def test_forward_with_a_growing_cache(decode_steps):
     assert torch.equal(again, parts[0][:1])
 
 
+def test_generate_continues_from_its_cache(decode_steps):
+    """A second generate() on the first one's sequences and cache feeds only the tokens the
+    cache lacks (a chunk of 6: the last generated token and 5 new ones), growing the cache past
+    the first call's max_length; the result equals a recompute of the whole."""
+    model = decoding_model()
+    ids = input_ids(B=2, n=30)
+    first = model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    cache = generated_cache(first)
+    more = torch.cat([first.sequences, input_ids(B=2, n=5, seed=4)], 1)
+    out = model.generate(more, **{CACHE: cache}, max_new_tokens=20, do_sample=False)
+    want, _ = greedy_recompute(model, more, 20)
+    assert torch.equal(out, want)
+    assert decode_steps[2 * 9:2 * 10] == [6, 6]
+    assert cache.get_seq_length() == 64 and cache.layers[0].nsa_cache.capacity == 2 * 39
+
+
 def test_cache_refusals():
     model = decoding_model()
     ids = input_ids(B=2, n=40)
@@ -406,9 +422,10 @@ def test_cache_refusals():
         call(ids, transformers.DynamicCache())
     with pytest.raises(ValueError, match=r"cache_implementation='static'.*not supported"):
         model.generate(ids, max_new_tokens=2, cache_implementation="static")
-    with pytest.raises(ValueError, match=r"holds 40 tokens per sequence and gets 1 more.*"
-                                         r"max_length = 40"):
-        cache = NSAModelCache(max_length=40)
+    with pytest.raises(ValueError, match=r"holds 40 tokens per sequence and gets 1 more, but it "
+                                         r"has room for 40 \(NSAModelCache\(max_length=40, "
+                                         r"grow=False"):
+        cache = NSAModelCache(max_length=40, grow=False)
         call(ids, cache)
         call(ids[:, :1], cache)
     with pytest.raises(ValueError, match="max_length must be a positive int"):

@@ -6,11 +6,12 @@
     out = model(next_ids, cache=cache, use_cache=True)   # the next tokens of every sequence
 
 It holds one nsa_torch.NSACache per decoder layer, made by the layer's first call (the prefill)
-with that call's batch size, device and the dtype the layer's attention runs in. Its capacity is
-`max_length` tokens per sequence when given (generate() gives its max_length); without it the
-cache grows: a call that would overflow first reallocates the layer's NSACache (twice the size,
-or what the call needs) and copies it over. That happens in Python before the layer runs, so a
-captured CUDA graph never sees it; pass max_length to keep the buffers fixed.
+with that call's batch size, device and the dtype the layer's attention runs in, and room for
+`max_length` tokens per sequence (generate() gives its max_length; None: the first call's
+tokens and 256 more). A call that would overflow it reallocates the layer's NSACache (twice the
+size, or what the call needs) and copies it over, in Python before the layer runs; with
+grow=False it raises instead, so that the buffers stay fixed (e.g. under CUDA graphs captured
+over the layers, which would keep reading the old ones).
 
 Works with the Cache API of transformers 4.56 (the first with per-layer cache objects) to 5.x
 (tested with 4.57 and 5.25): transformers asks the cache only for lengths (get_seq_length,
@@ -114,19 +115,21 @@ class NSALayerCache(CacheLayerMixin):
 
 class NSAModelCache(Cache):
     """A transformers Cache for a model converted by replace_attention (see the module
-    docstring). max_length: tokens each sequence may hold (prompt and generated tokens); None
-    grows the cache as needed. generate() makes one by itself, sized to its max_length."""
+    docstring). max_length: the tokens (prompt and generated) each sequence is given room for
+    at first (None: the first call's tokens and 256 more); grow: whether a call past that room
+    reallocates (else it raises). generate() makes one by itself, sized to its max_length."""
 
-    def __init__(self, max_length=None):
+    def __init__(self, max_length=None, grow=True):
         if max_length is not None and (not isinstance(max_length, int)
                                        or isinstance(max_length, bool) or max_length <= 0):
             raise ValueError(f"{_WHERE}: max_length must be a positive int or None, got "
                              f"{max_length!r}")
         super().__init__(layers=[])
-        self.max_length = max_length
+        self.max_length, self.grow = max_length, bool(grow)
 
     def __repr__(self):
-        return f"NSAModelCache(max_length={self.max_length}, layers={self.layers})"
+        return (f"NSAModelCache(max_length={self.max_length}, grow={self.grow}, "
+                f"layers={self.layers})")
 
     def layer(self, layer_idx):
         """The NSALayerCache of decoder layer layer_idx (made empty on first use)."""
@@ -137,14 +140,16 @@ class NSAModelCache(Cache):
     def nsa_cache_for(self, where, layer_idx, nsa, x, batch_size, new_tokens):
         """The NSACache of layer layer_idx (nsa, a NativeSparseAttention, called on hidden states
         x) for batch_size sequences that each get new_tokens more tokens: made on the first
-        call, grown when needed and allowed (max_length None), checked otherwise."""
+        call, grown when needed and allowed, checked otherwise."""
         entry = self.layer(layer_idx)
         c = entry.nsa_cache
         made = (batch_size, x.device, _attention_dtype(nsa, x))
         # (an empty cache, e.g. after reset(), takes any batch)
         if c is None or (entry.seen == 0 and (c.batch_size, c.device, c.dtype) != made):
             capacity = self.max_length or new_tokens + _FIRST_ROOM
-            self._check_room(where, layer_idx, 0, new_tokens, capacity)
+            if self.grow:
+                capacity = max(capacity, new_tokens)
+            self._check_room(where, 0, new_tokens, capacity)
             entry.nsa_cache = NSACache(nsa, batch_size, capacity, device=made[1], dtype=made[2])
             return entry.nsa_cache
         if batch_size != c.batch_size:
@@ -153,18 +158,17 @@ class NSAModelCache(Cache):
                              "or make a new one for another)")
         longest = max(c.lengths)
         if longest + new_tokens > c.capacity:
-            if self.max_length is not None:
-                self._check_room(where, layer_idx, longest, new_tokens, self.max_length)
+            if not self.grow:
+                self._check_room(where, longest, new_tokens, c.capacity)
             entry.nsa_cache = _grown(c, nsa, max(longest + new_tokens, 2 * c.capacity))
         return entry.nsa_cache
 
-    def _check_room(self, where, layer_idx, held, new_tokens, capacity):
+    def _check_room(self, where, held, new_tokens, capacity):
         if held + new_tokens > capacity:
             raise ValueError(
                 f"{where}: the NSAModelCache holds {held} tokens per sequence and gets "
-                f"{new_tokens} more, but it was made for max_length = {capacity} (generate() "
-                "sizes it to its max_length; pass NSAModelCache(max_length=...) or None to let "
-                "it grow)")
+                f"{new_tokens} more, but it has room for {capacity} (NSAModelCache(max_length="
+                f"{self.max_length}, grow={self.grow}))")
 
 
 def _attention_dtype(nsa, x):
