@@ -319,7 +319,10 @@ class NSACache:
         if self.block_table is None:
             index = (b, t)
         else:
-            index = (self.block_table[b, t // self.page_size].long(), t % self.page_size)
+            page = self.block_table[b, t // self.page_size]
+            # A page of -1 (not assigned) must fail as out of range, not wrap to the pool's last
+            # page (the host checks refuse it in eager calls; a CUDA graph replay runs none).
+            index = (torch.where(page < 0, self.num_pages, page), t % self.page_size)
         bufs = (self.k, self.v, self.k_swa, self.v_swa)
         for buf, x in zip(bufs, kv):
             buf.index_put_(index, x.to(self.dtype))
@@ -352,10 +355,10 @@ class NSACache:
         B, S = k_new.shape[:2]
         l, d = self.block_size, self.block_stride
         dev = k_new.device
-        L = self.seqlens.long()[:, None]                                         # [B, 1]
+        L = self.seqlens.long()[:, None]                                  # [B, 1]
         K = (S + d - 1) // d
-        s = torch.remainder(l - 1 - L, d) + d * torch.arange(K, device=dev)       # [B, K]
-        end = L + s                                                              # the window's last token
+        s = torch.remainder(l - 1 - L, d) + d * torch.arange(K, device=dev)  # [B, K]
+        end = L + s                                                       # the windows' last tokens
         valid = (s < S) & (end >= l - 1)
         row = torch.where(valid, (end - (l - 1)).div(d, rounding_mode="floor"), self.cmp_capacity)
         s = s.clamp(max=S - 1)

@@ -4,6 +4,9 @@
                                             head_dim=64)
     y = layer(x)                                   # x [B, T, hidden] -> y [B, T, hidden]
     y = layer(x_packed, cu_seqlens=cu_seqlens)     # varlen: x [1, total, hidden]
+    cache = nsa_torch.NSACache(layer, batch_size=B, capacity=4096)
+    y = layer(prompt, cache=cache)                 # prefill, then decode:
+    y = layer(next_tokens, cache=cache)            # [B, S, hidden], the next S tokens of each
 
 The layer owns the query/key/value/output projections, the compression function phi that turns
 each window of `block_size` keys (values) into one compressed key (value), and the gate
@@ -281,6 +284,15 @@ class NativeSparseAttention(nn.Module):
     attention runs in the projections' dtype (e.g. bfloat16 under torch.autocast); float32 on
     CUDA, which the kernels do not take, runs it in bfloat16 (with a warning, once) and returns
     float32.
+
+    forward(..., cache=NSACache) decodes, without autograd (docs/design.md, section 7). An empty
+    cache is prefilled: the forward above runs (batched [B, T], B = the cache's batch size, or
+    packed with cu_seqlens, sequence s into row s) and its K/V and compressed tokens fill the
+    cache. A non-empty cache takes hidden_states [B, S, hidden] as the next S >= 1 tokens of
+    every sequence (a decoding step, or a chunk of a prompt), at positions seqlens + 0 .. S-1
+    (position_ids [B, S] may override the rotary positions); the output rows equal the forward's
+    rows at those positions over the whole sequence. A step has fixed shapes and no host sync:
+    it can be captured in a CUDA graph.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
@@ -497,7 +509,8 @@ class NativeSparseAttention(nn.Module):
             seq_c = torch.repeat_interleave(torch.arange(len(lengths)), nc)
             row_c = torch.arange(int(nc.sum())) - torch.repeat_interleave(nc.cumsum(0) - nc, nc)
             last = (pos >= n[seq] - l).nonzero()[:, 0]  # each sequence's last block_size tokens
-            seq, pos, seq_c, row_c, last = (_to_device_async(t, dev) for t in (seq, pos, seq_c, row_c, last))
+            seq, pos, seq_c, row_c, last = (_to_device_async(t, dev)
+                                            for t in (seq, pos, seq_c, row_c, last))
             cache.write_raw(seq, pos, [r[0] for r in p.raw])
             cache.write_cmp(seq_c, row_c, p.k_cmp[0], p.v_cmp[0])
             cache.write_ring(seq[last], pos[last], p.k_c[0, last], p.v_c[0, last])
