@@ -14,7 +14,6 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import nsa_torch  # noqa: E402
-from nsa_torch import reference  # noqa: E402
 from nsa_torch.integrations.hf import (  # noqa: E402
     NSAModelCache, NSASelfAttention, replace_attention)
 from helpers import count_calls  # noqa: E402
@@ -263,15 +262,6 @@ DECODE = dict(block_size=16, block_stride=8, select_size=16, num_selected=4, num
 # The cache's name in a model's forward: `cache` in transformers 5, `past_key_values` before.
 CACHE = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
          else "past_key_values")
-
-
-@pytest.fixture(autouse=True)
-def decode_op(monkeypatch):
-    """The layers decode through nsa_torch.functional.decode_attention; until the compiled op is
-    there, the float64 oracle stands in for it."""
-    if not hasattr(nsa_torch.functional, "decode_attention"):
-        monkeypatch.setattr(nsa_torch.functional, "decode_attention",
-                            reference.decode_attention, raising=False)
 
 
 @pytest.fixture
