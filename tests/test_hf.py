@@ -337,6 +337,16 @@ def test_generate_matches_recompute(decode_steps, kind, prompt, new, nsa):
     assert torch.equal(recomputed, want[:, :prompt + 4]) and len(decode_steps) == 2 * (new - 1)
 
 
+def test_chunked_prefill(decode_steps):
+    """generate(prefill_chunk_size=16): the first chunk prefills, the next ones are appended as
+    16-token steps."""
+    model = decoding_model("qwen2")
+    ids = input_ids(B=2, n=50)
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, prefill_chunk_size=16)
+    assert torch.equal(out, greedy_recompute(model, ids, 10)[0])
+    assert decode_steps[:4] == [16] * 4
+
+
 def test_left_padded_batch_matches_each_prompt_alone():
     """Prompts of 7 and 20 tokens, left-padded to one batch: each row generates what it
     generates alone (the padding is left out of the cache; positions start at each prompt)."""
@@ -439,6 +449,11 @@ def test_cache_refusals():
         cache.batch_repeat_interleave(2)
     with pytest.raises(ValueError, match="layer 0 is not an NSA layer"):
         cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), 0)
+    with pytest.raises(ValueError, match=r"the cache holds torch.float64, the layer's attention "
+                                         r"runs in torch.float32"):
+        model.float()
+        call(ids[:, :1], cache)
+    model.double()
     other = decoding_model(block_size=32, block_stride=16)  # same shapes, other NSA layers
     with pytest.raises(ValueError, match=r"built for another layer: block_size"):
         with torch.no_grad():
