@@ -48,9 +48,7 @@ class NSALayerCache(CacheLayerMixin):
         return f"NSALayerCache(layer {self.layer_idx}: {self.nsa_cache})"
 
     def _refuse(self, what):
-        raise ValueError(f"{_WHERE}: layer {self.layer_idx}: {what} is not supported (an NSA "
-                         "layer's compressed tokens and selection state cannot be cut or copied "
-                         "per token)")
+        raise ValueError(f"{_WHERE}: layer {self.layer_idx}: {what} is not supported")
 
     # What transformers asks of a cache layer (both the 4.5x and the 5.x names).
     def lazy_initialization(self, *args, **kwargs):
@@ -106,11 +104,6 @@ class NSALayerCache(CacheLayerMixin):
 
     def batch_select_indices(self, indices):
         self._refuse("batch_select_indices")
-
-    def offload(self):
-        self._refuse("offloading")
-
-    prefetch = offload
 
 
 class NSAModelCache(Cache):
