@@ -503,3 +503,24 @@ def check_bf16_generation(kind, device):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_cuda_generate_bf16(kind):
     check_bf16_generation(kind, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_left_padded_batch_bf16():
+    """A left-padded bf16 batch on the GPU (its prompts prefilled packed into the cache): each
+    row's logits at every step equal those of a full recompute of that row alone."""
+    model = decoding_model(dtype=torch.bfloat16, config=dict(head_dim=64)).cuda()
+    prompts = input_ids(B=1, n=7, seed=2), input_ids(B=1, n=40, seed=3)
+    ids = torch.cat([torch.cat([torch.zeros(1, 33, dtype=torch.long), prompts[0]], 1), prompts[1]])
+    mask = torch.ones_like(ids)
+    mask[0, :33] = 0
+    out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=30,
+                         do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                         output_logits=True)
+    got = torch.stack(out.logits, 1).double()  # [B, 30, vocab]
+    for row, prompt in enumerate(prompts):
+        seq = torch.cat([prompt.cuda(), out.sequences[row:row + 1, 40:-1]], 1)
+        with torch.no_grad():
+            want = model(seq, use_cache=False).logits[0, prompt.shape[1] - 1:].double()
+        err = ((got[row] - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"row {row}: relative error {err:.3g}"
