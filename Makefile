@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 TORCH_VERSION ?= 2.14.1
 CPP_BUILD := build/cpp
 
-.PHONY: test deps build cpp-test py-test bench-cpu demo demo-deps clean
+.PHONY: test deps build cpp-test py-test bench-cpu demo demo-deps generate clean
 
 test: deps build py-test cpp-test
 
@@ -60,6 +60,18 @@ demo: demo-deps
 	  assert os.path.dirname(c.__file__) == os.path.dirname(nsa_torch.__file__)" 2>/dev/null || \
 	  NSA_BUILD_CUDA=$$($(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))") $(MAKE) build
 	$(PYTHON) examples/train.py --finish-by $$(( $(DEMO_START) + $(DEMO_SECONDS) )) $(DEMO_ARGS)
+
+# The passkey by generation with a decoding cache (examples/generate.py), NSA against SDPA, from
+# the demo's checkpoints of this machine's preset (runs/nsa-<preset>, runs/sdpa-<preset>: those
+# there), checked against a full forward; 16k and 64k prompts on a GPU, 512 and 1024 on the CPU.
+# GENERATE_ARGS adds arguments (e.g. "--batch 16"); results in examples/results/<gpu or cpu>/.
+GENERATE_ARGS ?=
+generate:
+	@preset=$$($(PYTHON) -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')"); \
+	  ck=$$(ls runs/nsa-$$preset/checkpoint.pt runs/sdpa-$$preset/checkpoint.pt 2>/dev/null); \
+	  test -n "$$ck" || { echo "make generate: no runs/nsa-$$preset/ or runs/sdpa-$$preset/ checkpoint:" \
+	    "run make demo (and make demo DEMO_ARGS='--attn sdpa') first"; exit 1; }; \
+	  $(PYTHON) examples/generate.py $$ck --check $(GENERATE_ARGS)
 
 # (an installed torch is kept: the GPU machines bring their own CUDA build)
 demo-deps:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU round in one go, on the GPU machine, from the repository root:
 #
-#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [ab] [bench] [layer]
+#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [ab] [bench] [layer] [decode]
 #
-# Stages (default: build tests sanitize bench, in this order; profile, ab and layer only when named):
+# Stages (default: build tests sanitize bench, in this order; profile, ab, layer and decode only
+# when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
 #   tests     pytest -m cuda tests: every CUDA-marked test of the suite (the ops against the
 #             float64 reference, kernel variants, errors, non-finite inputs, the layer against CPU
@@ -26,6 +27,10 @@
 #             (fails beyond 3%); log appended to $OUT/bench.log, its CSV as $OUT/baseline.csv
 #   layer     benchmarks/bench_layer.py (one NativeSparseAttention layer against the same layer
 #             with SDPA, peak memory of both; only when named), log appended to $OUT/bench.log
+#   decode    benchmarks/bench_decode.py (one decode step of one layer's attention at 8k..128k,
+#             B = 1, 16, 64, against dense decoding and mdy666's NSA decode, CUDA graphs; only
+#             when named), log appended to $OUT/bench.log, its CSV in $OUT (not its PNG: redraw it
+#             with --plot-only), its table and the issue's targets last in the summary
 # Then a summary (stage, status, pytest counts, seconds, the benchmark's table) is printed last
 # and written to $OUT/summary.txt. At most 8 files land in $OUT (what the run tool brings back).
 #
@@ -50,6 +55,8 @@
 #   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
 #                           autotuning takes minutes on a fresh machine)
 #   NSA_BENCH_ARGS=...      extra arguments of bench_attention.py (e.g. "--no-branches")
+#   NSA_DECODE_ARGS=...     arguments of bench_decode.py (e.g. "--quick", "--lengths 65536
+#                           --batches 16 --kinds equal", "--impls ours sdpa_flash mdy666")
 #   NSA_COMMIT=abc1234      commit written in the benchmark's file names (else git rev-parse)
 #   MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0a
 set -u -o pipefail
@@ -67,10 +74,10 @@ rm -f /tmp/compare.txt /tmp/baseline_build.rc  # (a warm machine keeps /tmp betw
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|sanitize|profile|ab|bench|baseline|layer) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench baseline layer)"; exit 2;; esac
+  case $s in build|tests|sanitize|profile|ab|bench|baseline|layer|decode) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench baseline layer decode)"; exit 2;; esac
 done
 # (sanitize: memcheck ~80 s and racecheck ~120 s on the H200 for their default selections)
-declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60)
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60 [decode]=120)
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
@@ -340,6 +347,28 @@ if have layer; then
   record layer "$(status_of $rc)" "$n timed" "$secs"
 fi
 
+# ---------------------------------------------------------------- decode
+# (benchmarks/bench_decode.py: one decode step against dense decoding and mdy666's; its log goes
+# to bench.log after the others, its CSV into $OUT)
+if have decode; then
+  s=$(date +%s)
+  lim=$(limit_for decode)
+  if [ "$lim" -lt 30 ]; then
+    record decode "SKIPPED (no time left)" "" 0
+  else
+    # shellcheck disable=SC2206
+    extra=(${NSA_DECODE_ARGS:-})
+    mark=$(wc -l < "$OUT/bench.log")
+    run_stage decode "$OUT/bench.log" "$lim" "$PY" benchmarks/bench_decode.py --out-dir "$OUT" \
+      --time-budget $(( lim - 30 )) "${extra[@]}"
+    rc=$?
+    secs=$(( $(date +%s) - s ))
+    n=$(tail -n +"$((mark + 1))" "$OUT/bench.log" | grep -cE '^  T=.*[0-9] us' || true)
+    na=$(tail -n +"$((mark + 1))" "$OUT/bench.log" | grep -cE '^  T=.* (n/a|absent|skipped)' || true)
+    record decode "$(status_of $rc)" "$n timed, $na n/a or skipped" "$secs"
+  fi
+fi
+
 # ---------------------------------------------------------------- summary
 {
   echo
@@ -362,6 +391,11 @@ fi
     echo
     sed -n '/^### nsa-bench table begin/,/^### nsa-bench table end/p' "$OUT/bench.log" | grep -v '^### nsa-bench'
     [ -f /tmp/compare.txt ] && { echo; echo "speed-up over cuDNN, baseline tree against this one:"; cat /tmp/compare.txt; }
+    if grep -q '^### nsa-decode table begin' "$OUT/bench.log"; then
+      echo
+      echo "decode step (benchmarks/bench_decode.py):"
+      sed -n '/^### nsa-decode table begin/,/^### nsa-decode table end/p' "$OUT/bench.log" | grep -v '^### nsa-decode'
+    fi
   fi
 } > "$OUT/.summary"
 mv "$OUT/.summary" "$SUMMARY"

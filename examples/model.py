@@ -1,5 +1,9 @@
 """A small decoder-only language model whose attention is nsa_torch.NativeSparseAttention, or
-full causal attention (SDPA) on the same projections and rotary embedding for comparison."""
+full causal attention (SDPA) on the same projections and rotary embedding for comparison.
+
+Decoding (examples/generate.py): `cache = model.new_cache(B, capacity, dtype)` gives one cache per
+layer (nsa_torch.NSACache, or the dense baseline's StaticKVCache); `model(prompt, cache=cache)`
+prefills it and `model(next_tokens, cache=cache)` then runs the next tokens of every sequence."""
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
@@ -7,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import nsa_torch
-from nsa_torch.modules import FullAttention
+from nsa_torch.modules import FullAttention, StaticKVCache
 
 
 @dataclass
@@ -45,8 +49,8 @@ class Block(nn.Module):
         self.w_in = nn.Linear(cfg.hidden, 2 * inner, bias=False)   # SwiGLU
         self.w_out = nn.Linear(inner, cfg.hidden, bias=False)
 
-    def forward(self, x, cu_seqlens=None):
-        x = x + self.attn(self.norm1(x), cu_seqlens=cu_seqlens)
+    def forward(self, x, cu_seqlens=None, cache=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens=cu_seqlens, cache=cache)
         a, b = self.w_in(self.norm2(x)).chunk(2, dim=-1)
         return x + self.w_out(F.silu(a) * b)
 
@@ -62,16 +66,27 @@ class TinyLM(nn.Module):
         self.head.weight = self.embed.weight  # tied
         nn.init.normal_(self.embed.weight, std=cfg.hidden ** -0.5)
 
-    def forward(self, tokens, cu_seqlens=None):
+    def forward(self, tokens, cu_seqlens=None, cache=None):
         """tokens [B, T] -> logits [B, T, vocab]; with cu_seqlens (int32 [N + 1], best on the CPU:
-        see NativeSparseAttention) tokens [1, total] packs N sequences that do not see each other."""
+        see NativeSparseAttention) tokens [1, total] packs N sequences that do not see each other.
+        cache (new_cache's): empty, the forward fills it; filled, tokens are the next T of each
+        of its B sequences."""
         x = self.embed(tokens)
-        for blk in self.blocks:
-            if self.checkpointing and self.training:
+        for i, blk in enumerate(self.blocks):
+            if cache is not None:
+                x = blk(x, cu_seqlens, cache[i])
+            elif self.checkpointing and self.training:
                 x = checkpoint(blk, x, cu_seqlens, use_reentrant=False)
             else:
                 x = blk(x, cu_seqlens)
         return self.head(self.norm(x))
+
+    def new_cache(self, batch_size, capacity, dtype=None):
+        """An empty decoding cache for batch_size sequences of up to `capacity` tokens: one per
+        layer, on the model's device, in `dtype`: the dtype the attention runs in (bfloat16
+        under CUDA autocast; by default the layers' own choice)."""
+        make = nsa_torch.NSACache if self.cfg.attn == "nsa" else StaticKVCache.for_layer
+        return [make(blk.attn, batch_size, capacity, dtype=dtype) for blk in self.blocks]
 
 
 def answer_hits(logits, tokens, mask):

@@ -30,6 +30,7 @@ else:
 
 from .functional import (  # noqa: E402
     compressed_attention,
+    decode_attention,
     nsa_attention,
     select_blocks,
     selected_attention,
@@ -44,6 +45,7 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "nsa_attention",
+    "decode_attention",
     "reference",
     "NativeSparseAttention",
     "NSAConfig",

@@ -25,6 +25,7 @@ MAX_SIZE = 1 << 30
 MAX_SELECTED = 1 << 16
 _MAX = dict(block_size=MAX_SIZE, block_stride=MAX_SIZE, select_size=MAX_SIZE,
             num_selected=MAX_SELECTED, window_size=(1 << 63) - 1)
+_MAX_CAPACITY = (1 << 31) - 1  # tokens of a decoding cache: its lengths are int32
 
 
 def hyper(fn, **values):
@@ -176,3 +177,72 @@ def gate(fn, name, g, q):
     tensor(fn, name, g, ("B", "T", "HQ"), (B, T, HQ), device=q.device, contiguous_last=False)
     if not g.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} must be a float tensor [B, T, HQ], got {_desc(g)}")
+
+
+def decode(fn, q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp_cache, gates,
+           cache_seqlens, block_table, *, block_size, block_stride, select_size):
+    """The tensors of a decoding step (hyper-parameters checked by hyper() first), as the op
+    checks them (csrc/torch/decode_op.cpp): q [B, S, HQ, D]; raw caches contiguous
+    [B, capacity, H, D|Dv], or page pools [num_pages, page_size, H, D|Dv] with block_table int32
+    [B, max_pages] and page_size a multiple of select_size; the window branch's caches both or
+    neither, laid out as k_cache/v_cache; compressed caches [B, cmp_capacity, H, D|Dv] with
+    cmp_capacity >= Nc(capacity); gates [B, S, HQ]; cache_seqlens int32 [B]. One float dtype,
+    one device. The lengths' values live on the device and are the op's to check."""
+    tensor(fn, "q", q, ("B", "S", "HQ", "D"))
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: q must be float32, float64, bfloat16 or float16, "
+                        f"got {_dt(q.dtype)}")
+    B, S, HQ, D = q.shape
+    paged = block_table is not None
+    raw = ("num_pages", "page_size", "H") if paged else ("B", "capacity", "H")
+    for name, t, dim in (("k_cache", k_cache, "D"), ("v_cache", v_cache, "Dv")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:  # the sizes below read its dims
+            tensor(fn, name, t, raw + (dim,))
+    capacity = k_cache.shape[1]
+    shown = capacity
+    if paged:
+        tensor(fn, "block_table", block_table, ("B", "max_pages"), (B, None), torch.int32, q.device)
+        capacity = block_table.shape[1] * k_cache.shape[1]
+        shown = f"max_pages * page_size = {block_table.shape[1]} * {k_cache.shape[1]}"
+    if capacity > _MAX_CAPACITY:
+        raise ValueError(f"{fn}: the cache capacity must be at most 2^31 - 1 tokens (int32 "
+                         f"cache_seqlens), got {shown}")
+    first = (k_cache.shape[0] if paged else B, k_cache.shape[1], k_cache.shape[2])
+    tensor(fn, "k_cache", k_cache, raw + ("D",), first + (D,), q.dtype, q.device)
+    tensor(fn, "v_cache", v_cache, raw + ("Dv",), first + (None,), q.dtype, q.device)
+    H, Dv = k_cache.shape[2], v_cache.shape[3]
+    if (k_swa_cache is None) != (v_swa_cache is None):
+        given, missing = ("k_swa_cache", "v_swa_cache")[::1 if v_swa_cache is None else -1]
+        raise ValueError(f"{fn}: {missing} must be given with {given} (the window branch's own "
+                         "keys and values, or neither), got None")
+    if k_swa_cache is not None:
+        tensor(fn, "k_swa_cache", k_swa_cache, raw + ("D",), first + (D,), q.dtype, q.device)
+        tensor(fn, "v_swa_cache", v_swa_cache, raw + ("Dv",), first + (Dv,), q.dtype, q.device)
+    if HQ < 1:
+        raise ValueError(f"{fn}: the number of query heads HQ must be at least 1, got HQ = {HQ}")
+    if H < 1 or HQ % H:
+        raise ValueError(f"{fn}: the number of query heads HQ = {HQ} must be a multiple of the "
+                         f"number of key/value heads H = {H}")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"{fn}: the head dims must be at least 1, got D = {D}, Dv = {Dv}")
+    tensor(fn, "k_cmp_cache", k_cmp_cache, ("B", "cmp_capacity", "H", "D"), (B, None, H, D),
+           q.dtype, q.device)
+    tensor(fn, "v_cmp_cache", v_cmp_cache, ("B", "cmp_capacity", "H", "Dv"),
+           (B, k_cmp_cache.shape[1], H, Dv), q.dtype, q.device)
+    for name, g in zip(("g_cmp", "g_slc", "g_swa"), gates):
+        tensor(fn, name, g, ("B", "S", "HQ"), (B, S, HQ), q.dtype, q.device, contiguous_last=False)
+    tensor(fn, "cache_seqlens", cache_seqlens, ("B",), (B,), torch.int32, q.device,
+           contiguous_last=False)
+    if paged and k_cache.shape[1] % select_size:
+        raise ValueError(f"{fn}: k_cache must be a pool of pages of a multiple of select_size = "
+                         f"{select_size} tokens (a selection block never straddles two pages), "
+                         f"got page_size = {k_cache.shape[1]}")
+    if S > capacity:
+        raise ValueError(f"{fn}: q must be [B, S, HQ, D] with at most capacity = {capacity} new "
+                         f"tokens, got S = {S}")
+    nc = (capacity - block_size) // block_stride + 1 if capacity >= block_size else 0
+    if k_cmp_cache.shape[1] < nc:
+        raise ValueError(f"{fn}: k_cmp_cache must be [B, cmp_capacity, H, D] with cmp_capacity >= "
+                         f"Nc(capacity) = {nc} compressed tokens for capacity = {capacity}, got "
+                         f"{k_cmp_cache.shape[1]} rows")
+    device_support(fn, q, D, Dv)

@@ -168,6 +168,52 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, block_size=32, 
     return (o, block_indices) if return_block_indices else o
 
 
+def decode_attention(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_swa,
+                     cache_seqlens, *, block_table=None, k_swa_cache=None, v_swa_cache=None,
+                     block_size=32, block_stride=16, select_size=64, num_selected=16,
+                     num_initial=1, num_local=2, window_size=512, scale=None,
+                     return_block_indices=False):
+    """One decoding step: the S newest tokens of each sequence attend its KV cache (inference:
+    no gradients).
+
+    q [B, S, HQ, D]: query s of sequence b sits at position cache_seqlens[b] - S + s, and its own
+    key and value are already in the cache. k_cache/v_cache: the raw (rotated) keys and values of
+    the selected branch, and of the window branch unless k_swa_cache/v_swa_cache are given (same
+    layout): contiguous [B, capacity, H, D|Dv], or page pools [num_pages, page_size, H, D|Dv] with
+    block_table int32 [B, max_pages] (token t of sequence b is row t % page_size of page
+    block_table[b, t // page_size]; page_size a multiple of select_size). k_cmp_cache
+    [B, cmp_capacity, H, D], v_cmp_cache [B, cmp_capacity, H, Dv]: row i is compressed token i of
+    the sequence, cmp_capacity >= Nc(capacity) (rows >= Nc(length) are not read). Gates
+    [B, S, HQ] and every cache in q's dtype; cache_seqlens int32 [B] on q's device: tokens in
+    each sequence's cache, the S new ones included.
+
+    Row s of sequence b equals row cache_seqlens[b] - S + s of nsa_attention over the sequence's
+    whole cached prefix (same compressed tokens, same selected blocks, same window). Returns
+    o [B, S, HQ, Dv] in q's dtype, or (o, block_indices int32 [B, S, H, n]) with
+    return_block_indices=True.
+
+    Never syncs with the host: cache_seqlens stays on the device, so a CUDA step can be captured
+    in a CUDA graph and replayed with new lengths. A length outside [S, capacity] or a page
+    outside the pool raises a ValueError on the CPU; on CUDA that sequence's rows of o are NaN
+    (nothing outside the caches is read).
+    """
+    fn = _NS + "decode_attention"
+    (q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
+     g_swa) = _autocast(q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp_cache,
+                        g_cmp, g_slc, g_swa)
+    check.hyper(fn, block_size=block_size, block_stride=block_stride, select_size=select_size,
+                num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+                window_size=window_size)
+    check.decode(fn, q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp_cache,
+                 (g_cmp, g_slc, g_swa), cache_seqlens, block_table, block_size=block_size,
+                 block_stride=block_stride, select_size=select_size)
+    o, block_indices = _ops().decode_attention(
+        q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
+        g_swa, cache_seqlens, block_table, block_size, block_stride, select_size, num_selected,
+        num_initial, num_local, window_size, check.scale(fn, q, scale))
+    return (o, block_indices) if return_block_indices else o
+
+
 def gated_sum(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa):
     """g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa for branch outputs [B, T, HQ, Dv] and gates
     [B, T, HQ], in the outputs' dtype (nsa_attention's last step, for callers that run the

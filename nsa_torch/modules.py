@@ -573,17 +573,76 @@ class _Projected(NamedTuple):
     raw: Tuple[torch.Tensor, ...]
 
 
+class StaticKVCache:
+    """The decoding state of one FullAttention layer (the dense baseline) for B sequences of one
+    length: rotated keys k [B, capacity, H, D] and values v [B, capacity, H, Dv], allocated once,
+    of which the first `length` tokens are filled.
+
+        cache = StaticKVCache.for_layer(layer, batch_size=B, capacity=T + new, dtype=torch.bfloat16)
+        layer(prompt, cache=cache)      # prefill: causal attention over the prompt, fills the cache
+        layer(x_next, cache=cache)      # decode: x_next's S tokens attend the whole cached prefix
+
+    dtype is the dtype the attention runs in (the projections', e.g. bfloat16 under autocast).
+    """
+
+    def __init__(self, batch_size, capacity, num_kv_heads, head_dim, v_head_dim=None, *,
+                 device=None, dtype=None):
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.k = torch.empty(batch_size, capacity, num_kv_heads, head_dim, **kw)
+        self.v = torch.empty(batch_size, capacity, num_kv_heads, v_head_dim, **kw)
+        self.length = 0
+
+    @classmethod
+    def for_layer(cls, layer, batch_size, capacity, *, device=None, dtype=None):
+        """A cache shaped for `layer` (a FullAttention), on its device and in its dtype unless
+        given."""
+        c, w = layer.config, layer.q_proj.weight
+        return cls(batch_size, capacity, c.num_kv_heads, c.head_dim, c.v_head_dim,
+                   device=w.device if device is None else device, dtype=dtype or w.dtype)
+
+    @property
+    def capacity(self):
+        return self.k.shape[1]
+
+    def append(self, k, v):
+        """Writes k [B, S, H, D], v [B, S, H, Dv] at positions length .. length + S - 1; returns
+        the filled caches [B, length, H, D|Dv] (views)."""
+        where = "nsa_torch.StaticKVCache"
+        B, S = k.shape[:2]
+        if tuple(k.shape) != (self.k.shape[0], S) + tuple(self.k.shape[2:]) or \
+                tuple(v.shape) != (self.v.shape[0], S) + tuple(self.v.shape[2:]):
+            raise ValueError(f"{where}: the layer's keys {list(k.shape)} and values "
+                             f"{list(v.shape)} do not fit the cache's [B, S, H, D|Dv] = "
+                             f"{[self.k.shape[0], S] + list(self.k.shape[2:])} and "
+                             f"{[self.v.shape[0], S] + list(self.v.shape[2:])}")
+        if k.dtype != self.k.dtype or k.device != self.k.device:
+            raise ValueError(f"{where}: the layer's keys are {k.dtype} on {k.device}, the cache "
+                             f"{self.k.dtype} on {self.k.device}")
+        if self.length + S > self.capacity:
+            raise ValueError(f"{where}: {self.length} cached + {S} new tokens exceed the "
+                             f"capacity {self.capacity}")
+        end = self.length + S
+        self.k[:, self.length:end] = k
+        self.v[:, self.length:end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+
 class FullAttention(nn.Module):
     """Full causal attention (torch's scaled_dot_product_attention) between NativeSparseAttention's
     q/k/v/o projections and rotary embedding: the dense baseline that a model or a layer is
     compared against. `FullAttention.twin_of(nsa_layer)` shares (does not copy) an NSA layer's
     projections.
 
-    forward(hidden_states, cu_seqlens=None, position_ids=None) as NativeSparseAttention's; a packed
-    batch runs one SDPA call per run of consecutive sequences of equal length (pack sequences of
-    one length together). backends: SDPA backends to allow (torch.nn.attention.sdpa_kernel; None: torch
-    chooses); gqa: True passes enable_gqa to SDPA, False repeats K/V to every query head (for
-    backends that refuse enable_gqa).
+    forward(hidden_states, cu_seqlens=None, position_ids=None, cache=None) as
+    NativeSparseAttention's; a packed batch runs one SDPA call per run of consecutive sequences of
+    equal length (pack sequences of one length together). cache: a StaticKVCache (no autograd);
+    empty, the forward fills it; filled, hidden_states' S tokens follow the cached ones
+    (positions from there) and attend them (decoding). backends: SDPA backends to allow
+    (torch.nn.attention.sdpa_kernel; None: torch chooses); gqa: True passes enable_gqa to SDPA,
+    False repeats K/V to every query head (for backends that refuse enable_gqa; decoding steps
+    need neither).
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
@@ -613,7 +672,10 @@ class FullAttention(nn.Module):
             setattr(twin, name, getattr(layer, name))
         return twin
 
-    def forward(self, hidden_states, cu_seqlens=None, position_ids=None):
+    def forward(self, hidden_states, cu_seqlens=None, position_ids=None, cache=None):
+        if cache is not None and torch.is_grad_enabled():  # decoding is inference
+            with torch.no_grad():
+                return self.forward(hidden_states, cu_seqlens, position_ids, cache)
         where = "nsa_torch.FullAttention"
         c = self.config
         x = hidden_states
@@ -624,15 +686,23 @@ class FullAttention(nn.Module):
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"{where}: position_ids must be [B, T] = {[B, T]}, got "
                              f"{list(position_ids.shape)}")
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError(f"{where}: a cache holds a batch [B, T, hidden_size], not a packed "
+                             f"one (cu_seqlens)")
         cu, cu_seqlens = (None, None) if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
+        start = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = (torch.arange(T, device=x.device)[None].expand(B, T) if cu is None
-                            else _packed_positions(cu_seqlens, T))
+            position_ids = (torch.arange(start, start + T, device=x.device)[None].expand(B, T)
+                            if cu is None else _packed_positions(cu_seqlens, T))
         HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
         q = _rope(self.q_proj(x).view(B, T, HQ, D), position_ids, c.rope_theta)
         k = _rope(self.k_proj(x).view(B, T, H, D), position_ids, c.rope_theta)
         v = self.v_proj(x).view(B, T, H, Dv)
-        if cu is None:
+        if cache is not None:
+            k_all, v_all = cache.append(k, v)
+        if start > 0:
+            o = self._attend_cached(q, k_all, v_all)
+        elif cu is None:
             o = self._attend(q, k, v)
         else:
             # A packed batch: each run of consecutive sequences of one length L is a [n, L]
@@ -660,10 +730,26 @@ class FullAttention(nn.Module):
                 extra = dict(enable_gqa=True)
             else:
                 k, v = k.repeat_interleave(HQ // H, 1), v.repeat_interleave(HQ // H, 1)
-        if self.backends:
-            from torch.nn.attention import sdpa_kernel
-            with sdpa_kernel(self.backends):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-        return o.transpose(1, 2)
+        return self._sdpa(q, k, v, is_causal=True, **extra).transpose(1, 2)
+
+    def _attend_cached(self, q, k, v):
+        """SDPA of the S newest tokens q [B, S, HQ, D] over the cached prefix k [B, L, H, D],
+        v [B, L, H, Dv] (the last S of which are theirs) -> [B, S, HQ, Dv]. The G query heads of
+        a KV head are rows of one [S * G, L] problem: no K/V repeated, no enable_gqa."""
+        B, S, HQ, D = q.shape
+        L, H = k.shape[1], k.shape[2]
+        G = HQ // H
+        q = q.view(B, S, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, S * G, D)
+        mask = None
+        if S > 1:  # row (s, g) is query s, at position L - S + s
+            s = torch.arange(S, device=q.device).repeat_interleave(G)
+            mask = torch.arange(L, device=q.device) <= (L - S + s)[:, None]
+        o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return o.view(B, H, S, G, -1).permute(0, 2, 1, 3, 4).reshape(B, S, HQ, -1)
+
+    def _sdpa(self, q, k, v, **kw):
+        if not self.backends:
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(self.backends):
+            return F.scaled_dot_product_attention(q, k, v, **kw)

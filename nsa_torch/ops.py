@@ -2,7 +2,8 @@
 
 Each attention branch is one forward op returning (o, lse) and one backward op returning the
 input gradients; `register_autograd` ties them together, so the ops work under autograd and
-`torch.compile(fullgraph=True)` without a torch.autograd.Function.
+`torch.compile(fullgraph=True)` without a torch.autograd.Function. decode_attention (inference)
+has a fake kernel and no autograd.
 """
 import torch
 from torch.library import register_autograd, register_fake
@@ -72,6 +73,15 @@ def _(dout, o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa):
     grads_o = tuple(torch.empty_like(o_cmp) for _ in range(3))
     grads_g = tuple(o_cmp.new_empty(g_cmp.shape) for _ in range(3))
     return grads_o + grads_g
+
+
+@register_fake("nsa::decode_attention")
+def _(q, k_cache, v_cache, k_swa_cache, v_swa_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
+      g_swa, cache_seqlens, block_table, block_size, block_stride, select_size, num_selected,
+      num_initial, num_local, window_size, scale):
+    B, S, HQ, _ = q.shape
+    return (q.new_empty(B, S, HQ, v_cache.shape[-1]),
+            q.new_empty(B, S, k_cache.shape[2], num_selected, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------- autograd

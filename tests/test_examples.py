@@ -1,6 +1,7 @@
 """The training demo and the needle evaluation (examples/) run end to end on CPU at a tiny size:
 one process, and two processes under torchrun with DDP and FSDP2 (gloo). The checkpoint of each
-loads into the model again and is evaluated by examples/needle.py."""
+loads into the model again and is evaluated by examples/needle.py, and generates the passkey with
+a decoding cache (examples/generate.py), which equals generation without one."""
 import json
 import os
 import subprocess
@@ -14,7 +15,10 @@ EXAMPLES = os.path.join(ROOT, "examples")
 TINY = ["--steps", "3", "--seq", "128", "--batch", "2", "--no-eval", "--device", "cpu"]
 
 sys.path.insert(0, EXAMPLES)
+import generate  # noqa: E402
 import tasks  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from model import ModelConfig, TinyLM  # noqa: E402
 
 
 def run(cmd, tmp_path):
@@ -203,3 +207,90 @@ def test_multi_gpu_summary():
     text = mg.compare({"ddp-weak": runs["ddp-weak"], "1gpu-part": runs["1gpu-part"]})
     assert "Over steps 2-4 of every run" in text and "| ddp-weak | 2 | 200000 | 400 | 500000 | 1.00x |" in text
     assert "| 1gpu-part | 1 | 50000 | 250 | 200000 | 0.40x |" in text
+
+
+# NSA blocks small enough that a few dozen tokens cross many compression windows (l = 8, d = 4)
+# and selection blocks (l' = 8) and leave the window (w = 16)
+TINY_NSA = dict(block_size=8, block_stride=4, select_size=8, num_selected=3, num_initial=1,
+                num_local=1, window_size=16)
+
+
+def random_tiny_lm(attn, dtype=torch.float64, hidden=32, head_dim=16, nsa=TINY_NSA, seed=0):
+    """A tiny TinyLM (2 layers, 4 query heads, 2 KV heads), every weight random (the NSA layers'
+    phi MLP and gates start at zero otherwise)."""
+    torch.manual_seed(seed)
+    model = TinyLM(ModelConfig(hidden=hidden, layers=2, heads=4, kv_heads=2, head_dim=head_dim,
+                               attn=attn, nsa=nsa)).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["nsa", "sdpa"])
+def test_cached_generation_equals_recompute(attn):
+    """Greedy generation with the model's cache (a prefill, then a step per token, each token fed
+    back) equals greedy generation by a full forward per token, token for token; the cached
+    steps' logits are the full forward's over the prompt and the generated tokens. A prefill, a
+    step of three tokens and steps of one give the full forward's logits in every row."""
+    model = random_tiny_lm(attn)
+    prompt = torch.randint(0, tasks.VOCAB, (3, 37), generator=torch.Generator().manual_seed(1))
+    out, _, _, logits = generate.generate(model, prompt, 24)
+    assert out.shape == (3, 24) and len(set(out.flatten().tolist())) > 5  # (not one token again)
+    assert torch.equal(out, generate.generate_without_cache(model, prompt, 24))
+    assert generate.check(model, prompt[0], out[0], logits) == (pytest.approx(0, abs=1e-12), 24)
+    seq = torch.cat((prompt, out), 1)
+    cache = model.new_cache(3, 45)
+    with torch.no_grad():
+        parts = [model(seq[:, a:b], cache=cache)
+                 for a, b in ((0, 30), (30, 33), (33, 34), (34, 35))]
+        assert_close(torch.cat(parts, 1), model(seq[:, :35]), 1e-10, "cached logits")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["nsa", "sdpa"])
+def test_cuda_cached_generation_matches_a_full_forward(attn):
+    """On CUDA under bf16 autocast, as generate.py runs it (D = 64, a CUDA head dim; the
+    paper's block sizes, a short window): a prefill of 300 tokens and 40 greedy steps, across
+    compression windows and a selection block; each step's logits are a full forward's within
+    bf16 noise."""
+    nsa = dict(block_size=32, block_stride=16, select_size=64, num_selected=4, window_size=128)
+    model = random_tiny_lm(attn, torch.float32, hidden=128, head_dim=64, nsa=nsa).cuda()
+    prompt = torch.randint(0, tasks.VOCAB, (3, 300), generator=torch.Generator().manual_seed(2))
+    prompt = prompt.cuda()
+    out, _, _, logits = generate.generate(model, prompt, 40, autocast=True)
+    rel, _ = generate.check(model, prompt[0], out[0], logits, autocast=True)
+    assert rel < 5e-2
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """checkpoint.pt of an NSA and an SDPA model trained for a few steps (the tiny train path)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for attn in ("nsa", "sdpa"):
+        run([sys.executable, "examples/train.py", "--attn", attn, "--out", str(root / attn)] + TINY,
+            None)
+        paths.append(str(root / attn / "checkpoint.pt"))
+    return paths
+
+
+def test_generate_script(tiny_checkpoints, tmp_path):
+    """examples/generate.py on CPU: both models at two lengths, the check against a full forward
+    passes, the table and the JSON hold every row and NSA's speed-up over SDPA."""
+    res = str(tmp_path / "res")
+    text = run([sys.executable, "examples/generate.py", *tiny_checkpoints, "--device", "cpu",
+                "--lengths", "256", "512", "--depths", "0.5", "--samples", "3", "--batch", "2",
+                "--new-tokens", "8", "--check", "--out", res], tmp_path)
+    for attn in ("nsa", "sdpa"):
+        for T in (256, 512):
+            assert f"{attn} T={T}: accuracy" in text, text
+    assert text.count("check ok (logits within") == 4 and "NSA over SDPA at 512: decode" in text, text
+    table = open(os.path.join(res, "generate.md")).read()
+    assert "| sdpa | 512 | 3 |" in table and "| nsa | 256 | 3 |" in table, table
+    assert "x (" in table.split("| nsa | 512 |")[1].splitlines()[0]  # the speed-up cell
+    rows = json.load(open(os.path.join(res, "generate.json")))["rows"]
+    assert [(r["attn"], r["length"]) for r in rows] == [("nsa", 256), ("nsa", 512), ("sdpa", 256),
+                                                        ("sdpa", 512)]
+    assert all(r["check_ok"] and r["timed_batches"] == 1 and r["decode_tokens_per_s"] > 0
+               for r in rows)

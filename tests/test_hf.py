@@ -1,7 +1,10 @@
 """nsa_torch.integrations.hf.replace_attention on tiny randomly initialised Hugging Face models:
 structure and weight copy, a training step, equality with the original model when only the
 window branch counts (proves the weight copy, the rotary convention and the packing agree with
-transformers), separate branch K/V, and the refused inputs."""
+transformers), separate branch K/V, decoding with NSAModelCache (greedy generate() against a full
+recompute, left padding, beam search, a growing cache) and the refused inputs."""
+import copy
+import inspect
 import sys
 
 import pytest
@@ -11,7 +14,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import nsa_torch  # noqa: E402
-from nsa_torch.integrations.hf import NSASelfAttention, replace_attention  # noqa: E402
+from nsa_torch.integrations.hf import (  # noqa: E402
+    NSAModelCache, NSASelfAttention, replace_attention)
 from helpers import count_calls  # noqa: E402
 
 # Small NSA hyper-parameters so that every branch matters at T = 50.
@@ -61,7 +65,8 @@ def test_replace_structure_weights_and_training_step():
     model = tiny_model()
     olds = old_projections(model)
     assert replace_attention(model, nsa_kwargs=SMALL) is model
-    assert model.config.use_cache is False and model.generation_config.use_cache is False
+    # plain forwards make no cache; generate() keeps its own (an NSAModelCache)
+    assert model.config.use_cache is False and model.generation_config.use_cache is True
     for layer, old in zip(model.model.layers, olds):
         assert isinstance(layer.self_attn, NSASelfAttention)
         nsa = layer.self_attn.nsa
@@ -135,8 +140,10 @@ def test_dtype_and_generate():
     replace_attention(model, nsa_kwargs=SMALL)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     ids = input_ids(B=1, n=12)
-    out = model.generate(ids, max_new_tokens=3, do_sample=False)  # use_cache=False by default
-    assert out.shape == (1, 15)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 15)
+    cache = generated_cache(out)
+    assert isinstance(cache, NSAModelCache) and cache.layers[0].nsa_cache.dtype == torch.bfloat16
 
 
 class NoProjections(nn.Module):
@@ -199,8 +206,8 @@ def test_refused_inputs(attn_implementation):
     mask[0, :3] = 0
     with pytest.raises(ValueError, match=r"replace_attention.*padding is not supported"):
         model(ids, attention_mask=mask)
-    with pytest.raises(ValueError, match=r"replace_attention.*KV-cache decoding is not "
-                                         r"supported.*use_cache=False"):
+    # (the model makes its own DynamicCache)
+    with pytest.raises(ValueError, match=r"replace_attention.*got a DynamicCache.*NSAModelCache"):
         model(ids, use_cache=True)
     packed = torch.tensor([[0, 1, 2, 0, 1, 2]]).expand(2, 6)
     with pytest.raises(ValueError, match="need batch size 1"):
@@ -245,3 +252,275 @@ def test_inference_mode():
         got = model(ids, attention_mask=torch.ones_like(ids),
                     position_ids=torch.tensor([list(range(20)) + list(range(T - 20))])).logits
     assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------ decoding
+# Small enough that a few dozen tokens cross compression windows (every 8 tokens from 15 on),
+# selection blocks (every 16) and the window (32).
+DECODE = dict(block_size=16, block_stride=8, select_size=16, num_selected=4, num_initial=1,
+              num_local=1, window_size=32)
+# The cache's name in a model's forward: `cache` in transformers 5, `past_key_values` before.
+CACHE = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+         else "past_key_values")
+
+
+@pytest.fixture
+def decode_steps(monkeypatch):
+    """The S of every decode_attention call (the layers' decoding steps)."""
+    steps = []
+    op = nsa_torch.functional.decode_attention
+
+    def counted(q, *args, **kwargs):
+        steps.append(q.shape[1])
+        return op(q, *args, **kwargs)
+    monkeypatch.setattr(nsa_torch.functional, "decode_attention", counted)
+    return steps
+
+
+def decoding_model(kind="llama", dtype=torch.float64, config=None, **nsa):
+    """A converted tiny model with non-zero biases where it has any, generating to the end
+    (no EOS)."""
+    model = tiny_model(kind, **(config or {}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    replace_attention(model, nsa_kwargs={**DECODE, **nsa})
+    model.generation_config.eos_token_id = None
+    return model.to(dtype)
+
+
+def generated_cache(out):
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+def greedy_recompute(model, ids, n):
+    """The greedy continuation of ids by a forward over the whole prefix at every step (no
+    cache), and each step's last-token logits."""
+    seq, logits = ids, []
+    with torch.no_grad():
+        for _ in range(n):
+            last = model(seq, use_cache=False).logits[:, -1]
+            logits.append(last)
+            seq = torch.cat([seq, last.argmax(-1, keepdim=True)], 1)
+    return seq, logits
+
+
+def assert_close_logits(got, want, tol):
+    for i, (g, w) in enumerate(zip(got, want)):
+        err = ((g.double() - w.double()).norm() / w.double().norm()).item()
+        assert err < tol, f"step {i}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("kind, prompt, new, nsa", [
+    ("llama", 5, 45, {}),     # prompt < block_size; steps cross every kind of edge
+    ("qwen2", 5, 45, {}),
+    ("llama", 75, 20, {}),    # prompt over 4 selection blocks; steps cross 79 (cmp) and 80 (slc)
+    ("qwen2", 75, 20, {}),
+    ("llama", 30, 20, dict(separate_branch_kv=True, compression="linear")),
+])
+def test_generate_matches_recompute(decode_steps, kind, prompt, new, nsa):
+    model = decoding_model(kind, **nsa)
+    ids = input_ids(B=2, n=prompt)
+    want, want_logits = greedy_recompute(model, ids, new)
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    assert torch.equal(out.sequences, want)
+    assert_close_logits(out.logits, want_logits, 1e-6)  # (generate() returns them in float32)
+    cache = generated_cache(out)
+    assert isinstance(cache, NSAModelCache)
+    # sized by generate (the last token is never fed), and every step decoded one token a layer
+    assert cache.max_length == prompt + new - 1 == cache.get_seq_length()
+    assert decode_steps == [1] * (2 * (new - 1))
+    with torch.no_grad():  # generate(use_cache=False) recomputes: no decoding step
+        recomputed = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(recomputed, want[:, :prompt + 4]) and len(decode_steps) == 2 * (new - 1)
+
+
+def test_chunked_prefill(decode_steps):
+    """generate(prefill_chunk_size=16): the first chunk prefills, the next ones are appended as
+    16-token steps."""
+    model = decoding_model("qwen2")
+    ids = input_ids(B=2, n=50)
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, prefill_chunk_size=16)
+    assert torch.equal(out, greedy_recompute(model, ids, 10)[0])
+    assert decode_steps[:4] == [16] * 4
+
+
+def test_left_padded_batch_matches_each_prompt_alone():
+    """Prompts of 7 and 20 tokens, left-padded to one batch: each row generates what it
+    generates alone (the padding is left out of the cache; positions start at each prompt)."""
+    model = decoding_model()
+    short, long_ = input_ids(B=1, n=7, seed=2), input_ids(B=1, n=20, seed=3)
+    ids = torch.cat([torch.cat([torch.zeros(1, 13, dtype=torch.long), short], 1), long_])
+    mask = torch.ones_like(ids)
+    mask[0, :13] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                         pad_token_id=0)
+    for row, prompt in enumerate((short, long_)):
+        alone, _ = greedy_recompute(model, prompt, 30)
+        assert torch.equal(out[row, 20:], alone[0, prompt.shape[1]:]), f"row {row}"
+
+
+def test_beam_search_matches_recompute():
+    """Every beam and its score: beams change parents at most steps, so a cache that is not
+    reordered gives other scores."""
+    model = decoding_model()
+    ids = input_ids(B=2, n=20)
+    args = dict(max_new_tokens=12, num_beams=3, num_return_sequences=3, do_sample=False,
+                return_dict_in_generate=True, output_scores=True)
+    got, want = model.generate(ids, **args), model.generate(ids, use_cache=False, **args)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=0, atol=1e-6)
+
+
+def test_forward_with_a_growing_cache(decode_steps):
+    """A model called by hand with NSAModelCache() (no max_length): prefill, then a chunk of
+    300 tokens that overflows the first allocation (the cache grows), then one token; the
+    logits equal the full forward's rows."""
+    model = decoding_model()
+    ids = input_ids(B=2, n=341)
+    cache = NSAModelCache()
+    with torch.no_grad():
+        want = model(ids).logits
+        parts = [model(ids[:, a:b], **{CACHE: cache}, use_cache=True).logits
+                 for a, b in ((0, 40), (40, 340), (340, 341))]
+    assert_close_logits(torch.cat(parts, 1).unbind(1), want.unbind(1), 1e-9)
+    assert decode_steps == [300, 300, 1, 1]
+    assert cache.get_seq_length() == 341 and cache.layers[1].nsa_cache.capacity == 2 * (40 + 256)
+    cache.reset()  # empty again: the next call prefills, with another batch size
+    with torch.no_grad():
+        again = model(ids[:1, :40], **{CACHE: cache}, use_cache=True).logits
+    assert torch.equal(again, parts[0][:1])
+
+
+def test_generate_continues_from_its_cache(decode_steps):
+    """A second generate() on the first one's sequences and cache feeds only the tokens the
+    cache lacks (a chunk of 6: the last generated token and 5 new ones), growing the cache past
+    the first call's max_length; the result equals a recompute of the whole."""
+    model = decoding_model()
+    ids = input_ids(B=2, n=30)
+    first = model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    cache = generated_cache(first)
+    more = torch.cat([first.sequences, input_ids(B=2, n=5, seed=4)], 1)
+    out = model.generate(more, **{CACHE: cache}, max_new_tokens=20, do_sample=False)
+    want, _ = greedy_recompute(model, more, 20)
+    assert torch.equal(out, want)
+    assert decode_steps[2 * 9:2 * 10] == [6, 6]
+    assert cache.get_seq_length() == 64 and cache.layers[0].nsa_cache.capacity == 2 * 39
+
+
+def test_cache_refusals():
+    model = decoding_model()
+    ids = input_ids(B=2, n=40)
+
+    def call(x, cache, **kw):
+        with torch.no_grad():
+            return model(x, **{CACHE: cache}, use_cache=True, **kw)
+
+    with pytest.raises(ValueError, match=r"got a DynamicCache.*NSAModelCache"):
+        call(ids, transformers.DynamicCache())
+    with pytest.raises(ValueError, match=r"cache_implementation='static'.*not supported"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(ValueError, match=r"holds 40 tokens per sequence and gets 1 more, but it "
+                                         r"has room for 40 \(NSAModelCache\(max_length=40, "
+                                         r"grow=False"):
+        cache = NSAModelCache(max_length=40, grow=False)
+        call(ids, cache)
+        call(ids[:, :1], cache)
+    with pytest.raises(ValueError, match="max_length must be a positive int"):
+        NSAModelCache(max_length=0)
+
+    cache = NSAModelCache()
+    call(ids, cache)
+    with pytest.raises(ValueError, match="holds 2 sequences, got a batch of 3"):
+        call(input_ids(B=3, n=1), cache)
+    with pytest.raises(ValueError, match=r"position_ids must continue each cached sequence.*"
+                                         r"should be \[40\].*got \[0\]"):
+        call(ids[:, :1], cache, position_ids=torch.zeros(2, 1, dtype=torch.long))
+    mask = torch.ones(2, 41, dtype=torch.long)
+    mask[1, 3] = 0
+    with pytest.raises(ValueError, match="the attention_mask does not match the cache"):
+        call(ids[:, :1], cache, attention_mask=mask)
+    with pytest.raises(ValueError, match="NSAModelCache: layer 0: removing 1 tokens"):
+        cache.crop(-1)
+    cache.crop(0)  # removes nothing: fine (transformers 5 calls it so)
+    with pytest.raises(ValueError, match="batch_repeat_interleave is not supported"):
+        cache.batch_repeat_interleave(2)
+    with pytest.raises(ValueError, match="layer 0 is not an NSA layer"):
+        cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), 0)
+    with pytest.raises(ValueError, match=r"the cache holds torch.float64, the layer's attention "
+                                         r"runs in torch.float32"):
+        model.float()
+        call(ids[:, :1], cache)
+    model.double()
+    other = decoding_model(block_size=32, block_stride=16)  # same shapes, other NSA layers
+    with pytest.raises(ValueError, match=r"built for another layer: block_size"):
+        with torch.no_grad():
+            other(ids[:, :1], **{CACHE: cache}, use_cache=True)
+
+    packed = torch.tensor([list(range(20)) * 2])
+    with pytest.raises(ValueError, match="packed sequences are not supported"):
+        call(ids[:1], NSAModelCache(), position_ids=packed)
+    right = torch.ones_like(ids)
+    right[0, -3:] = 0
+    with pytest.raises(ValueError, match="may only mask the leading tokens of a prompt.*row 0 "
+                                         "masks 3"):
+        call(ids, NSAModelCache(), attention_mask=right)
+    empty = torch.ones_like(ids)
+    empty[1] = 0
+    with pytest.raises(ValueError, match="row 1 masks 40 of its 40"):
+        call(ids, NSAModelCache(), attention_mask=empty)
+
+
+def check_bf16_generation(kind, device):
+    """Greedy generate() of a bf16 model on `device` with its NSAModelCache against the float64
+    CPU model's teacher-forced logits of the same tokens (and the bf16 model's own full
+    recompute): logits to bf16 accuracy, and the same tokens wherever the float64 logits do not
+    nearly tie. head_dim 64: a head dim the CUDA kernels take."""
+    prompt, new = 75, 40
+    cpu = decoding_model(kind, config=dict(head_dim=64))
+    model = copy.deepcopy(cpu).to(device, torch.bfloat16)
+    ids = input_ids(B=2, n=prompt)
+    out = model.generate(ids.to(device), max_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    assert isinstance(generated_cache(out), NSAModelCache)
+    seq = out.sequences.cpu()
+    got = torch.stack(out.logits, 1).cpu().double()  # [B, new, vocab]: step i's logits
+    with torch.no_grad():
+        want = cpu(seq[:, :-1]).logits[:, prompt - 1:]
+        own = model(out.sequences[:, :-1], use_cache=False).logits[:, prompt - 1:].cpu().double()
+    for ref, tol in ((own, 2e-2), (want, 5e-2)):
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < tol, f"relative error {err:.3g}"
+    top2 = want.topk(2, -1).values
+    clear = top2[..., 0] - top2[..., 1] > 0.1 * want.std(-1)
+    assert clear.double().mean() > 0.25  # (the token check below is not empty)
+    assert torch.equal(seq[:, prompt:][clear], want.argmax(-1)[clear])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cuda_generate_bf16(kind):
+    check_bf16_generation(kind, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_left_padded_batch_bf16():
+    """A left-padded bf16 batch on the GPU (its prompts prefilled packed into the cache): each
+    row's logits at every step equal those of a full recompute of that row alone."""
+    model = decoding_model(dtype=torch.bfloat16, config=dict(head_dim=64)).cuda()
+    prompts = input_ids(B=1, n=7, seed=2), input_ids(B=1, n=40, seed=3)
+    ids = torch.cat([torch.cat([torch.zeros(1, 33, dtype=torch.long), prompts[0]], 1), prompts[1]])
+    mask = torch.ones_like(ids)
+    mask[0, :33] = 0
+    out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=30,
+                         do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                         output_logits=True)
+    got = torch.stack(out.logits, 1).double()  # [B, 30, vocab]
+    for row, prompt in enumerate(prompts):
+        seq = torch.cat([prompt.cuda(), out.sequences[row:row + 1, 40:-1]], 1)
+        with torch.no_grad():
+            want = model(seq, use_cache=False).logits[0, prompt.shape[1] - 1:].double()
+        err = ((got[row] - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"row {row}: relative error {err:.3g}"

@@ -238,12 +238,16 @@ void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64
 #endif
 }
 
-at::Tensor aligned(const at::Tensor& t) {
+bool is_aligned(const at::Tensor& t) {
   if (!t.defined() || !t.is_cuda() || t.dim() != 4 || t.element_size() != 2 || t.stride(3) != 1)
-    return t;
+    return true;
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+  return ok;
+}
+
+at::Tensor aligned(const at::Tensor& t) {
+  return is_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 void check_size(const Checker& c, const char* arg, int64_t v, int64_t max) {

@@ -87,6 +87,8 @@ void check_device(const Checker& c, const at::Tensor& q, int64_t head_dim, int64
 // data pointer or strides are not multiples of 16 bytes is replaced by a contiguous copy. Any
 // other tensor (CPU, other dtypes, malformed shapes left for the checks) is returned as is.
 at::Tensor aligned(const at::Tensor& t);
+// Whether aligned(t) is t itself.
+bool is_aligned(const at::Tensor& t);
 
 // Hyper-parameter checks of docs/design.md section 1 (ValueError naming the argument). Every integer
 // is bounded before it is narrowed to the params' int. Sizes (block_size, block_stride,

@@ -37,6 +37,7 @@ void plan_cuda(nsa::CmpParams& p, nsa::Pass pass, const at::Tensor& q);
 void plan_cuda(nsa::SlcParams& p, nsa::Pass pass, const at::Tensor& q);
 void plan_cuda(nsa::SwaParams& p, nsa::Pass pass, const at::Tensor& q);
 void plan_cuda(nsa::TopkParams& p, const at::Tensor& q);
+void plan_cuda(nsa::DecodeParams& p, const at::Tensor& q);
 #endif
 
 }  // namespace nsa_torch

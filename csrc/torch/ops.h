@@ -53,4 +53,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dout, const at::Tensor& o_cmp, const at::Tensor& o_slc, const at::Tensor& o_swa,
     const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_swa);
 
+// One decoding step over a KV cache (inference, no backward): (o [B, S, HQ, Dv],
+// block_indices int32 [B, S, H, n]).
+std::tuple<at::Tensor, at::Tensor> decode_attention(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const OptTensor& k_swa_cache, const OptTensor& v_swa_cache, const at::Tensor& k_cmp_cache,
+    const at::Tensor& v_cmp_cache, const at::Tensor& g_cmp, const at::Tensor& g_slc,
+    const at::Tensor& g_swa, const at::Tensor& cache_seqlens, const OptTensor& block_table,
+    int64_t block_size, int64_t block_stride, int64_t select_size, int64_t num_selected,
+    int64_t num_initial, int64_t num_local, int64_t window_size, double scale);
+
 }  // namespace nsa_torch

@@ -74,6 +74,12 @@ TORCH_LIBRARY(nsa, m) {
       "gated_sum_bwd(Tensor dout, Tensor o_cmp, Tensor o_slc, Tensor o_swa, Tensor g_cmp, "
       "Tensor g_slc, Tensor g_swa) -> (Tensor do_cmp, Tensor do_slc, Tensor do_swa, "
       "Tensor dg_cmp, Tensor dg_slc, Tensor dg_swa)");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_swa_cache, "
+      "Tensor? v_swa_cache, Tensor k_cmp_cache, Tensor v_cmp_cache, Tensor g_cmp, Tensor g_slc, "
+      "Tensor g_swa, Tensor cache_seqlens, Tensor? block_table, int block_size, "
+      "int block_stride, int select_size, int num_selected, int num_initial, int num_local, "
+      "int window_size, float scale) -> (Tensor o, Tensor block_indices)");
 }
 
 #define NSA_IMPLS(m)                                                             \
@@ -85,7 +91,8 @@ TORCH_LIBRARY(nsa, m) {
   m.impl("sliding_window_attention_fwd", &nsa_torch::sliding_window_attention_fwd); \
   m.impl("sliding_window_attention_bwd", &nsa_torch::sliding_window_attention_bwd); \
   m.impl("gated_sum", &nsa_torch::gated_sum);                                    \
-  m.impl("gated_sum_bwd", &nsa_torch::gated_sum_bwd)
+  m.impl("gated_sum_bwd", &nsa_torch::gated_sum_bwd);                            \
+  m.impl("decode_attention", &nsa_torch::decode_attention)
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) { NSA_IMPLS(m); }
 TORCH_LIBRARY_IMPL(nsa, CUDA, m) { NSA_IMPLS(m); }

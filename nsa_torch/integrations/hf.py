@@ -6,13 +6,27 @@
     model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
     model = replace_attention(model, nsa_kwargs=dict(window_size=512))
     loss = model(input_ids, labels=input_ids).loss    # unpadded batches (or packed, see below)
+    out = model.generate(input_ids, max_new_tokens=64)  # decodes with the NSA KV cache
 
 Every decoder layer's `self_attn` becomes an NSASelfAttention holding a
 nsa_torch.NativeSparseAttention (`.nsa`) that starts from the layer's q/k/v/o projections.
-transformers is imported only when replace_attention is called.
+
+Decoding: generate() gets an NSAModelCache (hf_cache.py: one nsa_torch.NSACache per layer, sized
+to generate's max_length) from a hook that replace_attention sets on the model
+(`_prepare_cache_for_generation`, where transformers makes its default cache); the first step
+prefills every layer's cache, each next one appends a token and runs the decode op. Nothing to
+pass; to drive the model by hand, pass cache=NSAModelCache() (past_key_values= in transformers
+4.x) with use_cache=True. Greedy, sampling and beam search work, as do left-padded prompt
+batches; transformers' own caches (DynamicCache, cache_implementation="static") and assisted
+generation are refused. A plain forward makes no cache (config.use_cache is set to False).
+Supported: transformers 4.56 to 5.x (tested with 4.57 and 5.25). transformers is imported only
+when replace_attention is called or NSAModelCache is first used.
 """
+import inspect
+import types
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,15 +44,25 @@ class NSASelfAttention(nn.Module):
     (a NativeSparseAttention) and returns `(attn_output, None)` as the HF attention does.
 
     Called like transformers' LlamaAttention: forward(hidden_states, position_embeddings,
-    attention_mask, cache, **kwargs). NSA applies its own rotary embedding, so
-    position_embeddings is ignored; positions come from position_ids, else cache_position,
-    else 0..T-1. Position ids that do not step by 1 inside a row (HF's padding-free packing, e.g.
-    DataCollatorWithFlattening) mark packed sequences, which run as a varlen batch (batch size 1).
+    attention_mask, cache, **kwargs) (the cache is `past_key_values` in transformers 4.x). NSA
+    applies its own rotary embedding, so position_embeddings is ignored.
 
-    Not supported, with a ValueError: KV caches (any `cache` / `past_key_values`; call the model
-    with use_cache=False), and attention masks that mask out tokens (padding). Causal masks, and
-    the block-causal masks of packed sequences, are accepted and otherwise ignored: NSA is causal
-    by construction. Masks given as flex-attention BlockMasks are not inspected.
+    Without a cache (training, scoring, generate(use_cache=False)): positions come from
+    position_ids, else cache_position, else 0..T-1. Position ids that do not step by 1 inside a
+    row (HF's padding-free packing, e.g. DataCollatorWithFlattening) mark packed sequences, which
+    run as a varlen batch (batch size 1). Attention masks that mask out tokens are refused.
+
+    With an NSAModelCache (generate() makes one): the first call prefills this layer's NSACache
+    in it, the next ones append to every sequence; positions continue each cached sequence
+    (position_ids, where given, must agree). A left-padded prompt batch (each row's masked tokens
+    all before its first real one, as tokenizers with padding_side="left" make) is prefilled as
+    packed sequences: each starts at position 0, as if alone.
+
+    Refused with a ValueError: any other cache (DynamicCache, StaticCache hold plain keys and
+    values), masks that hide tokens other than that left padding, and packed sequences with a
+    cache. Causal masks, and the block-causal masks of packed sequences, are accepted and
+    otherwise ignored: NSA is causal by construction. Masks given as flex-attention BlockMasks
+    are not inspected.
     """
 
     def __init__(self, nsa, layer_idx=None):
@@ -51,58 +75,164 @@ class NSASelfAttention(nn.Module):
                 *, position_ids=None, cache_position=None, past_key_values=None,
                 past_key_value=None, use_cache=None, **kwargs):
         where = f"{_WHERE} (NSASelfAttention of layer {self.layer_idx})"
-        # Even an empty cache is refused: the layer never fills it, so the next decoding step
-        # would see no past tokens and silently attend to the new token alone.
-        for past in (cache, past_key_values, past_key_value):
-            if past is not None:
-                raise ValueError(
-                    f"{where}: KV-cache decoding is not supported, got a {type(past).__name__}; "
-                    "call the model with use_cache=False (replace_attention sets "
-                    "model.config.use_cache = False; generate() then recomputes the prefix)")
         B, T = hidden_states.shape[:2]
+        given = position_ids if position_ids is not None else cache_position
+        positions = None
+        if given is not None:
+            positions = given[None] if given.dim() == 1 else given
+            if positions.shape[-1] != T or positions.shape[0] not in (1, B):
+                raise ValueError(f"{where}: position_ids must be [T], [1, T] or [B, T] with B, T = "
+                                 f"{B}, {T}, got {list(positions.shape)}")
+        past = next((p for p in (cache, past_key_values, past_key_value) if p is not None), None)
+        if past is not None:
+            return self._forward_cached(where, past, hidden_states, attention_mask, given,
+                                        positions), None
         if torch.is_tensor(attention_mask):
             _once_per_tensor(attention_mask, ("mask", B, T), lambda m: _check_mask(where, m, T))
-        given = position_ids if position_ids is not None else cache_position
         cu_seqlens = None
-        if given is None:  # (0..T-1: nothing packed)
-            position_ids = torch.arange(T, device=hidden_states.device)[None]
+        if positions is None:  # (0..T-1: nothing packed)
+            positions = torch.arange(T, device=hidden_states.device)[None]
         else:
-            position_ids = given[None] if given.dim() == 1 else given
-            if position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
-                raise ValueError(f"{where}: position_ids must be [T], [1, T] or [B, T] with B, T = "
-                                 f"{B}, {T}, got {list(position_ids.shape)}")
-            position_ids = position_ids.to(device=hidden_states.device, dtype=torch.int64)
+            positions = positions.to(device=hidden_states.device, dtype=torch.int64)
             cu_seqlens = _once_per_tensor(given, ("cu_seqlens", B, T),
-                                          lambda _: _packed_cu_seqlens(where, position_ids, B))
-        out = self.nsa(hidden_states, cu_seqlens=cu_seqlens,
-                       position_ids=position_ids.expand(B, T))
+                                          lambda _: _packed_cu_seqlens(where, positions, B))
+        out = self.nsa(hidden_states, cu_seqlens=cu_seqlens, position_ids=positions.expand(B, T))
         return out, None
+
+    def _forward_cached(self, where, past, x, mask, given, positions):
+        """forward with an NSAModelCache: prefill this layer's NSACache, or append to it."""
+        from .hf_cache import NSAModelCache
+        if not isinstance(past, NSAModelCache):
+            raise ValueError(
+                f"{where}: got a {type(past).__name__}, which holds plain attention keys and "
+                "values; an NSA layer keeps its state in an nsa_torch.integrations.hf."
+                "NSAModelCache. generate() makes one by itself (leave cache_implementation "
+                "unset); in a forward call pass cache=NSAModelCache() (past_key_values= in "
+                "transformers 4.x), or no cache (use_cache=False)")
+        if self.layer_idx is None:
+            raise ValueError(f"{where}: the layer has no layer_idx, which an NSAModelCache needs")
+        B, T = x.shape[:2]
+        entry = past.layer(self.layer_idx)
+        prefill = entry.seen == 0
+        c = past.nsa_cache_for(where, self.layer_idx, self.nsa, x, B, T)
+        lengths = [0] * B if prefill else list(c.lengths)
+        rows = None
+        if torch.is_tensor(mask):
+            rows = _once_per_tensor(mask, ("rows", B, T), lambda m: _mask_rows(where, m, T))
+        pads = [0] * B if rows is None else rows.pads
+        if rows is not None:
+            _check_cached_mask(where, rows, prefill, lengths, T)
+        if positions is not None:
+            _once_per_tensor(given, ("cache positions", B, T, tuple(lengths), tuple(pads)),
+                             lambda _: _check_positions(where, positions, lengths, pads))
+        if any(pads):  # (a left-padded prompt: its real tokens, packed)
+            index, cu_seqlens = _once_per_tensor(mask, ("packed", B, T, x.device),
+                                                 lambda _: _left_packing(pads, T, x.device))
+            packed = x.reshape(B * T, -1).index_select(0, index)[None]
+            y = self.nsa(packed, cu_seqlens=cu_seqlens, cache=c)[0]
+            out = y.new_zeros(B * T, y.shape[-1]).index_copy_(0, index, y).view(B, T, -1)
+        else:
+            out = self.nsa(x, cache=c)
+        entry.seen += T
+        return out
+
+
+def _mask_allowed(where, mask, T):
+    """Which of the T new tokens the mask lets see themselves ([B, T] bool), and how many keys
+    the last one sees ([B]), from a [B, S] mask or a 4D [B, 1, T, S] one (bool: True = attend;
+    float: additive, large negative = masked). Causal, sliding-window and block-causal (packed)
+    masks always let a token see itself, padding never does."""
+    if mask.dim() == 2:
+        allowed = mask != 0
+        return allowed[:, -T:], allowed.sum(-1)
+    if mask.dim() == 4:
+        if mask.dtype.is_floating_point:
+            allowed = mask[:, 0] > torch.finfo(mask.dtype).min / 2
+        else:
+            allowed = mask[:, 0] != 0
+        diag = torch.diagonal(allowed, offset=mask.shape[-1] - T, dim1=-2, dim2=-1)
+        return diag, allowed[:, -1].sum(-1)
+    raise ValueError(f"{where}: attention_mask must be None, 2D [B, S] or 4D [B, 1, T, S], "
+                     f"got {list(mask.shape)}")
 
 
 def _check_mask(where, mask, T):
-    """Refuse masks that hide tokens (padding): a [B, S] mask with zeros, or a 4D mask (bool:
-    True = attend; float: additive, large negative = masked) whose diagonal is masked. Causal,
-    sliding-window and block-causal (packed) masks always let a token see itself, padding never
-    does."""
-    if mask is None or not torch.is_tensor(mask):
-        return
-    if mask.dim() == 2:
-        allowed = mask != 0
-    elif mask.dim() == 4:
-        diag = torch.diagonal(mask, offset=mask.shape[-1] - T, dim1=-2, dim2=-1)
-        if mask.dtype.is_floating_point:
-            allowed = diag > torch.finfo(mask.dtype).min / 2
-        else:
-            allowed = diag != 0
-    else:
-        raise ValueError(f"{where}: attention_mask must be None, 2D [B, S] or 4D [B, 1, T, S], "
-                         f"got {list(mask.shape)}")
-    if not bool(allowed.all()):
+    """Refuse masks that hide tokens (padding), without a cache."""
+    if not bool(_mask_allowed(where, mask, T)[0].all()):
         raise ValueError(
-            f"{where}: padding is not supported, got an attention_mask that masks out tokens; "
-            "NSA is causal by construction and takes no mask. Pass unpadded batches (all "
-            "sequences of one length), or pack sequences into one row with position_ids "
-            "restarting at 0 for each sequence")
+            f"{where}: padding is not supported without a cache, got an attention_mask that "
+            "masks out tokens; NSA is causal by construction and takes no mask. Pass unpadded "
+            "batches (all sequences of one length), or pack sequences into one row with "
+            "position_ids restarting at 0 for each sequence (generate() with its default "
+            "NSAModelCache takes left-padded batches)")
+
+
+class _MaskRows(NamedTuple):
+    """What a mask says of each row of a call with a cache (host values, read once per mask)."""
+
+    pads: list     # new tokens masked out
+    left: list     # whether all of them come before the row's first real token
+    visible: list  # keys the row's last new token sees
+
+
+def _mask_rows(where, mask, T):
+    allowed, visible = _mask_allowed(where, mask, T)
+    left = (allowed[:, 1:] >= allowed[:, :-1]).all(-1)  # (no real token before a masked one)
+    pads, left, visible = torch.stack(((~allowed).sum(-1), left.long(), visible)).tolist()
+    return _MaskRows(pads, [bool(x) for x in left], visible)
+
+
+def _check_cached_mask(where, rows, prefill, lengths, T):
+    """With a cache, masks may only hide the left padding of a prompt: in the prefill, the
+    leading tokens of a row (never all of them); afterwards, the same keys again."""
+    if prefill:
+        bad = [b for b, (p, left) in enumerate(zip(rows.pads, rows.left)) if p and not left]
+        if bad or T in rows.pads:
+            b = bad[0] if bad else rows.pads.index(T)
+            raise ValueError(
+                f"{where}: with a cache, an attention_mask may only mask the leading tokens of a "
+                f"prompt (left padding, tokenizer padding_side='left'), and not all of them; row "
+                f"{b} masks {rows.pads[b]} of its {T} tokens otherwise")
+        return
+    if any(rows.pads):
+        b = next(b for b, p in enumerate(rows.pads) if p)
+        raise ValueError(f"{where}: with a cache, the new tokens after the prompt cannot be "
+                         f"padding, got an attention_mask that masks {rows.pads[b]} of the {T} "
+                         f"new tokens of row {b}")
+    want = [n + T for n in lengths]
+    if rows.visible != want:
+        raise ValueError(f"{where}: the attention_mask does not match the cache: its last row "
+                         f"lets each sequence see {rows.visible} tokens, the cache holds "
+                         f"{lengths} real tokens plus the {T} new ones (pass the prompt's mask "
+                         "extended by ones, as generate() does)")
+
+
+def _check_positions(where, positions, lengths, pads):
+    """position_ids (where given) must continue each cached sequence: the j-th real new token of
+    row b sits at lengths[b] + j (padding positions are not read)."""
+    B, T = len(lengths), positions.shape[-1]
+    got = positions.detach().to("cpu", torch.int64).expand(B, T)
+    for b, (n, p) in enumerate(zip(lengths, pads)):
+        want = torch.arange(n, n + T - p)
+        if not torch.equal(got[b, p:], want):
+            raise ValueError(
+                f"{where}: with a cache, position_ids must continue each cached sequence (the "
+                f"cache sets the positions; packed sequences are not supported): row {b} should "
+                f"be {_shown(want)} after {p} padding tokens, got {_shown(got[b, p:])}")
+    return True
+
+
+def _shown(t):
+    t = t.tolist()
+    return str(t) if len(t) <= 8 else f"[{t[0]}, {t[1]}, ..., {t[-1]}] ({len(t)} values)"
+
+
+def _left_packing(pads, T, device):
+    """The real tokens of a left-padded batch [B, T], packed: their flat indices (on device) and
+    cu_seqlens (int32, on the CPU)."""
+    index = torch.cat([torch.arange(b * T + p, (b + 1) * T) for b, p in enumerate(pads)])
+    cu = torch.tensor([0] + [T - p for p in pads]).cumsum(0).to(torch.int32)
+    return index.to(device), cu
 
 
 def _packed_cu_seqlens(where, position_ids, B):
@@ -235,6 +365,28 @@ def _check_shapes(cfg, olds, copy_weights):
                                  "bias=False")
 
 
+def _prepare_cache_for_generation(self, *args, **kwargs):
+    """generate()'s cache preparation for a converted model (replace_attention sets it on the
+    model): an NSAModelCache sized to generate's max_length where transformers would make its
+    default cache; a cache the caller passes goes through transformers' own checks. Found by
+    name among the arguments (model_kwargs, generation_config, max_cache_length), which
+    transformers 4.56 to 5.x share."""
+    from .hf_cache import NSAModelCache
+    prepare = type(self)._prepare_cache_for_generation
+    args_of = inspect.signature(prepare).bind(self, *args, **kwargs).arguments
+    config, model_kwargs = args_of["generation_config"], args_of["model_kwargs"]
+    if (model_kwargs.get("cache") is not None or model_kwargs.get("past_key_values") is not None
+            or config.use_cache is False):
+        return prepare(self, *args, **kwargs)
+    if config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(f"{_WHERE}: generate(cache_implementation="
+                         f"{config.cache_implementation!r}) is not supported: a converted model "
+                         "decodes with an NSAModelCache, which generate() makes when "
+                         "cache_implementation is unset")
+    key = "cache" if "cache" in inspect.signature(self.forward).parameters else "past_key_values"
+    model_kwargs[key] = NSAModelCache(max_length=args_of.get("max_cache_length"))
+
+
 def _copy_linear(new, old):
     new.weight.copy_(old.weight)
     if new.bias is not None:  # a bias the old layer lacks starts at zero: same function
@@ -264,13 +416,16 @@ def replace_attention(model, *, nsa_kwargs=None, copy_weights=True):
     model (build the model from its config, replace_attention, then load_state_dict).
     The new modules take the old ones' device, dtype and train/eval mode.
 
-    Limits (each raises a ValueError when hit): no padding (attention masks that mask out
-    tokens; pack sequences with restarting position_ids instead), no KV cache (the model must
-    be called with use_cache=False, so this sets model.config.use_cache and
-    model.generation_config.use_cache to False; generate() then recomputes the whole prefix for
-    every token). Non-default rotary scaling (e.g. Llama 3's rope_type="llama3") is not
-    reproduced (a warning says so), nor attention dropout, nor extra parameters of the old
-    attention such as Qwen3's q_norm/k_norm (a warning lists them).
+    Decoding: generate() decodes with an NSAModelCache, which a hook set on the model makes
+    (see the module docstring); model.config.use_cache becomes False, so that a plain forward
+    makes none of transformers' caches, which the NSA layers refuse.
+
+    Limits (each raises a ValueError when hit): padding only on the left of prompts and only
+    with an NSAModelCache (without a cache, attention masks that mask out tokens are refused:
+    pack sequences with restarting position_ids instead); no other cache than NSAModelCache.
+    Non-default rotary scaling (e.g. Llama 3's rope_type="llama3") is not reproduced (a warning
+    says so), nor attention dropout, nor extra parameters of the old attention such as Qwen3's
+    q_norm/k_norm (a warning lists them).
 
     Returns the model, changed in place.
     """
@@ -290,7 +445,7 @@ def replace_attention(model, *, nsa_kwargs=None, copy_weights=True):
     if dropped and copy_weights:
         warnings.warn(f"{_WHERE}: the old attention has parameters NativeSparseAttention has no "
                       f"place for, dropped: {', '.join(dropped)}", stacklevel=2)
-    for parent, old, _ in olds:
+    for i, (parent, old, _) in enumerate(olds):
         ref = old.q_proj.weight
         with torch.device(ref.device):  # build in place, not on the CPU and then moved
             nsa = NativeSparseAttention.from_config(cfg)
@@ -302,14 +457,27 @@ def replace_attention(model, *, nsa_kwargs=None, copy_weights=True):
                 for s in nsa.kv_suffixes():
                     _copy_linear(getattr(nsa, "k_proj" + s), old.k_proj)
                     _copy_linear(getattr(nsa, "v_proj" + s), old.v_proj)
-        new = NSASelfAttention(nsa, layer_idx=getattr(old, "layer_idx", None))
+        layer_idx = getattr(old, "layer_idx", None)
+        new = NSASelfAttention(nsa, layer_idx=i if layer_idx is None else layer_idx)
         new.train(old.training)
         parent.self_attn = new
 
-    # The layers never fill a KV cache and refuse one (see NSASelfAttention).
+    # A plain forward (training, scoring) makes no cache: transformers' own would hold plain keys
+    # and values, which the NSA layers refuse. generate() passes use_cache itself and, through
+    # the hook below, gets an NSAModelCache.
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and hasattr(gen, "use_cache"):
-        gen.use_cache = False
+    if hasattr(type(model), "_prepare_cache_for_generation"):
+        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation,
+                                                               model)
     return model
+
+
+def __getattr__(name):
+    """NSAModelCache and NSALayerCache live in hf_cache.py, which imports transformers: loaded on
+    first use."""
+    if name in ("NSAModelCache", "NSALayerCache"):
+        _require_transformers()
+        from . import hf_cache
+        return getattr(hf_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,10 +74,15 @@ struct KeyRows {
 
   template <typename T>
   void load(const AttnParams& p, const SeqRange& seq, int g, index_t c0, int n) {
-    k = rows_as(p.k.ptr<T>(seq.batch, seq.start + c0, g), p.k.row_stride, n, p.head_dim, kbuf,
-                ldk);
-    v = rows_as(p.v.ptr<T>(seq.batch, seq.start + c0, g), p.v.row_stride, n, p.head_dim_v, vbuf,
-                ldv);
+    load<T>(p.k.ptr<T>(seq.batch, seq.start + c0, g), p.k.row_stride,
+            p.v.ptr<T>(seq.batch, seq.start + c0, g), p.v.row_stride, n, p.head_dim,
+            p.head_dim_v);
+  }
+  // n key rows of D elements at `keys` (row stride ldk_in) and their value rows of Dv elements.
+  template <typename T>
+  void load(const T* keys, index_t ldk_in, const T* values, index_t ldv_in, int n, int D, int Dv) {
+    k = rows_as(keys, ldk_in, n, D, kbuf, ldk);
+    v = rows_as(values, ldv_in, n, Dv, vbuf, ldv);
   }
 };
 
