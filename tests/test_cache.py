@@ -28,14 +28,6 @@ HYPER = dict(block_size=32, block_stride=16, select_size=32, num_selected=3, num
 HIDDEN = 24
 
 
-@pytest.fixture(autouse=True)
-def decode_op(monkeypatch):
-    """The layer calls nsa_torch.functional.decode_attention; until the op is built in, the
-    reference stands in for it."""
-    if not hasattr(torch.ops.nsa, "decode_attention"):
-        monkeypatch.setattr(nsa_fn, "decode_attention", reference.decode_attention, raising=False)
-
-
 def make_layer(compression="mlp", separate=False, G=4, H=1, D=8, Dv=6, dtype=F64, seed=0, **kw):
     torch.manual_seed(seed)
     layer = nsa_torch.NativeSparseAttention(HIDDEN, G * H, H, D, Dv, compression=compression,
@@ -540,8 +532,6 @@ def test_cuda_graph_step(paged):
     tokens, crossing compression windows and a selection block, against the same steps run
     eagerly on a twin cache: the same outputs; seqlens advance on the device at each replay and
     sync_lengths brings the host lengths back in step."""
-    if not hasattr(torch.ops.nsa, "decode_attention"):
-        pytest.skip("the reference, which stands in for the missing op, reads the lengths on the host")
     layer = twin(cuda_layer(), "cuda", torch.bfloat16)
     B, t0, n = 3, 90, 40
     x = torch.randn(B, t0 + 2 + n, 256, device="cuda", dtype=torch.bfloat16)
