@@ -35,11 +35,11 @@ NSA_HOST_DEVICE int tile_slots(int cpr, int cpb) { return (kTileKeys - 2 + cpr) 
 NSA_HOST_DEVICE int tiles_per_block(int select_size) { return (select_size + kTileKeys - 1) / kTileKeys; }
 
 // Queries with rows in one row block: all S when one block holds every row, else at most those
-// that 64 consecutive rows touch.
+// that 64 consecutive rows touch (64 at most: a query has at least one row).
 NSA_HOST_DEVICE int block_queries(const DecodeParams& p) {
   const int G = group_size(p), S = p.num_queries;
   if (row_blocks(p) <= 1 || G <= 0) return S;
-  const int most = (kBlockRows - 1) / G + 2;
+  const int touched = (kBlockRows - 1) / G + 2, most = touched < kBlockRows ? touched : kBlockRows;
   return S < most ? S : most;
 }
 

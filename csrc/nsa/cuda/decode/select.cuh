@@ -1,0 +1,201 @@
+// Kernel B of the decoding step (decode.h): each query's lse over the compressed splits, its
+// block scores from kernel A's per-tile slots, and the top-n selection with the training rule
+// (topk/select.h's keys: forced blocks first, then higher scores, NaN as -inf, ties to the
+// smaller block; topk_kernel.cuh's write_token for the ascending, -1 padded output).
+#pragma once
+
+#include <cmath>
+
+#include "../topk/topk_kernel.cuh"
+#include "decode.h"
+#include "tile_attention.cuh"
+
+namespace nsa::cuda::decode {
+
+constexpr int kSelectThreads = 256;
+constexpr int kSelectWarps = kSelectThreads / 32;
+
+// Merge of split partials (m, l, O) (m in log2 units, l and O against m): the factor taking a
+// split's sums to the common maximum mx. A split that saw no key ((-inf, 0, 0)) adds 0; one whose
+// scores were all NaN (m = -inf, l NaN) keeps the merge NaN (0 x NaN).
+__device__ __forceinline__ float split_factor(float m, float mx) { return m == -INFINITY ? 0.f : exp2f(m - mx); }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int d = 16; d >= 1; d /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, d));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int d = 16; d >= 1; d /= 2) x += __shfl_xor_sync(0xffffffffu, x, d);
+  return x;
+}
+
+// The n best keys a warp has seen, descending: element e = 32 s + lane in v[s], 0 while empty
+// (keys are never 0). LS = ceil(n / 32) registers per lane; elements past n - 1 are scratch
+// (they may keep keys pushed out of the n best) and never read.
+template <int LS>
+struct WarpTopN {
+  uint64_t v[LS];
+  uint64_t theta;  // the n-th key (0 while fewer than n): a key must beat it to enter
+  int n;
+
+  __device__ __forceinline__ void init(int n_) {
+    n = n_;
+    theta = 0;
+#pragma unroll
+    for (int s = 0; s < LS; ++s) v[s] = 0;
+  }
+
+  // Inserts x (> theta, not present): elements below it move down one place.
+  __device__ __forceinline__ void insert(uint64_t x) {
+    const int lane = threadIdx.x & 31;
+    uint64_t carry = 0;  // the last element of the previous register, before the move
+#pragma unroll
+    for (int s = 0; s < LS; ++s) {
+      uint64_t up = __shfl_up_sync(0xffffffffu, v[s], 1);
+      const uint64_t last = __shfl_sync(0xffffffffu, v[s], 31);
+      if (lane == 0) up = carry;
+      const bool first = s == 0 && lane == 0;
+      v[s] = v[s] > x ? v[s] : (first || up > x ? x : up);
+      carry = last;
+    }
+    // Element n - 1, selected by masks: a run-time register index would put v in local memory.
+    uint64_t nth = 0;
+#pragma unroll
+    for (int s = 0; s < LS; ++s) nth |= v[s] & (uint64_t(0) - uint64_t(s == (n - 1) >> 5));
+    theta = __shfl_sync(0xffffffffu, nth, (n - 1) & 31);
+  }
+
+  // Offers each lane's key (0: none), best lanes first.
+  __device__ __forceinline__ void offer(uint64_t y) {
+    unsigned take = __ballot_sync(0xffffffffu, y > theta);
+    while (take) {
+      const int src = __ffs(take) - 1;
+      insert(__shfl_sync(0xffffffffu, y, src));
+      take &= ~(1u << src);
+      take &= __ballot_sync(0xffffffffu, y > theta);
+    }
+  }
+
+  __device__ __forceinline__ void store(uint64_t* dst) const {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int s = 0; s < LS; ++s)
+      if (s * 32 + lane < n) dst[s * 32 + lane] = v[s];
+  }
+};
+
+// Dynamic shared memory: lse [G] (log2 units) and the rows with a finite lse [G].
+inline size_t select_smem_bytes(int G) { return size_t(G) * (sizeof(float) + sizeof(int)); }
+
+template <int LS>
+__global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const DecodeParams p, const Workspace ws) {
+  __shared__ uint64_t lists[kSelectWarps][LS * 32];
+  __shared__ int n_good;
+  extern __shared__ float lse_s[];  // [G], then good_s [G]
+  const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G = p.num_heads / p.num_heads_k, S = p.num_queries, R = ws.rows, n = p.num_selected;
+  int* good_s = reinterpret_cast<int*>(lse_s + G);
+  allow_next_grid();
+
+  // The sequence: its length within [S, capacity], its pages within the pool (inputs only, so
+  // before the wait).
+  const int L = p.seqlens[b];
+  bool ok = L >= S && L <= p.capacity;
+  if (p.block_table != nullptr && ok) {
+    const index_t pages = (L + p.page_size - 1) / p.page_size;
+    bool bad = false;
+    for (index_t i = tid; i < pages; i += kSelectThreads) {
+      const int32_t page = p.block_table[b * p.block_table_stride + i];
+      bad = bad || page < 0 || page >= p.num_pages;
+    }
+    ok = !__syncthreads_or(bad);
+  }
+  wait_prior_grid();
+  int32_t* out = p.block_indices.ptr<int32_t>(b, s, h);
+  if (tid == 0) ws.bad[(index_t(b) * S + s) * p.num_heads_k + h] = ok ? 0 : 1;
+  if (!ok) {
+    for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+    return;
+  }
+
+  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the splits.
+  const index_t bh = index_t(b) * p.num_heads_k + h;
+  const int row0 = s * G, splits = p.plan.cmp_splits;
+  const float* ml = ws.cmp_ml + (bh * splits * R + row0) * 2;  // [splits][R][2]
+  for (int g = warp; g < G; g += kSelectWarps) {
+    float mx = -INFINITY;
+    for (int sp = lane; sp < splits; sp += 32) mx = fmaxf(mx, ml[(index_t(sp) * R + g) * 2]);
+    mx = warp_max(mx);
+    float lsum = 0.f;
+    for (int sp = lane; sp < splits; sp += 32) {
+      const float* x = ml + (index_t(sp) * R + g) * 2;
+      lsum += split_factor(x[0], mx) * x[1];
+    }
+    lsum = warp_sum(lsum);
+    if (lane == 0) lse_s[g] = mx + log2f(lsum);  // -inf: no key seen; NaN: a NaN score
+  }
+  __syncthreads();
+  // Rows with a non-finite lse add nothing (the reference's p = 0 there).
+  if (tid == 0) {
+    int c = 0;
+    for (int g = 0; g < G; ++g)
+      if (isfinite(lse_s[g])) good_s[c++] = g;
+    n_good = c;
+  }
+  __syncthreads();
+  const int ng = n_good;
+
+  // The tiles' factors 2^(m_t - lse) in place of their maxima (tiles this query sees).
+  const int pos = L - S + s;
+  const int nv = int(num_cmp_tokens(pos + 1, p.block_size, p.block_stride));
+  const int nts = (nv + kTileKeys - 1) / kTileKeys;
+  float* f = ws.tile_m + bh * ws.tiles * R + row0;                     // [T][R]
+  const float* u = ws.tile_u + bh * ws.tiles * ws.slots * R + row0;   // [T][NS][R]
+  for (int idx = tid; idx < nts * ng; idx += kSelectThreads) {
+    const int t = idx / ng, g = good_s[idx - t * ng];
+    float* x = f + index_t(t) * R + g;
+    *x = *x == -INFINITY ? 0.f : exp2f(*x - lse_s[g]);
+  }
+  __syncthreads();
+
+  // Scores of the candidates 0 .. bpos (32 consecutive blocks per warp and round), each warp
+  // keeping its own top n.
+  const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
+  const int bpos = pos / p.select_size, cand = bpos + 1;
+  WarpTopN<LS> top;
+  top.init(n);
+  for (int j0 = warp * 32; j0 < cand; j0 += kSelectThreads) {
+    const int j = j0 + lane;
+    uint64_t key = 0;
+    if (j < cand) {
+      // Tiles holding rows with cells in block j: rows j cpb - cpr + 1 .. (j + 1) cpb - 1.
+      const int ta = max(0, j * cpb - cpr + 1) / kTileKeys;
+      const int tb = min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys);
+      float score = 0.f;
+      for (int t = ta; t <= tb; ++t) {
+        const float* ft = f + index_t(t) * R;
+        const float* ut = u + (index_t(t) * slots + j - t * kTileKeys / cpb) * R;
+        for (int k = 0; k < ng; ++k) {
+          const int g = good_s[k];
+          score = fmaf(ft[g], ut[g], score);
+        }
+      }
+      key = topk::block_key(score, j, topk::is_forced(j, bpos, p.num_initial, p.num_local));
+    }
+    top.offer(key);
+  }
+  top.store(lists[warp]);
+  __syncthreads();
+  if (warp == 0) {
+    for (int w = 1; w < kSelectWarps; ++w)
+      for (int e0 = 0; e0 < n; e0 += 32) top.offer(e0 + lane < n ? lists[w][e0 + lane] : 0);
+    top.store(lists[0]);
+    __syncwarp();
+    topk::write_token(lists[0], min(n, cand), n, out);
+  }
+}
+
+}  // namespace nsa::cuda::decode
