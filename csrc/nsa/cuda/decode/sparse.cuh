@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   if (!(L >= S && L <= p.capacity)) {  // kernel B flags the sequence; nothing is read
     write_empty<DV>(ws.sp_o + part(0) * DV, ws.sp_ml + part(0) * 2, nrows);
     write_empty<DV>(ws.sp_o + part(1) * DV, ws.sp_ml + part(1) * 2, nrows);
+    wait_prior_grid();
     return;
   }
 

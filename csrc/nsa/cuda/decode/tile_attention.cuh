@@ -20,8 +20,10 @@ constexpr int kThreads = 128;
 // Programmatic dependent launch (sm_90; no-ops elsewhere). A kernel launched with it may start
 // while the previous kernel of the stream runs: everything it reads from that kernel (or writes
 // where that kernel reads) must come after wait_prior_grid(), which returns once the previous
-// grid has completed and its writes are visible. allow_next_grid() lets the next kernel's thread
-// blocks start once every block of this grid has called it (or exited).
+// grid has completed and its writes are visible. Every thread block of such a kernel calls it
+// before exiting, so that a kernel's completion implies its predecessors' (kernel D reads what A
+// and B wrote, and the next step's kernels follow D). allow_next_grid() lets the next kernel's
+// thread blocks start once every block of this grid has called it (or exited).
 __device__ __forceinline__ void wait_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
