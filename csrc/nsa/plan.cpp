@@ -171,7 +171,8 @@ const std::vector<std::string>& plan_values(const std::string& key) {
 void set_override(PlanOverrides& o, const std::string& key, const std::string& value) {
   const std::vector<std::string>& names = plan_values(key);
   if (names.empty())
-    throw std::invalid_argument(std::string(kForce) + ": " + key + "=\"" + value + "\": expected an int " + int_range(key));
+    throw std::invalid_argument(std::string(kForce) + ": " + key + "=\"" + value + "\": expected an int " +
+                                int_range(key));
   const size_t i = pick(key, value, names);
   if (key == "fwd") o.fwd = FwdKernel(i);
   if (key == "bwd") o.bwd = BwdKernel(i);

@@ -345,6 +345,11 @@ TEST_CASE("plan: decode splits by batch and capacity", "[plan][decode]") {
   CHECK(plan_decode(decode_shape(1, 128 << 10), kA100, none).cmp_splits == 43);
   CHECK(plan_decode(decode_shape(1, 128 << 10, 64, 2), kH100, none).cmp_splits == 64);
   CHECK(plan_decode(decode_shape(4, 128 << 10, 64, 2), kH100, none).cmp_splits == 32);
+  // A window past the capacity (the op's "whole past", 2^30) counts the capacity's tiles: 16 + 129
+  // tiles at 8k, 49 splits of 3.
+  DecodeParams whole = decode_shape(1, 8 << 10);
+  whole.window_size = 1 << 30;
+  CHECK(plan_decode(whole, kH100, none).slc_splits == 49);
 }
 
 TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
@@ -394,10 +399,12 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
         FwdKernel::kWgmma);
 
   PlanOverrides o;
-  CHECK(contains(refusal([&] { set_override(o, "cmp_splits", int64_t(0)); }), "cmp_splits=0: expected an int in [1, 65535]"));
+  CHECK(contains(refusal([&] { set_override(o, "cmp_splits", int64_t(0)); }),
+                 "cmp_splits=0: expected an int in [1, 65535]"));
   CHECK(contains(refusal([&] { set_override(o, "slc_splits", int64_t(-2)); }), "slc_splits=-2"));
   CHECK(contains(refusal([&] { set_override(o, "slc_splits", int64_t(65536)); }), "in [1, 65535]"));
-  CHECK(contains(refusal([&] { set_override(o, "cmp_splits", "4"); }), "cmp_splits=\"4\": expected an int in [1, 65535]"));
+  CHECK(contains(refusal([&] { set_override(o, "cmp_splits", "4"); }),
+                 "cmp_splits=\"4\": expected an int in [1, 65535]"));
   CHECK(refusal([&] { set_override(o, "cmp_splits", int64_t(65535)); }).empty());
   CHECK(!o.slc_splits);  // nothing refused was set
   CHECK(o.cmp_splits == 65535);

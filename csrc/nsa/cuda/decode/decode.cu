@@ -26,7 +26,8 @@ void check(const DecodeParams& p) {
   if (p.num_heads_k < 1 || p.num_heads < 1 || p.num_heads % p.num_heads_k != 0)
     invalid("num_heads (" + str(p.num_heads) + ") must be a positive multiple of num_heads_k (" + str(p.num_heads_k) +
             ")");
-  if (p.batch < 0 || p.num_queries < 1) invalid("need B >= 0 and S >= 1, got B = " + str(p.batch) + ", S = " + str(p.num_queries));
+  if (p.batch < 0 || p.num_queries < 1)
+    invalid("need B >= 0 and S >= 1, got B = " + str(p.batch) + ", S = " + str(p.num_queries));
   if (p.block_stride < 1 || p.block_size < p.block_stride || p.block_size % p.block_stride != 0 ||
       p.select_size < p.block_stride || p.select_size % p.block_stride != 0)
     invalid("block_stride must divide block_size and select_size, got block_size = " + str(p.block_size) +

@@ -22,7 +22,8 @@ void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, 
     throw std::invalid_argument(std::string(kOp) + ": a kernel needs " + std::to_string(smem) +
                                 " bytes of shared memory per thread block, the device allows " +
                                 std::to_string(p.plan.device.smem_per_block));
-  if (smem > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
     (void)cudaGetLastError();
     throw std::invalid_argument(std::string(kOp) + ": a kernel needs " + std::to_string(smem) +
                                 " bytes of shared memory per thread block, more than the device allows");

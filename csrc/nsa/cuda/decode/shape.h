@@ -44,9 +44,11 @@ NSA_HOST_DEVICE int block_queries(const DecodeParams& p) {
 }
 
 // Key tiles of the window branch of a row block: the selection blocks that the keys
-// [pos_first - w + 1, pos_last] (w + nq - 1 keys) touch, each cut into tiles.
+// [pos_first - w + 1, pos_last] (w + nq - 1 keys, at most the capacity) touch, each cut into
+// tiles.
 NSA_HOST_DEVICE index_t window_tiles_max(const DecodeParams& p) {
-  const index_t keys = index_t(p.window_size) + block_queries(p) - 1;
+  const index_t span = index_t(p.window_size) + block_queries(p) - 1;
+  const index_t keys = span < p.capacity ? span : p.capacity;
   return index_t(tiles_per_block(p.select_size)) * ((keys - 1) / p.select_size + 2);
 }
 

@@ -3,10 +3,10 @@
 // A thread block owns the rows of one (sequence, KV head, row block) and a share of each
 // branch's key tiles. Tiles never cross a selection-block edge, so each lies within one page
 // (page_size % select_size == 0): a tile is (first key, keys, page, row in the page), looked up
-// once into shared memory before the copies start. The window branch comes first: its keys
-// depend on the length alone, so it runs while kernel B still selects; then, once B is done, the
-// selected branch over the union of the row block's chosen blocks, each block carrying the mask of
-// the queries that chose it (a row sees its own query's blocks, keys up to its position).
+// into shared memory a few tiles before its copies start. The window branch comes first: its
+// keys depend on the length alone, so it runs while kernel B still selects; then, once B is done,
+// the selected branch over the union of the row block's chosen blocks, each block carrying the
+// mask of the queries that chose it (a row sees its own query's blocks, keys up to its position).
 #pragma once
 
 #include <climits>
@@ -23,24 +23,22 @@ constexpr size_t kSparseExtra = 4096;
 template <typename T, int D, int DV, int MT>
 using SparseSmem = TileSmem<T, D, DV, MT, kSparseExtra>;
 
-// The kernel's own arrays after SparseSmem's (byte offsets): the union's query masks (uint64)
-// and blocks, the row block's lists of chosen blocks, and 4 ints per key tile of the block's
-// share (first key, keys, page, row in the page). Host and device: the launch sizes them.
+// The kernel's own arrays after SparseSmem's (byte offsets): the entries of the key tiles in
+// flight (first key, keys, page, row in the page: 4 ints, a ring of kStages + 1 <= 4), then the
+// union's query masks (uint64) and blocks, and the row block's lists of chosen blocks. Host and
+// device: the launch sizes them.
 struct SparseArrays {
-  int off_masks, off_blocks, off_lists, off_tiles, bytes;
+  int off_tiles, off_masks, off_blocks, off_lists, bytes;
 };
 
 NSA_HOST_DEVICE SparseArrays sparse_arrays(const DecodeParams& p) {
   const int entries = block_queries(p) * p.num_selected;
-  const index_t splits = p.plan.slc_splits;
-  const index_t win = (window_tiles_max(p) + splits - 1) / splits;
-  const index_t sel = (selected_tiles_max(p) + splits - 1) / splits;
   SparseArrays a;
-  a.off_masks = 0;
-  a.off_blocks = entries * 8;
+  a.off_tiles = 0;
+  a.off_masks = 4 * 16;
+  a.off_blocks = a.off_masks + entries * 8;
   a.off_lists = a.off_blocks + entries * 4;
-  a.off_tiles = (a.off_lists + entries * 4 + 15) / 16 * 16;
-  a.bytes = a.off_tiles + int(win > sel ? win : sel) * 16;
+  a.bytes = a.off_lists + entries * 4;
   return a;
 }
 
@@ -118,31 +116,44 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   load_query_rows<T, D, MT>(sm.q(), p, b, h, G, r0, nrows);
 
   // Runs this split's share [first, first + count) of a branch's `total` key tiles: tile i spans
-  // keys span(i, t0, t1); row `row` (0, 1: this thread's) takes part in tile i iff on(row, i),
-  // and then sees key t iff sees(row, t).
+  // keys span(i, t0, t1); row `row` (0, 1: this thread's) takes part in tile i iff on(row, i), and
+  // then sees key t iff sees(row, t). Tile k's entry lives in slot k % kRing of `tiles`: the
+  // first kStages are looked up before the loop, tile k + kStages's by one thread during tile k
+  // (its page load overlaps the products; its copies start at the next step, after a barrier).
+  constexpr int kRing = Smem::kStages + 1;
+  static_assert(kRing <= 4, "sparse_arrays keeps 4 tile entries");
   auto branch = [&](int total, const View& kv, const View& vv, auto&& span, auto&& on, auto&& sees, int br) {
     const int per = (total + splits - 1) / splits, first = split * per;
     const int count = max(0, min(per, total - first));
-    for (int k = tid; k < count; k += kThreads) {
+    auto lookup = [&](int k, int* entry) {
       int t0, t1;
       span(first + k, t0, t1);
-      set_tile(p, b, tiles + 4 * k, t0, t1 - t0);
-    }
+      set_tile(p, b, entry, t0, t1 - t0);
+    };
+    for (int k = tid; k < min(count, Smem::kStages); k += kThreads) lookup(k, tiles + 4 * k);
     __syncthreads();
     acc.reset();
     run_tiles<Smem::kStages>(
         count,
         [&](int k, int stage) {
-          const int* tl = tiles + 4 * k;
+          const int* tl = tiles + 4 * (k % kRing);
           copy_tile<D>(sm.k(stage), kv.ptr<const T>(tl[2], tl[3], h), kv.row_stride, tl[1]);
           copy_tile<DV>(sm.v(stage), vv.ptr<const T>(tl[2], tl[3], h), vv.row_stride, tl[1]);
         },
         [&](int k, int stage) {
-          const int t0 = tiles[4 * k], keys = tiles[4 * k + 1];
+          const int* tl = tiles + 4 * (k % kRing);
+          const int t0 = tl[0], keys = tl[1], ahead = k + Smem::kStages;
+          int next[4];
+          if (tid == 0 && ahead < count) lookup(ahead, next);
           const bool on0 = on(0, first + k), on1 = on(1, first + k);
           float pr[W::kKeys / 8][4];
           acc.tile(sm.q(), sm.k(stage), sm.v(stage), sm.red(), scale_log2, false,
                    [&](int row, int key) { return key < keys && (row ? on1 : on0) && sees(row, t0 + key); }, pr);
+          if (tid == 0 && ahead < count) {
+            int* slot = tiles + 4 * (ahead % kRing);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) slot[i] = next[i];
+          }
         });
     acc.finish(sm.reduce(), ws.sp_o + part(br) * DV, ws.sp_ml + part(br) * 2, nrows);
   };
