@@ -14,10 +14,10 @@
 //      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
 //   B. decode_select_kernel (select.cuh), grid (S, H, B), 256 threads: checks the sequence
 //      (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each row's
-//      lse, turns the tiles' maxima into the factors 2^(m_t - lse), sums each candidate block's
-//      score over its tiles and the group's rows, and picks the top n as the training kernels do
-//      (forced initial and local blocks, ties to the smaller block; per-warp lists merged).
-//      Writes block_indices [B, S, H, n] and the sequence's validity.
+//      lse, turns the tiles' maxima into the factors 2^(m_t - lse), sums each tile's slots over
+//      the group's rows, each candidate block's score over its tiles, and picks the top n as the
+//      training kernels do (forced initial and local blocks, ties to the smaller block; per-warp
+//      lists merged). Writes block_indices [B, S, H, n] and the sequence's validity.
 //   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
 //      first the window branch (keys [pos - w + 1, pos] of each query, in tiles cut at
 //      selection-block edges, before waiting for B), then the selected branch over the union of
@@ -34,7 +34,9 @@
 //   cmp_ml  [B, H, cmp_splits, R, 2]       A's (m, l); (-inf, 0) for a split without tiles
 //   tile_m  [B, H, T, R]                   A: row maximum after tile t; B overwrites it with
 //                                          the factor 2^(m_t - lse) of its rows
-//   tile_u  [B, H, T, NS, R]               A: slot k of tile t is block floor(64 t / cpb) + k
+//   tile_u  [B, H, T, NS, R]               A: slot k of tile t is block floor(64 t / cpb) + k;
+//                                          B overwrites row s G of a slot with its sum over
+//                                          query s's rows
 //   sp_o    [B, H, slc_splits, 2, R, Dv]   C's partial O: branch 0 selected, 1 window
 //   sp_ml   [B, H, slc_splits, 2, R, 2]    C's (m, l)
 //   bad     [B, S, H] int32                B: 1 where the sequence is invalid

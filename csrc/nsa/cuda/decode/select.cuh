@@ -86,18 +86,30 @@ struct WarpTopN {
   }
 };
 
-// Dynamic shared memory: lse [G] (log2 units) and the rows with a finite lse [G].
-inline size_t select_smem_bytes(int G) { return size_t(G) * (sizeof(float) + sizeof(int)); }
+// Candidate blocks scored at a time (their scores in shared memory).
+constexpr int kScoreChunk = 2048;
+// Rows of the group summed per pass of the tiles' slots (their loads all in flight).
+constexpr int kRowStep = 16;
 
+// Dynamic shared memory: lse [G] (log2 units) of the query's rows.
+inline size_t select_smem_bytes(int G) { return size_t(G) * sizeof(float); }
+
+// The scores come in three passes over global memory, each with many independent loads per
+// thread (a thread block per query: at B = 1 a handful of them read every tile's slots):
+//   1. each tile's factors f = 2^(m_t - lse) in place of its maxima (0 for a row whose lse is
+//      not finite: it adds nothing, as the reference's p = 0 there);
+//   2. each tile's slot sums w = sum over the group's rows of f u, two slots per thread and
+//      kRowStep rows unrolled, in place of the slot's first row;
+//   3. each candidate block's score, the sum of its tiles' slots (ascending tiles), into shared
+//      memory kScoreChunk blocks at a time, then offered to the warps' top-n lists.
 template <int LS>
 __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const DecodeParams p, const Workspace ws) {
   __shared__ uint64_t lists[kSelectWarps][LS * 32];
-  __shared__ int n_good;
-  extern __shared__ float lse_s[];  // [G], then good_s [G]
+  __shared__ float scores[kScoreChunk];
+  extern __shared__ float lse_s[];  // [G]
   const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.num_heads / p.num_heads_k, S = p.num_queries, R = ws.rows, n = p.num_selected;
-  int* good_s = reinterpret_cast<int*>(lse_s + G);
   allow_next_grid();
 
   // The sequence: its length within [S, capacity], its pages within the pool (inputs only, so
@@ -121,7 +133,8 @@ __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const Dec
     return;
   }
 
-  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the splits.
+  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the splits;
+  // -inf: the row saw no compressed token, NaN: a NaN score.
   const index_t bh = index_t(b) * p.num_heads_k + h;
   const int row0 = s * G, splits = p.plan.cmp_splits;
   const float* ml = ws.cmp_ml + (bh * splits * R + row0) * 2;  // [splits][R][2]
@@ -135,57 +148,85 @@ __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const Dec
       lsum += split_factor(x[0], mx) * x[1];
     }
     lsum = warp_sum(lsum);
-    if (lane == 0) lse_s[g] = mx + log2f(lsum);  // -inf: no key seen; NaN: a NaN score
+    if (lane == 0) lse_s[g] = mx + log2f(lsum);
   }
   __syncthreads();
-  // Rows with a non-finite lse add nothing (the reference's p = 0 there).
-  if (tid == 0) {
-    int c = 0;
-    for (int g = 0; g < G; ++g)
-      if (isfinite(lse_s[g])) good_s[c++] = g;
-    n_good = c;
-  }
-  __syncthreads();
-  const int ng = n_good;
 
-  // The tiles' factors 2^(m_t - lse) in place of their maxima (tiles this query sees).
+  // 1. Factors, for the tiles this query sees.
   const int pos = L - S + s;
   const int nv = int(num_cmp_tokens(pos + 1, p.block_size, p.block_stride));
   const int nts = (nv + kTileKeys - 1) / kTileKeys;
-  float* f = ws.tile_m + bh * ws.tiles * R + row0;                     // [T][R]
-  const float* u = ws.tile_u + bh * ws.tiles * ws.slots * R + row0;   // [T][NS][R]
-  for (int idx = tid; idx < nts * ng; idx += kSelectThreads) {
-    const int t = idx / ng, g = good_s[idx - t * ng];
+  const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
+  float* f = ws.tile_m + bh * ws.tiles * R + row0;      // [T][R]
+  float* u = ws.tile_u + bh * ws.tiles * slots * R + row0;  // [T][NS][R]
+#pragma unroll 4
+  for (int idx = tid; idx < nts * G; idx += kSelectThreads) {
+    const int t = idx / G, g = idx - t * G;
     float* x = f + index_t(t) * R + g;
-    *x = *x == -INFINITY ? 0.f : exp2f(*x - lse_s[g]);
+    const float lse = lse_s[g];
+    *x = isfinite(lse) && *x != -INFINITY ? exp2f(*x - lse) : 0.f;
   }
   __syncthreads();
 
-  // Scores of the candidates 0 .. bpos (32 consecutive blocks per warp and round), each warp
-  // keeping its own top n.
-  const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
+  // 2. Slot sums (f = 0 rows skipped, not multiplied: their slots may hold NaN).
+  const int pairs = nts * slots;
+  for (int q0 = tid; q0 < pairs; q0 += 2 * kSelectThreads) {
+    const int q1 = q0 + kSelectThreads < pairs ? q0 + kSelectThreads : q0;  // (past the end: again q0)
+    const int t0 = q0 / slots, t1 = q1 / slots;
+    const float* f0 = f + index_t(t0) * R;
+    const float* f1 = f + index_t(t1) * R;
+    float* u0 = u + (index_t(t0) * slots + q0 - t0 * slots) * R;
+    float* u1 = u + (index_t(t1) * slots + q1 - t1 * slots) * R;
+    float w0 = 0.f, w1 = 0.f;
+    for (int g0 = 0; g0 < G; g0 += kRowStep) {
+      float a0[kRowStep], b0[kRowStep], a1[kRowStep], b1[kRowStep];
+#pragma unroll
+      for (int k = 0; k < kRowStep; ++k) {
+        const bool in = g0 + k < G;
+        a0[k] = in ? f0[g0 + k] : 0.f;
+        b0[k] = in ? u0[g0 + k] : 0.f;
+        a1[k] = in ? f1[g0 + k] : 0.f;
+        b1[k] = in ? u1[g0 + k] : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < kRowStep; ++k) {
+        w0 += a0[k] != 0.f ? a0[k] * b0[k] : 0.f;
+        w1 += a1[k] != 0.f ? a1[k] * b1[k] : 0.f;
+      }
+    }
+    u0[0] = w0;
+    if (q1 != q0) u1[0] = w1;
+  }
+  __syncthreads();
+
+  // 3. Scores of the candidates 0 .. bpos, and each warp's top n of them.
   const int bpos = pos / p.select_size, cand = bpos + 1;
   WarpTopN<LS> top;
   top.init(n);
-  for (int j0 = warp * 32; j0 < cand; j0 += kSelectThreads) {
-    const int j = j0 + lane;
-    uint64_t key = 0;
-    if (j < cand) {
-      // Tiles holding rows with cells in block j: rows j cpb - cpr + 1 .. (j + 1) cpb - 1.
+  for (int c0 = 0; c0 < cand; c0 += kScoreChunk) {
+#pragma unroll
+    for (int i = 0; i < kScoreChunk / kSelectThreads; ++i) {
+      const int j = c0 + i * kSelectThreads + tid;
+      if (j >= cand) break;
+      // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
+      // two but for long windows (cpr + cpb > 66).
       const int ta = max(0, j * cpb - cpr + 1) / kTileKeys;
       const int tb = min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys);
-      float score = 0.f;
-      for (int t = ta; t <= tb; ++t) {
-        const float* ft = f + index_t(t) * R;
-        const float* ut = u + (index_t(t) * slots + j - t * kTileKeys / cpb) * R;
-        for (int k = 0; k < ng; ++k) {
-          const int g = good_s[k];
-          score = fmaf(ft[g], ut[g], score);
-        }
-      }
-      key = topk::block_key(score, j, topk::is_forced(j, bpos, p.num_initial, p.num_local));
+      auto slot_sum = [&](int t) { return u[(index_t(t) * slots + j - t * kTileKeys / cpb) * R]; };
+      float score = ta <= tb ? slot_sum(ta) : 0.f;
+      if (ta + 1 <= tb) score += slot_sum(ta + 1);
+      for (int t = ta + 2; t <= tb; ++t) score += slot_sum(t);
+      scores[j - c0] = score;
     }
-    top.offer(key);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kScoreChunk / kSelectThreads; ++i) {
+      const int j = c0 + i * kSelectThreads + warp * 32 + lane;  // warp-uniform bound below
+      if (c0 + i * kSelectThreads + warp * 32 >= cand) break;
+      top.offer(j < cand ? topk::block_key(scores[j - c0], j, topk::is_forced(j, bpos, p.num_initial, p.num_local))
+                         : 0);
+    }
+    __syncthreads();  // the scores are rewritten by the next chunk
   }
   top.store(lists[warp]);
   __syncthreads();
