@@ -54,10 +54,10 @@ void check(const DecodeParams& p) {
             str(p.plan.slc_splits));
   const index_t rows = index_t(p.num_queries) * (p.num_heads / p.num_heads_k);
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
-      p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2)
-    invalid("shape too large for the launch grids (B = " + str(p.batch) + ", S = " + str(p.num_queries) + ", H = " +
-            str(p.num_heads_k) + ", G = " + str(p.num_heads / p.num_heads_k) + ", cmp_capacity = " +
-            str(p.cmp_capacity) + ")");
+      p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
+      index_t(p.batch) * p.num_queries * p.num_heads > INT_MAX)
+    invalid("shape too large for the launch grids (B = " + str(p.batch) + ", S = " + str(p.num_queries) + ", HQ = " +
+            str(p.num_heads) + ", H = " + str(p.num_heads_k) + ", cmp_capacity = " + str(p.cmp_capacity) + ")");
 }
 
 size_t align256(size_t x) { return (x + 255) / 256 * 256; }
