@@ -223,7 +223,9 @@ struct GateParams {
 struct DecodePlan {
   DeviceFacts device;
   int cmp_splits = 1;        // thread blocks per (sequence, KV head) over the compressed tokens
-  index_t cmp_chunk = 0;     // compressed tokens per split (cmp_splits * cmp_chunk >= cmp_capacity)
+  index_t cmp_chunk = 0;     // compressed tokens per split at full capacity, a multiple of the key
+                             // tile (cmp_splits * cmp_chunk >= cmp_capacity); shorter sequences
+                             // spread their tiles evenly over the same splits
   int slc_splits = 1;        // thread blocks per (sequence, KV head) over selected + window keys
 };
 

@@ -5,12 +5,15 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "cuda/decode/shape.h"
 #include "cuda/head_dims.h"
 
 namespace nsa {
 namespace {
 
 constexpr const char* kForce = "nsa_torch._debug.force";
+// The most thread blocks per (sequence, KV head) a decode override may ask for (a grid dimension).
+constexpr int64_t kMaxDecodeSplits = 65535;
 
 const std::vector<std::string> kFwdNames = {"wgmma", "wide", "mma"};     // FwdKernel order
 const std::vector<std::string> kBwdNames = {"wgmma", "mma"};             // BwdKernel order
@@ -140,11 +143,18 @@ index_t slc_chunk_rows(const SlcParams& p, bool dq, const PlanOverrides& o) {
   return std::max<index_t>(1, std::min(rows, n));
 }
 
+// The accepted range of an int key, for messages.
+std::string int_range(const std::string& key) {
+  if (key == "split_tokens") return ">= 0";
+  if (key == "cmp_splits" || key == "slc_splits") return "in [1, " + std::to_string(kMaxDecodeSplits) + "]";
+  return ">= 1";
+}
+
 }  // namespace
 
 const std::vector<std::string>& plan_keys() {
-  static const std::vector<std::string> keys = {"fwd",    "bwd",          "slc_fwd",       "slc_dq",
-                                                "select", "split_tokens", "slc_chunk_rows"};
+  static const std::vector<std::string> keys = {"fwd",          "bwd",            "slc_fwd",    "slc_dq",    "select",
+                                                "split_tokens", "slc_chunk_rows", "cmp_splits", "slc_splits"};
   return keys;
 }
 
@@ -154,7 +164,7 @@ const std::vector<std::string>& plan_values(const std::string& key) {
   if (key == "slc_fwd") return kSlcNames;
   if (key == "slc_dq") return kSlcDqNames;
   if (key == "select") return kSelectNames;
-  if (key == "split_tokens" || key == "slc_chunk_rows") return kNoNames;
+  if (key == "split_tokens" || key == "slc_chunk_rows" || key == "cmp_splits" || key == "slc_splits") return kNoNames;
   unknown_key(key);
 }
 
@@ -162,7 +172,7 @@ void set_override(PlanOverrides& o, const std::string& key, const std::string& v
   const std::vector<std::string>& names = plan_values(key);
   if (names.empty())
     throw std::invalid_argument(std::string(kForce) + ": " + key + "=\"" + value + "\": expected an int " +
-                                (key == "split_tokens" ? ">= 0" : ">= 1"));
+                                int_range(key));
   const size_t i = pick(key, value, names);
   if (key == "fwd") o.fwd = FwdKernel(i);
   if (key == "bwd") o.bwd = BwdKernel(i);
@@ -175,11 +185,15 @@ void set_override(PlanOverrides& o, const std::string& key, int64_t value) {
   if (!plan_values(key).empty())
     throw std::invalid_argument(std::string(kForce) + ": " + key + "=" + std::to_string(value) +
                                 ": expected one of " + quoted_list(plan_values(key)));
+  const bool splits = key == "cmp_splits" || key == "slc_splits";
   const int64_t least = key == "split_tokens" ? 0 : 1;
-  if (value < least)
-    throw std::invalid_argument(std::string(kForce) + ": " + key + "=" + std::to_string(value) + ": expected an int >= " +
-                                std::to_string(least));
-  (key == "split_tokens" ? o.split_tokens : o.slc_chunk_rows) = value;
+  if (value < least || (splits && value > kMaxDecodeSplits))
+    throw std::invalid_argument(std::string(kForce) + ": " + key + "=" + std::to_string(value) + ": expected an int " +
+                                int_range(key));
+  if (key == "split_tokens") o.split_tokens = value;
+  if (key == "slc_chunk_rows") o.slc_chunk_rows = value;
+  if (key == "cmp_splits") o.cmp_splits = int(value);
+  if (key == "slc_splits") o.slc_splits = int(value);
 }
 
 AttnPlan plan_cmp(const CmpParams& p, Pass pass, const DeviceFacts& dev, const PlanOverrides& o) {
@@ -252,6 +266,38 @@ TopkPlan plan_select(const TopkParams& p, const DeviceFacts& dev, const PlanOver
 }
 
 namespace {
+// Splits of `tiles` key tiles over thread blocks when `units` blocks run per split: enough for
+// kDecodeBlocksPerSm blocks per SM, none below kDecodeMinTiles tiles, then as few as keep the
+// tiles per split (so that the last split is not nearly empty); the override as given.
+int decode_splits(index_t tiles, index_t units, const DeviceFacts& dev, const std::optional<int>& forced) {
+  if (forced) return *forced;
+  const index_t fill = std::max<index_t>(1, index_t(kDecodeBlocksPerSm) * std::max(1, dev.num_sms) / units);
+  const index_t most = std::max<index_t>(1, tiles / kDecodeMinTiles);
+  const index_t splits = std::min(fill, most);
+  const index_t per = std::max<index_t>(1, (tiles + splits - 1) / splits);
+  return int(std::max<index_t>(1, (tiles + per - 1) / per));
+}
+}  // namespace
+
+// The compressed scan splits the cache's compressed tiles (cmp_chunk: the most compressed tokens
+// one split takes, at full capacity; the kernel spreads a step's actual tiles evenly over the
+// splits); the selected + window kernel the most key tiles a row block can have.
+DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o) {
+  DecodePlan plan;
+  plan.device = dev;
+  const index_t units =
+      index_t(std::max(1, p.batch)) * std::max(1, p.num_heads_k) * std::max(1, cuda::decode::row_blocks(p));
+  const index_t tiles = cuda::decode::cmp_tiles(std::max<index_t>(0, p.cmp_capacity));
+  plan.cmp_splits = decode_splits(tiles, units, dev, o.cmp_splits);
+  plan.cmp_chunk = std::max<index_t>(1, (tiles + plan.cmp_splits - 1) / plan.cmp_splits) * cuda::decode::kTileKeys;
+  index_t sparse = 0;
+  if (p.select_size > 0 && p.num_selected > 0 && p.window_size > 0)
+    sparse = cuda::decode::selected_tiles_max(p) + cuda::decode::window_tiles_max(p);
+  plan.slc_splits = decode_splits(sparse, units, dev, o.slc_splits);
+  return plan;
+}
+
+namespace {
 PlanItem named(const char* key, const std::string& name) { return PlanItem{key, name, 0}; }
 PlanItem number(const char* key, int64_t n) { return PlanItem{key, "", n}; }
 void add_device(std::vector<PlanItem>& items, const DeviceFacts& dev) {
@@ -289,6 +335,13 @@ std::vector<PlanItem> describe(const AttnPlan& plan, AttnBranch branch, Pass pas
 
 std::vector<PlanItem> describe(const TopkPlan& plan) {
   std::vector<PlanItem> items = {named("select", name_of(plan.select))};
+  add_device(items, plan.device);
+  return items;
+}
+
+std::vector<PlanItem> describe(const DecodePlan& plan) {
+  std::vector<PlanItem> items = {number("cmp_splits", plan.cmp_splits), number("cmp_chunk", plan.cmp_chunk),
+                                 number("slc_splits", plan.slc_splits)};
   add_device(items, plan.device);
   return items;
 }

@@ -13,6 +13,10 @@
 //   select          wgmma | mma             select_blocks
 //   split_tokens    int >= 0                tokens per dK/dV split range (0: no split)
 //   slc_chunk_rows  int >= 1                rows per chunk of the selected branch by blocks
+//   cmp_splits      int in [1, 65535]       decode_attention: thread blocks per (sequence, KV head)
+//                                           over the compressed tokens
+//   slc_splits      int in [1, 65535]       decode_attention: thread blocks per (sequence, KV head)
+//                                           over the selected and window keys
 // An override the shape or GPU cannot take makes the plan function throw std::invalid_argument
 // naming the key, the value and why; it never falls back silently.
 #pragma once
@@ -33,6 +37,11 @@ inline constexpr int kPlanKeyTile = 64;
 inline constexpr index_t kDefaultSplitTokens = 4096;
 // The selected branch by blocks keeps one chunk's partials under this many bytes.
 inline constexpr size_t kSlcPartialBytes = size_t(2) << 30;
+// A decode step aims at this many thread blocks per SM in each of its two long kernels (the
+// compressed scan and the selected + window attention), each split taking at least
+// kDecodeMinTiles key tiles.
+inline constexpr int kDecodeBlocksPerSm = 2;
+inline constexpr int kDecodeMinTiles = 2;
 
 // Explicit choices; an empty field leaves the choice to the plan.
 struct PlanOverrides {
@@ -43,11 +52,13 @@ struct PlanOverrides {
   std::optional<SelectKernel> select;
   std::optional<index_t> split_tokens;
   std::optional<index_t> slc_chunk_rows;
+  std::optional<int> cmp_splits;
+  std::optional<int> slc_splits;
 };
 
-// Sets one override from its key and value (a kernel name, or an int for split_tokens and
-// slc_chunk_rows). Throws std::invalid_argument for an unknown key, a value of the wrong kind or
-// out of range, naming the key, the value and what is accepted.
+// Sets one override from its key and value (a kernel name, or an int for split_tokens,
+// slc_chunk_rows, cmp_splits and slc_splits). Throws std::invalid_argument for an unknown key, a
+// value of the wrong kind or out of range, naming the key, the value and what is accepted.
 void set_override(PlanOverrides& o, const std::string& key, const std::string& value);
 void set_override(PlanOverrides& o, const std::string& key, int64_t value);
 
@@ -64,6 +75,9 @@ AttnPlan plan_slc(const SlcParams& p, Pass pass, const DeviceFacts& dev, const P
 AttnPlan plan_swa(const SwaParams& p, Pass pass, const DeviceFacts& dev, const PlanOverrides& o);
 TopkPlan plan_select(const TopkParams& p, const DeviceFacts& dev, const PlanOverrides& o);
 // The split of a decode step (DecodePlan): from the capacity, never the lengths (graph capture).
+// By default each of its long kernels gets about kDecodeBlocksPerSm thread blocks per SM over all
+// (sequence, KV head, row block) units, and no split fewer than kDecodeMinTiles key tiles of the
+// longest step the cache allows; cmp_splits and slc_splits overrides are taken as given.
 DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o);
 
 // What a plan chose, as (key, value) items in the vocabulary above plus split (split ranges),
@@ -72,10 +86,13 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
 struct PlanItem {
   std::string key;
   std::string name;    // the kernel's name, or empty for a number
-  int64_t number = 0;  // split_tokens, split, slc_chunk_rows, arch, num_sms
+  int64_t number = 0;  // split_tokens, split, slc_chunk_rows, cmp_splits, cmp_chunk, slc_splits,
+                       // arch, num_sms
 };
 enum class AttnBranch : int32_t { kCmp, kSlc, kSwa };
 std::vector<PlanItem> describe(const AttnPlan& plan, AttnBranch branch, Pass pass);
 std::vector<PlanItem> describe(const TopkPlan& plan);
+// cmp_splits, cmp_chunk, slc_splits, arch, num_sms.
+std::vector<PlanItem> describe(const DecodePlan& plan);
 
 }  // namespace nsa

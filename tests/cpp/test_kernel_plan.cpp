@@ -52,6 +52,29 @@ PlanOverrides with(const std::string& key, const std::string& value) {
   return o;
 }
 
+PlanOverrides with(const std::string& key, int64_t value) {
+  PlanOverrides o;
+  set_override(o, key, value);
+  return o;
+}
+
+// A decode step of B sequences (S new tokens each) over caches of `capacity` tokens: HQ = 64 query
+// heads in groups of G, D = Dv = 128, the paper's hyper-parameters (l = 32, d = 16, l' = 64,
+// n = 16, w = 512).
+DecodeParams decode_shape(int B, index_t capacity, int G = 16, int S = 1) {
+  DecodeParams p;
+  p.batch = B;
+  p.num_queries = S;
+  p.num_heads = 64;
+  p.num_heads_k = 64 / G;
+  p.head_dim = 128;
+  p.head_dim_v = 128;
+  p.capacity = capacity;
+  p.page_size = capacity;
+  p.cmp_capacity = num_cmp_tokens(capacity, p.block_size, p.block_stride);
+  return p;
+}
+
 // The message of the std::invalid_argument that f throws ("" when it throws none).
 template <typename F>
 std::string refusal(F&& f) {
@@ -258,7 +281,7 @@ TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
   CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
   CHECK(!o.fwd);  // nothing refused was set
   CHECK(o.split_tokens == 0);
-  CHECK(plan_keys().size() == 7);
+  CHECK(plan_keys().size() == 9);
   for (const std::string& key : plan_keys())
     for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
 }
@@ -290,4 +313,117 @@ TEST_CASE("plan: description of what ran", "[plan]") {
                                 AttnBranch::kSwa, Pass::kBwd);
   CHECK(find(swa_bwd, "split").key == "(absent)");
   CHECK(find(describe(plan_select(topk_shape(16), kH100, none)), "select").name == "wgmma");
+}
+
+TEST_CASE("plan: decode splits by batch and capacity", "[plan][decode]") {
+  const PlanOverrides none;
+  for (index_t capacity : {index_t(8) << 10, index_t(16) << 10, index_t(32) << 10, index_t(64) << 10,
+                           index_t(128) << 10}) {
+    CAPTURE(capacity);
+    const index_t tiles = (num_cmp_tokens(capacity, 32, 16) + 63) / 64;  // 8 .. 128
+    // B = 1 (4 KV heads): two compressed tiles per split, 64 splits (256 thread blocks) at 128k.
+    const DecodePlan one = plan_decode(decode_shape(1, capacity), kH100, none);
+    CHECK(one.cmp_splits == tiles / 2);
+    CHECK(one.cmp_chunk == 128);
+    // 25 selected + window tiles (16 blocks, 9 blocks of the window): 9 splits of 3.
+    CHECK(one.slc_splits == 9);
+    // B = 16: 64 units, 4 splits each (256 thread blocks); B = 64: 256 units, no split.
+    const DecodePlan sixteen = plan_decode(decode_shape(16, capacity), kH100, none);
+    CHECK(sixteen.cmp_splits == 4);
+    CHECK(sixteen.cmp_chunk == tiles / 4 * 64);
+    CHECK(sixteen.slc_splits == 4);
+    const DecodePlan sixty_four = plan_decode(decode_shape(64, capacity), kH100, none);
+    CHECK(sixty_four.cmp_splits == 1);
+    CHECK(sixty_four.cmp_chunk == tiles * 64);
+    CHECK(sixty_four.slc_splits == 1);
+  }
+  // B = 1 gives about one thread block per SM at 64k (128, two tiles each), two at 128k.
+  CHECK(4 * plan_decode(decode_shape(1, 64 << 10), kH100, none).cmp_splits == 128);
+  CHECK(4 * plan_decode(decode_shape(1, 128 << 10), kH100, none).cmp_splits >= 2 * 132 - 8);
+  // Fewer SMs, fewer splits (108: 54 wanted, 43 of 3 tiles); more rows than a thread block holds
+  // (G = 64, S = 2: two row blocks) count as more units (B = 4: 33 wanted, 32 of 4 tiles).
+  CHECK(plan_decode(decode_shape(1, 128 << 10), kA100, none).cmp_splits == 43);
+  CHECK(plan_decode(decode_shape(1, 128 << 10, 64, 2), kH100, none).cmp_splits == 64);
+  CHECK(plan_decode(decode_shape(4, 128 << 10, 64, 2), kH100, none).cmp_splits == 32);
+  // A window past the capacity (the op's "whole past", 2^30) counts the capacity's tiles: 16 + 129
+  // tiles at 8k, 49 splits of 3.
+  DecodeParams whole = decode_shape(1, 8 << 10);
+  whole.window_size = 1 << 30;
+  CHECK(plan_decode(whole, kH100, none).slc_splits == 49);
+}
+
+TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
+  const PlanOverrides none;
+  for (int B : {1, 2, 3, 16, 64, 1000}) {
+    for (index_t capacity : {index_t(1), index_t(31), index_t(32), index_t(100), index_t(5000), index_t(1) << 17,
+                             index_t(1) << 20}) {
+      for (int G : {1, 3, 16, 64}) {
+        for (int S : {1, 4}) {
+          CAPTURE(B, capacity, G, S);
+          const DecodeParams p = decode_shape(B, capacity, G, S);
+          const DecodePlan plan = plan_decode(p, kH100, none);
+          const index_t units = index_t(B) * p.num_heads_k * ((S * G + 63) / 64);
+          CHECK(plan.cmp_splits >= 1);
+          CHECK(plan.slc_splits >= 1);
+          CHECK(plan.cmp_chunk % 64 == 0);
+          CHECK(plan.cmp_chunk >= 64);
+          CHECK(plan.cmp_splits * plan.cmp_chunk >= p.cmp_capacity);
+          // No split is empty at full capacity, and none is shorter than two tiles but one.
+          if (p.cmp_capacity > 0) CHECK((plan.cmp_splits - 1) * plan.cmp_chunk < p.cmp_capacity);
+          if (plan.cmp_splits > 1) CHECK(plan.cmp_chunk >= 2 * 64);
+          // Never more thread blocks than two per SM, unless the units alone are more.
+          CHECK(units * plan.cmp_splits <= std::max<index_t>(units, 2 * 132));
+          CHECK(units * plan.slc_splits <= std::max<index_t>(units, 2 * 132));
+          CHECK(describe(plan).size() == 5);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("plan: decode split overrides", "[plan][decode]") {
+  const DecodeParams p = decode_shape(16, 64 << 10);  // 64 compressed tiles
+  const DecodePlan cmp = plan_decode(p, kH100, with("cmp_splits", int64_t(7)));
+  CHECK(cmp.cmp_splits == 7);
+  CHECK(cmp.cmp_chunk == 10 * 64);
+  CHECK(cmp.slc_splits == 4);  // the other split as planned
+  const DecodePlan many = plan_decode(p, kH100, with("cmp_splits", int64_t(500)));
+  CHECK(many.cmp_splits == 500);  // as given: the splits past the tiles are empty
+  CHECK(many.cmp_chunk == 64);
+  const DecodePlan slc = plan_decode(p, kH100, with("slc_splits", int64_t(1)));
+  CHECK(slc.slc_splits == 1);
+  CHECK(slc.cmp_splits == 4);
+  // Keys that do not concern the decode step leave it alone, and its keys leave the others alone.
+  CHECK(plan_decode(p, kH100, with("fwd", "mma")).cmp_splits == 4);
+  CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kFwd, kH100, with("cmp_splits", int64_t(3))).fwd ==
+        FwdKernel::kWgmma);
+
+  PlanOverrides o;
+  CHECK(contains(refusal([&] { set_override(o, "cmp_splits", int64_t(0)); }),
+                 "cmp_splits=0: expected an int in [1, 65535]"));
+  CHECK(contains(refusal([&] { set_override(o, "slc_splits", int64_t(-2)); }), "slc_splits=-2"));
+  CHECK(contains(refusal([&] { set_override(o, "slc_splits", int64_t(65536)); }), "in [1, 65535]"));
+  CHECK(contains(refusal([&] { set_override(o, "cmp_splits", "4"); }),
+                 "cmp_splits=\"4\": expected an int in [1, 65535]"));
+  CHECK(refusal([&] { set_override(o, "cmp_splits", int64_t(65535)); }).empty());
+  CHECK(!o.slc_splits);  // nothing refused was set
+  CHECK(o.cmp_splits == 65535);
+  CHECK(plan_values("cmp_splits").empty());
+  CHECK(plan_values("slc_splits").empty());
+}
+
+TEST_CASE("plan: description of a decode step", "[plan][decode]") {
+  const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
+  const std::vector<PlanItem> items = describe(plan);
+  REQUIRE(items.size() == 5);
+  CHECK(items[0].key == "cmp_splits");
+  CHECK(items[0].number == 64);
+  CHECK(items[1].key == "cmp_chunk");
+  CHECK(items[1].number == 128);
+  CHECK(items[2].key == "slc_splits");
+  CHECK(items[2].number == 9);
+  CHECK(items[3].key == "arch");
+  CHECK(items[3].number == 90);
+  CHECK(items[4].key == "num_sms");
+  CHECK(items[4].number == 132);
 }

@@ -1,0 +1,121 @@
+// Kernel A of the decoding step (decode.h): the compressed branch's scan, split over thread
+// blocks (flash-decoding), and the raw material of the block scores.
+//
+// Block scores need p = 2^(s - lse) with the row's final lse, known only once every split is
+// done. Instead of the logits (one float per row and compressed token), each key tile leaves its
+// probabilities against the rows' running maxima m_t already summed into the selection blocks
+// they overlap: u[slot][row] = sum_i cells(i, j) p_i, where cells(i, j) = |W_i ∩ block j| / d
+// counts the d-token cells of compressed token i inside block j. Kernel B scales each tile's
+// slots by 2^(m_t - lse) and adds them up: about NS / 64 (~1/4 at the paper's sizes) of the
+// logits' bytes, and no exp per logit there.
+#pragma once
+
+#include <climits>
+
+#include "decode.h"
+#include "tile_attention.cuh"
+
+namespace nsa::cuda::decode {
+
+// Row stride (floats) of the probabilities of a key tile in shared memory: odd, so that the
+// threads scoring 32 consecutive rows read 32 banks.
+constexpr int kProbLd = kTileKeys + 1;
+
+template <typename T, int D, int DV, int MT>
+struct ScanSmem : TileSmem<T, D, DV, MT, size_t(16 * MT) * kProbLd * sizeof(float)> {
+  using Base = TileSmem<T, D, DV, MT, size_t(16 * MT) * kProbLd * sizeof(float)>;
+  static constexpr size_t kBytes = Base::kOffExtra + size_t(16 * MT) * kProbLd * sizeof(float);
+  using Base::Base;
+  __device__ float* probs() const { return reinterpret_cast<float*>(this->extra()); }  // [kRows][kProbLd]
+};
+
+template <typename T, int D, int DV, int MT>
+__global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodeParams p, const Workspace ws) {
+  using W = Warps<MT>;
+  using Smem = ScanSmem<T, D, DV, MT>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Smem sm(smem);
+  allow_next_grid();  // kernel B's checks of the sequence need nothing from here
+
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int h = blockIdx.y / ws.row_blocks, rb = blockIdx.y % ws.row_blocks;
+  const int G = p.num_heads / p.num_heads_k, S = p.num_queries, R = ws.rows;
+  const int r0 = rb * kBlockRows, nrows = min(kBlockRows, R - r0);
+  const int L = p.seqlens[b];
+  const bool ok = L >= S && L <= p.capacity;  // else kernel B flags the sequence; nothing is read
+  const int nc = ok ? int(num_cmp_tokens(L, p.block_size, p.block_stride)) : 0;
+  const int nt = (nc + kTileKeys - 1) / kTileKeys;
+  const int splits = p.plan.cmp_splits, per = (nt + splits - 1) / splits;
+  const int t_begin = split * per, count = max(0, min(per, nt - t_begin));
+  const index_t bh = index_t(b) * p.num_heads_k + h;
+  const index_t part = (bh * splits + split) * R + r0;  // the split's first row
+  float* o_dst = ws.cmp_o + part * DV;
+  float* ml_dst = ws.cmp_ml + part * 2;
+  if (count == 0) {
+    write_empty<DV>(o_dst, ml_dst, nrows);
+    return;
+  }
+
+  load_query_rows<T, D, MT>(sm.q(), p, b, h, G, r0, nrows);
+  WarpSoftmax<T, D, DV, MT> acc;
+  acc.reset();
+  // Compressed tokens each of this thread's rows sees (0 for padding rows), and the fewest any
+  // real row of the warp sees: tiles below that need no mask.
+  int nvis[2], nv_min = INT_MAX;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = acc.row(i);
+    nvis[i] = r < nrows ? int(num_cmp_tokens(L - S + (r0 + r) / G + 1, p.block_size, p.block_stride)) : 0;
+    if (r < nrows) nv_min = min(nv_min, nvis[i]);
+  }
+  nv_min = __reduce_min_sync(0xffffffffu, nv_min);
+
+  const T* k_src = p.k_cmp.ptr<const T>(b, 0, h);
+  const T* v_src = p.v_cmp.ptr<const T>(b, 0, h);
+  const float scale_log2 = float(p.scale * M_LOG2E);
+  float* tile_m = ws.tile_m + bh * ws.tiles * R + r0;              // [T][R], from row r0
+  float* tile_u = ws.tile_u + bh * ws.tiles * ws.slots * R + r0;   // [T][NS][R]
+  float* probs = sm.probs();
+  const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
+  const int lane = threadIdx.x & 31, ks = acc.slice();
+
+  run_tiles<Smem::kStages>(
+      count,
+      [&](int k, int stage) {
+        const int i0 = (t_begin + k) * kTileKeys, valid = min(kTileKeys, nc - i0);
+        copy_tile<D>(sm.k(stage), k_src + i0 * p.k_cmp.row_stride, p.k_cmp.row_stride, valid);
+        copy_tile<DV>(sm.v(stage), v_src + i0 * p.v_cmp.row_stride, p.v_cmp.row_stride, valid);
+      },
+      [&](int k, int stage) {
+        const int t = t_begin + k, i0 = t * kTileKeys;
+        float pr[W::kKeys / 8][4];
+        acc.tile(sm.q(), sm.k(stage), sm.v(stage), sm.red(), scale_log2, i0 + kTileKeys <= nv_min,
+                 [&](int i, int key) { return i0 + key < nvis[i]; }, pr);
+#pragma unroll
+        for (int j = 0; j < W::kKeys / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            probs[acc.row(e >> 1) * kProbLd + ks * W::kKeys + j * 8 + (lane & 3) * 2 + (e & 1)] = pr[j][e];
+        if (ks == 0 && (lane & 3) == 0) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            if (acc.row(i) < nrows) tile_m[index_t(t) * R + acc.row(i)] = acc.m[i];
+        }
+        __syncthreads();
+        // Slot k of the tile: block jlo + k, fed by the tile's rows i with cells in it.
+        const int jlo = i0 / cpb;
+        float* u_t = tile_u + index_t(t) * slots * R;
+        for (int idx = threadIdx.x; idx < slots * nrows; idx += kThreads) {
+          const int slot = idx / nrows, r = idx - slot * nrows;
+          const int j = jlo + slot, c0 = j * cpb, c1 = c0 + cpb;  // the block's cells [c0, c1)
+          const int first = max(i0, c0 - cpr + 1), last = min(i0 + kTileKeys, c1) - 1;
+          const float* pr_row = probs + r * kProbLd - i0;
+          float u = 0.f;
+          for (int i = first; i <= last; ++i) u += float(min(i + cpr, c1) - max(i, c0)) * pr_row[i];
+          u_t[index_t(slot) * R + r] = u;
+        }
+      });
+  acc.finish(sm.reduce(), o_dst, ml_dst, nrows);
+}
+
+}  // namespace nsa::cuda::decode

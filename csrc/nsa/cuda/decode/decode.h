@@ -1,0 +1,88 @@
+// One decoding step on CUDA (nsa::cuda::decode_attention; DecodeParams and DecodePlan in
+// params.h, the plan in nsa/plan.cpp). The step is memory-bound: it reads each sequence's
+// compressed keys and values (about 3/4 of its bytes), its n selected blocks and its window once.
+// Rows: the S * G query rows (s, g) of a (sequence b, KV head h), row r = s * G + g, in row blocks
+// of up to 64 (R = S * G, ceil(R / 64) blocks). Four kernels, each later one launched with
+// programmatic dependent launch (it starts while the previous one ends and waits for its results
+// where it needs them); launch shapes depend on the plan and the capacity, never on the lengths.
+//
+//   A. decode_cmp_kernel (cmp_scan.cuh), grid (cmp_splits, H * row blocks, B), 128 threads:
+//      flash-decoding over the compressed tokens. The sequence's ceil(Nc(len) / 64) key tiles
+//      are spread evenly over the splits; a thread block streams its tiles (cp.async, 2-3
+//      stages) against its rows (tile_attention.cuh), and writes per tile each row's running
+//      maximum and its block-score slots (the tile's probabilities summed into the selection
+//      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
+//   B. decode_select_kernel (select.cuh), grid (S, H, B), 256 threads: checks the sequence
+//      (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each row's
+//      lse, turns the tiles' maxima into the factors 2^(m_t - lse), sums each tile's slots over
+//      the group's rows, each candidate block's score over its tiles, and picks the top n as the
+//      training kernels do (forced initial and local blocks, ties to the smaller block; per-warp
+//      lists merged). Writes block_indices [B, S, H, n] and the sequence's validity.
+//   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
+//      first the window branch (keys [pos - w + 1, pos] of each query, in tiles cut at
+//      selection-block edges, before waiting for B), then the selected branch over the union of
+//      the row block's chosen blocks (each row sees its own query's blocks); each branch's tiles
+//      spread evenly over the splits, raw keys through page_of / row_of; partial O, m, l per
+//      branch and split.
+//   D. decode_combine_kernel (combine.cuh), 256 threads, up to 8 rows per block: merges each
+//      row's splits of the three branches and writes o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa
+//      in q's dtype (NaN for an invalid sequence).
+//
+// Workspace (fp32 unless said; m in log2 units, sums l against m; one buffer after another,
+// each 256-byte aligned; T = ceil(cmp_capacity / 64) tiles, NS = tile_slots(l / d, l' / d)):
+//   cmp_o   [B, H, cmp_splits, R, Dv]      A's unnormalised partial O
+//   cmp_ml  [B, H, cmp_splits, R, 2]       A's (m, l); (-inf, 0) for a split without tiles
+//   tile_m  [B, H, T, R]                   A: row maximum after tile t; B overwrites it with
+//                                          the factor 2^(m_t - lse) of its rows
+//   tile_u  [B, H, T, NS, R]               A: slot k of tile t is block floor(64 t / cpb) + k;
+//                                          B overwrites row s G of a slot with its sum over
+//                                          query s's rows
+//   sp_o    [B, H, slc_splits, 2, R, Dv]   C's partial O: branch 0 selected, 1 window
+//   sp_ml   [B, H, slc_splits, 2, R, 2]    C's (m, l)
+//   bad     [B, S, H] int32                B: 1 where the sequence is invalid
+// Only tiles below ceil(Nc(len) / 64) are written and read. Nothing is expected of the
+// workspace's content on entry.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "shape.h"
+
+namespace nsa::cuda::decode {
+
+inline constexpr const char* kOp = "nsa.decode_attention";
+
+// The workspace's buffers (decode.h's comment) and the shapes the kernels index them with.
+struct Workspace {
+  float* cmp_o = nullptr;
+  float* cmp_ml = nullptr;
+  float* tile_m = nullptr;
+  float* tile_u = nullptr;
+  float* sp_o = nullptr;
+  float* sp_ml = nullptr;
+  int32_t* bad = nullptr;
+  int rows = 0;        // R = S * G
+  int row_blocks = 0;  // ceil(R / 64)
+  int tiles = 0;       // T: compressed key tiles of a full cache
+  int slots = 0;       // NS: block-score slots per tile
+  int cpr = 0;         // cells per compressed token: block_size / block_stride
+  int cpb = 0;         // cells per selection block: select_size / block_stride
+  size_t bytes = 0;    // the whole workspace
+};
+
+// The buffers of a workspace at `base` (nullptr: the layout and size only). decode.cu.
+Workspace make_workspace(const DecodeParams& p, void* base);
+
+// The kernels' launches (A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, B in decode.cu).
+template <typename T>
+void launch_cmp(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
+void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
+template <typename T>
+void launch_sparse(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
+template <typename T>
+void launch_combine(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
+
+}  // namespace nsa::cuda::decode
