@@ -29,6 +29,9 @@ Keys and values (``keys()`` lists them):
   split_tokens    int >= 0: tokens per dK/dV split range (0: no split; default 4096)
   slc_chunk_rows  int >= 1: rows per chunk of the selected branch by blocks (default: as many as
                   fit the partials' memory bound)
+  cmp_splits      int >= 1: thread blocks per (sequence, KV head) of decode_attention's scan of
+                  the compressed tokens
+  slc_splits      int >= 1: the same for its selected and window keys
 A value of None removes the key's override (the plan's own choice, also inside an outer force).
 
 An unknown key or value raises ValueError when ``force`` is called. Forcing a kernel that the

@@ -123,12 +123,7 @@ void plan_cuda(nsa::DecodeParams& p, const at::Tensor& q) {
   p.plan = plan_and_log<nsa::DecodePlan>(
       q, "nsa.decode_attention",
       [&](const nsa::DeviceFacts& dev, const nsa::PlanOverrides& o) { return nsa::plan_decode(p, dev, o); },
-      [](const nsa::DecodePlan& plan) {
-        return std::vector<nsa::PlanItem>{{"cmp_splits", "", plan.cmp_splits},
-                                          {"slc_splits", "", plan.slc_splits},
-                                          {"arch", "", plan.device.arch},
-                                          {"num_sms", "", plan.device.num_sms}};
-      });
+      [](const nsa::DecodePlan& plan) { return nsa::describe(plan); });
 }
 #endif
 
