@@ -27,7 +27,7 @@ with Nc(capacity) = (capacity - block_size) // block_stride + 1: about 1 + 1/blo
 the dense KV cache.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -62,6 +62,42 @@ def _defaults(layer_or_config, device, dtype):
         if dtype == torch.float32 and device.type == "cuda":
             dtype = torch.bfloat16
     return device, dtype
+
+
+class DeviceConstants:
+    """Device tensors that depend only on a key (aranges, index tables, rotary frequencies), made
+    once per key: a decoding step then builds no tensor, launches nothing to make one, and keeps
+    its work to the few ops that depend on the lengths. One per cache (its device is the
+    cache's)."""
+
+    def __init__(self):
+        self._made = {}
+
+    def get(self, key, make: Callable[[], torch.Tensor], keep: bool = True):
+        """make() once for `key` and then the same tensor (or tuple of tensors); made again each
+        time when not `keep`, under torch.compile (which traces it instead) and inside a CUDA
+        graph capture (a tensor made there is filled only at each replay: eager code must not
+        read it later)."""
+        found = self._made.get(key)
+        if found is not None:
+            return found
+        made = make()
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if keep and not capturing and not torch.compiler.is_compiling():
+            self._made[key] = made
+        return made
+
+
+class StepIndex(NamedTuple):
+    """Where a step of S new tokens per sequence reads and writes (NSACache.step_index): int64
+    device tensors, with K = ceil(S / block_stride) compression candidates per sequence,
+    l = block_size and m = min(S, l)."""
+
+    tok: torch.Tensor   # [B, S + K]: the new tokens 0 .. S-1, then the token of each candidate
+    pos: torch.Tensor   # [B, S + K]: their positions, seqlens + tok
+    row: torch.Tensor   # [B, K]: each candidate's compressed row; -1 (the scratch row) for none
+    src: torch.Tensor   # [B, K, l]: each candidate's window in ring ++ the S new inputs
+    slot: torch.Tensor  # [B, m]: the ring slots of the last m new tokens
 
 
 def _positive_int(name, value):
@@ -182,6 +218,8 @@ class NSACache:
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.device = self.seqlens.device  # (with its index: "cuda" becomes "cuda:0")
         self.lengths: List[int] = [0] * batch_size
+        self.constants = DeviceConstants()
+        self._batch = torch.arange(batch_size, device=device)  # (an index of every step)
 
     def _set_raw(self, pools, block_table, page_size):
         self.k, self.v = pools[0], pools[1]
@@ -315,64 +353,97 @@ class NSACache:
     # Index tensors live on the device and keep their shapes from one step to the next: no
     # host read, so that a step can be captured in a CUDA graph.
     def write_raw(self, b: torch.Tensor, t: torch.Tensor, kv) -> None:
-        """Tokens at positions t (int64) of sequences b (int64, t's shape) get the rotated keys
-        and values kv = (k, v) or (k, v, k_swa, v_swa), each [*t.shape, H, C]."""
+        """Tokens at positions t (int64) of sequences b (int64, broadcast to t's shape) get the
+        rotated keys and values kv = (k, v) or (k, v, k_swa, v_swa), each [*t.shape, H, C]."""
         if self.block_table is None:
             index = (b, t)
         else:
             page = self.block_table[b, t // self.page_size]
             # A page of -1 (not assigned) must fail as out of range, not wrap to the pool's last
-            # page (the host checks refuse it in eager calls; a CUDA graph replay runs none).
-            index = (torch.where(page < 0, self.num_pages, page), t % self.page_size)
+            # page (the host checks refuse it in eager calls; a CUDA graph replay runs none):
+            # it becomes num_pages, the others stay.
+            index = (page.remainder(self.num_pages + 1), t % self.page_size)
         bufs = (self.k, self.v, self.k_swa, self.v_swa)
         for buf, x in zip(bufs, kv):
             buf.index_put_(index, x.to(self.dtype))
 
     def write_cmp(self, b: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Compressed rows `rows` (int64; cmp_capacity is the scratch row) of sequences b."""
+        """Compressed rows `rows` (int64; -1 or cmp_capacity is the scratch row) of sequences b."""
         self.k_cmp_rows.index_put_((b, rows), k.to(self.dtype))
         self.v_cmp_rows.index_put_((b, rows), v.to(self.dtype))
 
-    def write_ring(self, b: torch.Tensor, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """The un-rotated compression inputs of the tokens at positions t of sequences b (no two
-        of one sequence block_size or more apart: each slot is written once)."""
-        slot = t % self.block_size
+    def write_ring(self, b: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """The un-rotated compression inputs of tokens t of sequences b into ring slots
+        slot = t % block_size (no two tokens of one sequence in one slot)."""
         self.ring_k.index_put_((b, slot), k.to(self.dtype))
         self.ring_v.index_put_((b, slot), v.to(self.dtype))
 
-    def new_windows(self, k_new: torch.Tensor, v_new: torch.Tensor):
-        """The compression windows completed by the next S tokens of every sequence, before they
-        are appended (seqlens and the ring still describe the cache without them).
-
-        k_new [B, S, H, D], v_new [B, S, H, Dv]: their un-rotated compression inputs. Window i
-        (tokens i*d .. i*d + l - 1) is completed by the token at position i*d + l - 1; among S
-        consecutive positions at most ceil(S / d) do, the first at offset
-        (l - 1 - seqlens) mod d. Returns, for K = ceil(S / d) candidates per sequence:
-        s [B, K] (the candidate's index among the S tokens, clamped into range), row [B, K] (its
-        compressed row, or the scratch row when it completes no window), and the windows
-        wk [B, K, H, l, D], wv [B, K, H, l, Dv] (rubbish for the scratch ones): each from the
-        ring where the token is older than the S new ones, else from k_new / v_new.
-        """
-        B, S = k_new.shape[:2]
+    # ------------------------------------------------------------------------------ a step
+    def step_index(self, S: int) -> StepIndex:
+        """Where the next S tokens of every sequence go, from seqlens on the device (see
+        StepIndex) in five small ops. Everything but the positions depends on the lengths only
+        through seqlens mod block_size: _step_table holds it for each residue, made once per S
+        (for S <= block_size; a larger chunk makes its own)."""
         l, d = self.block_size, self.block_stride
-        dev = k_new.device
-        L = self.seqlens.long()[:, None]                                  # [B, 1]
-        K = (S + d - 1) // d
-        s = torch.remainder(l - 1 - L, d) + d * torch.arange(K, device=dev)  # [B, K]
-        end = L + s                                                       # the windows' last tokens
-        valid = (s < S) & (end >= l - 1)
-        row = torch.where(valid, (end - (l - 1)).div(d, rounding_mode="floor"), self.cmp_capacity)
-        s = s.clamp(max=S - 1)
-        # Token j of the window sits at end - l + 1 + j: in the S new tokens (index l + (t - L)
-        # of ring ++ new) or in the ring (index t mod l; rubbish for t < 0, masked by `valid`).
-        t = (L + s - (l - 1))[..., None] + torch.arange(l, device=dev)            # [B, K, l]
-        src = torch.where(t >= L[..., None], t - L[..., None] + l, torch.remainder(t, l))
-        bi = torch.arange(B, device=dev)[:, None, None]
+        K = -(-S // d)
+        table = self.constants.get(("step", S), lambda: self._step_table(S), keep=S <= l)
+        t = table[self.seqlens.remainder(l)]                       # [B, S + 2K + K*l + m]
+        n = S + 2 * K
+        at = t[:, :n] + self.seqlens[:, None]                      # (int64)
+        return StepIndex(tok=t[:, :S + K], pos=at[:, :S + K],
+                         row=at[:, S + K:n].div(d, rounding_mode="floor").clamp(min=-1),
+                         src=t[:, n:n + K * l].view(-1, K, l), slot=t[:, n + K * l:])
+
+    def _step_table(self, S: int) -> torch.Tensor:
+        """int64 [block_size, S + 2K + K*l + m]: for each residue r of the length mod l, the
+        columns of StepIndex before the length is added: tok, then each candidate's window end
+        less l - 1 (its row is (length + that) // d), then src and slot.
+
+        Window i (tokens i*d .. i*d + l - 1) is completed by the token at i*d + l - 1; among S
+        consecutive positions from the length L at most K do, candidate k at offset
+        s = (l - 1 - L) mod d + k*d. One past the chunk (s >= S) gets an end so negative that its
+        row is -1; so does one whose window would start before token 0. A window's token j sits
+        at L + s - (l - 1) + j: among the new inputs (index l + its offset from L in
+        ring ++ new) or in the ring (slot t mod l; rubbish before token 0, never written)."""
+        l, d = self.block_size, self.block_stride
+        K, m = -(-S // d), min(S, l)
+        dev = self.device
+        r = torch.arange(l, device=dev)[:, None]                              # [l, 1]
+        s = (l - 1 - r) % d + d * torch.arange(K, device=dev)                  # [l, K]
+        s_in = s.clamp(max=S - 1)
+        tok = torch.cat((torch.arange(S, device=dev).expand(l, S), s_in), 1)
+        end = torch.where(s < S, s - (l - 1), -(self.capacity + l))
+        rel = s_in[..., None] - (l - 1) + torch.arange(l, device=dev)         # [l, K, l]
+        src = torch.where(rel >= 0, rel + l, (r[..., None] + rel) % l)
+        slot = (r + S - m + torch.arange(m, device=dev)) % l
+        return torch.cat((tok, end, src.flatten(1), slot), 1)
+
+    def new_windows(self, idx: StepIndex, k_new: torch.Tensor, v_new: torch.Tensor):
+        """The compression windows of the step's candidates (idx = step_index(S)), before the
+        step is appended: k_new [B, S, H, D], v_new [B, S, H, Dv] are the new tokens'
+        un-rotated compression inputs. Returns wk [B, K, H, l, D], wv [B, K, H, l, Dv] (rubbish
+        for candidates whose row is -1), each from the ring where a token is older than the S
+        new ones, else from k_new / v_new. Laid out as the training forward's windows (views of
+        [B, K, l, H, C]), so that phi reduces them in the same order and makes the same bits."""
+        b = self._batch[:, None, None]
 
         def gather(ring, new):
-            both = torch.cat((ring.to(new.dtype), new), 1)                       # [B, l + S, H, C]
-            return both[bi, src].transpose(2, 3)                                 # [B, K, H, l, C]
-        return s, row, gather(self.ring_k, k_new), gather(self.ring_v, v_new)
+            both = torch.cat((ring.to(new.dtype), new), 1)                    # [B, l + S, H, C]
+            return both[b, idx.src].transpose(2, 3)                           # [B, K, H, l, C]
+        return gather(self.ring_k, k_new), gather(self.ring_v, v_new)
+
+    def append(self, idx: StepIndex, raw, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+               k_in: torch.Tensor, v_in: torch.Tensor) -> None:
+        """Appends a step (idx = step_index(S)): the rotated raw keys and values raw = (k, v) or
+        (k, v, k_swa, v_swa) [B, S, H, C], the candidates' compressed tokens k_cmp / v_cmp
+        [B, K, H, C], the last m un-rotated compression inputs of k_in / v_in [B, S, H, C] into
+        the ring; then every sequence is S tokens longer."""
+        S, m = k_in.shape[1], idx.slot.shape[1]
+        b = self._batch[:, None]
+        self.write_raw(b, idx.pos[:, :S], raw)
+        self.write_cmp(b, idx.row, k_cmp, v_cmp)
+        self.write_ring(b, idx.slot, k_in[:, S - m:], v_in[:, S - m:])
+        self.advance(S)
 
     def advance(self, S: int) -> None:
         """Every sequence got S more tokens."""

@@ -158,15 +158,51 @@ def _rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+def _inv_freq(D, theta, dtype, device):
+    """The rotary inverse frequencies [D / 2] for x of `dtype`, in the angles' precision
+    (float64 for float64, else float32)."""
+    f = torch.float64 if dtype == torch.float64 else torch.float32
+    return 1.0 / (theta ** (torch.arange(0, D, 2, device=device, dtype=f) / D))
+
+
+def _rotate(x, ang):
+    """x rotated by the angles ang (x's shape or broadcast to it; both halves of the last dim
+    the same angles)."""
+    return x * ang.cos().to(x.dtype) + _rotate_half(x) * ang.sin().to(x.dtype)
+
+
 def _rope(x, pos, theta):
     """Rotary embedding of x [B, N, heads, D] at positions pos [B, N] (rotate-half convention)."""
-    D = x.shape[-1]
-    f = torch.float64 if x.dtype == torch.float64 else torch.float32  # the angles' precision
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=f) / D))
-    ang = pos.to(f)[..., None] * inv_freq  # [B, N, D / 2]
-    ang = torch.cat((ang, ang), dim=-1)[:, :, None, :]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    inv_freq = _inv_freq(x.shape[-1], theta, x.dtype, x.device)
+    ang = pos.to(inv_freq.dtype)[..., None] * inv_freq  # [B, N, D / 2]
+    return _rotate(x, torch.cat((ang, ang), dim=-1)[:, :, None, :])
+
+
+def _rope_step(constants, parts, pos, theta):
+    """The rotary embedding of a decoding step's tensors at once: parts [(x, first)], x
+    [B, n, heads, D] whose token j sits at position pos[:, first + j] (pos [B or 1, N]).
+    Returns the rotated tensors, views of one [B, rows, D]: one set of angles, one cos and one
+    sin for the queries and every key, with the row map and the inverse frequencies from
+    `constants` (a DeviceConstants, made once). The same values as _rope of each."""
+    x0 = parts[0][0]
+    B, D, dev = x0.shape[0], x0.shape[-1], x0.device
+    shapes = tuple((first,) + tuple(x.shape[1:3]) for x, first in parts)
+    rows = constants.get(("rope rows", shapes), lambda: torch.cat([
+        (first + torch.arange(n, device=dev)).repeat_interleave(heads)
+        for first, n, heads in shapes]))
+    inv_freq = constants.get(("rope", D, theta, x0.dtype),
+                             lambda: _inv_freq(D, theta, x0.dtype, dev).repeat(2))
+    pos = pos[:, rows]
+    if pos.is_floating_point():
+        pos = pos.to(inv_freq.dtype)
+    # (integer positions times float frequencies: converted as .to(float) would, then multiplied)
+    y = _rotate(torch.cat([x.reshape(B, -1, D) for x, _ in parts], 1), pos[..., None] * inv_freq)
+    out, a = [], 0
+    for x, _ in parts:
+        n = x.shape[1] * x.shape[2]
+        out.append(y[:, a:a + n].view(x.shape))
+        a += n
+    return out
 
 
 def _packed_positions(cu_seqlens, total):
@@ -499,7 +535,7 @@ class NativeSparseAttention(nn.Module):
             nc = p.k_cmp.shape[1]
             cache.write_cmp(b[:, :nc], t[:, :nc], p.k_cmp, p.v_cmp)
             m = min(T, l)
-            cache.write_ring(b[:, T - m:], t[:, T - m:], p.k_c[:, T - m:], p.v_c[:, T - m:])
+            cache.write_ring(b[:, T - m:], t[:, T - m:] % l, p.k_c[:, T - m:], p.v_c[:, T - m:])
         else:
             # Index tensors built on the host (the lengths are there), copied once each.
             n = torch.tensor(lengths)
@@ -513,7 +549,7 @@ class NativeSparseAttention(nn.Module):
                                             for t in (seq, pos, seq_c, row_c, last))
             cache.write_raw(seq, pos, [r[0] for r in p.raw])
             cache.write_cmp(seq_c, row_c, p.k_cmp[0], p.v_cmp[0])
-            cache.write_ring(seq[last], pos[last], p.k_c[0, last], p.v_c[0, last])
+            cache.write_ring(seq[last], pos[last] % l, p.k_c[0, last], p.v_c[0, last])
         cache.seqlens.copy_(_to_device_async(torch.tensor(lengths, dtype=torch.int32), dev))
         cache.lengths = list(lengths)
         return y
@@ -521,41 +557,32 @@ class NativeSparseAttention(nn.Module):
     def _extend(self, x, position_ids, cache, where):
         """One decoding step (or a chunk of a prompt): x [B, S, hidden] are the next S tokens of
         every sequence. Device work of fixed shapes only, no host read: a CUDA graph can
-        capture it."""
+        capture it. Every index, arange and frequency comes from the cache's constants."""
         c = self.config
         B, S, _ = x.shape
-        dev = x.device
-        pos = cache.seqlens.long()[:, None] + torch.arange(S, device=dev)  # [B, S]
-        rot = pos if position_ids is None else position_ids
         q = self.q_proj(x).view(B, S, c.num_heads, c.head_dim)
         dtype = q.dtype
-        attn = _attention_dtype(dtype, dev)
-        cache.check_layer(where, c, dev, attn)
+        attn = _attention_dtype(dtype, x.device)
+        cache.check_layer(where, c, x.device, attn)
+        idx = cache.step_index(S)
         k_c, v_c = self._kv(x, "_cmp" if c.separate_branch_kv else "", dtype)
-        if not c.separate_branch_kv:
-            raw = (_rope(k_c, rot, c.rope_theta), v_c)
-        else:
-            raw = ()
-            for suffix in ("_slc", "_swa"):
-                k, v = self._kv(x, suffix, dtype)
-                raw += (_rope(k, rot, c.rope_theta), v)
-        b = torch.arange(B, device=dev)[:, None]
-        cache.write_raw(b.expand(B, S), pos, raw)
-        # The compressed tokens whose window the new tokens complete: phi as in training, the
-        # rotation at the window's last token; the candidates that complete none go to the
-        # scratch row.
-        s, row, wk, wv = cache.new_windows(k_c, v_c)
+        # The compressed tokens whose window the new tokens complete: phi as in training on the
+        # un-rotated inputs (the candidates that complete none go to the scratch row).
+        wk, wv = cache.new_windows(idx, k_c, v_c)
         k_new = self.k_compress.compress_windows(wk.to(dtype)).to(dtype)
         v_new = self.v_compress.compress_windows(wv.to(dtype)).to(dtype)
-        k_new = _rope(k_new, rot.gather(1, s), c.rope_theta)
-        cache.write_cmp(b.expand_as(row), row, k_new, v_new)
-        m = min(S, c.block_size)
-        cache.write_ring(b.expand(B, m), pos[:, S - m:], k_c[:, S - m:], v_c[:, S - m:])
-        cache.advance(S)
-        q = _rope(q, rot, c.rope_theta).to(attn).contiguous()
+        kv = [(k_c, v_c)] if not c.separate_branch_kv else [self._kv(x, suffix, dtype)
+                                                            for suffix in ("_slc", "_swa")]
+        # One rotation: the queries and raw keys at their positions, each compressed key at its
+        # window's last token.
+        pos = idx.pos if position_ids is None else position_ids.gather(1, idx.tok)
+        q, *keys, k_new = _rope_step(cache.constants, [(q, 0)] + [(k, 0) for k, _ in kv]
+                                     + [(k_new, S)], pos, c.rope_theta)
+        raw = [t for k, (_, v) in zip(keys, kv) for t in (k, v)]
+        cache.append(idx, raw, k_new, v_new, k_c, v_c)
         g_cmp, g_slc, g_swa = (g.to(attn) for g in self._gates(x, dtype))
-        o = nsa_fn.decode_attention(q, cache.k, cache.v, cache.k_cmp, cache.v_cmp, g_cmp, g_slc,
-                                    g_swa, cache.seqlens, block_table=cache.block_table,
+        o = nsa_fn.decode_attention(q.to(attn), cache.k, cache.v, cache.k_cmp, cache.v_cmp, g_cmp,
+                                    g_slc, g_swa, cache.seqlens, block_table=cache.block_table,
                                     k_swa_cache=cache.k_swa, v_swa_cache=cache.v_swa,
                                     **c.hyper())
         return self._output(o, dtype)
