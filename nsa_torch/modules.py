@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional as nsa_fn
-from .cache import NSACache
+from .cache import DeviceConstants, NSACache
 from .reference import num_cmp_tokens
 
 _COMPRESSIONS = ("mlp", "mean", "linear")
@@ -607,18 +607,26 @@ class StaticKVCache:
 
         cache = StaticKVCache.for_layer(layer, batch_size=B, capacity=T + new, dtype=torch.bfloat16)
         layer(prompt, cache=cache)      # prefill: causal attention over the prompt, fills the cache
-        layer(x_next, cache=cache)      # decode: x_next's S tokens attend the whole cached prefix
+        layer(x_next, cache=cache)      # decode: x_next's S tokens attend the cached prefix
 
     dtype is the dtype the attention runs in (the projections', e.g. bfloat16 under autocast).
+    The length lives twice: `seqlen` (int64 [], on the device) is what a decoding step reads, so
+    that the step has fixed shapes and never waits for the host (as a static cache under
+    torch.compile: it attends the whole capacity under a mask) and a CUDA graph can capture it;
+    `length` (a host int) is only for checks. A replayed graph advances seqlen alone: call
+    sync_lengths() before the next eager call.
     """
 
     def __init__(self, batch_size, capacity, num_kv_heads, head_dim, v_head_dim=None, *,
                  device=None, dtype=None):
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         kw = dict(device=device, dtype=dtype)
-        self.k = torch.empty(batch_size, capacity, num_kv_heads, head_dim, **kw)
-        self.v = torch.empty(batch_size, capacity, num_kv_heads, v_head_dim, **kw)
+        # (zeros: a step reads the unfilled rows too, masked, and a NaN there would leak through)
+        self.k = torch.zeros(batch_size, capacity, num_kv_heads, head_dim, **kw)
+        self.v = torch.zeros(batch_size, capacity, num_kv_heads, v_head_dim, **kw)
         self.length = 0
+        self.seqlen = torch.zeros((), dtype=torch.int64, device=self.k.device)
+        self.constants = DeviceConstants()
 
     @classmethod
     def for_layer(cls, layer, batch_size, capacity, *, device=None, dtype=None):
@@ -632,11 +640,10 @@ class StaticKVCache:
     def capacity(self):
         return self.k.shape[1]
 
-    def append(self, k, v):
-        """Writes k [B, S, H, D], v [B, S, H, Dv] at positions length .. length + S - 1; returns
-        the filled caches [B, length, H, D|Dv] (views)."""
+    def _check(self, k, v):
+        """Raises unless k [B, S, H, D], v [B, S, H, Dv] fit the cache and its room."""
         where = "nsa_torch.StaticKVCache"
-        B, S = k.shape[:2]
+        S = k.shape[1]
         if tuple(k.shape) != (self.k.shape[0], S) + tuple(self.k.shape[2:]) or \
                 tuple(v.shape) != (self.v.shape[0], S) + tuple(self.v.shape[2:]):
             raise ValueError(f"{where}: the layer's keys {list(k.shape)} and values "
@@ -649,11 +656,41 @@ class StaticKVCache:
         if self.length + S > self.capacity:
             raise ValueError(f"{where}: {self.length} cached + {S} new tokens exceed the "
                              f"capacity {self.capacity}")
-        end = self.length + S
+
+    def append(self, k, v):
+        """Writes k [B, S, H, D], v [B, S, H, Dv] at positions length .. length + S - 1, slices at
+        host offsets (the prefill's)."""
+        self._check(k, v)
+        end = self.length + k.shape[1]
         self.k[:, self.length:end] = k
         self.v[:, self.length:end] = v
         self.length = end
-        return self.k[:, :end], self.v[:, :end]
+        self.seqlen.fill_(end)
+
+    def positions(self, S):
+        """The positions of the next S tokens: int64 [S] on the device, from seqlen."""
+        return self.seqlen + self.constants.get(("arange", S), lambda: torch.arange(
+            S, device=self.k.device))
+
+    def write(self, pos, k, v):
+        """A decoding step's append: k, v [B, S, H, D|Dv] at positions pos (positions(S)), by
+        fixed-shape index copies; then seqlen and length advance by S."""
+        self._check(k, v)
+        self.k.index_copy_(1, pos, k)
+        self.v.index_copy_(1, pos, v)
+        self.seqlen += k.shape[1]
+        self.length += k.shape[1]
+
+    def mask(self, pos):
+        """bool [S, capacity]: query s (at position pos[s]) sees the cached tokens up to it."""
+        cap = self.capacity
+        return self.constants.get(("arange", cap), lambda: torch.arange(
+            cap, device=self.k.device)) <= pos[:, None]
+
+    def sync_lengths(self):
+        """Reads seqlen back into the host `length` (waits for the device), after replaying a
+        captured step."""
+        self.length = int(self.seqlen)
 
 
 class FullAttention(nn.Module):
@@ -716,20 +753,19 @@ class FullAttention(nn.Module):
         if cache is not None and cu_seqlens is not None:
             raise ValueError(f"{where}: a cache holds a batch [B, T, hidden_size], not a packed "
                              f"one (cu_seqlens)")
+        if cache is not None and cache.length > 0:
+            return self._decode(x, position_ids, cache)
         cu, cu_seqlens = (None, None) if cu_seqlens is None else _check_packed(where, x, cu_seqlens)
-        start = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = (torch.arange(start, start + T, device=x.device)[None].expand(B, T)
+            position_ids = (torch.arange(T, device=x.device)[None].expand(B, T)
                             if cu is None else _packed_positions(cu_seqlens, T))
         HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
         q = _rope(self.q_proj(x).view(B, T, HQ, D), position_ids, c.rope_theta)
         k = _rope(self.k_proj(x).view(B, T, H, D), position_ids, c.rope_theta)
         v = self.v_proj(x).view(B, T, H, Dv)
         if cache is not None:
-            k_all, v_all = cache.append(k, v)
-        if start > 0:
-            o = self._attend_cached(q, k_all, v_all)
-        elif cu is None:
+            cache.append(k, v)
+        if cu is None:
             o = self._attend(q, k, v)
         else:
             # A packed batch: each run of consecutive sequences of one length L is a [n, L]
@@ -759,20 +795,29 @@ class FullAttention(nn.Module):
                 k, v = k.repeat_interleave(HQ // H, 1), v.repeat_interleave(HQ // H, 1)
         return self._sdpa(q, k, v, is_causal=True, **extra).transpose(1, 2)
 
-    def _attend_cached(self, q, k, v):
-        """SDPA of the S newest tokens q [B, S, HQ, D] over the cached prefix k [B, L, H, D],
-        v [B, L, H, Dv] (the last S of which are theirs) -> [B, S, HQ, Dv]. The G query heads of
-        a KV head are rows of one [S * G, L] problem: no K/V repeated, no enable_gqa."""
-        B, S, HQ, D = q.shape
-        L, H = k.shape[1], k.shape[2]
+    def _decode(self, x, position_ids, cache):
+        """A decoding step: x [B, S, hidden] follows the cached tokens. Fixed shapes, no host
+        read (a CUDA graph can capture it): positions from the cache's device-side length, K/V
+        written by index, and the queries attend the whole capacity under a length mask, as a
+        static KV cache does under torch.compile. The G query heads of a KV head are rows of one
+        [S * G, capacity] problem: no K/V repeated, no enable_gqa."""
+        c = self.config
+        B, S, _ = x.shape
+        HQ, H, D, Dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
         G = HQ // H
+        pos = cache.positions(S)
+        q = self.q_proj(x).view(B, S, HQ, D)
+        k = self.k_proj(x).view(B, S, H, D)
+        q, k = _rope_step(cache.constants, [(q, 0), (k, 0)],
+                          pos[None] if position_ids is None else position_ids, c.rope_theta)
+        cache.write(pos, k, self.v_proj(x).view(B, S, H, Dv))
+        mask = cache.mask(pos)
+        if S > 1 and G > 1:  # row (s, g) is query s
+            mask = mask.repeat_interleave(G, 0)
         q = q.view(B, S, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, S * G, D)
-        mask = None
-        if S > 1:  # row (s, g) is query s, at position L - S + s
-            s = torch.arange(S, device=q.device).repeat_interleave(G)
-            mask = torch.arange(L, device=q.device) <= (L - S + s)[:, None]
-        o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return o.view(B, H, S, G, -1).permute(0, 2, 1, 3, 4).reshape(B, S, HQ, -1)
+        o = self._sdpa(q, cache.k.transpose(1, 2), cache.v.transpose(1, 2), attn_mask=mask)
+        o = o.view(B, H, S, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, S, HQ * Dv)
+        return self.o_proj(o)
 
     def _sdpa(self, q, k, v, **kw):
         if not self.backends:
