@@ -7,16 +7,20 @@ compressions, separate_branch_kv, G = 1 and 4, D != Dv, prompts shorter than a c
 window, lengths crossing compression-window and selection-block edges, windows smaller than the
 sequence, packed prompts of different lengths decoded together. Then the serving helpers
 (block tables, pools, reset), every bad input, bf16, and on CUDA bf16 against float64 CPU and
-the capture of a step in a CUDA graph.
+the capture of a step in a CUDA graph. A step's cost: the ops it dispatches (bounded, with
+nothing recomputed per step) and their shapes, the same at every length.
 """
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import nsa_torch
 from nsa_torch import NSACache, reference
 from nsa_torch import functional as nsa_fn
+from nsa_torch.modules import FullAttention, StaticKVCache
 from helpers import assert_close, cu_seqlens_of, rel_err
 
 F64 = torch.float64
@@ -313,6 +317,95 @@ def test_bfloat16_on_cpu(monkeypatch):
         assert y.dtype == torch.bfloat16
         assert_close(y, full64, 1e-2, "bf16 decode against float64")
         assert rel_err(y, full64) <= 1.5 * rel_err(full, full64)
+
+
+# ---------------------------------------------------------------------------------- step cost
+class OpLog(TorchDispatchMode):
+    """The ops dispatched inside it, views aside (they launch nothing): (name, the shapes of its
+    tensor arguments) each. On a GPU each is a kernel launch, the cost of a small decoding step."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)]
+            self.calls.append((str(func.overloadpacket), shapes))
+        return func(*args, **(kwargs or {}))
+
+    def names(self):
+        return [name for name, _ in self.calls]
+
+
+# Ops not one step needs: each is something made again at every step (an arange, the rotary
+# frequencies, a tensor of host values, a cast that float64 does not need) or a host read.
+NOT_PER_STEP = ("aten.arange", "aten.pow", "aten.reciprocal", "aten.lift_fresh", "aten._to_copy",
+                "aten._local_scalar_dense")
+
+
+def logged_steps(layer, cache, x, t0):
+    """Prefills x[:, :t0], then logs each one-token step from t0 + 1 on (the step at t0 makes
+    the cache's constants)."""
+    with torch.no_grad():
+        layer(x[:, :t0], cache=cache)
+        layer(x[:, t0:t0 + 1], cache=cache)
+        logs = []
+        for t in range(t0 + 1, x.shape[1]):
+            with OpLog() as log:
+                layer(x[:, t:t + 1], cache=cache)
+            logs.append(log)
+    return logs
+
+
+def check_step_cost(logs, bound):
+    """Every step dispatches the same ops on the same shapes (nothing depends on the lengths: a
+    CUDA graph of one replays them all), at most `bound` of them, none of NOT_PER_STEP, and the
+    rotary angles' cos and sin once each (one rotation for queries and keys)."""
+    first = logs[0]
+    for i, log in enumerate(logs[1:], 1):
+        assert log.calls == first.calls, f"step {i} differs from step 0"
+    names = first.names()
+    assert not set(names) & set(NOT_PER_STEP), names
+    assert len(names) <= bound, f"{len(names)} ops > {bound}: {names}"
+    assert names.count("aten.cos") == names.count("aten.sin") == 1, names
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("separate", [False, True], ids=["shared-kv", "separate-kv"])
+def test_decode_step_op_count(separate, paged):
+    """A one-token step of the float64 layer on the CPU, at lengths 41 .. 79 (across compression
+    windows and selection blocks): the same ops on the same shapes each time, and few: 51 with
+    shared K/V (contiguous: 6 projections and phi's 4 matmuls; the indices from one table
+    lookup, 5 ops; one rotation; one index write per cache buffer; the decode op), 4 more for
+    the block table, 10 more for two more K/V projections; 112 to 143 before the step was
+    trimmed."""
+    layer = make_layer("mlp", separate)
+    logs = logged_steps(layer, make_cache(layer, 2, 80, paged), torch.randn(2, 80, HIDDEN, dtype=F64), 40)
+    check_step_cost(logs, 56 + 4 * paged + 10 * separate)
+    names = logs[0].names()
+    assert names.count("aten.index_put_") == 6 + 2 * separate and "aten.nonzero" not in names
+
+
+def test_dense_decode_step_op_count():
+    """The dense baseline's step (FullAttention with a StaticKVCache): the same ops and shapes at
+    every length (it attends the whole capacity under a mask from its device-side length), no
+    more than 40 of them."""
+    torch.manual_seed(0)
+    layer = FullAttention(HIDDEN, 4, 1, 8, 6).to(F64)
+    cache = StaticKVCache.for_layer(layer, 2, 80)
+    x = torch.randn(2, 80, HIDDEN, dtype=F64)
+    with torch.no_grad():
+        full = layer(x)
+    logs = logged_steps(layer, cache, x, 40)
+    check_step_cost(logs, 40)
+    assert cache.length == 80 and int(cache.seqlen) == 80
+    cache = StaticKVCache.for_layer(layer, 2, 80)
+    with torch.no_grad():
+        y = torch.cat([layer(x[:, :40], cache=cache)] + [layer(x[:, t:t + 3], cache=cache)
+                                                        for t in range(40, 80, 3)], 1)
+    assert_close(y, full, 1e-12, "decoded by chunks of 3 (the last of 1)")
 
 
 # ---------------------------------------------------------------------------------- bad input
