@@ -6,25 +6,35 @@ examples/train.py (an NSA model, an SDPA one, or both):
 
 Each prompt is examples/tasks.py's passkey task cut before its answer: `length` tokens of filler
 with the 5-digit key at a given depth, ending with [QUERY]. The model prefills its cache with the
-prompt (NSA: nsa_torch.NSACache per layer; SDPA: a static dense KV cache per layer) and then
-generates --new-tokens tokens greedily, one step per token, each fed back (no teacher forcing):
-the first five are the answer, the others only lengthen the timed decode.
+prompt (NSA: nsa_torch.NSACache per layer; SDPA: a static dense KV cache per layer, whose steps
+attend the whole capacity under a length mask, as a static cache under torch.compile does) and
+then generates --new-tokens tokens greedily, one step per token, each fed back (no teacher
+forcing): the first five are the answer, the others only lengthen the timed decode.
 
-Per model and length it prints: accuracy (rows with all five digits right), the prefill time of a
-batch (time to first token), decode tokens/s (the steps after the first token, every row of the
-batch counted; the device synchronised around the timed span) and, with both models, NSA's
-speed-up over SDPA. The first batch of each length is not timed when there are others (it loads
-that length's kernels). --check runs a full forward (no cache) over the first row's prompt and
-generated tokens: its logits at the generated positions must be the cached steps' (a cache bug
-cannot hide), and it counts the generated tokens that are its argmax (any other can only be a
-near-tie within the logits' rounding). Writes generate.md and generate.json to --out (default
-examples/results/<gpu>, or cpu).
+Decoding steps run eagerly or, with --graphs (the default on CUDA: what serving engines do), as
+one CUDA graph: after the prefill, the first step runs eagerly (the warm-up) and the model's
+one-token step (every layer, the caches' in-place updates) is captured once per batch on static
+input and output buffers, then replayed per token. Both caches keep their lengths on the device,
+so a replay needs no Python; the host lengths are read back once at the end (sync_lengths).
+--graphs both times each model both ways.
+
+Per model, length and decoding mode it prints: accuracy (rows with all five digits right), the
+prefill time of a batch (time to first token), decode tokens/s (the eager steps after the first
+token, or the replays after the capture; every row of the batch counted; the device
+synchronised around the timed span), the capture's seconds (warm-up step included) and, with
+both models, NSA's speed-up over SDPA. The first batch of each length is not timed when there
+are others (it loads that length's kernels). --check runs a full forward (no cache) over the
+first row's prompt and generated tokens: its logits at the generated positions must be the
+cached steps' (a cache bug cannot hide), and it counts the generated tokens that are its argmax
+(any other can only be a near-tie within the logits' rounding). Writes generate.md and
+generate.json to --out (default examples/results/<gpu>, or cpu).
 """
 import argparse
 import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -40,11 +50,57 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class Decode(NamedTuple):
+    """The timed decode of generate(): `steps` steps (each a token of every row) in `seconds`,
+    after a CUDA graph capture of `capture_s` seconds (0 when eager)."""
+
+    seconds: float
+    steps: int
+    capture_s: float = 0.0
+
+
+class GraphedStep:
+    """The model's one-token decoding step, every layer and its cache's in-place updates,
+    captured in a CUDA graph: step(tokens [B, 1]) replays it and returns the logits
+    [B, 1, vocab] (a static buffer, overwritten by the next replay). Made after the prefill; the
+    caches' device-side lengths advance at each replay, and finish() brings their host lengths
+    (which only the Python of the capture advanced) back in step."""
+
+    def __init__(self, model, cache, tokens):
+        """Runs the step for tokens [B, 1] eagerly on a side stream (the warm-up that
+        torch.cuda.graph asks for: it loads the kernels and makes the caches' constants and
+        autocast's weight casts, which the graph then reads: keep the same autocast region
+        around every replay), then captures the step that follows it. `first`: the logits of
+        the warm-up step."""
+        self.cache = cache
+        self.tokens = tokens.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.first = model(self.tokens, cache=cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, cache=cache)
+
+    def __call__(self, tokens):
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+    def finish(self):
+        for c in self.cache:
+            c.sync_lengths()
+
+
 @torch.no_grad()
-def generate(model, prompt, new_tokens, autocast=False):
-    """Greedy generation with the model's cache: (tokens [B, new_tokens], the prefill's seconds,
-    the seconds of the new_tokens - 1 decode steps, the logits of row 0 [new_tokens, vocab])."""
+def generate(model, prompt, new_tokens, autocast=False, graphs=False):
+    """Greedy generation with the model's cache, its steps eager or replayed from a CUDA graph:
+    (tokens [B, new_tokens], the prefill's seconds, Decode (the timed steps: all after the first
+    token when eager, the replays when graphed), the logits of row 0 [new_tokens, vocab])."""
     device = prompt.device
+    if graphs and device.type != "cuda":
+        raise ValueError(f"generate: CUDA graphs need a CUDA device, got {device}")
     B, T = prompt.shape
     # (the last token is never fed back)
     cache = model.new_cache(B, T + new_tokens - 1, torch.bfloat16 if autocast else None)
@@ -52,21 +108,32 @@ def generate(model, prompt, new_tokens, autocast=False):
 
     def pick(step_logits):
         last = step_logits[:, -1]
-        logits.append(last[0])
+        logits.append(last[0].clone())  # (a graph's output buffer is overwritten)
         out.append(last.argmax(-1, keepdim=True))
         return out[-1]
 
+    # One autocast region for the prefill, the capture and every replay (see GraphedStep).
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         sync(device)
         t0 = time.perf_counter()
         nxt = pick(model(prompt, cache=cache))
         sync(device)
         t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            nxt = pick(model(nxt, cache=cache))
-        sync(device)
+        graphed, steps = None, new_tokens - 1
+        if graphs and steps > 0:
+            graphed = GraphedStep(model, cache, nxt)
+            nxt = pick(graphed.first)
+            steps -= 1
+            sync(device)
         t2 = time.perf_counter()
-    return torch.cat(out, 1), t1 - t0, t2 - t1, torch.stack(logits)
+        for _ in range(steps):
+            nxt = pick(graphed(nxt) if graphed else model(nxt, cache=cache))
+        sync(device)
+        t3 = time.perf_counter()
+    if graphed:
+        graphed.finish()
+    decode = Decode(t3 - t2, steps, t2 - t1 if graphed else 0.0)
+    return torch.cat(out, 1), t1 - t0, decode, torch.stack(logits)
 
 
 @torch.no_grad()
@@ -101,44 +168,53 @@ def device_name(device):
 
 
 def run_model(model, args, device, autocast):
-    """The rows of one model: one per length."""
+    """The rows of one model: one per length and decoding mode (eager, graphs)."""
     rows = []
     batch = min(args.batch, args.samples)
     per_depth = -(-args.samples // batch)
     batches = [(d, start) for d in args.depths for start in range(0, args.samples, batch)]
     for T in args.lengths:
-        gen = torch.Generator().manual_seed(args.seed + T)  # the same prompts for every model
-        hits, timed, checked = [0] * len(args.depths), [], None
-        for i, (d, start) in enumerate(batches):
-            b = min(batch, args.samples - start)
-            tok, _ = tasks.passkey(b, T + DIGITS, gen, depth=d)
-            prompt, answer = tok[:, :T].to(device), tok[:, T:].to(device)
-            out, pre_s, dec_s, logits = generate(model, prompt, args.new_tokens, autocast)
-            hits[i // per_depth] += int((out[:, :DIGITS] == answer).all(1).sum())
-            if i > 0 or len(batches) == 1:
-                timed.append((b, pre_s, dec_s))
-            if args.check and i == 0:
-                checked = check(model, prompt[0], out[0], logits, autocast)
-        steps = args.new_tokens - 1
-        dec_s = sum(t[2] for t in timed)
-        row = dict(attn=model.cfg.attn, length=T, batch=batch, samples=args.samples * len(hits),
-                   accuracy=sum(hits) / (args.samples * len(hits)),
-                   accuracy_by_depth=[h / args.samples for h in hits],
-                   prefill_s=sum(t[1] for t in timed) / len(timed),
-                   decode_tokens_per_s=sum(t[0] for t in timed) * steps / dec_s,
-                   decode_ms_per_step=1000 * dec_s / (len(timed) * steps), timed_batches=len(timed))
-        if checked is not None:
-            row.update(check_rel_err=checked[0], check_argmax=checked[1],
-                       check_ok=checked[0] <= args.check_tol)
-        rows.append(row)
-        print(summary_line(row), flush=True)
+        for graphs in args.modes:
+            gen = torch.Generator().manual_seed(args.seed + T)  # the same prompts for every model
+            hits, timed, checked = [0] * len(args.depths), [], None
+            for i, (d, start) in enumerate(batches):
+                b = min(batch, args.samples - start)
+                tok, _ = tasks.passkey(b, T + DIGITS, gen, depth=d)
+                prompt, answer = tok[:, :T].to(device), tok[:, T:].to(device)
+                out, pre_s, dec, logits = generate(model, prompt, args.new_tokens, autocast, graphs)
+                hits[i // per_depth] += int((out[:, :DIGITS] == answer).all(1).sum())
+                if i > 0 or len(batches) == 1:
+                    timed.append((b, pre_s, dec))
+                if args.check and i == 0:
+                    checked = check(model, prompt[0], out[0], logits, autocast)
+            dec_s = sum(t[2].seconds for t in timed)
+            steps = sum(t[2].steps for t in timed)
+            row = dict(attn=model.cfg.attn, length=T, graphs=graphs, batch=batch,
+                       samples=args.samples * len(hits),
+                       accuracy=sum(hits) / (args.samples * len(hits)),
+                       accuracy_by_depth=[h / args.samples for h in hits],
+                       prefill_s=sum(t[1] for t in timed) / len(timed),
+                       decode_tokens_per_s=sum(t[0] * t[2].steps for t in timed) / dec_s,
+                       decode_ms_per_step=1000 * dec_s / steps,
+                       capture_s=sum(t[2].capture_s for t in timed) / len(timed),
+                       timed_batches=len(timed))
+            if checked is not None:
+                row.update(check_rel_err=checked[0], check_argmax=checked[1],
+                           check_ok=checked[0] <= args.check_tol)
+            rows.append(row)
+            print(summary_line(row), flush=True)
     return rows
+
+
+def mode(r):
+    return "graphs" if r["graphs"] else "eager"
 
 
 def summary_line(r):
     line = (f"{r['attn']} T={r['length']}: accuracy {r['accuracy']:.2f}, prefill "
             f"{r['prefill_s']:.3f} s (batch {r['batch']}), decode {r['decode_tokens_per_s']:.0f} tokens/s "
-            f"({r['decode_ms_per_step']:.2f} ms/step)")
+            f"({r['decode_ms_per_step']:.2f} ms/step, {mode(r)}"
+            + (f", capture {r['capture_s']:.3f} s" if r["graphs"] else "") + ")")
     if "check_ok" in r:
         line += f"; check {'ok' if r['check_ok'] else 'FAILED'} ({check_note(r)})"
     return line
@@ -150,11 +226,12 @@ def check_note(r):
 
 
 def speedups(rows):
-    """NSA's speed-up over SDPA at each length both ran: {length: (decode, prefill)}."""
-    by = {(r["attn"], r["length"]): r for r in rows}
-    return {T: (r["decode_tokens_per_s"] / by["sdpa", T]["decode_tokens_per_s"],
-                by["sdpa", T]["prefill_s"] / r["prefill_s"])
-            for (attn, T), r in by.items() if attn == "nsa" and ("sdpa", T) in by}
+    """NSA's speed-up over SDPA at each length and mode both ran: {(length, graphs): (decode,
+    prefill)}."""
+    by = {(r["attn"], r["length"], r["graphs"]): r for r in rows}
+    return {(T, g): (r["decode_tokens_per_s"] / by["sdpa", T, g]["decode_tokens_per_s"],
+                     by["sdpa", T, g]["prefill_s"] / r["prefill_s"])
+            for (attn, T, g), r in by.items() if attn == "nsa" and ("sdpa", T, g) in by}
 
 
 def table(rows, meta):
@@ -164,23 +241,28 @@ def table(rows, meta):
              f"{meta['new_tokens']} tokens generated greedily with the cache, batch {meta['batch']}"
              + (", under bf16 autocast" if meta["autocast"] else "") + ". Accuracy: rows with all "
              f"{DIGITS} digits right. Prefill: seconds per batch (time to first token). Decode: "
-             "tokens/s over the steps after the first token, every row counted.", "",
-             "| model | length | rows | accuracy | TTFT s (prefill) | decode tokens/s | ms/step "
-             "| NSA speed-up decode (prefill) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "tokens/s, every row counted, over the steps after the first token (eager) or over "
+             "the replays of the step captured in a CUDA graph after the first step (graphs; "
+             "capture: its seconds, that first step included).", "",
+             "| model | length | rows | steps | accuracy | TTFT s (prefill) | decode tokens/s "
+             "| ms/step | capture s | NSA speed-up decode (prefill) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        up = ups.get(r["length"]) if r["attn"] == "nsa" else None
+        up = ups.get((r["length"], r["graphs"])) if r["attn"] == "nsa" else None
         cell = "-" if up is None else f"{up[0]:.2f}x ({up[1]:.2f}x)"
-        lines.append(f"| {r['attn']} | {r['length']} | {r['samples']} | {r['accuracy']:.2f} | "
-                     f"{r['prefill_s']:.3f} | {r['decode_tokens_per_s']:.0f} | "
-                     f"{r['decode_ms_per_step']:.2f} | {cell} |")
+        capture = f"{r['capture_s']:.3f}" if r["graphs"] else "-"
+        lines.append(f"| {r['attn']} | {r['length']} | {r['samples']} | {mode(r)} | "
+                     f"{r['accuracy']:.2f} | {r['prefill_s']:.3f} | "
+                     f"{r['decode_tokens_per_s']:.0f} | {r['decode_ms_per_step']:.2f} | "
+                     f"{capture} | {cell} |")
     checks = [r for r in rows if "check_ok" in r]
     if checks:
         lines += ["", f"Check (the first row of each length: the logits of its {meta['new_tokens']} "
                       "generated positions against a full forward without cache, relative "
                       f"difference <= {meta['check_tol']:g}): " + ", ".join(
-                          f"{r['attn']} {r['length']}: {'ok' if r['check_ok'] else 'FAILED'} "
-                          f"({check_note(r)})" for r in checks) + "."]
+                          f"{r['attn']} {r['length']} {mode(r)}: "
+                          f"{'ok' if r['check_ok'] else 'FAILED'} ({check_note(r)})"
+                          for r in checks) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,9 +288,17 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="default examples/results/<gpu or cpu>")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--graphs", nargs="?", const="on", choices=("on", "off", "both"),
+                    help="decode by replaying the step captured in a CUDA graph (on, the default "
+                         "on CUDA), eagerly (off, the default on the CPU), or both ways")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     autocast = device.type == "cuda"
+    if args.graphs is None:
+        args.graphs = "on" if device.type == "cuda" else "off"
+    if args.graphs != "off" and device.type != "cuda":
+        ap.error(f"--graphs {args.graphs} needs a CUDA device, got {device}")
+    args.modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
     if args.lengths is None:
         args.lengths = [16384, 65536] if device.type == "cuda" else [512, 1024]
     if args.new_tokens < DIGITS:
@@ -224,12 +314,13 @@ def main(argv=None):
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for T, (dec, pre) in sorted(speedups(rows).items()):
-        print(f"NSA over SDPA at {T}: decode {dec:.2f}x, prefill {pre:.2f}x")
+    for (T, graphs), (dec, pre) in sorted(speedups(rows).items()):
+        print(f"NSA over SDPA at {T}: decode {dec:.2f}x, prefill {pre:.2f}x "
+              f"({'graphs' if graphs else 'eager'})")
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, checkpoints=args.checkpoints, depths=args.depths,
                 batch=min(args.batch, args.samples), new_tokens=args.new_tokens, autocast=autocast,
-                seed=args.seed, check_tol=args.check_tol if args.check else None)
+                graphs=args.graphs, seed=args.seed, check_tol=args.check_tol if args.check else None)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "generate.md"), "w") as f:
         f.write(table(rows, meta))
@@ -239,7 +330,7 @@ def main(argv=None):
     failed = [r for r in rows if r.get("check_ok") is False]
     if failed:
         sys.exit("generate.py: the cached generation differs from a full forward: "
-                 + ", ".join(f"{r['attn']} at {r['length']}" for r in failed))
+                 + ", ".join(f"{r['attn']} at {r['length']} ({mode(r)})" for r in failed))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ full causal attention (SDPA) on the same projections and rotary embedding for co
 
 Decoding (examples/generate.py): `cache = model.new_cache(B, capacity, dtype)` gives one cache per
 layer (nsa_torch.NSACache, or the dense baseline's StaticKVCache); `model(prompt, cache=cache)`
-prefills it and `model(next_tokens, cache=cache)` then runs the next tokens of every sequence."""
+prefills it and `model(next_tokens, cache=cache)` then runs the next tokens of every sequence, a
+step of fixed shapes that a CUDA graph can capture (each cache's sync_lengths() after replays)."""
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F

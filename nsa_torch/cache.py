@@ -423,8 +423,8 @@ class NSACache:
         step is appended: k_new [B, S, H, D], v_new [B, S, H, Dv] are the new tokens'
         un-rotated compression inputs. Returns wk [B, K, H, l, D], wv [B, K, H, l, Dv] (rubbish
         for candidates whose row is -1), each from the ring where a token is older than the S
-        new ones, else from k_new / v_new. Laid out as the training forward's windows (views of
-        [B, K, l, H, C]), so that phi reduces them in the same order and makes the same bits."""
+        new ones, else from k_new / v_new; laid out as the training forward's windows (views of
+        [B, K, l, H, C]), so that phi reduces them in the same order."""
         b = self._batch[:, None, None]
 
         def gather(ring, new):

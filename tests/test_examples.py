@@ -263,6 +263,33 @@ def test_cuda_cached_generation_matches_a_full_forward(attn):
     assert rel < 5e-2
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["nsa", "sdpa"])
+def test_cuda_graph_generation_equals_eager(attn):
+    """generate.py's CUDA-graph decoding (the model's step captured once after the prefill and
+    its first step, then replayed per token) against eager steps from the same prompts, under
+    bf16 autocast as generate.py runs it, for 40 tokens across compression windows and a
+    selection block: the same tokens, and the same logits (the same kernels run) within bf16
+    noise."""
+    nsa = dict(block_size=32, block_stride=16, select_size=64, num_selected=4, window_size=128)
+    model = random_tiny_lm(attn, torch.float32, hidden=128, head_dim=64, nsa=nsa).cuda()
+    prompt = torch.randint(0, tasks.VOCAB, (3, 300), generator=torch.Generator().manual_seed(3))
+    prompt = prompt.cuda()
+    out, _, dec, logits = generate.generate(model, prompt, 40, autocast=True)
+    assert dec.steps == 39 and dec.capture_s == 0
+    out_g, _, dec_g, logits_g = generate.generate(model, prompt, 40, autocast=True, graphs=True)
+    assert dec_g.steps == 38 and dec_g.capture_s > 0
+    assert torch.equal(out_g, out)
+    assert_close(logits_g.double(), logits.double(), 1e-2, "graph replays against eager steps")
+    rel, _ = generate.check(model, prompt[0], out_g[0], logits_g, autocast=True)
+    assert rel < 5e-2
+
+
+def test_generate_graphs_need_cuda():
+    with pytest.raises(ValueError, match="generate: CUDA graphs need a CUDA device, got cpu"):
+        generate.generate(random_tiny_lm("nsa"), torch.zeros(1, 4, dtype=torch.long), 3, graphs=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """checkpoint.pt of an NSA and an SDPA model trained for a few steps (the tiny train path)."""
