@@ -681,9 +681,12 @@ class StaticKVCache:
         self.seqlen += k.shape[1]
         self.length += k.shape[1]
 
-    def mask(self, pos):
-        """bool [S, capacity]: query s (at position pos[s]) sees the cached tokens up to it."""
-        cap = self.capacity
+    def mask(self, pos, G=1):
+        """bool [S * G, capacity] (S > 1) or [1, capacity]: row (s, g), query s at position
+        pos[s], sees the cached tokens up to it."""
+        S, cap = pos.shape[0], self.capacity
+        if S > 1 and G > 1:
+            pos = pos[:, None].expand(S, G).reshape(S * G)
         return self.constants.get(("arange", cap), lambda: torch.arange(
             cap, device=self.k.device)) <= pos[:, None]
 
@@ -811,9 +814,7 @@ class FullAttention(nn.Module):
         q, k = _rope_step(cache.constants, [(q, 0), (k, 0)],
                           pos[None] if position_ids is None else position_ids, c.rope_theta)
         cache.write(pos, k, self.v_proj(x).view(B, S, H, Dv))
-        mask = cache.mask(pos)
-        if S > 1 and G > 1:  # row (s, g) is query s
-            mask = mask.repeat_interleave(G, 0)
+        mask = cache.mask(pos, G)
         q = q.view(B, S, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, S * G, D)
         o = self._sdpa(q, cache.k.transpose(1, 2), cache.v.transpose(1, 2), attn_mask=mask)
         o = o.view(B, H, S, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, S, HQ * Dv)
