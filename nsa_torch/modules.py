@@ -706,10 +706,11 @@ class FullAttention(nn.Module):
     NativeSparseAttention's; a packed batch runs one SDPA call per run of consecutive sequences of
     equal length (pack sequences of one length together). cache: a StaticKVCache (no autograd);
     empty, the forward fills it; filled, hidden_states' S tokens follow the cached ones
-    (positions from there) and attend them (decoding). backends: SDPA backends to allow
-    (torch.nn.attention.sdpa_kernel; None: torch chooses); gqa: True passes enable_gqa to SDPA,
-    False repeats K/V to every query head (for backends that refuse enable_gqa; decoding steps
-    need neither).
+    (positions from there) and attend them (decoding: the whole capacity under a length mask,
+    a fixed-shape step). backends: SDPA backends to allow (torch.nn.attention.sdpa_kernel;
+    None: torch chooses; decoding steps need one that takes a mask); gqa: True passes
+    enable_gqa to SDPA, False repeats K/V to every query head (for backends that refuse
+    enable_gqa; decoding steps need neither).
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim=None, *,
