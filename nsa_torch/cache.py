@@ -74,10 +74,9 @@ class DeviceConstants:
         self._made = {}
 
     def get(self, key, make: Callable[[], torch.Tensor], keep: bool = True):
-        """make() once for `key` and then the same tensor (or tuple of tensors); made again each
-        time when not `keep`, under torch.compile (which traces it instead) and inside a CUDA
-        graph capture (a tensor made there is filled only at each replay: eager code must not
-        read it later)."""
+        """make() once for `key`, then the same tensor; made again each time when not `keep`,
+        under torch.compile (which traces it instead) and inside a CUDA graph capture (a tensor
+        made there is filled only at each replay: eager code must not read it later)."""
         found = self._made.get(key)
         if found is not None:
             return found
