@@ -286,8 +286,6 @@ def test_cuda_graph_generation_equals_eager(attn):
     assert dec_g.steps == 38 and dec_g.capture_s > 0
     assert torch.equal(out_g, out)
     assert_close(logits_g.double(), logits.double(), 1e-2, "graph replays against eager steps")
-    rel, _ = generate.check(model, prompt[0], out_g[0], logits_g, autocast=True)
-    assert rel < 5e-2
 
 
 def test_generate_graphs_need_cuda():
