@@ -18,7 +18,9 @@ What it holds (C = D for keys, Dv for values; docs/design.md, "Decoding"):
   before phi), token t at slot t % block_size: what the next compression windows need;
 - `seqlens` (int32 [B], on the device: what a step reads, so that it never waits for the host
   and can be captured in a CUDA graph) and `lengths` (the same on the host, a list of ints that
-  the layer keeps in step; only for errors raised before anything is written).
+  the layer keeps in step; only for errors raised before anything is written);
+- `constants`: what a step would otherwise rebuild each time (its index tables, aranges, the
+  rotary frequencies), made on first use.
 
 Bytes per sequence (e = dtype size, H kv heads, contiguous; paged: the pages it uses):
     e * H * (D + Dv) * (capacity * (2 if separate_branch_kv else 1) + Nc(capacity) + 1
