@@ -377,10 +377,10 @@ def check_step_cost(logs, bound):
 def test_decode_step_op_count(separate, paged):
     """A one-token step of the float64 layer on the CPU, at lengths 41 .. 79 (across compression
     windows and selection blocks): the same ops on the same shapes each time, and few: 51 with
-    shared K/V (contiguous: 6 projections and phi's 4 matmuls; the indices from one table
-    lookup, 5 ops; one rotation; one index write per cache buffer; the decode op), 4 more for
-    the block table, 10 more for two more K/V projections; 112 to 143 before the step was
-    trimmed."""
+    shared K/V, contiguous (the five projections and phi's four matmuls; the indices from one
+    table lookup, five ops; one rotation; one index write per cache buffer; the decode op), 4
+    more through a block table, 10 more with K/V of each branch's own; 112 to 143 before the
+    step was trimmed."""
     layer = make_layer("mlp", separate)
     logs = logged_steps(layer, make_cache(layer, 2, 80, paged), torch.randn(2, 80, HIDDEN, dtype=F64), 40)
     check_step_cost(logs, 56 + 4 * paged + 10 * separate)
