@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 import nsa_torch
 from nsa_torch import NSACache, reference
 from nsa_torch import functional as nsa_fn
+from nsa_torch.cache import DeviceConstants
 from nsa_torch.modules import FullAttention, StaticKVCache
 from helpers import assert_close, cu_seqlens_of, rel_err
 
@@ -662,3 +663,20 @@ def test_cuda_graph_step(paged):
         assert torch.isfinite(a).all(), f"replay {i}"
         assert_close(a.double(), b.double(), 1e-2, f"replay {i} against eager")
     assert_close(graphed.k_cmp.double(), eager.k_cmp.double(), 1e-2, "compressed keys")
+
+
+@pytest.mark.cuda
+def test_cuda_constants_made_in_a_capture_are_not_kept():
+    """A step's constant made inside a CUDA graph capture is filled only when the graph
+    replays: the cache does not keep it for later eager steps, and keeps the next one made
+    outside."""
+    constants = DeviceConstants()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = constants.get("a", lambda: torch.arange(4, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.tolist() == [0, 1, 2, 3]
+    eager = constants.get("a", lambda: torch.arange(4, device="cuda") + 10)
+    assert eager.tolist() == [10, 11, 12, 13]
+    assert constants.get("a", lambda: None) is eager
