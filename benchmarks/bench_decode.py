@@ -73,8 +73,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_attention import (PAPER, Budget, Recorder, commit, short_error, slug,  # noqa: E402
-                             t_label)
+from bench_attention import (PAPER, Budget, Recorder, commit, read_csv, short_error,  # noqa: E402
+                             slug, t_label)
 
 import nsa_torch  # noqa: E402  (bench_attention put the repository root on sys.path)
 
@@ -815,11 +815,6 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ------------------------------------------------------------------------------------ main
