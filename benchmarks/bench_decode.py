@@ -59,7 +59,6 @@ recorded with the reason instead of a time. --cpu-smoke writes only into --out-d
 benchmarks/results).
 """
 import argparse
-import csv
 import gc
 import math
 import os
