@@ -324,6 +324,41 @@ class NSACache:
         Python that keeps lengths in step."""
         self.lengths = [int(n) for n in self.seqlens.tolist()]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Sequence b takes the state of sequence index[b] (beam search), in place: the tensors
+        keep their identity (a captured graph keeps reading them). Contiguous caches only (a
+        paged one would reorder its block table instead)."""
+        if self.is_paged:
+            raise ValueError(f"{_WHERE}.reorder: a paged cache reorders its block table, not its "
+                             "pools")
+        idx = index.to(device=self.device, dtype=torch.int64)
+        for t in (self.k, self.v, self.k_swa, self.v_swa, self.k_cmp_rows, self.v_cmp_rows,
+                  self.ring_k, self.ring_v, self.seqlens):
+            if t is not None:
+                t.copy_(t.index_select(0, idx))
+        if len(set(self.lengths)) > 1:  # (equal lengths need no host read of index)
+            self.lengths = [self.lengths[i] for i in idx.tolist()]
+
+    def resized(self, layer, capacity: int) -> "NSACache":
+        """A contiguous copy of this contiguous cache with room for `capacity` >= its own tokens
+        per sequence (a new allocation: outside any captured region)."""
+        if self.is_paged or capacity < self.capacity:
+            raise ValueError(f"{_WHERE}.resized: needs a contiguous cache and capacity >= "
+                             f"{self.capacity}, got a {'paged' if self.is_paged else 'contiguous'}"
+                             f" cache and {capacity}")
+        new = NSACache(layer, self.batch_size, capacity, device=self.device, dtype=self.dtype)
+        for name in ("k", "v", "k_swa", "v_swa"):
+            old = getattr(self, name)
+            if old is not None:
+                getattr(new, name)[:, :self.capacity].copy_(old)
+        new.k_cmp_rows[:, :self.cmp_capacity].copy_(self.k_cmp)  # (not the scratch row)
+        new.v_cmp_rows[:, :self.cmp_capacity].copy_(self.v_cmp)
+        new.ring_k.copy_(self.ring_k)
+        new.ring_v.copy_(self.ring_v)
+        new.seqlens.copy_(self.seqlens)
+        new.lengths = list(self.lengths)
+        return new
+
     # ------------------------------------------------------------------------------ checks
     def check_layer(self, where: str, config, device: torch.device,
                     dtype: Optional[torch.dtype] = None) -> None:

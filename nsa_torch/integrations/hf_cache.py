@@ -23,6 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import NSACache
+from ..modules import _attention_dtype as modules_attention_dtype
 
 _WHERE = "nsa_torch.integrations.hf.NSAModelCache"
 # Room for this many generated tokens past the prompt when a growing cache is first made.
@@ -81,16 +82,8 @@ class NSALayerCache(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx):
         """Sequence b takes the state of sequence beam_idx[b] (beam search)."""
-        c = self.nsa_cache
-        if c is None:
-            return
-        idx = beam_idx.to(device=c.device, dtype=torch.int64)
-        for t in (c.k, c.v, c.k_swa, c.v_swa, c.k_cmp_rows, c.v_cmp_rows, c.ring_k, c.ring_v,
-                  c.seqlens):
-            if t is not None:  # (in place: the tensors' identity stays)
-                t.copy_(t.index_select(0, idx))
-        if len(set(c.lengths)) > 1:  # (equal lengths, as in generate(), need no host read)
-            c.lengths = [c.lengths[i] for i in idx.tolist()]
+        if self.nsa_cache is not None:
+            self.nsa_cache.reorder(beam_idx)
 
     def crop(self, length):
         """Only a crop that removes nothing: transformers 5 passes -n to remove n tokens (0:
@@ -153,7 +146,7 @@ class NSAModelCache(Cache):
         if longest + new_tokens > c.capacity:
             if not self.grow:
                 self._check_room(where, longest, new_tokens, c.capacity)
-            entry.nsa_cache = _grown(c, nsa, max(longest + new_tokens, 2 * c.capacity))
+            entry.nsa_cache = c.resized(nsa, max(longest + new_tokens, 2 * c.capacity))
         return entry.nsa_cache
 
     def _check_room(self, where, held, new_tokens, capacity):
@@ -170,23 +163,4 @@ def _attention_dtype(nsa, x):
     dtype = nsa.q_proj.weight.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    if dtype == torch.float32 and x.device.type == "cuda":
-        return torch.bfloat16
-    return dtype
-
-
-def _grown(c, nsa, capacity):
-    """A copy of the contiguous NSACache c with room for `capacity` tokens per sequence."""
-    new = NSACache(nsa, c.batch_size, capacity, device=c.device, dtype=c.dtype)
-    n = c.capacity
-    for name in ("k", "v", "k_swa", "v_swa"):
-        old = getattr(c, name)
-        if old is not None:
-            getattr(new, name)[:, :n].copy_(old)
-    new.k_cmp_rows[:, :c.cmp_capacity].copy_(c.k_cmp)  # (not the scratch row)
-    new.v_cmp_rows[:, :c.cmp_capacity].copy_(c.v_cmp)
-    new.ring_k.copy_(c.ring_k)
-    new.ring_v.copy_(c.ring_v)
-    new.seqlens.copy_(c.seqlens)
-    new.lengths = list(c.lengths)
-    return new
+    return modules_attention_dtype(dtype, x.device)
