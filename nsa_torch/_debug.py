@@ -32,6 +32,8 @@ Keys and values (``keys()`` lists them):
   cmp_splits      int >= 1: thread blocks per (sequence, KV head) of decode_attention's scan of
                   the compressed tokens
   slc_splits      int >= 1: the same for its selected and window keys
+  sel_splits      int in [1, 64]: thread blocks per (query, KV head) of decode_attention's top-n
+                  selection over the candidate blocks
 A value of None removes the key's override (the plan's own choice, also inside an outer force).
 
 An unknown key or value raises ValueError when ``force`` is called. Forcing a kernel that the

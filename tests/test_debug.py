@@ -11,7 +11,7 @@ from nsa_torch import _debug, reference
 
 KINDS = {"fwd": ("wgmma", "wide", "mma"), "bwd": ("wgmma", "mma"), "slc_fwd": ("warp", "union", "blocks"),
          "slc_dq": ("tokens", "blocks"), "select": ("wgmma", "mma"), "split_tokens": (),
-         "slc_chunk_rows": (), "cmp_splits": (), "slc_splits": ()}
+         "slc_chunk_rows": (), "cmp_splits": (), "slc_splits": (), "sel_splits": ()}
 
 
 # ------------------------------------------------------------------------------------ on the CPU
@@ -32,6 +32,7 @@ def test_keys():
     (dict(split_tokens=2**70), "split_tokens is out of range"),
     (dict(slc_chunk_rows=0), "slc_chunk_rows=0: expected an int >= 1"),
     (dict(slc_chunk_rows=1.5), "slc_chunk_rows=1.5"),
+    (dict(sel_splits=65), "sel_splits=65: expected an int in [1, 64]"),
 ])
 def test_force_refuses_unknown_keys_and_values_when_called(choices, match):
     with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("(", r"\(")):

@@ -816,6 +816,33 @@ def test_cuda_small_blocks_and_edges(dtype):
         check_step(x, lens, S, SMALL, dtype, page_size=64, capacity=1024)
 
 
+# Forced splits of the three split kernels: one thread block each; several, each selection split
+# with a full list of n; the selection's most (64: short lists, empty splits for the short
+# sequences, a merge in rounds).
+SPLITS = {"one": dict(cmp_splits=1, slc_splits=1, sel_splits=1),
+          "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2),
+          "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64)}
+# n = 16 of 79 candidate blocks at 4999 tokens; n = 128 of 16-token blocks (312 candidates);
+# and 1250 candidates in a 32k cache (a selection split scores them in rounds).
+SPLIT_CASES = {"n16": ({}, CUDA_LENGTHS, CUDA_CAPACITY),
+               "n128": (dict(select_size=16, num_selected=128, num_initial=3, num_local=5), CUDA_LENGTHS,
+                        CUDA_CAPACITY),
+               "long": (dict(select_size=16, num_selected=24), [20000, 1, 1537], 32768)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", list(SPLITS))
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_cuda_forced_splits_match_reference(name, splits):
+    from nsa_torch import _debug
+    case, lengths, capacity = SPLIT_CASES[name]
+    x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-splits", name), lengths=lengths, **case)
+    with _debug.force(**SPLITS[splits]), _debug.plans() as ran:
+        check_step(x, [max(L, 2) for L in lengths], 2, case, torch.bfloat16, page_size=64, capacity=capacity)
+    got = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
+    assert all(got[k] == v for k, v in SPLITS[splits].items()), got
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_name)
 def test_cuda_teacher_forcing(dtype):
@@ -881,9 +908,12 @@ def test_cuda_graph_capture_and_replay(page_size):
 
 
 @pytest.mark.cuda
-def test_cuda_bad_lengths_give_nan():
+@pytest.mark.parametrize("sel_splits", [None, 5], ids=["planned", "sel5"])
+def test_cuda_bad_lengths_give_nan(sel_splits):
     """A length outside [S, capacity] or a used page outside the pool: that sequence's rows are
-    NaN, the others exact, no error (no host sync), nothing read outside the caches."""
+    NaN, the others exact, no error (no host sync), nothing read outside the caches. With five
+    selection splits the bad page lies in a split other than the one that merges."""
+    from nsa_torch import _debug
     dtype = torch.bfloat16
     lengths = [100, 300, 200, 700, 64]
     x = cuda_step_inputs(4, 64, 64, dtype, 41, lengths=lengths, **SMALL)
@@ -893,7 +923,8 @@ def test_cuda_bad_lengths_give_nan():
     step["cache_seqlens"][2] = 1          # fewer than the S new tokens
     step["block_table"][3, 5] = step["k_cache"].shape[0]  # page 5 of 11 used: past the pool
     step["block_table"][4, 0] = -1
-    o, _ = decode(nsa_torch, step, SMALL)
+    with _debug.force(sel_splits=sel_splits):
+        o, _ = decode(nsa_torch, step, SMALL)
     torch.cuda.synchronize()
     for b in (1, 2, 3, 4):
         assert torch.isnan(o[b]).all(), f"sequence {b}: not NaN"

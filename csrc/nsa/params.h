@@ -227,6 +227,8 @@ struct DecodePlan {
                              // tile (cmp_splits * cmp_chunk >= cmp_capacity); shorter sequences
                              // spread their tiles evenly over the same splits
   int slc_splits = 1;        // thread blocks per (sequence, KV head) over selected + window keys
+  int sel_splits = 1;        // thread blocks per (query, KV head) over the candidate blocks of the
+                             // top-n selection (each keeps its own n best; the last one merges)
 };
 
 // One decoding step (decode_attention): the S newest tokens of each sequence attend the

@@ -147,14 +147,16 @@ index_t slc_chunk_rows(const SlcParams& p, bool dq, const PlanOverrides& o) {
 std::string int_range(const std::string& key) {
   if (key == "split_tokens") return ">= 0";
   if (key == "cmp_splits" || key == "slc_splits") return "in [1, " + std::to_string(kMaxDecodeSplits) + "]";
+  if (key == "sel_splits") return "in [1, " + std::to_string(kMaxSelectSplits) + "]";
   return ">= 1";
 }
 
 }  // namespace
 
 const std::vector<std::string>& plan_keys() {
-  static const std::vector<std::string> keys = {"fwd",          "bwd",            "slc_fwd",    "slc_dq",    "select",
-                                                "split_tokens", "slc_chunk_rows", "cmp_splits", "slc_splits"};
+  static const std::vector<std::string> keys = {"fwd",        "bwd",          "slc_fwd",        "slc_dq",
+                                                "select",     "split_tokens", "slc_chunk_rows", "cmp_splits",
+                                                "slc_splits", "sel_splits"};
   return keys;
 }
 
@@ -164,7 +166,9 @@ const std::vector<std::string>& plan_values(const std::string& key) {
   if (key == "slc_fwd") return kSlcNames;
   if (key == "slc_dq") return kSlcDqNames;
   if (key == "select") return kSelectNames;
-  if (key == "split_tokens" || key == "slc_chunk_rows" || key == "cmp_splits" || key == "slc_splits") return kNoNames;
+  if (key == "split_tokens" || key == "slc_chunk_rows" || key == "cmp_splits" || key == "slc_splits" ||
+      key == "sel_splits")
+    return kNoNames;
   unknown_key(key);
 }
 
@@ -187,13 +191,14 @@ void set_override(PlanOverrides& o, const std::string& key, int64_t value) {
                                 ": expected one of " + quoted_list(plan_values(key)));
   const bool splits = key == "cmp_splits" || key == "slc_splits";
   const int64_t least = key == "split_tokens" ? 0 : 1;
-  if (value < least || (splits && value > kMaxDecodeSplits))
+  if (value < least || (splits && value > kMaxDecodeSplits) || (key == "sel_splits" && value > kMaxSelectSplits))
     throw std::invalid_argument(std::string(kForce) + ": " + key + "=" + std::to_string(value) + ": expected an int " +
                                 int_range(key));
   if (key == "split_tokens") o.split_tokens = value;
   if (key == "slc_chunk_rows") o.slc_chunk_rows = value;
   if (key == "cmp_splits") o.cmp_splits = int(value);
   if (key == "slc_splits") o.slc_splits = int(value);
+  if (key == "sel_splits") o.sel_splits = int(value);
 }
 
 AttnPlan plan_cmp(const CmpParams& p, Pass pass, const DeviceFacts& dev, const PlanOverrides& o) {
@@ -294,6 +299,16 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
   if (p.select_size > 0 && p.num_selected > 0 && p.window_size > 0)
     sparse = cuda::decode::selected_tiles_max(p) + cuda::decode::window_tiles_max(p);
   plan.slc_splits = decode_splits(sparse, units, dev, o.slc_splits);
+  // The selection: a thread block per (query, KV head) and split of the candidate blocks.
+  if (o.sel_splits) {
+    plan.sel_splits = *o.sel_splits;
+  } else {
+    const index_t queries = index_t(std::max(1, p.batch)) * std::max(1, p.num_heads_k) * std::max(1, p.num_queries);
+    const index_t blocks = p.select_size > 0 ? (std::max<index_t>(1, p.capacity) + p.select_size - 1) / p.select_size : 1;
+    const index_t fill = std::max<index_t>(1, index_t(kSelectBlocksPerSm) * std::max(1, dev.num_sms) / queries);
+    const index_t most = std::max<index_t>(1, blocks / kSelectMinBlocks);
+    plan.sel_splits = int(std::min<index_t>(kMaxSelectSplits, std::min(fill, most)));
+  }
   return plan;
 }
 
@@ -341,7 +356,7 @@ std::vector<PlanItem> describe(const TopkPlan& plan) {
 
 std::vector<PlanItem> describe(const DecodePlan& plan) {
   std::vector<PlanItem> items = {number("cmp_splits", plan.cmp_splits), number("cmp_chunk", plan.cmp_chunk),
-                                 number("slc_splits", plan.slc_splits)};
+                                 number("slc_splits", plan.slc_splits), number("sel_splits", plan.sel_splits)};
   add_device(items, plan.device);
   return items;
 }

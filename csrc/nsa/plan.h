@@ -17,6 +17,8 @@
 //                                           over the compressed tokens
 //   slc_splits      int in [1, 65535]       decode_attention: thread blocks per (sequence, KV head)
 //                                           over the selected and window keys
+//   sel_splits      int in [1, 64]          decode_attention: thread blocks per (query, KV head)
+//                                           over the candidate blocks of the top-n selection
 // An override the shape or GPU cannot take makes the plan function throw std::invalid_argument
 // naming the key, the value and why; it never falls back silently.
 #pragma once
@@ -42,6 +44,12 @@ inline constexpr size_t kSlcPartialBytes = size_t(2) << 30;
 // kDecodeMinTiles key tiles.
 inline constexpr int kDecodeBlocksPerSm = 2;
 inline constexpr int kDecodeMinTiles = 2;
+// Its top-n selection aims at kSelectBlocksPerSm thread blocks per SM over all (query, KV head)
+// units, each scoring at least kSelectMinBlocks candidate blocks, in at most kMaxSelectSplits
+// splits (the last thread block merges the splits' lists).
+inline constexpr int kSelectBlocksPerSm = 4;
+inline constexpr int kSelectMinBlocks = 128;
+inline constexpr int kMaxSelectSplits = 64;
 
 // Explicit choices; an empty field leaves the choice to the plan.
 struct PlanOverrides {
@@ -54,10 +62,11 @@ struct PlanOverrides {
   std::optional<index_t> slc_chunk_rows;
   std::optional<int> cmp_splits;
   std::optional<int> slc_splits;
+  std::optional<int> sel_splits;
 };
 
 // Sets one override from its key and value (a kernel name, or an int for split_tokens,
-// slc_chunk_rows, cmp_splits and slc_splits). Throws std::invalid_argument for an unknown key, a
+// slc_chunk_rows and the decode splits). Throws std::invalid_argument for an unknown key, a
 // value of the wrong kind or out of range, naming the key, the value and what is accepted.
 void set_override(PlanOverrides& o, const std::string& key, const std::string& value);
 void set_override(PlanOverrides& o, const std::string& key, int64_t value);
@@ -77,7 +86,8 @@ TopkPlan plan_select(const TopkParams& p, const DeviceFacts& dev, const PlanOver
 // The split of a decode step (DecodePlan): from the capacity, never the lengths (graph capture).
 // By default each of its long kernels gets about kDecodeBlocksPerSm thread blocks per SM over all
 // (sequence, KV head, row block) units, and no split fewer than kDecodeMinTiles key tiles of the
-// longest step the cache allows; cmp_splits and slc_splits overrides are taken as given.
+// longest step the cache allows, and its selection as kSelectBlocksPerSm and kSelectMinBlocks
+// say; overrides of the splits are taken as given.
 DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o);
 
 // What a plan chose, as (key, value) items in the vocabulary above plus split (split ranges),
@@ -87,12 +97,12 @@ struct PlanItem {
   std::string key;
   std::string name;    // the kernel's name, or empty for a number
   int64_t number = 0;  // split_tokens, split, slc_chunk_rows, cmp_splits, cmp_chunk, slc_splits,
-                       // arch, num_sms
+                       // sel_splits, arch, num_sms
 };
 enum class AttnBranch : int32_t { kCmp, kSlc, kSwa };
 std::vector<PlanItem> describe(const AttnPlan& plan, AttnBranch branch, Pass pass);
 std::vector<PlanItem> describe(const TopkPlan& plan);
-// cmp_splits, cmp_chunk, slc_splits, arch, num_sms.
+// cmp_splits, cmp_chunk, slc_splits, sel_splits, arch, num_sms.
 std::vector<PlanItem> describe(const DecodePlan& plan);
 
 }  // namespace nsa

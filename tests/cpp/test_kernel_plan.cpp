@@ -281,7 +281,7 @@ TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
   CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
   CHECK(!o.fwd);  // nothing refused was set
   CHECK(o.split_tokens == 0);
-  CHECK(plan_keys().size() == 9);
+  CHECK(plan_keys().size() == 10);
   for (const std::string& key : plan_keys())
     for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
 }
@@ -327,16 +327,23 @@ TEST_CASE("plan: decode splits by batch and capacity", "[plan][decode]") {
     CHECK(one.cmp_chunk == 128);
     // 25 selected + window tiles (16 blocks, 9 blocks of the window): 9 splits of 3.
     CHECK(one.slc_splits == 9);
+    // capacity / 64 candidate blocks, 128 a split at least: 1 split at 8k, 16 at 128k.
+    CHECK(one.sel_splits == capacity / 64 / 128);
     // B = 16: 64 units, 4 splits each (256 thread blocks); B = 64: 256 units, no split.
     const DecodePlan sixteen = plan_decode(decode_shape(16, capacity), kH100, none);
     CHECK(sixteen.cmp_splits == 4);
     CHECK(sixteen.cmp_chunk == tiles / 4 * 64);
     CHECK(sixteen.slc_splits == 4);
+    // 64 queries: 8 thread blocks each would give 4 per SM.
+    CHECK(sixteen.sel_splits == std::min<index_t>(8, capacity / 64 / 128));
     const DecodePlan sixty_four = plan_decode(decode_shape(64, capacity), kH100, none);
     CHECK(sixty_four.cmp_splits == 1);
     CHECK(sixty_four.cmp_chunk == tiles * 64);
     CHECK(sixty_four.slc_splits == 1);
+    CHECK(sixty_four.sel_splits == std::min<index_t>(2, capacity / 64 / 128));
   }
+  // Long caches stop at 64 selection splits (2^20 tokens: 16384 candidate blocks).
+  CHECK(plan_decode(decode_shape(1, 1 << 20), kH100, none).sel_splits == 64);
   // B = 1 gives about one thread block per SM at 64k (128, two tiles each), two at 128k.
   CHECK(4 * plan_decode(decode_shape(1, 64 << 10), kH100, none).cmp_splits == 128);
   CHECK(4 * plan_decode(decode_shape(1, 128 << 10), kH100, none).cmp_splits >= 2 * 132 - 8);
@@ -374,7 +381,14 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
           // Never more thread blocks than two per SM, unless the units alone are more.
           CHECK(units * plan.cmp_splits <= std::max<index_t>(units, 2 * 132));
           CHECK(units * plan.slc_splits <= std::max<index_t>(units, 2 * 132));
-          CHECK(describe(plan).size() == 5);
+          // The selection: 1 to 64 splits, none below 128 candidate blocks but one, at most 4
+          // thread blocks per SM over the (query, KV head) units unless those alone are more.
+          const index_t queries = index_t(B) * p.num_heads_k * S, blocks = (capacity + 63) / 64;
+          CHECK(plan.sel_splits >= 1);
+          CHECK(plan.sel_splits <= 64);
+          if (plan.sel_splits > 1) CHECK(blocks / plan.sel_splits >= 128);
+          CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 4 * 132));
+          CHECK(describe(plan).size() == 6);
         }
       }
     }
@@ -393,6 +407,9 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   const DecodePlan slc = plan_decode(p, kH100, with("slc_splits", int64_t(1)));
   CHECK(slc.slc_splits == 1);
   CHECK(slc.cmp_splits == 4);
+  const DecodePlan sel = plan_decode(p, kH100, with("sel_splits", int64_t(64)));
+  CHECK(sel.sel_splits == 64);  // as given: splits past the candidates keep empty lists
+  CHECK(sel.slc_splits == 4);
   // Keys that do not concern the decode step leave it alone, and its keys leave the others alone.
   CHECK(plan_decode(p, kH100, with("fwd", "mma")).cmp_splits == 4);
   CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kFwd, kH100, with("cmp_splits", int64_t(3))).fwd ==
@@ -403,27 +420,33 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
                  "cmp_splits=0: expected an int in [1, 65535]"));
   CHECK(contains(refusal([&] { set_override(o, "slc_splits", int64_t(-2)); }), "slc_splits=-2"));
   CHECK(contains(refusal([&] { set_override(o, "slc_splits", int64_t(65536)); }), "in [1, 65535]"));
+  CHECK(contains(refusal([&] { set_override(o, "sel_splits", int64_t(65)); }), "sel_splits=65: expected an int in [1, 64]"));
+  CHECK(contains(refusal([&] { set_override(o, "sel_splits", int64_t(0)); }), "in [1, 64]"));
   CHECK(contains(refusal([&] { set_override(o, "cmp_splits", "4"); }),
                  "cmp_splits=\"4\": expected an int in [1, 65535]"));
   CHECK(refusal([&] { set_override(o, "cmp_splits", int64_t(65535)); }).empty());
   CHECK(!o.slc_splits);  // nothing refused was set
+  CHECK(!o.sel_splits);
   CHECK(o.cmp_splits == 65535);
   CHECK(plan_values("cmp_splits").empty());
   CHECK(plan_values("slc_splits").empty());
+  CHECK(plan_values("sel_splits").empty());
 }
 
 TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
   const std::vector<PlanItem> items = describe(plan);
-  REQUIRE(items.size() == 5);
+  REQUIRE(items.size() == 6);
   CHECK(items[0].key == "cmp_splits");
   CHECK(items[0].number == 64);
   CHECK(items[1].key == "cmp_chunk");
   CHECK(items[1].number == 128);
   CHECK(items[2].key == "slc_splits");
   CHECK(items[2].number == 9);
-  CHECK(items[3].key == "arch");
-  CHECK(items[3].number == 90);
-  CHECK(items[4].key == "num_sms");
-  CHECK(items[4].number == 132);
+  CHECK(items[3].key == "sel_splits");
+  CHECK(items[3].number == 16);
+  CHECK(items[4].key == "arch");
+  CHECK(items[4].number == 90);
+  CHECK(items[5].key == "num_sms");
+  CHECK(items[5].number == 132);
 }

@@ -7,7 +7,7 @@
 
 #include "../attn/fwd.cuh"  // softmax_inv
 #include "decode.h"
-#include "select.cuh"       // split_factor, warp_max, warp_sum
+#include "split_merge.cuh"
 
 namespace nsa::cuda::decode {
 

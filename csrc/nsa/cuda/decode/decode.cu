@@ -49,9 +49,10 @@ void check(const DecodeParams& p) {
             str(p.capacity) + ", num_pages = " + str(p.num_pages));
   if (p.block_table == nullptr && p.page_size != p.capacity)
     invalid("a contiguous cache has page_size = capacity, got " + str(p.page_size) + " and " + str(p.capacity));
-  if (p.plan.cmp_splits < 1 || p.plan.slc_splits < 1)
-    invalid("the plan's splits must be >= 1, got cmp_splits = " + str(p.plan.cmp_splits) + ", slc_splits = " +
-            str(p.plan.slc_splits));
+  if (p.plan.cmp_splits < 1 || p.plan.slc_splits < 1 || p.plan.sel_splits < 1 || p.plan.sel_splits > kMaxSelectSplits)
+    invalid("the plan's splits must be >= 1 (sel_splits <= " + str(kMaxSelectSplits) + "), got cmp_splits = " +
+            str(p.plan.cmp_splits) + ", slc_splits = " + str(p.plan.slc_splits) + ", sel_splits = " +
+            str(p.plan.sel_splits));
   const index_t rows = index_t(p.num_queries) * (p.num_heads / p.num_heads_k);
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
@@ -85,6 +86,9 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   ws.cmp_ml = reinterpret_cast<float*>(take(bh * cs * R * 2 * 4));
   ws.tile_m = reinterpret_cast<float*>(take(bh * T * R * 4));
   ws.tile_u = reinterpret_cast<float*>(take(bh * T * size_t(ws.slots) * R * 4));
+  const size_t queries = bh * size_t(p.num_queries);
+  ws.sel_keys = reinterpret_cast<uint64_t*>(take(queries * size_t(p.plan.sel_splits) * size_t(p.num_selected) * 8));
+  ws.sel_count = reinterpret_cast<unsigned*>(take(queries * 4));
   ws.sp_o = reinterpret_cast<float*>(take(bh * ss * 2 * R * DV * 4));
   ws.sp_ml = reinterpret_cast<float*>(take(bh * ss * 2 * R * 2 * 4));
   ws.bad = reinterpret_cast<int32_t*>(take(size_t(p.batch) * p.num_queries * p.num_heads_k * 4));
@@ -93,12 +97,9 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
 }
 
 void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  const dim3 grid(unsigned(p.num_queries), unsigned(p.num_heads_k), unsigned(p.batch));
-  const size_t smem = select_smem_bytes(p.num_heads / p.num_heads_k);
-  const int slots = (p.num_selected + 31) / 32;
-  if (slots == 1) return launch_kernel(p, decode_select_kernel<1>, grid, kSelectThreads, smem, true, stream, p, ws);
-  if (slots == 2) return launch_kernel(p, decode_select_kernel<2>, grid, kSelectThreads, smem, true, stream, p, ws);
-  launch_kernel(p, decode_select_kernel<4>, grid, kSelectThreads, smem, true, stream, p, ws);
+  const dim3 grid(unsigned(p.plan.sel_splits * p.num_queries), unsigned(p.num_heads_k), unsigned(p.batch));
+  launch_kernel(p, decode_select_kernel, grid, kSelectThreads, select_smem_bytes(p.num_heads / p.num_heads_k), true,
+                stream, p, ws);
 }
 
 }  // namespace decode

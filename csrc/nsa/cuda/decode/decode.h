@@ -12,12 +12,14 @@
 //      stages) against its rows (tile_attention.cuh), and writes per tile each row's running
 //      maximum and its block-score slots (the tile's probabilities summed into the selection
 //      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
-//   B. decode_select_kernel (select.cuh), grid (S, H, B), 256 threads: checks the sequence
-//      (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each row's
-//      lse, turns the tiles' maxima into the factors 2^(m_t - lse), sums each tile's slots over
-//      the group's rows, each candidate block's score over its tiles, and picks the top n as the
-//      training kernels do (forced initial and local blocks, ties to the smaller block; per-warp
-//      lists merged). Writes block_indices [B, S, H, n] and the sequence's validity.
+//      Split 0 of row block 0 zeroes the selection counters of its (sequence, KV head).
+//   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads: checks the
+//      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
+//      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'
+//      slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their top n as the training
+//      kernels do (forced initial and local blocks, ties to the smaller block). The last split of
+//      a query to finish merges the splits' lists and writes block_indices [B, S, H, n] and the
+//      sequence's validity.
 //   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
 //      first the window branch (keys [pos - w + 1, pos] of each query, in tiles cut at
 //      selection-block edges, before waiting for B), then the selected branch over the union of
@@ -32,11 +34,11 @@
 // each 256-byte aligned; T = ceil(cmp_capacity / 64) tiles, NS = tile_slots(l / d, l' / d)):
 //   cmp_o   [B, H, cmp_splits, R, Dv]      A's unnormalised partial O
 //   cmp_ml  [B, H, cmp_splits, R, 2]       A's (m, l); (-inf, 0) for a split without tiles
-//   tile_m  [B, H, T, R]                   A: row maximum after tile t; B overwrites it with
-//                                          the factor 2^(m_t - lse) of its rows
-//   tile_u  [B, H, T, NS, R]               A: slot k of tile t is block floor(64 t / cpb) + k;
-//                                          B overwrites row s G of a slot with its sum over
-//                                          query s's rows
+//   tile_m  [B, H, T, R]                   A: row maximum after tile t
+//   tile_u  [B, H, T, NS, R]               A: slot k of tile t is block floor(64 t / cpb) + k
+//   sel_keys  [B, S, H, sel_splits, n] u64 B: each split's n best keys (topk/select.h), 0-padded
+//   sel_count [B, S, H] uint32             B: splits done (+ 2^16 for one that saw a bad page);
+//                                          zeroed by A
 //   sp_o    [B, H, slc_splits, 2, R, Dv]   C's partial O: branch 0 selected, 1 window
 //   sp_ml   [B, H, slc_splits, 2, R, 2]    C's (m, l)
 //   bad     [B, S, H] int32                B: 1 where the sequence is invalid
@@ -61,6 +63,8 @@ struct Workspace {
   float* cmp_ml = nullptr;
   float* tile_m = nullptr;
   float* tile_u = nullptr;
+  uint64_t* sel_keys = nullptr;
+  unsigned* sel_count = nullptr;
   float* sp_o = nullptr;
   float* sp_ml = nullptr;
   int32_t* bad = nullptr;

@@ -2,148 +2,124 @@
 // block scores from kernel A's per-tile slots, and the top-n selection with the training rule
 // (topk/select.h's keys: forced blocks first, then higher scores, NaN as -inf, ties to the
 // smaller block; topk_kernel.cuh's write_token for the ascending, -1 padded output).
+//
+// A query's candidate blocks are split over sel_splits thread blocks (at B = 1 a thread block
+// per query alone would leave the GPU idle while it reads every tile's slots). Each keeps the n
+// best of its share and publishes them; the last one to finish (a counter per query that kernel A
+// zeroes) merges the lists and writes the query's blocks.
 #pragma once
 
 #include <cmath>
 
 #include "../topk/topk_kernel.cuh"
 #include "decode.h"
+#include "split_merge.cuh"
 #include "tile_attention.cuh"
 
 namespace nsa::cuda::decode {
 
 constexpr int kSelectThreads = 256;
 constexpr int kSelectWarps = kSelectThreads / 32;
+// Keys ranked per round beside the list kept so far (the candidates of a split, or the splits'
+// lists in the merge, come in rounds of this many).
+constexpr int kSelectRound = 1024;
+constexpr int kSelectItems = (kMaxSelected + kSelectRound + kSelectThreads - 1) / kSelectThreads;
+// The counter's increment of a split that found a page outside the pool (the low 16 bits count
+// the splits done).
+constexpr unsigned kBadSplit = 1u << 16;
 
-// Merge of split partials (m, l, O) (m in log2 units, l and O against m): the factor taking a
-// split's sums to the common maximum mx. A split that saw no key ((-inf, 0, 0)) adds 0; one whose
-// scores were all NaN (m = -inf, l NaN) keeps the merge NaN (0 x NaN).
-__device__ __forceinline__ float split_factor(float m, float mx) { return m == -INFINITY ? 0.f : exp2f(m - mx); }
-
-__device__ __forceinline__ float warp_max(float x) {
+// keys[0, kept) hold the best keys so far, best first; keys[kept, kept + m) new ones (0: none).
+// Leaves the n best of both, best first, in keys[0, result), and returns their count. Keys are
+// unique (they hold the block), so a key's rank is the number of keys above it, and the ranks
+// below n fill 0 .. result - 1. Every thread of the block calls it; keys is written after a
+// barrier and read again only after the one at the end.
+__device__ __forceinline__ int keep_best(uint64_t* keys, int kept, int m, int n, int* count) {
+  const int total = kept + m, tid = threadIdx.x;
+  if (tid == 0) *count = 0;
+  uint64_t key[kSelectItems];
+  int rank[kSelectItems];
 #pragma unroll
-  for (int d = 16; d >= 1; d /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, d));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int d = 16; d >= 1; d /= 2) x += __shfl_xor_sync(0xffffffffu, x, d);
-  return x;
-}
-
-// The n best keys a warp has seen, descending: element e = 32 s + lane in v[s], 0 while empty
-// (keys are never 0). LS = ceil(n / 32) registers per lane; elements past n - 1 are scratch
-// (they may keep keys pushed out of the n best) and never read.
-template <int LS>
-struct WarpTopN {
-  uint64_t v[LS];
-  uint64_t theta;  // the n-th key (0 while fewer than n): a key must beat it to enter
-  int n;
-
-  __device__ __forceinline__ void init(int n_) {
-    n = n_;
-    theta = 0;
-#pragma unroll
-    for (int s = 0; s < LS; ++s) v[s] = 0;
-  }
-
-  // Inserts x (> theta, not present): elements below it move down one place.
-  __device__ __forceinline__ void insert(uint64_t x) {
-    const int lane = threadIdx.x & 31;
-    uint64_t carry = 0;  // the last element of the previous register, before the move
-#pragma unroll
-    for (int s = 0; s < LS; ++s) {
-      uint64_t up = __shfl_up_sync(0xffffffffu, v[s], 1);
-      const uint64_t last = __shfl_sync(0xffffffffu, v[s], 31);
-      if (lane == 0) up = carry;
-      const bool first = s == 0 && lane == 0;
-      v[s] = v[s] > x ? v[s] : (first || up > x ? x : up);
-      carry = last;
+  for (int it = 0; it < kSelectItems; ++it) {
+    const int i = it * kSelectThreads + tid;
+    key[it] = i < total ? keys[i] : 0;
+    rank[it] = n;
+    if (key[it] == 0) continue;
+    int r = 0;  // stops counting once the key is out (checked every 32 keys)
+    for (int k0 = 0; k0 < total && r < n; k0 += 32) {
+      const int k1 = min(total, k0 + 32);
+      for (int k = k0; k < k1; ++k) r += keys[k] > key[it];
     }
-    // Element n - 1, selected by masks: a run-time register index would put v in local memory.
-    uint64_t nth = 0;
-#pragma unroll
-    for (int s = 0; s < LS; ++s) nth |= v[s] & (uint64_t(0) - uint64_t(s == (n - 1) >> 5));
-    theta = __shfl_sync(0xffffffffu, nth, (n - 1) & 31);
+    rank[it] = r;
   }
-
-  // Offers each lane's key (0: none), best lanes first.
-  __device__ __forceinline__ void offer(uint64_t y) {
-    unsigned take = __ballot_sync(0xffffffffu, y > theta);
-    while (take) {
-      const int src = __ffs(take) - 1;
-      insert(__shfl_sync(0xffffffffu, y, src));
-      take &= ~(1u << src);
-      take &= __ballot_sync(0xffffffffu, y > theta);
+  __syncthreads();
+  int mine = 0;
+#pragma unroll
+  for (int it = 0; it < kSelectItems; ++it)
+    if (rank[it] < n) {
+      keys[rank[it]] = key[it];
+      ++mine;
     }
-  }
-
-  __device__ __forceinline__ void store(uint64_t* dst) const {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int s = 0; s < LS; ++s)
-      if (s * 32 + lane < n) dst[s * 32 + lane] = v[s];
-  }
-};
-
-// Candidate blocks scored at a time (their scores in shared memory).
-constexpr int kScoreChunk = 2048;
-// Rows of the group summed per pass of the tiles' slots (their loads all in flight).
-constexpr int kRowStep = 16;
+  if (mine) atomicAdd(count, mine);
+  __syncthreads();
+  return *count;
+}
 
 // Dynamic shared memory: lse [G] (log2 units) of the query's rows.
 inline size_t select_smem_bytes(int G) { return size_t(G) * sizeof(float); }
 
-// The scores come in three passes over global memory, each with many independent loads per
-// thread (a thread block per query: at B = 1 a handful of them read every tile's slots):
-//   1. each tile's factors f = 2^(m_t - lse) in place of its maxima (0 for a row whose lse is
-//      not finite: it adds nothing, as the reference's p = 0 there);
-//   2. each tile's slot sums w = sum over the group's rows of f u, two slots per thread and
-//      kRowStep rows unrolled, in place of the slot's first row;
-//   3. each candidate block's score, the sum of its tiles' slots (ascending tiles), into shared
-//      memory kScoreChunk blocks at a time, then offered to the warps' top-n lists.
-template <int LS>
+// Grid (sel_splits * S, H, B): split c of query s scores the candidates [c per, (c + 1) per) of
+// the blocks 0 .. bpos its position can see (per = ceil((bpos + 1) / sel_splits)), summing each
+// over the tiles that hold its cells (ascending) and in each tile over the group's rows f u with
+// f = 2^(m_t - lse) (a row whose lse is not finite, or whose tile saw no key, adds nothing: its
+// slots may hold NaN, as the reference's p = 0 there).
 __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const DecodeParams p, const Workspace ws) {
-  __shared__ uint64_t lists[kSelectWarps][LS * 32];
-  __shared__ float scores[kScoreChunk];
+  __shared__ uint64_t keys[kMaxSelected + kSelectRound];
+  __shared__ int count;
+  __shared__ unsigned done;
   extern __shared__ float lse_s[];  // [G]
-  const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int splits = p.plan.sel_splits;
+  const int c = blockIdx.x % splits, s = blockIdx.x / splits, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.num_heads / p.num_heads_k, S = p.num_queries, R = ws.rows, n = p.num_selected;
   allow_next_grid();
 
-  // The sequence: its length within [S, capacity], its pages within the pool (inputs only, so
-  // before the wait).
+  // The sequence: its length within [S, capacity], and this split's share of its pages within the
+  // pool (inputs only, so before the wait).
   const int L = p.seqlens[b];
-  bool ok = L >= S && L <= p.capacity;
+  const bool ok = L >= S && L <= p.capacity;
+  bool bad_pages = false;
   if (p.block_table != nullptr && ok) {
-    const index_t pages = (L + p.page_size - 1) / p.page_size;
+    const index_t pages = (L + p.page_size - 1) / p.page_size, share = (pages + splits - 1) / splits;
+    const index_t end = min(pages, (c + 1) * share);
     bool bad = false;
-    for (index_t i = tid; i < pages; i += kSelectThreads) {
+    for (index_t i = c * share + tid; i < end; i += kSelectThreads) {
       const int32_t page = p.block_table[b * p.block_table_stride + i];
       bad = bad || page < 0 || page >= p.num_pages;
     }
-    ok = !__syncthreads_or(bad);
+    bad_pages = __syncthreads_or(bad);
   }
   wait_prior_grid();
+  const index_t query = (index_t(b) * S + s) * p.num_heads_k + h;
   int32_t* out = p.block_indices.ptr<int32_t>(b, s, h);
-  if (tid == 0) ws.bad[(index_t(b) * S + s) * p.num_heads_k + h] = ok ? 0 : 1;
-  if (!ok) {
-    for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+  if (!ok) {  // every split sees it; the first one answers
+    if (c == 0) {
+      if (tid == 0) ws.bad[query] = 1;
+      for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+    }
     return;
   }
 
-  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the splits;
-  // -inf: the row saw no compressed token, NaN: a NaN score.
+  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the compressed
+  // splits; -inf: the row saw no compressed token, NaN: a NaN score.
   const index_t bh = index_t(b) * p.num_heads_k + h;
-  const int row0 = s * G, splits = p.plan.cmp_splits;
-  const float* ml = ws.cmp_ml + (bh * splits * R + row0) * 2;  // [splits][R][2]
+  const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
+  const float* ml = ws.cmp_ml + (bh * cmp_splits * R + row0) * 2;  // [cmp_splits][R][2]
   for (int g = warp; g < G; g += kSelectWarps) {
     float mx = -INFINITY;
-    for (int sp = lane; sp < splits; sp += 32) mx = fmaxf(mx, ml[(index_t(sp) * R + g) * 2]);
+    for (int sp = lane; sp < cmp_splits; sp += 32) mx = fmaxf(mx, ml[(index_t(sp) * R + g) * 2]);
     mx = warp_max(mx);
     float lsum = 0.f;
-    for (int sp = lane; sp < splits; sp += 32) {
+    for (int sp = lane; sp < cmp_splits; sp += 32) {
       const float* x = ml + (index_t(sp) * R + g) * 2;
       lsum += split_factor(x[0], mx) * x[1];
     }
@@ -152,91 +128,73 @@ __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const Dec
   }
   __syncthreads();
 
-  // 1. Factors, for the tiles this query sees.
-  const int pos = L - S + s;
-  const int nv = int(num_cmp_tokens(pos + 1, p.block_size, p.block_stride));
-  const int nts = (nv + kTileKeys - 1) / kTileKeys;
+  // This split's candidates, scored and kept in rounds.
+  const int pos = L - S + s, bpos = pos / p.select_size, cand = bpos + 1;
+  const int nts = int((num_cmp_tokens(pos + 1, p.block_size, p.block_stride) + kTileKeys - 1) / kTileKeys);
   const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
-  float* f = ws.tile_m + bh * ws.tiles * R + row0;      // [T][R]
-  float* u = ws.tile_u + bh * ws.tiles * slots * R + row0;  // [T][NS][R]
-#pragma unroll 4
-  for (int idx = tid; idx < nts * G; idx += kSelectThreads) {
-    const int t = idx / G, g = idx - t * G;
-    float* x = f + index_t(t) * R + g;
-    const float lse = lse_s[g];
-    *x = isfinite(lse) && *x != -INFINITY ? exp2f(*x - lse) : 0.f;
-  }
-  __syncthreads();
-
-  // 2. Slot sums (f = 0 rows skipped, not multiplied: their slots may hold NaN).
-  const int pairs = nts * slots;
-  for (int q0 = tid; q0 < pairs; q0 += 2 * kSelectThreads) {
-    const int q1 = q0 + kSelectThreads < pairs ? q0 + kSelectThreads : q0;  // (past the end: again q0)
-    const int t0 = q0 / slots, t1 = q1 / slots;
-    const float* f0 = f + index_t(t0) * R;
-    const float* f1 = f + index_t(t1) * R;
-    float* u0 = u + (index_t(t0) * slots + q0 - t0 * slots) * R;
-    float* u1 = u + (index_t(t1) * slots + q1 - t1 * slots) * R;
-    float w0 = 0.f, w1 = 0.f;
-    for (int g0 = 0; g0 < G; g0 += kRowStep) {
-      float a0[kRowStep], b0[kRowStep], a1[kRowStep], b1[kRowStep];
-#pragma unroll
-      for (int k = 0; k < kRowStep; ++k) {
-        const bool in = g0 + k < G;
-        a0[k] = in ? f0[g0 + k] : 0.f;
-        b0[k] = in ? u0[g0 + k] : 0.f;
-        a1[k] = in ? f1[g0 + k] : 0.f;
-        b1[k] = in ? u1[g0 + k] : 0.f;
+  const float* tile_m = ws.tile_m + bh * ws.tiles * R + row0;                // [T][R]
+  const float* tile_u = ws.tile_u + bh * ws.tiles * slots * R + row0;        // [T][NS][R]
+  auto score_of = [&](int j) {
+    // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
+    // two but for long windows (cpr + cpb > 66).
+    const int ta = max(0, j * cpb - cpr + 1) / kTileKeys;
+    const int tb = min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys);
+    float score = 0.f;
+    for (int t = ta; t <= tb; ++t) {
+      const float* m = tile_m + index_t(t) * R;
+      const float* u = tile_u + (index_t(t) * slots + j - t * kTileKeys / cpb) * R;
+      float w = 0.f;
+      for (int g = 0; g < G; ++g) {
+        const float lse = lse_s[g], mt = m[g];
+        const float f = isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
+        w += f != 0.f ? f * u[g] : 0.f;
       }
-#pragma unroll
-      for (int k = 0; k < kRowStep; ++k) {
-        w0 += a0[k] != 0.f ? a0[k] * b0[k] : 0.f;
-        w1 += a1[k] != 0.f ? a1[k] * b1[k] : 0.f;
-      }
+      score = t == ta ? w : score + w;
     }
-    u0[0] = w0;
-    if (q1 != q0) u1[0] = w1;
-  }
-  __syncthreads();
-
-  // 3. Scores of the candidates 0 .. bpos, and each warp's top n of them.
-  const int bpos = pos / p.select_size, cand = bpos + 1;
-  WarpTopN<LS> top;
-  top.init(n);
-  for (int c0 = 0; c0 < cand; c0 += kScoreChunk) {
-#pragma unroll
-    for (int i = 0; i < kScoreChunk / kSelectThreads; ++i) {
-      const int j = c0 + i * kSelectThreads + tid;
-      if (j >= cand) break;
-      // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
-      // two but for long windows (cpr + cpb > 66).
-      const int ta = max(0, j * cpb - cpr + 1) / kTileKeys;
-      const int tb = min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys);
-      auto slot_sum = [&](int t) { return u[(index_t(t) * slots + j - t * kTileKeys / cpb) * R]; };
-      float score = ta <= tb ? slot_sum(ta) : 0.f;
-      if (ta + 1 <= tb) score += slot_sum(ta + 1);
-      for (int t = ta + 2; t <= tb; ++t) score += slot_sum(t);
-      scores[j - c0] = score;
+    return score;
+  };
+  const int per = (cand + splits - 1) / splits, j0 = min(cand, c * per), j1 = min(cand, j0 + per);
+  int kept = 0;
+  for (int r0 = j0; r0 < j1; r0 += kSelectRound) {
+    const int m = min(kSelectRound, j1 - r0);
+    for (int i = tid; i < m; i += kSelectThreads) {
+      const int j = r0 + i;
+      keys[kept + i] = topk::block_key(score_of(j), j, topk::is_forced(j, bpos, p.num_initial, p.num_local));
     }
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kScoreChunk / kSelectThreads; ++i) {
-      const int j = c0 + i * kSelectThreads + warp * 32 + lane;  // warp-uniform bound below
-      if (c0 + i * kSelectThreads + warp * 32 >= cand) break;
-      top.offer(j < cand ? topk::block_key(scores[j - c0], j, topk::is_forced(j, bpos, p.num_initial, p.num_local))
-                         : 0);
-    }
-    __syncthreads();  // the scores are rewritten by the next chunk
+    kept = keep_best(keys, kept, m, n, &count);
   }
-  top.store(lists[warp]);
+
+  // Publish the list (0-padded to n), then count this split done; the last one merges.
+  uint64_t* lists = ws.sel_keys + query * splits * n;  // [splits][n]
+  for (int i = tid; i < n; i += kSelectThreads) lists[c * n + i] = i < kept ? keys[i] : 0;
+  __threadfence();
   __syncthreads();
-  if (warp == 0) {
-    for (int w = 1; w < kSelectWarps; ++w)
-      for (int e0 = 0; e0 < n; e0 += 32) top.offer(e0 + lane < n ? lists[w][e0 + lane] : 0);
-    top.store(lists[0]);
-    __syncwarp();
-    topk::write_token(lists[0], min(n, cand), n, out);
+  if (tid == 0) {
+    const unsigned add = 1u + (bad_pages ? kBadSplit : 0u);
+    done = atomicAdd(ws.sel_count + query, add) + add;
   }
+  __syncthreads();
+  if ((done & (kBadSplit - 1)) != unsigned(splits)) return;
+  __threadfence();  // the other splits' lists, published before their increments
+  const bool bad = done >= kBadSplit;
+  if (tid == 0) ws.bad[query] = bad ? 1 : 0;
+  if (bad) {
+    for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+    return;
+  }
+  if (splits > 1) {
+    const int all = splits * n;
+    kept = 0;
+    for (int r0 = 0; r0 < all; r0 += kSelectRound) {
+      const int m = min(kSelectRound, all - r0);
+      __syncthreads();  // the previous round's keys are read before they are overwritten
+      for (int i = tid; i < m; i += kSelectThreads) keys[kept + i] = __ldcg(lists + r0 + i);
+      __syncthreads();
+      kept = keep_best(keys, kept, m, n, &count);
+    }
+  }
+  if (warp == 0) topk::write_token(keys, kept, n, out);
 }
 
 }  // namespace nsa::cuda::decode
