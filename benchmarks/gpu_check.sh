@@ -10,7 +10,8 @@
 #             float64 reference, kernel variants, errors, non-finite inputs, the layer against CPU
 #             float64, ...), log in $OUT/tests.log
 #   sanitize  compute-sanitizer memcheck and racecheck on the small CUDA cases (`-k sanitize`:
-#             tests/test_cuda_sanitize.py, and the CUDA cases of tests/test_gated_sum.py)
+#             tests/test_cuda_sanitize.py, the CUDA cases of tests/test_gated_sum.py, and the
+#             decode step's small ones in tests/test_decode_op.py)
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
@@ -42,9 +43,9 @@
 #                           spaces, so no quoted -k here: use NSA_TEST_K)
 #   NSA_TEST_K="split or nsa"   pytest -k expression selecting the CUDA tests to run
 #   NSA_SANITIZE_TOOLS="memcheck racecheck"   (also: initcheck synccheck)
-#   NSA_SANITIZE_K="sanitize or test_cuda_matches_float64"   pytest -k expression of the
-#                           memcheck (and other tools') run
-#   NSA_RACECHECK_K="sanitize and (T100 or split or d128v128)"   the same for racecheck (slow)
+#   NSA_SANITIZE_K="sanitize or ..."   pytest -k expression of the memcheck (and other tools')
+#                           run (default below: the small cases, the decode step's included)
+#   NSA_RACECHECK_K="..."   the same for racecheck (slow; default below)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_PROFILE_KERNELS="attn_|slc_|select_topk"   ncu's kernel-name regex (the profiled kernels)
 #   NSA_PROFILE_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats"   ncu's sections
@@ -211,11 +212,13 @@ if have sanitize; then
       # racecheck is ~20x slower than memcheck (290 s did not finish the 13 tests): by default it
       # takes the T = 100 cases, the split path and one of the two many-tile forward cases (the
       # pair took more than the stage's 190 s).
-      kexpr=${NSA_SANITIZE_K:-sanitize or test_cuda_matches_float64}
-      [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-sanitize and (T100 or split or d128v128)}
+      # (and the decode step's small cases: its kernels' edges, forced splits and bad input)
+      kexpr=${NSA_SANITIZE_K:-sanitize or test_cuda_matches_float64 or test_cuda_small_blocks or (test_cuda_forced_splits and not long) or test_cuda_bad_lengths}
+      [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-(sanitize and (T100 or split or d128v128)) or (test_cuda_forced_splits and n16 and not one)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
-        "$PY" -m pytest -q -p no:cacheprovider -p no:hypothesispytest --tb=short -k "$kexpr" tests/test_cuda_*.py tests/test_gated_sum.py
+        "$PY" -m pytest -q -p no:cacheprovider -p no:hypothesispytest --tb=short -k "$kexpr" tests/test_cuda_*.py tests/test_gated_sum.py \
+          tests/test_decode_op.py
       rc=$?
       secs=$(( $(date +%s) - s ))
       part=$(tail -n +"$((mark + 1))" "$OUT/sanitize.log")
