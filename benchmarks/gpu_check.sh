@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU round in one go, on the GPU machine, from the repository root:
 #
-#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [ab] [bench] [layer] [decode]
+#     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [dprofile] [ab]
+#         [bench] [baseline] [layer] [decode]
 #
-# Stages (default: build tests sanitize bench, in this order; profile, ab, layer and decode only
-# when named):
+# Stages (default: build tests sanitize bench, in this order; profile, dprofile, ab, layer and
+# decode only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
 #   tests     pytest -m cuda tests: every CUDA-marked test of the suite (the ops against the
 #             float64 reference, kernel variants, errors, non-finite inputs, the layer against CPU
@@ -16,6 +17,9 @@
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
 #             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), log in $OUT/profile.log
+#   dprofile  Nsight Compute on each decode_attention kernel on its own (time, DRAM and SM
+#             throughput, registers; tools/profile_decode.py per shape, tools/ncu_kernel_times.py
+#             for the table), log in $OUT/profile.log, the tables in the summary
 #   ab        tools/ab_kernels.py: the kernel kinds of nsa_torch._debug.force side by side
 #             (NSA_AB_SWITCHES="fwd bwd", NSA_AB_T=65536, NSA_AB_CONFIGS=g16), log at the head of
 #             $OUT/bench.log
@@ -46,11 +50,14 @@
 #   NSA_SANITIZE_K="sanitize or ..."   pytest -k expression of the memcheck (and other tools')
 #                           run (default below: the small cases, the decode step's included)
 #   NSA_RACECHECK_K="..."   the same for racecheck (slow; default below)
+#   NSA_SANITIZE_KERNELS=decode_   only kernels whose name holds this are checked (the others
+#                           run unchecked: much faster racecheck of one family)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_PROFILE_KERNELS="attn_|slc_|select_topk"   ncu's kernel-name regex (the profiled kernels)
 #   NSA_PROFILE_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats"   ncu's sections
 #   NSA_PROFILE_SOURCE=1    also the busiest SASS instructions of each kernel (stall samples;
 #                           add SourceCounters to the sections), tools/ncu_source_top.py
+#   NSA_DPROFILE_SHAPES="65536x1 65536x16 131072x1"   TxB of the dprofile stage
 #   NSA_BENCH_LENGTHS="65536 32768 16384 8192"   (longest first: the bars are at 64k, and a run
 #                           that hits its time budget drops the shortest)
 #   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
@@ -70,15 +77,15 @@ T0=$(date +%s)
 BUDGET=${NSA_BUDGET_S:-560}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-rm -f /tmp/compare.txt /tmp/baseline_build.rc  # (a warm machine keeps /tmp between calls)
+rm -f /tmp/compare.txt /tmp/baseline_build.rc /tmp/dprofile.txt  # (a warm machine keeps /tmp between calls)
 
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|sanitize|profile|ab|bench|baseline|layer|decode) ;; *) echo "unknown stage '$s' (build tests sanitize profile ab bench baseline layer decode)"; exit 2;; esac
+  case $s in build|tests|sanitize|profile|dprofile|ab|bench|baseline|layer|decode) ;; *) echo "unknown stage '$s' (build tests sanitize profile dprofile ab bench baseline layer decode)"; exit 2;; esac
 done
 # (sanitize: memcheck ~80 s and racecheck ~120 s on the H200 for their default selections)
-declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60 [decode]=120)
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [dprofile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60 [decode]=120)
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
@@ -217,6 +224,7 @@ if have sanitize; then
       [ "$tool" = racecheck ] && kexpr=${NSA_RACECHECK_K:-(sanitize and (T100 or split or d128v128)) or (test_cuda_forced_splits and n16 and not one)}
       run_stage "sanitize $tool" "$OUT/sanitize.log" "$lim" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 50 \
+        ${NSA_SANITIZE_KERNELS:+--kernel-name "kns=$NSA_SANITIZE_KERNELS"} \
         "$PY" -m pytest -q -p no:cacheprovider -p no:hypothesispytest --tb=short -k "$kexpr" tests/test_cuda_*.py tests/test_gated_sum.py \
           tests/test_decode_op.py
       rc=$?
@@ -259,6 +267,32 @@ if have profile; then
     fi
     secs=$(( $(date +%s) - s ))
     record profile "$(status_of $rc)" "$(grep -c '^  [a-z_].*(.*)x(.*)' "$OUT/profile.log") kernels" "$secs"
+  fi
+fi
+
+# ---------------------------------------------------------------- dprofile
+# (each decode kernel on its own under ncu: no dependent launch, caches flushed; one ncu process
+# per shape, the first launch of each kernel left out)
+if have dprofile; then
+  s=$(date +%s)
+  lim=$(limit_for dprofile)
+  if ! command -v ncu >/dev/null; then
+    record dprofile "SKIPPED (no ncu)" "" 0
+  else
+    rc=0
+    shapes=(${NSA_DPROFILE_SHAPES:-65536x1 65536x16 131072x1})
+    per=$(( lim / ${#shapes[@]} ))
+    for shape in "${shapes[@]}"; do
+      rm -f /tmp/dprofile.csv
+      run_stage "dprofile $shape" "$OUT/profile.log" "$per" \
+        ncu --csv --print-units base --log-file /tmp/dprofile.csv --kernel-name regex:decode_ \
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
+        "$PY" tools/profile_decode.py --shapes "$shape" --warmup 1 --steps 2 || rc=$?
+      { echo "decode kernels at TxB = $shape (ncu, each on its own):"
+        "$PY" tools/ncu_kernel_times.py /tmp/dprofile.csv --skip 1; } 2>&1 | tee -a "$OUT/profile.log" >> /tmp/dprofile.txt
+    done
+    secs=$(( $(date +%s) - s ))
+    record dprofile "$(status_of $rc)" "${#shapes[@]} shapes" "$secs"
   fi
 fi
 
@@ -385,6 +419,7 @@ fi
     echo "failed tests (first 25):"
     grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -25
   fi
+  [ -f /tmp/dprofile.txt ] && { echo; cat /tmp/dprofile.txt; }
   if [ -f "$OUT/bench.log" ]; then
     if grep -q ' force [a-z_]*=' "$OUT/bench.log"; then
       echo

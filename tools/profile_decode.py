@@ -4,7 +4,9 @@ paper's hyper-parameters), from torch.profiler over repeated steps:
     python3 tools/profile_decode.py --shapes 65536x1 65536x16 131072x1
 
 Prints each kernel's mean time per step and the step's total; the plan that ran
-(nsa_torch._debug.plans()) beside it.
+(nsa_torch._debug.plans()) beside it. Kernels launched as programmatic dependents overlap their
+predecessor, so their profiled times include waits; for each kernel on its own, run this under
+ncu (gpu_check.sh's dprofile stage, tools/ncu_kernel_times.py).
 """
 import argparse
 import collections
@@ -27,11 +29,11 @@ def step_inputs(T, B, HQ=64, H=4, D=128, Dv=128, dtype=torch.bfloat16):
     return (q, r(B, T, H, D), r(B, T, H, Dv), r(B, nc, H, D), r(B, nc, H, Dv), *gates, seqlens)
 
 
-def profile(T, B, steps):
+def profile(T, B, steps, warmup):
     x = step_inputs(T, B)
     with _debug.plans() as ran:
         nsa_torch.decode_attention(*x, **HP)
-    for _ in range(10):
+    for _ in range(warmup):
         nsa_torch.decode_attention(*x, **HP)
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CUDA]
@@ -54,10 +56,11 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["65536x1", "65536x16", "131072x1"],
                     help="TxB pairs")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10, help="steps before the profiled ones")
     args = ap.parse_args()
     for s in args.shapes:
         T, B = map(int, s.split("x"))
-        profile(T, B, args.steps)
+        profile(T, B, args.steps, args.warmup)
 
 
 if __name__ == "__main__":
