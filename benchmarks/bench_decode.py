@@ -5,6 +5,7 @@ nsa_torch.decode_attention against dense decoding and mdy666's NSA decode, in on
         [--batches 16 1 64] [--kinds equal mixed] [--page-size 64] [--impls ...] [--quick]
         [--out-dir DIR] [--time-budget SECONDS] [--warmup 25] [--rep 100] [--windows 5]
         [--flash-nsa DIR] [--plot-only CSV] [--cpu-smoke] [--verbose]
+        [--force cmp_splits=32,sel_splits=4 ...]   # plan variants of ours, timed beside it
 
 Configuration: HQ = 64, H = 4, D = Dv = 128, bf16, the paper's hyper-parameters (l = 32, d = 16,
 l' = 64, n = 16, 1 initial and 2 local blocks, w = 512). For each context T and batch B the
@@ -76,6 +77,7 @@ from bench_attention import (PAPER, Budget, Recorder, commit, read_csv, short_er
                              slug, t_label)
 
 import nsa_torch  # noqa: E402  (bench_attention put the repository root on sys.path)
+from nsa_torch import _debug  # noqa: E402
 
 GPU_SIZES = dict(HQ=64, H=4, D=128, Dv=128, hp=PAPER, dtype=torch.bfloat16,
                  lengths=[65536, 131072, 32768, 16384, 8192], batches=[16, 1, 64], page_size=64)
@@ -375,6 +377,25 @@ def bench_ours(rec, budget, args, group, x, layout):
 
     for mode in ours_modes(args):
         measure(rec, budget, args, group, "ours", layout, mode, make_call)
+    if layout != "contiguous":
+        return
+    for spec in args.force:  # plan variants: the same step under nsa_torch._debug.force
+        with _debug.force(**parse_force(spec)):
+            measure(rec, budget, args, group, "ours", layout, f"{ours_modes(args)[0]} {spec}",
+                    make_call)
+
+
+def parse_force(spec):
+    """"cmp_splits=32,sel_splits=4" -> {"cmp_splits": 32, "sel_splits": 4} (ints where they
+    parse, names otherwise)."""
+    out = {}
+    for item in spec.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--force {spec!r}: expected KEY=VALUE[,KEY=VALUE...]")
+        value = value.strip()
+        out[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    return out
 
 
 def bench_sdpa(rec, budget, args, group, x):
@@ -689,6 +710,26 @@ def target_lines(rows):
     return lines
 
 
+def variant_lines(by):
+    """The plan variants (--force) beside the planned step: us per step and planned / variant."""
+    lines = []
+    for key in sorted(by):
+        c = by[key]
+        base = ours_row(c)
+        for (impl, layout, mode), r in sorted(c.items()):
+            if impl != "ours" or " " not in mode:
+                continue
+            if not lines:
+                lines = ["Plan variants (nsa_torch._debug.force; contiguous)", "",
+                         "| lengths | T | B | force | us | planned us | planned / variant |",
+                         "|---|---|---|---|---|---|---|"]
+            ms, planned = num(r["ms"]), num(base["ms"]) if base else None
+            ratio = f"{planned / ms:.2f}x" if ms and planned else "n/a"
+            lines.append(f"| {key[0]} | {t_label(key[1])} | {key[2]} | {mode.split(' ', 1)[1]} | "
+                         f"{fmt_us(ms)} | {fmt_us(planned)} | {ratio} |")
+    return lines + [""] if lines else []
+
+
 def markdown(rows):
     by = cells(rows)
     copy = next((r for r in rows if r["impl"] == "copy"), None)
@@ -751,6 +792,7 @@ def markdown(rows):
         lines += [f"- {impl} ({n}x): {why}" for (impl, why), n in reasons.items()]
         if reasons:
             lines.append("")
+    lines += variant_lines(by)
     lines += target_lines(rows)
     lines.append("### nsa-decode table end")
     return "\n".join(lines)
@@ -841,6 +883,9 @@ def parse_args(argv=None):
                     help="only redraw the plot and the tables from a CSV written earlier")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny sizes on the CPU (float32, eager), for testing this script")
+    ap.add_argument("--force", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also time ours (contiguous) under nsa_torch._debug.force with these plan "
+                         "overrides, e.g. cmp_splits=32,sel_splits=4 (repeatable)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     return ap.parse_args(argv)
 
@@ -854,6 +899,12 @@ def main(argv=None):
         print(f"plot: {png}")
         return
 
+    for spec in args.force:  # unknown keys and values fail here, before any measurement
+        try:
+            with _debug.force(**parse_force(spec)):
+                pass
+        except ValueError as e:
+            sys.exit(f"--force {spec}: {e}")
     args.device = "cpu" if args.cpu_smoke else "cuda"
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU (or --cpu-smoke)")

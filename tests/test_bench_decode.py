@@ -123,7 +123,8 @@ def test_plot_only(tmp_path):
 def test_cpu_smoke(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"),
                           "--cpu-smoke", "--lengths", "512", "--batches", "1", "3", "--warmup", "1",
-                          "--rep", "4", "--windows", "2", "--out-dir", str(tmp_path)],
+                          "--rep", "4", "--windows", "2", "--out-dir", str(tmp_path),
+                          "--force", "cmp_splits=2,sel_splits=3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "### nsa-decode table begin" in run.stdout
@@ -134,7 +135,14 @@ def test_cpu_smoke(tmp_path):
         reader = csv.DictReader(f)
         assert reader.fieldnames == bench_decode.FIELDS
         rows = list(reader)
-    ours = {(int(r["B"]), r["lengths"], r["layout"]): r for r in rows if r["impl"] == "ours"}
+    ours = {(int(r["B"]), r["lengths"], r["layout"]): r for r in rows
+            if r["impl"] == "ours" and r["mode"] == "eager"}
+    # the plan variant: timed beside the planned step, contiguous only, and in the table
+    variants = {(int(r["B"]), r["lengths"]): r for r in rows
+                if r["impl"] == "ours" and r["mode"] == "eager cmp_splits=2,sel_splits=3"}
+    assert set(variants) == {(1, "equal"), (3, "equal"), (3, "mixed")}, sorted(variants)
+    assert all(r["ms"] and r["layout"] == "contiguous" for r in variants.values())
+    assert "| equal | 512 | 3 | cmp_splits=2,sel_splits=3 |" in run.stdout
     assert set(ours) == {(B, kind, layout) for B, kind in ((1, "equal"), (3, "equal"),
                                                            (3, "mixed"))
                          for layout in ("contiguous", "paged")}, sorted(ours)
@@ -150,3 +158,18 @@ def test_cpu_smoke(tmp_path):
         assert float(r["byte_ratio"]) > 1
     for impl in ("flash_attn", "fa3", "flashinfer", "mdy666"):
         assert {r["note"] for r in rows if r["impl"] == impl} == {"n/a: needs CUDA"}
+
+
+def test_parse_force():
+    assert bench_decode.parse_force("cmp_splits=32,sel_splits=4") == {"cmp_splits": 32, "sel_splits": 4}
+    assert bench_decode.parse_force("fwd=mma") == {"fwd": "mma"}
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        bench_decode.parse_force("cmp_splits")
+
+
+def test_bad_force_fails_before_measuring():
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"),
+                          "--cpu-smoke", "--force", "sel_splits=65"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "--force sel_splits=65" in run.stderr and "[1, 64]" in run.stderr, run.stderr[-2000:]
