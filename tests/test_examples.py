@@ -322,3 +322,29 @@ def test_generate_script(tiny_checkpoints, tmp_path):
                                                         ("sdpa", 512)]
     assert all(r["check_ok"] and r["timed_batches"] == 1 and r["decode_tokens_per_s"] > 0
                for r in rows)
+
+
+def test_gpu_generate_script(tmp_path):
+    """examples/gpu_generate.sh on CPU (a few training steps, one short length): both models are
+    trained, generate.py checks the cached steps against a full forward, the outputs land in OUT;
+    minutes 0 reuses the checkpoints, and fails without one."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = dict(os.environ, OUT=str(out), RUNS=str(runs), OMP_NUM_THREADS="1",
+               TRAIN_ARGS=" ".join(TINY), GENERATE_LENGTHS="256",
+               GENERATE_ARGS="--depths 0.5 --samples 2 --batch 2 --new-tokens 6 --device cpu")
+    script = ["bash", "examples/gpu_generate.sh"]
+    res = subprocess.run(script + ["1", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["generate.json", "generate.log", "generate.md",
+                                                     "train_nsa.log", "train_sdpa.log"]
+    rows = json.load(open(out / "generate.json"))["rows"]
+    assert [(r["attn"], r["length"]) for r in rows] == [("nsa", 256), ("sdpa", 256)]
+    assert all(r["check_ok"] for r in rows)
+    again = subprocess.run(script + ["0", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    env["RUNS"] = str(tmp_path / "none")
+    missing = subprocess.run(script + ["0", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert missing.returncode != 0 and "minutes 0 needs an earlier run" in missing.stdout
