@@ -143,12 +143,19 @@ index_t slc_chunk_rows(const SlcParams& p, bool dq, const PlanOverrides& o) {
   return std::max<index_t>(1, std::min(rows, n));
 }
 
-// The accepted range of an int key, for messages.
-std::string int_range(const std::string& key) {
-  if (key == "split_tokens") return ">= 0";
-  if (key == "cmp_splits" || key == "slc_splits") return "in [1, " + std::to_string(kMaxDecodeSplits) + "]";
-  if (key == "sel_splits") return "in [1, " + std::to_string(kMaxSelectSplits) + "]";
-  return ">= 1";
+// The accepted range [least, most] of an int key (most 0: unbounded), and its text for messages.
+struct IntRange {
+  int64_t least = 1, most = 0;
+  bool holds(int64_t v) const { return v >= least && (most == 0 || v <= most); }
+  std::string text() const {
+    return most ? "in [" + std::to_string(least) + ", " + std::to_string(most) + "]" : ">= " + std::to_string(least);
+  }
+};
+IntRange int_range(const std::string& key) {
+  if (key == "split_tokens") return {0, 0};
+  if (key == "cmp_splits" || key == "slc_splits") return {1, kMaxDecodeSplits};
+  if (key == "sel_splits") return {1, kMaxSelectSplits};
+  return {1, 0};
 }
 
 }  // namespace
@@ -176,7 +183,7 @@ void set_override(PlanOverrides& o, const std::string& key, const std::string& v
   const std::vector<std::string>& names = plan_values(key);
   if (names.empty())
     throw std::invalid_argument(std::string(kForce) + ": " + key + "=\"" + value + "\": expected an int " +
-                                int_range(key));
+                                int_range(key).text());
   const size_t i = pick(key, value, names);
   if (key == "fwd") o.fwd = FwdKernel(i);
   if (key == "bwd") o.bwd = BwdKernel(i);
@@ -189,11 +196,9 @@ void set_override(PlanOverrides& o, const std::string& key, int64_t value) {
   if (!plan_values(key).empty())
     throw std::invalid_argument(std::string(kForce) + ": " + key + "=" + std::to_string(value) +
                                 ": expected one of " + quoted_list(plan_values(key)));
-  const bool splits = key == "cmp_splits" || key == "slc_splits";
-  const int64_t least = key == "split_tokens" ? 0 : 1;
-  if (value < least || (splits && value > kMaxDecodeSplits) || (key == "sel_splits" && value > kMaxSelectSplits))
+  if (!int_range(key).holds(value))
     throw std::invalid_argument(std::string(kForce) + ": " + key + "=" + std::to_string(value) + ": expected an int " +
-                                int_range(key));
+                                int_range(key).text());
   if (key == "split_tokens") o.split_tokens = value;
   if (key == "slc_chunk_rows") o.slc_chunk_rows = value;
   if (key == "cmp_splits") o.cmp_splits = int(value);
