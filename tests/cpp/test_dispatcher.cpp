@@ -1,6 +1,7 @@
 // The ops called through the C++ dispatcher (as a C++ user of LibTorch would), checked against
 // dense ATen math, and their argument errors.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <limits>
@@ -34,8 +35,15 @@ std::tuple<Tensor, Tensor> cmp_fwd(const Tensor& q, const Tensor& k, const Tenso
 }
 
 // Dense masked attention in float64: q [B, T, HQ, D], k [B, Tk, H, D], mask [T, Tk] (true = visible).
+// One thread: with several, this ATen float64 math gave one of two results about 1e-9 apart
+// from run to run (torch 2.14.1 CPU, before any op of ours ran), which failed the 1e-10 checks.
 std::tuple<Tensor, Tensor> dense(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& mask, double scale) {
+  struct OneThread {
+    int was = at::get_num_threads();
+    OneThread() { at::set_num_threads(1); }
+    ~OneThread() { at::set_num_threads(was); }
+  } one_thread;
   const int64_t G = q.size(2) / k.size(2);
   Tensor kk = k.repeat_interleave(G, 2).transpose(1, 2);  // [B, HQ, Tk, D]
   Tensor vv = v.repeat_interleave(G, 2).transpose(1, 2);
