@@ -333,7 +333,7 @@ def measure(rec, budget, args, group, impl, layout, mode, make_call, note=""):
     try:
         with torch.no_grad():
             call, steps = make_call()
-            if mode == "graph":
+            if mode.split()[0] == "graph":  # also "graph <force spec>"
                 graph = graph_of(call)
                 ms = windows_ms(graph.replay, steps, args)
                 del graph

@@ -271,8 +271,9 @@ if have profile; then
 fi
 
 # ---------------------------------------------------------------- dprofile
-# (each decode kernel on its own under ncu: no dependent launch, caches flushed; one ncu process
-# per shape, the first launch of each kernel left out)
+# (each decode kernel on its own under ncu: no dependent launch; caches as the previous kernel
+# left them and clocks not locked, as in a step; one ncu process per shape, the first launch of
+# each kernel left out)
 if have dprofile; then
   s=$(date +%s)
   lim=$(limit_for dprofile)
@@ -285,9 +286,9 @@ if have dprofile; then
     for shape in "${shapes[@]}"; do
       rm -f /tmp/dprofile.csv
       run_stage "dprofile $shape" "$OUT/profile.log" "$per" \
-        ncu --csv --print-units base --log-file /tmp/dprofile.csv --kernel-name regex:decode_ \
+        ncu --csv --print-units base --cache-control none --clock-control none --log-file /tmp/dprofile.csv --kernel-name regex:decode_ \
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
-        "$PY" tools/profile_decode.py --shapes "$shape" --warmup 1 --steps 2 || rc=$?
+        "$PY" tools/profile_decode.py --shapes "$shape" --warmup 1 --steps 2 --no-profiler || rc=$?
       { echo "decode kernels at TxB = $shape (ncu, each on its own):"
         "$PY" tools/ncu_kernel_times.py /tmp/dprofile.csv --skip 1; } 2>&1 | tee -a "$OUT/profile.log" >> /tmp/dprofile.txt
     done

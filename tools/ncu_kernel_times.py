@@ -1,14 +1,16 @@
 """Per-kernel means of an Nsight Compute CSV (`ncu --csv --print-units base --metrics ...`), one
 row per kernel and launch shape, the first --skip launches of each left out (warm-up):
 
-    ncu --csv --print-units base --log-file /tmp/k.csv -k regex:decode_ \\
+    ncu --csv --print-units base --cache-control none --clock-control none \\
+        --log-file /tmp/k.csv -k regex:decode_ \\
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
-        python3 tools/profile_decode.py --shapes 65536x1 --warmup 1 --steps 3
+        python3 tools/profile_decode.py --shapes 65536x1 --warmup 1 --steps 3 --no-profiler
     python3 tools/ncu_kernel_times.py /tmp/k.csv --skip 2
 
-ncu replays each kernel on its own (caches flushed, no overlap with its neighbours, no
-programmatic dependent launch), so the times add up to a step without the launch gaps: the
-per-kernel view that torch.profiler cannot give for kernels launched as dependents.
+ncu runs each kernel on its own (no overlap with its neighbours, no programmatic dependent
+launch; with the two controls off, caches and clocks as a step leaves them rather than flushed
+and locked at base), so the times add up to a step without the launch gaps: the per-kernel view
+that torch.profiler cannot give for kernels launched as dependents.
 gpu__time_duration is printed in us, percentages as they are, other metrics in base units.
 """
 import argparse

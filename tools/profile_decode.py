@@ -29,13 +29,19 @@ def step_inputs(T, B, HQ=64, H=4, D=128, Dv=128, dtype=torch.bfloat16):
     return (q, r(B, T, H, D), r(B, T, H, Dv), r(B, nc, H, D), r(B, nc, H, Dv), *gates, seqlens)
 
 
-def profile(T, B, steps, warmup):
+def profile(T, B, steps, warmup, use_profiler=True):
     x = step_inputs(T, B)
     with _debug.plans() as ran:
         nsa_torch.decode_attention(*x, **HP)
     for _ in range(warmup):
         nsa_torch.decode_attention(*x, **HP)
     torch.cuda.synchronize()
+    if not use_profiler:  # under ncu, which owns the profiling interface
+        for _ in range(steps):
+            nsa_torch.decode_attention(*x, **HP)
+        torch.cuda.synchronize()
+        print(f"T = {T}, B = {B}: plan {ran[0]}, {steps} steps")
+        return
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
@@ -57,10 +63,12 @@ def main():
                     help="TxB pairs")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10, help="steps before the profiled ones")
+    ap.add_argument("--no-profiler", action="store_true",
+                    help="only run the steps (for a profiler outside, such as ncu)")
     args = ap.parse_args()
     for s in args.shapes:
         T, B = map(int, s.split("x"))
-        profile(T, B, args.steps, args.warmup)
+        profile(T, B, args.steps, args.warmup, not args.no_profiler)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   ws.cpr = p.block_size / p.block_stride;
   ws.cpb = p.select_size / p.block_stride;
   ws.slots = tile_slots(ws.cpr, ws.cpb);
+  ws.sel_round = select_round(group_size(p), ws.cpb, ws.cpr);
+  ws.sel_tiles = select_round_tiles(ws.sel_round, ws.cpb, ws.cpr);
   const size_t bh = size_t(p.batch) * p.num_heads_k, R = size_t(ws.rows), DV = size_t(p.head_dim_v);
   const size_t cs = size_t(p.plan.cmp_splits), ss = size_t(p.plan.slc_splits), T = size_t(ws.tiles);
   unsigned char* at = static_cast<unsigned char*>(base);
@@ -98,7 +100,7 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
 
 void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(p.plan.sel_splits * p.num_queries), unsigned(p.num_heads_k), unsigned(p.batch));
-  launch_kernel(p, decode_select_kernel, grid, kSelectThreads, select_smem_bytes(p.num_heads / p.num_heads_k), true,
+  launch_kernel(p, decode_select_kernel, grid, kSelectThreads, select_smem_bytes(group_size(p), ws.sel_tiles), true,
                 stream, p, ws);
 }
 

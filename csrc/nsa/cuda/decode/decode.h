@@ -74,6 +74,8 @@ struct Workspace {
   int slots = 0;       // NS: block-score slots per tile
   int cpr = 0;         // cells per compressed token: block_size / block_stride
   int cpb = 0;         // cells per selection block: select_size / block_stride
+  int sel_round = 0;   // kernel B: candidate blocks scored per round (select_round)
+  int sel_tiles = 0;   // kernel B: key tiles of a round at most (select_round_tiles)
   size_t bytes = 0;    // the whole workspace
 };
 

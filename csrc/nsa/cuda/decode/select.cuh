@@ -42,12 +42,13 @@ __device__ __forceinline__ int keep_best(uint64_t* keys, int kept, int m, int n,
   for (int it = 0; it < kSelectItems; ++it) {
     const int i = it * kSelectThreads + tid;
     key[it] = i < total ? keys[i] : 0;
-    rank[it] = n;
-    if (key[it] == 0) continue;
-    int r = 0;  // stops counting once the key is out (checked every 32 keys)
-    for (int k0 = 0; k0 < total && r < n; k0 += 32) {
-      const int k1 = min(total, k0 + 32);
-      for (int k = k0; k < k1; ++k) r += keys[k] > key[it];
+    int r = n;
+    if (key[it] != 0) {
+      r = 0;  // stops counting once the key is out (checked every 32 keys)
+      for (int k0 = 0; k0 < total && r < n; k0 += 32) {
+        const int k1 = min(total, k0 + 32);
+        for (int k = k0; k < k1; ++k) r += keys[k] > key[it];
+      }
     }
     rank[it] = r;
   }
@@ -64,15 +65,30 @@ __device__ __forceinline__ int keep_best(uint64_t* keys, int kept, int m, int n,
   return *count;
 }
 
-// Dynamic shared memory: lse [G] (log2 units) of the query's rows.
-inline size_t select_smem_bytes(int G) { return size_t(G) * sizeof(float); }
+// Candidates of a round of a split whose tiles' factors (below) take at most kSelectFactorBytes
+// of shared memory, and those tiles: the candidates [j, j + m) have cells from j cpb - cpr + 1
+// to (j + m) cpb - 1, in at most (m cpb + cpr + 63) / 64 + 2 key tiles. Host and device.
+constexpr int kSelectFactorBytes = 32 * 1024;
+NSA_HOST_DEVICE int select_round_tiles(int round, int cpb, int cpr) {
+  return int((int64_t(round) * cpb + cpr + kTileKeys - 1) / kTileKeys) + 2;
+}
+inline int select_round(int G, int cpb, int cpr) {
+  int round = kSelectRound;
+  while (round > 32 && int64_t(select_round_tiles(round, cpb, cpr)) * G * 4 > kSelectFactorBytes) round /= 2;
+  return round;
+}
+
+// Dynamic shared memory: lse [G] (log2 units) of the query's rows, then the factors
+// f [round tiles][G] of a round's tiles (2^(m_t - lse), 0 where the row adds nothing).
+inline size_t select_smem_bytes(int G, int round_tiles) { return size_t(G) * (1 + size_t(round_tiles)) * sizeof(float); }
 
 // Grid (sel_splits * S, H, B): split c of query s scores the candidates [c per, (c + 1) per) of
 // the blocks 0 .. bpos its position can see (per = ceil((bpos + 1) / sel_splits)), summing each
 // over the tiles that hold its cells (ascending) and in each tile over the group's rows f u with
 // f = 2^(m_t - lse) (a row whose lse is not finite, or whose tile saw no key, adds nothing: its
-// slots may hold NaN, as the reference's p = 0 there).
-__global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const DecodeParams p, const Workspace ws) {
+// slots may hold NaN, as the reference's p = 0 there). Candidates come in rounds of
+// ws.sel_round; the factors f of a round's tiles are computed once into shared memory.
+__global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
   __shared__ uint64_t keys[kMaxSelected + kSelectRound];
   __shared__ int count;
   __shared__ unsigned done;
@@ -115,16 +131,26 @@ __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const Dec
   const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
   const float* ml = ws.cmp_ml + (bh * cmp_splits * R + row0) * 2;  // [cmp_splits][R][2]
   for (int g = warp; g < G; g += kSelectWarps) {
-    float mx = -INFINITY;
-    for (int sp = lane; sp < cmp_splits; sp += 32) mx = fmaxf(mx, ml[(index_t(sp) * R + g) * 2]);
-    mx = warp_max(mx);
-    float lsum = 0.f;
-    for (int sp = lane; sp < cmp_splits; sp += 32) {
-      const float* x = ml + (index_t(sp) * R + g) * 2;
-      lsum += split_factor(x[0], mx) * x[1];
+    // Each lane merges its splits online, their loads issued four at a time; then the warp.
+    float mx = -INFINITY, lsum = 0.f;
+    for (int sp0 = lane; sp0 < cmp_splits; sp0 += 4 * 32) {
+      float2 x[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int sp = sp0 + 32 * k;
+        x[k] = sp < cmp_splits ? *reinterpret_cast<const float2*>(ml + (index_t(sp) * R + g) * 2)
+                               : make_float2(-INFINITY, 0.f);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float m_new = fmaxf(mx, x[k].x);
+        lsum = lsum * split_factor(mx, m_new) + split_factor(x[k].x, m_new) * x[k].y;
+        mx = m_new;
+      }
     }
-    lsum = warp_sum(lsum);
-    if (lane == 0) lse_s[g] = mx + log2f(lsum);
+    const float m_all = warp_max(mx);
+    lsum = warp_sum(split_factor(mx, m_all) * lsum);
+    if (lane == 0) lse_s[g] = m_all + log2f(lsum);
   }
   __syncthreads();
 
@@ -134,20 +160,30 @@ __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const Dec
   const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
   const float* tile_m = ws.tile_m + bh * ws.tiles * R + row0;                // [T][R]
   const float* tile_u = ws.tile_u + bh * ws.tiles * slots * R + row0;        // [T][NS][R]
-  auto score_of = [&](int j) {
-    // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
-    // two but for long windows (cpr + cpb > 66).
-    const int ta = max(0, j * cpb - cpr + 1) / kTileKeys;
-    const int tb = min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys);
+  float* f_s = lse_s + G;                                                    // [round tiles][G]
+  // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
+  // two but for long windows (cpr + cpb > 66).
+  auto first_tile = [&](int j) { return max(0, j * cpb - cpr + 1) / kTileKeys; };
+  auto last_tile = [&](int j) { return min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys); };
+  // Block j's score from the round's factors (tiles from ta0). The group's slots of a tile are
+  // loaded kRowChunk at a time, all in flight before they are added (in row order).
+  constexpr int kRowChunk = 16;
+  auto score_of = [&](int j, int ta0) {
+    const int ta = first_tile(j), tb = last_tile(j);
     float score = 0.f;
     for (int t = ta; t <= tb; ++t) {
-      const float* m = tile_m + index_t(t) * R;
+      const float* f = f_s + (t - ta0) * G;
       const float* u = tile_u + (index_t(t) * slots + j - t * kTileKeys / cpb) * R;
       float w = 0.f;
-      for (int g = 0; g < G; ++g) {
-        const float lse = lse_s[g], mt = m[g];
-        const float f = isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
-        w += f != 0.f ? f * u[g] : 0.f;
+      for (int g0 = 0; g0 < G; g0 += kRowChunk) {
+        float uv[kRowChunk];
+#pragma unroll
+        for (int k = 0; k < kRowChunk; ++k) uv[k] = g0 + k < G ? u[g0 + k] : 0.f;
+#pragma unroll
+        for (int k = 0; k < kRowChunk; ++k) {
+          const float fk = g0 + k < G ? f[g0 + k] : 0.f;
+          w += fk != 0.f ? fk * uv[k] : 0.f;
+        }
       }
       score = t == ta ? w : score + w;
     }
@@ -155,11 +191,19 @@ __global__ void __launch_bounds__(kSelectThreads) decode_select_kernel(const Dec
   };
   const int per = (cand + splits - 1) / splits, j0 = min(cand, c * per), j1 = min(cand, j0 + per);
   int kept = 0;
-  for (int r0 = j0; r0 < j1; r0 += kSelectRound) {
-    const int m = min(kSelectRound, j1 - r0);
+  for (int r0 = j0; r0 < j1; r0 += ws.sel_round) {
+    const int m = min(ws.sel_round, j1 - r0);
+    // The round's tiles' factors, once per (tile, row) rather than per block.
+    const int ta0 = first_tile(r0), ntr = last_tile(r0 + m - 1) - ta0 + 1;
+    for (int i = tid; i < ntr * G; i += kSelectThreads) {
+      const int t = ta0 + i / G, g = i % G;
+      const float lse = lse_s[g], mt = tile_m[index_t(t) * R + g];
+      f_s[i] = isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
+    }
+    __syncthreads();
     for (int i = tid; i < m; i += kSelectThreads) {
       const int j = r0 + i;
-      keys[kept + i] = topk::block_key(score_of(j), j, topk::is_forced(j, bpos, p.num_initial, p.num_local));
+      keys[kept + i] = topk::block_key(score_of(j, ta0), j, topk::is_forced(j, bpos, p.num_initial, p.num_local));
     }
     __syncthreads();
     kept = keep_best(keys, kept, m, n, &count);
