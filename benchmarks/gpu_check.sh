@@ -16,7 +16,8 @@
 #             (PyTorch's caching allocator off, so that every tensor is its own allocation and an
 #             out-of-bounds access is seen), log in $OUT/sanitize.log
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
-#             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), log in $OUT/profile.log
+#             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), or of one decode
+#             step with NSA_PROFILE_DECODE, log in $OUT/profile.log
 #   dprofile  Nsight Compute on each decode_attention kernel on its own (time, DRAM and SM
 #             throughput, registers; tools/profile_decode.py per shape, tools/ncu_kernel_times.py
 #             for the table), log in $OUT/profile.log, the tables in the summary
@@ -54,6 +55,7 @@
 #                           run unchecked: much faster racecheck of one family)
 #   NSA_PROFILE_T=16384 NSA_PROFILE_CONFIG=g16   the profiled call
 #   NSA_PROFILE_KERNELS="attn_|slc_|select_topk"   ncu's kernel-name regex (the profiled kernels)
+#   NSA_PROFILE_DECODE=65536x1   profile one decode step at this TxB instead (kernels: decode_)
 #   NSA_PROFILE_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats"   ncu's sections
 #   NSA_PROFILE_SOURCE=1    also the busiest SASS instructions of each kernel (stall samples;
 #                           add SourceCounters to the sections), tools/ncu_source_top.py
@@ -253,10 +255,15 @@ if have profile; then
     done
     rep=()
     [ "${NSA_PROFILE_SOURCE:-0}" = "1" ] && rep=(--export /tmp/nsa_profile --force-overwrite)
+    if [ -n "${NSA_PROFILE_DECODE:-}" ]; then  # one decode step at that TxB instead
+      kernels=${NSA_PROFILE_KERNELS:-decode_}
+      call=("$PY" tools/profile_decode.py --shapes "$NSA_PROFILE_DECODE" --warmup 1 --steps 1 --no-profiler)
+    else
+      kernels=${NSA_PROFILE_KERNELS:-attn_|slc_|select_topk}
+      call=("$PY" tools/profile_nsa.py --T "${NSA_PROFILE_T:-16384}" --config "${NSA_PROFILE_CONFIG:-g16}")
+    fi
     run_stage profile "$OUT/profile.log" "$lim" \
-      ncu --target-processes all --kernel-name "regex:${NSA_PROFILE_KERNELS:-attn_|slc_|select_topk}" \
-      "${sections[@]}" "${rep[@]}" \
-      "$PY" tools/profile_nsa.py --T "${NSA_PROFILE_T:-16384}" --config "${NSA_PROFILE_CONFIG:-g16}"
+      ncu --target-processes all --kernel-name "regex:$kernels" "${sections[@]}" "${rep[@]}" "${call[@]}"
     rc=$?
     if [ ${#rep[@]} -gt 0 ] && [ -f /tmp/nsa_profile.ncu-rep ]; then
       # With --export ncu prints nothing: the sections from the report, then the busiest SASS
