@@ -18,9 +18,10 @@
 #   profile   Nsight Compute on every NSA kernel of one nsa_attention forward + backward
 #             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), or of one decode
 #             step with NSA_PROFILE_DECODE, log in $OUT/profile.log
-#   dprofile  Nsight Compute on each decode_attention kernel on its own (time, DRAM and SM
-#             throughput, registers; tools/profile_decode.py per shape, tools/ncu_kernel_times.py
-#             for the table), log in $OUT/profile.log, the tables in the summary
+#   dprofile  the decode step's timeline over CUDA-graph replays (tools/profile_decode.py: when
+#             each kernel ends, what it adds to the step), then Nsight Compute on each
+#             decode_attention kernel on its own (time, DRAM and SM throughput, registers;
+#             tools/ncu_kernel_times.py), log in $OUT/profile.log, the tables in the summary
 #   ab        tools/ab_kernels.py: the kernel kinds of nsa_torch._debug.force side by side
 #             (NSA_AB_SWITCHES="fwd bwd", NSA_AB_T=65536, NSA_AB_CONFIGS=g16), log at the head of
 #             $OUT/bench.log
@@ -284,12 +285,20 @@ fi
 if have dprofile; then
   s=$(date +%s)
   lim=$(limit_for dprofile)
+  rc=0
+  shapes=(${NSA_DPROFILE_SHAPES:-65536x1 65536x16 131072x1})
+  # First the step's timeline over graph replays (torch.profiler: when each kernel ends, what it
+  # adds to the step), then each kernel alone under ncu.
+  rm -f /tmp/dtimeline.txt
+  run_stage "dprofile timeline" /tmp/dtimeline.txt $(( lim / 4 )) \
+    "$PY" tools/profile_decode.py --shapes "${shapes[@]}" > /dev/null || rc=$?
+  { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step )' /tmp/dtimeline.txt; } \
+    >> /tmp/dprofile.txt
+  cat /tmp/dtimeline.txt >> "$OUT/profile.log"
   if ! command -v ncu >/dev/null; then
-    record dprofile "SKIPPED (no ncu)" "" 0
+    echo "(no ncu: no per-kernel times)" >> /tmp/dprofile.txt
   else
-    rc=0
-    shapes=(${NSA_DPROFILE_SHAPES:-65536x1 65536x16 131072x1})
-    per=$(( lim / ${#shapes[@]} ))
+    per=$(( (lim - ($(date +%s) - s)) / ${#shapes[@]} ))
     for shape in "${shapes[@]}"; do
       rm -f /tmp/dprofile.csv
       run_stage "dprofile $shape" "$OUT/profile.log" "$per" \
@@ -299,9 +308,9 @@ if have dprofile; then
       { echo "decode kernels at TxB = $shape (ncu, each on its own):"
         "$PY" tools/ncu_kernel_times.py /tmp/dprofile.csv --skip 1; } 2>&1 | tee -a "$OUT/profile.log" >> /tmp/dprofile.txt
     done
-    secs=$(( $(date +%s) - s ))
-    record dprofile "$(status_of $rc)" "${#shapes[@]} shapes" "$secs"
   fi
+  secs=$(( $(date +%s) - s ))
+  record dprofile "$(status_of $rc)" "${#shapes[@]} shapes" "$secs"
 fi
 
 # ---------------------------------------------------------------- ab

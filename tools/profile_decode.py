@@ -1,15 +1,22 @@
-"""Per-kernel CUDA time of one decode_attention step (bf16, HQ = 64, H = 4, D = Dv = 128, the
-paper's hyper-parameters), from torch.profiler over repeated steps:
+"""Where the time of one decode_attention step goes (bf16, HQ = 64, H = 4, D = Dv = 128, the
+paper's hyper-parameters), from torch.profiler over CUDA-graph replays of the step:
 
     python3 tools/profile_decode.py --shapes 65536x1 65536x16 131072x1
 
-Prints each kernel's mean time per step and the step's total; the plan that ran
-(nsa_torch._debug.plans()) beside it. Kernels launched as programmatic dependents overlap their
-predecessor, so their profiled times include waits; for each kernel on its own, run this under
-ncu (gpu_check.sh's dprofile stage, tools/ncu_kernel_times.py).
+The step is captured in a CUDA graph over R copies of the caches (R steps per replay, R chosen
+so that a replay reads at least 8x the L2, as bench_decode.py does), and the graph replayed under
+the profiler. For each kernel it prints when it starts and ends after the step's first kernel
+starts (means over the steps) and what it adds to the step: its end minus the previous kernel's
+end. Kernels launched as programmatic dependents start early and wait, so a kernel's own span
+says little; what it adds is its share of the step's critical path. The last line is the time
+from one step's start to the next one's (the step as bench_decode.py times it).
+
+--no-profiler only runs eager steps (for a profiler outside, such as ncu: gpu_check.sh's dprofile
+stage, tools/ncu_kernel_times.py).
 """
 import argparse
-import collections
+import math
+import statistics
 
 import torch
 
@@ -20,51 +27,116 @@ HP = dict(block_size=32, block_stride=16, select_size=64, num_selected=16, num_i
           num_local=2, window_size=512)
 
 
-def step_inputs(T, B, HQ=64, H=4, D=128, Dv=128, dtype=torch.bfloat16):
+def step_inputs(T, B, HQ=64, H=4, D=128, Dv=128, dtype=torch.bfloat16, copies=1):
+    """(q, gates, seqlens) and `copies` caches (k, v, k_cmp, v_cmp)."""
     nc = (T - HP["block_size"]) // HP["block_stride"] + 1
     r = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
     q = r(B, 1, HQ, D)
     gates = [torch.sigmoid(r(B, 1, HQ)) for _ in range(3)]
     seqlens = torch.full((B,), T, dtype=torch.int32, device="cuda")
-    return (q, r(B, T, H, D), r(B, T, H, Dv), r(B, nc, H, D), r(B, nc, H, Dv), *gates, seqlens)
+    caches = [(r(B, T, H, D), r(B, T, H, Dv), r(B, nc, H, D), r(B, nc, H, Dv)) for _ in range(copies)]
+    return q, gates, seqlens, caches
+
+
+def copies_for(T, B, H=4, D=128, Dv=128, itemsize=2):
+    """Copies of the caches such that one replay reads at least 8x the L2 (at most 64)."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    per = B * (T + T // HP["block_stride"]) * H * (D + Dv) * itemsize
+    return max(1, min(64, math.ceil(8 * l2 / per)))
+
+
+def step_timeline(kernels, first):
+    """kernels: (name, start_us, end_us) of the profiled replays, in any order; `first`: the
+    name (or a part of it) of a step's first kernel. Returns ([(name, start, end, adds)], step):
+    per kernel of a step, in launch order, the means over the complete steps of its start and end
+    after the step's first kernel started and of what it adds (its end minus the previous
+    kernel's end; the first kernel's end), and the mean time from a step's start to the next's
+    (None with a single step)."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    steps, cur = [], None
+    for k in kernels:
+        if first in k[0]:
+            cur = [k]
+            steps.append(cur)
+        elif cur is not None:
+            cur.append(k)
+    if not steps:
+        return [], None
+    width = max(len(s) for s in steps)
+    full = [s for s in steps if len(s) == width]
+    rows = []
+    for i in range(width):
+        start = statistics.mean(s[i][1] - s[0][1] for s in full)
+        end = statistics.mean(s[i][2] - s[0][1] for s in full)
+        prev = statistics.mean(s[i - 1][2] - s[0][1] for s in full) if i else 0.0
+        rows.append((full[0][i][0], start, end, end - prev))
+    starts = [s[0][1] for s in steps]
+    step = statistics.mean(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else None
+    return rows, step
+
+
+def short_name(name):
+    return name.split("(")[0].split("<")[0].replace("void ", "").split("::")[-1]
+
+
+def graph_of(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def profile(T, B, steps, warmup, use_profiler=True):
-    x = step_inputs(T, B)
+    copies = copies_for(T, B) if use_profiler else 1
+    q, gates, seqlens, caches = step_inputs(T, B, copies=copies)
+
+    def call():
+        for k, v, kc, vc in caches:
+            nsa_torch.decode_attention(q, k, v, kc, vc, *gates, seqlens, **HP)
+
     with _debug.plans() as ran:
-        nsa_torch.decode_attention(*x, **HP)
-    for _ in range(warmup):
-        nsa_torch.decode_attention(*x, **HP)
+        call()
     torch.cuda.synchronize()
     if not use_profiler:  # under ncu, which owns the profiling interface
-        for _ in range(steps):
-            nsa_torch.decode_attention(*x, **HP)
+        for _ in range(warmup + steps):
+            call()
         torch.cuda.synchronize()
-        print(f"T = {T}, B = {B}: plan {ran[0]}, {steps} steps")
+        print(f"T = {T}, B = {B}: plan {ran[0]}, {warmup + steps} steps")
         return
-    acts = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(steps):
-            nsa_torch.decode_attention(*x, **HP)
+    g = graph_of(call)
+    replays = max(1, math.ceil(steps / copies))
+    for _ in range(warmup):
+        g.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
         torch.cuda.synchronize()
-    per = collections.defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name] += e.device_time / steps
-    print(f"T = {T}, B = {B}: plan {ran[0]}")
-    for name, us in sorted(per.items(), key=lambda kv: -kv[1]):
-        print(f"  {us:8.1f} us  {name[:110]}")
-    print(f"  {sum(per.values()):8.1f} us  total")
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and "decode_" in e.name]
+    rows, step = step_timeline(kernels, "decode_cmp_kernel")
+    print(f"T = {T}, B = {B}: plan {ran[0]}; {copies} cache copies, {replays} replays")
+    print("| kernel | starts (us) | ends (us) | adds (us) |")
+    print("|---|---|---|---|")
+    for name, start, end, adds in rows:
+        print(f"| {short_name(name)} | {start:.1f} | {end:.1f} | {adds:.1f} |")
+    if step is not None:
+        print(f"step start to next step start: {step:.1f} us")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["65536x1", "65536x16", "131072x1"],
                     help="TxB pairs")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=10, help="steps before the profiled ones")
+    ap.add_argument("--steps", type=int, default=200, help="profiled steps (about)")
+    ap.add_argument("--warmup", type=int, default=10, help="replays (or steps) before the profiled ones")
     ap.add_argument("--no-profiler", action="store_true",
-                    help="only run the steps (for a profiler outside, such as ncu)")
+                    help="only run eager steps (for a profiler outside, such as ncu)")
     args = ap.parse_args()
     for s in args.shapes:
         T, B = map(int, s.split("x"))
