@@ -6,6 +6,7 @@ nsa_torch.decode_attention against dense decoding and mdy666's NSA decode, in on
         [--out-dir DIR] [--time-budget SECONDS] [--warmup 25] [--rep 100] [--windows 5]
         [--flash-nsa DIR] [--plot-only CSV] [--cpu-smoke] [--verbose]
         [--force cmp_splits=32,sel_splits=4 ...]   # plan variants of ours, timed beside it
+        [--head-major]   # ours again with head-major caches, timed beside it
 
 Configuration: HQ = 64, H = 4, D = Dv = 128, bf16, the paper's hyper-parameters (l = 32, d = 16,
 l' = 64, n = 16, 1 initial and 2 local blocks, w = 512). For each context T and batch B the
@@ -361,7 +362,7 @@ def ours_modes(args):
     return ("graph", "eager") if args.device == "cuda" else ("eager",)
 
 
-def bench_ours(rec, budget, args, group, x, layout):
+def bench_ours(rec, budget, args, group, x, layout, modes=None, variants=True):
     hp = args.cfg["hp"]
 
     def make_call():
@@ -375,14 +376,37 @@ def bench_ours(rec, budget, args, group, x, layout):
                 op(x.q, k, v, kc, vc, *x.gates, x.seqlens, block_table=x.block_table, **hp)
         return call, len(x.caches)
 
-    for mode in ours_modes(args):
+    for mode in modes or ours_modes(args):
         measure(rec, budget, args, group, "ours", layout, mode, make_call)
-    if layout != "contiguous":
+    if layout != "contiguous" or not variants:
         return
     for spec in args.force:  # plan variants: the same step under nsa_torch._debug.force
         with _debug.force(**parse_force(spec)):
             measure(rec, budget, args, group, "ours", layout, f"{ours_modes(args)[0]} {spec}",
                     make_call)
+
+
+HEADS_MODE = "heads"  # the variant label of head-major caches
+
+
+def head_major(t):
+    """t [B, T, H, D] with its memory laid out head-major ([B, H, T, D]): the same view."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def bench_ours_head_major(rec, budget, args, group, x):
+    """Ours again with the raw and compressed caches stored head-major (a key tile of one head
+    is then one contiguous run of memory, not rows a head-stride apart). Converts x's caches in
+    place, one copy at a time, after every other contiguous measurement."""
+    mode = f"{ours_modes(args)[0]} {HEADS_MODE}"
+    for i, cache in enumerate(x.caches):
+        need = max(t.numel() * t.element_size() for t in cache) + (1 << 30)
+        if args.device == "cuda" and device_free_bytes() < need:
+            rec.add(group, "ours", "contiguous", mode, None, "skipped: memory (head-major copy)")
+            return
+        x.caches[i] = tuple(head_major(t) for t in cache)
+        del cache
+    bench_ours(rec, budget, args, group, x, "contiguous", modes=(mode,), variants=False)
 
 
 def parse_force(spec):
@@ -654,6 +678,8 @@ def bench_group(rec, budget, args, T, B, kind):
         if layout == "contiguous":
             bench_sdpa(rec, budget, args, group, x)
             bench_flash_attn(rec, budget, args, group, x)
+            if args.head_major and "ours" in impls:
+                bench_ours_head_major(rec, budget, args, group, x)
         else:
             bench_flashinfer(rec, budget, args, group, x)
         del x
@@ -720,8 +746,9 @@ def variant_lines(by):
             if impl != "ours" or " " not in mode:
                 continue
             if not lines:
-                lines = ["Plan variants (nsa_torch._debug.force; contiguous)", "",
-                         "| lengths | T | B | force | us | planned us | planned / variant |",
+                lines = [f"Variants of ours (--force: nsa_torch._debug.force; {HEADS_MODE}: "
+                         "--head-major caches; contiguous)", "",
+                         "| lengths | T | B | variant | us | planned us | planned / variant |",
                          "|---|---|---|---|---|---|---|"]
             ms, planned = num(r["ms"]), num(base["ms"]) if base else None
             ratio = f"{planned / ms:.2f}x" if ms and planned else "n/a"
@@ -886,6 +913,9 @@ def parse_args(argv=None):
     ap.add_argument("--force", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="also time ours (contiguous) under nsa_torch._debug.force with these plan "
                          "overrides, e.g. cmp_splits=32,sel_splits=4 (repeatable)")
+    ap.add_argument("--head-major", action="store_true",
+                    help="also time ours with the raw and compressed caches stored head-major "
+                         "([B, H, T, D] memory passed as [B, T, H, D] views)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     return ap.parse_args(argv)
 

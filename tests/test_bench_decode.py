@@ -124,7 +124,7 @@ def test_cpu_smoke(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"),
                           "--cpu-smoke", "--lengths", "512", "--batches", "1", "3", "--warmup", "1",
                           "--rep", "4", "--windows", "2", "--out-dir", str(tmp_path),
-                          "--force", "cmp_splits=2,sel_splits=3"],
+                          "--force", "cmp_splits=2,sel_splits=3", "--head-major"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "### nsa-decode table begin" in run.stdout
@@ -143,6 +143,12 @@ def test_cpu_smoke(tmp_path):
     assert set(variants) == {(1, "equal"), (3, "equal"), (3, "mixed")}, sorted(variants)
     assert all(r["ms"] and r["layout"] == "contiguous" for r in variants.values())
     assert "| equal | 512 | 3 | cmp_splits=2,sel_splits=3 |" in run.stdout
+    # head-major caches: the same step on [B, H, T, D] memory, contiguous only, in the table
+    heads = {(int(r["B"]), r["lengths"]): r for r in rows
+             if r["impl"] == "ours" and r["mode"] == "eager heads"}
+    assert set(heads) == {(1, "equal"), (3, "equal"), (3, "mixed")}, sorted(heads)
+    assert all(r["ms"] and r["layout"] == "contiguous" for r in heads.values())
+    assert "| mixed | 512 | 3 | heads |" in run.stdout
     assert set(ours) == {(B, kind, layout) for B, kind in ((1, "equal"), (3, "equal"),
                                                            (3, "mixed"))
                          for layout in ("contiguous", "paged")}, sorted(ours)

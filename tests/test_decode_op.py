@@ -292,6 +292,24 @@ def test_strided_inputs():
     assert torch.equal(o, o2) and torch.equal(idx, idx2)
 
 
+def head_major_caches(step):
+    """The step with its raw and compressed caches stored head-major ([B, H, T, C] memory) and
+    passed as the same [B, T, H, C] views."""
+    hm = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    views = dict(step, **{n: hm(step[n]) for n in ("k_cache", "v_cache", "k_cmp_cache", "v_cmp_cache")})
+    assert not views["k_cache"].is_contiguous() and views["k_cmp_cache"].stride(1) == views["k_cmp_cache"].shape[-1]
+    return views
+
+
+def test_head_major_caches():
+    """Caches laid out head-major (each head's keys one run of memory): the same result."""
+    x, lengths = cpu_case(4, torch.float32, LENGTHS, 2, 29, **SMALL)
+    step = build_step(x, lengths, 2, **SMALL)
+    o, idx = decode(nsa_torch, step, SMALL)
+    o2, idx2 = decode(nsa_torch, head_major_caches(step), SMALL)
+    assert torch.equal(o, o2) and torch.equal(idx, idx2)
+
+
 def test_result_does_not_depend_on_threads():
     x, lengths = cpu_case(16, torch.float32, LENGTHS, 2, 23, **SMALL)
     step = build_step(x, lengths, 2, **SMALL)
@@ -842,6 +860,17 @@ def test_cuda_forced_splits_match_reference(name, splits):
         check_step(x, [max(L, 2) for L in lengths], 2, case, torch.bfloat16, page_size=64, capacity=capacity)
     got = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
     assert all(got[k] == v for k, v in SPLITS[splits].items()), got
+
+
+@pytest.mark.cuda
+def test_cuda_head_major_caches():
+    """Head-major caches (a key tile of one head is contiguous, as bench_decode.py --head-major
+    times them): bit for bit the contiguous caches' result."""
+    x = cuda_step_inputs(16, 128, 128, torch.bfloat16, seed_of("cuda-heads"))
+    step = build_step(x, [max(L, 1) for L in CUDA_LENGTHS], 1, capacity=CUDA_CAPACITY)
+    o, idx = decode(nsa_torch, step, {})
+    o2, idx2 = decode(nsa_torch, head_major_caches(step), {})
+    assert torch.equal(o, o2) and torch.equal(idx, idx2)
 
 
 @pytest.mark.cuda
