@@ -4,7 +4,7 @@ paper's hyper-parameters), from torch.profiler over CUDA-graph replays of the st
     python3 tools/profile_decode.py --shapes 65536x1 65536x16 131072x1
 
 The step is captured in a CUDA graph over R copies of the caches (R steps per replay, R chosen
-so that a replay reads at least 8x the L2, as bench_decode.py does), and the graph replayed under
+as bench_decode.py chooses it: a replay reads at least 8x the L2), and the graph replayed under
 the profiler. For each kernel it prints when it starts and ends after the step's first kernel
 starts (means over the steps) and what it adds to the step: its end minus the previous kernel's
 end. Kernels launched as programmatic dependents start early and wait, so a kernel's own span
@@ -16,20 +16,25 @@ stage, tools/ncu_kernel_times.py).
 """
 import argparse
 import math
+import os
 import statistics
+import sys
+import types
 
 import torch
 
-import nsa_torch
-from nsa_torch import _debug
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import bench_decode  # noqa: E402  (its sizes, byte counts, copies rule and graph capture)
 
-HP = dict(block_size=32, block_stride=16, select_size=64, num_selected=16, num_initial=1,
-          num_local=2, window_size=512)
+import nsa_torch  # noqa: E402
+from nsa_torch import _debug  # noqa: E402
+
+HP = bench_decode.PAPER
 
 
 def step_inputs(T, B, HQ=64, H=4, D=128, Dv=128, dtype=torch.bfloat16, copies=1):
     """(q, gates, seqlens) and `copies` caches (k, v, k_cmp, v_cmp)."""
-    nc = (T - HP["block_size"]) // HP["block_stride"] + 1
+    nc = bench_decode.num_cmp(T, HP)
     r = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
     q = r(B, 1, HQ, D)
     gates = [torch.sigmoid(r(B, 1, HQ)) for _ in range(3)]
@@ -38,11 +43,13 @@ def step_inputs(T, B, HQ=64, H=4, D=128, Dv=128, dtype=torch.bfloat16, copies=1)
     return q, gates, seqlens, caches
 
 
-def copies_for(T, B, H=4, D=128, Dv=128, itemsize=2):
-    """Copies of the caches such that one replay reads at least 8x the L2 (at most 64)."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    per = B * (T + T // HP["block_stride"]) * H * (D + Dv) * itemsize
-    return max(1, min(64, math.ceil(8 * l2 / per)))
+def copies_for(T, B):
+    """Copies of the caches cycled through, by bench_decode.py's rule (together the steps read at
+    least L2_SWEEP x the L2, as many as fit in memory); (0, why) when not even one fits."""
+    cfg = dict(bench_decode.GPU_SIZES, itemsize=2)
+    per_copy = B * (T + bench_decode.num_cmp(T, HP)) * cfg["H"] * (cfg["D"] + cfg["Dv"]) * cfg["itemsize"]
+    read = bench_decode.step_bytes([T] * B, cfg, nsa=True)
+    return bench_decode.copies_for(per_copy, types.SimpleNamespace(device="cuda"), read)
 
 
 def step_timeline(kernels, first):
@@ -79,20 +86,11 @@ def short_name(name):
     return name.split("(")[0].split("<")[0].replace("void ", "").split("::")[-1]
 
 
-def graph_of(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
 def profile(T, B, steps, warmup, use_profiler=True):
-    copies = copies_for(T, B) if use_profiler else 1
+    copies, why = copies_for(T, B) if use_profiler else (1, "")
+    if not copies:
+        print(f"T = {T}, B = {B}: {why}")
+        return
     q, gates, seqlens, caches = step_inputs(T, B, copies=copies)
 
     def call():
@@ -108,7 +106,7 @@ def profile(T, B, steps, warmup, use_profiler=True):
         torch.cuda.synchronize()
         print(f"T = {T}, B = {B}: plan {ran[0]}, {warmup + steps} steps")
         return
-    g = graph_of(call)
+    g = bench_decode.graph_of(call)
     replays = max(1, math.ceil(steps / copies))
     for _ in range(warmup):
         g.replay()
