@@ -289,11 +289,21 @@ if have dprofile; then
   shapes=(${NSA_DPROFILE_SHAPES:-65536x1 65536x16 131072x1})
   # First the step's timeline over graph replays (torch.profiler: when each kernel ends, what it
   # adds to the step), then each kernel alone under ncu.
-  rm -f /tmp/dtimeline.txt
+  # The SM clock is sampled meanwhile: short kernels are chains of memory round trips, whose
+  # time follows the clock.
+  rm -f /tmp/dtimeline.txt /tmp/dclocks.txt
+  clk_pid=
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=clocks.sm --format=csv,noheader,nounits -lms 20 > /tmp/dclocks.txt 2>/dev/null &
+    clk_pid=$!
+  fi
   run_stage "dprofile timeline" /tmp/dtimeline.txt $(( lim / 4 )) \
     "$PY" tools/profile_decode.py --shapes "${shapes[@]}" > /dev/null || rc=$?
-  { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step )' /tmp/dtimeline.txt; } \
-    >> /tmp/dprofile.txt
+  [ -n "$clk_pid" ] && kill "$clk_pid" 2>/dev/null
+  { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step )' /tmp/dtimeline.txt
+    [ -s /tmp/dclocks.txt ] && sort -n /tmp/dclocks.txt | awk '{v[NR] = $1} END {
+      printf "SM clock while it ran (MHz, %d samples every 20 ms): min %s, median %s, max %s\n", NR, v[1], v[int((NR + 1) / 2)], v[NR]}'
+  } >> /tmp/dprofile.txt
   cat /tmp/dtimeline.txt >> "$OUT/profile.log"
   if ! command -v ncu >/dev/null; then
     echo "(no ncu: no per-kernel times)" >> /tmp/dprofile.txt

@@ -865,8 +865,9 @@ def test_cuda_forced_splits_match_reference(name, splits):
 @pytest.mark.cuda
 def test_cuda_head_major_caches():
     """Head-major caches (a key tile of one head is contiguous, as bench_decode.py --head-major
-    times them): bit for bit the contiguous caches' result."""
-    x = cuda_step_inputs(16, 128, 128, torch.bfloat16, seed_of("cuda-heads"))
+    times them): bit for bit the contiguous caches' result. G = 4: two KV heads, so that
+    head-major memory is not the contiguous one."""
+    x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-heads"))
     step = build_step(x, [max(L, 1) for L in CUDA_LENGTHS], 1, capacity=CUDA_CAPACITY)
     o, idx = decode(nsa_torch, step, {})
     o2, idx2 = decode(nsa_torch, head_major_caches(step), {})

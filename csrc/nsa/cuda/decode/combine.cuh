@@ -2,7 +2,9 @@
 // branches and writes the gated sum. A row (b, s, query head) is taken by `wpr` warps (a power of
 // two up to 8, enough that no warp merges more than 8 splits of a branch), each merging its
 // splits' (m, l, O) online, then the row's first warp merges theirs in warp order: a fixed order,
-// so the bits do not depend on timing.
+// so the bits do not depend on timing. The kernel is a chain of memory round trips after kernel
+// C ends, so each warp issues the loads of a batch of splits together before it adds any of them,
+// and reads its inputs (gates, length) before it waits for C.
 #pragma once
 
 #include "../attn/fwd.cuh"  // softmax_inv
@@ -13,58 +15,56 @@ namespace nsa::cuda::decode {
 
 constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;
+// Warps per row: enough that no warp merges more than kCombineSplitsPerWarp splits of a branch.
+constexpr int kCombineSplitsPerWarp = 8;
 
 // Warps per row for the plan's splits (host).
 inline int combine_warps_per_row(const DecodePlan& plan) {
   const int most = plan.cmp_splits > plan.slc_splits ? plan.cmp_splits : plan.slc_splits;
   int wpr = 1;
-  while (wpr < kCombineWarps && wpr * kCombineWarps < most) wpr *= 2;
+  while (wpr < kCombineWarps && wpr * kCombineSplitsPerWarp < most) wpr *= 2;
   return wpr;
 }
 
 // One warp's share of a row's splits sub, sub + wpr, ... < n: O at o + sp * o_step ([DV] fp32),
-// (m, l) at ml + sp * ml_step. Returns the warp's (m, l) and its O against m (in every lane, lane
-// holding columns lane + 32 c).
+// (m, l) at ml + sp * ml_step (written by earlier kernels: read through L2). Returns the warp's
+// (m, l) and its O against m (in every lane, lane holding columns lane + 32 c). The splits come
+// in batches of kBatch whose loads are all issued before the first is used; past the last split a
+// batch holds (-inf, 0, 0), which adds 0.
 template <int DV>
 __device__ __forceinline__ void merge_splits(const float* o, index_t o_step, const float* ml, index_t ml_step, int n,
                                              int sub, int wpr, float& m_out, float& l_out, float (&acc)[DV / 32]) {
+  constexpr int kCols = DV / 32, kBatch = kCols <= 4 ? kCombineSplitsPerWarp : 4;
   const int lane = threadIdx.x & 31;
   float mx = -INFINITY, lsum = 0.f;
 #pragma unroll
-  for (int c = 0; c < DV / 32; ++c) acc[c] = 0.f;
-  for (int base = sub; base < n; base += 32 * wpr) {
-    // 32 splits per round: lane i reads split base + i wpr's (m, l).
-    const int sp = base + lane * wpr;
-    float m = -INFINITY, l = 0.f;
-    if (sp < n) {
-      m = ml[sp * ml_step];
-      l = ml[sp * ml_step + 1];
-    }
-    const float mx_new = fmaxf(mx, warp_max(m));
-    const float old = split_factor(mx, mx_new), wgt = split_factor(m, mx_new);
-    lsum = lsum * old + warp_sum(wgt * l);
+  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+  for (int k0 = sub; k0 < n; k0 += kBatch * wpr) {
+    float2 part[kBatch];
+    float x[kBatch][kCols];
 #pragma unroll
-    for (int c = 0; c < DV / 32; ++c) acc[c] *= old;
+    for (int k = 0; k < kBatch; ++k) {
+      const int sp = k0 + k * wpr;
+      const bool in = sp < n;
+      part[k] = in ? __ldcg(reinterpret_cast<const float2*>(ml + index_t(sp) * ml_step)) : make_float2(-INFINITY, 0.f);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) x[k][c] = in ? __ldcg(o + index_t(sp) * o_step + lane + 32 * c) : 0.f;
+    }
+    float mx_new = mx;
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) mx_new = fmaxf(mx_new, part[k].x);
+    const float old = split_factor(mx, mx_new);
+    lsum *= old;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[c] *= old;
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const float f = split_factor(part[k].x, mx_new);
+      lsum = fmaf(f, part[k].y, lsum);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[c] = fmaf(f, x[k][c], acc[c]);
+    }
     mx = mx_new;
-    // Four splits' loads in flight at a time; past the round's last split, split `base` again
-    // with factor 0 (it is NaN only if the merge is NaN anyway).
-    const int in_round = min(32, (n - base + wpr - 1) / wpr);
-    for (int i = 0; i < in_round; i += 4) {
-      float wk[4], x[4][DV / 32];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const bool in = i + k < in_round;
-        wk[k] = __shfl_sync(0xffffffffu, wgt, (i + k) & 31);
-        wk[k] = in ? wk[k] : 0.f;
-        const float* ok = o + index_t(base + (in ? i + k : 0) * wpr) * o_step;
-#pragma unroll
-        for (int c = 0; c < DV / 32; ++c) x[k][c] = ok[lane + 32 * c];
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int c = 0; c < DV / 32; ++c) acc[c] = fmaf(wk[k], x[k][c], acc[c]);
-    }
   }
   m_out = mx;
   l_out = lsum;
@@ -82,9 +82,19 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
   const int hq = int(row % HQ), s = int(row / HQ % S), b = int(row / HQ / S);
   const int h = hq / G, r = s * G + hq % G;
   const index_t bh = index_t(b) * H + h;
+  // Inputs, read while kernel C still runs.
+  float gate[3] = {0.f, 0.f, 0.f};
+  int L = 0;
+  if (real && sub == 0) {
+#pragma unroll
+    for (int br = 0; br < 3; ++br) gate[br] = to_float(*p.gate[br].ptr<const T>(b, s, hq));
+    L = p.seqlens[b];
+  }
   wait_prior_grid();
 
+  bool bad = false;
   if (real) {
+    if (sub == 0) bad = __ldcg(ws.bad + (index_t(b) * S + s) * H + h) != 0;
     const int cs = p.plan.cmp_splits, ss = p.plan.slc_splits;
     float m, l, acc[kCols];
     // Branch 0: compressed ([cs][R] rows), 1: selected, 2: window ([ss][2][R] rows).
@@ -107,7 +117,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
   __syncthreads();
   if (!real || sub != 0) return;
 
-  const int L = p.seqlens[b], pos = L - S + s;
+  const int pos = L - S + s;
   // Does the row see a key whatever the scores (then a zero sum means overflow: NaN)? The
   // compressed branch once its first window is complete, the window always, the selected
   // branch not knowably (fwd.cuh's row_sees_key).
@@ -128,12 +138,10 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
 #pragma unroll
       for (int c = 0; c < kCols; ++c) o[c] = fmaf(f, red[w][br][lane + 32 * c], o[c]);
     }
-    const float g = to_float(*p.gate[br].ptr<const T>(b, s, hq));
-    const float scale = g * softmax_inv(lsum, br == 0 ? sees_cmp : br == 2);
+    const float scale = gate[br] * softmax_inv(lsum, br == 0 ? sees_cmp : br == 2);
 #pragma unroll
     for (int c = 0; c < kCols; ++c) out[c] = fmaf(scale, o[c], out[c]);
   }
-  const bool bad = ws.bad[(index_t(b) * S + s) * H + h] != 0;
   T* dst = p.o.ptr<T>(b, s, hq);
 #pragma unroll
   for (int c = 0; c < kCols; ++c) dst[lane + 32 * c] = from_float<T>(bad ? __int_as_float(0x7fffffff) : out[c]);

@@ -125,10 +125,47 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     return;
   }
 
-  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the compressed
-  // splits; -inf: the row saw no compressed token, NaN: a NaN score.
   const index_t bh = index_t(b) * p.num_heads_k + h;
   const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
+  // This split's candidates, scored and kept in rounds below.
+  const int pos = L - S + s, bpos = pos / p.select_size, cand = bpos + 1;
+  const int nts = int((num_cmp_tokens(pos + 1, p.block_size, p.block_stride) + kTileKeys - 1) / kTileKeys);
+  const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
+  const float* tile_m = ws.tile_m + bh * ws.tiles * R + row0;                // [T][R]
+  const float* tile_u = ws.tile_u + bh * ws.tiles * slots * R + row0;        // [T][NS][R]
+  float* f_s = lse_s + G;                                                    // [round tiles][G]
+  // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
+  // two but for long windows (cpr + cpb > 66).
+  auto first_tile = [&](int j) { return max(0, j * cpb - cpr + 1) / kTileKeys; };
+  auto last_tile = [&](int j) { return min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys); };
+  const int per = (cand + splits - 1) / splits, j0 = min(cand, c * per), j1 = min(cand, j0 + per);
+  // The tiles [ta0, ta0 + ntr) of the round from r0, and the factor of (tile ta0 + i / G, row i % G)
+  // from that tile's row maximum.
+  auto round_tiles = [&](int r0, int& ta0, int& ntr) {
+    const int m = min(ws.sel_round, j1 - r0);
+    ta0 = first_tile(r0);
+    ntr = m > 0 ? last_tile(r0 + m - 1) - ta0 + 1 : 0;
+  };
+  auto factor = [&](int i, float mt) {
+    const float lse = lse_s[i % G];
+    return isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
+  };
+  // The first round's first tile maxima, loaded beside the lse's (m, l) below: the factors need
+  // both, and the kernel is a chain of memory round trips.
+  constexpr int kMtAhead = 2;
+  float mt_ahead[kMtAhead];
+  {
+    int ta0, ntr;
+    round_tiles(j0, ta0, ntr);
+#pragma unroll
+    for (int k = 0; k < kMtAhead; ++k) {
+      const int i = tid + k * kSelectThreads;
+      mt_ahead[k] = i < ntr * G ? __ldcg(tile_m + index_t(ta0 + i / G) * R + i % G) : -INFINITY;
+    }
+  }
+
+  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the compressed
+  // splits; -inf: the row saw no compressed token, NaN: a NaN score.
   const float* ml = ws.cmp_ml + (bh * cmp_splits * R + row0) * 2;  // [cmp_splits][R][2]
   for (int g = warp; g < G; g += kSelectWarps) {
     // Each lane merges its splits online, their loads issued four at a time; then the warp.
@@ -138,7 +175,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int sp = sp0 + 32 * k;
-        x[k] = sp < cmp_splits ? *reinterpret_cast<const float2*>(ml + (index_t(sp) * R + g) * 2)
+        x[k] = sp < cmp_splits ? __ldcg(reinterpret_cast<const float2*>(ml + (index_t(sp) * R + g) * 2))
                                : make_float2(-INFINITY, 0.f);
       }
 #pragma unroll
@@ -154,52 +191,53 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   }
   __syncthreads();
 
-  // This split's candidates, scored and kept in rounds.
-  const int pos = L - S + s, bpos = pos / p.select_size, cand = bpos + 1;
-  const int nts = int((num_cmp_tokens(pos + 1, p.block_size, p.block_stride) + kTileKeys - 1) / kTileKeys);
-  const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
-  const float* tile_m = ws.tile_m + bh * ws.tiles * R + row0;                // [T][R]
-  const float* tile_u = ws.tile_u + bh * ws.tiles * slots * R + row0;        // [T][NS][R]
-  float* f_s = lse_s + G;                                                    // [round tiles][G]
-  // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
-  // two but for long windows (cpr + cpb > 66).
-  auto first_tile = [&](int j) { return max(0, j * cpb - cpr + 1) / kTileKeys; };
-  auto last_tile = [&](int j) { return min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys); };
-  // Block j's score from the round's factors (tiles from ta0). The group's slots of a tile are
-  // loaded kRowChunk at a time, all in flight before they are added (in row order).
+  // Block j's score from the round's factors (tiles from ta0). The group's slots of two tiles at a
+  // time are loaded kRowChunk rows at a time, all in flight before they are added (each tile's
+  // rows in row order, then the tiles in tile order).
   constexpr int kRowChunk = 16;
   auto score_of = [&](int j, int ta0) {
     const int ta = first_tile(j), tb = last_tile(j);
     float score = 0.f;
-    for (int t = ta; t <= tb; ++t) {
-      const float* f = f_s + (t - ta0) * G;
-      const float* u = tile_u + (index_t(t) * slots + j - t * kTileKeys / cpb) * R;
-      float w = 0.f;
+    for (int t = ta; t <= tb; t += 2) {
+      const bool two = t + 1 <= tb;
+      const float* u0 = tile_u + (index_t(t) * slots + j - t * kTileKeys / cpb) * R;
+      const float* u1 = tile_u + (index_t(t + 1) * slots + j - (t + 1) * kTileKeys / cpb) * R;
+      float w[2] = {0.f, 0.f};
       for (int g0 = 0; g0 < G; g0 += kRowChunk) {
-        float uv[kRowChunk];
-#pragma unroll
-        for (int k = 0; k < kRowChunk; ++k) uv[k] = g0 + k < G ? u[g0 + k] : 0.f;
+        float uv[2][kRowChunk];
 #pragma unroll
         for (int k = 0; k < kRowChunk; ++k) {
-          const float fk = g0 + k < G ? f[g0 + k] : 0.f;
-          w += fk != 0.f ? fk * uv[k] : 0.f;
+          uv[0][k] = g0 + k < G ? __ldcg(u0 + g0 + k) : 0.f;
+          uv[1][k] = two && g0 + k < G ? __ldcg(u1 + g0 + k) : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float* f = f_s + (t + i - ta0) * G;
+#pragma unroll
+          for (int k = 0; k < kRowChunk; ++k) {
+            const float fk = (i == 0 || two) && g0 + k < G ? f[g0 + k] : 0.f;
+            w[i] += fk != 0.f ? fk * uv[i][k] : 0.f;
+          }
         }
       }
-      score = t == ta ? w : score + w;
+      score = t == ta ? w[0] : score + w[0];
+      if (two) score += w[1];
     }
     return score;
   };
-  const int per = (cand + splits - 1) / splits, j0 = min(cand, c * per), j1 = min(cand, j0 + per);
   int kept = 0;
   for (int r0 = j0; r0 < j1; r0 += ws.sel_round) {
     const int m = min(ws.sel_round, j1 - r0);
     // The round's tiles' factors, once per (tile, row) rather than per block.
-    const int ta0 = first_tile(r0), ntr = last_tile(r0 + m - 1) - ta0 + 1;
-    for (int i = tid; i < ntr * G; i += kSelectThreads) {
-      const int t = ta0 + i / G, g = i % G;
-      const float lse = lse_s[g], mt = tile_m[index_t(t) * R + g];
-      f_s[i] = isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
+    int ta0, ntr;
+    round_tiles(r0, ta0, ntr);
+    int i = tid;
+    if (r0 == j0) {
+#pragma unroll
+      for (int k = 0; k < kMtAhead; ++k, i += kSelectThreads)
+        if (i < ntr * G) f_s[i] = factor(i, mt_ahead[k]);
     }
+    for (; i < ntr * G; i += kSelectThreads) f_s[i] = factor(i, __ldcg(tile_m + index_t(ta0 + i / G) * R + i % G));
     __syncthreads();
     for (int i = tid; i < m; i += kSelectThreads) {
       const int j = r0 + i;
