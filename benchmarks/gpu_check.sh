@@ -19,7 +19,8 @@
 #             (tools/profile_nsa.py; speed of light, occupancy, warp stalls), or of one decode
 #             step with NSA_PROFILE_DECODE, log in $OUT/profile.log
 #   dprofile  the decode step's timeline over CUDA-graph replays (tools/profile_decode.py: when
-#             each kernel ends, what it adds to the step), then Nsight Compute on each
+#             each kernel ends, what it adds to the step; --trace: when each kernel's thread
+#             blocks pass their phases), then Nsight Compute on each
 #             decode_attention kernel on its own (time, DRAM and SM throughput, registers;
 #             tools/ncu_kernel_times.py), log in $OUT/profile.log, the tables in the summary
 #   ab        tools/ab_kernels.py: the kernel kinds of nsa_torch._debug.force side by side
@@ -298,7 +299,7 @@ if have dprofile; then
     clk_pid=$!
   fi
   run_stage "dprofile timeline" /tmp/dtimeline.txt $(( lim / 4 )) \
-    "$PY" tools/profile_decode.py --shapes "${shapes[@]}" > /dev/null || rc=$?
+    "$PY" tools/profile_decode.py --trace --shapes "${shapes[@]}" > /dev/null || rc=$?
   [ -n "$clk_pid" ] && kill "$clk_pid" 2>/dev/null
   { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step )' /tmp/dtimeline.txt
     [ -s /tmp/dclocks.txt ] && sort -n /tmp/dclocks.txt | awk '{v[NR] = $1} END {

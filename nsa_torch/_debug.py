@@ -138,3 +138,62 @@ class plans:
             self._ran._open = False
             _C._debug_plans_close()
         return False
+
+
+# decode_attention's kernels and trace events, as csrc/nsa/cuda/decode/trace.cuh numbers them.
+TRACE_KERNELS = ("scan", "select", "sparse", "combine")
+TRACE_EVENTS = ("start", "waited", "mid", "end")
+
+
+class decode_trace:
+    """Context manager tracing the phases of decode_attention's CUDA kernels: while it is open,
+    thread 0 of each thread block stores the GPU's global timer (ns) when a phase ends, into
+    ``as buf`` (an int64 CUDA tensor [4 kernels, blocks, 4 events], zero where nothing was stored;
+    the grid's first ``blocks`` thread blocks of each kernel). A later step overwrites an earlier
+    one's stamps, so after the steps of interest (or CUDA-graph replays captured inside the
+    context) the buffer holds the last one. Events ("waited" and "mid" per kernel, TRACE_EVENTS):
+    scan: start, key loop done, -, end; select: start, past the wait for the scan, list published
+    and counted, end; sparse: start, past the wait for the selection, window done (before that
+    wait), end; combine: start, past the wait, splits merged, end. ``trace_summary`` reads it.
+    Process-global state for profiling (tools/profile_decode.py --trace), not for use under
+    torch.compile; the buffer must outlive every graph captured with it."""
+
+    def __init__(self, blocks=4096, device=None):
+        import torch
+        if not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"nsa_torch._debug.decode_trace: blocks must be an int >= 1, got {blocks!r}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("nsa_torch._debug.decode_trace: needs a CUDA device")
+        self.buffer = torch.zeros(len(TRACE_KERNELS), blocks, len(TRACE_EVENTS), dtype=torch.int64,
+                                  device=device if device is not None else "cuda")
+
+    def __enter__(self):
+        _C._debug_decode_trace(self.buffer.data_ptr(), self.buffer.shape[1])
+        return self.buffer
+
+    def __exit__(self, *exc):
+        _C._debug_decode_trace(0, 0)
+        return False
+
+
+def trace_summary(buffer):
+    """{kernel: {event: (min, median, max) in us after the scan's first start, over the thread
+    blocks that stored it}} of a decode_trace buffer (events nobody stored are left out)."""
+    import torch
+    t = buffer.detach().cpu()
+    starts = t[0, :, 0]
+    starts = starts[starts != 0]
+    if starts.numel() == 0:
+        raise ValueError("nsa_torch._debug.trace_summary: the scan stored no start (no traced step ran)")
+    t0 = int(starts.min())
+    out = {}
+    for k, kernel in enumerate(TRACE_KERNELS):
+        row = {}
+        for e, event in enumerate(TRACE_EVENTS):
+            v = t[k, :, e]
+            v = v[v != 0]
+            if v.numel():
+                us = (v - t0).double() / 1e3
+                row[event] = (float(us.min()), float(us.median()), float(us.max()))
+        out[kernel] = row
+    return out

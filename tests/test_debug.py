@@ -83,6 +83,34 @@ def test_plans_nest_and_close():
     assert not outer
 
 
+# -------------------------------------------------------------- decode_attention's phase trace
+def test_decode_trace_refuses_bad_buffers():
+    with pytest.raises(ValueError, match="blocks must be an int >= 1, got 0"):
+        _debug.decode_trace(0)
+    for address, blocks in [(0, 5), (4096, 0), (4096, -1)]:
+        with pytest.raises(ValueError, match="expected a buffer and blocks > 0, or neither"):
+            nsa_torch._C._debug_decode_trace(address, blocks)
+    nsa_torch._C._debug_decode_trace(0, 0)  # none: accepted
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="decode_trace: needs a CUDA device"):
+            _debug.decode_trace()
+
+
+def test_trace_summary_reads_each_kernels_phases():
+    """us after the scan's first start, min / median / max over the blocks that stored an event;
+    events nobody stored are left out."""
+    buf = torch.zeros(4, 3, 4, dtype=torch.int64)
+    t0 = 10**12
+    buf[0, :, 0] = torch.tensor([t0 + 1000, t0, t0 + 2000])       # scan starts
+    buf[0, :2, 3] = torch.tensor([t0 + 9000, t0 + 7000])          # two scan ends
+    buf[3, 1, 1] = t0 + 20500                                      # one combine wait
+    got = _debug.trace_summary(buf)
+    assert got["scan"] == {"start": (0.0, 1.0, 2.0), "end": (7.0, 7.0, 9.0)}
+    assert got["combine"] == {"waited": (20.5, 20.5, 20.5)} and got["select"] == {} == got["sparse"]
+    with pytest.raises(ValueError, match="the scan stored no start"):
+        _debug.trace_summary(torch.zeros(4, 3, 4, dtype=torch.int64))
+
+
 # ------------------------------------------------------------------------------------ on CUDA
 def sm90():
     return torch.cuda.get_device_capability() == (9, 0)
@@ -306,3 +334,4 @@ def test_forcing_what_cannot_run_raises_at_the_call(name):
         with pytest.raises(ValueError, match=match):
             run()
     run()
+

@@ -875,6 +875,37 @@ def test_cuda_head_major_caches():
 
 
 @pytest.mark.cuda
+def test_cuda_decode_trace_orders_the_kernels():
+    """nsa_torch._debug.decode_trace: the same result with the trace on; every thread block of the
+    scan, the selection and the sparse kernel stores its start; each kernel gets past its wait
+    only once every block of the kernel before it has ended (a dependent launch's wait returns
+    when the previous grid has completed), and no block ends before it starts."""
+    from nsa_torch import _debug
+    x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-trace"))
+    lengths = [max(L, 1) for L in CUDA_LENGTHS]
+    step = build_step(x, lengths, 1, capacity=CUDA_CAPACITY)
+    o, idx = decode(nsa_torch, step, {})
+    with _debug.decode_trace(4096) as buf, _debug.plans() as ran:
+        o2, idx2 = decode(nsa_torch, step, {})
+        torch.cuda.synchronize()
+    assert torch.equal(o, o2) and torch.equal(idx, idx2)
+    plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
+    B, H = len(lengths), 2
+    t = buf.cpu()
+    started = [int((t[k, :, 0] != 0).sum()) for k in range(4)]
+    assert started[:3] == [plan["cmp_splits"] * H * B, plan["sel_splits"] * H * B, plan["slc_splits"] * H * B]
+    assert started[3] > 0
+    for k in range(4):
+        start, end = t[k, :, 0], t[k, :, 3]
+        ended = end != 0
+        assert ended.any() and bool((end[ended] >= start[ended]).all()), _debug.TRACE_KERNELS[k]
+    for k in range(1, 4):
+        waited = t[k, :, 1][t[k, :, 1] != 0]
+        prev_end = t[k - 1, :, 3][t[k - 1, :, 3] != 0]
+        assert int(waited.min()) >= int(prev_end.max()), _debug.TRACE_KERNELS[k]
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_name)
 def test_cuda_teacher_forcing(dtype):
     """A CUDA step against rows L-S .. L-1 of the CUDA training forward on each prefix: the same

@@ -9,7 +9,9 @@ the profiler. For each kernel it prints when it starts and ends after the step's
 starts (means over the steps) and what it adds to the step: its end minus the previous kernel's
 end. Kernels launched as programmatic dependents start early and wait, so a kernel's own span
 says little; what it adds is its share of the step's critical path. The last line is the time
-from one step's start to the next one's (the step as bench_decode.py times it).
+from one step's start to the next one's (the step as bench_decode.py times it). --trace adds, per
+kernel, when its thread blocks start, get past their wait, end their middle phase and end
+(nsa_torch._debug.decode_trace: the GPU's global timer stored by each block).
 
 --no-profiler only runs eager steps (for a profiler outside, such as ncu: gpu_check.sh's dprofile
 stage, tools/ncu_kernel_times.py).
@@ -86,7 +88,7 @@ def short_name(name):
     return name.split("(")[0].split("<")[0].replace("void ", "").split("::")[-1]
 
 
-def profile(T, B, steps, warmup, use_profiler=True):
+def profile(T, B, steps, warmup, use_profiler=True, trace=False):
     copies, why = copies_for(T, B) if use_profiler else (1, "")
     if not copies:
         print(f"T = {T}, B = {B}: {why}")
@@ -126,6 +128,21 @@ def profile(T, B, steps, warmup, use_profiler=True):
         print(f"| {short_name(name)} | {start:.1f} | {end:.1f} | {adds:.1f} |")
     if step is not None:
         print(f"step start to next step start: {step:.1f} us")
+    if trace:
+        # The same step captured again with the phase trace on; the buffer keeps the last step.
+        blocks = 1 << 14
+        with _debug.decode_trace(blocks) as buf:
+            gt = bench_decode.graph_of(call)
+            for _ in range(max(1, warmup)):
+                gt.replay()
+            torch.cuda.synchronize()
+        print(f"T = {T}, B = {B}: phases of the last step of a replay (_debug.decode_trace; us after the "
+              f"scan's first block starts; min / median / max over thread blocks)")
+        print("| kernel | " + " | ".join(_debug.TRACE_EVENTS) + " |")
+        print("|---|" + "---|" * len(_debug.TRACE_EVENTS))
+        for kernel, row in _debug.trace_summary(buf).items():
+            cells = [" / ".join(f"{x:.1f}" for x in row[e]) if e in row else "-" for e in _debug.TRACE_EVENTS]
+            print(f"| {kernel} | " + " | ".join(cells) + " |")
 
 
 def main():
@@ -134,12 +151,14 @@ def main():
                     help="TxB pairs")
     ap.add_argument("--steps", type=int, default=200, help="profiled steps (about)")
     ap.add_argument("--warmup", type=int, default=10, help="replays (or steps) before the profiled ones")
+    ap.add_argument("--trace", action="store_true",
+                    help="also each kernel's phases per thread block (nsa_torch._debug.decode_trace)")
     ap.add_argument("--no-profiler", action="store_true",
                     help="only run eager steps (for a profiler outside, such as ncu)")
     args = ap.parse_args()
     for s in args.shapes:
         T, B = map(int, s.split("x"))
-        profile(T, B, args.steps, args.warmup, not args.no_profiler)
+        profile(T, B, args.steps, args.warmup, not args.no_profiler, args.trace)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,11 @@ struct DecodePlan {
   int slc_splits = 1;        // thread blocks per (sequence, KV head) over selected + window keys
   int sel_splits = 1;        // thread blocks per (query, KV head) over the candidate blocks of the
                              // top-n selection (each keeps its own n best; the last one merges)
+  // Debugging (nsa_torch._debug.decode_trace): thread 0 of each thread block stores the global
+  // timer (ns) at its phases' ends, [4 kernels][trace_blocks][kTraceEvents] (cuda/decode/trace.cuh);
+  // nullptr: no trace.
+  uint64_t* trace = nullptr;
+  int trace_blocks = 0;
 };
 
 // One decoding step (decode_attention): the S newest tokens of each sequence attend the

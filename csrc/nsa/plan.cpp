@@ -314,6 +314,8 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
     const index_t most = std::max<index_t>(1, blocks / kSelectMinBlocks);
     plan.sel_splits = int(std::min<index_t>(kMaxSelectSplits, std::min(fill, most)));
   }
+  plan.trace = o.decode_trace;
+  plan.trace_blocks = o.decode_trace ? o.decode_trace_blocks : 0;
   return plan;
 }
 

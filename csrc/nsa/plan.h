@@ -63,6 +63,10 @@ struct PlanOverrides {
   std::optional<int> cmp_splits;
   std::optional<int> slc_splits;
   std::optional<int> sel_splits;
+  // Not a force key: decode_attention's phase timestamps (nsa_torch._debug.decode_trace), a device
+  // buffer of DecodePlan::trace's shape, or nullptr.
+  uint64_t* decode_trace = nullptr;
+  int decode_trace_blocks = 0;
 };
 
 // Sets one override from its key and value (a kernel name, or an int for split_tokens,

@@ -72,6 +72,21 @@ PyObject* debug_keys(PyObject*, PyObject*) {
   return d;
 }
 
+// _debug_decode_trace(address, blocks): decode_attention's trace buffer (a CUDA int64 tensor's
+// data_ptr, holding 4 * blocks * kTraceEvents values), or (0, 0) for none. The caller keeps the
+// buffer alive while it is set.
+PyObject* debug_decode_trace(PyObject*, PyObject* args) {
+  unsigned long long address;
+  int blocks;
+  if (!PyArg_ParseTuple(args, "Ki", &address, &blocks)) return nullptr;
+  if (blocks < 0 || (blocks > 0) != (address != 0)) {
+    PyErr_SetString(PyExc_ValueError, "nsa_torch._debug.decode_trace: expected a buffer and blocks > 0, or neither");
+    return nullptr;
+  }
+  set_decode_trace(reinterpret_cast<uint64_t*>(uintptr_t(address)), blocks);
+  Py_RETURN_NONE;
+}
+
 PyObject* debug_plans_open(PyObject*, PyObject*) { return PyLong_FromSize_t(plan_log_open()); }
 
 PyObject* debug_plans_close(PyObject*, PyObject*) {
@@ -108,6 +123,7 @@ PyObject* debug_plans_read(PyObject*, PyObject* args) {
 PyMethodDef kDebugMethods[] = {
     {"_debug_force", debug_force, METH_VARARGS, "Validates (and with apply, sets) the kernel overrides."},
     {"_debug_keys", debug_keys, METH_NOARGS, "The override keys and their kernel names."},
+    {"_debug_decode_trace", debug_decode_trace, METH_VARARGS, "Sets (or clears) decode_attention's trace buffer."},
     {"_debug_plans_open", debug_plans_open, METH_NOARGS, "Opens a recording of kernel plans."},
     {"_debug_plans_read", debug_plans_read, METH_VARARGS, "The recorded plans from an index on."},
     {"_debug_plans_close", debug_plans_close, METH_NOARGS, "Closes a recording of kernel plans."},

@@ -14,6 +14,8 @@ namespace {
 struct PlanState {
   std::mutex mutex;
   nsa::PlanOverrides overrides;
+  uint64_t* decode_trace = nullptr;  // set_decode_trace's buffer, kept across force()'s replacements
+  int decode_trace_blocks = 0;
   int recordings = 0;  // open nsa_torch._debug.plans() contexts
   std::vector<PlanRecord> log;
 };
@@ -27,7 +29,16 @@ PlanState& state() {
 
 nsa::PlanOverrides plan_overrides() {
   std::lock_guard<std::mutex> lock(state().mutex);
-  return state().overrides;
+  nsa::PlanOverrides o = state().overrides;
+  o.decode_trace = state().decode_trace;
+  o.decode_trace_blocks = state().decode_trace_blocks;
+  return o;
+}
+
+void set_decode_trace(uint64_t* buffer, int blocks) {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  state().decode_trace = blocks > 0 ? buffer : nullptr;
+  state().decode_trace_blocks = blocks > 0 && buffer ? blocks : 0;
 }
 
 void set_plan_overrides(const nsa::PlanOverrides& o) {

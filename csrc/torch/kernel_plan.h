@@ -16,6 +16,9 @@ namespace nsa_torch {
 // The overrides in force (a copy) and their replacement.
 nsa::PlanOverrides plan_overrides();
 void set_plan_overrides(const nsa::PlanOverrides& o);
+// The device buffer of decode_attention's trace (nsa::DecodePlan::trace), nullptr or blocks 0:
+// none. Independent of the overrides.
+void set_decode_trace(uint64_t* buffer, int blocks);
 
 // One CUDA op call's plan as nsa_torch._debug.plans() reports it.
 struct PlanRecord {

@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   using Smem = ScanSmem<T, D, DV, MT>;
   extern __shared__ __align__(128) unsigned char smem[];
   const Smem sm(smem);
+  trace_event(p.plan, kTraceScan, kTraceStart);
   allow_next_grid();  // kernel B's checks of the sequence need nothing from here
 
   const int split = blockIdx.x, b = blockIdx.z;
@@ -117,7 +118,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
           u_t[index_t(slot) * R + r] = u;
         }
       });
+  trace_event(p.plan, kTraceScan, kTraceWaited);
   acc.finish(sm.reduce(), o_dst, ml_dst, nrows);
+  trace_event(p.plan, kTraceScan, kTraceEnd);
 }
 
 }  // namespace nsa::cuda::decode

@@ -10,6 +10,7 @@
 #include "../attn/fwd.cuh"  // softmax_inv
 #include "decode.h"
 #include "split_merge.cuh"
+#include "trace.cuh"
 
 namespace nsa::cuda::decode {
 
@@ -82,6 +83,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
   const int hq = int(row % HQ), s = int(row / HQ % S), b = int(row / HQ / S);
   const int h = hq / G, r = s * G + hq % G;
   const index_t bh = index_t(b) * H + h;
+  trace_event(p.plan, kTraceCombine, kTraceStart);
   // Inputs, read while kernel C still runs.
   float gate[3] = {0.f, 0.f, 0.f};
   int L = 0;
@@ -91,6 +93,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
     L = p.seqlens[b];
   }
   wait_prior_grid();
+  trace_event(p.plan, kTraceCombine, kTraceWaited);
 
   bool bad = false;
   if (real) {
@@ -115,6 +118,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
     }
   }
   __syncthreads();
+  trace_event(p.plan, kTraceCombine, kTraceMid);
   if (!real || sub != 0) return;
 
   const int pos = L - S + s;
@@ -145,6 +149,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
   T* dst = p.o.ptr<T>(b, s, hq);
 #pragma unroll
   for (int c = 0; c < kCols; ++c) dst[lane + 32 * c] = from_float<T>(bad ? __int_as_float(0x7fffffff) : out[c]);
+  trace_event(p.plan, kTraceCombine, kTraceEnd);
 }
 
 }  // namespace nsa::cuda::decode

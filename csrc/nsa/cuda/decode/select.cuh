@@ -97,6 +97,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   const int c = blockIdx.x % splits, s = blockIdx.x / splits, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.num_heads / p.num_heads_k, S = p.num_queries, R = ws.rows, n = p.num_selected;
+  trace_event(p.plan, kTraceSelect, kTraceStart);
   allow_next_grid();
 
   // The sequence: its length within [S, capacity], and this split's share of its pages within the
@@ -115,6 +116,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     bad_pages = __syncthreads_or(bad);
   }
   wait_prior_grid();
+  trace_event(p.plan, kTraceSelect, kTraceWaited);
   const index_t query = (index_t(b) * S + s) * p.num_heads_k + h;
   int32_t* out = p.block_indices.ptr<int32_t>(b, s, h);
   if (!ok) {  // every split sees it; the first one answers
@@ -257,7 +259,8 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     done = atomicAdd(ws.sel_count + query, add) + add;
   }
   __syncthreads();
-  if ((done & (kBadSplit - 1)) != unsigned(splits)) return;
+  trace_event(p.plan, kTraceSelect, kTraceMid);
+  if ((done & (kBadSplit - 1)) != unsigned(splits)) return trace_event(p.plan, kTraceSelect, kTraceEnd);
   __threadfence();  // the other splits' lists, published before their increments
   const bool bad = done >= kBadSplit;
   if (tid == 0) ws.bad[query] = bad ? 1 : 0;
@@ -277,6 +280,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     }
   }
   if (warp == 0) topk::write_token(keys, kept, n, out);
+  trace_event(p.plan, kTraceSelect, kTraceEnd);
 }
 
 }  // namespace nsa::cuda::decode

@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   int* blocks = reinterpret_cast<int*>(sm.extra() + arr.off_blocks);           // union: blocks
   int* lists = reinterpret_cast<int*>(sm.extra() + arr.off_lists);             // [queries][n]
   int* tiles = reinterpret_cast<int*>(sm.extra() + arr.off_tiles);             // [tiles][4]
+  trace_event(p.plan, kTraceSparse, kTraceStart);
   allow_next_grid();
 
   const int split = blockIdx.x, b = blockIdx.z;
@@ -168,7 +169,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
          },
          [](int, int) { return true; }, [&](int row, int t) { return t <= pos[row] && t > pos[row] - w; }, 1);
 
+  trace_event(p.plan, kTraceSparse, kTraceMid);
   wait_prior_grid();  // kernel B's block_indices
+  trace_event(p.plan, kTraceSparse, kTraceWaited);
   // The union of the chosen blocks of queries q_first .. q_last, in the order of their first
   // appearance (query-major), with the mask of the queries that chose each.
   const int nq = q_last - q_first + 1, n = p.num_selected, entries = nq * n;
@@ -217,6 +220,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
          },
          [&](int row, int i) { return ((masks[i / per_block] >> qbit[row]) & 1ull) != 0; },
          [&](int row, int t) { return t <= pos[row]; }, 0);
+  trace_event(p.plan, kTraceSparse, kTraceEnd);
 }
 
 }  // namespace nsa::cuda::decode

@@ -12,6 +12,7 @@
 
 #include "../common/warp_gemm.cuh"
 #include "shape.h"
+#include "trace.cuh"
 
 namespace nsa::cuda::decode {
 

@@ -1,0 +1,29 @@
+// The decoding step's phase trace (DecodePlan::trace, set by nsa_torch._debug.decode_trace): where
+// a step's time goes, kernel by kernel and phase by phase, as the graph-replay timeline cannot
+// say. Thread 0 of each thread block stores the global timer (ns) when a phase ends, at
+// trace[(kernel * trace_blocks + block) * kTraceEvents + event] (block: the grid's linear index;
+// blocks past trace_blocks store nothing). A phase a block skips (an invalid sequence, a split
+// without tiles) stays as the caller left it.
+#pragma once
+
+#include <cstdint>
+
+#include "../../params.h"
+
+namespace nsa::cuda::decode {
+
+enum TraceKernel : int { kTraceScan = 0, kTraceSelect = 1, kTraceSparse = 2, kTraceCombine = 3 };
+// kTraceWaited: past wait_prior_grid (kernel A: its key loop done). kTraceMid: B's list
+// published and counted, C's window branch done (before its wait), D's splits merged.
+enum TraceEvent : int { kTraceStart = 0, kTraceWaited = 1, kTraceMid = 2, kTraceEnd = 3, kTraceEvents = 4 };
+
+__device__ __forceinline__ void trace_event(const DecodePlan& plan, TraceKernel kernel, TraceEvent event) {
+  if (plan.trace == nullptr || threadIdx.x != 0) return;
+  const long long block = blockIdx.x + (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
+  if (block >= plan.trace_blocks) return;
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  plan.trace[((long long)kernel * plan.trace_blocks + block) * kTraceEvents + event] = now;
+}
+
+}  // namespace nsa::cuda::decode
