@@ -62,6 +62,8 @@
 #   NSA_PROFILE_SOURCE=1    also the busiest SASS instructions of each kernel (stall samples;
 #                           add SourceCounters to the sections), tools/ncu_source_top.py
 #   NSA_DPROFILE_SHAPES="65536x1 65536x16 131072x1"   TxB of the dprofile stage
+#   NSA_DPROFILE_BASELINE=1 the dprofile stage also times the baseline tree's step right after
+#                           this one's ($NSA_BASELINE_DIR, built beside this one as for baseline)
 #   NSA_BENCH_LENGTHS="65536 32768 16384 8192"   (longest first: the bars are at 64k, and a run
 #                           that hits its time budget drops the shortest)
 #   NSA_BENCH_CONFIGS="g16 g4 fla"   (any of g16 fla g8 g4 g1 d192; fla last: its Triton
@@ -142,13 +144,14 @@ ENV_INFO=$(
 echo "$ENV_INFO"
 
 # ---------------------------------------------------------------- build
+BASE_DIR=${NSA_BASELINE_DIR:-.baseline}
+BASE_BUILD_PID=
 if have build; then
   s=$(date +%s)
   lim=$(limit_for build)
   : > "$OUT/build.log"
   jobs=${MAX_JOBS:-16}
-  BASE_DIR=${NSA_BASELINE_DIR:-.baseline}
-  if have baseline; then
+  if have baseline || [ -n "${NSA_DPROFILE_BASELINE:-}" ]; then
     # the tree before the change builds in place beside this one, half the jobs each
     jobs=$(( jobs / 2 > 0 ? jobs / 2 : 1 ))
     ( cd "$BASE_DIR" && env MAX_JOBS=$jobs TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" NSA_BUILD_CUDA=1 \
@@ -171,7 +174,7 @@ if have build; then
   fi
   "$PY" -c "import nsa_torch; print('nsa_torch._C:', nsa_torch._C.__file__ if nsa_torch._C is not None else nsa_torch._C_ERROR)" 2>&1 | tee -a "$OUT/build.log"
   record build pass "" "$secs"
-  if have baseline; then
+  if [ -n "$BASE_BUILD_PID" ]; then
     wait "$BASE_BUILD_PID"
     brc=$(cat /tmp/baseline_build.rc 2>/dev/null || echo 1)
     { echo "=== baseline build of $BASE_DIR: rc $brc"; tail -20 /tmp/baseline_build.log; } >> "$OUT/build.log"
@@ -301,7 +304,18 @@ if have dprofile; then
   run_stage "dprofile timeline" /tmp/dtimeline.txt $(( lim / 4 )) \
     "$PY" tools/profile_decode.py --trace --shapes "${shapes[@]}" > /dev/null || rc=$?
   [ -n "$clk_pid" ] && kill "$clk_pid" 2>/dev/null
-  { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step )' /tmp/dtimeline.txt
+  if [ -n "${NSA_DPROFILE_BASELINE:-}" ]; then
+    # The same timeline from the baseline tree's own script and build, right after, on this GPU.
+    if [ "$(cat /tmp/baseline_build.rc 2>/dev/null)" = 0 ] && [ -f "$BASE_DIR/tools/profile_decode.py" ]; then
+      echo "baseline tree ($BASE_DIR):" >> /tmp/dtimeline.txt
+      run_stage "dprofile baseline timeline" /tmp/dtimeline.txt $(( lim / 4 )) env \
+        PYTHONPATH="$PWD/$BASE_DIR${PYTHONPATH:+:$PYTHONPATH}" \
+        "$PY" "$BASE_DIR/tools/profile_decode.py" --shapes "${shapes[@]}" > /dev/null || rc=$?
+    else
+      echo "baseline tree ($BASE_DIR): no build or no tools/profile_decode.py" >> /tmp/dtimeline.txt
+    fi
+  fi
+  { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step |baseline tree)' /tmp/dtimeline.txt
     [ -s /tmp/dclocks.txt ] && sort -n /tmp/dclocks.txt | awk '{v[NR] = $1} END {
       printf "SM clock while it ran (MHz, %d samples every 20 ms): min %s, median %s, max %s\n", NR, v[1], v[int((NR + 1) / 2)], v[NR]}'
   } >> /tmp/dprofile.txt
