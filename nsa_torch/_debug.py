@@ -179,7 +179,6 @@ class decode_trace:
 def trace_summary(buffer):
     """{kernel: {event: (min, median, max) in us after the scan's first start, over the thread
     blocks that stored it}} of a decode_trace buffer (events nobody stored are left out)."""
-    import torch
     t = buffer.detach().cpu()
     starts = t[0, :, 0]
     starts = starts[starts != 0]

@@ -315,7 +315,7 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
     plan.sel_splits = int(std::min<index_t>(kMaxSelectSplits, std::min(fill, most)));
   }
   plan.trace = o.decode_trace;
-  plan.trace_blocks = o.decode_trace ? o.decode_trace_blocks : 0;
+  plan.trace_blocks = o.decode_trace_blocks;
   return plan;
 }
 

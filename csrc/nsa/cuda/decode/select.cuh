@@ -141,13 +141,14 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   auto first_tile = [&](int j) { return max(0, j * cpb - cpr + 1) / kTileKeys; };
   auto last_tile = [&](int j) { return min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys); };
   const int per = (cand + splits - 1) / splits, j0 = min(cand, c * per), j1 = min(cand, j0 + per);
-  // The tiles [ta0, ta0 + ntr) of the round from r0, and the factor of (tile ta0 + i / G, row i % G)
-  // from that tile's row maximum.
+  // The tiles [ta0, ta0 + ntr) of the round from r0; the row maximum of (tile ta0 + i / G, row
+  // i % G) and its factor.
   auto round_tiles = [&](int r0, int& ta0, int& ntr) {
     const int m = min(ws.sel_round, j1 - r0);
     ta0 = first_tile(r0);
     ntr = m > 0 ? last_tile(r0 + m - 1) - ta0 + 1 : 0;
   };
+  auto tile_max = [&](int ta0, int i) { return __ldcg(tile_m + index_t(ta0 + i / G) * R + i % G); };
   auto factor = [&](int i, float mt) {
     const float lse = lse_s[i % G];
     return isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
 #pragma unroll
     for (int k = 0; k < kMtAhead; ++k) {
       const int i = tid + k * kSelectThreads;
-      mt_ahead[k] = i < ntr * G ? __ldcg(tile_m + index_t(ta0 + i / G) * R + i % G) : -INFINITY;
+      mt_ahead[k] = i < ntr * G ? tile_max(ta0, i) : -INFINITY;
     }
   }
 
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
       for (int k = 0; k < kMtAhead; ++k, i += kSelectThreads)
         if (i < ntr * G) f_s[i] = factor(i, mt_ahead[k]);
     }
-    for (; i < ntr * G; i += kSelectThreads) f_s[i] = factor(i, __ldcg(tile_m + index_t(ta0 + i / G) * R + i % G));
+    for (; i < ntr * G; i += kSelectThreads) f_s[i] = factor(i, tile_max(ta0, i));
     __syncthreads();
     for (int i = tid; i < m; i += kSelectThreads) {
       const int j = r0 + i;
