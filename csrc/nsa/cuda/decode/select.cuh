@@ -24,6 +24,11 @@ constexpr int kSelectWarps = kSelectThreads / 32;
 // lists in the merge, come in rounds of this many).
 constexpr int kSelectRound = 1024;
 constexpr int kSelectItems = (kMaxSelected + kSelectRound + kSelectThreads - 1) / kSelectThreads;
+// Release and acquire at GPU scope (one thread of the block, after or before a barrier), as a
+// split publishes its list and the last one reads them all: a sequentially consistent
+// __threadfence() in every thread is not needed for that, and costs more.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
 // The counter's increment of a split that found a page outside the pool (the low 16 bits count
 // the splits done).
 constexpr unsigned kBadSplit = 1u << 16;
@@ -253,16 +258,16 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   // Publish the list (0-padded to n), then count this split done; the last one merges.
   uint64_t* lists = ws.sel_keys + query * splits * n;  // [splits][n]
   for (int i = tid; i < n; i += kSelectThreads) lists[c * n + i] = i < kept ? keys[i] : 0;
-  __threadfence();
-  __syncthreads();
+  __syncthreads();  // the block's writes of the list come before thread 0's fence (cumulativity)
   if (tid == 0) {
     const unsigned add = 1u + (bad_pages ? kBadSplit : 0u);
+    fence_acq_rel_gpu();  // release: the list before the count
     done = atomicAdd(ws.sel_count + query, add) + add;
+    fence_acq_rel_gpu();  // acquire: the last split reads the lists counted before its own
   }
   __syncthreads();
   trace_event(p.plan, kTraceSelect, kTraceMid);
   if ((done & (kBadSplit - 1)) != unsigned(splits)) return trace_event(p.plan, kTraceSelect, kTraceEnd);
-  __threadfence();  // the other splits' lists, published before their increments
   const bool bad = done >= kBadSplit;
   if (tid == 0) ws.bad[query] = bad ? 1 : 0;
   if (bad) {
