@@ -57,10 +57,13 @@ __device__ __forceinline__ bool list_has(const int* list, int n, int j) {
 __device__ __forceinline__ void set_tile(const DecodeParams& p, int b, int* tile, int t0, int keys) {
   int page = 0, row = 0;
   if (keys > 0) {
-    const index_t pg = p.page_of(b, t0);
+    // p.page_of and p.row_of in 32 bits (check() bounds capacity, hence page_size and t0, below
+    // 2^31): a 64-bit division is a call of some 70 instructions, here on the tile loop's path.
+    const unsigned ps = unsigned(p.page_size), t = unsigned(t0);
+    const index_t pg = p.block_table ? index_t(p.block_table[b * p.block_table_stride + t / ps]) : index_t(b);
     if (p.block_table != nullptr && (pg < 0 || pg >= p.num_pages)) keys = 0;
     page = int(pg);
-    row = int(p.row_of(t0));
+    row = int(t % ps);
   }
   tile[0] = t0;
   tile[1] = keys;
