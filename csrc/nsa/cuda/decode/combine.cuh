@@ -16,8 +16,9 @@ namespace nsa::cuda::decode {
 
 constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;
-// Warps per row: enough that no warp merges more than kCombineSplitsPerWarp splits of a branch.
-constexpr int kCombineSplitsPerWarp = 8;
+// Warps per row: enough that no warp merges more than kCombineSplitsPerWarp splits of a branch
+// (then the kernel's first batches hold every split of the row's three branches).
+constexpr int kCombineSplitsPerWarp = 4;
 
 // Warps per row for the plan's splits (host).
 inline int combine_warps_per_row(const DecodePlan& plan) {
@@ -27,30 +28,31 @@ inline int combine_warps_per_row(const DecodePlan& plan) {
   return wpr;
 }
 
-// One warp's share of a row's splits sub, sub + wpr, ... < n: O at o + sp * o_step ([DV] fp32),
-// (m, l) at ml + sp * ml_step (written by earlier kernels: read through L2). Returns the warp's
-// (m, l) and its O against m (in every lane, lane holding columns lane + 32 c). The splits come
-// in batches of kBatch whose loads are all issued before the first is used; past the last split a
-// batch holds (-inf, 0, 0), which adds 0.
+// A warp's batch of split partials of one branch of a row: splits first + k wpr (k < kBatch) of
+// n, O at o + sp * o_step ([DV] fp32, lane holding columns lane + 32 c) and (m, l) at
+// ml + sp * ml_step, written by earlier kernels (read through L2); past the last split
+// (-inf, 0, 0), which adds 0. load() issues every load of the batch; merge() waits for them.
 template <int DV>
-__device__ __forceinline__ void merge_splits(const float* o, index_t o_step, const float* ml, index_t ml_step, int n,
-                                             int sub, int wpr, float& m_out, float& l_out, float (&acc)[DV / 32]) {
-  constexpr int kCols = DV / 32, kBatch = kCols <= 4 ? kCombineSplitsPerWarp : 4;
-  const int lane = threadIdx.x & 31;
-  float mx = -INFINITY, lsum = 0.f;
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-  for (int k0 = sub; k0 < n; k0 += kBatch * wpr) {
-    float2 part[kBatch];
-    float x[kBatch][kCols];
+struct SplitBatch {
+  static constexpr int kCols = DV / 32, kBatch = kCols <= 4 ? kCombineSplitsPerWarp : 2;
+  float2 part[kBatch];
+  float x[kBatch][kCols];
+
+  __device__ __forceinline__ void load(const float* o, index_t o_step, const float* ml, index_t ml_step, int n,
+                                       int first, int wpr) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int sp = k0 + k * wpr;
+      const int sp = first + k * wpr;
       const bool in = sp < n;
       part[k] = in ? __ldcg(reinterpret_cast<const float2*>(ml + index_t(sp) * ml_step)) : make_float2(-INFINITY, 0.f);
 #pragma unroll
       for (int c = 0; c < kCols; ++c) x[k][c] = in ? __ldcg(o + index_t(sp) * o_step + lane + 32 * c) : 0.f;
     }
+  }
+
+  // Adds the batch into the running (mx, lsum, acc), acc against mx.
+  __device__ __forceinline__ void merge(float& mx, float& lsum, float (&acc)[kCols]) const {
     float mx_new = mx;
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) mx_new = fmaxf(mx_new, part[k].x);
@@ -67,9 +69,16 @@ __device__ __forceinline__ void merge_splits(const float* o, index_t o_step, con
     }
     mx = mx_new;
   }
-  m_out = mx;
-  l_out = lsum;
-}
+};
+
+// One branch's splits of a row as seen by one warp: splits sub, sub + wpr, ... < n.
+struct BranchSplits {
+  const float* o;
+  index_t o_step;
+  const float* ml;
+  index_t ml_step;
+  int n;
+};
 
 template <typename T, int DV>
 __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p, const Workspace ws,
@@ -99,21 +108,42 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
   if (real) {
     if (sub == 0) bad = __ldcg(ws.bad + (index_t(b) * S + s) * H + h) != 0;
     const int cs = p.plan.cmp_splits, ss = p.plan.slc_splits;
-    float m, l, acc[kCols];
     // Branch 0: compressed ([cs][R] rows), 1: selected, 2: window ([ss][2][R] rows).
+    // (a function, not an array: recomputed where used rather than held in registers)
+    auto branch = [&](int i) {
+      if (i == 0)
+        return BranchSplits{ws.cmp_o + (bh * cs * R + r) * DV, index_t(R) * DV, ws.cmp_ml + (bh * cs * R + r) * 2,
+                            index_t(R) * 2, cs};
+      const index_t row = (bh * ss * 2 + i - 1) * R + r;
+      return BranchSplits{ws.sp_o + row * DV, index_t(2) * R * DV, ws.sp_ml + row * 2, index_t(2) * R * 2, ss};
+    };
+    // The first batch of every branch in flight at once (with the plan's warps per row, all of
+    // their splits), then each branch's further batches.
+    using Batch = SplitBatch<DV>;
+    Batch first[3];
 #pragma unroll
-    for (int br = 0; br < 3; ++br) {
-      if (br == 0)
-        merge_splits<DV>(ws.cmp_o + (bh * cs * R + r) * DV, index_t(R) * DV, ws.cmp_ml + (bh * cs * R + r) * 2,
-                         index_t(R) * 2, cs, sub, wpr, m, l, acc);
-      else
-        merge_splits<DV>(ws.sp_o + ((bh * ss * 2 + br - 1) * R + r) * DV, index_t(2) * R * DV,
-                         ws.sp_ml + ((bh * ss * 2 + br - 1) * R + r) * 2, index_t(2) * R * 2, ss, sub, wpr, m, l, acc);
+    for (int i = 0; i < 3; ++i) {
+      const BranchSplits br = branch(i);
+      first[i].load(br.o, br.o_step, br.ml, br.ml_step, br.n, sub, wpr);
+    }
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) red[warp][br][lane + 32 * c] = acc[c];
+    for (int i = 0; i < 3; ++i) {
+      float m = -INFINITY, l = 0.f, acc[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+      first[i].merge(m, l, acc);
+      const int n = i == 0 ? cs : ss;
+      for (int k0 = sub + Batch::kBatch * wpr; k0 < n; k0 += Batch::kBatch * wpr) {
+        const BranchSplits br = branch(i);
+        Batch more;
+        more.load(br.o, br.o_step, br.ml, br.ml_step, br.n, k0, wpr);
+        more.merge(m, l, acc);
+      }
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) red[warp][i][lane + 32 * c] = acc[c];
       if (lane == 0) {
-        red[warp][br][DV] = m;
-        red[warp][br][DV + 1] = l;
+        red[warp][i][DV] = m;
+        red[warp][i][DV + 1] = l;
       }
     }
   }
