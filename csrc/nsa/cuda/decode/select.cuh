@@ -70,34 +70,88 @@ __device__ __forceinline__ int keep_best(uint64_t* keys, int kept, int m, int n,
   return *count;
 }
 
-// Candidates of a round of a split whose tiles' factors (below) take at most kSelectFactorBytes
-// of shared memory, and those tiles: the candidates [j, j + m) have cells from j cpb - cpr + 1
-// to (j + m) cpb - 1, in at most (m cpb + cpr + 63) / 64 + 2 key tiles. Host and device.
+// Candidates of a round of a split whose tiles' factors and sums (below) take at most
+// kSelectFactorBytes of shared memory, and those tiles: the candidates [j, j + m) have cells from
+// j cpb - cpr + 1 to (j + m) cpb - 1, in at most (m cpb + cpr + 63) / 64 + 2 key tiles. Host
+// and device.
 constexpr int kSelectFactorBytes = 32 * 1024;
 NSA_HOST_DEVICE int select_round_tiles(int round, int cpb, int cpr) {
   return int((int64_t(round) * cpb + cpr + kTileKeys - 1) / kTileKeys) + 2;
 }
 inline int select_round(int G, int cpb, int cpr) {
+  const int64_t per_tile = (int64_t(G) + tile_slots(cpr, cpb)) * 4;
   int round = kSelectRound;
-  while (round > 32 && int64_t(select_round_tiles(round, cpb, cpr)) * G * 4 > kSelectFactorBytes) round /= 2;
+  while (round > 32 && select_round_tiles(round, cpb, cpr) * per_tile > kSelectFactorBytes) round /= 2;
   return round;
 }
 
-// Dynamic shared memory: lse [G] (log2 units) of the query's rows, then the factors
-// f [round tiles][G] of a round's tiles (2^(m_t - lse), 0 where the row adds nothing).
-inline size_t select_smem_bytes(int G, int round_tiles) { return size_t(G) * (1 + size_t(round_tiles)) * sizeof(float); }
+// Dynamic shared memory: lse [G] (log2 units) of the query's rows, the factors f [round tiles][G]
+// of a round's tiles (2^(m_t - lse), 0 where the row adds nothing), then their sums
+// w [round tiles][NS] (slot k of tile t: sum over rows of f u).
+inline size_t select_smem_bytes(int G, int round_tiles, int slots) {
+  return (size_t(G) + size_t(round_tiles) * (size_t(G) + size_t(slots))) * sizeof(float);
+}
+
+// The sums w[i] = sum over g < G of f[i / slots][g] u_i[g] for the rows i < rows of a round's
+// tiles, u_i = u + i R (a tile's NS slot rows follow each other, R apart). A term with f = 0 is
+// 0 whatever the slot holds (NaN where the row saw no key). Lanes take consecutive chunks of a
+// row (float4 where G % 4 == 0, P lanes per row) and add them with shuffles, so that a warp's
+// loads are contiguous; kSumBatch rows per thread are in flight at once.
+constexpr int kSumBatch = 4;
+__device__ __forceinline__ void tile_sums(const float* u, index_t R, int G, int slots, int rows, const float* f,
+                                          float* w) {
+  const bool vec = G % 4 == 0;
+  const int chunks = vec ? G / 4 : G;
+  int P = 1;
+  while (P < chunks && P < 32) P *= 2;
+  const int tid = threadIdx.x, c0 = tid % P, per_pass = kSelectThreads / P;
+  auto chunk = [&](const float* x, int c, bool global) {
+    if (vec) {
+      const float4* x4 = reinterpret_cast<const float4*>(x) + c;
+      return global ? __ldcg(x4) : *x4;
+    }
+    return make_float4(global ? __ldcg(x + c) : x[c], 0.f, 0.f, 0.f);
+  };
+  auto term = [](float fk, float uk) { return fk != 0.f ? fk * uk : 0.f; };
+  for (int base = 0; base < rows; base += kSumBatch * per_pass) {
+    float sum[kSumBatch];
+#pragma unroll
+    for (int k = 0; k < kSumBatch; ++k) sum[k] = 0.f;
+    for (int c = c0; c < chunks; c += P) {
+      float4 x[kSumBatch];
+#pragma unroll
+      for (int k = 0; k < kSumBatch; ++k) {
+        const int i = base + k * per_pass + tid / P;
+        x[k] = i < rows ? chunk(u + index_t(i) * R, c, true) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int k = 0; k < kSumBatch; ++k) {
+        const int i = base + k * per_pass + tid / P;
+        const float4 y = i < rows ? chunk(f + (i / slots) * G, c, false) : make_float4(0.f, 0.f, 0.f, 0.f);
+        sum[k] += term(y.x, x[k].x) + term(y.y, x[k].y) + term(y.z, x[k].z) + term(y.w, x[k].w);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kSumBatch; ++k) {
+      for (int off = P / 2; off > 0; off /= 2) sum[k] += __shfl_xor_sync(0xffffffffu, sum[k], off);
+      const int i = base + k * per_pass + tid / P;
+      if (c0 == 0 && i < rows) w[i] = sum[k];
+    }
+  }
+}
 
 // Grid (sel_splits * S, H, B): split c of query s scores the candidates [c per, (c + 1) per) of
 // the blocks 0 .. bpos its position can see (per = ceil((bpos + 1) / sel_splits)), summing each
 // over the tiles that hold its cells (ascending) and in each tile over the group's rows f u with
 // f = 2^(m_t - lse) (a row whose lse is not finite, or whose tile saw no key, adds nothing: its
 // slots may hold NaN, as the reference's p = 0 there). Candidates come in rounds of
-// ws.sel_round; the factors f of a round's tiles are computed once into shared memory.
+// ws.sel_round; the factors f of a round's tiles, then each tile slot's sum over the rows, are
+// computed once into shared memory, and a block adds its tiles' sums.
 __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
   __shared__ uint64_t keys[kMaxSelected + kSelectRound];
   __shared__ int count;
   __shared__ unsigned done;
-  extern __shared__ float lse_s[];  // [G]
+  extern __shared__ __align__(16) float lse_s[];  // [G]
   const int splits = p.plan.sel_splits;
   const int c = blockIdx.x % splits, s = blockIdx.x / splits, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -141,6 +195,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   const float* tile_m = ws.tile_m + bh * ws.tiles * R + row0;                // [T][R]
   const float* tile_u = ws.tile_u + bh * ws.tiles * slots * R + row0;        // [T][NS][R]
   float* f_s = lse_s + G;                                                    // [round tiles][G]
+  float* w_s = f_s + ws.sel_tiles * G;                                       // [round tiles][NS]
   // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
   // two but for long windows (cpr + cpb > 66).
   auto first_tile = [&](int j) { return max(0, j * cpb - cpr + 1) / kTileKeys; };
@@ -199,37 +254,13 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   }
   __syncthreads();
 
-  // Block j's score from the round's factors (tiles from ta0). The group's slots of two tiles at a
-  // time are loaded kRowChunk rows at a time, all in flight before they are added (each tile's
-  // rows in row order, then the tiles in tile order).
-  constexpr int kRowChunk = 16;
+  // Block j's score: its tiles' sums, in tile order (tiles of the round from ta0).
   auto score_of = [&](int j, int ta0) {
     const int ta = first_tile(j), tb = last_tile(j);
     float score = 0.f;
-    for (int t = ta; t <= tb; t += 2) {
-      const bool two = t + 1 <= tb;
-      const float* u0 = tile_u + (index_t(t) * slots + j - t * kTileKeys / cpb) * R;
-      const float* u1 = tile_u + (index_t(t + 1) * slots + j - (t + 1) * kTileKeys / cpb) * R;
-      float w[2] = {0.f, 0.f};
-      for (int g0 = 0; g0 < G; g0 += kRowChunk) {
-        float uv[2][kRowChunk];
-#pragma unroll
-        for (int k = 0; k < kRowChunk; ++k) {
-          uv[0][k] = g0 + k < G ? __ldcg(u0 + g0 + k) : 0.f;
-          uv[1][k] = two && g0 + k < G ? __ldcg(u1 + g0 + k) : 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const float* f = f_s + (t + i - ta0) * G;
-#pragma unroll
-          for (int k = 0; k < kRowChunk; ++k) {
-            const float fk = (i == 0 || two) && g0 + k < G ? f[g0 + k] : 0.f;
-            w[i] += fk != 0.f ? fk * uv[i][k] : 0.f;
-          }
-        }
-      }
-      score = t == ta ? w[0] : score + w[0];
-      if (two) score += w[1];
+    for (int t = ta; t <= tb; ++t) {
+      const float w = w_s[(t - ta0) * slots + j - t * kTileKeys / cpb];
+      score = t == ta ? w : score + w;
     }
     return score;
   };
@@ -246,6 +277,8 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
         if (i < ntr * G) f_s[i] = factor(i, mt_ahead[k]);
     }
     for (; i < ntr * G; i += kSelectThreads) f_s[i] = factor(i, tile_max(ta0, i));
+    __syncthreads();
+    tile_sums(tile_u + index_t(ta0) * slots * R, R, G, slots, ntr * slots, f_s, w_s);
     __syncthreads();
     for (int i = tid; i < m; i += kSelectThreads) {
       const int j = r0 + i;
