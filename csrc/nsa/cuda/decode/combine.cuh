@@ -28,13 +28,21 @@ inline int combine_warps_per_row(const DecodePlan& plan) {
   return wpr;
 }
 
+// Splits a warp loads per batch (host): kCombineSplitsPerWarp, or 1 where no warp has more than
+// one split of a branch. The batch's registers bound how many thread blocks an SM holds, which
+// matters where there are many rows (large B) and few splits.
+inline int combine_batch(const DecodePlan& plan) {
+  const int most = plan.cmp_splits > plan.slc_splits ? plan.cmp_splits : plan.slc_splits;
+  return most <= combine_warps_per_row(plan) ? 1 : kCombineSplitsPerWarp;
+}
+
 // A warp's batch of split partials of one branch of a row: splits first + k wpr (k < kBatch) of
 // n, O at o + sp * o_step ([DV] fp32, lane holding columns lane + 32 c) and (m, l) at
 // ml + sp * ml_step, written by earlier kernels (read through L2); past the last split
 // (-inf, 0, 0), which adds 0. load() issues every load of the batch; merge() waits for them.
-template <int DV>
+template <int DV, int kPerWarp>
 struct SplitBatch {
-  static constexpr int kCols = DV / 32, kBatch = kCols <= 4 ? kCombineSplitsPerWarp : 2;
+  static constexpr int kCols = DV / 32, kBatch = kCols <= 4 || kPerWarp < 2 ? kPerWarp : 2;
   float2 part[kBatch];
   float x[kBatch][kCols];
 
@@ -80,7 +88,7 @@ struct BranchSplits {
   int n;
 };
 
-template <typename T, int DV>
+template <typename T, int DV, int kPerWarp>
 __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p, const Workspace ws,
                                                                           int wpr) {
   constexpr int kCols = DV / 32;
@@ -119,7 +127,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
     };
     // The first batch of every branch in flight at once (with the plan's warps per row, all of
     // their splits), then each branch's further batches.
-    using Batch = SplitBatch<DV>;
+    using Batch = SplitBatch<DV, kPerWarp>;
     Batch first[3];
 #pragma unroll
     for (int i = 0; i < 3; ++i) {

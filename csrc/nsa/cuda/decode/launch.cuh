@@ -51,8 +51,12 @@ void launch_combine(const DecodeParams& p, const Workspace& ws, cudaStream_t str
     constexpr int DV = decltype(dv)::value;
     const int wpr = combine_warps_per_row(p.plan), rows_per_block = kCombineWarps / wpr;
     const index_t rows = index_t(p.batch) * p.num_queries * p.num_heads;
-    launch_kernel(p, decode_combine_kernel<T, DV>, dim3(unsigned((rows + rows_per_block - 1) / rows_per_block)),
-                  kCombineThreads, 0, true, stream, p, ws, wpr);
+    const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block));
+    if (combine_batch(p.plan) == 1)
+      launch_kernel(p, decode_combine_kernel<T, DV, 1>, grid, kCombineThreads, 0, true, stream, p, ws, wpr);
+    else
+      launch_kernel(p, decode_combine_kernel<T, DV, kCombineSplitsPerWarp>, grid, kCombineThreads, 0, true, stream, p,
+                    ws, wpr);
   });
 }
 
