@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "catch.h"
+#include "nsa/cuda/decode/choices.h"
 #include "nsa/plan.h"
 
 using namespace nsa;
@@ -393,6 +394,47 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
       }
     }
   }
+}
+
+TEST_CASE("plan: decode kernels' launch choices", "[plan][decode]") {
+  using namespace nsa::cuda::decode;
+  // Kernel D: warps per row so that none merges more than 4 splits of a branch (8 warps at
+  // most), and batches of one split where no warp has more than one.
+  auto plan = [](int cmp, int slc) {
+    DecodePlan pl;
+    pl.cmp_splits = cmp;
+    pl.slc_splits = slc;
+    return pl;
+  };
+  CHECK(combine_warps_per_row(plan(1, 1)) == 1);
+  CHECK(combine_warps_per_row(plan(4, 4)) == 1);
+  CHECK(combine_warps_per_row(plan(32, 9)) == 8);
+  CHECK(combine_warps_per_row(plan(2, 64)) == 8);
+  CHECK(combine_batch(plan(1, 1)) == 1);
+  CHECK(combine_batch(plan(4, 4)) == 4);
+  CHECK(combine_batch(plan(2, 1)) == 4);
+  CHECK(combine_batch(plan(32, 9)) == 4);
+  // The paper's sizes at 64k, B = 1, 16 and 64 (plan_decode's splits).
+  for (int B : {1, 16, 64}) {
+    const DecodePlan pl = plan_decode(decode_shape(B, 64 << 10), kH100, PlanOverrides{});
+    CHECK(combine_batch(pl) == (B == 64 ? 1 : 4));
+  }
+  // Kernel B: whole rounds of 1024 candidates unless the factors and sums of their tiles pass
+  // 32 KB of shared memory (cpb = 4, cpr = 2: 18 slots per tile).
+  CHECK(tile_slots(2, 4) == 18);
+  CHECK(select_round_tiles(1024, 4, 2) == 67);
+  CHECK(select_round(16, 4, 2) == 1024);
+  CHECK(select_round(64, 4, 2) == 1024);
+  CHECK(select_round(256, 4, 2) == 256);
+  CHECK(select_round(1, 1, 64) == 1024);  // 128 slots a tile, 19 tiles
+  for (int G : {1, 3, 16, 64, 256})
+    for (int cpb : {1, 2, 4, 8})
+      for (int cpr : {1, 2, 8, 64}) {
+        const int round = select_round(G, cpb, cpr);
+        CAPTURE(G, cpb, cpr, round);
+        CHECK(round >= 32);
+        CHECK(select_smem_bytes(G, select_round_tiles(round, cpb, cpr), tile_slots(cpr, cpb)) <= 48 * 1024);
+      }
 }
 
 TEST_CASE("plan: decode split overrides", "[plan][decode]") {

@@ -8,33 +8,12 @@
 #pragma once
 
 #include "../attn/fwd.cuh"  // softmax_inv
+#include "choices.h"
 #include "decode.h"
 #include "split_merge.cuh"
 #include "trace.cuh"
 
 namespace nsa::cuda::decode {
-
-constexpr int kCombineThreads = 256;
-constexpr int kCombineWarps = kCombineThreads / 32;
-// Warps per row: enough that no warp merges more than kCombineSplitsPerWarp splits of a branch
-// (then the kernel's first batches hold every split of the row's three branches).
-constexpr int kCombineSplitsPerWarp = 4;
-
-// Warps per row for the plan's splits (host).
-inline int combine_warps_per_row(const DecodePlan& plan) {
-  const int most = plan.cmp_splits > plan.slc_splits ? plan.cmp_splits : plan.slc_splits;
-  int wpr = 1;
-  while (wpr < kCombineWarps && wpr * kCombineSplitsPerWarp < most) wpr *= 2;
-  return wpr;
-}
-
-// Splits a warp loads per batch (host): kCombineSplitsPerWarp, or 1 where no warp has more than
-// one split of a branch. The batch's registers bound how many thread blocks an SM holds, which
-// matters where there are many rows (large B) and few splits.
-inline int combine_batch(const DecodePlan& plan) {
-  const int most = plan.cmp_splits > plan.slc_splits ? plan.cmp_splits : plan.slc_splits;
-  return most <= combine_warps_per_row(plan) ? 1 : kCombineSplitsPerWarp;
-}
 
 // A warp's batch of split partials of one branch of a row: splits first + k wpr (k < kBatch) of
 // n, O at o + sp * o_step ([DV] fp32, lane holding columns lane + 32 c) and (m, l) at

@@ -12,17 +12,14 @@
 #include <cmath>
 
 #include "../topk/topk_kernel.cuh"
+#include "choices.h"
 #include "decode.h"
 #include "split_merge.cuh"
 #include "tile_attention.cuh"
 
 namespace nsa::cuda::decode {
 
-constexpr int kSelectThreads = 256;
 constexpr int kSelectWarps = kSelectThreads / 32;
-// Keys ranked per round beside the list kept so far (the candidates of a split, or the splits'
-// lists in the merge, come in rounds of this many).
-constexpr int kSelectRound = 1024;
 constexpr int kSelectItems = (kMaxSelected + kSelectRound + kSelectThreads - 1) / kSelectThreads;
 // Release and acquire at GPU scope (one thread of the block, after or before a barrier), as a
 // split publishes its list and the last one reads them all: a sequentially consistent
@@ -68,28 +65,6 @@ __device__ __forceinline__ int keep_best(uint64_t* keys, int kept, int m, int n,
   if (mine) atomicAdd(count, mine);
   __syncthreads();
   return *count;
-}
-
-// Candidates of a round of a split whose tiles' factors and sums (below) take at most
-// kSelectFactorBytes of shared memory, and those tiles: the candidates [j, j + m) have cells from
-// j cpb - cpr + 1 to (j + m) cpb - 1, in at most (m cpb + cpr + 63) / 64 + 2 key tiles. Host
-// and device.
-constexpr int kSelectFactorBytes = 32 * 1024;
-NSA_HOST_DEVICE int select_round_tiles(int round, int cpb, int cpr) {
-  return int((int64_t(round) * cpb + cpr + kTileKeys - 1) / kTileKeys) + 2;
-}
-inline int select_round(int G, int cpb, int cpr) {
-  const int64_t per_tile = (int64_t(G) + tile_slots(cpr, cpb)) * 4;
-  int round = kSelectRound;
-  while (round > 32 && select_round_tiles(round, cpb, cpr) * per_tile > kSelectFactorBytes) round /= 2;
-  return round;
-}
-
-// Dynamic shared memory: lse [G] (log2 units) of the query's rows, the factors f [round tiles][G]
-// of a round's tiles (2^(m_t - lse), 0 where the row adds nothing), then their sums
-// w [round tiles][NS] (slot k of tile t: sum over rows of f u).
-inline size_t select_smem_bytes(int G, int round_tiles, int slots) {
-  return (size_t(G) + size_t(round_tiles) * (size_t(G) + size_t(slots))) * sizeof(float);
 }
 
 // The sums w[i] = sum over g < G of f[i / slots][g] u_i[g] for the rows i < rows of a round's
