@@ -21,12 +21,21 @@ namespace nsa::cuda::decode {
 // threads scoring 32 consecutive rows read 32 banks.
 constexpr int kProbLd = kTileKeys + 1;
 
+// Two buffers of a tile's probabilities: tile k's slots are summed during tile k + 1, from
+// buffer k % 2, while tile k + 1 writes the other (the key loop's barrier at the start of each
+// tile orders the two).
+template <int MT>
+constexpr size_t kProbBytes = 2 * size_t(16 * MT) * kProbLd * sizeof(float);
+
 template <typename T, int D, int DV, int MT>
-struct ScanSmem : TileSmem<T, D, DV, MT, size_t(16 * MT) * kProbLd * sizeof(float)> {
-  using Base = TileSmem<T, D, DV, MT, size_t(16 * MT) * kProbLd * sizeof(float)>;
-  static constexpr size_t kBytes = Base::kOffExtra + size_t(16 * MT) * kProbLd * sizeof(float);
+struct ScanSmem : TileSmem<T, D, DV, MT, kProbBytes<MT>> {
+  using Base = TileSmem<T, D, DV, MT, kProbBytes<MT>>;
+  static constexpr size_t kBytes = Base::kOffExtra + kProbBytes<MT>;
   using Base::Base;
-  __device__ float* probs() const { return reinterpret_cast<float*>(this->extra()); }  // [kRows][kProbLd]
+  // [2][kRows][kProbLd]
+  __device__ float* probs(int k) const {
+    return reinterpret_cast<float*>(this->extra()) + (k & 1) * (16 * MT) * kProbLd;
+  }
 };
 
 template <typename T, int D, int DV, int MT>
@@ -78,9 +87,24 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   const float scale_log2 = float(p.scale * M_LOG2E);
   float* tile_m = ws.tile_m + bh * ws.tiles * R + r0;              // [T][R], from row r0
   float* tile_u = ws.tile_u + bh * ws.tiles * ws.slots * R + r0;   // [T][NS][R]
-  float* probs = sm.probs();
   const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
   const int lane = threadIdx.x & 31, ks = acc.slice();
+  // Tile t's block-score slots from its probabilities: slot k is block jlo + k, fed by the
+  // tile's rows i with cells in it.
+  auto slot_sums = [&](int k) {
+    const int t = t_begin + k, i0 = t * kTileKeys, jlo = i0 / cpb;
+    const float* probs = sm.probs(k);
+    float* u_t = tile_u + index_t(t) * slots * R;
+    for (int idx = threadIdx.x; idx < slots * nrows; idx += kThreads) {
+      const int slot = idx / nrows, r = idx - slot * nrows;
+      const int j = jlo + slot, c0 = j * cpb, c1 = c0 + cpb;  // the block's cells [c0, c1)
+      const int first = max(i0, c0 - cpr + 1), last = min(i0 + kTileKeys, c1) - 1;
+      const float* pr_row = probs + r * kProbLd - i0;
+      float u = 0.f;
+      for (int i = first; i <= last; ++i) u += float(min(i + cpr, c1) - max(i, c0)) * pr_row[i];
+      u_t[index_t(slot) * R + r] = u;
+    }
+  };
 
   run_tiles<Smem::kStages>(
       count,
@@ -90,10 +114,14 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
         copy_tile<DV>(sm.v(stage), v_src + i0 * p.v_cmp.row_stride, p.v_cmp.row_stride, valid);
       },
       [&](int k, int stage) {
+        // The previous tile's slots first: its probabilities were complete at the loop's barrier,
+        // and summing them here saves a barrier per tile.
+        if (k > 0) slot_sums(k - 1);
         const int t = t_begin + k, i0 = t * kTileKeys;
         float pr[W::kKeys / 8][4];
         acc.tile(sm.q(), sm.k(stage), sm.v(stage), sm.red(), scale_log2, i0 + kTileKeys <= nv_min,
                  [&](int i, int key) { return i0 + key < nvis[i]; }, pr);
+        float* probs = sm.probs(k);
 #pragma unroll
         for (int j = 0; j < W::kKeys / 8; ++j)
 #pragma unroll
@@ -104,20 +132,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
           for (int i = 0; i < 2; ++i)
             if (acc.row(i) < nrows) tile_m[index_t(t) * R + acc.row(i)] = acc.m[i];
         }
-        __syncthreads();
-        // Slot k of the tile: block jlo + k, fed by the tile's rows i with cells in it.
-        const int jlo = i0 / cpb;
-        float* u_t = tile_u + index_t(t) * slots * R;
-        for (int idx = threadIdx.x; idx < slots * nrows; idx += kThreads) {
-          const int slot = idx / nrows, r = idx - slot * nrows;
-          const int j = jlo + slot, c0 = j * cpb, c1 = c0 + cpb;  // the block's cells [c0, c1)
-          const int first = max(i0, c0 - cpr + 1), last = min(i0 + kTileKeys, c1) - 1;
-          const float* pr_row = probs + r * kProbLd - i0;
-          float u = 0.f;
-          for (int i = first; i <= last; ++i) u += float(min(i + cpr, c1) - max(i, c0)) * pr_row[i];
-          u_t[index_t(slot) * R + r] = u;
-        }
       });
+  slot_sums(count - 1);  // run_tiles ends with a barrier
   trace_event(p.plan, kTraceScan, kTraceWaited);
   acc.finish(sm.reduce(), o_dst, ml_dst, nrows);
   trace_event(p.plan, kTraceScan, kTraceEnd);
