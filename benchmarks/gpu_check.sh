@@ -45,6 +45,7 @@
 # Environment:
 #   NSA_BUDGET_S=560        seconds for the whole run; each stage gets what is left minus the
 #                           minimum reserved for the stages after it, and is stopped at its limit
+#   NSA_MIN_S="sanitize=90 decode=30"   those minimums, for smaller selections (defaults: MIN_S)
 #   NSA_LONG_TESTS=1        also run test_long_* (T = 8192, 65536, 131072; minutes)
 #   NSA_TEST_ARGS=...       extra pytest arguments for the tests stage (e.g. "-x"; split on
 #                           spaces, so no quoted -k here: use NSA_TEST_K)
@@ -92,6 +93,9 @@ for s in "${STAGES[@]}"; do
 done
 # (sanitize: memcheck ~80 s and racecheck ~120 s on the H200 for their default selections)
 declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [dprofile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60 [decode]=120)
+for kv in ${NSA_MIN_S:-}; do  # e.g. "sanitize=90 decode=30": smaller selections need less
+  case $kv in *=*) [ -n "${MIN_S[${kv%%=*}]+x}" ] && MIN_S[${kv%%=*}]=${kv#*=} || { echo "NSA_MIN_S: unknown stage in '$kv'"; exit 2; };; *) echo "NSA_MIN_S: expected STAGE=SECONDS, got '$kv'"; exit 2;; esac
+done
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # Seconds the stage $1 may use: what is left, minus the minimum of the selected stages after it.
