@@ -334,4 +334,3 @@ def test_forcing_what_cannot_run_raises_at_the_call(name):
         with pytest.raises(ValueError, match=match):
             run()
     run()
-

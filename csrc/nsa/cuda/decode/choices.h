@@ -43,9 +43,15 @@ constexpr int kCombineWarps = kCombineThreads / 32;
 // (then the kernel's first batches hold every split of the row's three branches).
 constexpr int kCombineSplitsPerWarp = 4;
 
+// The most splits any branch of a row has (the compressed branch's or the selected and window
+// branches').
+inline int combine_most_splits(const DecodePlan& plan) {
+  return plan.cmp_splits > plan.slc_splits ? plan.cmp_splits : plan.slc_splits;
+}
+
 // Warps per row for the plan's splits.
 inline int combine_warps_per_row(const DecodePlan& plan) {
-  const int most = plan.cmp_splits > plan.slc_splits ? plan.cmp_splits : plan.slc_splits;
+  const int most = combine_most_splits(plan);
   int wpr = 1;
   while (wpr < kCombineWarps && wpr * kCombineSplitsPerWarp < most) wpr *= 2;
   return wpr;
@@ -55,8 +61,7 @@ inline int combine_warps_per_row(const DecodePlan& plan) {
 // one split of a branch. The batch's registers bound how many thread blocks an SM holds, which
 // matters where there are many rows (large B) and few splits.
 inline int combine_batch(const DecodePlan& plan) {
-  const int most = plan.cmp_splits > plan.slc_splits ? plan.cmp_splits : plan.slc_splits;
-  return most <= combine_warps_per_row(plan) ? 1 : kCombineSplitsPerWarp;
+  return combine_most_splits(plan) <= combine_warps_per_row(plan) ? 1 : kCombineSplitsPerWarp;
 }
 
 }  // namespace nsa::cuda::decode

@@ -1,10 +1,10 @@
 // Kernel D of the decoding step (decode.h): merges each output row's split partials of the three
 // branches and writes the gated sum. A row (b, s, query head) is taken by `wpr` warps (a power of
-// two up to 8, enough that no warp merges more than 8 splits of a branch), each merging its
-// splits' (m, l, O) online, then the row's first warp merges theirs in warp order: a fixed order,
-// so the bits do not depend on timing. The kernel is a chain of memory round trips after kernel
-// C ends, so each warp issues the loads of a batch of splits together before it adds any of them,
-// and reads its inputs (gates, length) before it waits for C.
+// two up to 8, enough that no warp merges more than kCombineSplitsPerWarp splits of a branch where
+// it can: choices.h), each merging its splits' (m, l, O) online, then the row's first warp merges
+// theirs in warp order: a fixed order, so the bits do not depend on timing. The kernel is a chain
+// of memory round trips after kernel C ends, so each warp issues the loads of a batch of splits
+// together before it adds any of them, and reads its inputs (gates, length) before it waits for C.
 #pragma once
 
 #include "../attn/fwd.cuh"  // softmax_inv

@@ -100,8 +100,8 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
 
 void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(p.plan.sel_splits * p.num_queries), unsigned(p.num_heads_k), unsigned(p.batch));
-  launch_kernel(p, decode_select_kernel, grid, kSelectThreads, select_smem_bytes(group_size(p), ws.sel_tiles, ws.slots), true,
-                stream, p, ws);
+  launch_kernel(p, decode_select_kernel, grid, kSelectThreads, select_smem_bytes(group_size(p), ws.sel_tiles, ws.slots),
+                true, stream, p, ws);
 }
 
 }  // namespace decode
