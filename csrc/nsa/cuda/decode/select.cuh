@@ -46,10 +46,16 @@ __device__ __forceinline__ int keep_best(uint64_t* keys, int kept, int m, int n,
     key[it] = i < total ? keys[i] : 0;
     int r = n;
     if (key[it] != 0) {
-      r = 0;  // stops counting once the key is out (checked every 32 keys)
+      // Stops counting once the key is out, checked every 32 keys; a chunk's 16 loads of two keys
+      // are independent (the keys past `total` up to the chunk's end lie within the array and
+      // count for nothing), so that they are in flight together.
+      r = 0;
       for (int k0 = 0; k0 < total && r < n; k0 += 32) {
-        const int k1 = min(total, k0 + 32);
-        for (int k = k0; k < k1; ++k) r += keys[k] > key[it];
+#pragma unroll
+        for (int k = 0; k < 32; k += 2) {
+          const ulonglong2 x = *reinterpret_cast<const ulonglong2*>(keys + k0 + k);
+          r += int(k0 + k < total && x.x > key[it]) + int(k0 + k + 1 < total && x.y > key[it]);
+        }
       }
     }
     rank[it] = r;
@@ -123,7 +129,9 @@ __device__ __forceinline__ void tile_sums(const float* u, index_t R, int G, int 
 // ws.sel_round; the factors f of a round's tiles, then each tile slot's sum over the rows, are
 // computed once into shared memory, and a block adds its tiles' sums.
 __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
-  __shared__ uint64_t keys[kMaxSelected + kSelectRound];
+  // (whole chunks of 32 keys, 16-byte aligned: keep_best reads them so)
+  static_assert((kMaxSelected + kSelectRound) % 32 == 0, "keep_best reads whole chunks");
+  __shared__ __align__(16) uint64_t keys[kMaxSelected + kSelectRound];
   __shared__ int count;
   __shared__ unsigned done;
   extern __shared__ __align__(16) float lse_s[];  // [G]
