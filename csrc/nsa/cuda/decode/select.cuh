@@ -211,29 +211,39 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   }
 
   // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the compressed
-  // splits; -inf: the row saw no compressed token, NaN: a NaN score.
+  // splits, two rows (g, g + kSelectWarps) per pass so that their loads are in flight together;
+  // -inf: the row saw no compressed token, NaN: a NaN score.
   const float* ml = ws.cmp_ml + (bh * cmp_splits * R + row0) * 2;  // [cmp_splits][R][2]
-  for (int g = warp; g < G; g += kSelectWarps) {
-    // Each lane merges its splits online, their loads issued four at a time; then the warp.
-    float mx = -INFINITY, lsum = 0.f;
+  for (int g0 = warp; g0 < G; g0 += 2 * kSelectWarps) {
+    // Each lane merges its splits online, their loads issued four per row at a time; then the warp.
+    float mx[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
     for (int sp0 = lane; sp0 < cmp_splits; sp0 += 4 * 32) {
-      float2 x[4];
+      float2 x[2][4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int sp = sp0 + 32 * k;
-        x[k] = sp < cmp_splits ? __ldcg(reinterpret_cast<const float2*>(ml + (index_t(sp) * R + g) * 2))
-                               : make_float2(-INFINITY, 0.f);
-      }
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float m_new = fmaxf(mx, x[k].x);
-        lsum = lsum * split_factor(mx, m_new) + split_factor(x[k].x, m_new) * x[k].y;
-        mx = m_new;
-      }
+        for (int k = 0; k < 4; ++k) {
+          const int sp = sp0 + 32 * k, g = g0 + i * kSelectWarps;
+          x[i][k] = sp < cmp_splits && g < G
+                        ? __ldcg(reinterpret_cast<const float2*>(ml + (index_t(sp) * R + g) * 2))
+                        : make_float2(-INFINITY, 0.f);
+        }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float m_new = fmaxf(mx[i], x[i][k].x);
+          lsum[i] = lsum[i] * split_factor(mx[i], m_new) + split_factor(x[i][k].x, m_new) * x[i][k].y;
+          mx[i] = m_new;
+        }
     }
-    const float m_all = warp_max(mx);
-    lsum = warp_sum(split_factor(mx, m_all) * lsum);
-    if (lane == 0) lse_s[g] = m_all + log2f(lsum);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_all = warp_max(mx[i]);
+      const float l_all = warp_sum(split_factor(mx[i], m_all) * lsum[i]);
+      const int g = g0 + i * kSelectWarps;
+      if (lane == 0 && g < G) lse_s[g] = m_all + log2f(l_all);
+    }
   }
   __syncthreads();
 
