@@ -142,19 +142,20 @@ class plans:
 
 # decode_attention's kernels and trace events, as csrc/nsa/cuda/decode/trace.cuh numbers them.
 TRACE_KERNELS = ("scan", "select", "sparse", "combine")
-TRACE_EVENTS = ("start", "waited", "mid", "end")
+TRACE_EVENTS = ("start", "waited", "step1", "step2", "mid", "end")
 
 
 class decode_trace:
     """Context manager tracing the phases of decode_attention's CUDA kernels: while it is open,
     thread 0 of each thread block stores the GPU's global timer (ns) when a phase ends, into
-    ``as buf`` (an int64 CUDA tensor [4 kernels, blocks, 4 events], zero where nothing was stored;
+    ``as buf`` (an int64 CUDA tensor [4 kernels, blocks, 6 events], zero where nothing was stored;
     the grid's first ``blocks`` thread blocks of each kernel). A later step overwrites an earlier
     one's stamps, so after the steps of interest (or CUDA-graph replays captured inside the
-    context) the buffer holds the last one. Events ("waited" and "mid" per kernel, TRACE_EVENTS):
-    scan: start, key loop done, -, end; select: start, past the wait for the scan, list published
-    and counted, end; sparse: start, past the wait for the selection, window done (before that
-    wait), end; combine: start, past the wait, splits merged, end. ``trace_summary`` reads it.
+    context) the buffer holds the last one. Events (TRACE_EVENTS: start, waited, step1, step2,
+    mid, end): scan: key loop done, first key tile landed, -, -; select: past the wait for the
+    scan, lse done, candidates ranked, list published and counted; sparse: past the wait for the
+    selection, first window tile landed, union of chosen blocks built, window done (before that
+    wait); combine: past the wait, -, -, splits merged. ``trace_summary`` reads it.
     Process-global state for profiling (tools/profile_decode.py --trace), not for use under
     torch.compile; the buffer must outlive every graph captured with it."""
 

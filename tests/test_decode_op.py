@@ -892,16 +892,17 @@ def test_cuda_decode_trace_orders_the_kernels():
     plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
     B, H = len(lengths), 2
     t = buf.cpu()
-    started = [int((t[k, :, 0] != 0).sum()) for k in range(4)]
+    ev = {name: i for i, name in enumerate(_debug.TRACE_EVENTS)}
+    started = [int((t[k, :, ev["start"]] != 0).sum()) for k in range(4)]
     assert started[:3] == [plan["cmp_splits"] * H * B, plan["sel_splits"] * H * B, plan["slc_splits"] * H * B]
     assert started[3] > 0
     for k in range(4):
-        start, end = t[k, :, 0], t[k, :, 3]
+        start, end = t[k, :, ev["start"]], t[k, :, ev["end"]]
         ended = end != 0
         assert ended.any() and bool((end[ended] >= start[ended]).all()), _debug.TRACE_KERNELS[k]
     for k in range(1, 4):
-        waited = t[k, :, 1][t[k, :, 1] != 0]
-        prev_end = t[k - 1, :, 3][t[k - 1, :, 3] != 0]
+        waited = t[k, :, ev["waited"]][t[k, :, ev["waited"]] != 0]
+        prev_end = t[k - 1, :, ev["end"]][t[k - 1, :, ev["end"]] != 0]
         assert int(waited.min()) >= int(prev_end.max()), _debug.TRACE_KERNELS[k]
 
 

@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
         // The previous tile's slots first: its probabilities were complete at the loop's barrier,
         // and summing them here saves a barrier per tile.
         if (k > 0) slot_sums(k - 1);
+        else trace_event(p.plan, kTraceScan, kTraceStep1);
         const int t = t_begin + k, i0 = t * kTileKeys;
         float pr[W::kKeys / 8][4];
         acc.tile(sm.q(), sm.k(stage), sm.v(stage), sm.red(), scale_log2, i0 + kTileKeys <= nv_min,

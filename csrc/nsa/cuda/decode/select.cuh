@@ -246,6 +246,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     }
   }
   __syncthreads();
+  trace_event(p.plan, kTraceSelect, kTraceStep1);
 
   // Block j's score: its tiles' sums, in tile order (tiles of the round from ta0).
   auto score_of = [&](int j, int ta0) {
@@ -281,6 +282,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     kept = keep_best(keys, kept, m, n, &count);
   }
 
+  trace_event(p.plan, kTraceSelect, kTraceStep2);
   // Publish the list (0-padded to n), then count this split done; the last one merges.
   uint64_t* lists = ws.sel_keys + query * splits * n;  // [splits][n]
   for (int i = tid; i < n; i += kSelectThreads) lists[c * n + i] = i < kept ? keys[i] : 0;

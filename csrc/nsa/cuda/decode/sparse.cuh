@@ -145,6 +145,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
           copy_tile<DV>(sm.v(stage), vv.ptr<const T>(tl[2], tl[3], h), vv.row_stride, tl[1]);
         },
         [&](int k, int stage) {
+          if (k == 0 && br == 1) trace_event(p.plan, kTraceSparse, kTraceStep1);
           const int* tl = tiles + 4 * (k % kRing);
           const int t0 = tl[0], keys = tl[1], ahead = k + Smem::kStages;
           int next[4];
@@ -213,6 +214,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
     __syncthreads();  // warp_reps is rewritten next round
   }
 
+  trace_event(p.plan, kTraceSparse, kTraceStep2);
   // Selected: every tile of the union's blocks; a row sees keys up to its position of the blocks
   // its query chose.
   branch(nu * per_block, p.k, p.v,

@@ -13,9 +13,20 @@
 namespace nsa::cuda::decode {
 
 enum TraceKernel : int { kTraceScan = 0, kTraceSelect = 1, kTraceSparse = 2, kTraceCombine = 3 };
-// kTraceWaited: past wait_prior_grid (kernel A: its key loop done). kTraceMid: B's list
-// published and counted, C's window branch done (before its wait), D's splits merged.
-enum TraceEvent : int { kTraceStart = 0, kTraceWaited = 1, kTraceMid = 2, kTraceEnd = 3, kTraceEvents = 4 };
+// kTraceWaited: past wait_prior_grid (kernel A: its key loop done). kTraceStep1: A's first key
+// tile landed (with the query rows), B's lse done, C's first window tile landed. kTraceStep2:
+// B's candidates scored and ranked (before it publishes), C's union of chosen blocks built (past
+// its wait). kTraceMid: B's list published and counted, C's window branch done (before its
+// wait), D's splits merged.
+enum TraceEvent : int {
+  kTraceStart = 0,
+  kTraceWaited = 1,
+  kTraceStep1 = 2,
+  kTraceStep2 = 3,
+  kTraceMid = 4,
+  kTraceEnd = 5,
+  kTraceEvents = 6
+};
 
 __device__ __forceinline__ void trace_event(const DecodePlan& plan, TraceKernel kernel, TraceEvent event) {
   if (plan.trace == nullptr || threadIdx.x != 0) return;
