@@ -146,18 +146,24 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
   float out[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) out[c] = 0.f;
+  // The row's warps' sums in warp order, unrolled so that their shared-memory loads are in
+  // flight together rather than one after another.
 #pragma unroll
   for (int br = 0; br < 3; ++br) {
     float mx = -INFINITY;
-    for (int w = warp; w < warp + wpr; ++w) mx = fmaxf(mx, red[w][br][DV]);
+#pragma unroll
+    for (int k = 0; k < kCombineWarps; ++k)
+      if (k < wpr) mx = fmaxf(mx, red[warp + k][br][DV]);
     float lsum = 0.f, o[kCols];
 #pragma unroll
     for (int c = 0; c < kCols; ++c) o[c] = 0.f;
-    for (int w = warp; w < warp + wpr; ++w) {
-      const float f = split_factor(red[w][br][DV], mx);
-      lsum += f * red[w][br][DV + 1];
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) o[c] = fmaf(f, red[w][br][lane + 32 * c], o[c]);
+    for (int k = 0; k < kCombineWarps; ++k) {
+      if (k >= wpr) break;
+      const float f = split_factor(red[warp + k][br][DV], mx);
+      lsum += f * red[warp + k][br][DV + 1];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) o[c] = fmaf(f, red[warp + k][br][lane + 32 * c], o[c]);
     }
     const float scale = gate[br] * softmax_inv(lsum, br == 0 ? sees_cmp : br == 2);
 #pragma unroll
