@@ -17,9 +17,27 @@ namespace nsa::cuda::decode {
 
 // Shared memory of the merge (it runs between the sparse kernel's two branches, over their key
 // stages): the lists of up to kMergeKeys / (sel_splits n) queries at a time, their merged keys,
-// and their bad-page flags.
+// and their splits' bad-page flags.
 constexpr int kMergeKeys = kMaxSelectListKeys;
-constexpr size_t kMergeScratchBytes = (size_t(kMergeKeys) + kMaxSelected) * 8 + kBlockRows * 4;
+constexpr size_t kMergeScratchBytes = (size_t(kMergeKeys) + kMaxSelected) * 8 + size_t(kMergeKeys) * 4;
+
+// dst[e] = load(e) for e < count, the block's threads issuing kBatch loads each before storing
+// any: the loads are round trips to L2, and a plain loop would wait for each before the next.
+template <typename V, typename Load>
+__device__ __forceinline__ void stage_in(V* dst, int count, Load&& load) {
+  constexpr int kBatch = 4;
+  for (int e0 = threadIdx.x; e0 < count; e0 += kBatch * kThreads) {
+    V v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = e0 + k * kThreads;
+      v[k] = e < count ? load(e) : V(0);
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (e0 + k * kThreads < count) dst[e0 + k * kThreads] = v[k];
+  }
+}
 
 // Keys of a descending, 0-padded list of n above x (x > 0).
 __device__ __forceinline__ int count_above(const uint64_t* list, int n, uint64_t x) {
@@ -43,19 +61,13 @@ __device__ __forceinline__ void merge_lists(const DecodeParams& p, const Workspa
   const int chunk = max(1, min(nq, kMergeKeys / per_q));
   uint64_t* keys = reinterpret_cast<uint64_t*>(scratch);  // [chunk][sp][n]
   uint64_t* best = keys + chunk * per_q;                   // [chunk][n]
-  int* bad = reinterpret_cast<int*>(best + chunk * n);     // [chunk]
+  int* flags = reinterpret_cast<int*>(best + chunk * n);   // [chunk][sp]
   auto query = [&](int q) { return (index_t(b) * p.num_queries + q_first + q) * H + h; };
   for (int c0 = 0; c0 < nq; c0 += chunk) {
     const int cq = min(chunk, nq - c0);
-    for (int e = tid; e < cq * per_q; e += kThreads) keys[e] = __ldcg(ws.sel_keys + query(c0 + e / per_q) * per_q + e % per_q);
+    stage_in(keys, cq * per_q, [&](int e) { return __ldcg(ws.sel_keys + query(c0 + e / per_q) * per_q + e % per_q); });
+    stage_in(flags, cq * sp, [&](int e) { return __ldcg(ws.sel_bad + query(c0 + e / sp) * sp + e % sp); });
     for (int e = tid; e < cq * n; e += kThreads) best[e] = 0;
-    for (int q = tid; q < cq; q += kThreads) {
-      const int32_t* flags = ws.sel_bad + query(c0 + q) * sp;
-      int any = 0;
-#pragma unroll 1
-      for (int k = 0; k < sp; ++k) any |= __ldcg(flags + k);
-      bad[q] = any;
-    }
     __syncthreads();
     for (int e = tid; e < cq * per_q; e += kThreads) {
       const uint64_t x = keys[e];
@@ -76,16 +88,18 @@ __device__ __forceinline__ void merge_lists(const DecodeParams& p, const Workspa
     __syncthreads();
     for (int q = warp; q < cq; q += kThreads / 32) {
       // The ranks below n fill 0 .. cnt - 1.
-      int cnt = 0;
+      int cnt = 0, bad = 0;
       for (int i = lane; i < n; i += 32) cnt += best[q * n + i] != 0;
-      cnt = bad[q] ? 0 : __reduce_add_sync(0xffffffffu, cnt);
+      for (int k = lane; k < sp; k += 32) bad |= flags[q * sp + k];
+      bad = __any_sync(0xffffffffu, bad != 0);
+      cnt = bad ? 0 : __reduce_add_sync(0xffffffffu, cnt);
       int* dst = lists + (c0 + q) * n;
       topk::write_token(best + q * n, cnt, n, dst);
       __syncwarp();
       if (owner && c0 + q >= owned) {
         int32_t* out = p.block_indices.ptr<int32_t>(b, q_first + c0 + q, h);
         for (int i = lane; i < n; i += 32) out[i] = dst[i];
-        if (lane == 0) ws.bad[query(c0 + q)] = bad[q];
+        if (lane == 0) ws.bad[query(c0 + q)] = bad;
       }
     }
     __syncthreads();
