@@ -61,7 +61,7 @@
 #   NSA_PROFILE_DECODE=65536x1   profile one decode step at this TxB instead (kernels: decode_)
 #   NSA_PROFILE_SECTIONS="SpeedOfLight Occupancy LaunchStats WarpStateStats"   ncu's sections
 #   NSA_PROFILE_SOURCE=1    also the busiest SASS instructions of each kernel (stall samples;
-#                           add SourceCounters to the sections), tools/ncu_source_top.py
+#                           the SourceCounters section is added), tools/ncu_source_top.py
 #   NSA_DPROFILE_SHAPES="65536x1 65536x16 131072x1"   TxB of the dprofile stage
 #   NSA_DPROFILE_BASELINE=1 the dprofile stage also times the baseline tree's step right after
 #                           this one's ($NSA_BASELINE_DIR, built beside this one as for baseline)
@@ -263,7 +263,11 @@ if have profile; then
       sections+=(--section "$sec")
     done
     rep=()
-    [ "${NSA_PROFILE_SOURCE:-0}" = "1" ] && rep=(--export /tmp/nsa_profile --force-overwrite)
+    if [ "${NSA_PROFILE_SOURCE:-0}" = "1" ]; then
+      rep=(--export /tmp/nsa_profile --force-overwrite)
+      # the source page has stall samples per instruction only with this section
+      [[ " ${sections[*]} " == *" SourceCounters "* ]] || sections+=(--section SourceCounters)
+    fi
     if [ -n "${NSA_PROFILE_DECODE:-}" ]; then  # one decode step at that TxB instead
       kernels=${NSA_PROFILE_KERNELS:-decode_}
       call=("$PY" tools/profile_decode.py --shapes "$NSA_PROFILE_DECODE" --warmup 1 --steps 1 --no-profiler)
