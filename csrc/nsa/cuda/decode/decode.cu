@@ -54,8 +54,8 @@ void check(const DecodeParams& p) {
             str(p.plan.cmp_splits) + ", slc_splits = " + str(p.plan.slc_splits) + ", sel_splits = " +
             str(p.plan.sel_splits));
   if (index_t(p.plan.sel_splits) * p.num_selected > kMaxSelectListKeys)
-    invalid("sel_splits * num_selected must be at most " + str(kMaxSelectListKeys) + " (kernel C merges the lists), got " +
-            str(p.plan.sel_splits) + " * " + str(p.num_selected));
+    invalid("sel_splits * num_selected must be at most " + str(kMaxSelectListKeys) +
+            " (kernel C merges the lists), got " + str(p.plan.sel_splits) + " * " + str(p.num_selected));
   const index_t rows = index_t(p.num_queries) * (p.num_heads / p.num_heads_k);
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||

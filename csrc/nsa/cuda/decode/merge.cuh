@@ -9,7 +9,6 @@
 #pragma once
 
 #include "../topk/topk_kernel.cuh"
-#include "choices.h"
 #include "decode.h"
 #include "tile_attention.cuh"
 
