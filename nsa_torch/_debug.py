@@ -153,8 +153,8 @@ class decode_trace:
     one's stamps, so after the steps of interest (or CUDA-graph replays captured inside the
     context) the buffer holds the last one. Events (TRACE_EVENTS: start, waited, step1, step2,
     mid, end): scan: key loop done, first key tile landed, -, -; select: past the wait for the
-    scan, lse done, candidates ranked, list published; sparse: past the wait for the selection,
-    first window tile landed, split lists merged and their union built, window done (before that
+    scan, lse done, candidates ranked, list published and counted; sparse: past the wait for the
+    selection, first window tile landed, union of chosen blocks built, window done (before that
     wait); combine: past the wait, -, -, splits merged. ``trace_summary`` reads it.
     Process-global state for profiling (tools/profile_decode.py --trace), not for use under
     torch.compile; the buffer must outlive every graph captured with it."""

@@ -836,18 +836,10 @@ def test_cuda_small_blocks_and_edges(dtype):
 
 # Forced splits of the three split kernels: one thread block each; several, each selection split
 # with a full list of n; the selection's most (64: short lists, empty splits for the short
-# sequences; with n = 128, the 16 whose lists kernel C can merge).
+# sequences, a merge in rounds).
 SPLITS = {"one": dict(cmp_splits=1, slc_splits=1, sel_splits=1),
           "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2),
           "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64)}
-MAX_SELECT_LIST_KEYS = 2048  # plan.h's kMaxSelectListKeys: sel_splits * num_selected at most
-
-
-def forced_splits(splits, case):
-    forced = dict(SPLITS[splits])
-    n = hyper(case, "num_selected")["num_selected"]
-    forced["sel_splits"] = min(forced["sel_splits"], MAX_SELECT_LIST_KEYS // n)
-    return forced
 # n = 16 of 79 candidate blocks at 4999 tokens; n = 128 of 16-token blocks (312 candidates);
 # and 1250 candidates in a 32k cache (a selection split scores them in rounds). (Not "long":
 # gpu_check.sh's test selection leaves out names holding it.)
@@ -864,29 +856,10 @@ def test_cuda_forced_splits_match_reference(name, splits):
     from nsa_torch import _debug
     case, lengths, capacity = SPLIT_CASES[name]
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-splits", name), lengths=lengths, **case)
-    forced = forced_splits(splits, case)
-    with _debug.force(**forced), _debug.plans() as ran:
+    with _debug.force(**SPLITS[splits]), _debug.plans() as ran:
         check_step(x, [max(L, 2) for L in lengths], 2, case, torch.bfloat16, page_size=64, capacity=capacity)
     got = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
-    assert all(got[k] == v for k, v in forced.items()), got
-
-
-@pytest.mark.cuda
-def test_cuda_too_many_selection_lists_is_refused():
-    """Forced selection splits whose lists kernel C could not merge in shared memory: a clear error
-    naming the op and both numbers; the plan itself never asks for them."""
-    from nsa_torch import _debug
-    case = dict(select_size=16, num_selected=128, num_initial=3, num_local=5)
-    x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-lists"), **case)
-    step = build_step(x, [max(L, 1) for L in CUDA_LENGTHS], 1, capacity=CUDA_CAPACITY, **case)
-    with _debug.force(sel_splits=17), pytest.raises(ValueError, match=re.escape(
-            "nsa.decode_attention: sel_splits * num_selected must be at most 2048 (kernel C merges the "
-            "lists), got 17 * 128")):
-        decode(nsa_torch, step, case)
-    with _debug.plans() as ran:
-        decode(nsa_torch, step, case)
-    got = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
-    assert got["sel_splits"] * 128 <= MAX_SELECT_LIST_KEYS, got
+    assert all(got[k] == v for k, v in SPLITS[splits].items()), got
 
 
 @pytest.mark.cuda
@@ -1002,7 +975,7 @@ def test_cuda_graph_capture_and_replay(page_size):
 def test_cuda_bad_lengths_give_nan(sel_splits):
     """A length outside [S, capacity] or a used page outside the pool: that sequence's rows are
     NaN, the others exact, no error (no host sync), nothing read outside the caches. With five
-    selection splits the bad page lies in a split other than the first."""
+    selection splits the bad page lies in a split other than the one that merges."""
     from nsa_torch import _debug
     dtype = torch.bfloat16
     lengths = [100, 300, 200, 700, 64]

@@ -312,8 +312,7 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
     const index_t blocks = p.select_size > 0 ? (std::max<index_t>(1, p.capacity) + p.select_size - 1) / p.select_size : 1;
     const index_t fill = std::max<index_t>(1, index_t(kSelectBlocksPerSm) * std::max(1, dev.num_sms) / queries);
     const index_t most = std::max<index_t>(1, blocks / kSelectMinBlocks);
-    const index_t lists = std::max<index_t>(1, kMaxSelectListKeys / std::max(1, p.num_selected));
-    plan.sel_splits = int(std::min<index_t>(std::min<index_t>(kMaxSelectSplits, lists), std::min(fill, most)));
+    plan.sel_splits = int(std::min<index_t>(kMaxSelectSplits, std::min(fill, most)));
   }
   plan.trace = o.decode_trace;
   plan.trace_blocks = o.decode_trace_blocks;

@@ -46,12 +46,10 @@ inline constexpr int kDecodeBlocksPerSm = 2;
 inline constexpr int kDecodeMinTiles = 2;
 // Its top-n selection aims at kSelectBlocksPerSm thread blocks per SM over all (query, KV head)
 // units, each scoring at least kSelectMinBlocks candidate blocks, in at most kMaxSelectSplits
-// splits, whose lists (sel_splits * num_selected keys) kernel C merges in shared memory: at most
-// kMaxSelectListKeys.
+// splits (the last thread block merges the splits' lists).
 inline constexpr int kSelectBlocksPerSm = 4;
 inline constexpr int kSelectMinBlocks = 128;
 inline constexpr int kMaxSelectSplits = 64;
-inline constexpr int kMaxSelectListKeys = 2048;
 
 // Explicit choices; an empty field leaves the choice to the plan.
 struct PlanOverrides {

@@ -345,10 +345,6 @@ TEST_CASE("plan: decode splits by batch and capacity", "[plan][decode]") {
   }
   // Long caches stop at 64 selection splits (2^20 tokens: 16384 candidate blocks).
   CHECK(plan_decode(decode_shape(1, 1 << 20), kH100, none).sel_splits == 64);
-  // With n = 128 the lists kernel C merges (2048 keys at most) allow 16 splits.
-  DecodeParams wide = decode_shape(1, 1 << 20);
-  wide.num_selected = 128;
-  CHECK(plan_decode(wide, kH100, none).sel_splits == 16);
   // B = 1 gives about one thread block per SM at 64k (128, two tiles each), two at 128k.
   CHECK(4 * plan_decode(decode_shape(1, 64 << 10), kH100, none).cmp_splits == 128);
   CHECK(4 * plan_decode(decode_shape(1, 128 << 10), kH100, none).cmp_splits >= 2 * 132 - 8);

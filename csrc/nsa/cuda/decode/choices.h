@@ -11,8 +11,8 @@ namespace nsa::cuda::decode {
 
 // Kernel B (select.cuh).
 constexpr int kSelectThreads = 256;
-// Keys ranked per round beside the list kept so far (a split's candidates come in rounds of this
-// many).
+// Keys ranked per round beside the list kept so far (the candidates of a split, or the splits'
+// lists in the merge, come in rounds of this many).
 constexpr int kSelectRound = 1024;
 // Candidates of a round of a split whose tiles' factors and sums (below) take at most
 // kSelectFactorBytes of shared memory, and those tiles: the candidates [j, j + m) have cells from

@@ -58,6 +58,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   const int splits = p.plan.cmp_splits, per = (nt + splits - 1) / splits;
   const int t_begin = split * per, count = max(0, min(per, nt - t_begin));
   const index_t bh = index_t(b) * p.num_heads_k + h;
+  if (split == 0 && rb == 0)  // kernel B's counters of the sequence's queries at this KV head
+    for (int s = threadIdx.x; s < S; s += kThreads) ws.sel_count[(index_t(b) * S + s) * p.num_heads_k + h] = 0;
   const index_t part = (bh * splits + split) * R + r0;  // the split's first row
   float* o_dst = ws.cmp_o + part * DV;
   float* ml_dst = ws.cmp_ml + part * 2;

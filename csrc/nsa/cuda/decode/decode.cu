@@ -53,9 +53,6 @@ void check(const DecodeParams& p) {
     invalid("the plan's splits must be >= 1 (sel_splits <= " + str(kMaxSelectSplits) + "), got cmp_splits = " +
             str(p.plan.cmp_splits) + ", slc_splits = " + str(p.plan.slc_splits) + ", sel_splits = " +
             str(p.plan.sel_splits));
-  if (index_t(p.plan.sel_splits) * p.num_selected > kMaxSelectListKeys)
-    invalid("sel_splits * num_selected must be at most " + str(kMaxSelectListKeys) +
-            " (kernel C merges the lists), got " + str(p.plan.sel_splits) + " * " + str(p.num_selected));
   const index_t rows = index_t(p.num_queries) * (p.num_heads / p.num_heads_k);
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
@@ -93,7 +90,7 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   ws.tile_u = reinterpret_cast<float*>(take(bh * T * size_t(ws.slots) * R * 4));
   const size_t queries = bh * size_t(p.num_queries);
   ws.sel_keys = reinterpret_cast<uint64_t*>(take(queries * size_t(p.plan.sel_splits) * size_t(p.num_selected) * 8));
-  ws.sel_bad = reinterpret_cast<int32_t*>(take(queries * size_t(p.plan.sel_splits) * 4));
+  ws.sel_count = reinterpret_cast<unsigned*>(take(queries * 4));
   ws.sp_o = reinterpret_cast<float*>(take(bh * ss * 2 * R * DV * 4));
   ws.sp_ml = reinterpret_cast<float*>(take(bh * ss * 2 * R * 2 * 4));
   ws.bad = reinterpret_cast<int32_t*>(take(size_t(p.batch) * p.num_queries * p.num_heads_k * 4));

@@ -14,19 +14,18 @@
 //      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
 //      Split 0 of row block 0 zeroes the selection counters of its (sequence, KV head).
 //   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads: checks the
-//      sequence's pages (its share of them in the pool), merges the splits' (m, l) into each
+//      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
 //      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'
 //      slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their top n as the training
-//      kernels do (forced initial and local blocks, ties to the smaller block); publishes them
-//      best first, and whether its pages were in the pool.
+//      kernels do (forced initial and local blocks, ties to the smaller block). The last split of
+//      a query to finish merges the splits' lists and writes block_indices [B, S, H, n] and the
+//      sequence's validity.
 //   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
 //      first the window branch (keys [pos - w + 1, pos] of each query, in tiles cut at
-//      selection-block edges, before waiting for B), then merges B's split lists of its queries
-//      (merge.cuh; split 0 of the row block holding a query's first row writes block_indices
-//      [B, S, H, n] and the query's validity), then the selected branch over the union of the row
-//      block's chosen blocks (each row sees its own query's blocks); each branch's tiles spread
-//      evenly over the splits, raw keys through page_of / row_of; partial O, m, l per branch and
-//      split.
+//      selection-block edges, before waiting for B), then the selected branch over the union of
+//      the row block's chosen blocks (each row sees its own query's blocks); each branch's tiles
+//      spread evenly over the splits, raw keys through page_of / row_of; partial O, m, l per
+//      branch and split.
 //   D. decode_combine_kernel (combine.cuh), 256 threads, up to 8 rows per block: merges each
 //      row's splits of the three branches and writes o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa
 //      in q's dtype (NaN for an invalid sequence).
@@ -37,12 +36,12 @@
 //   cmp_ml  [B, H, cmp_splits, R, 2]       A's (m, l); (-inf, 0) for a split without tiles
 //   tile_m  [B, H, T, R]                   A: row maximum after tile t
 //   tile_u  [B, H, T, NS, R]               A: slot k of tile t is block floor(64 t / cpb) + k
-//   sel_keys  [B, S, H, sel_splits, n] u64 B: each split's n best keys (topk/select.h), best
-//                                          first, 0-padded
-//   sel_bad   [B, S, H, sel_splits] int32  B: 1 where the split saw a page outside the pool
+//   sel_keys  [B, S, H, sel_splits, n] u64 B: each split's n best keys (topk/select.h), 0-padded
+//   sel_count [B, S, H] uint32             B: splits done (+ 2^16 for one that saw a bad page);
+//                                          zeroed by A
 //   sp_o    [B, H, slc_splits, 2, R, Dv]   C's partial O: branch 0 selected, 1 window
 //   sp_ml   [B, H, slc_splits, 2, R, 2]    C's (m, l)
-//   bad     [B, S, H] int32                C: 1 where the sequence is invalid
+//   bad     [B, S, H] int32                B: 1 where the sequence is invalid
 // Only tiles below ceil(Nc(len) / 64) are written and read. Nothing is expected of the
 // workspace's content on entry.
 #pragma once
@@ -65,7 +64,7 @@ struct Workspace {
   float* tile_m = nullptr;
   float* tile_u = nullptr;
   uint64_t* sel_keys = nullptr;
-  int32_t* sel_bad = nullptr;
+  unsigned* sel_count = nullptr;
   float* sp_o = nullptr;
   float* sp_ml = nullptr;
   int32_t* bad = nullptr;

@@ -1,12 +1,12 @@
 // Kernel B of the decoding step (decode.h): each query's lse over the compressed splits, its
 // block scores from kernel A's per-tile slots, and the top-n selection with the training rule
 // (topk/select.h's keys: forced blocks first, then higher scores, NaN as -inf, ties to the
-// smaller block).
+// smaller block; topk_kernel.cuh's write_token for the ascending, -1 padded output).
 //
 // A query's candidate blocks are split over sel_splits thread blocks (at B = 1 a thread block
 // per query alone would leave the GPU idle while it reads every tile's slots). Each keeps the n
-// best of its share and publishes them, best first; kernel C merges the splits' lists (merge.cuh)
-// as it reads them, so that no split waits for the others here.
+// best of its share and publishes them; the last one to finish (a counter per query that kernel A
+// zeroes) merges the lists and writes the query's blocks.
 #pragma once
 
 #include <cmath>
@@ -21,6 +21,15 @@ namespace nsa::cuda::decode {
 
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kSelectItems = (kMaxSelected + kSelectRound + kSelectThreads - 1) / kSelectThreads;
+// Release and acquire at GPU scope (one thread of the block, after or before a barrier), as a
+// split publishes its list and the last one reads them all: a sequentially consistent
+// __threadfence() in every thread is not needed for that, and costs more.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
+// The counter's increment of a split that found a page outside the pool (the low 16 bits count
+// the splits done).
+constexpr unsigned kBadSplit = 1u << 16;
+
 // keys[0, kept) hold the best keys so far, best first; keys[kept, kept + m) new ones (0: none).
 // Leaves the n best of both, best first, in keys[0, result), and returns their count. Keys are
 // unique (they hold the block), so a key's rank is the number of keys above it, and the ranks
@@ -124,6 +133,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   static_assert((kMaxSelected + kSelectRound) % 32 == 0, "keep_best reads whole chunks");
   __shared__ __align__(16) uint64_t keys[kMaxSelected + kSelectRound];
   __shared__ int count;
+  __shared__ unsigned done;
   extern __shared__ __align__(16) float lse_s[];  // [G]
   const int splits = p.plan.sel_splits;
   const int c = blockIdx.x % splits, s = blockIdx.x / splits, h = blockIdx.y, b = blockIdx.z;
@@ -133,7 +143,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   allow_next_grid();
 
   // The sequence: its length within [S, capacity], and this split's share of its pages within the
-  // pool (inputs only, so before the wait; the flag goes to sel_bad).
+  // pool (inputs only, so before the wait).
   const int L = p.seqlens[b];
   const bool ok = L >= S && L <= p.capacity;
   bool bad_pages = false;
@@ -147,12 +157,17 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     }
     bad_pages = __syncthreads_or(bad);
   }
-  // Written before the wait: only kernel C reads it, after this grid ends.
-  if (tid == 0) ws.sel_bad[((index_t(b) * S + s) * p.num_heads_k + h) * splits + c] = bad_pages ? 1 : 0;
   wait_prior_grid();
   trace_event(p.plan, kTraceSelect, kTraceWaited);
-  if (!ok) return;  // kernel C answers for the sequence
   const index_t query = (index_t(b) * S + s) * p.num_heads_k + h;
+  int32_t* out = p.block_indices.ptr<int32_t>(b, s, h);
+  if (!ok) {  // every split sees it; the first one answers
+    if (c == 0) {
+      if (tid == 0) ws.bad[query] = 1;
+      for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+    }
+    return;
+  }
 
   const index_t bh = index_t(b) * p.num_heads_k + h;
   const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
@@ -268,10 +283,37 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   }
 
   trace_event(p.plan, kTraceSelect, kTraceStep2);
-  // Publish the list, best first and 0-padded to n.
-  uint64_t* list = ws.sel_keys + (query * splits + c) * n;  // [n]
-  for (int i = tid; i < n; i += kSelectThreads) list[i] = i < kept ? keys[i] : 0;
+  // Publish the list (0-padded to n), then count this split done; the last one merges.
+  uint64_t* lists = ws.sel_keys + query * splits * n;  // [splits][n]
+  for (int i = tid; i < n; i += kSelectThreads) lists[c * n + i] = i < kept ? keys[i] : 0;
+  __syncthreads();  // the block's writes of the list come before thread 0's fence (cumulativity)
+  if (tid == 0) {
+    const unsigned add = 1u + (bad_pages ? kBadSplit : 0u);
+    fence_acq_rel_gpu();  // release: the list before the count
+    done = atomicAdd(ws.sel_count + query, add) + add;
+    fence_acq_rel_gpu();  // acquire: the last split reads the lists counted before its own
+  }
+  __syncthreads();
   trace_event(p.plan, kTraceSelect, kTraceMid);
+  if ((done & (kBadSplit - 1)) != unsigned(splits)) return trace_event(p.plan, kTraceSelect, kTraceEnd);
+  const bool bad = done >= kBadSplit;
+  if (tid == 0) ws.bad[query] = bad ? 1 : 0;
+  if (bad) {
+    for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+    return;
+  }
+  if (splits > 1) {
+    const int all = splits * n;
+    kept = 0;
+    for (int r0 = 0; r0 < all; r0 += kSelectRound) {
+      const int m = min(kSelectRound, all - r0);
+      __syncthreads();  // the previous round's keys are read before they are overwritten
+      for (int i = tid; i < m; i += kSelectThreads) keys[kept + i] = __ldcg(lists + r0 + i);
+      __syncthreads();
+      kept = keep_best(keys, kept, m, n, &count);
+    }
+  }
+  if (warp == 0) topk::write_token(keys, kept, n, out);
   trace_event(p.plan, kTraceSelect, kTraceEnd);
 }
 

@@ -12,7 +12,6 @@
 #include <climits>
 
 #include "decode.h"
-#include "merge.cuh"
 #include "tile_attention.cuh"
 
 namespace nsa::cuda::decode {
@@ -93,24 +92,15 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   const int G = p.num_heads / p.num_heads_k, S = p.num_queries, R = ws.rows;
   const int r0 = rb * kBlockRows, nrows = min(kBlockRows, R - r0);
   const int q_first = r0 / G, q_last = (r0 + nrows - 1) / G;
-  // Split 0 answers for the queries whose first row lies in this row block: from q_first + owned.
-  auto owned = [&] { return r0 % G == 0 ? 0 : 1; };
   const int splits = p.plan.slc_splits;
   const index_t bh = index_t(b) * p.num_heads_k + h;
   // The split's first row of branch br's partials (0 selected, 1 window).
   auto part = [&](int br) { return ((bh * splits + split) * 2 + br) * R + r0; };
   const int L = p.seqlens[b];
-  if (!(L >= S && L <= p.capacity)) {  // nothing is read; kernel D writes NaN
+  if (!(L >= S && L <= p.capacity)) {  // kernel B flags the sequence; nothing is read
     write_empty<DV>(ws.sp_o + part(0) * DV, ws.sp_ml + part(0) * 2, nrows);
     write_empty<DV>(ws.sp_o + part(1) * DV, ws.sp_ml + part(1) * 2, nrows);
-    wait_prior_grid();  // (every block waits: see wait_prior_grid)
-    const int nq = q_last - q_first + 1, n = p.num_selected;
-    if (split == 0)
-      for (int e = owned() * n + tid; e < nq * n; e += kThreads) {
-        const int q = q_first + e / n;
-        p.block_indices.ptr<int32_t>(b, q, h)[e % n] = -1;
-        if (e % n == 0) ws.bad[(index_t(b) * S + q) * p.num_heads_k + h] = 1;
-      }
+    wait_prior_grid();
     return;
   }
 
@@ -186,13 +176,12 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   trace_event(p.plan, kTraceSparse, kTraceMid);
   wait_prior_grid();  // kernel B's block_indices
   trace_event(p.plan, kTraceSparse, kTraceWaited);
-  // The chosen blocks of queries q_first .. q_last from kernel B's split lists (over the key
-  // stages: the window branch is done with them), then their union, in the order of first
+  // The union of the chosen blocks of queries q_first .. q_last, in the order of their first
   // appearance (query-major), with the mask of the queries that chose each.
-  static_assert(kMergeScratchBytes <= Smem::kOffRed - Smem::kOffK, "the merge fits over the key stages");
-  const int nq = q_last - q_first + 1, n = p.num_selected;
-  merge_lists(p, ws, b, h, q_first, nq, owned(), split == 0, reinterpret_cast<unsigned char*>(sm.reduce()), lists);
-  const int entries = nq * n;
+  const int nq = q_last - q_first + 1, n = p.num_selected, entries = nq * n;
+  for (int e = tid; e < entries; e += kThreads)
+    lists[e] = p.block_indices.ptr<const int32_t>(b, q_first + e / n, h)[e % n];
+  __syncthreads();
   int nu = 0;
   for (int e0 = 0; e0 < entries; e0 += kThreads) {
     const int e = e0 + tid;

@@ -15,8 +15,8 @@ namespace nsa::cuda::decode {
 enum TraceKernel : int { kTraceScan = 0, kTraceSelect = 1, kTraceSparse = 2, kTraceCombine = 3 };
 // kTraceWaited: past wait_prior_grid (kernel A: its key loop done). kTraceStep1: A's first key
 // tile landed (with the query rows), B's lse done, C's first window tile landed. kTraceStep2:
-// B's candidates scored and ranked (before it publishes), C's split lists merged and their union
-// built (past its wait). kTraceMid: B's list published, C's window branch done (before its
+// B's candidates scored and ranked (before it publishes), C's union of chosen blocks built (past
+// its wait). kTraceMid: B's list published and counted, C's window branch done (before its
 // wait), D's splits merged.
 enum TraceEvent : int {
   kTraceStart = 0,
