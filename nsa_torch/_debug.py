@@ -140,22 +140,24 @@ class plans:
         return False
 
 
-# decode_attention's kernels and trace events, as csrc/nsa/cuda/decode/trace.cuh numbers them.
-TRACE_KERNELS = ("scan", "select", "sparse", "combine")
+# decode_attention's kernels (in launch order) and trace events, as csrc/nsa/cuda/decode/trace.cuh
+# numbers them.
+TRACE_KERNELS = ("window", "scan", "select", "sparse", "combine")
 TRACE_EVENTS = ("start", "waited", "step1", "step2", "mid", "end")
 
 
 class decode_trace:
     """Context manager tracing the phases of decode_attention's CUDA kernels: while it is open,
     thread 0 of each thread block stores the GPU's global timer (ns) when a phase ends, into
-    ``as buf`` (an int64 CUDA tensor [4 kernels, blocks, 6 events], zero where nothing was stored;
+    ``as buf`` (an int64 CUDA tensor [5 kernels, blocks, 6 events], zero where nothing was stored;
     the grid's first ``blocks`` thread blocks of each kernel). A later step overwrites an earlier
     one's stamps, so after the steps of interest (or CUDA-graph replays captured inside the
     context) the buffer holds the last one. Events (TRACE_EVENTS: start, waited, step1, step2,
-    mid, end): scan: key loop done, first key tile landed, -, -; select: past the wait for the
-    scan, lse done, candidates ranked, list published and counted; sparse: past the wait for the
-    selection, first window tile landed, union of chosen blocks built, window done (before that
-    wait); combine: past the wait, -, -, splits merged. ``trace_summary`` reads it.
+    mid, end; each kernel stores start and end): window: -, first key tile landed, -, -; scan:
+    -, first key tile landed, -, key loop done (its end comes after its wait for the window);
+    select: past the wait for the scan, lse done, candidates ranked, list published and counted;
+    sparse: past the wait for the selection, first key tile landed, union of chosen blocks built,
+    -; combine: past the wait, -, -, splits merged. ``trace_summary`` reads it.
     Process-global state for profiling (tools/profile_decode.py --trace), not for use under
     torch.compile; the buffer must outlive every graph captured with it."""
 
@@ -178,13 +180,13 @@ class decode_trace:
 
 
 def trace_summary(buffer):
-    """{kernel: {event: (min, median, max) in us after the scan's first start, over the thread
-    blocks that stored it}} of a decode_trace buffer (events nobody stored are left out)."""
+    """{kernel: {event: (min, median, max) in us after the step's first block start, over the
+    thread blocks that stored it}} of a decode_trace buffer (events nobody stored are left out)."""
     t = buffer.detach().cpu()
-    starts = t[0, :, 0]
+    starts = t[:, :, 0]
     starts = starts[starts != 0]
     if starts.numel() == 0:
-        raise ValueError("nsa_torch._debug.trace_summary: the scan stored no start (no traced step ran)")
+        raise ValueError("nsa_torch._debug.trace_summary: no kernel stored a start (no traced step ran)")
     t0 = int(starts.min())
     out = {}
     for k, kernel in enumerate(TRACE_KERNELS):

@@ -97,19 +97,22 @@ def test_decode_trace_refuses_bad_buffers():
 
 
 def test_trace_summary_reads_each_kernels_phases():
-    """us after the scan's first start, min / median / max over the blocks that stored an event;
-    events nobody stored are left out."""
+    """us after the step's first block start (any kernel's), min / median / max over the blocks
+    that stored an event; events nobody stored are left out."""
     assert _debug.TRACE_EVENTS == ("start", "waited", "step1", "step2", "mid", "end")
-    buf = torch.zeros(4, 3, 6, dtype=torch.int64)
+    assert _debug.TRACE_KERNELS == ("window", "scan", "select", "sparse", "combine")
+    buf = torch.zeros(5, 3, 6, dtype=torch.int64)
     t0 = 10**12
-    buf[0, :, 0] = torch.tensor([t0 + 1000, t0, t0 + 2000])       # scan starts
-    buf[0, :2, 5] = torch.tensor([t0 + 9000, t0 + 7000])          # two scan ends
-    buf[3, 1, 1] = t0 + 20500                                      # one combine wait
+    buf[0, 2, 0] = t0 - 500                                        # a window start, the first
+    buf[1, :, 0] = torch.tensor([t0 + 1000, t0, t0 + 2000])       # scan starts
+    buf[1, :2, 5] = torch.tensor([t0 + 9000, t0 + 7000])          # two scan ends
+    buf[4, 1, 1] = t0 + 20500                                      # one combine wait
     got = _debug.trace_summary(buf)
-    assert got["scan"] == {"start": (0.0, 1.0, 2.0), "end": (7.0, 7.0, 9.0)}
-    assert got["combine"] == {"waited": (20.5, 20.5, 20.5)} and got["select"] == {} == got["sparse"]
-    with pytest.raises(ValueError, match="the scan stored no start"):
-        _debug.trace_summary(torch.zeros(4, 3, 6, dtype=torch.int64))
+    assert got["window"] == {"start": (0.0, 0.0, 0.0)}
+    assert got["scan"] == {"start": (0.5, 1.5, 2.5), "end": (7.5, 7.5, 9.5)}
+    assert got["combine"] == {"waited": (21.0, 21.0, 21.0)} and got["select"] == {} == got["sparse"]
+    with pytest.raises(ValueError, match="no kernel stored a start"):
+        _debug.trace_summary(torch.zeros(5, 3, 6, dtype=torch.int64))
 
 
 # ------------------------------------------------------------------------------------ on CUDA

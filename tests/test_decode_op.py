@@ -877,9 +877,10 @@ def test_cuda_head_major_caches():
 @pytest.mark.cuda
 def test_cuda_decode_trace_orders_the_kernels():
     """nsa_torch._debug.decode_trace: the same result with the trace on; every thread block of the
-    scan, the selection and the sparse kernel stores its start; each kernel gets past its wait
+    window, scan, selection and sparse kernels stores its start; each kernel gets past its wait
     only once every block of the kernel before it has ended (a dependent launch's wait returns
-    when the previous grid has completed), and no block ends before it starts."""
+    when the previous grid has completed; the scan's end is past its wait for the window), and
+    no block ends before it starts."""
     from nsa_torch import _debug
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-trace"))
     lengths = [max(L, 1) for L in CUDA_LENGTHS]
@@ -893,17 +894,20 @@ def test_cuda_decode_trace_orders_the_kernels():
     B, H = len(lengths), 2
     t = buf.cpu()
     ev = {name: i for i, name in enumerate(_debug.TRACE_EVENTS)}
-    started = [int((t[k, :, ev["start"]] != 0).sum()) for k in range(4)]
-    assert started[:3] == [plan["cmp_splits"] * H * B, plan["sel_splits"] * H * B, plan["slc_splits"] * H * B]
-    assert started[3] > 0
-    for k in range(4):
+    kernels = len(_debug.TRACE_KERNELS)
+    started = [int((t[k, :, ev["start"]] != 0).sum()) for k in range(kernels)]
+    assert started[:4] == [plan["slc_splits"] * H * B, plan["cmp_splits"] * H * B, plan["sel_splits"] * H * B,
+                           plan["slc_splits"] * H * B]
+    assert started[4] > 0
+    for k in range(kernels):
         start, end = t[k, :, ev["start"]], t[k, :, ev["end"]]
         ended = end != 0
         assert ended.any() and bool((end[ended] >= start[ended]).all()), _debug.TRACE_KERNELS[k]
-    for k in range(1, 4):
-        waited = t[k, :, ev["waited"]][t[k, :, ev["waited"]] != 0]
+    for k in range(1, kernels):
+        past = t[k, :, ev["end" if k == 1 else "waited"]]
+        past = past[past != 0]
         prev_end = t[k - 1, :, ev["end"]][t[k - 1, :, ev["end"]] != 0]
-        assert int(waited.min()) >= int(prev_end.max()), _debug.TRACE_KERNELS[k]
+        assert int(past.min()) >= int(prev_end.max()), _debug.TRACE_KERNELS[k]
 
 
 @pytest.mark.cuda

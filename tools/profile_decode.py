@@ -120,7 +120,7 @@ def profile(T, B, steps, warmup, use_profiler=True, trace=False):
     # every device activity of the replays (any kernel or memset besides the four shows up)
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
-    rows, step = step_timeline(kernels, "decode_cmp_kernel")
+    rows, step = step_timeline(kernels, "decode_window_kernel")
     print(f"T = {T}, B = {B}: plan {ran[0]}; {copies} cache copies, {replays} replays")
     print("| kernel | starts (us) | ends (us) | adds (us) |")
     print("|---|---|---|---|")
@@ -137,7 +137,7 @@ def profile(T, B, steps, warmup, use_profiler=True, trace=False):
                 gt.replay()
             torch.cuda.synchronize()
         print(f"T = {T}, B = {B}: phases of the last step of a replay (_debug.decode_trace; us after the "
-              f"scan's first block starts; min / median / max over thread blocks)")
+              f"step's first block starts; min / median / max over thread blocks)")
         print("| kernel | " + " | ".join(_debug.TRACE_EVENTS) + " |")
         print("|---|" + "---|" * len(_debug.TRACE_EVENTS))
         for kernel, row in _debug.trace_summary(buf).items():

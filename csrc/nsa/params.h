@@ -226,11 +226,12 @@ struct DecodePlan {
   index_t cmp_chunk = 0;     // compressed tokens per split at full capacity, a multiple of the key
                              // tile (cmp_splits * cmp_chunk >= cmp_capacity); shorter sequences
                              // spread their tiles evenly over the same splits
-  int slc_splits = 1;        // thread blocks per (sequence, KV head) over selected + window keys
+  int slc_splits = 1;        // thread blocks per (sequence, KV head) over the selected keys, and
+                             // as many over the window's
   int sel_splits = 1;        // thread blocks per (query, KV head) over the candidate blocks of the
                              // top-n selection (each keeps its own n best; the last one merges)
   // Debugging (nsa_torch._debug.decode_trace): thread 0 of each thread block stores the global
-  // timer (ns) at its phases' ends, [4 kernels][trace_blocks][kTraceEvents] (cuda/decode/trace.cuh);
+  // timer (ns) at its phases' ends, [5 kernels][trace_blocks][kTraceEvents] (cuda/decode/trace.cuh);
   // nullptr: no trace.
   uint64_t* trace = nullptr;
   int trace_blocks = 0;

@@ -291,7 +291,8 @@ int decode_splits(index_t tiles, index_t units, const DeviceFacts& dev, const st
 
 // The compressed scan splits the cache's compressed tiles (cmp_chunk: the most compressed tokens
 // one split takes, at full capacity; the kernel spreads a step's actual tiles evenly over the
-// splits); the selected + window kernel the most key tiles a row block can have.
+// splits); the window and selected kernels (W and C) share one split count, from the most key
+// tiles a row block can have in both.
 DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o) {
   DecodePlan plan;
   plan.device = dev;

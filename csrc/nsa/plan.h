@@ -39,8 +39,8 @@ inline constexpr int kPlanKeyTile = 64;
 inline constexpr index_t kDefaultSplitTokens = 4096;
 // The selected branch by blocks keeps one chunk's partials under this many bytes.
 inline constexpr size_t kSlcPartialBytes = size_t(2) << 30;
-// A decode step aims at this many thread blocks per SM in each of its two long kernels (the
-// compressed scan and the selected + window attention), each split taking at least
+// A decode step aims at this many thread blocks per SM in each of its long kernels (the
+// compressed scan; the window and selected attention, counted together), each split taking at least
 // kDecodeMinTiles key tiles.
 inline constexpr int kDecodeBlocksPerSm = 2;
 inline constexpr int kDecodeMinTiles = 2;

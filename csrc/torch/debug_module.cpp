@@ -73,7 +73,7 @@ PyObject* debug_keys(PyObject*, PyObject*) {
 }
 
 // _debug_decode_trace(address, blocks): decode_attention's trace buffer (a CUDA int64 tensor's
-// data_ptr, holding 4 * blocks * kTraceEvents values), or (0, 0) for none. The caller keeps the
+// data_ptr, holding kTraceKernels * blocks * kTraceEvents values), or (0, 0) for none. The caller keeps the
 // buffer alive while it is set.
 PyObject* debug_decode_trace(PyObject*, PyObject* args) {
   unsigned long long address;

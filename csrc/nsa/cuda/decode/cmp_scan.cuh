@@ -46,6 +46,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   const Smem sm(smem);
   trace_event(p.plan, kTraceScan, kTraceStart);
   allow_next_grid();  // kernel B's checks of the sequence need nothing from here
+  // Launched beside kernel W (the window), whose results it neither reads nor overwrites; each
+  // block waits for W before exiting (wait_prior_grid), so that A's completion implies W's.
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int h = blockIdx.y / ws.row_blocks, rb = blockIdx.y % ws.row_blocks;
@@ -65,6 +67,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   float* ml_dst = ws.cmp_ml + part * 2;
   if (count == 0) {
     write_empty<DV>(o_dst, ml_dst, nrows);
+    wait_prior_grid();
     return;
   }
 
@@ -135,8 +138,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
         }
       });
   slot_sums(count - 1);  // run_tiles ends with a barrier
-  trace_event(p.plan, kTraceScan, kTraceWaited);
+  trace_event(p.plan, kTraceScan, kTraceMid);
   acc.finish(sm.reduce(), o_dst, ml_dst, nrows);
+  wait_prior_grid();
   trace_event(p.plan, kTraceScan, kTraceEnd);
 }
 

@@ -116,11 +116,13 @@ void decode_attention(const DecodeParams& p, void* workspace, cudaStream_t strea
   if (p.batch == 0) return;
   const decode::Workspace ws = decode::make_workspace(p, workspace);
   if (p.dtype == Dtype::kBFloat16) {
+    decode::launch_window<__nv_bfloat16>(p, ws, stream);
     decode::launch_cmp<__nv_bfloat16>(p, ws, stream);
     decode::launch_select(p, ws, stream);
     decode::launch_sparse<__nv_bfloat16>(p, ws, stream);
     decode::launch_combine<__nv_bfloat16>(p, ws, stream);
   } else {
+    decode::launch_window<__half>(p, ws, stream);
     decode::launch_cmp<__half>(p, ws, stream);
     decode::launch_select(p, ws, stream);
     decode::launch_sparse<__half>(p, ws, stream);

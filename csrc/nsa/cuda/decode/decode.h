@@ -2,17 +2,22 @@
 // params.h, the plan in nsa/plan.cpp). The step is memory-bound: it reads each sequence's
 // compressed keys and values (about 3/4 of its bytes), its n selected blocks and its window once.
 // Rows: the S * G query rows (s, g) of a (sequence b, KV head h), row r = s * G + g, in row blocks
-// of up to 64 (R = S * G, ceil(R / 64) blocks). Four kernels, each later one launched with
-// programmatic dependent launch (it starts while the previous one ends and waits for its results
+// of up to 64 (R = S * G, ceil(R / 64) blocks). Five kernels, each after the first launched with
+// programmatic dependent launch (it starts while the previous one runs and waits for its results
 // where it needs them); launch shapes depend on the plan and the capacity, never on the lengths.
 //
+//   W. decode_window_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads: the
+//      window branch (keys [pos - w + 1, pos] of each query, in tiles cut at selection-block
+//      edges), which needs the length alone: launched first, it runs beside A; its tiles spread
+//      evenly over the splits, raw keys through page_of / row_of; partial O, m, l per split.
 //   A. decode_cmp_kernel (cmp_scan.cuh), grid (cmp_splits, H * row blocks, B), 128 threads:
 //      flash-decoding over the compressed tokens. The sequence's ceil(Nc(len) / 64) key tiles
 //      are spread evenly over the splits; a thread block streams its tiles (cp.async, 2-3
 //      stages) against its rows (tile_attention.cuh), and writes per tile each row's running
 //      maximum and its block-score slots (the tile's probabilities summed into the selection
 //      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
-//      Split 0 of row block 0 zeroes the selection counters of its (sequence, KV head).
+//      Split 0 of row block 0 zeroes the selection counters of its (sequence, KV head). Each
+//      block waits for W before it exits, so that A's completion implies W's.
 //   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads: checks the
 //      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
 //      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'
@@ -21,11 +26,8 @@
 //      a query to finish merges the splits' lists and writes block_indices [B, S, H, n] and the
 //      sequence's validity.
 //   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
-//      first the window branch (keys [pos - w + 1, pos] of each query, in tiles cut at
-//      selection-block edges, before waiting for B), then the selected branch over the union of
-//      the row block's chosen blocks (each row sees its own query's blocks); each branch's tiles
-//      spread evenly over the splits, raw keys through page_of / row_of; partial O, m, l per
-//      branch and split.
+//      the selected branch over the union of the row block's chosen blocks (each row sees its
+//      own query's blocks), as W's tiles; partial O, m, l per split.
 //   D. decode_combine_kernel (combine.cuh), 256 threads, up to 8 rows per block: merges each
 //      row's splits of the three branches and writes o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa
 //      in q's dtype (NaN for an invalid sequence).
@@ -39,8 +41,8 @@
 //   sel_keys  [B, S, H, sel_splits, n] u64 B: each split's n best keys (topk/select.h), 0-padded
 //   sel_count [B, S, H] uint32             B: splits done (+ 2^16 for one that saw a bad page);
 //                                          zeroed by A
-//   sp_o    [B, H, slc_splits, 2, R, Dv]   C's partial O: branch 0 selected, 1 window
-//   sp_ml   [B, H, slc_splits, 2, R, 2]    C's (m, l)
+//   sp_o    [B, H, slc_splits, 2, R, Dv]   partial O: branch 0 selected (C), 1 window (W)
+//   sp_ml   [B, H, slc_splits, 2, R, 2]    their (m, l)
 //   bad     [B, S, H] int32                B: 1 where the sequence is invalid
 // Only tiles below ceil(Nc(len) / 64) are written and read. Nothing is expected of the
 // workspace's content on entry.
@@ -82,7 +84,9 @@ struct Workspace {
 // The buffers of a workspace at `base` (nullptr: the layout and size only). decode.cu.
 Workspace make_workspace(const DecodeParams& p, void* base);
 
-// The kernels' launches (A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, B in decode.cu).
+// The kernels' launches (W, A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, B in decode.cu).
+template <typename T>
+void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 template <typename T>
 void launch_cmp(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);

@@ -1,5 +1,5 @@
 // Launches of the decoding step's kernels (decode.h): head-dim and m-tile dispatch, shared-memory
-// opt-in, programmatic dependent launch. The per-dtype kernels (A, C, D) are instantiated in
+// opt-in, programmatic dependent launch. The per-dtype kernels (W, A, C, D) are instantiated in
 // decode_bf16.cu and decode_fp16.cu; B, which reads no tensor of the dtype, in decode.cu.
 #pragma once
 
@@ -11,7 +11,7 @@
 
 namespace nsa::cuda::decode {
 
-// Grid of kernels A and C: splits x (KV head, row block) x sequence.
+// Grid of kernels W, A and C: splits x (KV head, row block) x sequence.
 inline dim3 split_grid(const DecodeParams& p, const Workspace& ws, int splits) {
   return dim3(unsigned(splits), unsigned(p.num_heads_k * ws.row_blocks), unsigned(p.batch));
 }
@@ -29,7 +29,19 @@ void launch_cmp(const DecodeParams& p, const Workspace& ws, cudaStream_t stream)
     dispatch_mtiles(ws, [&](auto mt) {
       constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
       launch_kernel(p, decode_cmp_kernel<T, D, DV, MT>, split_grid(p, ws, p.plan.cmp_splits), kThreads,
-                    ScanSmem<T, D, DV, MT>::kBytes, false, stream, p, ws);
+                    ScanSmem<T, D, DV, MT>::kBytes, true, stream, p, ws);
+    });
+  });
+}
+
+// The step's first kernel, W, waits for nothing before it (no programmatic dependent launch).
+template <typename T>
+void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
+  dispatch_head_dims(kOp, p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
+    dispatch_mtiles(ws, [&](auto mt) {
+      constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
+      launch_kernel(p, decode_window_kernel<T, D, DV, MT>, split_grid(p, ws, p.plan.slc_splits), kThreads,
+                    SparseSmem<T, D, DV, MT>::kOffExtra + size_t(sparse_arrays(p).bytes), false, stream, p, ws);
     });
   });
 }

@@ -1,12 +1,14 @@
-// Kernel C of the decoding step (decode.h): the window and selected branches over the raw cache.
+// Kernels W and C of the decoding step (decode.h): the window and selected branches over the raw
+// cache, one body (sparse_branch) for both.
 //
-// A thread block owns the rows of one (sequence, KV head, row block) and a share of each
-// branch's key tiles. Tiles never cross a selection-block edge, so each lies within one page
+// A thread block owns the rows of one (sequence, KV head, row block) and a share of its branch's
+// key tiles. Tiles never cross a selection-block edge, so each lies within one page
 // (page_size % select_size == 0): a tile is (first key, keys, page, row in the page), looked up
-// into shared memory a few tiles before its copies start. The window branch comes first: its
-// keys depend on the length alone, so it runs while kernel B still selects; then, once B is done,
-// the selected branch over the union of the row block's chosen blocks, each block carrying the
-// mask of the queries that chose it (a row sees its own query's blocks, keys up to its position).
+// into shared memory a few tiles before its copies start. The window's keys depend on the length
+// alone, so kernel W is launched first and runs beside the compressed scan; kernel C waits for
+// kernel B's choice, then runs over the union of the row block's chosen blocks, each block
+// carrying the mask of the queries that chose it (a row sees its own query's blocks, keys up to
+// its position).
 #pragma once
 
 #include <climits>
@@ -71,8 +73,10 @@ __device__ __forceinline__ void set_tile(const DecodeParams& p, int b, int* tile
   tile[3] = row;
 }
 
-template <typename T, int D, int DV, int MT>
-__global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const DecodeParams p, const Workspace ws) {
+// One branch of one split: kWindow, the window (kernel W, partials at branch 1); else the selected
+// branch (kernel C, branch 0), after waiting for kernel B.
+template <typename T, int D, int DV, int MT, bool kWindow>
+__device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Workspace& ws) {
   using W = Warps<MT>;
   using Smem = SparseSmem<T, D, DV, MT>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -83,7 +87,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   int* blocks = reinterpret_cast<int*>(sm.extra() + arr.off_blocks);           // union: blocks
   int* lists = reinterpret_cast<int*>(sm.extra() + arr.off_lists);             // [queries][n]
   int* tiles = reinterpret_cast<int*>(sm.extra() + arr.off_tiles);             // [tiles][4]
-  trace_event(p.plan, kTraceSparse, kTraceStart);
+  constexpr TraceKernel kTrace = kWindow ? kTraceWindow : kTraceSparse;
+  constexpr int kBranch = kWindow ? 1 : 0;
+  trace_event(p.plan, kTrace, kTraceStart);
   allow_next_grid();
 
   const int split = blockIdx.x, b = blockIdx.z;
@@ -98,9 +104,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   auto part = [&](int br) { return ((bh * splits + split) * 2 + br) * R + r0; };
   const int L = p.seqlens[b];
   if (!(L >= S && L <= p.capacity)) {  // kernel B flags the sequence; nothing is read
-    write_empty<DV>(ws.sp_o + part(0) * DV, ws.sp_ml + part(0) * 2, nrows);
-    write_empty<DV>(ws.sp_o + part(1) * DV, ws.sp_ml + part(1) * 2, nrows);
-    wait_prior_grid();
+    write_empty<DV>(ws.sp_o + part(kBranch) * DV, ws.sp_ml + part(kBranch) * 2, nrows);
+    if (!kWindow) wait_prior_grid();
     return;
   }
 
@@ -119,14 +124,14 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
   const float scale_log2 = float(p.scale * M_LOG2E);
   load_query_rows<T, D, MT>(sm.q(), p, b, h, G, r0, nrows);
 
-  // Runs this split's share [first, first + count) of a branch's `total` key tiles: tile i spans
+  // Runs this split's share [first, first + count) of the branch's `total` key tiles: tile i spans
   // keys span(i, t0, t1); row `row` (0, 1: this thread's) takes part in tile i iff on(row, i), and
   // then sees key t iff sees(row, t). Tile k's entry lives in slot k % kRing of `tiles`: the
   // first kStages are looked up before the loop, tile k + kStages's by one thread during tile k
   // (its page load overlaps the products; its copies start at the next step, after a barrier).
   constexpr int kRing = Smem::kStages + 1;
   static_assert(kRing <= 4, "sparse_arrays keeps 4 tile entries");
-  auto branch = [&](int total, const View& kv, const View& vv, auto&& span, auto&& on, auto&& sees, int br) {
+  auto branch = [&](int total, const View& kv, const View& vv, auto&& span, auto&& on, auto&& sees) {
     const int per = (total + splits - 1) / splits, first = split * per;
     const int count = max(0, min(per, total - first));
     auto lookup = [&](int k, int* entry) {
@@ -145,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
           copy_tile<DV>(sm.v(stage), vv.ptr<const T>(tl[2], tl[3], h), vv.row_stride, tl[1]);
         },
         [&](int k, int stage) {
-          if (k == 0 && br == 1) trace_event(p.plan, kTraceSparse, kTraceStep1);
+          if (k == 0) trace_event(p.plan, kTrace, kTraceStep1);
           const int* tl = tiles + 4 * (k % kRing);
           const int t0 = tl[0], keys = tl[1], ahead = k + Smem::kStages;
           int next[4];
@@ -160,22 +165,25 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
             for (int i = 0; i < 4; ++i) slot[i] = next[i];
           }
         });
-    acc.finish(sm.reduce(), ws.sp_o + part(br) * DV, ws.sp_ml + part(br) * 2, nrows);
+    acc.finish(sm.reduce(), ws.sp_o + part(kBranch) * DV, ws.sp_ml + part(kBranch) * 2, nrows);
   };
 
-  // Window: keys [pos_first - w + 1, pos_last], cut at selection-block edges and every 64 keys.
-  const int lo = max(0, pos_first - w + 1), blk0 = lo / l_sel;
-  branch((pos_last / l_sel - blk0 + 1) * per_block, p.k_swa, p.v_swa,
-         [&](int i, int& t0, int& t1) {
-           const int start = (blk0 + i / per_block) * l_sel, piece = i % per_block;
-           t0 = max(lo, start + piece * kTileKeys);
-           t1 = min(pos_last + 1, start + min(l_sel, (piece + 1) * kTileKeys));
-         },
-         [](int, int) { return true; }, [&](int row, int t) { return t <= pos[row] && t > pos[row] - w; }, 1);
+  if constexpr (kWindow) {
+    // Keys [pos_first - w + 1, pos_last], cut at selection-block edges and every 64 keys.
+    const int lo = max(0, pos_first - w + 1), blk0 = lo / l_sel;
+    branch((pos_last / l_sel - blk0 + 1) * per_block, p.k_swa, p.v_swa,
+           [&](int i, int& t0, int& t1) {
+             const int start = (blk0 + i / per_block) * l_sel, piece = i % per_block;
+             t0 = max(lo, start + piece * kTileKeys);
+             t1 = min(pos_last + 1, start + min(l_sel, (piece + 1) * kTileKeys));
+           },
+           [](int, int) { return true; }, [&](int row, int t) { return t <= pos[row] && t > pos[row] - w; });
+    trace_event(p.plan, kTrace, kTraceEnd);
+    return;
+  }
 
-  trace_event(p.plan, kTraceSparse, kTraceMid);
   wait_prior_grid();  // kernel B's block_indices
-  trace_event(p.plan, kTraceSparse, kTraceWaited);
+  trace_event(p.plan, kTrace, kTraceWaited);
   // The union of the chosen blocks of queries q_first .. q_last, in the order of their first
   // appearance (query-major), with the mask of the queries that chose each.
   const int nq = q_last - q_first + 1, n = p.num_selected, entries = nq * n;
@@ -214,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
     __syncthreads();  // warp_reps is rewritten next round
   }
 
-  trace_event(p.plan, kTraceSparse, kTraceStep2);
+  trace_event(p.plan, kTrace, kTraceStep2);
   // Selected: every tile of the union's blocks; a row sees keys up to its position of the blocks
   // its query chose.
   branch(nu * per_block, p.k, p.v,
@@ -224,8 +232,18 @@ __global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const Decode
            t1 = min(pos_last + 1, start + min(l_sel, (piece + 1) * kTileKeys));
          },
          [&](int row, int i) { return ((masks[i / per_block] >> qbit[row]) & 1ull) != 0; },
-         [&](int row, int t) { return t <= pos[row]; }, 0);
-  trace_event(p.plan, kTraceSparse, kTraceEnd);
+         [&](int row, int t) { return t <= pos[row]; });
+  trace_event(p.plan, kTrace, kTraceEnd);
+}
+
+template <typename T, int D, int DV, int MT>
+__global__ void __launch_bounds__(kThreads, 2) decode_window_kernel(const DecodeParams p, const Workspace ws) {
+  sparse_branch<T, D, DV, MT, true>(p, ws);
+}
+
+template <typename T, int D, int DV, int MT>
+__global__ void __launch_bounds__(kThreads, 2) decode_sparse_kernel(const DecodeParams p, const Workspace ws) {
+  sparse_branch<T, D, DV, MT, false>(p, ws);
 }
 
 }  // namespace nsa::cuda::decode

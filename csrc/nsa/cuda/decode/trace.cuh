@@ -12,12 +12,20 @@
 
 namespace nsa::cuda::decode {
 
-enum TraceKernel : int { kTraceScan = 0, kTraceSelect = 1, kTraceSparse = 2, kTraceCombine = 3 };
-// kTraceWaited: past wait_prior_grid (kernel A: its key loop done). kTraceStep1: A's first key
-// tile landed (with the query rows), B's lse done, C's first window tile landed. kTraceStep2:
-// B's candidates scored and ranked (before it publishes), C's union of chosen blocks built (past
-// its wait). kTraceMid: B's list published and counted, C's window branch done (before its
-// wait), D's splits merged.
+// In launch order (nsa_torch._debug.TRACE_KERNELS).
+enum TraceKernel : int {
+  kTraceWindow = 0,
+  kTraceScan = 1,
+  kTraceSelect = 2,
+  kTraceSparse = 3,
+  kTraceCombine = 4,
+  kTraceKernels = 5
+};
+// kTraceWaited: past wait_prior_grid (B, C, D). kTraceStep1: A's first key tile landed (with the
+// query rows), B's lse done, W's and C's first key tile landed. kTraceStep2: B's candidates
+// scored and ranked (before it publishes), C's union of chosen blocks built. kTraceMid: A's key
+// loop done, B's list published and counted, D's splits merged. kTraceEnd: the block's last
+// phase done (A: past its wait for W, after writing its partials).
 enum TraceEvent : int {
   kTraceStart = 0,
   kTraceWaited = 1,
