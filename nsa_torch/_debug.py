@@ -34,6 +34,7 @@ Keys and values (``keys()`` lists them):
   slc_splits      int >= 1: the same for its selected and window keys
   sel_splits      int in [1, 64]: thread blocks per (query, KV head) of decode_attention's top-n
                   selection over the candidate blocks
+  window_order    "after_scan" or "before_scan": where decode_attention launches its window kernel
 A value of None removes the key's override (the plan's own choice, also inside an outer force).
 
 An unknown key or value raises ValueError when ``force`` is called. Forcing a kernel that the
@@ -140,8 +141,8 @@ class plans:
         return False
 
 
-# decode_attention's kernels (in launch order) and trace events, as csrc/nsa/cuda/decode/trace.cuh
-# numbers them.
+# decode_attention's kernels (in launch order but for the window's, after or before the scan's: the
+# plan's window_order) and trace events, as csrc/nsa/cuda/decode/trace.cuh numbers them.
 TRACE_KERNELS = ("window", "scan", "select", "sparse", "combine")
 TRACE_EVENTS = ("start", "waited", "step1", "step2", "mid", "end")
 
@@ -153,8 +154,9 @@ class decode_trace:
     the grid's first ``blocks`` thread blocks of each kernel). A later step overwrites an earlier
     one's stamps, so after the steps of interest (or CUDA-graph replays captured inside the
     context) the buffer holds the last one. Events (TRACE_EVENTS: start, waited, step1, step2,
-    mid, end; each kernel stores start and end): window: -, first key tile landed, -, -; scan:
-    -, first key tile landed, -, key loop done (its end comes after its wait for the window);
+    mid, end; each kernel stores start and end): window: past its wait (at its end), first key
+    tile landed, -, -; scan: -, first key tile landed, -, key loop done (its end comes after its
+    wait, for the window when launched after it);
     select: past the wait for the scan, lse done, candidates ranked, list published and counted;
     sparse: past the wait for the selection, first key tile landed, union of chosen blocks built,
     -; combine: past the wait, -, -, splits merged. ``trace_summary`` reads it.

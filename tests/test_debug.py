@@ -11,7 +11,8 @@ from nsa_torch import _debug, reference
 
 KINDS = {"fwd": ("wgmma", "wide", "mma"), "bwd": ("wgmma", "mma"), "slc_fwd": ("warp", "union", "blocks"),
          "slc_dq": ("tokens", "blocks"), "select": ("wgmma", "mma"), "split_tokens": (),
-         "slc_chunk_rows": (), "cmp_splits": (), "slc_splits": (), "sel_splits": ()}
+         "slc_chunk_rows": (), "cmp_splits": (), "slc_splits": (), "sel_splits": (),
+         "window_order": ("after_scan", "before_scan")}
 
 
 # ------------------------------------------------------------------------------------ on the CPU

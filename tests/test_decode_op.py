@@ -835,10 +835,10 @@ def test_cuda_small_blocks_and_edges(dtype):
 
 
 # Forced splits of the three split kernels: one thread block each; several, each selection split
-# with a full list of n; the selection's most (64: short lists, empty splits for the short
-# sequences, a merge in rounds).
+# with a full list of n (and the window kernel launched before the scan); the selection's most
+# (64: short lists, empty splits for the short sequences, a merge in rounds).
 SPLITS = {"one": dict(cmp_splits=1, slc_splits=1, sel_splits=1),
-          "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2),
+          "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2, window_order="before_scan"),
           "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64)}
 # n = 16 of 79 candidate blocks at 4999 tokens; n = 128 of 16-token blocks (312 candidates);
 # and 1250 candidates in a 32k cache (a selection split scores them in rounds). (Not "long":
@@ -875,22 +875,24 @@ def test_cuda_head_major_caches():
 
 
 @pytest.mark.cuda
-def test_cuda_decode_trace_orders_the_kernels():
+@pytest.mark.parametrize("order", ["after_scan", "before_scan"])
+def test_cuda_decode_trace_orders_the_kernels(order):
     """nsa_torch._debug.decode_trace: the same result with the trace on; every thread block of the
-    window, scan, selection and sparse kernels stores its start; each kernel gets past its wait
-    only once every block of the kernel before it has ended (a dependent launch's wait returns
-    when the previous grid has completed; the scan's end is past its wait for the window), and
-    no block ends before it starts."""
+    window, scan, selection and sparse kernels stores its start; each kernel in launch order ends
+    (the scan and window kernels: the second of them) or gets past its wait (the others) only
+    once every block of the kernel launched before it has ended (a dependent launch's wait
+    returns when the previous grid has completed), and no block ends before it starts."""
     from nsa_torch import _debug
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-trace"))
     lengths = [max(L, 1) for L in CUDA_LENGTHS]
     step = build_step(x, lengths, 1, capacity=CUDA_CAPACITY)
     o, idx = decode(nsa_torch, step, {})
-    with _debug.decode_trace(4096) as buf, _debug.plans() as ran:
+    with _debug.force(window_order=order), _debug.decode_trace(4096) as buf, _debug.plans() as ran:
         o2, idx2 = decode(nsa_torch, step, {})
         torch.cuda.synchronize()
     assert torch.equal(o, o2) and torch.equal(idx, idx2)
     plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
+    assert plan["window_order"] == order
     B, H = len(lengths), 2
     t = buf.cpu()
     ev = {name: i for i, name in enumerate(_debug.TRACE_EVENTS)}
@@ -903,11 +905,14 @@ def test_cuda_decode_trace_orders_the_kernels():
         start, end = t[k, :, ev["start"]], t[k, :, ev["end"]]
         ended = end != 0
         assert ended.any() and bool((end[ended] >= start[ended]).all()), _debug.TRACE_KERNELS[k]
-    for k in range(1, kernels):
-        past = t[k, :, ev["end" if k == 1 else "waited"]]
+    names = list(_debug.TRACE_KERNELS)
+    launched = names if order == "before_scan" else ["scan", "window"] + names[2:]
+    for i in range(1, kernels):
+        k, prev = names.index(launched[i]), names.index(launched[i - 1])
+        past = t[k, :, ev["end" if i == 1 else "waited"]]
         past = past[past != 0]
-        prev_end = t[k - 1, :, ev["end"]][t[k - 1, :, ev["end"]] != 0]
-        assert int(past.min()) >= int(prev_end.max()), _debug.TRACE_KERNELS[k]
+        prev_end = t[prev, :, ev["end"]][t[prev, :, ev["end"]] != 0]
+        assert int(past.min()) >= int(prev_end.max()), launched[i]
 
 
 @pytest.mark.cuda

@@ -109,6 +109,9 @@ enum class BwdKernel : int32_t { kWgmma, kMma };
 enum class SlcKernel : int32_t { kWarp, kUnion, kBlocks };
 // Block selection: select_topk_wgmma_kernel or select_topk_kernel (mma.sync).
 enum class SelectKernel : int32_t { kWgmma, kMma };
+// Where decode_attention launches its window kernel W: after the compressed scan A (W fills the
+// SMs A leaves), or before it.
+enum class WindowOrder : int32_t { kAfterScan, kBeforeScan };
 
 // The plan of one attention op call (forward or backward of one branch).
 struct AttnPlan {
@@ -228,6 +231,7 @@ struct DecodePlan {
                              // spread their tiles evenly over the same splits
   int slc_splits = 1;        // thread blocks per (sequence, KV head) over the selected keys, and
                              // as many over the window's
+  WindowOrder window_order = WindowOrder::kAfterScan;
   int sel_splits = 1;        // thread blocks per (query, KV head) over the candidate blocks of the
                              // top-n selection (each keeps its own n best; the last one merges)
   // Debugging (nsa_torch._debug.decode_trace): thread 0 of each thread block stores the global

@@ -282,7 +282,7 @@ TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
   CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
   CHECK(!o.fwd);  // nothing refused was set
   CHECK(o.split_tokens == 0);
-  CHECK(plan_keys().size() == 10);
+  CHECK(plan_keys().size() == 11);
   for (const std::string& key : plan_keys())
     for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
 }
@@ -389,7 +389,7 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
           CHECK(plan.sel_splits <= 64);
           if (plan.sel_splits > 1) CHECK(blocks / plan.sel_splits >= 128);
           CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 4 * 132));
-          CHECK(describe(plan).size() == 6);
+          CHECK(describe(plan).size() == 7);
         }
       }
     }
@@ -452,6 +452,11 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   const DecodePlan sel = plan_decode(p, kH100, with("sel_splits", int64_t(64)));
   CHECK(sel.sel_splits == 64);  // as given: splits past the candidates keep empty lists
   CHECK(sel.slc_splits == 4);
+  CHECK(plan_decode(p, kH100, PlanOverrides{}).window_order == WindowOrder::kAfterScan);
+  const DecodePlan before = plan_decode(p, kH100, with("window_order", "before_scan"));
+  CHECK(before.window_order == WindowOrder::kBeforeScan);
+  CHECK(before.cmp_splits == 4);
+  CHECK(before.slc_splits == 4);
   // Keys that do not concern the decode step leave it alone, and its keys leave the others alone.
   CHECK(plan_decode(p, kH100, with("fwd", "mma")).cmp_splits == 4);
   CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kFwd, kH100, with("cmp_splits", int64_t(3))).fwd ==
@@ -473,12 +478,16 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   CHECK(plan_values("cmp_splits").empty());
   CHECK(plan_values("slc_splits").empty());
   CHECK(plan_values("sel_splits").empty());
+  CHECK(plan_values("window_order") == std::vector<std::string>{"after_scan", "before_scan"});
+  CHECK(contains(refusal([&] { set_override(o, "window_order", "first"); }), "window_order"));
+  CHECK(contains(refusal([&] { set_override(o, "window_order", int64_t(1)); }), "window_order=1"));
+  CHECK(!o.window_order);
 }
 
 TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
   const std::vector<PlanItem> items = describe(plan);
-  REQUIRE(items.size() == 6);
+  REQUIRE(items.size() == 7);
   CHECK(items[0].key == "cmp_splits");
   CHECK(items[0].number == 64);
   CHECK(items[1].key == "cmp_chunk");
@@ -487,8 +496,10 @@ TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   CHECK(items[2].number == 9);
   CHECK(items[3].key == "sel_splits");
   CHECK(items[3].number == 16);
-  CHECK(items[4].key == "arch");
-  CHECK(items[4].number == 90);
-  CHECK(items[5].key == "num_sms");
-  CHECK(items[5].number == 132);
+  CHECK(items[4].key == "window_order");
+  CHECK(items[4].name == "after_scan");
+  CHECK(items[5].key == "arch");
+  CHECK(items[5].number == 90);
+  CHECK(items[6].key == "num_sms");
+  CHECK(items[6].number == 132);
 }

@@ -46,8 +46,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   const Smem sm(smem);
   trace_event(p.plan, kTraceScan, kTraceStart);
   allow_next_grid();  // kernel B's checks of the sequence need nothing from here
-  // Launched beside kernel W (the window), whose results it neither reads nor overwrites; each
-  // block waits for W before exiting (wait_prior_grid), so that A's completion implies W's.
+  // Runs beside kernel W (the window), whose results it neither reads nor overwrites. When launched
+  // after W each block waits for it before exiting (wait_prior_grid), so that A's completion
+  // implies W's; launched first, the wait returns at once.
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int h = blockIdx.y / ws.row_blocks, rb = blockIdx.y % ws.row_blocks;

@@ -115,15 +115,18 @@ void decode_attention(const DecodeParams& p, void* workspace, cudaStream_t strea
   decode::check(p);
   if (p.batch == 0) return;
   const decode::Workspace ws = decode::make_workspace(p, workspace);
+  const bool before = p.plan.window_order == WindowOrder::kBeforeScan;
   if (p.dtype == Dtype::kBFloat16) {
-    decode::launch_window<__nv_bfloat16>(p, ws, stream);
+    if (before) decode::launch_window<__nv_bfloat16>(p, ws, stream);
     decode::launch_cmp<__nv_bfloat16>(p, ws, stream);
+    if (!before) decode::launch_window<__nv_bfloat16>(p, ws, stream);
     decode::launch_select(p, ws, stream);
     decode::launch_sparse<__nv_bfloat16>(p, ws, stream);
     decode::launch_combine<__nv_bfloat16>(p, ws, stream);
   } else {
-    decode::launch_window<__half>(p, ws, stream);
+    if (before) decode::launch_window<__half>(p, ws, stream);
     decode::launch_cmp<__half>(p, ws, stream);
+    if (!before) decode::launch_window<__half>(p, ws, stream);
     decode::launch_select(p, ws, stream);
     decode::launch_sparse<__half>(p, ws, stream);
     decode::launch_combine<__half>(p, ws, stream);

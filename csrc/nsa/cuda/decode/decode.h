@@ -5,19 +5,21 @@
 // of up to 64 (R = S * G, ceil(R / 64) blocks). Five kernels, each after the first launched with
 // programmatic dependent launch (it starts while the previous one runs and waits for its results
 // where it needs them); launch shapes depend on the plan and the capacity, never on the lengths.
+// Every block of a dependent kernel waits before it exits, so that a kernel's completion implies
+// that of all before it (D reads what every kernel wrote).
 //
 //   W. decode_window_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads: the
 //      window branch (keys [pos - w + 1, pos] of each query, in tiles cut at selection-block
-//      edges), which needs the length alone: launched first, it runs beside A; its tiles spread
-//      evenly over the splits, raw keys through page_of / row_of; partial O, m, l per split.
+//      edges), which needs the length alone, so it runs beside A, launched just after it (it
+//      fills the SMs A leaves) or just before (plan.window_order); its tiles spread evenly over
+//      the splits, raw keys through page_of / row_of; partial O, m, l per split.
 //   A. decode_cmp_kernel (cmp_scan.cuh), grid (cmp_splits, H * row blocks, B), 128 threads:
 //      flash-decoding over the compressed tokens. The sequence's ceil(Nc(len) / 64) key tiles
 //      are spread evenly over the splits; a thread block streams its tiles (cp.async, 2-3
 //      stages) against its rows (tile_attention.cuh), and writes per tile each row's running
 //      maximum and its block-score slots (the tile's probabilities summed into the selection
 //      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
-//      Split 0 of row block 0 zeroes the selection counters of its (sequence, KV head). Each
-//      block waits for W before it exits, so that A's completion implies W's.
+//      Split 0 of row block 0 zeroes the selection counters of its (sequence, KV head).
 //   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads: checks the
 //      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
 //      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'

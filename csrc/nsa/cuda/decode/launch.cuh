@@ -29,19 +29,21 @@ void launch_cmp(const DecodeParams& p, const Workspace& ws, cudaStream_t stream)
     dispatch_mtiles(ws, [&](auto mt) {
       constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
       launch_kernel(p, decode_cmp_kernel<T, D, DV, MT>, split_grid(p, ws, p.plan.cmp_splits), kThreads,
-                    ScanSmem<T, D, DV, MT>::kBytes, true, stream, p, ws);
+                    ScanSmem<T, D, DV, MT>::kBytes, p.plan.window_order == WindowOrder::kBeforeScan, stream, p,
+                    ws);
     });
   });
 }
 
-// The step's first kernel, W, waits for nothing before it (no programmatic dependent launch).
+// W and A: the first of the two (plan.window_order) is launched plainly, the second as its dependent.
 template <typename T>
 void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   dispatch_head_dims(kOp, p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     dispatch_mtiles(ws, [&](auto mt) {
       constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
       launch_kernel(p, decode_window_kernel<T, D, DV, MT>, split_grid(p, ws, p.plan.slc_splits), kThreads,
-                    SparseSmem<T, D, DV, MT>::kOffExtra + size_t(sparse_arrays(p).bytes), false, stream, p, ws);
+                    SparseSmem<T, D, DV, MT>::kOffExtra + size_t(sparse_arrays(p).bytes),
+                    p.plan.window_order == WindowOrder::kAfterScan, stream, p, ws);
     });
   });
 }

@@ -5,7 +5,7 @@
 // key tiles. Tiles never cross a selection-block edge, so each lies within one page
 // (page_size % select_size == 0): a tile is (first key, keys, page, row in the page), looked up
 // into shared memory a few tiles before its copies start. The window's keys depend on the length
-// alone, so kernel W is launched first and runs beside the compressed scan; kernel C waits for
+// alone, so kernel W runs beside the compressed scan (launched just before or after it); C waits for
 // kernel B's choice, then runs over the union of the row block's chosen blocks, each block
 // carrying the mask of the queries that chose it (a row sees its own query's blocks, keys up to
 // its position).
@@ -73,8 +73,9 @@ __device__ __forceinline__ void set_tile(const DecodeParams& p, int b, int* tile
   tile[3] = row;
 }
 
-// One branch of one split: kWindow, the window (kernel W, partials at branch 1); else the selected
-// branch (kernel C, branch 0), after waiting for kernel B.
+// One branch of one split: kWindow, the window (kernel W, partials at branch 1; it waits for the
+// kernel before it only at its end); else the selected branch (kernel C, branch 0), after waiting
+// for kernel B.
 template <typename T, int D, int DV, int MT, bool kWindow>
 __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Workspace& ws) {
   using W = Warps<MT>;
@@ -105,7 +106,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
   const int L = p.seqlens[b];
   if (!(L >= S && L <= p.capacity)) {  // kernel B flags the sequence; nothing is read
     write_empty<DV>(ws.sp_o + part(kBranch) * DV, ws.sp_ml + part(kBranch) * 2, nrows);
-    if (!kWindow) wait_prior_grid();
+    wait_prior_grid();
     return;
   }
 
@@ -178,6 +179,8 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
              t1 = min(pos_last + 1, start + min(l_sel, (piece + 1) * kTileKeys));
            },
            [](int, int) { return true; }, [&](int row, int t) { return t <= pos[row] && t > pos[row] - w; });
+    wait_prior_grid();  // for the scan when launched after it (decode.h)
+    trace_event(p.plan, kTrace, kTraceWaited);
     trace_event(p.plan, kTrace, kTraceEnd);
     return;
   }
