@@ -63,6 +63,8 @@
 #   NSA_PROFILE_SOURCE=1    also the busiest SASS instructions of each kernel (stall samples;
 #                           the SourceCounters section is added), tools/ncu_source_top.py
 #   NSA_DPROFILE_SHAPES="65536x1 65536x16 131072x1"   TxB of the dprofile stage
+#   NSA_DPROFILE_STALLS=1   the dprofile stage's ncu table adds each kernel's stall reasons (warps
+#                           stalled per issued instruction: no instruction, long scoreboard, ...)
 #   NSA_DPROFILE_BASELINE=1 the dprofile stage also times the baseline tree's step right after
 #                           this one's ($NSA_BASELINE_DIR, built beside this one as for baseline)
 #   NSA_BENCH_LENGTHS="65536 32768 16384 8192"   (longest first: the bars are at 64k, and a run
@@ -332,11 +334,17 @@ if have dprofile; then
     echo "(no ncu: no per-kernel times)" >> /tmp/dprofile.txt
   else
     per=$(( (lim - ($(date +%s) - s)) / ${#shapes[@]} ))
+    stalls=""
+    if [ -n "${NSA_DPROFILE_STALLS:-}" ]; then
+      for r in no_instruction long_scoreboard barrier wait short_scoreboard membar; do
+        stalls="$stalls,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
+      done
+    fi
     for shape in "${shapes[@]}"; do
       rm -f /tmp/dprofile.csv
       run_stage "dprofile $shape" "$OUT/profile.log" "$per" \
         ncu --csv --print-units base --cache-control none --clock-control none --log-file /tmp/dprofile.csv --kernel-name regex:decode_ \
-        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
+        --metrics "gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread$stalls" \
         "$PY" tools/profile_decode.py --shapes "$shape" --warmup 1 --steps 2 --no-profiler || rc=$?
       { echo "decode kernels at TxB = $shape (ncu, each on its own):"
         "$PY" tools/ncu_kernel_times.py /tmp/dprofile.csv --skip 1; } 2>&1 | tee -a "$OUT/profile.log" >> /tmp/dprofile.txt

@@ -52,3 +52,11 @@ def test_no_rows(tmp_path, capsys):
     path.write_text("==ERROR== nothing profiled\n")
     assert nkt.main([str(path)]) == 1
     assert "no kernel rows" in capsys.readouterr().out
+
+
+def test_short_names_of_the_columns():
+    assert nkt.short("gpu__time_duration.sum") == "us"
+    assert nkt.short("smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio") == "stall no instruction"
+    assert nkt.short("smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio") == (
+        "stall long scoreboard")
+    assert nkt.short("lts__t_bytes.sum") == "lts__t_bytes.sum"

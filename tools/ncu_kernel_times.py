@@ -54,7 +54,14 @@ def kernel_means(rows, skip):
     return means, counts
 
 
+STALL = "smsp__average_warps_issue_stalled_"
+
+
 def short(metric):
+    """A column's name: the usual metrics' short names; a stall reason's (warps stalled on it per
+    issued instruction) as "stall <reason>"."""
+    if metric.startswith(STALL) and metric.endswith("_per_issue_active.ratio"):
+        return "stall " + metric[len(STALL):-len("_per_issue_active.ratio")].replace("_", " ")
     return {"gpu__time_duration.sum": "us", "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram %",
             "sm__throughput.avg.pct_of_peak_sustained_elapsed": "sm %",
             "launch__registers_per_thread": "regs"}.get(metric, metric)
