@@ -20,7 +20,6 @@
 namespace nsa::cuda::decode {
 
 constexpr int kSelectWarps = kSelectThreads / 32;
-constexpr int kSelectItems = (kMaxSelected + kSelectRound + kSelectThreads - 1) / kSelectThreads;
 // Release and acquire at GPU scope (one thread of the block, after or before a barrier), as a
 // split publishes its list and the last one reads them all: a sequentially consistent
 // __threadfence() in every thread is not needed for that, and costs more.
@@ -31,46 +30,39 @@ __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_re
 constexpr unsigned kBadSplit = 1u << 16;
 
 // keys[0, kept) hold the best keys so far, best first; keys[kept, kept + m) new ones (0: none).
-// Leaves the n best of both, best first, in keys[0, result), and returns their count. Keys are
-// unique (they hold the block), so a key's rank is the number of keys above it, and the ranks
-// below n fill 0 .. result - 1. Every thread of the block calls it; keys is written after a
-// barrier and read again only after the one at the end.
-__device__ __forceinline__ int keep_best(uint64_t* keys, int kept, int m, int n, int* count) {
-  const int total = kept + m, tid = threadIdx.x;
-  if (tid == 0) *count = 0;
-  uint64_t key[kSelectItems];
-  int rank[kSelectItems];
+// Leaves the n best of both, best first, in keys[0, result) (0 after them up to n), and returns
+// their count; best [n] is scratch. Keys are unique (they hold the block), so a key's rank is
+// the number of keys above it, and the ranks below n fill 0 .. result - 1. Every thread of the
+// block calls it; keys is written after a barrier and read again only after the one at the end.
+// A thread ranks one key at a time (a loop, not unrolled over its keys): the kernel runs once per
+// step, so its code is fetched cold each time, and every unrolled copy costs fetches.
+__device__ __forceinline__ int keep_best(uint64_t* keys, uint64_t* best, int kept, int m, int n) {
+  static_assert(kMaxSelected <= kSelectThreads, "a thread per slot of the result");
+  const int total = kept + m, tid = threadIdx.x, padded = (total + 31) / 32 * 32;
+  if (tid < n) best[tid] = 0;
+  // Zeros up to the chunk's end count for nothing (keys are > 0), so the chunks need no bounds.
+  if (total + tid < padded) keys[total + tid] = 0;
+  __syncthreads();
+#pragma unroll 1
+  for (int i = tid; i < total; i += kSelectThreads) {
+    const uint64_t key = keys[i];
+    if (key == 0) continue;
+    // Stops counting once the key is out, checked every 32 keys; a chunk's 16 loads of two keys
+    // are independent, so that they are in flight together.
+    int r = 0;
+    for (int k0 = 0; k0 < total && r < n; k0 += 32) {
 #pragma unroll
-  for (int it = 0; it < kSelectItems; ++it) {
-    const int i = it * kSelectThreads + tid;
-    key[it] = i < total ? keys[i] : 0;
-    int r = n;
-    if (key[it] != 0) {
-      // Stops counting once the key is out, checked every 32 keys; a chunk's 16 loads of two keys
-      // are independent (the keys past `total` up to the chunk's end lie within the array and
-      // count for nothing), so that they are in flight together.
-      r = 0;
-      for (int k0 = 0; k0 < total && r < n; k0 += 32) {
-#pragma unroll
-        for (int k = 0; k < 32; k += 2) {
-          const ulonglong2 x = *reinterpret_cast<const ulonglong2*>(keys + k0 + k);
-          r += int(k0 + k < total && x.x > key[it]) + int(k0 + k + 1 < total && x.y > key[it]);
-        }
+      for (int k = 0; k < 32; k += 2) {
+        const ulonglong2 x = *reinterpret_cast<const ulonglong2*>(keys + k0 + k);
+        r += int(x.x > key) + int(x.y > key);
       }
     }
-    rank[it] = r;
+    if (r < n) best[r] = key;
   }
   __syncthreads();
-  int mine = 0;
-#pragma unroll
-  for (int it = 0; it < kSelectItems; ++it)
-    if (rank[it] < n) {
-      keys[rank[it]] = key[it];
-      ++mine;
-    }
-  if (mine) atomicAdd(count, mine);
-  __syncthreads();
-  return *count;
+  const uint64_t b = tid < n ? best[tid] : 0;
+  if (tid < n) keys[tid] = b;
+  return __syncthreads_count(b != 0);
 }
 
 // The sums w[i] = sum over g < G of f[i / slots][g] u_i[g] for the rows i < rows of a round's
@@ -132,7 +124,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   // (whole chunks of 32 keys, 16-byte aligned: keep_best reads them so)
   static_assert((kMaxSelected + kSelectRound) % 32 == 0, "keep_best reads whole chunks");
   __shared__ __align__(16) uint64_t keys[kMaxSelected + kSelectRound];
-  __shared__ int count;
+  __shared__ __align__(16) uint64_t best[kMaxSelected];
   __shared__ unsigned done;
   extern __shared__ __align__(16) float lse_s[];  // [G]
   const int splits = p.plan.sel_splits;
@@ -164,7 +156,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   if (!ok) {  // every split sees it; the first one answers
     if (c == 0) {
       if (tid == 0) ws.bad[query] = 1;
-      for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+      if (tid < n) out[tid] = -1;  // (n <= kSelectThreads: keep_best)
     }
     return;
   }
@@ -279,13 +271,13 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
       keys[kept + i] = topk::block_key(score_of(j, ta0), j, topk::is_forced(j, bpos, p.num_initial, p.num_local));
     }
     __syncthreads();
-    kept = keep_best(keys, kept, m, n, &count);
+    kept = keep_best(keys, best, kept, m, n);
   }
 
   trace_event(p.plan, kTraceSelect, kTraceStep2);
   // Publish the list (0-padded to n), then count this split done; the last one merges.
   uint64_t* lists = ws.sel_keys + query * splits * n;  // [splits][n]
-  for (int i = tid; i < n; i += kSelectThreads) lists[c * n + i] = i < kept ? keys[i] : 0;
+  if (tid < n) lists[c * n + tid] = tid < kept ? keys[tid] : 0;
   __syncthreads();  // the block's writes of the list come before thread 0's fence (cumulativity)
   if (tid == 0) {
     const unsigned add = 1u + (bad_pages ? kBadSplit : 0u);
@@ -299,7 +291,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   const bool bad = done >= kBadSplit;
   if (tid == 0) ws.bad[query] = bad ? 1 : 0;
   if (bad) {
-    for (int i = tid; i < n; i += kSelectThreads) out[i] = -1;
+    if (tid < n) out[tid] = -1;  // (n <= kSelectThreads: keep_best)
     return;
   }
   if (splits > 1) {
@@ -310,7 +302,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
       __syncthreads();  // the previous round's keys are read before they are overwritten
       for (int i = tid; i < m; i += kSelectThreads) keys[kept + i] = __ldcg(lists + r0 + i);
       __syncthreads();
-      kept = keep_best(keys, kept, m, n, &count);
+      kept = keep_best(keys, best, kept, m, n);
     }
   }
   if (warp == 0) topk::write_token(keys, kept, n, out);
