@@ -1,5 +1,5 @@
-// The attention core of the decoding step's two streaming kernels (the compressed scan and the
-// selected + window attention, decode.h): a thread block of 4 warps holds the query rows of one
+// The attention core of the decoding step's streaming kernels (the compressed scan, the window
+// and the selected attention: A, W and C in decode.h): a thread block of 4 warps holds the query rows of one
 // (sequence, KV head, row block) as MT m-tiles of 16 rows and streams key tiles of 64 keys
 // through shared memory with cp.async, several stages deep. The 4 / MT warps of an m-tile split
 // each key tile into slices (MT = 1: four slices of 16 keys, so that every warp works on a single
@@ -46,7 +46,7 @@ struct Warps {
   static constexpr int kKeys = kTileKeys / kSlices;
 };
 
-// Shared memory of the two kernels, in this order: Q [kRows][D], K [kStages][64][D] and
+// Shared memory of the streaming kernels, in this order: Q [kRows][D], K [kStages][64][D] and
 // V [kStages][64][DV] (T, swizzled tiles), the row-maximum exchange [kSlices][kRows] (fp32), then
 // the kernel's own arrays. kExtra: those arrays' bytes (an allowance where they vary); three
 // stages when the block then stays within 112 KB (two blocks per SM), else two. The split's
