@@ -104,6 +104,18 @@ void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stre
                 true, stream, p, ws);
 }
 
+// The step's kernels in launch order: W before or after A (plan.window_order), then B, C, D.
+template <typename T>
+void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
+  const bool before = p.plan.window_order == WindowOrder::kBeforeScan;
+  if (before) launch_window<T>(p, ws, stream);
+  launch_cmp<T>(p, ws, stream);
+  if (!before) launch_window<T>(p, ws, stream);
+  launch_select(p, ws, stream);
+  launch_sparse<T>(p, ws, stream);
+  launch_combine<T>(p, ws, stream);
+}
+
 }  // namespace decode
 
 size_t decode_workspace_bytes(const DecodeParams& p) {
@@ -115,22 +127,8 @@ void decode_attention(const DecodeParams& p, void* workspace, cudaStream_t strea
   decode::check(p);
   if (p.batch == 0) return;
   const decode::Workspace ws = decode::make_workspace(p, workspace);
-  const bool before = p.plan.window_order == WindowOrder::kBeforeScan;
-  if (p.dtype == Dtype::kBFloat16) {
-    if (before) decode::launch_window<__nv_bfloat16>(p, ws, stream);
-    decode::launch_cmp<__nv_bfloat16>(p, ws, stream);
-    if (!before) decode::launch_window<__nv_bfloat16>(p, ws, stream);
-    decode::launch_select(p, ws, stream);
-    decode::launch_sparse<__nv_bfloat16>(p, ws, stream);
-    decode::launch_combine<__nv_bfloat16>(p, ws, stream);
-  } else {
-    if (before) decode::launch_window<__half>(p, ws, stream);
-    decode::launch_cmp<__half>(p, ws, stream);
-    if (!before) decode::launch_window<__half>(p, ws, stream);
-    decode::launch_select(p, ws, stream);
-    decode::launch_sparse<__half>(p, ws, stream);
-    decode::launch_combine<__half>(p, ws, stream);
-  }
+  if (p.dtype == Dtype::kBFloat16) decode::launch_step<__nv_bfloat16>(p, ws, stream);
+  else decode::launch_step<__half>(p, ws, stream);
 }
 
 }  // namespace nsa::cuda

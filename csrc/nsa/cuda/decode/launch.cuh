@@ -48,7 +48,8 @@ void launch_raw_branch(const DecodeParams& p, const Workspace& ws, bool dependen
   });
 }
 
-// W and A: the first of the two (plan.window_order) is launched plainly, the second as its dependent.
+// W and A: the first of the two (plan.window_order) is launched plainly, the second as its
+// dependent.
 template <typename T>
 void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   launch_raw_branch<T, true>(p, ws, p.plan.window_order == WindowOrder::kAfterScan, stream);

@@ -5,8 +5,8 @@
 // key tiles. Tiles never cross a selection-block edge, so each lies within one page
 // (page_size % select_size == 0): a tile is (first key, keys, page, row in the page), looked up
 // into shared memory a few tiles before its copies start. The window's keys depend on the length
-// alone, so kernel W runs beside the compressed scan (launched just before or after it); C waits for
-// kernel B's choice, then runs over the union of the row block's chosen blocks, each block
+// alone, so kernel W runs beside the compressed scan (launched just before or after it); C waits
+// for kernel B's choice, then runs over the union of the row block's chosen blocks, each block
 // carrying the mask of the queries that chose it (a row sees its own query's blocks, keys up to
 // its position).
 #pragma once

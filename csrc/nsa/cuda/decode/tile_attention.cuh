@@ -1,11 +1,11 @@
 // The attention core of the decoding step's streaming kernels (the compressed scan, the window
-// and the selected attention: A, W and C in decode.h): a thread block of 4 warps holds the query rows of one
-// (sequence, KV head, row block) as MT m-tiles of 16 rows and streams key tiles of 64 keys
-// through shared memory with cp.async, several stages deep. The 4 / MT warps of an m-tile split
-// each key tile into slices (MT = 1: four slices of 16 keys, so that every warp works on a single
-// 16-row tile) and share the running row maxima, exchanged through shared memory once per tile:
-// their partial sums then add up without rescaling, and the compressed scan's per-tile block
-// scores have one reference maximum per row.
+// and the selected attention: A, W and C in decode.h): a thread block of 4 warps holds the query
+// rows of one (sequence, KV head, row block) as MT m-tiles of 16 rows and streams key tiles of
+// 64 keys through shared memory with cp.async, several stages deep. The 4 / MT warps of an
+// m-tile split each key tile into slices (MT = 1: four slices of 16 keys, so that every warp
+// works on a single 16-row tile) and share the running row maxima, exchanged through shared
+// memory once per tile: their partial sums then add up without rescaling, and the compressed
+// scan's per-tile block scores have one reference maximum per row.
 #pragma once
 
 #include <cmath>

@@ -12,7 +12,8 @@
 
 namespace nsa::cuda::decode {
 
-// In launch order but for W's, after or before A's: plan.window_order (nsa_torch._debug.TRACE_KERNELS).
+// In launch order but for W's, after or before A's (plan.window_order); as
+// nsa_torch._debug.TRACE_KERNELS.
 enum TraceKernel : int {
   kTraceWindow = 0,
   kTraceScan = 1,
@@ -21,11 +22,11 @@ enum TraceKernel : int {
   kTraceCombine = 4,
   kTraceKernels = 5
 };
-// kTraceWaited: past wait_prior_grid (W: at its end; B, C, D). kTraceStep1: A's first key tile landed (with the
-// query rows), B's lse done, W's and C's first key tile landed. kTraceStep2: B's candidates
-// scored and ranked (before it publishes), C's union of chosen blocks built. kTraceMid: A's key
-// loop done, B's list published and counted, D's splits merged. kTraceEnd: the block's last
-// phase done (A: past its wait, after writing its partials).
+// kTraceWaited: past wait_prior_grid (W: at its end; B, C, D). kTraceStep1: A's first key tile
+// landed (with the query rows), B's lse done, W's and C's first key tile landed. kTraceStep2:
+// B's candidates scored and ranked (before it publishes), C's union of chosen blocks built.
+// kTraceMid: A's key loop done, B's list published and counted, D's splits merged. kTraceEnd:
+// the block's last phase done (A: past its wait, after writing its partials).
 enum TraceEvent : int {
   kTraceStart = 0,
   kTraceWaited = 1,
