@@ -13,7 +13,10 @@ namespace nsa::cuda::decode {
 
 // Launches kernel on grid with `smem` bytes of dynamic shared memory; `dependent`: may start
 // while the previous kernel of the stream ends (programmatic dependent launch, sm_90), the kernel
-// waiting for it with wait_prior_grid(). Errors name the op.
+// waiting for it with wait_prior_grid(). Errors name the op. Every kernel of the step asks for
+// the largest shared-memory carveout: an SM changes its carveout only once drained, so kernels
+// that asked for different ones could not share an SM (the window kernel could not start beside
+// the scan, nor a kernel beside the end of the one before it).
 template <typename... Params, typename... Args>
 void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
                    bool dependent, cudaStream_t stream, Args... args) {
@@ -28,6 +31,9 @@ void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, 
     throw std::invalid_argument(std::string(kOp) + ": a kernel needs " + std::to_string(smem) +
                                 " bytes of shared memory per thread block, more than the device allows");
   }
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) !=
+      cudaSuccess)
+    (void)cudaGetLastError();  // a preference: the launch goes ahead without it
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
