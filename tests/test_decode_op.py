@@ -839,7 +839,7 @@ def test_cuda_small_blocks_and_edges(dtype):
 # (64: short lists, empty splits for the short sequences, a merge in rounds).
 SPLITS = {"one": dict(cmp_splits=1, slc_splits=1, sel_splits=1),
           "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2, window_order="before_scan"),
-          "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64)}
+          "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64, dep_wait="grid")}
 # n = 16 of 79 candidate blocks at 4999 tokens; n = 128 of 16-token blocks (312 candidates);
 # and 1250 candidates in a 32k cache (a selection split scores them in rounds). (Not "long":
 # gpu_check.sh's test selection leaves out names holding it.)
@@ -875,24 +875,29 @@ def test_cuda_head_major_caches():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("wait", ["grid", "head"])
 @pytest.mark.parametrize("order", ["after_scan", "before_scan"])
-def test_cuda_decode_trace_orders_the_kernels(order):
+def test_cuda_decode_trace_orders_the_kernels(order, wait):
     """nsa_torch._debug.decode_trace: the same result with the trace on; every thread block of the
-    window, scan, selection and sparse kernels stores its start; each kernel in launch order ends
-    (the scan and window kernels: the second of them) or gets past its wait (the others) only
-    once every block of the kernel launched before it has ended (a dependent launch's wait
-    returns when the previous grid has completed), and no block ends before it starts."""
+    window, scan, selection and sparse kernels stores its start; no block ends before it starts;
+    the scan and window kernels, the second of them ends only once every block of the first has
+    ended, and the combine gets past its wait only once the sparse kernel has ended (a dependent
+    launch's wait returns when the previous grid has completed). The selection and the sparse
+    kernel get past their waits only once the kernel before them has ended (dep_wait = grid), or
+    (head) once their own (sequence, KV head)'s scan blocks have ended, and for the sparse kernel
+    its selection blocks have ranked their candidates."""
     from nsa_torch import _debug
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-trace"))
     lengths = [max(L, 1) for L in CUDA_LENGTHS]
     step = build_step(x, lengths, 1, capacity=CUDA_CAPACITY)
     o, idx = decode(nsa_torch, step, {})
-    with _debug.force(window_order=order), _debug.decode_trace(4096) as buf, _debug.plans() as ran:
+    with _debug.force(window_order=order, dep_wait=wait), _debug.decode_trace(4096) as buf, \
+            _debug.plans() as ran:
         o2, idx2 = decode(nsa_torch, step, {})
         torch.cuda.synchronize()
     assert torch.equal(o, o2) and torch.equal(idx, idx2)
     plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
-    assert plan["window_order"] == order
+    assert plan["window_order"] == order and plan["dep_wait"] == wait
     B, H = len(lengths), 2
     t = buf.cpu()
     ev = {name: i for i, name in enumerate(_debug.TRACE_EVENTS)}
@@ -908,11 +913,23 @@ def test_cuda_decode_trace_orders_the_kernels(order):
     names = list(_debug.TRACE_KERNELS)
     launched = names if order == "before_scan" else ["scan", "window"] + names[2:]
     for i in range(1, kernels):
+        if wait == "head" and launched[i] in ("select", "sparse"):
+            continue
         k, prev = names.index(launched[i]), names.index(launched[i - 1])
         past = t[k, :, ev["end" if i == 1 else "waited"]]
         past = past[past != 0]
         prev_end = t[prev, :, ev["end"]][t[prev, :, ev["end"]] != 0]
         assert int(past.min()) >= int(prev_end.max()), launched[i]
+    if wait == "head":
+        # S = 1 and G = 4: one row block, so that block i of each kernel's grid belongs to the
+        # (sequence, KV head) i // (its splits).
+        def per_head(kernel, event, splits):
+            return t[names.index(kernel), :splits * H * B, ev[event]].reshape(B * H, splits)
+        scan_end = per_head("scan", "end", plan["cmp_splits"]).max(dim=1).values
+        ranked = per_head("select", "step2", plan["sel_splits"]).max(dim=1).values
+        sel_waited = per_head("select", "waited", plan["sel_splits"]).min(dim=1).values
+        slc_waited = per_head("sparse", "waited", plan["slc_splits"]).min(dim=1).values
+        assert bool((sel_waited >= scan_end).all()) and bool((slc_waited >= ranked).all())
 
 
 @pytest.mark.cuda

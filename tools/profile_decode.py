@@ -120,7 +120,7 @@ def profile(T, B, steps, warmup, use_profiler=True, trace=False):
     # every device activity of the replays (any kernel or memset besides the four shows up)
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
-    first = "decode_window_kernel" if ran[0].get("window_order") == "before_scan" else "decode_cmp_kernel"
+    first = "decode_reset_kernel"  # kernel Z, which zeroes the step's counters
     rows, step = step_timeline(kernels, first)
     print(f"T = {T}, B = {B}: plan {ran[0]}; {copies} cache copies, {replays} replays")
     print("| kernel | starts (us) | ends (us) | adds (us) |")

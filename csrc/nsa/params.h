@@ -112,6 +112,10 @@ enum class SelectKernel : int32_t { kWgmma, kMma };
 // Where decode_attention launches its window kernel W: after the compressed scan A (W fills the
 // SMs A leaves), or before it.
 enum class WindowOrder : int32_t { kAfterScan, kBeforeScan };
+// What decode_attention's selection (B) and selected branch (C) wait for before reading their
+// inputs: the whole previous kernel (griddepcontrol.wait), or their own (sequence, KV head)'s
+// producers, counted in the workspace (counters.cuh).
+enum class DepWait : int32_t { kGrid, kHead };
 
 // The plan of one attention op call (forward or backward of one branch).
 struct AttnPlan {
@@ -232,6 +236,7 @@ struct DecodePlan {
   int slc_splits = 1;        // thread blocks per (sequence, KV head) over the selected keys, and
                              // as many over the window's
   WindowOrder window_order = WindowOrder::kAfterScan;
+  DepWait dep_wait = DepWait::kHead;
   int sel_splits = 1;        // thread blocks per (query, KV head) over the candidate blocks of the
                              // top-n selection (each keeps its own n best; the last one merges)
   // Debugging (nsa_torch._debug.decode_trace): thread 0 of each thread block stores the global

@@ -21,6 +21,7 @@ const std::vector<std::string> kSlcNames = {"warp", "union", "blocks"};  // SlcK
 const std::vector<std::string> kSlcDqNames = {"tokens", "blocks"};
 const std::vector<std::string> kSelectNames = {"wgmma", "mma"};          // SelectKernel order
 const std::vector<std::string> kWindowOrderNames = {"after_scan", "before_scan"};  // WindowOrder order
+const std::vector<std::string> kDepWaitNames = {"grid", "head"};  // DepWait order
 const std::vector<std::string> kNoNames;
 
 const std::string& name_of(FwdKernel k) { return kFwdNames[size_t(k)]; }
@@ -28,6 +29,7 @@ const std::string& name_of(BwdKernel k) { return kBwdNames[size_t(k)]; }
 const std::string& name_of(SlcKernel k) { return kSlcNames[size_t(k)]; }
 const std::string& name_of(SelectKernel k) { return kSelectNames[size_t(k)]; }
 const std::string& name_of(WindowOrder k) { return kWindowOrderNames[size_t(k)]; }
+const std::string& name_of(DepWait k) { return kDepWaitNames[size_t(k)]; }
 
 std::string quoted_list(const std::vector<std::string>& names) {
   std::string s;
@@ -165,7 +167,7 @@ IntRange int_range(const std::string& key) {
 const std::vector<std::string>& plan_keys() {
   static const std::vector<std::string> keys = {"fwd",        "bwd",          "slc_fwd",        "slc_dq",
                                                 "select",     "split_tokens", "slc_chunk_rows", "cmp_splits",
-                                                "slc_splits", "sel_splits",   "window_order"};
+                                                "slc_splits", "sel_splits",   "window_order",   "dep_wait"};
   return keys;
 }
 
@@ -176,6 +178,7 @@ const std::vector<std::string>& plan_values(const std::string& key) {
   if (key == "slc_dq") return kSlcDqNames;
   if (key == "select") return kSelectNames;
   if (key == "window_order") return kWindowOrderNames;
+  if (key == "dep_wait") return kDepWaitNames;
   if (key == "split_tokens" || key == "slc_chunk_rows" || key == "cmp_splits" || key == "slc_splits" ||
       key == "sel_splits")
     return kNoNames;
@@ -194,6 +197,7 @@ void set_override(PlanOverrides& o, const std::string& key, const std::string& v
   if (key == "slc_dq") o.slc_dq_blocks = names[i] == "blocks";
   if (key == "select") o.select = SelectKernel(i);
   if (key == "window_order") o.window_order = WindowOrder(i);
+  if (key == "dep_wait") o.dep_wait = DepWait(i);
 }
 
 void set_override(PlanOverrides& o, const std::string& key, int64_t value) {
@@ -320,6 +324,7 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
     plan.sel_splits = int(std::min<index_t>(kMaxSelectSplits, std::min(fill, most)));
   }
   plan.window_order = o.window_order.value_or(WindowOrder::kAfterScan);
+  plan.dep_wait = o.dep_wait.value_or(DepWait::kHead);
   plan.trace = o.decode_trace;
   plan.trace_blocks = o.decode_trace_blocks;
   return plan;
@@ -370,7 +375,8 @@ std::vector<PlanItem> describe(const TopkPlan& plan) {
 std::vector<PlanItem> describe(const DecodePlan& plan) {
   std::vector<PlanItem> items = {number("cmp_splits", plan.cmp_splits), number("cmp_chunk", plan.cmp_chunk),
                                  number("slc_splits", plan.slc_splits), number("sel_splits", plan.sel_splits),
-                                 named("window_order", name_of(plan.window_order))};
+                                 named("window_order", name_of(plan.window_order)),
+                                 named("dep_wait", name_of(plan.dep_wait))};
   add_device(items, plan.device);
   return items;
 }

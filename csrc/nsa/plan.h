@@ -20,6 +20,8 @@
 //   sel_splits      int in [1, 64]          decode_attention: thread blocks per (query, KV head)
 //                                           over the candidate blocks of the top-n selection
 //   window_order    after_scan | before_scan   decode_attention: the window kernel's launch
+//   dep_wait        grid | head             decode_attention: what the selection and the selected
+//                                           branch wait for (the previous kernel, or their head's)
 // An override the shape or GPU cannot take makes the plan function throw std::invalid_argument
 // naming the key, the value and why; it never falls back silently.
 #pragma once
@@ -65,6 +67,7 @@ struct PlanOverrides {
   std::optional<int> slc_splits;
   std::optional<int> sel_splits;
   std::optional<WindowOrder> window_order;
+  std::optional<DepWait> dep_wait;
   // Not a force key: decode_attention's phase timestamps (nsa_torch._debug.decode_trace), a device
   // buffer of DecodePlan::trace's shape, or nullptr.
   uint64_t* decode_trace = nullptr;
@@ -108,7 +111,7 @@ struct PlanItem {
 enum class AttnBranch : int32_t { kCmp, kSlc, kSwa };
 std::vector<PlanItem> describe(const AttnPlan& plan, AttnBranch branch, Pass pass);
 std::vector<PlanItem> describe(const TopkPlan& plan);
-// cmp_splits, cmp_chunk, slc_splits, sel_splits, window_order, arch, num_sms.
+// cmp_splits, cmp_chunk, slc_splits, sel_splits, window_order, dep_wait, arch, num_sms.
 std::vector<PlanItem> describe(const DecodePlan& plan);
 
 }  // namespace nsa

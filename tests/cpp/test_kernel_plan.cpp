@@ -282,7 +282,7 @@ TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
   CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
   CHECK(!o.fwd);  // nothing refused was set
   CHECK(o.split_tokens == 0);
-  CHECK(plan_keys().size() == 11);
+  CHECK(plan_keys().size() == 12);
   for (const std::string& key : plan_keys())
     for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
 }
@@ -389,7 +389,7 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
           CHECK(plan.sel_splits <= 64);
           if (plan.sel_splits > 1) CHECK(blocks / plan.sel_splits >= 128);
           CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 4 * 132));
-          CHECK(describe(plan).size() == 7);
+          CHECK(describe(plan).size() == 8);
         }
       }
     }
@@ -457,6 +457,11 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   CHECK(before.window_order == WindowOrder::kBeforeScan);
   CHECK(before.cmp_splits == 4);
   CHECK(before.slc_splits == 4);
+  CHECK(plan_decode(p, kH100, PlanOverrides{}).dep_wait == DepWait::kHead);
+  const DecodePlan grid = plan_decode(p, kH100, with("dep_wait", "grid"));
+  CHECK(grid.dep_wait == DepWait::kGrid);
+  CHECK(grid.window_order == WindowOrder::kAfterScan);
+  CHECK(grid.sel_splits == plan_decode(p, kH100, PlanOverrides{}).sel_splits);
   // Keys that do not concern the decode step leave it alone, and its keys leave the others alone.
   CHECK(plan_decode(p, kH100, with("fwd", "mma")).cmp_splits == 4);
   CHECK(plan_cmp(attn_shape<CmpParams>(16, 128, 128), Pass::kFwd, kH100, with("cmp_splits", int64_t(3))).fwd ==
@@ -482,12 +487,15 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   CHECK(contains(refusal([&] { set_override(o, "window_order", "first"); }), "window_order"));
   CHECK(contains(refusal([&] { set_override(o, "window_order", int64_t(1)); }), "window_order=1"));
   CHECK(!o.window_order);
+  CHECK(plan_values("dep_wait") == std::vector<std::string>{"grid", "head"});
+  CHECK(contains(refusal([&] { set_override(o, "dep_wait", "block"); }), "dep_wait=\"block\""));
+  CHECK(!o.dep_wait);
 }
 
 TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
   const std::vector<PlanItem> items = describe(plan);
-  REQUIRE(items.size() == 7);
+  REQUIRE(items.size() == 8);
   CHECK(items[0].key == "cmp_splits");
   CHECK(items[0].number == 64);
   CHECK(items[1].key == "cmp_chunk");
@@ -498,8 +506,10 @@ TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   CHECK(items[3].number == 16);
   CHECK(items[4].key == "window_order");
   CHECK(items[4].name == "after_scan");
-  CHECK(items[5].key == "arch");
-  CHECK(items[5].number == 90);
-  CHECK(items[6].key == "num_sms");
-  CHECK(items[6].number == 132);
+  CHECK(items[5].key == "dep_wait");
+  CHECK(items[5].name == "head");
+  CHECK(items[6].key == "arch");
+  CHECK(items[6].number == 90);
+  CHECK(items[7].key == "num_sms");
+  CHECK(items[7].number == 132);
 }

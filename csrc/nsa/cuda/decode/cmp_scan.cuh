@@ -12,6 +12,7 @@
 
 #include <climits>
 
+#include "counters.cuh"
 #include "decode.h"
 #include "tile_attention.cuh"
 
@@ -46,9 +47,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   const Smem sm(smem);
   trace_event(p.plan, kTraceScan, kTraceStart);
   allow_next_grid();  // kernel B's checks of the sequence need nothing from here
-  // Runs beside kernel W (the window), whose results it neither reads nor overwrites. When launched
-  // after W each block waits for it before exiting (wait_prior_grid), so that A's completion
-  // implies W's; launched first, the wait returns at once.
+  // Runs beside kernel W (the window), whose results it neither reads nor overwrites. Each block
+  // waits for the kernel before it (Z, or W launched before A) before it counts itself done and
+  // exits, so that A's completion implies W's, and its count comes after Z's zeroing.
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int h = blockIdx.y / ws.row_blocks, rb = blockIdx.y % ws.row_blocks;
@@ -61,14 +62,13 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   const int splits = p.plan.cmp_splits, per = (nt + splits - 1) / splits;
   const int t_begin = split * per, count = max(0, min(per, nt - t_begin));
   const index_t bh = index_t(b) * p.num_heads_k + h;
-  if (split == 0 && rb == 0)  // kernel B's counters of the sequence's queries at this KV head
-    for (int s = threadIdx.x; s < S; s += kThreads) ws.sel_count[(index_t(b) * S + s) * p.num_heads_k + h] = 0;
   const index_t part = (bh * splits + split) * R + r0;  // the split's first row
   float* o_dst = ws.cmp_o + part * DV;
   float* ml_dst = ws.cmp_ml + part * 2;
   if (count == 0) {
     write_empty<DV>(o_dst, ml_dst, nrows);
     wait_prior_grid();
+    count_done(ws.scan_done + bh);
     return;
   }
 
@@ -142,7 +142,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   trace_event(p.plan, kTraceScan, kTraceMid);
   acc.finish(sm.reduce(), o_dst, ml_dst, nrows);
   wait_prior_grid();
-  trace_event(p.plan, kTraceScan, kTraceEnd);
+  trace_event(p.plan, kTraceScan, kTraceEnd);  // (before the count: the waiters come after it)
+  count_done(ws.scan_done + bh);
 }
 
 }  // namespace nsa::cuda::decode

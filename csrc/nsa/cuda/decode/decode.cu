@@ -1,11 +1,13 @@
 // Entry points of the decoding step on CUDA (kernels.h): argument checks, the workspace layout
-// (decode.h), and the four launches in stream order. Kernel B is launched from here, the others
+// (decode.h), and the launches in stream order. Kernels Z and B are launched from here, the others
 // from their per-dtype files.
+#include <algorithm>
 #include <climits>
 #include <stdexcept>
 #include <string>
 
 #include "../kernels.h"
+#include "counters.cuh"
 #include "launch_kernel.h"
 #include "select.cuh"
 
@@ -56,7 +58,8 @@ void check(const DecodeParams& p) {
   const index_t rows = index_t(p.num_queries) * (p.num_heads / p.num_heads_k);
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
-      index_t(p.batch) * p.num_queries * p.num_heads > INT_MAX)
+      index_t(p.batch) * p.num_queries * p.num_heads > INT_MAX ||
+      index_t(p.batch) * p.num_heads_k * (p.num_queries + 2) > INT_MAX)
     invalid("shape too large for the launch grids (B = " + str(p.batch) + ", S = " + str(p.num_queries) + ", HQ = " +
             str(p.num_heads) + ", H = " + str(p.num_heads_k) + ", cmp_capacity = " + str(p.cmp_capacity) + ")");
 }
@@ -90,12 +93,23 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   ws.tile_u = reinterpret_cast<float*>(take(bh * T * size_t(ws.slots) * R * 4));
   const size_t queries = bh * size_t(p.num_queries);
   ws.sel_keys = reinterpret_cast<uint64_t*>(take(queries * size_t(p.plan.sel_splits) * size_t(p.num_selected) * 8));
-  ws.sel_count = reinterpret_cast<unsigned*>(take(queries * 4));
+  ws.num_counters = int(queries + 2 * bh);  // check() bounds B S HQ below 2^31
+  ws.counters = reinterpret_cast<unsigned*>(take(size_t(ws.num_counters) * 4));
+  if (ws.counters) {
+    ws.sel_count = ws.counters;
+    ws.scan_done = ws.sel_count + queries;
+    ws.sel_done = ws.scan_done + bh;
+  }
   ws.sp_o = reinterpret_cast<float*>(take(bh * ss * 2 * R * DV * 4));
   ws.sp_ml = reinterpret_cast<float*>(take(bh * ss * 2 * R * 2 * 4));
   ws.bad = reinterpret_cast<int32_t*>(take(size_t(p.batch) * p.num_queries * p.num_heads_k * 4));
   ws.bytes = off;
   return ws;
+}
+
+void launch_reset(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
+  const dim3 grid(unsigned(std::min(1024, (ws.num_counters + 255) / 256)));
+  launch_kernel(p, decode_reset_kernel, grid, 256, 0, false, stream, ws.counters, ws.num_counters);
 }
 
 void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
@@ -104,10 +118,11 @@ void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stre
                 true, stream, p, ws);
 }
 
-// The step's kernels in launch order: W before or after A (plan.window_order), then B, C, D.
+// The step's kernels in launch order: Z, W before or after A (plan.window_order), then B, C, D.
 template <typename T>
 void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const bool before = p.plan.window_order == WindowOrder::kBeforeScan;
+  launch_reset(p, ws, stream);
   if (before) launch_window<T>(p, ws, stream);
   launch_cmp<T>(p, ws, stream);
   if (!before) launch_window<T>(p, ws, stream);

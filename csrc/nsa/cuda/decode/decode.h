@@ -2,12 +2,16 @@
 // params.h, the plan in nsa/plan.cpp). The step is memory-bound: it reads each sequence's
 // compressed keys and values (about 3/4 of its bytes), its n selected blocks and its window once.
 // Rows: the S * G query rows (s, g) of a (sequence b, KV head h), row r = s * G + g, in row blocks
-// of up to 64 (R = S * G, ceil(R / 64) blocks). Five kernels, each after the first launched with
+// of up to 64 (R = S * G, ceil(R / 64) blocks). Six kernels, each after the first launched with
 // programmatic dependent launch (it starts while the previous one runs and waits for its results
 // where it needs them); launch shapes depend on the plan and the capacity, never on the lengths.
-// Every block of a dependent kernel waits before it exits, so that a kernel's completion implies
-// that of all before it (D reads what every kernel wrote).
+// Every block of a dependent kernel waits for the previous grid before it exits, so that a
+// kernel's completion implies that of all before it (D reads what every kernel wrote). B and C
+// wait for their inputs either so (plan.dep_wait = grid) or on counters per (sequence, KV head)
+// (head; counters.cuh): then B scores a head as soon as its scan blocks are done, while other
+// heads' scans and the window run, and C starts a head once its queries are selected.
 //
+//   Z. decode_reset_kernel (counters.cuh), launched plainly: zeroes the step's counters.
 //   W. decode_window_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads: the
 //      window branch (keys [pos - w + 1, pos] of each query, in tiles cut at selection-block
 //      edges), which needs the length alone, so it runs beside A, launched just after it (it
@@ -19,14 +23,14 @@
 //      stages) against its rows (tile_attention.cuh), and writes per tile each row's running
 //      maximum and its block-score slots (the tile's probabilities summed into the selection
 //      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
-//      Split 0 of row block 0 zeroes the selection counters of its (sequence, KV head).
+//      Each block counts itself done in scan_done once past its wait (on Z, or on W before it).
 //   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads: checks the
 //      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
 //      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'
 //      slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their top n as the training
 //      kernels do (forced initial and local blocks, ties to the smaller block). The last split of
-//      a query to finish merges the splits' lists and writes block_indices [B, S, H, n] and the
-//      sequence's validity.
+//      a query to finish merges the splits' lists, writes block_indices [B, S, H, n] and the
+//      sequence's validity, and counts the query in sel_done.
 //   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
 //      the selected branch over the union of the row block's chosen blocks (each row sees its
 //      own query's blocks), as W's tiles; partial O, m, l per split.
@@ -41,8 +45,10 @@
 //   tile_m  [B, H, T, R]                   A: row maximum after tile t
 //   tile_u  [B, H, T, NS, R]               A: slot k of tile t is block floor(64 t / cpb) + k
 //   sel_keys  [B, S, H, sel_splits, n] u64 B: each split's n best keys (topk/select.h), 0-padded
-//   sel_count [B, S, H] uint32             B: splits done (+ 2^16 for one that saw a bad page);
-//                                          zeroed by A
+//   counters: zeroed by Z, uint32
+//     sel_count [B, S, H]                  B: splits done (+ 2^16 for one that saw a bad page)
+//     scan_done [B, H]                     A: blocks done (cmp_splits * row blocks in all)
+//     sel_done  [B, H]                     B: queries whose block_indices are written (S in all)
 //   sp_o    [B, H, slc_splits, 2, R, Dv]   partial O: branch 0 selected (C), 1 window (W)
 //   sp_ml   [B, H, slc_splits, 2, R, 2]    their (m, l)
 //   bad     [B, S, H] int32                B: 1 where the sequence is invalid
@@ -68,7 +74,11 @@ struct Workspace {
   float* tile_m = nullptr;
   float* tile_u = nullptr;
   uint64_t* sel_keys = nullptr;
+  unsigned* counters = nullptr;   // sel_count, scan_done, sel_done, one after another
   unsigned* sel_count = nullptr;
+  unsigned* scan_done = nullptr;
+  unsigned* sel_done = nullptr;
+  int num_counters = 0;
   float* sp_o = nullptr;
   float* sp_ml = nullptr;
   int32_t* bad = nullptr;
@@ -86,7 +96,8 @@ struct Workspace {
 // The buffers of a workspace at `base` (nullptr: the layout and size only). decode.cu.
 Workspace make_workspace(const DecodeParams& p, void* base);
 
-// The kernels' launches (W, A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, B in decode.cu).
+// The kernels' launches (W, A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, Z and B in
+// decode.cu).
 template <typename T>
 void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 template <typename T>

@@ -29,35 +29,32 @@ void launch_cmp(const DecodeParams& p, const Workspace& ws, cudaStream_t stream)
     dispatch_mtiles(ws, [&](auto mt) {
       constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
       launch_kernel(p, decode_cmp_kernel<T, D, DV, MT>, split_grid(p, ws, p.plan.cmp_splits), kThreads,
-                    ScanSmem<T, D, DV, MT>::kBytes, p.plan.window_order == WindowOrder::kBeforeScan, stream, p,
-                    ws);
+                    ScanSmem<T, D, DV, MT>::kBytes, true, stream, p, ws);
     });
   });
 }
 
 // Kernel W (kWindow) or C: one grid and shared memory for both.
 template <typename T, bool kWindow>
-void launch_raw_branch(const DecodeParams& p, const Workspace& ws, bool dependent, cudaStream_t stream) {
+void launch_raw_branch(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   dispatch_head_dims(kOp, p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     dispatch_mtiles(ws, [&](auto mt) {
       constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
       auto kernel = kWindow ? decode_window_kernel<T, D, DV, MT> : decode_sparse_kernel<T, D, DV, MT>;
       launch_kernel(p, kernel, split_grid(p, ws, p.plan.slc_splits), kThreads,
-                    SparseSmem<T, D, DV, MT>::kOffExtra + size_t(sparse_arrays(p).bytes), dependent, stream, p, ws);
+                    SparseSmem<T, D, DV, MT>::kOffExtra + size_t(sparse_arrays(p).bytes), true, stream, p, ws);
     });
   });
 }
 
-// W and A: the first of the two (plan.window_order) is launched plainly, the second as its
-// dependent.
 template <typename T>
 void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  launch_raw_branch<T, true>(p, ws, p.plan.window_order == WindowOrder::kAfterScan, stream);
+  launch_raw_branch<T, true>(p, ws, stream);
 }
 
 template <typename T>
 void launch_sparse(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  launch_raw_branch<T, false>(p, ws, true, stream);
+  launch_raw_branch<T, false>(p, ws, stream);
 }
 
 template <typename T>

@@ -5,14 +5,15 @@
 //
 // A query's candidate blocks are split over sel_splits thread blocks (at B = 1 a thread block
 // per query alone would leave the GPU idle while it reads every tile's slots). Each keeps the n
-// best of its share and publishes them; the last one to finish (a counter per query that kernel A
-// zeroes) merges the lists and writes the query's blocks.
+// best of its share and publishes them; the last one to finish (a counter per query that kernel Z
+// zeroes) merges the lists, writes the query's blocks and counts the query selected (sel_done).
 #pragma once
 
 #include <cmath>
 
 #include "../topk/topk_kernel.cuh"
 #include "choices.h"
+#include "counters.cuh"
 #include "decode.h"
 #include "split_merge.cuh"
 #include "tile_attention.cuh"
@@ -20,10 +21,6 @@
 namespace nsa::cuda::decode {
 
 constexpr int kSelectWarps = kSelectThreads / 32;
-// Release and acquire at GPU scope (one thread of the block, after or before a barrier), as a
-// split publishes its list and the last one reads them all: a sequentially consistent
-// __threadfence() in every thread is not needed for that, and costs more.
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 
 // The counter's increment of a split that found a page outside the pool (the low 16 bits count
 // the splits done).
@@ -119,8 +116,10 @@ __device__ __forceinline__ void tile_sums(const float* u, index_t R, int G, int 
 // f = 2^(m_t - lse) (a row whose lse is not finite, or whose tile saw no key, adds nothing: its
 // slots may hold NaN, as the reference's p = 0 there). Candidates come in rounds of
 // ws.sel_round; the factors f of a round's tiles, then each tile slot's sum over the rows, are
-// computed once into shared memory, and a block adds its tiles' sums.
-__global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
+// computed once into shared memory, and a block adds its tiles' sums. Waits for the scan blocks of
+// its (sequence, KV head) or for the previous grid (plan.dep_wait); the kernel below waits for the
+// previous grid after it in any case.
+__device__ __forceinline__ void select_split(const DecodeParams& p, const Workspace& ws) {
   // (whole chunks of 32 keys, 16-byte aligned: keep_best reads them so)
   static_assert((kMaxSelected + kSelectRound) % 32 == 0, "keep_best reads whole chunks");
   __shared__ __align__(16) uint64_t keys[kMaxSelected + kSelectRound];
@@ -149,7 +148,10 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     }
     bad_pages = __syncthreads_or(bad);
   }
-  wait_prior_grid();
+  const index_t bh = index_t(b) * p.num_heads_k + h;
+  const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
+  if (p.plan.dep_wait == DepWait::kHead) wait_count(ws.scan_done + bh, unsigned(cmp_splits * ws.row_blocks));
+  else wait_prior_grid();
   trace_event(p.plan, kTraceSelect, kTraceWaited);
   const index_t query = (index_t(b) * S + s) * p.num_heads_k + h;
   int32_t* out = p.block_indices.ptr<int32_t>(b, s, h);
@@ -157,12 +159,11 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     if (c == 0) {
       if (tid == 0) ws.bad[query] = 1;
       if (tid < n) out[tid] = -1;  // (n <= kSelectThreads: keep_best)
+      count_done(ws.sel_done + bh);
     }
     return;
   }
 
-  const index_t bh = index_t(b) * p.num_heads_k + h;
-  const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
   // This split's candidates, scored and kept in rounds below.
   const int pos = L - S + s, bpos = pos / p.select_size, cand = bpos + 1;
   const int nts = int((num_cmp_tokens(pos + 1, p.block_size, p.block_stride) + kTileKeys - 1) / kTileKeys);
@@ -292,6 +293,7 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
   if (tid == 0) ws.bad[query] = bad ? 1 : 0;
   if (bad) {
     if (tid < n) out[tid] = -1;  // (n <= kSelectThreads: keep_best)
+    count_done(ws.sel_done + bh);
     return;
   }
   if (splits > 1) {
@@ -306,7 +308,13 @@ __global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const 
     }
   }
   if (warp == 0) topk::write_token(keys, kept, n, out);
+  count_done(ws.sel_done + bh);
   trace_event(p.plan, kTraceSelect, kTraceEnd);
+}
+
+__global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
+  select_split(p, ws);
+  wait_prior_grid();
 }
 
 }  // namespace nsa::cuda::decode

@@ -6,13 +6,14 @@
 // (page_size % select_size == 0): a tile is (first key, keys, page, row in the page), looked up
 // into shared memory a few tiles before its copies start. The window's keys depend on the length
 // alone, so kernel W runs beside the compressed scan (launched just before or after it); C waits
-// for kernel B's choice, then runs over the union of the row block's chosen blocks, each block
-// carrying the mask of the queries that chose it (a row sees its own query's blocks, keys up to
-// its position).
+// for kernel B's choice (its head's queries, or all of B: plan.dep_wait), then runs over the union
+// of the row block's chosen blocks, each block carrying the mask of the queries that chose it (a
+// row sees its own query's blocks, keys up to its position).
 #pragma once
 
 #include <climits>
 
+#include "counters.cuh"
 #include "decode.h"
 #include "tile_attention.cuh"
 
@@ -73,9 +74,9 @@ __device__ __forceinline__ void set_tile(const DecodeParams& p, int b, int* tile
   tile[3] = row;
 }
 
-// One branch of one split: kWindow, the window (kernel W, partials at branch 1; it waits for the
-// kernel before it only at its end); else the selected branch (kernel C, branch 0), after waiting
-// for kernel B.
+// One branch of one split: kWindow, the window (kernel W, partials at branch 1); else the selected
+// branch (kernel C, branch 0), after waiting for kernel B's choice. Both wait for the kernel before
+// them at their end.
 template <typename T, int D, int DV, int MT, bool kWindow>
 __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Workspace& ws) {
   using W = Warps<MT>;
@@ -185,13 +186,15 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
     return;
   }
 
-  wait_prior_grid();  // kernel B's block_indices
+  // Kernel B's block_indices
+  if (p.plan.dep_wait == DepWait::kHead) wait_count(ws.sel_done + bh, unsigned(S));
+  else wait_prior_grid();
   trace_event(p.plan, kTrace, kTraceWaited);
   // The union of the chosen blocks of queries q_first .. q_last, in the order of their first
   // appearance (query-major), with the mask of the queries that chose each.
   const int nq = q_last - q_first + 1, n = p.num_selected, entries = nq * n;
   for (int e = tid; e < entries; e += kThreads)
-    lists[e] = p.block_indices.ptr<const int32_t>(b, q_first + e / n, h)[e % n];
+    lists[e] = __ldcg(p.block_indices.ptr<const int32_t>(b, q_first + e / n, h) + e % n);
   __syncthreads();
   int nu = 0;
   for (int e0 = 0; e0 < entries; e0 += kThreads) {
@@ -236,6 +239,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
          },
          [&](int row, int i) { return ((masks[i / per_block] >> qbit[row]) & 1ull) != 0; },
          [&](int row, int t) { return t <= pos[row]; });
+  wait_prior_grid();  // (returns at once under dep_wait = grid)
   trace_event(p.plan, kTrace, kTraceEnd);
 }
 

@@ -1,0 +1,52 @@
+// The decoding step's counters (decode.h's workspace): kernel B counts its splits per query, and,
+// under plan.dep_wait = head, each (sequence, KV head) counts its scan blocks done (B waits for
+// them rather than for all of kernel A) and its queries selected (C waits for those rather than
+// for all of B). Kernel Z zeroes them at the start of every step.
+//
+// Why waiting on a counter cannot hang: a kernel launched with programmatic dependent launch
+// starts only once every block of the kernel before it has started (each calls allow_next_grid()
+// first), so every block a counter waits for is already running or done when the first waiter
+// starts; launched plainly, the kernel before it has completed.
+#pragma once
+
+#include "decode.h"
+#include "tile_attention.cuh"
+
+namespace nsa::cuda::decode {
+
+// Release and acquire at GPU scope (one thread of the block, after or before a barrier): a
+// sequentially consistent __threadfence() in every thread is not needed for that, and costs more.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
+// Counts the block's writes done: every thread's writes before the barrier, then thread 0's
+// release and increment (cumulativity makes the other threads' writes visible with it).
+__device__ __forceinline__ void count_done(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_acq_rel_gpu();
+    atomicAdd(counter, 1u);
+  }
+}
+
+// Returns once *counter >= target, every thread of the block ordered after the writes counted
+// (thread 0 acquires, then the barrier). The waiter reads the counted data through L2 (__ldcg).
+__device__ __forceinline__ void wait_count(const unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0) {
+    unsigned seen;
+    while (true) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+      if (seen >= target) break;
+      __nanosleep(64);
+    }
+  }
+  __syncthreads();
+}
+
+// Kernel Z, launched plainly first in the step (the previous step has completed): zeroes the n
+// counters. The kernels after it count only after their wait_prior_grid(), which covers Z.
+__global__ void __launch_bounds__(256) decode_reset_kernel(unsigned* counters, int n) {
+  allow_next_grid();
+  for (int i = blockIdx.x * 256 + threadIdx.x; i < n; i += gridDim.x * 256) counters[i] = 0;
+}
+
+}  // namespace nsa::cuda::decode
