@@ -880,12 +880,12 @@ def test_cuda_head_major_caches():
 def test_cuda_decode_trace_orders_the_kernels(order, wait):
     """nsa_torch._debug.decode_trace: the same result with the trace on; every thread block of the
     window, scan, selection and sparse kernels stores its start; no block ends before it starts;
-    the scan and window kernels, the second of them ends only once every block of the first has
-    ended, and the combine gets past its wait only once the sparse kernel has ended (a dependent
-    launch's wait returns when the previous grid has completed). The selection and the sparse
-    kernel get past their waits only once the kernel before them has ended (dep_wait = grid), or
-    (head) once their own (sequence, KV head)'s scan blocks have ended, and for the sparse kernel
-    its selection blocks have ranked their candidates."""
+    of the scan and window kernels, the second ends only once every block of the first has ended
+    (a dependent launch's wait returns when the previous grid has completed). The selection, the
+    sparse kernel and the combine get past their waits only once the kernel before them has ended
+    (dep_wait = grid), or (head) once the blocks of their own (sequence, KV head) have: the
+    selection's of the scan, the sparse kernel's of the selection (ranked), the combine's of the
+    scan, window and sparse kernels."""
     from nsa_torch import _debug
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-trace"))
     lengths = [max(L, 1) for L in CUDA_LENGTHS]
@@ -913,7 +913,7 @@ def test_cuda_decode_trace_orders_the_kernels(order, wait):
     names = list(_debug.TRACE_KERNELS)
     launched = names if order == "before_scan" else ["scan", "window"] + names[2:]
     for i in range(1, kernels):
-        if wait == "head" and launched[i] in ("select", "sparse"):
+        if wait == "head" and launched[i] in ("select", "sparse", "combine"):
             continue
         k, prev = names.index(launched[i]), names.index(launched[i - 1])
         past = t[k, :, ev["end" if i == 1 else "waited"]]
@@ -930,6 +930,18 @@ def test_cuda_decode_trace_orders_the_kernels(order, wait):
         sel_waited = per_head("select", "waited", plan["sel_splits"]).min(dim=1).values
         slc_waited = per_head("sparse", "waited", plan["slc_splits"]).min(dim=1).values
         assert bool((sel_waited >= scan_end).all()) and bool((slc_waited >= ranked).all())
+        # The combine: rows (b, query head) in order, 8 // wpr per thread block (combine.cuh).
+        done = torch.stack([scan_end, per_head("window", "end", plan["slc_splits"]).max(dim=1).values,
+                            per_head("sparse", "end", plan["slc_splits"]).max(dim=1).values]).max(dim=0).values
+        most, wpr = max(plan["cmp_splits"], plan["slc_splits"]), 1
+        while wpr < 8 and wpr * 4 < most:
+            wpr *= 2
+        HQ, G, per_block = 4 * H, 4, 8 // wpr
+        waited = t[names.index("combine"), :, ev["waited"]]
+        for blk in range((B * HQ + per_block - 1) // per_block):
+            rows = range(blk * per_block, min(B * HQ, (blk + 1) * per_block))
+            heads = {r // HQ * H + r % HQ // G for r in rows}
+            assert int(waited[blk]) >= max(int(done[bh]) for bh in heads), blk
 
 
 @pytest.mark.cuda

@@ -4,11 +4,14 @@
 // it can: choices.h), each merging its splits' (m, l, O) online, then the row's first warp merges
 // theirs in warp order: a fixed order, so the bits do not depend on timing. The kernel is a chain
 // of memory round trips after kernel C ends, so each warp issues the loads of a batch of splits
-// together before it adds any of them, and reads its inputs (gates, length) before it waits for C.
+// together before it adds any of them, and reads its inputs (gates, length) before it waits: for
+// its rows' heads' blocks of A, W and C and their selection (plan.dep_wait = head), or for all of
+// C; the kernel below waits for all of C after it in any case.
 #pragma once
 
 #include "../attn/fwd.cuh"  // softmax_inv
 #include "choices.h"
+#include "counters.cuh"
 #include "decode.h"
 #include "split_merge.cuh"
 #include "trace.cuh"
@@ -67,9 +70,26 @@ struct BranchSplits {
   int n;
 };
 
+// Thread 0: waits until every kernel has counted all of its blocks of the heads of rows
+// [first, last] done (the rows of a thread block lie in a few consecutive heads).
+__device__ __forceinline__ void wait_heads(const DecodeParams& p, const Workspace& ws, index_t first, index_t last) {
+  const int HQ = p.num_heads, S = p.num_queries, H = p.num_heads_k, G = HQ / H;
+  const unsigned cmp_blocks = unsigned(p.plan.cmp_splits * ws.row_blocks);
+  const unsigned slc_blocks = unsigned(p.plan.slc_splits * ws.row_blocks);
+  index_t prev = -1;
+  for (index_t row = first; row <= last; ++row) {
+    const index_t bh = row / HQ / S * H + int(row % HQ) / G;
+    if (bh == prev) continue;
+    prev = bh;
+    spin_until(ws.scan_done + bh, cmp_blocks);
+    spin_until(ws.sel_done + bh, unsigned(S));
+    spin_until(ws.win_done + bh, slc_blocks);
+    spin_until(ws.slc_done + bh, slc_blocks);
+  }
+}
+
 template <typename T, int DV, int kPerWarp>
-__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p, const Workspace ws,
-                                                                          int wpr) {
+__device__ __forceinline__ void combine_rows(const DecodeParams& p, const Workspace& ws, int wpr) {
   constexpr int kCols = DV / 32;
   __shared__ float red[kCombineWarps][3][DV + 2];  // per warp and branch: O, then m and l
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, sub = warp % wpr;
@@ -88,7 +108,13 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
     for (int br = 0; br < 3; ++br) gate[br] = to_float(*p.gate[br].ptr<const T>(b, s, hq));
     L = p.seqlens[b];
   }
-  wait_prior_grid();
+  if (p.plan.dep_wait == DepWait::kHead) {
+    const index_t rows = index_t(p.batch) * S * HQ, first = index_t(blockIdx.x) * (kCombineWarps / wpr);
+    if (tid == 0) wait_heads(p, ws, first, min(rows, first + kCombineWarps / wpr) - 1);
+    __syncthreads();
+  } else {
+    wait_prior_grid();
+  }
   trace_event(p.plan, kTraceCombine, kTraceWaited);
 
   bool bad = false;
@@ -173,6 +199,13 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
 #pragma unroll
   for (int c = 0; c < kCols; ++c) dst[lane + 32 * c] = from_float<T>(bad ? __int_as_float(0x7fffffff) : out[c]);
   trace_event(p.plan, kTraceCombine, kTraceEnd);
+}
+
+template <typename T, int DV, int kPerWarp>
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p, const Workspace ws,
+                                                                          int wpr) {
+  combine_rows<T, DV, kPerWarp>(p, ws, wpr);
+  wait_prior_grid();
 }
 
 }  // namespace nsa::cuda::decode

@@ -1,7 +1,8 @@
-// The decoding step's counters (decode.h's workspace): kernel B counts its splits per query, and,
-// under plan.dep_wait = head, each (sequence, KV head) counts its scan blocks done (B waits for
-// them rather than for all of kernel A) and its queries selected (C waits for those rather than
-// for all of B). Kernel Z zeroes them at the start of every step.
+// The decoding step's counters (decode.h's workspace): kernel B counts its splits per query, and
+// each (sequence, KV head) counts its blocks done of kernels A, W and C and its queries selected
+// (B), so that under plan.dep_wait = head B waits for its head's scan rather than for all of A,
+// C for its head's selection rather than for all of B, and D for its heads' blocks of every
+// kernel rather than for all of C. Kernel Z zeroes them at the start of every step.
 //
 // Why waiting on a counter cannot hang: a kernel launched with programmatic dependent launch
 // starts only once every block of the kernel before it has started (each calls allow_next_grid()
@@ -28,17 +29,20 @@ __device__ __forceinline__ void count_done(unsigned* counter) {
   }
 }
 
+// One thread: returns once *counter >= target, acquiring the writes counted.
+__device__ __forceinline__ void spin_until(const unsigned* counter, unsigned target) {
+  unsigned seen;
+  while (true) {
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    if (seen >= target) return;
+    __nanosleep(64);
+  }
+}
+
 // Returns once *counter >= target, every thread of the block ordered after the writes counted
 // (thread 0 acquires, then the barrier). The waiter reads the counted data through L2 (__ldcg).
 __device__ __forceinline__ void wait_count(const unsigned* counter, unsigned target) {
-  if (threadIdx.x == 0) {
-    unsigned seen;
-    while (true) {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
-      if (seen >= target) break;
-      __nanosleep(64);
-    }
-  }
+  if (threadIdx.x == 0) spin_until(counter, target);
   __syncthreads();
 }
 

@@ -59,7 +59,7 @@ void check(const DecodeParams& p) {
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
       index_t(p.batch) * p.num_queries * p.num_heads > INT_MAX ||
-      index_t(p.batch) * p.num_heads_k * (p.num_queries + 2) > INT_MAX)
+      index_t(p.batch) * p.num_heads_k * (p.num_queries + 4) > INT_MAX)
     invalid("shape too large for the launch grids (B = " + str(p.batch) + ", S = " + str(p.num_queries) + ", HQ = " +
             str(p.num_heads) + ", H = " + str(p.num_heads_k) + ", cmp_capacity = " + str(p.cmp_capacity) + ")");
 }
@@ -93,12 +93,14 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   ws.tile_u = reinterpret_cast<float*>(take(bh * T * size_t(ws.slots) * R * 4));
   const size_t queries = bh * size_t(p.num_queries);
   ws.sel_keys = reinterpret_cast<uint64_t*>(take(queries * size_t(p.plan.sel_splits) * size_t(p.num_selected) * 8));
-  ws.num_counters = int(queries + 2 * bh);  // check() bounds B S HQ below 2^31
+  ws.num_counters = int(queries + 4 * bh);  // check() bounds B H (S + 4) below 2^31
   ws.counters = reinterpret_cast<unsigned*>(take(size_t(ws.num_counters) * 4));
   if (ws.counters) {
     ws.sel_count = ws.counters;
     ws.scan_done = ws.sel_count + queries;
     ws.sel_done = ws.scan_done + bh;
+    ws.slc_done = ws.sel_done + bh;
+    ws.win_done = ws.slc_done + bh;
   }
   ws.sp_o = reinterpret_cast<float*>(take(bh * ss * 2 * R * DV * 4));
   ws.sp_ml = reinterpret_cast<float*>(take(bh * ss * 2 * R * 2 * 4));

@@ -9,7 +9,8 @@
 // kernel's completion implies that of all before it (D reads what every kernel wrote). B and C
 // wait for their inputs either so (plan.dep_wait = grid) or on counters per (sequence, KV head)
 // (head; counters.cuh): then B scores a head as soon as its scan blocks are done, while other
-// heads' scans and the window run, and C starts a head once its queries are selected.
+// heads' scans and the window run, C starts a head once its queries are selected, and D merges
+// a head's rows once its scan, selection, window and selected blocks are all done.
 //
 //   Z. decode_reset_kernel (counters.cuh), launched plainly: zeroes the step's counters.
 //   W. decode_window_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads: the
@@ -49,6 +50,8 @@
 //     sel_count [B, S, H]                  B: splits done (+ 2^16 for one that saw a bad page)
 //     scan_done [B, H]                     A: blocks done (cmp_splits * row blocks in all)
 //     sel_done  [B, H]                     B: queries whose block_indices are written (S in all)
+//     slc_done  [B, H]                     C: blocks done (slc_splits * row blocks in all)
+//     win_done  [B, H]                     W: blocks done (slc_splits * row blocks in all)
 //   sp_o    [B, H, slc_splits, 2, R, Dv]   partial O: branch 0 selected (C), 1 window (W)
 //   sp_ml   [B, H, slc_splits, 2, R, 2]    their (m, l)
 //   bad     [B, S, H] int32                B: 1 where the sequence is invalid
@@ -74,10 +77,12 @@ struct Workspace {
   float* tile_m = nullptr;
   float* tile_u = nullptr;
   uint64_t* sel_keys = nullptr;
-  unsigned* counters = nullptr;   // sel_count, scan_done, sel_done, one after another
+  unsigned* counters = nullptr;   // sel_count, scan_done, sel_done, slc_done, win_done in turn
   unsigned* sel_count = nullptr;
   unsigned* scan_done = nullptr;
   unsigned* sel_done = nullptr;
+  unsigned* slc_done = nullptr;
+  unsigned* win_done = nullptr;
   int num_counters = 0;
   float* sp_o = nullptr;
   float* sp_ml = nullptr;
