@@ -20,8 +20,9 @@ namespace nsa::cuda::decode {
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 
 // Counts the block's writes done: every thread's writes before the barrier, then thread 0's
-// release and increment (cumulativity makes the other threads' writes visible with it).
-__device__ __forceinline__ void count_done(unsigned* counter) {
+// release and increment (cumulativity makes the other threads' writes visible with it). Not
+// inlined: inlined at the end of kernel C with D = 256, it made the key loop spill.
+__device__ __noinline__ void count_done(unsigned* counter) {
   __syncthreads();
   if (threadIdx.x == 0) {
     fence_acq_rel_gpu();

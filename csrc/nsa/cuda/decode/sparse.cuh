@@ -105,11 +105,11 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
   // The split's first row of branch br's partials (0 selected, 1 window).
   auto part = [&](int br) { return ((bh * splits + split) * 2 + br) * R + r0; };
   const int L = p.seqlens[b];
-  unsigned* done = (kWindow ? ws.win_done : ws.slc_done) + bh;
+  auto count_block = [&] { count_done((kWindow ? ws.win_done : ws.slc_done) + bh); };  // (counters.cuh)
   if (!(L >= S && L <= p.capacity)) {  // kernel B flags the sequence; nothing is read
     write_empty<DV>(ws.sp_o + part(kBranch) * DV, ws.sp_ml + part(kBranch) * 2, nrows);
     wait_prior_grid();
-    count_done(done);
+    count_block();
     return;
   }
 
@@ -185,7 +185,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
     wait_prior_grid();  // for the scan when launched after it (decode.h), and Z before the count
     trace_event(p.plan, kTrace, kTraceWaited);
     trace_event(p.plan, kTrace, kTraceEnd);
-    count_done(done);
+    count_block();
     return;
   }
 
@@ -243,7 +243,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
          [&](int row, int i) { return ((masks[i / per_block] >> qbit[row]) & 1ull) != 0; },
          [&](int row, int t) { return t <= pos[row]; });
   trace_event(p.plan, kTrace, kTraceEnd);
-  count_done(done);  // (after Z's zeroing: the wait above acquired B's count, or all of B)
+  count_block();  // (after Z's zeroing: the wait above acquired B's count, or all of B)
   wait_prior_grid();
 }
 
