@@ -2,7 +2,7 @@
 // each (sequence, KV head) counts its blocks done of kernels A, W and C and its queries selected
 // (B), so that under plan.dep_wait = head B waits for its head's scan rather than for all of A,
 // C for its head's selection rather than for all of B, and D for its heads' blocks of every
-// kernel rather than for all of C. Kernel Z zeroes them at the start of every step.
+// kernel rather than for all of C. Kernel Z (decode.cu) zeroes them at the start of every step.
 //
 // Why waiting on a counter cannot hang: a kernel launched with programmatic dependent launch
 // starts only once every block of the kernel before it has started (each calls allow_next_grid()
@@ -22,7 +22,7 @@ __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_re
 // Counts the block's writes done: every thread's writes before the barrier, then thread 0's
 // release and increment (cumulativity makes the other threads' writes visible with it). Not
 // inlined: inlined at the end of kernel C with D = 256, it made the key loop spill.
-__device__ __noinline__ void count_done(unsigned* counter) {
+inline __device__ __noinline__ void count_done(unsigned* counter) {
   __syncthreads();
   if (threadIdx.x == 0) {
     fence_acq_rel_gpu();
@@ -45,13 +45,6 @@ __device__ __forceinline__ void spin_until(const unsigned* counter, unsigned tar
 __device__ __forceinline__ void wait_count(const unsigned* counter, unsigned target) {
   if (threadIdx.x == 0) spin_until(counter, target);
   __syncthreads();
-}
-
-// Kernel Z, launched plainly first in the step (the previous step has completed): zeroes the n
-// counters. The kernels after it count only after their wait_prior_grid(), which covers Z.
-__global__ void __launch_bounds__(256) decode_reset_kernel(unsigned* counters, int n) {
-  allow_next_grid();
-  for (int i = blockIdx.x * 256 + threadIdx.x; i < n; i += gridDim.x * 256) counters[i] = 0;
 }
 
 }  // namespace nsa::cuda::decode

@@ -109,6 +109,14 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   return ws;
 }
 
+// Kernel Z, launched plainly first in the step (the previous step has completed): zeroes the n
+// counters (counters.cuh). The kernels after it count only after their wait_prior_grid(), which
+// covers Z.
+__global__ void __launch_bounds__(256) decode_reset_kernel(unsigned* counters, int n) {
+  allow_next_grid();
+  for (int i = blockIdx.x * 256 + threadIdx.x; i < n; i += gridDim.x * 256) counters[i] = 0;
+}
+
 void launch_reset(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(std::min(1024, (ws.num_counters + 255) / 256)));
   launch_kernel(p, decode_reset_kernel, grid, 256, 0, false, stream, ws.counters, ws.num_counters);
