@@ -161,7 +161,8 @@ class decode_trace:
     wait, for the window when launched after it);
     select: past the wait for the scan, lse done, candidates ranked, list published and counted;
     sparse: past the wait for the selection, first key tile landed, union of chosen blocks built,
-    -; combine: past the wait, -, -, splits merged. ``trace_summary`` reads it.
+    -; combine: past its last wait (for the selection and sparse kernels), past its wait for the
+    scan and window, -, splits merged. ``trace_summary`` reads it.
     Process-global state for profiling (tools/profile_decode.py --trace), not for use under
     torch.compile; the buffer must outlive every graph captured with it."""
 

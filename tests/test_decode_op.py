@@ -884,8 +884,8 @@ def test_cuda_decode_trace_orders_the_kernels(order, wait):
     (a dependent launch's wait returns when the previous grid has completed). The selection, the
     sparse kernel and the combine get past their waits only once the kernel before them has ended
     (dep_wait = grid), or (head) once the blocks of their own (sequence, KV head) have: the
-    selection's of the scan, the sparse kernel's of the selection (ranked), the combine's of the
-    scan, window and sparse kernels."""
+    selection's of the scan, the sparse kernel's of the selection (ranked), the combine's first of
+    the scan and window kernels, its second of the sparse kernel."""
     from nsa_torch import _debug
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-trace"))
     lengths = [max(L, 1) for L in CUDA_LENGTHS]
@@ -931,17 +931,22 @@ def test_cuda_decode_trace_orders_the_kernels(order, wait):
         slc_waited = per_head("sparse", "waited", plan["slc_splits"]).min(dim=1).values
         assert bool((sel_waited >= scan_end).all()) and bool((slc_waited >= ranked).all())
         # The combine: rows (b, query head) in order, 8 // wpr per thread block (combine.cuh).
-        done = torch.stack([scan_end, per_head("window", "end", plan["slc_splits"]).max(dim=1).values,
-                            per_head("sparse", "end", plan["slc_splits"]).max(dim=1).values]).max(dim=0).values
+        # Past its first wait (step1) once its heads' scan and window blocks are done, past its
+        # second (waited) once their sparse blocks are.
+        early = torch.stack([scan_end, per_head("window", "end", plan["slc_splits"]).max(dim=1).values]).max(dim=0).values
+        late = per_head("sparse", "end", plan["slc_splits"]).max(dim=1).values
         most, wpr = max(plan["cmp_splits"], plan["slc_splits"]), 1
         while wpr < 8 and wpr * 4 < most:
             wpr *= 2
         HQ, G, per_block = 4 * H, 4, 8 // wpr
+        step1 = t[names.index("combine"), :, ev["step1"]]
         waited = t[names.index("combine"), :, ev["waited"]]
         for blk in range((B * HQ + per_block - 1) // per_block):
             rows = range(blk * per_block, min(B * HQ, (blk + 1) * per_block))
             heads = {r // HQ * H + r % HQ // G for r in rows}
-            assert int(waited[blk]) >= max(int(done[bh]) for bh in heads), blk
+            assert int(step1[blk]) >= max(int(early[bh]) for bh in heads), blk
+            assert int(waited[blk]) >= max(int(late[bh]) for bh in heads), blk
+            assert int(waited[blk]) >= int(step1[blk]), blk
 
 
 @pytest.mark.cuda

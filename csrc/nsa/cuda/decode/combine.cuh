@@ -4,9 +4,11 @@
 // it can: choices.h), each merging its splits' (m, l, O) online, then the row's first warp merges
 // theirs in warp order: a fixed order, so the bits do not depend on timing. The kernel is a chain
 // of memory round trips after kernel C ends, so each warp issues the loads of a batch of splits
-// together before it adds any of them, and reads its inputs (gates, length) before it waits: for
-// its rows' heads' blocks of A, W and C and their selection (plan.dep_wait = head), or for all of
-// C; the kernel below waits for all of C after it in any case.
+// together before it adds any of them, reads its inputs (gates, length) before it waits, and
+// under plan.dep_wait = head merges the compressed and window branches as soon as its rows'
+// heads' blocks of A and W are done (while B and C run), the selected branch once their
+// selection and blocks of C are; under grid all three after the whole of C. The kernel below
+// waits for all of C after it in any case.
 #pragma once
 
 #include "../attn/fwd.cuh"  // softmax_inv
@@ -70,9 +72,11 @@ struct BranchSplits {
   int n;
 };
 
-// Thread 0: waits until every kernel has counted all of its blocks of the heads of rows
-// [first, last] done (the rows of a thread block lie in a few consecutive heads).
-__device__ __forceinline__ void wait_heads(const DecodeParams& p, const Workspace& ws, index_t first, index_t last) {
+// Thread 0: waits until the blocks of the heads of rows [first, last] (a thread block's rows lie
+// in a few consecutive heads) are counted done: those of A and W (`late` false: the compressed
+// and window branches), or B's selection and C's blocks (true: the selected branch).
+__device__ __forceinline__ void wait_heads(const DecodeParams& p, const Workspace& ws, index_t first, index_t last,
+                                           bool late) {
   const int HQ = p.num_heads, S = p.num_queries, H = p.num_heads_k, G = HQ / H;
   const unsigned cmp_blocks = unsigned(p.plan.cmp_splits * ws.row_blocks);
   const unsigned slc_blocks = unsigned(p.plan.slc_splits * ws.row_blocks);
@@ -81,10 +85,13 @@ __device__ __forceinline__ void wait_heads(const DecodeParams& p, const Workspac
     const index_t bh = row / HQ / S * H + int(row % HQ) / G;
     if (bh == prev) continue;
     prev = bh;
-    spin_until(ws.scan_done + bh, cmp_blocks);
-    spin_until(ws.sel_done + bh, unsigned(S));
-    spin_until(ws.win_done + bh, slc_blocks);
-    spin_until(ws.slc_done + bh, slc_blocks);
+    if (late) {
+      spin_until(ws.sel_done + bh, unsigned(S));
+      spin_until(ws.slc_done + bh, slc_blocks);
+    } else {
+      spin_until(ws.scan_done + bh, cmp_blocks);
+      spin_until(ws.win_done + bh, slc_blocks);
+    }
   }
 }
 
@@ -108,57 +115,73 @@ __device__ __forceinline__ void combine_rows(const DecodeParams& p, const Worksp
     for (int br = 0; br < 3; ++br) gate[br] = to_float(*p.gate[br].ptr<const T>(b, s, hq));
     L = p.seqlens[b];
   }
-  if (p.plan.dep_wait == DepWait::kHead) {
-    const index_t rows = index_t(p.batch) * S * HQ, first = index_t(blockIdx.x) * (kCombineWarps / wpr);
-    if (tid == 0) wait_heads(p, ws, first, min(rows, first + kCombineWarps / wpr) - 1);
-    __syncthreads();
-  } else {
-    wait_prior_grid();
+  // Under dep_wait = head the compressed and window branches are merged while B and C still
+  // run, and only the selected branch after them; else all three after the previous grid.
+  const bool by_head = p.plan.dep_wait == DepWait::kHead;
+  const index_t all_rows = index_t(p.batch) * S * HQ, first_row = index_t(blockIdx.x) * (kCombineWarps / wpr);
+  const index_t last_row = min(all_rows, first_row + kCombineWarps / wpr) - 1;
+  auto wait = [&](bool late) {
+    if (by_head) {
+      if (tid == 0) wait_heads(p, ws, first_row, last_row, late);
+      __syncthreads();
+    } else if (!late) {
+      wait_prior_grid();
+    }
+  };
+  wait(false);
+  trace_event(p.plan, kTraceCombine, kTraceStep1);
+
+  const int cs = p.plan.cmp_splits, ss = p.plan.slc_splits;
+  // Branch 0: compressed ([cs][R] rows), 1: selected, 2: window ([ss][2][R] rows).
+  // (a function, not an array: recomputed where used rather than held in registers)
+  auto branch = [&](int i) {
+    if (i == 0)
+      return BranchSplits{ws.cmp_o + (bh * cs * R + r) * DV, index_t(R) * DV, ws.cmp_ml + (bh * cs * R + r) * 2,
+                          index_t(R) * 2, cs};
+    const index_t row = (bh * ss * 2 + i - 1) * R + r;
+    return BranchSplits{ws.sp_o + row * DV, index_t(2) * R * DV, ws.sp_ml + row * 2, index_t(2) * R * 2, ss};
+  };
+  using Batch = SplitBatch<DV, kPerWarp>;
+  // Merges branch i's splits of the row, its first batch loaded, into red[warp][i]: the warp's
+  // (m, l, O).
+  auto merge_branch = [&](int i, const Batch& first) {
+    float m = -INFINITY, l = 0.f, acc[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+    first.merge(m, l, acc);
+    const BranchSplits br = branch(i);
+    for (int k0 = sub + Batch::kBatch * wpr; k0 < br.n; k0 += Batch::kBatch * wpr) {
+      Batch more;
+      more.load(br.o, br.o_step, br.ml, br.ml_step, br.n, k0, wpr);
+      more.merge(m, l, acc);
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) red[warp][i][lane + 32 * c] = acc[c];
+    if (lane == 0) {
+      red[warp][i][DV] = m;
+      red[warp][i][DV + 1] = l;
+    }
+  };
+  auto load_first = [&](Batch& batch, int i) {
+    const BranchSplits br = branch(i);
+    batch.load(br.o, br.o_step, br.ml, br.ml_step, br.n, sub, wpr);
+  };
+  if (real) {  // the first batches of both branches in flight at once, then further batches
+    Batch cmp, win;
+    load_first(cmp, 0);
+    load_first(win, 2);
+    merge_branch(0, cmp);
+    merge_branch(2, win);
   }
+  wait(true);
   trace_event(p.plan, kTraceCombine, kTraceWaited);
 
   bool bad = false;
   if (real) {
     if (sub == 0) bad = __ldcg(ws.bad + (index_t(b) * S + s) * H + h) != 0;
-    const int cs = p.plan.cmp_splits, ss = p.plan.slc_splits;
-    // Branch 0: compressed ([cs][R] rows), 1: selected, 2: window ([ss][2][R] rows).
-    // (a function, not an array: recomputed where used rather than held in registers)
-    auto branch = [&](int i) {
-      if (i == 0)
-        return BranchSplits{ws.cmp_o + (bh * cs * R + r) * DV, index_t(R) * DV, ws.cmp_ml + (bh * cs * R + r) * 2,
-                            index_t(R) * 2, cs};
-      const index_t row = (bh * ss * 2 + i - 1) * R + r;
-      return BranchSplits{ws.sp_o + row * DV, index_t(2) * R * DV, ws.sp_ml + row * 2, index_t(2) * R * 2, ss};
-    };
-    // The first batch of every branch in flight at once (with the plan's warps per row, all of
-    // their splits), then each branch's further batches.
-    using Batch = SplitBatch<DV, kPerWarp>;
-    Batch first[3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-      const BranchSplits br = branch(i);
-      first[i].load(br.o, br.o_step, br.ml, br.ml_step, br.n, sub, wpr);
-    }
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-      float m = -INFINITY, l = 0.f, acc[kCols];
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-      first[i].merge(m, l, acc);
-      const int n = i == 0 ? cs : ss;
-      for (int k0 = sub + Batch::kBatch * wpr; k0 < n; k0 += Batch::kBatch * wpr) {
-        const BranchSplits br = branch(i);
-        Batch more;
-        more.load(br.o, br.o_step, br.ml, br.ml_step, br.n, k0, wpr);
-        more.merge(m, l, acc);
-      }
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) red[warp][i][lane + 32 * c] = acc[c];
-      if (lane == 0) {
-        red[warp][i][DV] = m;
-        red[warp][i][DV + 1] = l;
-      }
-    }
+    Batch slc;
+    load_first(slc, 1);
+    merge_branch(1, slc);
   }
   __syncthreads();
   trace_event(p.plan, kTraceCombine, kTraceMid);
@@ -201,8 +224,9 @@ __device__ __forceinline__ void combine_rows(const DecodeParams& p, const Worksp
   trace_event(p.plan, kTraceCombine, kTraceEnd);
 }
 
+// (min. blocks 1: ptxas otherwise spilled at DV = 64)
 template <typename T, int DV, int kPerWarp>
-__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p, const Workspace ws,
+__global__ void __launch_bounds__(kCombineThreads, 1) decode_combine_kernel(const DecodeParams p, const Workspace ws,
                                                                           int wpr) {
   combine_rows<T, DV, kPerWarp>(p, ws, wpr);
   wait_prior_grid();
