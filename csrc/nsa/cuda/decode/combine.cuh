@@ -72,27 +72,23 @@ struct BranchSplits {
   int n;
 };
 
-// Thread 0: waits until the blocks of the heads of rows [first, last] (a thread block's rows lie
-// in a few consecutive heads) are counted done: those of A and W (`late` false: the compressed
-// and window branches), or B's selection and C's blocks (true: the selected branch).
+// Warp 0: waits until the blocks of the heads of rows [first, last] (at most kCombineWarps rows)
+// are counted done: those of A and W (`late` false: the compressed and window branches), or B's
+// selection and C's blocks (true: the selected branch). Lanes 2i and 2i + 1 poll the two counters
+// of row first + i's head, so that the polls' round trips overlap (rows of one head repeat them).
 __device__ __forceinline__ void wait_heads(const DecodeParams& p, const Workspace& ws, index_t first, index_t last,
                                            bool late) {
-  const int HQ = p.num_heads, S = p.num_queries, H = p.num_heads_k, G = HQ / H;
+  static_assert(2 * kCombineWarps <= 32, "a lane per counter of each row");
+  const int HQ = p.num_heads, S = p.num_queries, H = p.num_heads_k, G = HQ / H, lane = threadIdx.x & 31;
+  const index_t row = first + lane / 2;
+  if (row > last) return;
+  const index_t bh = row / HQ / S * H + int(row % HQ) / G;
   const unsigned cmp_blocks = unsigned(p.plan.cmp_splits * ws.row_blocks);
   const unsigned slc_blocks = unsigned(p.plan.slc_splits * ws.row_blocks);
-  index_t prev = -1;
-  for (index_t row = first; row <= last; ++row) {
-    const index_t bh = row / HQ / S * H + int(row % HQ) / G;
-    if (bh == prev) continue;
-    prev = bh;
-    if (late) {
-      spin_until(ws.sel_done + bh, unsigned(S));
-      spin_until(ws.slc_done + bh, slc_blocks);
-    } else {
-      spin_until(ws.scan_done + bh, cmp_blocks);
-      spin_until(ws.win_done + bh, slc_blocks);
-    }
-  }
+  if (late)
+    spin_until(lane % 2 ? ws.slc_done + bh : ws.sel_done + bh, lane % 2 ? slc_blocks : unsigned(S));
+  else
+    spin_until(lane % 2 ? ws.win_done + bh : ws.scan_done + bh, lane % 2 ? slc_blocks : cmp_blocks);
 }
 
 template <typename T, int DV, int kPerWarp>
@@ -122,7 +118,7 @@ __device__ __forceinline__ void combine_rows(const DecodeParams& p, const Worksp
   const index_t last_row = min(all_rows, first_row + kCombineWarps / wpr) - 1;
   auto wait = [&](bool late) {
     if (by_head) {
-      if (tid == 0) wait_heads(p, ws, first_row, last_row, late);
+      if (warp == 0) wait_heads(p, ws, first_row, last_row, late);
       __syncthreads();
     } else if (!late) {
       wait_prior_grid();
