@@ -1,8 +1,9 @@
 // The decoding step's counters (decode.h's workspace): kernel B counts its splits per query, and
 // each (sequence, KV head) counts its blocks done of kernels A, W and C and its queries selected
 // (B), so that under plan.dep_wait = head B waits for its head's scan rather than for all of A,
-// C for its head's selection rather than for all of B, and D for its heads' blocks of every
-// kernel rather than for all of C. Kernel Z (decode.cu) zeroes them at the start of every step.
+// C for its head's selection rather than for all of B, and D for its heads' blocks of A and W,
+// then of B and C, rather than for all of C. Kernel Z (decode.cu) zeroes them at the start of
+// every step.
 //
 // Why waiting on a counter cannot hang: a kernel launched with programmatic dependent launch
 // starts only once every block of the kernel before it has started (each calls allow_next_grid()

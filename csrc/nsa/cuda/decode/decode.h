@@ -10,9 +10,10 @@
 // wait for their inputs either so (plan.dep_wait = grid) or on counters per (sequence, KV head)
 // (head; counters.cuh): then B scores a head as soon as its scan blocks are done, while other
 // heads' scans and the window run, C starts a head once its queries are selected, and D merges
-// a head's rows once its scan, selection, window and selected blocks are all done.
+// a row's compressed and window splits once its head's scan and window blocks are done, its
+// selected splits once its head's selection and selected blocks are.
 //
-//   Z. decode_reset_kernel (counters.cuh), launched plainly: zeroes the step's counters.
+//   Z. decode_reset_kernel (decode.cu), launched plainly: zeroes the step's counters.
 //   W. decode_window_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads: the
 //      window branch (keys [pos - w + 1, pos] of each query, in tiles cut at selection-block
 //      edges), which needs the length alone, so it runs beside A, launched just after it (it
