@@ -112,9 +112,9 @@ enum class SelectKernel : int32_t { kWgmma, kMma };
 // Where decode_attention launches its window kernel W: after the compressed scan A (W fills the
 // SMs A leaves), or before it.
 enum class WindowOrder : int32_t { kAfterScan, kBeforeScan };
-// What decode_attention's selection (B) and selected branch (C) wait for before reading their
-// inputs: the whole previous kernel (griddepcontrol.wait), or their own (sequence, KV head)'s
-// producers, counted in the workspace (counters.cuh).
+// What decode_attention's selection (B), selected branch (C) and merge (D) wait for before
+// reading their inputs: the whole previous kernel (griddepcontrol.wait), or their own (sequence,
+// KV head)'s producers, counted in the workspace (counters.cuh).
 enum class DepWait : int32_t { kGrid, kHead };
 
 // The plan of one attention op call (forward or backward of one branch).

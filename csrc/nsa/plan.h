@@ -20,8 +20,9 @@
 //   sel_splits      int in [1, 64]          decode_attention: thread blocks per (query, KV head)
 //                                           over the candidate blocks of the top-n selection
 //   window_order    after_scan | before_scan   decode_attention: the window kernel's launch
-//   dep_wait        grid | head             decode_attention: what the selection and the selected
-//                                           branch wait for (the previous kernel, or their head's)
+//   dep_wait        grid | head             decode_attention: what the selection, the selected
+//                                           branch and the merge wait for (the previous kernel,
+//                                           or their head's producers)
 // An override the shape or GPU cannot take makes the plan function throw std::invalid_argument
 // naming the key, the value and why; it never falls back silently.
 #pragma once
