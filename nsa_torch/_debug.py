@@ -35,8 +35,8 @@ Keys and values (``keys()`` lists them):
   sel_splits      int in [1, 64]: thread blocks per (query, KV head) of decode_attention's top-n
                   selection over the candidate blocks
   window_order    "after_scan" or "before_scan": where decode_attention launches its window kernel
-  dep_wait        "grid" or "head": what decode_attention's selection and selected branch wait for,
-                  the whole kernel before them or their own (sequence, KV head)'s part of it
+  dep_wait        "grid" or "head": what decode_attention's selection, selected branch and merge
+                  wait for, the whole kernel before them or their own (sequence, KV head)'s part of it
 A value of None removes the key's override (the plan's own choice, also inside an outer force).
 
 An unknown key or value raises ValueError when ``force`` is called. Forcing a kernel that the

@@ -117,7 +117,7 @@ def profile(T, B, steps, warmup, use_profiler=True, trace=False):
         for _ in range(replays):
             g.replay()
         torch.cuda.synchronize()
-    # every device activity of the replays (any kernel or memset besides the four shows up)
+    # every device activity of the replays (any kernel or memset besides the step's six shows up)
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
     first = "decode_reset_kernel"  # kernel Z, which zeroes the step's counters
