@@ -48,4 +48,11 @@ __device__ __forceinline__ void wait_count(const unsigned* counter, unsigned tar
   __syncthreads();
 }
 
+// Kernels B and C: waits for their inputs, on their head's counter reaching target (dep_wait =
+// head), else for the whole previous grid.
+__device__ __forceinline__ void wait_inputs(const DecodePlan& plan, const unsigned* counter, unsigned target) {
+  if (plan.dep_wait == DepWait::kHead) wait_count(counter, target);
+  else wait_prior_grid();
+}
+
 }  // namespace nsa::cuda::decode

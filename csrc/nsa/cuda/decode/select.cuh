@@ -150,8 +150,7 @@ __device__ __forceinline__ void select_split(const DecodeParams& p, const Worksp
   }
   const index_t bh = index_t(b) * p.num_heads_k + h;
   const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
-  if (p.plan.dep_wait == DepWait::kHead) wait_count(ws.scan_done + bh, unsigned(cmp_splits * ws.row_blocks));
-  else wait_prior_grid();
+  wait_inputs(p.plan, ws.scan_done + bh, unsigned(cmp_splits * ws.row_blocks));
   trace_event(p.plan, kTraceSelect, kTraceWaited);
   const index_t query = (index_t(b) * S + s) * p.num_heads_k + h;
   int32_t* out = p.block_indices.ptr<int32_t>(b, s, h);

@@ -190,8 +190,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
   }
 
   // Kernel B's block_indices
-  if (p.plan.dep_wait == DepWait::kHead) wait_count(ws.sel_done + bh, unsigned(S));
-  else wait_prior_grid();
+  wait_inputs(p.plan, ws.sel_done + bh, unsigned(S));
   trace_event(p.plan, kTrace, kTraceWaited);
   // The union of the chosen blocks of queries q_first .. q_last, in the order of their first
   // appearance (query-major), with the mask of the queries that chose each.
