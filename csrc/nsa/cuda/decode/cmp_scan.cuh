@@ -46,7 +46,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
   extern __shared__ __align__(128) unsigned char smem[];
   const Smem sm(smem);
   trace_event(p.plan, kTraceScan, kTraceStart);
-  allow_next_grid();  // kernel B's checks of the sequence need nothing from here
+  // Kernel B's checks of the sequence need nothing from here, so the next kernel may start at
+  // once, or once Z has completed where A follows it (decode.h; below, its first tiles issued).
+  if (!ws.after_reset) allow_next_grid();
   // Runs beside kernel W (the window), whose results it neither reads nor overwrites. Each block
   // waits for the kernel before it (Z, or W launched before A) before it counts itself done and
   // exits, so that A's completion implies W's, and its count comes after Z's zeroing.
@@ -136,6 +138,12 @@ __global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodePar
 #pragma unroll
           for (int i = 0; i < 2; ++i)
             if (acc.row(i) < nrows) tile_m[index_t(t) * R + acc.row(i)] = acc.m[i];
+        }
+      },
+      [&] {
+        if (ws.after_reset) {
+          wait_prior_grid();
+          allow_next_grid();
         }
       });
   slot_sums(count - 1);  // run_tiles ends with a barrier

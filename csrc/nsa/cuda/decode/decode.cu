@@ -111,7 +111,7 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
 
 // Kernel Z, launched plainly first in the step (the previous step has completed): zeroes the n
 // counters (counters.cuh). The kernels after it count only after their wait_prior_grid(), which
-// covers Z.
+// covers Z, and wait on a counter only once the first of them has seen Z complete (after_reset).
 __global__ void __launch_bounds__(256) decode_reset_kernel(unsigned* counters, int n) {
   allow_next_grid();
   for (int i = blockIdx.x * 256 + threadIdx.x; i < n; i += gridDim.x * 256) counters[i] = 0;
@@ -133,8 +133,10 @@ template <typename T>
 void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const bool before = p.plan.window_order == WindowOrder::kBeforeScan;
   launch_reset(p, ws, stream);
-  if (before) launch_window<T>(p, ws, stream);
-  launch_cmp<T>(p, ws, stream);
+  Workspace first = ws;
+  first.after_reset = true;
+  if (before) launch_window<T>(p, first, stream);
+  launch_cmp<T>(p, before ? ws : first, stream);
   if (!before) launch_window<T>(p, ws, stream);
   launch_select(p, ws, stream);
   launch_sparse<T>(p, ws, stream);

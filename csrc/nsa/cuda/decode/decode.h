@@ -13,7 +13,9 @@
 // a row's compressed and window splits once its head's scan and window blocks are done, its
 // selected splits once its head's selection and selected blocks are.
 //
-//   Z. decode_reset_kernel (decode.cu), launched plainly: zeroes the step's counters.
+//   Z. decode_reset_kernel (decode.cu), launched plainly: zeroes the step's counters. The first
+//      kernel after it (A, or W launched before A) lets the next kernel start only once Z has
+//      completed (Workspace::after_reset), so every counter waiter starts after the zeroing.
 //   W. decode_window_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads: the
 //      window branch (keys [pos - w + 1, pos] of each query, in tiles cut at selection-block
 //      edges), which needs the length alone, so it runs beside A, launched just after it (it
@@ -97,6 +99,9 @@ struct Workspace {
   int sel_round = 0;   // kernel B: candidate blocks scored per round (select_round)
   int sel_tiles = 0;   // kernel B: key tiles of a round at most (select_round_tiles)
   size_t bytes = 0;    // the whole workspace
+  // Set on the launch of the step's first kernel after Z alone: it lets the next kernel start
+  // only once Z has completed, so that no kernel reads a counter before Z zeroed it.
+  bool after_reset = false;
 };
 
 // The buffers of a workspace at `base` (nullptr: the layout and size only). decode.cu.

@@ -92,6 +92,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
   constexpr TraceKernel kTrace = kWindow ? kTraceWindow : kTraceSparse;
   constexpr int kBranch = kWindow ? 1 : 0;
   trace_event(p.plan, kTrace, kTraceStart);
+  if (ws.after_reset) wait_prior_grid();  // W launched right after Z (decode.h)
   allow_next_grid();
 
   const int split = blockIdx.x, b = blockIdx.z;

@@ -90,15 +90,20 @@ __device__ __forceinline__ void copy_tile(T* tile, const T* src, index_t stride,
 
 // Runs the key tiles 0 .. count-1 through kStages stages: issue(k, stage) starts the copies of
 // tile k into a stage, body(k, stage) computes on it once it has landed (every thread of the
-// block calls both). Whatever the caller issued before (the query rows) lands with tile 0. On
+// block calls both). Whatever the caller issued before (the query rows) lands with tile 0.
+// issued() runs once the first tiles' copies are issued, before anything waits for them. On
 // return every copy has landed and every thread is past its last body: the stages are free.
-template <int kStages, typename Issue, typename Body>
-__device__ __forceinline__ void run_tiles(int count, Issue&& issue, Body&& body) {
+struct NoHook {
+  __device__ void operator()() const {}
+};
+template <int kStages, typename Issue, typename Body, typename Issued = NoHook>
+__device__ __forceinline__ void run_tiles(int count, Issue&& issue, Body&& body, Issued&& issued = Issued{}) {
 #pragma unroll
   for (int k = 0; k < kStages - 1; ++k) {
     if (k < count) issue(k, k);
     cp_async_commit();
   }
+  issued();
   for (int k = 0; k < count; ++k) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile k landed for all threads; everyone left tile k - 1's stage
