@@ -63,6 +63,8 @@
 #   NSA_PROFILE_SOURCE=1    also the busiest SASS instructions of each kernel (stall samples;
 #                           the SourceCounters section is added), tools/ncu_source_top.py
 #   NSA_DPROFILE_SHAPES="65536x1 65536x16 131072x1"   TxB of the dprofile stage
+#   NSA_DPROFILE_FORCE="cmp_splits=8 dep_wait=grid"   also the timeline and trace of these plan
+#                                                    variants (profile_decode.py --force)
 #   NSA_DPROFILE_STALLS=1   the dprofile stage's ncu table adds each kernel's stall reasons (warps
 #                           stalled per issued instruction: no instruction, long scoreboard, ...)
 #   NSA_DPROFILE_BASELINE=1 the dprofile stage also times the baseline tree's step right after
@@ -314,6 +316,11 @@ if have dprofile; then
   run_stage "dprofile timeline" /tmp/dtimeline.txt $(( lim / 4 )) \
     "$PY" tools/profile_decode.py --trace --shapes "${shapes[@]}" > /dev/null || rc=$?
   [ -n "$clk_pid" ] && kill "$clk_pid" 2>/dev/null
+  for spec in ${NSA_DPROFILE_FORCE:-}; do  # plan variants' timelines and traces
+    echo "variant --force $spec:" >> /tmp/dtimeline.txt
+    run_stage "dprofile timeline $spec" /tmp/dtimeline.txt $(( lim / 8 )) \
+      "$PY" tools/profile_decode.py --trace --force "$spec" --shapes "${shapes[@]}" > /dev/null || rc=$?
+  done
   if [ -n "${NSA_DPROFILE_BASELINE:-}" ]; then
     # The same timeline from the baseline tree's own script and build, right after, on this GPU.
     if [ "$(cat /tmp/baseline_build.rc 2>/dev/null)" = 0 ] && [ -f "$BASE_DIR/tools/profile_decode.py" ]; then
@@ -325,7 +332,7 @@ if have dprofile; then
       echo "baseline tree ($BASE_DIR): no build or no tools/profile_decode.py" >> /tmp/dtimeline.txt
     fi
   fi
-  { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step |baseline tree)' /tmp/dtimeline.txt
+  { echo "decode step timeline (graph replays, torch.profiler):"; grep -E '^(T = |\||step |baseline tree|variant )' /tmp/dtimeline.txt
     [ -s /tmp/dclocks.txt ] && sort -n /tmp/dclocks.txt | awk '{v[NR] = $1} END {
       printf "SM clock while it ran (MHz, %d samples every 20 ms): min %s, median %s, max %s\n", NR, v[1], v[int((NR + 1) / 2)], v[NR]}'
   } >> /tmp/dprofile.txt

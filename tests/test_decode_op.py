@@ -935,10 +935,7 @@ def test_cuda_decode_trace_orders_the_kernels(order, wait):
         # second (waited) once their sparse blocks are.
         early = torch.stack([scan_end, per_head("window", "end", plan["slc_splits"]).max(dim=1).values]).max(dim=0).values
         late = per_head("sparse", "end", plan["slc_splits"]).max(dim=1).values
-        most, wpr = max(plan["cmp_splits"], plan["slc_splits"]), 1
-        while wpr < 8 and wpr * 4 < most:
-            wpr *= 2
-        HQ, G, per_block = 4 * H, 4, 8 // wpr
+        HQ, G, per_block = 4 * H, 4, 8 // plan["combine_wpr"]
         step1 = t[names.index("combine"), :, ev["step1"]]
         waited = t[names.index("combine"), :, ev["waited"]]
         for blk in range((B * HQ + per_block - 1) // per_block):

@@ -13,6 +13,9 @@ from one step's start to the next one's (the step as bench_decode.py times it). 
 kernel, when its thread blocks start, get past their wait, end their middle phase and end
 (nsa_torch._debug.decode_trace: the GPU's global timer stored by each block).
 
+--force KEY=VALUE[,KEY=VALUE] profiles the step under nsa_torch._debug.force (a plan variant, as
+bench_decode.py's --force).
+
 --no-profiler only runs eager steps (for a profiler outside, such as ncu: gpu_check.sh's dprofile
 stage, tools/ncu_kernel_times.py).
 """
@@ -156,10 +159,14 @@ def main():
                     help="also each kernel's phases per thread block (nsa_torch._debug.decode_trace)")
     ap.add_argument("--no-profiler", action="store_true",
                     help="only run eager steps (for a profiler outside, such as ncu)")
+    ap.add_argument("--force", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="profile the step under nsa_torch._debug.force with these plan choices")
     args = ap.parse_args()
-    for s in args.shapes:
-        T, B = map(int, s.split("x"))
-        profile(T, B, args.steps, args.warmup, not args.no_profiler, args.trace)
+    force = bench_decode.parse_force(args.force) if args.force else {}
+    with _debug.force(**force):
+        for s in args.shapes:
+            T, B = map(int, s.split("x"))
+            profile(T, B, args.steps, args.warmup, not args.no_profiler, args.trace)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "cuda/decode/choices.h"
 #include "cuda/decode/shape.h"
 #include "cuda/head_dims.h"
 
@@ -376,7 +377,8 @@ std::vector<PlanItem> describe(const DecodePlan& plan) {
   std::vector<PlanItem> items = {number("cmp_splits", plan.cmp_splits), number("cmp_chunk", plan.cmp_chunk),
                                  number("slc_splits", plan.slc_splits), number("sel_splits", plan.sel_splits),
                                  named("window_order", name_of(plan.window_order)),
-                                 named("dep_wait", name_of(plan.dep_wait))};
+                                 named("dep_wait", name_of(plan.dep_wait)),
+                                 number("combine_wpr", cuda::decode::combine_warps_per_row(plan))};
   add_device(items, plan.device);
   return items;
 }

@@ -107,12 +107,13 @@ struct PlanItem {
   std::string key;
   std::string name;    // the kernel's name, or empty for a number
   int64_t number = 0;  // split_tokens, split, slc_chunk_rows, cmp_splits, cmp_chunk, slc_splits,
-                       // sel_splits, arch, num_sms
+                       // sel_splits, combine_wpr, arch, num_sms
 };
 enum class AttnBranch : int32_t { kCmp, kSlc, kSwa };
 std::vector<PlanItem> describe(const AttnPlan& plan, AttnBranch branch, Pass pass);
 std::vector<PlanItem> describe(const TopkPlan& plan);
-// cmp_splits, cmp_chunk, slc_splits, sel_splits, window_order, dep_wait, arch, num_sms.
+// cmp_splits, cmp_chunk, slc_splits, sel_splits, window_order, dep_wait, combine_wpr (kernel D's
+// warps per row, which follow from the splits), arch, num_sms.
 std::vector<PlanItem> describe(const DecodePlan& plan);
 
 }  // namespace nsa

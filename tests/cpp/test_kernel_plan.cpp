@@ -389,7 +389,7 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
           CHECK(plan.sel_splits <= 64);
           if (plan.sel_splits > 1) CHECK(blocks / plan.sel_splits >= 128);
           CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 4 * 132));
-          CHECK(describe(plan).size() == 8);
+          CHECK(describe(plan).size() == 9);
         }
       }
     }
@@ -495,7 +495,7 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
 TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
   const std::vector<PlanItem> items = describe(plan);
-  REQUIRE(items.size() == 8);
+  REQUIRE(items.size() == 9);
   CHECK(items[0].key == "cmp_splits");
   CHECK(items[0].number == 64);
   CHECK(items[1].key == "cmp_chunk");
@@ -508,8 +508,11 @@ TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   CHECK(items[4].name == "after_scan");
   CHECK(items[5].key == "dep_wait");
   CHECK(items[5].name == "head");
-  CHECK(items[6].key == "arch");
-  CHECK(items[6].number == 90);
-  CHECK(items[7].key == "num_sms");
-  CHECK(items[7].number == 132);
+  CHECK(items[6].key == "combine_wpr");
+  CHECK(items[6].number == 8);  // 64 compressed splits: 8 warps of a row, 8 splits each
+  CHECK(items[6].number == cuda::decode::combine_warps_per_row(plan));
+  CHECK(items[7].key == "arch");
+  CHECK(items[7].number == 90);
+  CHECK(items[8].key == "num_sms");
+  CHECK(items[8].number == 132);
 }
