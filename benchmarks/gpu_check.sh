@@ -134,13 +134,14 @@ run_stage() {
 }
 have() { local st; for st in "${STAGES[@]}"; do [ "$st" = "$1" ] && return 0; done; return 1; }
 
-# ---------------------------------------------------------------- wheels (fla) and environment
+# ---------------------------------------------------------------- carried wheels and environment
+# (.whl, named in the call's carry: fla for bench, FlashInfer from carry_flashinfer.sh for decode)
 if ls .whl/*.whl >/dev/null 2>&1; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     echo "wheels from .whl installed into /tmp/site: $(cd .whl && echo *.whl | tr '\n' ' ')"
   else
-    echo "WARNING: installing .whl/*.whl failed; the fla baseline will be n/a"
+    echo "WARNING: installing .whl/*.whl failed; their baselines (fla, flashinfer) will be n/a"
   fi
 fi
 ENV_INFO=$(
