@@ -34,7 +34,11 @@ Keys and values (``keys()`` lists them):
   slc_splits      int >= 1: the same for its selected and window keys
   sel_splits      int in [1, 64]: thread blocks per (query, KV head) of decode_attention's top-n
                   selection over the candidate blocks
-  window_order    "after_scan" or "before_scan": where decode_attention launches its window kernel
+  window_order    "after_scan", "before_scan" or "after_select": where decode_attention launches
+                  its window kernel
+  scan_order      "together" or "keys_first": decode_attention's compressed scan streams each key
+                  tile with its value tile, or a split's key tiles first (the selection starts
+                  after them), then its value tiles
   dep_wait        "grid" or "head": what decode_attention's selection, selected branch and merge
                   wait for, the whole kernel before them or their own (sequence, KV head)'s part of it
 A value of None removes the key's override (the plan's own choice, also inside an outer force).
@@ -143,8 +147,8 @@ class plans:
         return False
 
 
-# decode_attention's kernels (in launch order but for the window's, after or before the scan's: the
-# plan's window_order) and trace events, as csrc/nsa/cuda/decode/trace.cuh numbers them.
+# decode_attention's kernels (in launch order but for the window's, after the scan's, before it or
+# after the selection's: the plan's window_order) and trace events, as csrc/nsa/cuda/decode/trace.cuh numbers them.
 TRACE_KERNELS = ("window", "scan", "select", "sparse", "combine")
 TRACE_EVENTS = ("start", "waited", "step1", "step2", "mid", "end")
 
@@ -156,9 +160,10 @@ class decode_trace:
     the grid's first ``blocks`` thread blocks of each kernel). A later step overwrites an earlier
     one's stamps, so after the steps of interest (or CUDA-graph replays captured inside the
     context) the buffer holds the last one. Events (TRACE_EVENTS: start, waited, step1, step2,
-    mid, end; each kernel stores start and end): window: past its wait (at its end), first key
-    tile landed, -, -; scan: -, first key tile landed, -, key loop done (its end comes after its
-    wait, for the window when launched after it);
+    mid, end; each kernel stores start and end): window: past its wait (at its end; after its
+    count when launched after the selection), first key tile landed, -, -; scan: -, first key
+    tile landed, key tiles done and counted (scan_order keys_first), key loop done (its end comes
+    after its wait, for the window when launched before it);
     select: past the wait for the scan, lse done, candidates ranked, list published and counted;
     sparse: past the wait for the selection, first key tile landed, union of chosen blocks built,
     -; combine: past its last wait (for the selection and sparse kernels), past its wait for the

@@ -12,7 +12,8 @@ from nsa_torch import _debug, reference
 KINDS = {"fwd": ("wgmma", "wide", "mma"), "bwd": ("wgmma", "mma"), "slc_fwd": ("warp", "union", "blocks"),
          "slc_dq": ("tokens", "blocks"), "select": ("wgmma", "mma"), "split_tokens": (),
          "slc_chunk_rows": (), "cmp_splits": (), "slc_splits": (), "sel_splits": (),
-         "window_order": ("after_scan", "before_scan"), "dep_wait": ("grid", "head")}
+         "window_order": ("after_scan", "before_scan", "after_select"), "dep_wait": ("grid", "head"),
+         "scan_order": ("together", "keys_first")}
 
 
 # ------------------------------------------------------------------------------------ on the CPU

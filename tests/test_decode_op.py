@@ -836,10 +836,14 @@ def test_cuda_small_blocks_and_edges(dtype):
 
 # Forced splits of the three split kernels: one thread block each; several, each selection split
 # with a full list of n (and the window kernel launched before the scan); the selection's most
-# (64: short lists, empty splits for the short sequences, a merge in rounds).
-SPLITS = {"one": dict(cmp_splits=1, slc_splits=1, sel_splits=1),
-          "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2, window_order="before_scan"),
-          "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64, dep_wait="grid")}
+# (64: short lists, empty splits for the short sequences, a merge in rounds); few, long splits of
+# a scan with its keys first (16 key tiles each at 32k).
+SPLITS = {"one": dict(cmp_splits=1, slc_splits=1, sel_splits=1, scan_order="together"),
+          "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2, window_order="before_scan",
+                       scan_order="keys_first"),
+          "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64, dep_wait="grid", scan_order="together"),
+          "keys": dict(cmp_splits=2, slc_splits=3, sel_splits=3, window_order="after_select",
+                       scan_order="keys_first")}
 # n = 16 of 79 candidate blocks at 4999 tokens; n = 128 of 16-token blocks (312 candidates);
 # and 1250 candidates in a 32k cache (a selection split scores them in rounds). (Not "long":
 # gpu_check.sh's test selection leaves out names holding it.)
@@ -863,6 +867,28 @@ def test_cuda_forced_splits_match_reference(name, splits):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("S", [1, 2], ids=["rows16", "rows32"])
+@pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
+def test_cuda_scan_orders_agree_bit_for_bit(D, Dv, S):
+    """The scan with its keys first (the probabilities kept as the products' operands, then the
+    value tiles) adds up what the scan with each key tile's values does, in the same order: the
+    same outputs and blocks, bit for bit, at one m-tile (16 rows) and four (32), in a step of
+    sequences of different lengths and at several splits of the scan."""
+    from nsa_torch import _debug
+    x = cuda_step_inputs(16, D, Dv, torch.bfloat16, seed_of("cuda-orders", D, Dv, S))
+    step = build_step(x, [max(L, S) for L in CUDA_LENGTHS], S, capacity=CUDA_CAPACITY)
+    for splits in (2, 3):  # (one split of 8 tiles at D = 256 and 32 rows passes 227 KB)
+        with _debug.force(scan_order="together", window_order="after_scan", cmp_splits=splits):
+            o, idx = decode(nsa_torch, step, {})
+        with _debug.force(scan_order="keys_first", window_order="after_select", cmp_splits=splits), \
+                _debug.plans() as ran:
+            o2, idx2 = decode(nsa_torch, step, {})
+        plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
+        assert plan["scan_order"] == "keys_first" and plan["cmp_splits"] == splits
+        assert torch.equal(o, o2) and torch.equal(idx, idx2), splits
+
+
+@pytest.mark.cuda
 def test_cuda_head_major_caches():
     """Head-major caches (a key tile of one head is contiguous, as bench_decode.py --head-major
     times them): bit for bit the contiguous caches' result. G = 4: two KV heads, so that
@@ -874,30 +900,36 @@ def test_cuda_head_major_caches():
     assert torch.equal(o, o2) and torch.equal(idx, idx2)
 
 
+# The window kernel's launch orders, each with a scan order.
+ORDERS = [("after_scan", "together"), ("before_scan", "together"), ("after_select", "keys_first"),
+          ("after_scan", "keys_first")]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("wait", ["grid", "head"])
-@pytest.mark.parametrize("order", ["after_scan", "before_scan"])
-def test_cuda_decode_trace_orders_the_kernels(order, wait):
+@pytest.mark.parametrize("order,scan", ORDERS)
+def test_cuda_decode_trace_orders_the_kernels(order, scan, wait):
     """nsa_torch._debug.decode_trace: the same result with the trace on; every thread block of the
     window, scan, selection and sparse kernels stores its start; no block ends before it starts;
-    of the scan and window kernels, the second ends only once every block of the first has ended
-    (a dependent launch's wait returns when the previous grid has completed). The selection, the
-    sparse kernel and the combine get past their waits only once the kernel before them has ended
-    (dep_wait = grid), or (head) once the blocks of their own (sequence, KV head) have: the
-    selection's of the scan, the sparse kernel's of the selection (ranked), the combine's first of
-    the scan and window kernels, its second of the sparse kernel."""
+    each kernel gets past its wait for the one launched before it only once every block of that
+    one has ended (a dependent launch's wait returns when the previous grid has completed; the
+    second of the scan and window kernels ends only then). The selection, the sparse kernel and
+    the combine get past their waits only once the kernel before them has ended (dep_wait =
+    grid), or (head) once the blocks of their own (sequence, KV head) have: the selection's of the
+    scan (their key tiles, with the keys first), the sparse kernel's of the selection (ranked),
+    the combine's first of the scan and window kernels, its second of the sparse kernel."""
     from nsa_torch import _debug
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-trace"))
     lengths = [max(L, 1) for L in CUDA_LENGTHS]
     step = build_step(x, lengths, 1, capacity=CUDA_CAPACITY)
     o, idx = decode(nsa_torch, step, {})
-    with _debug.force(window_order=order, dep_wait=wait), _debug.decode_trace(4096) as buf, \
+    with _debug.force(window_order=order, scan_order=scan, dep_wait=wait), _debug.decode_trace(4096) as buf, \
             _debug.plans() as ran:
         o2, idx2 = decode(nsa_torch, step, {})
         torch.cuda.synchronize()
     assert torch.equal(o, o2) and torch.equal(idx, idx2)
     plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
-    assert plan["window_order"] == order and plan["dep_wait"] == wait
+    assert plan["window_order"] == order and plan["dep_wait"] == wait and plan["scan_order"] == scan
     B, H = len(lengths), 2
     t = buf.cpu()
     ev = {name: i for i, name in enumerate(_debug.TRACE_EVENTS)}
@@ -911,7 +943,8 @@ def test_cuda_decode_trace_orders_the_kernels(order, wait):
         ended = end != 0
         assert ended.any() and bool((end[ended] >= start[ended]).all()), _debug.TRACE_KERNELS[k]
     names = list(_debug.TRACE_KERNELS)
-    launched = names if order == "before_scan" else ["scan", "window"] + names[2:]
+    launched = {"before_scan": names, "after_scan": ["scan", "window"] + names[2:],
+                "after_select": ["scan", "select", "window", "sparse", "combine"]}[order]
     for i in range(1, kernels):
         if wait == "head" and launched[i] in ("select", "sparse", "combine"):
             continue
@@ -926,10 +959,17 @@ def test_cuda_decode_trace_orders_the_kernels(order, wait):
         def per_head(kernel, event, splits):
             return t[names.index(kernel), :splits * H * B, ev[event]].reshape(B * H, splits)
         scan_end = per_head("scan", "end", plan["cmp_splits"]).max(dim=1).values
+        keys_done = scan_end
+        if scan == "keys_first":  # a block with key tiles stamps their end before its own
+            keys = per_head("scan", "step2", plan["cmp_splits"])
+            ends = per_head("scan", "end", plan["cmp_splits"])
+            stamped = keys > 0
+            assert bool(stamped.any()) and bool((keys[stamped] <= ends[stamped]).all())
+            keys_done = keys.max(dim=1).values
         ranked = per_head("select", "step2", plan["sel_splits"]).max(dim=1).values
         sel_waited = per_head("select", "waited", plan["sel_splits"]).min(dim=1).values
         slc_waited = per_head("sparse", "waited", plan["slc_splits"]).min(dim=1).values
-        assert bool((sel_waited >= scan_end).all()) and bool((slc_waited >= ranked).all())
+        assert bool((sel_waited >= keys_done).all()) and bool((slc_waited >= ranked).all())
         # The combine: rows (b, query head) in order, 8 // wpr per thread block (combine.cuh).
         # Past its first wait (step1) once its heads' scan and window blocks are done, past its
         # second (waited) once their sparse blocks are.

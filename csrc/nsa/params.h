@@ -110,8 +110,12 @@ enum class SlcKernel : int32_t { kWarp, kUnion, kBlocks };
 // Block selection: select_topk_wgmma_kernel or select_topk_kernel (mma.sync).
 enum class SelectKernel : int32_t { kWgmma, kMma };
 // Where decode_attention launches its window kernel W: after the compressed scan A (W fills the
-// SMs A leaves), or before it.
-enum class WindowOrder : int32_t { kAfterScan, kBeforeScan };
+// SMs A leaves), before it, or after the selection B (B right behind A, W then C as A leaves).
+enum class WindowOrder : int32_t { kAfterScan, kBeforeScan, kAfterSelect };
+// How decode_attention's compressed scan A streams a split: each key tile with its value tile, or
+// every key tile of the split first (its probabilities kept in shared memory), then the value
+// tiles, so that the selection's inputs are out after the keys alone.
+enum class ScanOrder : int32_t { kTogether, kKeysFirst };
 // What decode_attention's selection (B), selected branch (C) and merge (D) wait for before
 // reading their inputs: the whole previous kernel (griddepcontrol.wait), or their own (sequence,
 // KV head)'s producers, counted in the workspace (counters.cuh).
@@ -236,6 +240,7 @@ struct DecodePlan {
   int slc_splits = 1;        // thread blocks per (sequence, KV head) over the selected keys, and
                              // as many over the window's
   WindowOrder window_order = WindowOrder::kAfterScan;
+  ScanOrder scan_order = ScanOrder::kTogether;
   DepWait dep_wait = DepWait::kHead;
   int sel_splits = 1;        // thread blocks per (query, KV head) over the candidate blocks of the
                              // top-n selection (each keeps its own n best; the last one merges)

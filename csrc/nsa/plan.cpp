@@ -3,6 +3,7 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <climits>
 #include <stdexcept>
 
 #include "cuda/decode/choices.h"
@@ -21,7 +22,8 @@ const std::vector<std::string> kBwdNames = {"wgmma", "mma"};             // BwdK
 const std::vector<std::string> kSlcNames = {"warp", "union", "blocks"};  // SlcKernel order
 const std::vector<std::string> kSlcDqNames = {"tokens", "blocks"};
 const std::vector<std::string> kSelectNames = {"wgmma", "mma"};          // SelectKernel order
-const std::vector<std::string> kWindowOrderNames = {"after_scan", "before_scan"};  // WindowOrder order
+const std::vector<std::string> kWindowOrderNames = {"after_scan", "before_scan", "after_select"};  // WindowOrder
+const std::vector<std::string> kScanOrderNames = {"together", "keys_first"};  // ScanOrder order
 const std::vector<std::string> kDepWaitNames = {"grid", "head"};  // DepWait order
 const std::vector<std::string> kNoNames;
 
@@ -31,6 +33,7 @@ const std::string& name_of(SlcKernel k) { return kSlcNames[size_t(k)]; }
 const std::string& name_of(SelectKernel k) { return kSelectNames[size_t(k)]; }
 const std::string& name_of(WindowOrder k) { return kWindowOrderNames[size_t(k)]; }
 const std::string& name_of(DepWait k) { return kDepWaitNames[size_t(k)]; }
+const std::string& name_of(ScanOrder k) { return kScanOrderNames[size_t(k)]; }
 
 std::string quoted_list(const std::vector<std::string>& names) {
   std::string s;
@@ -168,7 +171,8 @@ IntRange int_range(const std::string& key) {
 const std::vector<std::string>& plan_keys() {
   static const std::vector<std::string> keys = {"fwd",        "bwd",          "slc_fwd",        "slc_dq",
                                                 "select",     "split_tokens", "slc_chunk_rows", "cmp_splits",
-                                                "slc_splits", "sel_splits",   "window_order",   "dep_wait"};
+                                                "slc_splits", "sel_splits",   "window_order",   "dep_wait",
+                                                "scan_order"};
   return keys;
 }
 
@@ -180,6 +184,7 @@ const std::vector<std::string>& plan_values(const std::string& key) {
   if (key == "select") return kSelectNames;
   if (key == "window_order") return kWindowOrderNames;
   if (key == "dep_wait") return kDepWaitNames;
+  if (key == "scan_order") return kScanOrderNames;
   if (key == "split_tokens" || key == "slc_chunk_rows" || key == "cmp_splits" || key == "slc_splits" ||
       key == "sel_splits")
     return kNoNames;
@@ -199,6 +204,7 @@ void set_override(PlanOverrides& o, const std::string& key, const std::string& v
   if (key == "select") o.select = SelectKernel(i);
   if (key == "window_order") o.window_order = WindowOrder(i);
   if (key == "dep_wait") o.dep_wait = DepWait(i);
+  if (key == "scan_order") o.scan_order = ScanOrder(i);
 }
 
 void set_override(PlanOverrides& o, const std::string& key, int64_t value) {
@@ -296,6 +302,30 @@ int decode_splits(index_t tiles, index_t units, const DeviceFacts& dev, const st
   const index_t per = std::max<index_t>(1, (tiles + splits - 1) / splits);
   return int(std::max<index_t>(1, (tiles + per - 1) / per));
 }
+
+// Shared memory the GPU keeps per resident thread block (sm_80 on), beside what the block asks.
+constexpr size_t kSmemPerBlockReserved = 1024;
+
+// Shared memory of the scan with its keys first (cuda/decode/choices.h) for the plan's splits of
+// up to cmp_chunk compressed tokens.
+size_t keys_first_smem(const DecodeParams& p, const DecodePlan& plan) {
+  const index_t per = plan.cmp_chunk / cuda::decode::kTileKeys;
+  const int rows = cuda::decode::group_rows(p) <= 16 ? 16 : 64;  // its m-tiles (launch.cuh)
+  return cuda::decode::keys_first_layout(std::max(0, p.head_dim), std::max(0, p.head_dim_v), rows,
+                                         int(std::min<index_t>(per, INT_MAX / 8192)))
+      .bytes;
+}
+
+// Shared memory of a selection block (kernel B), static and dynamic.
+size_t select_smem(const DecodeParams& p) {
+  if (p.block_stride < 1 || p.block_size < 1 || p.select_size < 1) return cuda::decode::kSelectStaticBytes;
+  const int cpr = p.block_size / p.block_stride, cpb = std::max(1, p.select_size / p.block_stride);
+  const int G = cuda::decode::group_size(p);
+  const int round = cuda::decode::select_round(G, cpb, cpr);
+  return cuda::decode::kSelectStaticBytes +
+         cuda::decode::select_smem_bytes(G, cuda::decode::select_round_tiles(round, cpb, cpr),
+                                         cuda::decode::tile_slots(cpr, cpb));
+}
 }  // namespace
 
 // The compressed scan splits the cache's compressed tiles (cmp_chunk: the most compressed tokens
@@ -314,17 +344,37 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
   if (p.select_size > 0 && p.num_selected > 0 && p.window_size > 0)
     sparse = cuda::decode::selected_tiles_max(p) + cuda::decode::window_tiles_max(p);
   plan.slc_splits = decode_splits(sparse, units, dev, o.slc_splits);
-  // The selection: a thread block per (query, KV head) and split of the candidate blocks.
+  // The scan's order: keys first where two scan blocks and a selection block fit an SM's shared
+  // memory (the selection then runs beside the scan's value tiles), else together.
+  const size_t keys_first_bytes = keys_first_smem(p, plan);
+  const bool keys_first_fits = keys_first_bytes <= size_t(std::max(0, dev.smem_per_block));
+  if (o.scan_order) {
+    if (*o.scan_order == ScanOrder::kKeysFirst && !keys_first_fits)
+      refuse_if("needs " + std::to_string(keys_first_bytes) + " bytes of shared memory per block, the GPU " +
+                    "allows " + std::to_string(dev.smem_per_block),
+                "nsa.decode_attention", "scan_order", "keys_first");
+    plan.scan_order = *o.scan_order;
+  } else {
+    const size_t beside = 2 * (keys_first_bytes + kSmemPerBlockReserved) + select_smem(p) +
+                          kSmemPerBlockReserved;
+    plan.scan_order = keys_first_fits && beside <= size_t(std::max(0, dev.smem_per_sm)) ? ScanOrder::kKeysFirst
+                                                                                          : ScanOrder::kTogether;
+  }
+  const bool keys_first = plan.scan_order == ScanOrder::kKeysFirst;
+  // The selection: a thread block per (query, KV head) and split of the candidate blocks; after a
+  // scan with its keys first, at most one selection block per SM (all beside the scan).
   if (o.sel_splits) {
     plan.sel_splits = *o.sel_splits;
   } else {
     const index_t queries = index_t(std::max(1, p.batch)) * std::max(1, p.num_heads_k) * std::max(1, p.num_queries);
     const index_t blocks = p.select_size > 0 ? (std::max<index_t>(1, p.capacity) + p.select_size - 1) / p.select_size : 1;
-    const index_t fill = std::max<index_t>(1, index_t(kSelectBlocksPerSm) * std::max(1, dev.num_sms) / queries);
+    const index_t per_sm = keys_first ? 1 : kSelectBlocksPerSm;
+    const index_t fill = std::max<index_t>(1, per_sm * std::max(1, dev.num_sms) / queries);
     const index_t most = std::max<index_t>(1, blocks / kSelectMinBlocks);
     plan.sel_splits = int(std::min<index_t>(kMaxSelectSplits, std::min(fill, most)));
   }
-  plan.window_order = o.window_order.value_or(WindowOrder::kAfterScan);
+  plan.window_order =
+      o.window_order.value_or(keys_first ? WindowOrder::kAfterSelect : WindowOrder::kAfterScan);
   plan.dep_wait = o.dep_wait.value_or(DepWait::kHead);
   plan.trace = o.decode_trace;
   plan.trace_blocks = o.decode_trace_blocks;
@@ -378,6 +428,7 @@ std::vector<PlanItem> describe(const DecodePlan& plan) {
                                  number("slc_splits", plan.slc_splits), number("sel_splits", plan.sel_splits),
                                  named("window_order", name_of(plan.window_order)),
                                  named("dep_wait", name_of(plan.dep_wait)),
+                                 named("scan_order", name_of(plan.scan_order)),
                                  number("combine_wpr", cuda::decode::combine_warps_per_row(plan))};
   add_device(items, plan.device);
   return items;

@@ -19,7 +19,9 @@
 //                                           over the selected and window keys
 //   sel_splits      int in [1, 64]          decode_attention: thread blocks per (query, KV head)
 //                                           over the candidate blocks of the top-n selection
-//   window_order    after_scan | before_scan   decode_attention: the window kernel's launch
+//   window_order    after_scan | before_scan | after_select
+//                                           decode_attention: the window kernel's launch
+//   scan_order      together | keys_first   decode_attention: the compressed scan's tiles
 //   dep_wait        grid | head             decode_attention: what the selection, the selected
 //                                           branch and the merge wait for (the previous kernel,
 //                                           or their head's producers)
@@ -68,6 +70,7 @@ struct PlanOverrides {
   std::optional<int> slc_splits;
   std::optional<int> sel_splits;
   std::optional<WindowOrder> window_order;
+  std::optional<ScanOrder> scan_order;
   std::optional<DepWait> dep_wait;
   // Not a force key: decode_attention's phase timestamps (nsa_torch._debug.decode_trace), a device
   // buffer of DecodePlan::trace's shape, or nullptr.

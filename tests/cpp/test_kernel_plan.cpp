@@ -282,7 +282,7 @@ TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
   CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
   CHECK(!o.fwd);  // nothing refused was set
   CHECK(o.split_tokens == 0);
-  CHECK(plan_keys().size() == 12);
+  CHECK(plan_keys().size() == 13);
   for (const std::string& key : plan_keys())
     for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
 }
@@ -335,16 +335,22 @@ TEST_CASE("plan: decode splits by batch and capacity", "[plan][decode]") {
     CHECK(sixteen.cmp_splits == 4);
     CHECK(sixteen.cmp_chunk == tiles / 4 * 64);
     CHECK(sixteen.slc_splits == 4);
-    // 64 queries: 8 thread blocks each would give 4 per SM.
-    CHECK(sixteen.sel_splits == std::min<index_t>(8, capacity / 64 / 128));
+    // 64 queries: 8 thread blocks each would give 4 per SM; 2, one per SM beside a scan with its
+    // keys first (up to 64k: 16 tiles per split at most).
+    CHECK(sixteen.scan_order == (capacity <= (64 << 10) ? ScanOrder::kKeysFirst : ScanOrder::kTogether));
+    const bool beside = sixteen.scan_order == ScanOrder::kKeysFirst;
+    CHECK(sixteen.sel_splits == std::min<index_t>(beside ? 2 : 8, capacity / 64 / 128));
     const DecodePlan sixty_four = plan_decode(decode_shape(64, capacity), kH100, none);
     CHECK(sixty_four.cmp_splits == 1);
     CHECK(sixty_four.cmp_chunk == tiles * 64);
     CHECK(sixty_four.slc_splits == 1);
-    CHECK(sixty_four.sel_splits == std::min<index_t>(2, capacity / 64 / 128));
+    const bool beside64 = sixty_four.scan_order == ScanOrder::kKeysFirst;
+    CHECK(sixty_four.sel_splits == std::min<index_t>(beside64 ? 1 : 2, capacity / 64 / 128));
   }
-  // Long caches stop at 64 selection splits (2^20 tokens: 16384 candidate blocks).
-  CHECK(plan_decode(decode_shape(1, 1 << 20), kH100, none).sel_splits == 64);
+  // Long caches stop at 64 selection splits (2^20 tokens: 16384 candidate blocks), or at one
+  // thread block per SM beside a scan with its keys first (33 of 4 queries at B = 1).
+  CHECK(plan_decode(decode_shape(1, 1 << 20), kH100, none).sel_splits == 33);
+  CHECK(plan_decode(decode_shape(1, 1 << 20), kH100, with("scan_order", "together")).sel_splits == 64);
   // B = 1 gives about one thread block per SM at 64k (128, two tiles each), two at 128k.
   CHECK(4 * plan_decode(decode_shape(1, 64 << 10), kH100, none).cmp_splits == 128);
   CHECK(4 * plan_decode(decode_shape(1, 128 << 10), kH100, none).cmp_splits >= 2 * 132 - 8);
@@ -389,7 +395,15 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
           CHECK(plan.sel_splits <= 64);
           if (plan.sel_splits > 1) CHECK(blocks / plan.sel_splits >= 128);
           CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 4 * 132));
-          CHECK(describe(plan).size() == 9);
+          // Keys first only where a block's shared memory holds the split, and then a selection
+          // block per SM at most.
+          if (plan.scan_order == ScanOrder::kKeysFirst) {
+            const int per = int((p.cmp_capacity + 63) / 64 + plan.cmp_splits - 1) / plan.cmp_splits;
+            CHECK(nsa::cuda::decode::keys_first_layout(p.head_dim, p.head_dim_v, S * G <= 16 ? 16 : 64, per).bytes <=
+                  size_t(227 * 1024));
+            CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 132));
+          }
+          CHECK(describe(plan).size() == 10);
         }
       }
     }
@@ -452,7 +466,7 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   const DecodePlan sel = plan_decode(p, kH100, with("sel_splits", int64_t(64)));
   CHECK(sel.sel_splits == 64);  // as given: splits past the candidates keep empty lists
   CHECK(sel.slc_splits == 4);
-  CHECK(plan_decode(p, kH100, PlanOverrides{}).window_order == WindowOrder::kAfterScan);
+  CHECK(plan_decode(p, kH100, PlanOverrides{}).window_order == WindowOrder::kAfterSelect);
   const DecodePlan before = plan_decode(p, kH100, with("window_order", "before_scan"));
   CHECK(before.window_order == WindowOrder::kBeforeScan);
   CHECK(before.cmp_splits == 4);
@@ -460,7 +474,7 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   CHECK(plan_decode(p, kH100, PlanOverrides{}).dep_wait == DepWait::kHead);
   const DecodePlan grid = plan_decode(p, kH100, with("dep_wait", "grid"));
   CHECK(grid.dep_wait == DepWait::kGrid);
-  CHECK(grid.window_order == WindowOrder::kAfterScan);
+  CHECK(grid.window_order == WindowOrder::kAfterSelect);
   CHECK(grid.sel_splits == plan_decode(p, kH100, PlanOverrides{}).sel_splits);
   // Keys that do not concern the decode step leave it alone, and its keys leave the others alone.
   CHECK(plan_decode(p, kH100, with("fwd", "mma")).cmp_splits == 4);
@@ -483,19 +497,59 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   CHECK(plan_values("cmp_splits").empty());
   CHECK(plan_values("slc_splits").empty());
   CHECK(plan_values("sel_splits").empty());
-  CHECK(plan_values("window_order") == std::vector<std::string>{"after_scan", "before_scan"});
+  CHECK(plan_values("window_order") == std::vector<std::string>{"after_scan", "before_scan", "after_select"});
   CHECK(contains(refusal([&] { set_override(o, "window_order", "first"); }), "window_order"));
   CHECK(contains(refusal([&] { set_override(o, "window_order", int64_t(1)); }), "window_order=1"));
   CHECK(!o.window_order);
   CHECK(plan_values("dep_wait") == std::vector<std::string>{"grid", "head"});
   CHECK(contains(refusal([&] { set_override(o, "dep_wait", "block"); }), "dep_wait=\"block\""));
   CHECK(!o.dep_wait);
+  CHECK(plan_values("scan_order") == std::vector<std::string>{"together", "keys_first"});
+  CHECK(contains(refusal([&] { set_override(o, "scan_order", "values_first"); }), "scan_order=\"values_first\""));
+  CHECK(!o.scan_order);
+}
+
+TEST_CASE("plan: the decode scan's order", "[plan][decode]") {
+  using namespace nsa::cuda::decode;
+  const PlanOverrides none;
+  // Its shared memory with the keys first: Q, a ring of three 64-key tiles, the row maxima, two
+  // tiles' probabilities (fp32), then per key tile 16 factors and 16 x 64 2-byte probabilities.
+  CHECK(keys_first_layout(128, 128, 16, 16).bytes == 4096 + 3 * 16384 + 256 + 8320 + 16 * (64 + 2048));
+  CHECK(keys_first_layout(192, 128, 64, 2).ring == 64 * 192 * 2);
+  CHECK(keys_first_layout(192, 128, 64, 2).red == 64 * 192 * 2 + 3 * 64 * 192 * 2);
+  // 64k, B = 16 (16 tiles per split): two scan blocks and a selection block fit an SM, so keys
+  // first, with the selection right behind the scan, a block per SM (132 / 64 queries).
+  const DecodePlan b16 = plan_decode(decode_shape(16, 64 << 10), kH100, none);
+  CHECK(b16.scan_order == ScanOrder::kKeysFirst);
+  CHECK(b16.window_order == WindowOrder::kAfterSelect);
+  CHECK(b16.sel_splits == 2);
+  // 128k, B = 16 (32 tiles per split): they do not, so together, as before.
+  const DecodePlan b16l = plan_decode(decode_shape(16, 128 << 10), kH100, none);
+  CHECK(b16l.scan_order == ScanOrder::kTogether);
+  CHECK(b16l.window_order == WindowOrder::kAfterScan);
+  CHECK(b16l.sel_splits == 8);
+  // B = 1: two tiles per split; the selection's splits as before (16 at 128k: 2048 candidates).
+  const DecodePlan b1 = plan_decode(decode_shape(1, 128 << 10), kH100, none);
+  CHECK(b1.scan_order == ScanOrder::kKeysFirst);
+  CHECK(b1.sel_splits == 16);
+  // An A100's 164 KB per SM do not hold two scan blocks and a selection block at 64k, B = 16.
+  CHECK(plan_decode(decode_shape(16, 64 << 10), kA100, none).scan_order == ScanOrder::kTogether);
+  // Forced: keys first wherever a block's shared memory holds it, else refused with the bytes.
+  const DecodePlan forced = plan_decode(decode_shape(16, 128 << 10), kH100, with("scan_order", "keys_first"));
+  CHECK(forced.scan_order == ScanOrder::kKeysFirst);
+  CHECK(forced.window_order == WindowOrder::kAfterSelect);
+  PlanOverrides one = with("scan_order", "keys_first");
+  set_override(one, "cmp_splits", int64_t(1));
+  const std::string why = refusal([&] { plan_decode(decode_shape(1, 128 << 10), kH100, one); });
+  CHECK(contains(why, "scan_order=\"keys_first\") cannot run: needs 332160 bytes of shared memory per block"));
+  CHECK(plan_decode(decode_shape(16, 64 << 10), kH100, with("scan_order", "together")).scan_order ==
+        ScanOrder::kTogether);
 }
 
 TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
   const std::vector<PlanItem> items = describe(plan);
-  REQUIRE(items.size() == 9);
+  REQUIRE(items.size() == 10);
   CHECK(items[0].key == "cmp_splits");
   CHECK(items[0].number == 64);
   CHECK(items[1].key == "cmp_chunk");
@@ -505,14 +559,16 @@ TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   CHECK(items[3].key == "sel_splits");
   CHECK(items[3].number == 16);
   CHECK(items[4].key == "window_order");
-  CHECK(items[4].name == "after_scan");
+  CHECK(items[4].name == "after_select");
   CHECK(items[5].key == "dep_wait");
   CHECK(items[5].name == "head");
-  CHECK(items[6].key == "combine_wpr");
-  CHECK(items[6].number == 8);  // 64 compressed splits: 8 warps of a row, 8 splits each
-  CHECK(items[6].number == cuda::decode::combine_warps_per_row(plan));
-  CHECK(items[7].key == "arch");
-  CHECK(items[7].number == 90);
-  CHECK(items[8].key == "num_sms");
-  CHECK(items[8].number == 132);
+  CHECK(items[6].key == "scan_order");
+  CHECK(items[6].name == "keys_first");
+  CHECK(items[7].key == "combine_wpr");
+  CHECK(items[7].number == 8);  // 64 compressed splits: 8 warps of a row, 8 splits each
+  CHECK(items[7].number == cuda::decode::combine_warps_per_row(plan));
+  CHECK(items[8].key == "arch");
+  CHECK(items[8].number == 90);
+  CHECK(items[9].key == "num_sms");
+  CHECK(items[9].number == 132);
 }

@@ -43,8 +43,25 @@ __device__ __forceinline__ void warp_gemm_nt(float (&acc)[N / 8][4], const uint3
   }
 }
 
-// acc (16 x N) += P B: P (16 x K) given as C fragments p[K / 8] (rounded to T here), B = b_tile
-// [K][N] (e.g. O += P V, dQ += dS K, dV += P^T dO).
+// acc (16 x N) += P B: P (16 x K) given as A fragments pa[kk] (columns 16kk .. 16kk + 15, see
+// c_to_a), B = b_tile [K][N].
+template <int K, int N, typename T>
+__device__ __forceinline__ void warp_gemm_pn(float (&acc)[N / 8][4], const uint32_t (&pa)[K / 16][4],
+                                             const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      load_b_kn<N>(b, b_tile, kk * 16, np * 16);
+      mma<T>(acc[2 * np], pa[kk], b[0], b[1]);
+      mma<T>(acc[2 * np + 1], pa[kk], b[2], b[3]);
+    }
+  }
+}
+
+// The same with P given as C fragments p[K / 8], rounded to T here one k-step at a time (e.g. O +=
+// P V, dQ += dS K, dV += P^T dO).
 template <int K, int N, typename T>
 __device__ __forceinline__ void warp_gemm_pn(float (&acc)[N / 8][4], const float (&p)[K / 8][4],
                                              const T* b_tile) {

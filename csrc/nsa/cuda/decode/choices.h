@@ -9,6 +9,32 @@
 
 namespace nsa::cuda::decode {
 
+// Kernel A with its keys first (plan.scan_order = keys_first, cmp_scan.cuh): a split's key tiles
+// stream through a ring of kScanRing slots; each tile's probabilities stay in shared memory as
+// the products' 16-bit A fragments, with the factors that move O to the tile's maxima; then the
+// split's value tiles stream through the same ring. The byte offsets of its shared memory for
+// `rows` = 16 (one m-tile) or 64 (four) and splits of up to `tiles` key tiles (K, V 2 bytes):
+// Q [rows][D]; the ring [kScanRing][64][max(D, DV)]; the row-maximum exchange [64] (fp32, slices
+// x rows); two tiles' probabilities for the block scores [2][rows][kProbLd] (fp32); the tiles'
+// factors [tiles][rows] (fp32); the tiles' fragments [tiles][rows * 64] (2 bytes each).
+constexpr int kScanRing = 3;
+// Row stride (floats) of a key tile's probabilities in shared memory: odd, so that the threads
+// scoring 32 consecutive rows read 32 banks.
+constexpr int kProbLd = kTileKeys + 1;
+struct KeysFirstLayout {
+  size_t ring = 0, red = 0, probs = 0, corr = 0, frags = 0, bytes = 0;
+};
+NSA_HOST_DEVICE KeysFirstLayout keys_first_layout(int D, int DV, int rows, int tiles) {
+  KeysFirstLayout l;
+  l.ring = size_t(rows) * size_t(D) * 2;
+  l.red = l.ring + size_t(kScanRing) * kTileKeys * size_t(D > DV ? D : DV) * 2;
+  l.probs = l.red + 64 * sizeof(float);
+  l.corr = l.probs + 2 * size_t(rows) * kProbLd * sizeof(float);
+  l.frags = l.corr + size_t(tiles) * size_t(rows) * sizeof(float);
+  l.bytes = l.frags + size_t(tiles) * size_t(rows) * kTileKeys * 2;
+  return l;
+}
+
 // Kernel B (select.cuh).
 constexpr int kSelectThreads = 256;
 // Keys ranked per round beside the list kept so far (the candidates of a split, or the splits'
@@ -29,6 +55,9 @@ inline int select_round(int G, int cpb, int cpr) {
   return round;
 }
 
+// Static shared memory of kernel B at most: its key lists (keys, best) and a margin for the
+// top-n helpers' scratch; with select_smem_bytes below, what a block of B takes beside the scan.
+constexpr size_t kSelectStaticBytes = (2 * size_t(kMaxSelected) + kSelectRound) * sizeof(uint64_t) + 2048;
 // Dynamic shared memory: lse [G] (log2 units) of the query's rows, the factors f [round tiles][G]
 // of a round's tiles (2^(m_t - lse), 0 where the row adds nothing), then their sums
 // w [round tiles][NS] (slot k of tile t: sum over rows of f u).

@@ -59,7 +59,7 @@ void check(const DecodeParams& p) {
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
       index_t(p.batch) * p.num_queries * p.num_heads > INT_MAX ||
-      index_t(p.batch) * p.num_heads_k * (p.num_queries + 4) > INT_MAX)
+      index_t(p.batch) * p.num_heads_k * (p.num_queries + 5) > INT_MAX)
     invalid("shape too large for the launch grids (B = " + str(p.batch) + ", S = " + str(p.num_queries) + ", HQ = " +
             str(p.num_heads) + ", H = " + str(p.num_heads_k) + ", cmp_capacity = " + str(p.cmp_capacity) + ")");
 }
@@ -73,6 +73,7 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   ws.rows = group_rows(p);
   ws.row_blocks = row_blocks(p);
   ws.tiles = int(cmp_tiles(p.cmp_capacity));
+  ws.split_tiles = (ws.tiles + p.plan.cmp_splits - 1) / p.plan.cmp_splits;
   ws.cpr = p.block_size / p.block_stride;
   ws.cpb = p.select_size / p.block_stride;
   ws.slots = tile_slots(ws.cpr, ws.cpb);
@@ -93,7 +94,7 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
   ws.tile_u = reinterpret_cast<float*>(take(bh * T * size_t(ws.slots) * R * 4));
   const size_t queries = bh * size_t(p.num_queries);
   ws.sel_keys = reinterpret_cast<uint64_t*>(take(queries * size_t(p.plan.sel_splits) * size_t(p.num_selected) * 8));
-  ws.num_counters = int(queries + 4 * bh);  // check() bounds B H (S + 4) below 2^31
+  ws.num_counters = int(queries + 5 * bh);  // check() bounds B H (S + 5) below 2^31
   ws.counters = reinterpret_cast<unsigned*>(take(size_t(ws.num_counters) * 4));
   if (ws.counters) {
     ws.sel_count = ws.counters;
@@ -101,6 +102,7 @@ Workspace make_workspace(const DecodeParams& p, void* base) {
     ws.sel_done = ws.scan_done + bh;
     ws.slc_done = ws.sel_done + bh;
     ws.win_done = ws.slc_done + bh;
+    ws.key_done = ws.win_done + bh;
   }
   ws.sp_o = reinterpret_cast<float*>(take(bh * ss * 2 * R * DV * 4));
   ws.sp_ml = reinterpret_cast<float*>(take(bh * ss * 2 * R * 2 * 4));
@@ -128,17 +130,19 @@ void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stre
                 true, stream, p, ws);
 }
 
-// The step's kernels in launch order: Z, W before or after A (plan.window_order), then B, C, D.
+// The step's kernels in launch order: Z, then A, B, C, D with W before A, after A or after B
+// (plan.window_order).
 template <typename T>
 void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  const bool before = p.plan.window_order == WindowOrder::kBeforeScan;
+  const WindowOrder order = p.plan.window_order;
   launch_reset(p, ws, stream);
   Workspace first = ws;
   first.after_reset = true;
-  if (before) launch_window<T>(p, first, stream);
-  launch_cmp<T>(p, before ? ws : first, stream);
-  if (!before) launch_window<T>(p, ws, stream);
+  if (order == WindowOrder::kBeforeScan) launch_window<T>(p, first, stream);
+  launch_cmp<T>(p, order == WindowOrder::kBeforeScan ? ws : first, stream);
+  if (order == WindowOrder::kAfterScan) launch_window<T>(p, ws, stream);
   launch_select(p, ws, stream);
+  if (order == WindowOrder::kAfterSelect) launch_window<T>(p, ws, stream);
   launch_sparse<T>(p, ws, stream);
   launch_combine<T>(p, ws, stream);
 }

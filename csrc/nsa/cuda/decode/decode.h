@@ -19,8 +19,9 @@
 //   W. decode_window_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads: the
 //      window branch (keys [pos - w + 1, pos] of each query, in tiles cut at selection-block
 //      edges), which needs the length alone, so it runs beside A, launched just after it (it
-//      fills the SMs A leaves) or just before (plan.window_order); its tiles spread evenly over
-//      the splits, raw keys through page_of / row_of; partial O, m, l per split.
+//      fills the SMs A leaves), just before, or just after B (plan.window_order; then it counts
+//      itself done before its wait for B); its tiles spread evenly over the splits, raw keys
+//      through page_of / row_of; partial O, m, l per split.
 //   A. decode_cmp_kernel (cmp_scan.cuh), grid (cmp_splits, H * row blocks, B), 128 threads:
 //      flash-decoding over the compressed tokens. The sequence's ceil(Nc(len) / 64) key tiles
 //      are spread evenly over the splits; a thread block streams its tiles (cp.async, 2-3
@@ -28,7 +29,11 @@
 //      maximum and its block-score slots (the tile's probabilities summed into the selection
 //      blocks they overlap, with the overlap weights), then the split's partial O, m and l.
 //      Each block counts itself done in scan_done once past its wait (on Z, or on W before it).
-//   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads: checks the
+//      With plan.scan_order = keys_first it streams its key tiles first (their probabilities
+//      kept in shared memory) and counts itself in key_done once it has written the selection's
+//      inputs (tile maxima and slots, the split's m and l), then streams its value tiles.
+//   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads (waiting on
+//      key_done after a scan with its keys first, else on scan_done): checks the
 //      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
 //      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'
 //      slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their top n as the training
@@ -55,6 +60,7 @@
 //     sel_done  [B, H]                     B: queries whose block_indices are written (S in all)
 //     slc_done  [B, H]                     C: blocks done (slc_splits * row blocks in all)
 //     win_done  [B, H]                     W: blocks done (slc_splits * row blocks in all)
+//     key_done  [B, H]                     A with its keys first: blocks whose key tiles are done
 //   sp_o    [B, H, slc_splits, 2, R, Dv]   partial O: branch 0 selected (C), 1 window (W)
 //   sp_ml   [B, H, slc_splits, 2, R, 2]    their (m, l)
 //   bad     [B, S, H] int32                B: 1 where the sequence is invalid
@@ -80,12 +86,13 @@ struct Workspace {
   float* tile_m = nullptr;
   float* tile_u = nullptr;
   uint64_t* sel_keys = nullptr;
-  unsigned* counters = nullptr;   // sel_count, scan_done, sel_done, slc_done, win_done in turn
+  unsigned* counters = nullptr;   // sel_count, scan_done, sel_done, slc_done, win_done, key_done
   unsigned* sel_count = nullptr;
   unsigned* scan_done = nullptr;
   unsigned* sel_done = nullptr;
   unsigned* slc_done = nullptr;
   unsigned* win_done = nullptr;
+  unsigned* key_done = nullptr;
   int num_counters = 0;
   float* sp_o = nullptr;
   float* sp_ml = nullptr;
@@ -93,6 +100,7 @@ struct Workspace {
   int rows = 0;        // R = S * G
   int row_blocks = 0;  // ceil(R / 64)
   int tiles = 0;       // T: compressed key tiles of a full cache
+  int split_tiles = 0; // key tiles of a scan split at most: ceil(T / cmp_splits)
   int slots = 0;       // NS: block-score slots per tile
   int cpr = 0;         // cells per compressed token: block_size / block_stride
   int cpb = 0;         // cells per selection block: select_size / block_stride

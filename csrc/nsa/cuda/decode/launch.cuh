@@ -28,8 +28,14 @@ void launch_cmp(const DecodeParams& p, const Workspace& ws, cudaStream_t stream)
   dispatch_head_dims(kOp, p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
     dispatch_mtiles(ws, [&](auto mt) {
       constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
-      launch_kernel(p, decode_cmp_kernel<T, D, DV, MT>, split_grid(p, ws, p.plan.cmp_splits), kThreads,
-                    ScanSmem<T, D, DV, MT>::kBytes, true, stream, p, ws);
+      const dim3 grid = split_grid(p, ws, p.plan.cmp_splits);
+      if (p.plan.scan_order == ScanOrder::kKeysFirst) {
+        launch_kernel(p, decode_cmp_kernel<T, D, DV, MT, true>, grid, kThreads,
+                      keys_first_layout(D, DV, 16 * MT, ws.split_tiles).bytes, true, stream, p, ws);
+      } else {
+        launch_kernel(p, decode_cmp_kernel<T, D, DV, MT, false>, grid, kThreads, ScanSmem<T, D, DV, MT>::kBytes,
+                      true, stream, p, ws);
+      }
     });
   });
 }

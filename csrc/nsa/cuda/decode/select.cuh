@@ -150,7 +150,9 @@ __device__ __forceinline__ void select_split(const DecodeParams& p, const Worksp
   }
   const index_t bh = index_t(b) * p.num_heads_k + h;
   const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
-  wait_inputs(p.plan, ws.scan_done + bh, unsigned(cmp_splits * ws.row_blocks));
+  // (A's blocks count in key_done once their key tiles are done when it runs its keys first.)
+  const unsigned* scanned = p.plan.scan_order == ScanOrder::kKeysFirst ? ws.key_done : ws.scan_done;
+  wait_inputs(p.plan, scanned + bh, unsigned(cmp_splits * ws.row_blocks));
   trace_event(p.plan, kTraceSelect, kTraceWaited);
   const index_t query = (index_t(b) * S + s) * p.num_heads_k + h;
   int32_t* out = p.block_indices.ptr<int32_t>(b, s, h);

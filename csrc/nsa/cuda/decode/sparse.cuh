@@ -170,7 +170,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
             for (int i = 0; i < 4; ++i) slot[i] = next[i];
           }
         });
-    acc.finish(sm.reduce(), ws.sp_o + part(kBranch) * DV, ws.sp_ml + part(kBranch) * 2, nrows);
+    acc.finish(sm.red(), sm.reduce(), ws.sp_o + part(kBranch) * DV, ws.sp_ml + part(kBranch) * 2, nrows);
   };
 
   if constexpr (kWindow) {
@@ -183,10 +183,20 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
              t1 = min(pos_last + 1, start + min(l_sel, (piece + 1) * kTileKeys));
            },
            [](int, int) { return true; }, [&](int row, int t) { return t <= pos[row] && t > pos[row] - w; });
-    wait_prior_grid();  // for the scan when launched after it (decode.h), and Z before the count
+    // Launched after B, W counts at once (Z completed before B's blocks let it start, decode.h):
+    // D's merge of the window need not wait for the selection. Else it waits first, for the
+    // scan when launched after it, and for Z before the count.
+    const bool count_first = p.plan.window_order == WindowOrder::kAfterSelect;
+    if (count_first) {
+      trace_event(p.plan, kTrace, kTraceEnd);
+      count_block();
+    }
+    wait_prior_grid();
     trace_event(p.plan, kTrace, kTraceWaited);
-    trace_event(p.plan, kTrace, kTraceEnd);
-    count_block();
+    if (!count_first) {
+      trace_event(p.plan, kTrace, kTraceEnd);
+      count_block();
+    }
     return;
   }
 

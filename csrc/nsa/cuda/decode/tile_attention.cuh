@@ -62,8 +62,8 @@ struct TileSmem {
   static constexpr size_t kOffV = kOffK + size_t(kStages) * kTileKeys * D * sizeof(T);
   static constexpr size_t kOffRed = kOffV + size_t(kStages) * kTileKeys * DV * sizeof(T);
   static constexpr size_t kOffExtra = kOffRed + kRed;
-  // The reduction of the slices' O and l (WarpSoftmax::finish) lives over the stages.
-  static constexpr size_t kReduceBytes = size_t(Warps<MT>::kSlices) * kRows * (DV + 1) * sizeof(float);
+  // The reduction of the slices' O (WarpSoftmax::finish_o) lives over the stages.
+  static constexpr size_t kReduceBytes = size_t(Warps<MT>::kSlices) * kRows * DV * sizeof(float);
   static_assert(kReduceBytes <= kOffRed - kOffK, "the reduction fits the stages");
   static_assert(kOffExtra % 16 == 0, "the kernel's arrays start 16-byte aligned");
 
@@ -137,15 +137,28 @@ struct WarpSoftmax {
     l[0] = l[1] = 0.f;
   }
 
-  // One key tile (k_t [64][D], v_t [64][DV]; q_s [kRows][D]): S = Q K^T on the warp's slice,
-  // masked where !visible(i, key) (this thread's row i, key 0 .. 63 of the tile; not asked when
-  // `all`, which must be uniform over the warp), scaled to log2 units; the rows' tile maxima
-  // shared with the m-tile's other warps through red (one __syncthreads, which every thread of
-  // the block must reach when kSlices > 1); then O and l moved to the new maxima and O += P V.
-  // On return p holds the warp's probabilities (fp32, 0 where masked) against the new m.
+  // One key tile (k_t [64][D], v_t [64][DV]; q_s [kRows][D]): probs() on k_t, then O moved to
+  // the new maxima and O += P V. On return p holds the warp's probabilities (fp32, 0 where
+  // masked) against the new m.
   template <typename Visible>
   __device__ __forceinline__ void tile(const T* q_s, const T* k_t, const T* v_t, float* red, float scale_log2,
                                        bool all, const Visible& visible, float (&p)[W::kKeys / 8][4]) {
+    float corr[2];
+    probs(q_s, k_t, red, scale_log2, all, visible, p, corr);
+    rescale(corr);
+    warp_gemm_pn<W::kKeys, DV, T>(o, p, v_t + slice() * W::kKeys * DV);
+  }
+
+  // The key half of a tile: S = Q K^T on the warp's slice, masked where !visible(i, key) (this
+  // thread's row i, key 0 .. 63 of the tile; not asked when `all`, which must be uniform over
+  // the warp), scaled to log2 units; the rows' tile maxima shared with the m-tile's other warps
+  // through red (one __syncthreads, which every thread of the block must reach when kSlices > 1);
+  // m and l moved to the new maxima. Leaves in p the probabilities against the new m (fp32, 0
+  // where masked) and in corr the factors O must be scaled by before P V is added (O is not
+  // touched).
+  template <typename Visible>
+  __device__ __forceinline__ void probs(const T* q_s, const T* k_t, float* red, float scale_log2, bool all,
+                                        const Visible& visible, float (&p)[W::kKeys / 8][4], float (&corr)[2]) {
     const int lane = threadIdx.x & 31, ks = slice();
 #pragma unroll
     for (int j = 0; j < W::kKeys / 8; ++j) p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.f;
@@ -175,7 +188,7 @@ struct WarpSoftmax {
         for (int s = 1; s < W::kSlices; ++s) mx[i] = fmaxf(mx[i], red[s * W::kRows + row(i)]);
       }
     }
-    float base[2], corr[2];
+    float base[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float m_new = fmaxf(m[i], mx[i]);
@@ -192,6 +205,10 @@ struct WarpSoftmax {
         l[e >> 1] += p[j][e];
       }
     }
+  }
+
+  // O *= corr per row (skipped where the warp's factors are all 1).
+  __device__ __forceinline__ void rescale(const float (&corr)[2]) {
     if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
       for (int j = 0; j < DV / 8; ++j) {
@@ -201,48 +218,62 @@ struct WarpSoftmax {
         o[j][3] *= corr[1];
       }
     }
-    warp_gemm_pn<W::kKeys, DV, T>(o, p, v_t + ks * W::kKeys * DV);
   }
 
-  // The split's partial result for rows [0, nrows) of the block: O (unnormalised, against m;
-  // fp32 [nrows][DV] at o_dst) and (m, l) pairs at ml_dst, the slices' O and l added in slice
-  // order through `reduce` (kReduceBytes of shared memory). Every thread of the block calls it;
-  // it ends with a barrier (reduce may alias the stages).
-  __device__ void finish(float* reduce, float* o_dst, float* ml_dst, int nrows) const {
-    const int lane = threadIdx.x & 31, ks = slice(), c = (lane & 3) * 2;
-    float* red_o = reduce;                                 // [kSlices][kRows][DV]
-    float* red_l = reduce + W::kSlices * W::kRows * DV;    // [kSlices][kRows]
+  // The split's partial result for rows [0, nrows) of the block: write_ml(), then finish_o().
+  __device__ void finish(float* red, float* reduce, float* o_dst, float* ml_dst, int nrows) const {
+    write_ml(red, ml_dst, nrows);
+    finish_o(reduce, o_dst, nrows);
+  }
+
+  // The (m, l) pairs of rows [0, nrows) at ml_dst, the slices' l added in slice order through red
+  // (the row-maximum exchange, free once the key tiles are done). Every thread of the block calls
+  // it; it ends with a barrier.
+  __device__ void write_ml(float* red, float* ml_dst, int nrows) const {
+    const int lane = threadIdx.x & 31, ks = slice();
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float lsum = quad_sum(l[i]);
-      float* orow = red_o + (ks * W::kRows + row(i)) * DV;
-#pragma unroll
-      for (int j = 0; j < DV / 8; ++j)
-        *reinterpret_cast<float2*>(orow + j * 8 + c) = make_float2(o[j][2 * i], o[j][2 * i + 1]);
       if ((lane & 3) == 0) {
-        red_l[ks * W::kRows + row(i)] = lsum;
+        red[ks * W::kRows + row(i)] = lsum;
         if (ks == 0 && row(i) < nrows) ml_dst[2 * row(i)] = m[i];  // the same in every slice
       }
     }
     __syncthreads();
+    for (int r = threadIdx.x; r < nrows; r += kThreads) {
+      float lsum = red[r];
+#pragma unroll
+      for (int s = 1; s < W::kSlices; ++s) lsum += red[s * W::kRows + r];
+      ml_dst[2 * r + 1] = lsum;
+    }
+    __syncthreads();
+  }
+
+  // The split's unnormalised O (fp32 [nrows][DV] at o_dst, against m), the slices' O added in
+  // slice order through `reduce` (kReduceBytes of shared memory). Every thread of the block calls
+  // it; it ends with a barrier (reduce may alias the stages).
+  __device__ void finish_o(float* reduce, float* o_dst, int nrows) const {
+    const int lane = threadIdx.x & 31, ks = slice(), c = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float* orow = reduce + (ks * W::kRows + row(i)) * DV;  // [kSlices][kRows][DV]
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j)
+        *reinterpret_cast<float2*>(orow + j * 8 + c) = make_float2(o[j][2 * i], o[j][2 * i + 1]);
+    }
+    __syncthreads();
     for (int idx = threadIdx.x; idx < nrows * (DV / 4); idx += kThreads) {
       const int r = idx / (DV / 4), c4 = idx % (DV / 4);
-      float4 sum = reinterpret_cast<const float4*>(red_o + r * DV)[c4];
+      float4 sum = reinterpret_cast<const float4*>(reduce + r * DV)[c4];
 #pragma unroll
       for (int s = 1; s < W::kSlices; ++s) {
-        const float4 x = reinterpret_cast<const float4*>(red_o + (s * W::kRows + r) * DV)[c4];
+        const float4 x = reinterpret_cast<const float4*>(reduce + (s * W::kRows + r) * DV)[c4];
         sum.x += x.x;
         sum.y += x.y;
         sum.z += x.z;
         sum.w += x.w;
       }
       reinterpret_cast<float4*>(o_dst + index_t(r) * DV)[c4] = sum;
-    }
-    for (int r = threadIdx.x; r < nrows; r += kThreads) {
-      float lsum = red_l[r];
-#pragma unroll
-      for (int s = 1; s < W::kSlices; ++s) lsum += red_l[s * W::kRows + r];
-      ml_dst[2 * r + 1] = lsum;
     }
     __syncthreads();
   }
