@@ -22,9 +22,9 @@ Implementations (impl column):
   cache (q [B, HQ, 1, D], k/v the cache viewed as [B, H, T, D], enable_gqa; k/v repeated to HQ
   heads where a backend refuses GQA; `mixed`: a key-padding mask);
 - flash_attn / fa3: flash_attn_with_kvcache of flash-attn 2 / 3 when importable (cache_seqlens);
-- flashinfer: BatchDecodeWithPagedKVCacheWrapper over our paged pool when importable, on tensor
-  cores (mode graph) and on CUDA cores (mode "graph cuda-cores"); benchmarks/carry_flashinfer.sh
-  makes the wheels that bring it to a machine without package access;
+- flashinfer: BatchDecodeWithPagedKVCacheWrapper (tensor cores) over our paged pool when
+  importable; benchmarks/carry_flashinfer.sh makes the wheels that bring it to a machine
+  without package access;
 - mdy666: flash_nsa.inference.nsa_decode (mdy666's Triton NSA decode, ../shared/anchors or
   --flash-nsa) in its own layout: one page pool (page 128) holding the raw and the compressed
   K/V, gate logits [B, HQ, 3]; per step it also mean-pools the compressed token that the new
@@ -63,7 +63,6 @@ recorded with the reason instead of a time. --cpu-smoke writes only into --out-d
 benchmarks/results).
 """
 import argparse
-import functools
 import gc
 import math
 import os
@@ -358,7 +357,7 @@ def measure(rec, budget, args, group, impl, layout, mode, make_call, note=""):
 
 
 def is_graph(mode):
-    """graph, or a variant timed as a graph: "graph <force spec>", "graph cuda-cores"."""
+    """graph, or a plan variant timed as a graph: "graph <force spec>"."""
     return mode.split()[0] == "graph"
 
 
@@ -517,10 +516,10 @@ def bench_flash_attn(rec, budget, args, group, x):
 
 
 def bench_flashinfer(rec, budget, args, group, x):
-    """FlashInfer's paged decode over our paged pool and block table, in its CUDA-graph mode:
-    on tensor cores (mode graph: its prefill kernel with one query row per sequence, what it
-    advises for GQA groups of 4 and more) and on CUDA cores (mode "graph cuda-cores"). Modules
-    that benchmarks/carry_flashinfer.sh compiled ahead are loaded, others compiled here."""
+    """FlashInfer's paged decode over our paged pool and block table, in its CUDA-graph mode, on
+    tensor cores (its prefill kernel with one query row per sequence: its CUDA-core decode
+    takes GQA groups of at most 8). A module that benchmarks/carry_flashinfer.sh compiled ahead
+    is loaded, else compiled here."""
     if "flashinfer" not in args.impls:
         return
     if args.device != "cuda":
@@ -534,7 +533,7 @@ def bench_flashinfer(rec, budget, args, group, x):
     cfg, P = args.cfg, args.cfg["page_size"]
     version = f"flashinfer {getattr(flashinfer, '__version__', '?')}"
 
-    def make_call(tensor_cores):
+    def make_call():
         lengths = torch.tensor(group["lengths"], dtype=torch.int32)
         pages = (lengths + P - 1) // P
         indptr = torch.zeros(group["B"] + 1, dtype=torch.int32)
@@ -545,7 +544,7 @@ def bench_flashinfer(rec, budget, args, group, x):
         dev = [t.to("cuda") for t in (indptr, indices, last)]
         workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
             paged_kv_indptr_buffer=torch.empty_like(dev[0]),
             paged_kv_indices_buffer=torch.empty_like(dev[1]),
             paged_kv_last_page_len_buffer=torch.empty_like(dev[2]))
@@ -558,10 +557,8 @@ def bench_flashinfer(rec, budget, args, group, x):
                 wrapper.run(q, (k, v))
         return call, len(x.caches)
 
-    for mode, tensor_cores in (("graph", True), ("graph cuda-cores", False)):
-        measure(rec, budget, args, group, "flashinfer", "paged", mode,
-                functools.partial(make_call, tensor_cores),
-                version + (", tensor cores" if tensor_cores else ", CUDA cores"))
+    measure(rec, budget, args, group, "flashinfer", "paged", "graph", make_call,
+            version + ", tensor cores")
 
 
 # ------------------------------------------------------------------------------------ mdy666

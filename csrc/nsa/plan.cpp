@@ -344,8 +344,10 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
   if (p.select_size > 0 && p.num_selected > 0 && p.window_size > 0)
     sparse = cuda::decode::selected_tiles_max(p) + cuda::decode::window_tiles_max(p);
   plan.slc_splits = decode_splits(sparse, units, dev, o.slc_splits);
-  // The scan's order: keys first where two scan blocks and a selection block fit an SM's shared
-  // memory (the selection then runs beside the scan's value tiles), else together.
+  // The scan's order: keys first where the step has few units (kKeysFirstBlocksPerUnit) and two
+  // scan blocks and a selection block fit an SM's shared memory, else together. With few units the
+  // selection, a chain of latency-bound phases, runs beside the scan's value tiles; with many the
+  // step is bound by the memory's bandwidth, and a selection beside the scan slows both.
   const size_t keys_first_bytes = keys_first_smem(p, plan);
   const bool keys_first_fits = keys_first_bytes <= size_t(std::max(0, dev.smem_per_block));
   if (o.scan_order) {
@@ -357,8 +359,10 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
   } else {
     const size_t beside = 2 * (keys_first_bytes + kSmemPerBlockReserved) + select_smem(p) +
                           kSmemPerBlockReserved;
-    plan.scan_order = keys_first_fits && beside <= size_t(std::max(0, dev.smem_per_sm)) ? ScanOrder::kKeysFirst
-                                                                                          : ScanOrder::kTogether;
+    const bool few_units = units * kKeysFirstBlocksPerUnit <= index_t(kDecodeBlocksPerSm) * std::max(1, dev.num_sms);
+    plan.scan_order = few_units && keys_first_fits && beside <= size_t(std::max(0, dev.smem_per_sm))
+                          ? ScanOrder::kKeysFirst
+                          : ScanOrder::kTogether;
   }
   const bool keys_first = plan.scan_order == ScanOrder::kKeysFirst;
   // The selection: a thread block per (query, KV head) and split of the candidate blocks; after a

@@ -56,6 +56,9 @@ inline constexpr int kDecodeMinTiles = 2;
 inline constexpr int kSelectBlocksPerSm = 4;
 inline constexpr int kSelectMinBlocks = 128;
 inline constexpr int kMaxSelectSplits = 64;
+// Its scan takes each split's keys before its values only where the SMs hold at least this many
+// scan blocks per (sequence, KV head, row block) unit: few units, a step of latency-bound phases.
+inline constexpr int kKeysFirstBlocksPerUnit = 16;
 
 // Explicit choices; an empty field leaves the choice to the plan.
 struct PlanOverrides {

@@ -335,17 +335,16 @@ TEST_CASE("plan: decode splits by batch and capacity", "[plan][decode]") {
     CHECK(sixteen.cmp_splits == 4);
     CHECK(sixteen.cmp_chunk == tiles / 4 * 64);
     CHECK(sixteen.slc_splits == 4);
-    // 64 queries: 8 thread blocks each would give 4 per SM; 2, one per SM beside a scan with its
-    // keys first (up to 64k: 16 tiles per split at most).
-    CHECK(sixteen.scan_order == (capacity <= (64 << 10) ? ScanOrder::kKeysFirst : ScanOrder::kTogether));
-    const bool beside = sixteen.scan_order == ScanOrder::kKeysFirst;
-    CHECK(sixteen.sel_splits == std::min<index_t>(beside ? 2 : 8, capacity / 64 / 128));
+    // 64 units, 4 scan blocks each: keys and values together; 64 queries, 8 selection blocks
+    // each give 4 per SM.
+    CHECK(sixteen.scan_order == ScanOrder::kTogether);
+    CHECK(sixteen.sel_splits == std::min<index_t>(8, capacity / 64 / 128));
     const DecodePlan sixty_four = plan_decode(decode_shape(64, capacity), kH100, none);
     CHECK(sixty_four.cmp_splits == 1);
     CHECK(sixty_four.cmp_chunk == tiles * 64);
     CHECK(sixty_four.slc_splits == 1);
-    const bool beside64 = sixty_four.scan_order == ScanOrder::kKeysFirst;
-    CHECK(sixty_four.sel_splits == std::min<index_t>(beside64 ? 1 : 2, capacity / 64 / 128));
+    CHECK(sixty_four.scan_order == ScanOrder::kTogether);
+    CHECK(sixty_four.sel_splits == std::min<index_t>(2, capacity / 64 / 128));
   }
   // Long caches stop at 64 selection splits (2^20 tokens: 16384 candidate blocks), or at one
   // thread block per SM beside a scan with its keys first (33 of 4 queries at B = 1).
@@ -466,7 +465,7 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   const DecodePlan sel = plan_decode(p, kH100, with("sel_splits", int64_t(64)));
   CHECK(sel.sel_splits == 64);  // as given: splits past the candidates keep empty lists
   CHECK(sel.slc_splits == 4);
-  CHECK(plan_decode(p, kH100, PlanOverrides{}).window_order == WindowOrder::kAfterSelect);
+  CHECK(plan_decode(p, kH100, PlanOverrides{}).window_order == WindowOrder::kAfterScan);
   const DecodePlan before = plan_decode(p, kH100, with("window_order", "before_scan"));
   CHECK(before.window_order == WindowOrder::kBeforeScan);
   CHECK(before.cmp_splits == 4);
@@ -474,7 +473,7 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   CHECK(plan_decode(p, kH100, PlanOverrides{}).dep_wait == DepWait::kHead);
   const DecodePlan grid = plan_decode(p, kH100, with("dep_wait", "grid"));
   CHECK(grid.dep_wait == DepWait::kGrid);
-  CHECK(grid.window_order == WindowOrder::kAfterSelect);
+  CHECK(grid.window_order == WindowOrder::kAfterScan);
   CHECK(grid.sel_splits == plan_decode(p, kH100, PlanOverrides{}).sel_splits);
   // Keys that do not concern the decode step leave it alone, and its keys leave the others alone.
   CHECK(plan_decode(p, kH100, with("fwd", "mma")).cmp_splits == 4);
@@ -517,23 +516,31 @@ TEST_CASE("plan: the decode scan's order", "[plan][decode]") {
   CHECK(keys_first_layout(128, 128, 16, 16).bytes == 4096 + 3 * 16384 + 256 + 8320 + 16 * (64 + 2048));
   CHECK(keys_first_layout(192, 128, 64, 2).ring == 64 * 192 * 2);
   CHECK(keys_first_layout(192, 128, 64, 2).red == 64 * 192 * 2 + 3 * 64 * 192 * 2);
-  // 64k, B = 16 (16 tiles per split): two scan blocks and a selection block fit an SM, so keys
-  // first, with the selection right behind the scan, a block per SM (132 / 64 queries).
-  const DecodePlan b16 = plan_decode(decode_shape(16, 64 << 10), kH100, none);
-  CHECK(b16.scan_order == ScanOrder::kKeysFirst);
-  CHECK(b16.window_order == WindowOrder::kAfterSelect);
-  CHECK(b16.sel_splits == 2);
-  // 128k, B = 16 (32 tiles per split): they do not, so together, as before.
-  const DecodePlan b16l = plan_decode(decode_shape(16, 128 << 10), kH100, none);
-  CHECK(b16l.scan_order == ScanOrder::kTogether);
-  CHECK(b16l.window_order == WindowOrder::kAfterScan);
-  CHECK(b16l.sel_splits == 8);
+  // B = 4 at 64k (16 units, 4 tiles per split; 264 scan blocks fill an H100: 16 per unit) and at
+  // 128k: keys first, with the selection right behind the scan, a block per SM (132 / 16 queries).
+  for (const index_t T : {index_t(64) << 10, index_t(128) << 10}) {
+    const DecodePlan b4 = plan_decode(decode_shape(4, T), kH100, none);
+    CHECK(b4.scan_order == ScanOrder::kKeysFirst);
+    CHECK(b4.window_order == WindowOrder::kAfterSelect);
+    CHECK(b4.sel_splits == 8);
+  }
   // B = 1: two tiles per split; the selection's splits as before (16 at 128k: 2048 candidates).
   const DecodePlan b1 = plan_decode(decode_shape(1, 128 << 10), kH100, none);
   CHECK(b1.scan_order == ScanOrder::kKeysFirst);
   CHECK(b1.sel_splits == 16);
-  // An A100's 164 KB per SM do not hold two scan blocks and a selection block at 64k, B = 16.
-  CHECK(plan_decode(decode_shape(16, 64 << 10), kA100, none).scan_order == ScanOrder::kTogether);
+  // 64k, B = 8 and 16: two scan blocks and a selection block would fit an SM, but 32 or 64 units
+  // leave 8 or 4 scan blocks each: together, as at 128k, B = 16 (whose 32 tiles per split would
+  // not fit either).
+  for (const int B : {8, 16}) {
+    const DecodePlan many = plan_decode(decode_shape(B, 64 << 10), kH100, none);
+    CHECK(many.scan_order == ScanOrder::kTogether);
+    CHECK(many.window_order == WindowOrder::kAfterScan);
+  }
+  CHECK(plan_decode(decode_shape(16, 64 << 10), kH100, none).sel_splits == 8);
+  CHECK(plan_decode(decode_shape(16, 128 << 10), kH100, none).scan_order == ScanOrder::kTogether);
+  // An A100 (108 SMs: 216 scan blocks) has 13 per unit at B = 4, 27 at B = 2.
+  CHECK(plan_decode(decode_shape(4, 64 << 10), kA100, none).scan_order == ScanOrder::kTogether);
+  CHECK(plan_decode(decode_shape(2, 64 << 10), kA100, none).scan_order == ScanOrder::kKeysFirst);
   // Forced: keys first wherever a block's shared memory holds it, else refused with the bytes.
   const DecodePlan forced = plan_decode(decode_shape(16, 128 << 10), kH100, with("scan_order", "keys_first"));
   CHECK(forced.scan_order == ScanOrder::kKeysFirst);
