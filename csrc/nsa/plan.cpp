@@ -310,7 +310,7 @@ constexpr size_t kSmemPerBlockReserved = 1024;
 // up to cmp_chunk compressed tokens.
 size_t keys_first_smem(const DecodeParams& p, const DecodePlan& plan) {
   const index_t per = plan.cmp_chunk / cuda::decode::kTileKeys;
-  const int rows = cuda::decode::group_rows(p) <= 16 ? 16 : 64;  // its m-tiles (launch.cuh)
+  const int rows = 16 * cuda::decode::m_tiles(cuda::decode::group_rows(p));
   return cuda::decode::keys_first_layout(std::max(0, p.head_dim), std::max(0, p.head_dim_v), rows,
                                          int(std::min<index_t>(per, INT_MAX / 8192)))
       .bytes;

@@ -16,10 +16,10 @@ inline dim3 split_grid(const DecodeParams& p, const Workspace& ws, int splits) {
   return dim3(unsigned(splits), unsigned(p.num_heads_k * ws.row_blocks), unsigned(p.batch));
 }
 
-// f(integral_constant<int, MT>): one m-tile for up to 16 rows per (sequence, KV head), else four.
+// f(integral_constant<int, MT>), MT = m_tiles(rows per (sequence, KV head)).
 template <typename F>
 void dispatch_mtiles(const Workspace& ws, F&& f) {
-  if (ws.rows <= 16) return f(std::integral_constant<int, 1>{});
+  if (m_tiles(ws.rows) == 1) return f(std::integral_constant<int, 1>{});
   f(std::integral_constant<int, 4>{});
 }
 

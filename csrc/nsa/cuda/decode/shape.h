@@ -23,6 +23,10 @@ NSA_HOST_DEVICE int group_rows(const DecodeParams& p) { return p.num_queries * g
 
 NSA_HOST_DEVICE int row_blocks(const DecodeParams& p) { return (group_rows(p) + kBlockRows - 1) / kBlockRows; }
 
+// 16-row m-tiles of the scan's, window's and selected branch's thread blocks for `rows` query rows
+// per (sequence, KV head): one for up to 16 rows, else four (a 64-row block).
+NSA_HOST_DEVICE int m_tiles(int rows) { return rows <= 16 ? 1 : 4; }
+
 // Compressed key tiles of a cache of `cmp_rows` compressed tokens.
 NSA_HOST_DEVICE index_t cmp_tiles(index_t cmp_rows) { return (cmp_rows + kTileKeys - 1) / kTileKeys; }
 

@@ -26,8 +26,8 @@ enum TraceKernel : int {
 // B, C; D: past its last wait). kTraceStep1: A's first key tile landed (with the query rows), B's
 // lse done, W's and C's first key tile landed, D past its wait for A and W. kTraceStep2: A's key
 // tiles done (scan_order keys_first; before its count in key_done), B's candidates scored and
-// ranked (before it publishes), C's union of chosen blocks built. kTraceMid: A's key loop done, B's list published
-// and counted, D's splits merged. kTraceEnd: the block's last phase done (A: past its wait, after
+// ranked (before it publishes), C's union of chosen blocks built. kTraceMid: A's key loop done,
+// B's list published and counted, D's splits merged. kTraceEnd: the block's last phase done (A: past its wait, after
 // writing its partials).
 enum TraceEvent : int {
   kTraceStart = 0,
