@@ -148,7 +148,8 @@ class plans:
 
 
 # decode_attention's kernels (in launch order but for the window's, after the scan's, before it or
-# after the selection's: the plan's window_order) and trace events, as csrc/nsa/cuda/decode/trace.cuh numbers them.
+# after the selection's: the plan's window_order) and trace events, as
+# csrc/nsa/cuda/decode/trace.cuh numbers them.
 TRACE_KERNELS = ("window", "scan", "select", "sparse", "combine")
 TRACE_EVENTS = ("start", "waited", "step1", "step2", "mid", "end")
 
