@@ -46,6 +46,8 @@
 #   NSA_BUDGET_S=560        seconds for the whole run; each stage gets what is left minus the
 #                           minimum reserved for the stages after it, and is stopped at its limit
 #   NSA_MIN_S="sanitize=90 decode=30"   those minimums, for smaller selections (defaults: MIN_S)
+#   NSA_BUILD_FLOOR_S=240   the build's limit at least (or what is left of the budget), whatever
+#                           the later stages' minimums: a stopped build ends the run
 #   NSA_LONG_TESTS=1        also run test_long_* (T = 8192, 65536, 131072; minutes)
 #   NSA_TEST_ARGS=...       extra pytest arguments for the tests stage (e.g. "-x"; split on
 #                           spaces, so no quoted -k here: use NSA_TEST_K)
@@ -96,6 +98,7 @@ for s in "${STAGES[@]}"; do
   case $s in build|tests|sanitize|profile|dprofile|ab|bench|baseline|layer|decode) ;; *) echo "unknown stage '$s' (build tests sanitize profile dprofile ab bench baseline layer decode)"; exit 2;; esac
 done
 # (sanitize: memcheck ~80 s and racecheck ~120 s on the H200 for their default selections)
+BUILD_FLOOR_S=${NSA_BUILD_FLOOR_S:-240}
 declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [dprofile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60 [decode]=120)
 for kv in ${NSA_MIN_S:-}; do  # e.g. "sanitize=90 decode=30": smaller selections need less
   case $kv in *=*) [ -n "${MIN_S[${kv%%=*}]+x}" ] && MIN_S[${kv%%=*}]=${kv#*=} || { echo "NSA_MIN_S: unknown stage in '$kv'"; exit 2; };; *) echo "NSA_MIN_S: expected STAGE=SECONDS, got '$kv'"; exit 2;; esac
@@ -158,6 +161,10 @@ BASE_BUILD_PID=
 if have build; then
   s=$(date +%s)
   lim=$(limit_for build)
+  # A build stopped at its limit ends the run, so the later stages' minimums never cut it below
+  # BUILD_FLOOR_S (they get less instead): with a baseline tree beside it, a build takes minutes.
+  floor=$(( BUILD_FLOOR_S < BUDGET - $(elapsed) - 10 ? BUILD_FLOOR_S : BUDGET - $(elapsed) - 10 ))
+  [ "$lim" -lt "$floor" ] && lim=$floor
   : > "$OUT/build.log"
   jobs=${MAX_JOBS:-16}
   if have baseline || [ -n "${NSA_DPROFILE_BASELINE:-}" ]; then
