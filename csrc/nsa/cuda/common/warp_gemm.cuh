@@ -43,21 +43,26 @@ __device__ __forceinline__ void warp_gemm_nt(float (&acc)[N / 8][4], const uint3
   }
 }
 
+// One k-step of P B: acc (16 x N) += a B_k, a the A fragment of P's columns k0 .. k0 + 15 and
+// B_k rows k0 .. k0 + 15 of b_tile [K][N].
+template <int N, typename T>
+__device__ __forceinline__ void pn_kstep(float (&acc)[N / 8][4], const uint32_t (&a)[4], const T* b_tile, int k0) {
+#pragma unroll
+  for (int np = 0; np < N / 16; ++np) {
+    uint32_t b[4];
+    load_b_kn<N>(b, b_tile, k0, np * 16);
+    mma<T>(acc[2 * np], a, b[0], b[1]);
+    mma<T>(acc[2 * np + 1], a, b[2], b[3]);
+  }
+}
+
 // acc (16 x N) += P B: P (16 x K) given as A fragments pa[kk] (columns 16kk .. 16kk + 15, see
 // c_to_a), B = b_tile [K][N].
 template <int K, int N, typename T>
 __device__ __forceinline__ void warp_gemm_pn(float (&acc)[N / 8][4], const uint32_t (&pa)[K / 16][4],
                                              const T* b_tile) {
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      load_b_kn<N>(b, b_tile, kk * 16, np * 16);
-      mma<T>(acc[2 * np], pa[kk], b[0], b[1]);
-      mma<T>(acc[2 * np + 1], pa[kk], b[2], b[3]);
-    }
-  }
+  for (int kk = 0; kk < K / 16; ++kk) pn_kstep<N, T>(acc, pa[kk], b_tile, kk * 16);
 }
 
 // The same with P given as C fragments p[K / 8], rounded to T here one k-step at a time (e.g. O +=
@@ -69,13 +74,7 @@ __device__ __forceinline__ void warp_gemm_pn(float (&acc)[N / 8][4], const float
   for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[4];
     c_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      load_b_kn<N>(b, b_tile, kk * 16, np * 16);
-      mma<T>(acc[2 * np], a, b[0], b[1]);
-      mma<T>(acc[2 * np + 1], a, b[2], b[3]);
-    }
+    pn_kstep<N, T>(acc, a, b_tile, kk * 16);
   }
 }
 
