@@ -246,6 +246,33 @@ void launch_chain(const DecodeParams& p, const Workspace& ws, bool after_reset, 
   launch_combine<T>(p, ws, stream);
 }
 
+// The chains of a step in chunks of `per` sequences (launch_step); `forked` counts chunk 0 and
+// the chunks whose stream has waited on `fork`.
+template <typename T>
+void launch_chains(const DecodeParams& p, const Workspace& ws, int per, cudaStream_t stream,
+                   const cudaStream_t* chunk_streams, cudaEvent_t fork, int& forked) {
+  index_t combine_first = 0;
+  for (int c = 0, b0 = 0; b0 < p.batch; ++c, b0 += per) {
+    DecodeParams cp = chunk_params(p, b0, std::min(per, p.batch - b0));
+    const Workspace cw = chunk_workspace(ws, p, b0);
+    // (numbers past INT_MAX trace nothing: clamped, they are past any trace's blocks)
+    auto clamped = [](index_t x) { return int(std::min<index_t>(x, INT_MAX)); };
+    const index_t units = index_t(b0) * p.num_heads_k * ws.row_blocks;
+    cp.plan.trace_first[kTraceWindow] = cp.plan.trace_first[kTraceSparse] = clamped(units * p.plan.slc_splits);
+    cp.plan.trace_first[kTraceScan] = clamped(units * p.plan.cmp_splits);
+    cp.plan.trace_first[kTraceSelect] = clamped(index_t(b0) * p.num_heads_k * p.num_queries * p.plan.sel_splits);
+    cp.plan.trace_first[kTraceCombine] = clamped(combine_first);
+    combine_first += combine_blocks(cp);
+    cp.plan.priority = chunk_priority(c);
+    const cudaStream_t s = c == 0 ? stream : chunk_streams[c - 1];
+    if (c > 0) {
+      check_cuda(cudaStreamWaitEvent(s, fork, 0), "cudaStreamWaitEvent");
+      forked = c + 1;
+    }
+    launch_chain<T>(cp, cw, c == 0, s);
+  }
+}
+
 // The step: Z, then one chain over all sequences, or (plan.batch_chunks > 1) a chain per chunk of
 // consecutive sequences, each a step of its own over its sequences: the first chunk's on
 // `stream`, the others' on chunk_streams, forked after Z and joined back into `stream`. Chunk c's
@@ -264,25 +291,25 @@ void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream
   thread_local StepEvents step_events;
   cudaEvent_t* events = step_events.get(chains);
   check_cuda(cudaEventRecord(events[0], stream), "cudaEventRecord");
-  index_t combine_first = 0;
-  for (int c = 0, b0 = 0; b0 < p.batch; ++c, b0 += per) {
-    DecodeParams cp = chunk_params(p, b0, std::min(per, p.batch - b0));
-    const Workspace cw = chunk_workspace(ws, p, b0);
-    // (numbers past INT_MAX trace nothing: clamped, they are past any trace's blocks)
-    auto clamped = [](index_t x) { return int(std::min<index_t>(x, INT_MAX)); };
-    const index_t units = index_t(b0) * p.num_heads_k * ws.row_blocks;
-    cp.plan.trace_first[kTraceWindow] = cp.plan.trace_first[kTraceSparse] = clamped(units * p.plan.slc_splits);
-    cp.plan.trace_first[kTraceScan] = clamped(units * p.plan.cmp_splits);
-    cp.plan.trace_first[kTraceSelect] = clamped(index_t(b0) * p.num_heads_k * p.num_queries * p.plan.sel_splits);
-    cp.plan.trace_first[kTraceCombine] = clamped(combine_first);
-    combine_first += combine_blocks(cp);
-    cp.plan.priority = chunk_priority(c);
-    const cudaStream_t s = c == 0 ? stream : chunk_streams[c - 1];
-    if (c > 0) check_cuda(cudaStreamWaitEvent(s, events[0], 0), "cudaStreamWaitEvent");
-    launch_chain<T>(cp, cw, c == 0, s);
-    if (c > 0) check_cuda(cudaEventRecord(events[c], s), "cudaEventRecord");
+  // Joins chunks 1 .. forked - 1 back into `stream`: after the last chain, and before an error
+  // leaves the step (a capture with a stream not joined back would fail with another error).
+  int forked = 1;
+  auto join = [&] {
+    for (int c = 1; c < forked; ++c) {
+      check_cuda(cudaEventRecord(events[c], chunk_streams[c - 1]), "cudaEventRecord");
+      check_cuda(cudaStreamWaitEvent(stream, events[c], 0), "cudaStreamWaitEvent");
+    }
+  };
+  try {
+    launch_chains<T>(p, ws, per, stream, chunk_streams, events[0], forked);
+  } catch (...) {
+    try {
+      join();
+    } catch (...) {  // the first error is the one to report
+    }
+    throw;
   }
-  for (int c = 1; c < chains; ++c) check_cuda(cudaStreamWaitEvent(stream, events[c], 0), "cudaStreamWaitEvent");
+  join();
 }
 
 }  // namespace decode
