@@ -8,6 +8,19 @@
 
 namespace nsa::cuda {
 
+// One k-step of A B^T: acc (16 x N) += a B_k^T, a the A fragment of A's columns k0 .. k0 + 15 and
+// B_k columns k0 .. k0 + 15 of b_tile [N][K].
+template <int K, int N, typename T>
+__device__ __forceinline__ void nt_kstep(float (&acc)[N / 8][4], const uint32_t (&a)[4], const T* b_tile, int k0) {
+#pragma unroll
+  for (int np = 0; np < N / 16; ++np) {
+    uint32_t b[4];
+    load_b_nk<K>(b, b_tile, np * 16, k0);
+    mma<T>(acc[2 * np], a, b[0], b[1]);
+    mma<T>(acc[2 * np + 1], a, b[2], b[3]);
+  }
+}
+
 // acc (16 x N) += A B^T: A = rows a_row0 .. a_row0 + 15 of a_tile [*][K], B = rows 0 .. N-1 of
 // b_tile [N][K] (e.g. S = Q K^T, dP = dO V^T).
 template <int K, int N, typename T>
@@ -17,13 +30,7 @@ __device__ __forceinline__ void warp_gemm_nt(float (&acc)[N / 8][4], const T* a_
   for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[4];
     load_a<K>(a, a_tile, a_row0, kk * 16);
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      load_b_nk<K>(b, b_tile, np * 16, kk * 16);
-      mma<T>(acc[2 * np], a, b[0], b[1]);
-      mma<T>(acc[2 * np + 1], a, b[2], b[3]);
-    }
+    nt_kstep<K, N, T>(acc, a, b_tile, kk * 16);
   }
 }
 
@@ -32,15 +39,7 @@ template <int K, int N, typename T>
 __device__ __forceinline__ void warp_gemm_nt(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
                                              const T* b_tile) {
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      load_b_nk<K>(b, b_tile, np * 16, kk * 16);
-      mma<T>(acc[2 * np], a[kk], b[0], b[1]);
-      mma<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
-    }
-  }
+  for (int kk = 0; kk < K / 16; ++kk) nt_kstep<K, N, T>(acc, a[kk], b_tile, kk * 16);
 }
 
 // One k-step of P B: acc (16 x N) += a B_k, a the A fragment of P's columns k0 .. k0 + 15 and
