@@ -46,10 +46,10 @@ inline void configure_kernel(const void* kernel, size_t smem) {
 // while the previous kernel of the stream ends (programmatic dependent launch, sm_90), the kernel
 // waiting for it with wait_prior_grid(); at p.plan.priority where it is not 0 (a chunk of a step
 // in chunks, decode.cu: the block scheduler serves the earlier chunks' kernels first). Errors
-// name the op. Every kernel of the step asks for
-// the largest shared-memory carveout (configure_kernel): an SM changes its carveout only once
-// drained, so kernels that asked for different ones could not share an SM (the window kernel
-// could not start beside the scan, nor a kernel beside the end of the one before it).
+// name the op. Every kernel of the step asks for the largest shared-memory carveout
+// (configure_kernel): an SM changes its carveout only once drained, so kernels that asked for
+// different ones could not share an SM (the window kernel could not start beside the scan, nor a
+// kernel beside the end of the one before it).
 template <typename... Params, typename... Args>
 void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
                    bool dependent, cudaStream_t stream, Args... args) {
