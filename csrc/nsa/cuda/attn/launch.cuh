@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../common/cuda_check.h"
 #include "../head_dims.h"
 #include "bwd.cuh"
 #include "fwd_wgmma.cuh"
@@ -16,13 +17,6 @@
 #include "slc_warp.cuh"
 
 namespace nsa::cuda {
-
-// Throws std::runtime_error naming `op` if the last launch failed.
-inline void check_launch(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err));
-}
 
 template <Branch B>
 constexpr const char* op_name() {

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/cuda_check.h"
 #include "../kernels.h"
 #include "counters.cuh"
 #include "launch_kernel.h"
@@ -125,12 +126,6 @@ Workspace chunk_workspace(const Workspace& ws, const DecodeParams& p, int b0) {
   return c;
 }
 
-void check_cuda(cudaError_t err, const char* call) {
-  if (err == cudaSuccess) return;
-  (void)cudaGetLastError();
-  throw std::runtime_error(std::string(kOp) + ": " + call + " failed: " + cudaGetErrorString(err));
-}
-
 // The events of a step in chunks (a fork after Z, a join per later chunk), per thread and device:
 // a call records and waits on them before it returns, so the calls of a thread can share them.
 class StepEvents {
@@ -141,11 +136,11 @@ class StepEvents {
   }
   cudaEvent_t* get(int count) {
     int device = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(kOp, cudaGetDevice(&device), "cudaGetDevice failed");
     std::vector<cudaEvent_t>& events = events_[device];
     while (int(events.size()) < count) {
       cudaEvent_t e = nullptr;
-      check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+      check_cuda(kOp, cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate failed");
       events.push_back(e);
     }
     return events.data();
@@ -266,7 +261,7 @@ void launch_chains(const DecodeParams& p, const Workspace& ws, int per, cudaStre
     cp.plan.priority = chunk_priority(c);
     const cudaStream_t s = c == 0 ? stream : chunk_streams[c - 1];
     if (c > 0) {
-      check_cuda(cudaStreamWaitEvent(s, fork, 0), "cudaStreamWaitEvent");
+      check_cuda(kOp, cudaStreamWaitEvent(s, fork, 0), "cudaStreamWaitEvent failed");
       forked = c + 1;
     }
     launch_chain<T>(cp, cw, c == 0, s);
@@ -290,14 +285,14 @@ void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream
   const int chains = (p.batch + per - 1) / per;
   thread_local StepEvents step_events;
   cudaEvent_t* events = step_events.get(chains);
-  check_cuda(cudaEventRecord(events[0], stream), "cudaEventRecord");
+  check_cuda(kOp, cudaEventRecord(events[0], stream), "cudaEventRecord failed");
   // Joins chunks 1 .. forked - 1 back into `stream`: after the last chain, and before an error
   // leaves the step (a capture with a stream not joined back would fail with another error).
   int forked = 1;
   auto join = [&] {
     for (int c = 1; c < forked; ++c) {
-      check_cuda(cudaEventRecord(events[c], chunk_streams[c - 1]), "cudaEventRecord");
-      check_cuda(cudaStreamWaitEvent(stream, events[c], 0), "cudaStreamWaitEvent");
+      check_cuda(kOp, cudaEventRecord(events[c], chunk_streams[c - 1]), "cudaEventRecord failed");
+      check_cuda(kOp, cudaStreamWaitEvent(stream, events[c], 0), "cudaStreamWaitEvent failed");
     }
   };
   try {

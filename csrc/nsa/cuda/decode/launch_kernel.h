@@ -10,6 +10,7 @@
 #include <string>
 #include <utility>
 
+#include "../common/cuda_check.h"
 #include "decode.h"
 
 namespace nsa::cuda::decode {
@@ -76,11 +77,7 @@ void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, 
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = n;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
-  }
+  check_cuda(kOp, cudaLaunchKernelEx(&config, kernel, args...), "CUDA launch failed");
 }
 
 }  // namespace nsa::cuda::decode

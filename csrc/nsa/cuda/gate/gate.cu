@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/cuda_check.h"
 #include "../common/mma.cuh"
 #include "../kernels.h"
 
@@ -133,9 +134,7 @@ void launch_rows(Kernel kernel, const GateParams& p, int lanes, cudaStream_t str
   const int threads = std::min(kMaxThreads, (threads_needed + 31) / 32 * 32);
   const dim3 grid(unsigned(p.seqlen), unsigned((threads_needed + threads - 1) / threads), unsigned(p.batch));
   kernel<<<grid, threads, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
+  check_launch(kOp);
 }
 
 // Lanes per row with 16-byte vectors (see Row), 0 when some row cannot use them.

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "../attn/entry.cuh"
+#include "../common/cuda_check.h"
 #include "../kernels.h"
 #include "reverse_index.cuh"
 
@@ -62,8 +63,7 @@ ReverseIndex build_reverse_index(const SlcParams& p, index_t chunk_rows, index_t
     size_t temp_bytes = sort_temp_bytes(p, num_keys);
     const cudaError_t err = cub::DeviceRadixSort::SortPairs(ws + 4 * entry_bytes, temp_bytes, keys_in, keys_out,
                                                             rows_in, rows_out, int(n), 0, key_bits(num_keys), stream);
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string(kOp) + ": reverse index sort failed: " + cudaGetErrorString(err));
+    check_cuda(kOp, err, "reverse index sort failed");
   }
   return rix;
 }

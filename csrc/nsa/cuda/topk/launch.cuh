@@ -16,12 +16,10 @@ void launch_kernel(Kernel kernel, int threads, const TopkParams& p, const Shape&
             std::to_string(s.cpr) + ", num_selected = " + std::to_string(p.num_selected) +
             "), the device allows " + std::to_string(max_smem));
   if (s.smem > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem),
+    check_cuda(kOp, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem),
                "cudaFuncSetAttribute failed");
   kernel<<<grid, threads, s.smem, stream>>>(p, s);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(kOp) + ": CUDA launch failed: " + cudaGetErrorString(err));
+  check_launch(kOp);
 }
 
 template <typename T, int D, bool kResident, int kReduce>

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/cuda_check.h"
 #include "topk_kernel.cuh"
 
 namespace nsa::cuda::topk {
@@ -15,11 +16,6 @@ inline constexpr const char* kOp = "nsa.select_blocks";
 
 [[noreturn]] inline void invalid(const std::string& what) {
   throw std::invalid_argument(std::string(kOp) + ": " + what);
-}
-
-inline void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(kOp) + ": " + what + ": " + cudaGetErrorString(err));
 }
 
 // Launches select_topk_kernel for shape s on grid: head-dim, mode and group-sum-width dispatch
