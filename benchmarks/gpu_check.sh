@@ -2,10 +2,10 @@
 # One GPU round in one go, on the GPU machine, from the repository root:
 #
 #     OUT=/writable/dir bash benchmarks/gpu_check.sh [build] [tests] [sanitize] [profile] [dprofile] [ab]
-#         [bench] [baseline] [layer] [decode]
+#         [latency] [bench] [baseline] [layer] [decode]
 #
-# Stages (default: build tests sanitize bench, in this order; profile, dprofile, ab, layer and
-# decode only when named):
+# Stages (default: build tests sanitize bench, in this order; profile, dprofile, ab, latency,
+# layer and decode only when named):
 #   build     pip install -e . with the CUDA kernels (sm_90a), log in $OUT/build.log
 #   tests     pytest -m cuda tests: every CUDA-marked test of the suite (the ops against the
 #             float64 reference, kernel variants, errors, non-finite inputs, the layer against CPU
@@ -26,6 +26,10 @@
 #   ab        tools/ab_kernels.py: the kernel kinds of nsa_torch._debug.force side by side
 #             (NSA_AB_SWITCHES="fwd bwd", NSA_AB_T=65536, NSA_AB_CONFIGS=g16), log at the head of
 #             $OUT/bench.log
+#   latency   tools/gpu_latency.cu, compiled with nvcc and run (no build needed): how fast N thread
+#             blocks stream into shared memory by ring depth and load kind, dependent L2 loads idle
+#             and beside a full stream, a counter hand-off between SMs, cluster barriers and DSMEM
+#             loads; its tables in $OUT/bench.log and the summary
 #   bench     benchmarks/bench_attention.py, log in $OUT/bench.log, CSV and PNG in $OUT
 #   baseline  the no-regression check of a change: the tree before it ($NSA_BASELINE_DIR, default
 #             .baseline: e.g. `git archive BASE | tar -x -C .baseline`, carried with the call) is
@@ -90,16 +94,16 @@ T0=$(date +%s)
 BUDGET=${NSA_BUDGET_S:-560}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-rm -f /tmp/compare.txt /tmp/baseline_build.rc /tmp/dprofile.txt  # (a warm machine keeps /tmp between calls)
+rm -f /tmp/compare.txt /tmp/baseline_build.rc /tmp/dprofile.txt /tmp/latency.txt  # (a warm machine keeps /tmp between calls)
 
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests sanitize bench)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|sanitize|profile|dprofile|ab|bench|baseline|layer|decode) ;; *) echo "unknown stage '$s' (build tests sanitize profile dprofile ab bench baseline layer decode)"; exit 2;; esac
+  case $s in build|tests|sanitize|profile|dprofile|ab|latency|bench|baseline|layer|decode) ;; *) echo "unknown stage '$s' (build tests sanitize profile dprofile ab latency bench baseline layer decode)"; exit 2;; esac
 done
 # (sanitize: memcheck ~80 s and racecheck ~120 s on the H200 for their default selections)
 BUILD_FLOOR_S=${NSA_BUILD_FLOOR_S:-240}
-declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [dprofile]=60 [ab]=60 [bench]=90 [baseline]=90 [layer]=60 [decode]=120)
+declare -A MIN_S=([build]=60 [tests]=60 [sanitize]=220 [profile]=60 [dprofile]=60 [ab]=60 [latency]=40 [bench]=90 [baseline]=90 [layer]=60 [decode]=120)
 for kv in ${NSA_MIN_S:-}; do  # e.g. "sanitize=90 decode=30": smaller selections need less
   case $kv in *=*) [ -n "${MIN_S[${kv%%=*}]+x}" ] && MIN_S[${kv%%=*}]=${kv#*=} || { echo "NSA_MIN_S: unknown stage in '$kv'"; exit 2; };; *) echo "NSA_MIN_S: expected STAGE=SECONDS, got '$kv'"; exit 2;; esac
 done
@@ -384,6 +388,22 @@ if have ab; then
   record ab "$(status_of $rc)" "$(grep -c ' ms' "$OUT/bench.log") timings" "$secs"
 fi
 
+# ---------------------------------------------------------------- latency
+# (tools/gpu_latency.cu, compiled here: streaming rates by blocks, ring depth and loads, chains of
+# dependent loads, a counter hand-off, cluster barriers; its tables go to bench.log and the summary)
+if have latency; then
+  s=$(date +%s)
+  lim=$(limit_for latency)
+  mark=$(wc -l < "$OUT/bench.log")
+  rm -f /tmp/gpu_latency
+  run_stage latency "$OUT/bench.log" "$lim" bash -c "nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a \
+    -o /tmp/gpu_latency tools/gpu_latency.cu && /tmp/gpu_latency"
+  rc=$?
+  tail -n +"$((mark + 2))" "$OUT/bench.log" > /tmp/latency.txt
+  secs=$(( $(date +%s) - s ))
+  record latency "$(status_of $rc)" "$(grep -c '^| ' /tmp/latency.txt) rows" "$secs"
+fi
+
 # ---------------------------------------------------------------- bench
 if have bench; then
   s=$(date +%s)
@@ -493,6 +513,7 @@ fi
     grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -25
   fi
   [ -f /tmp/dprofile.txt ] && { echo; cat /tmp/dprofile.txt; }
+  [ -s /tmp/latency.txt ] && { echo; echo "GPU latencies and streaming rates (tools/gpu_latency.cu):"; cat /tmp/latency.txt; }
   if [ -f "$OUT/bench.log" ]; then
     if grep -q ' force [a-z_]*=' "$OUT/bench.log"; then
       echo
