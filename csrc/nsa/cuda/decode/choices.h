@@ -10,13 +10,14 @@
 namespace nsa::cuda::decode {
 
 // Kernel A with its keys first (plan.scan_order = keys_first, cmp_scan.cuh): a split's key tiles
-// stream through a ring of kScanRing slots; each tile's probabilities stay in shared memory as
-// the products' 16-bit A fragments, with the factors that move O to the tile's maxima; then the
-// split's value tiles stream through the same ring. The byte offsets of its shared memory for
-// `rows` = 16 (one m-tile) or 64 (four) and splits of up to `tiles` key tiles (K, V 2 bytes):
-// Q [rows][D]; the ring [kScanRing][64][max(D, DV)]; the row-maximum exchange [64] (fp32, slices
-// x rows); two tiles' probabilities for the block scores [2][rows][kProbLd] (fp32); the tiles'
-// factors [tiles][rows] (fp32); the tiles' fragments [tiles][rows * 64] (2 bytes each).
+// stream through a ring of `ring` slots (kScanRing by default); each tile's
+// probabilities stay in shared memory as the products' 16-bit A fragments, with the factors that
+// move O to the tile's maxima; then the split's value tiles stream through the same ring. The
+// byte offsets of its shared memory for `rows` = 16 (one m-tile) or 64 (four) and splits of up to
+// `tiles` key tiles (K, V 2 bytes): Q [rows][D]; the ring [ring][64][max(D, DV)]; the row-maximum
+// exchange [64] (fp32, slices x rows); two tiles' probabilities for the block scores
+// [2][rows][kProbLd] (fp32); the tiles' factors [tiles][rows] (fp32); the tiles' fragments
+// [tiles][rows * 64] (2 bytes each).
 constexpr int kScanRing = 3;
 // Row stride (floats) of a key tile's probabilities in shared memory: odd, so that the threads
 // scoring 32 consecutive rows read 32 banks.
@@ -24,10 +25,10 @@ constexpr int kProbLd = kTileKeys + 1;
 struct KeysFirstLayout {
   size_t ring = 0, red = 0, probs = 0, corr = 0, frags = 0, bytes = 0;
 };
-NSA_HOST_DEVICE KeysFirstLayout keys_first_layout(int D, int DV, int rows, int tiles) {
+NSA_HOST_DEVICE KeysFirstLayout keys_first_layout(int D, int DV, int rows, int tiles, int ring = kScanRing) {
   KeysFirstLayout l;
   l.ring = size_t(rows) * size_t(D) * 2;
-  l.red = l.ring + size_t(kScanRing) * kTileKeys * size_t(D > DV ? D : DV) * 2;
+  l.red = l.ring + size_t(ring) * kTileKeys * size_t(D > DV ? D : DV) * 2;
   l.probs = l.red + 64 * sizeof(float);
   l.corr = l.probs + 2 * size_t(rows) * kProbLd * sizeof(float);
   l.frags = l.corr + size_t(tiles) * size_t(rows) * sizeof(float);

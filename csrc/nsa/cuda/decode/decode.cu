@@ -219,6 +219,13 @@ void launch_reset(const DecodeParams& p, const Workspace& ws, cudaStream_t strea
   launch_kernel(p, decode_reset_kernel, grid, 256, 0, false, stream, ws.counters, ws.num_counters);
 }
 
+// Kernel B (select.cuh's select_split; defined here, where it is launched: other files may
+// include select.cuh for its pieces).
+__global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
+  select_split(p, ws);
+  wait_prior_grid();
+}
+
 void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(p.plan.sel_splits * p.num_queries), unsigned(p.num_heads_k), unsigned(p.batch));
   launch_kernel(p, decode_select_kernel, grid, kSelectThreads, select_smem_bytes(group_size(p), ws.sel_tiles, ws.slots),
