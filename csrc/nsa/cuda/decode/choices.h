@@ -10,7 +10,7 @@
 namespace nsa::cuda::decode {
 
 // Kernel A with its keys first (plan.scan_order = keys_first, cmp_scan.cuh): a split's key tiles
-// stream through a ring of `ring` slots (kScanRing by default); each tile's
+// stream through a ring of `ring` slots (kScanRing; the cluster step's kClusterRing); each tile's
 // probabilities stay in shared memory as the products' 16-bit A fragments, with the factors that
 // move O to the tile's maxima; then the split's value tiles stream through the same ring. The
 // byte offsets of its shared memory for `rows` = 16 (one m-tile) or 64 (four) and splits of up to
@@ -34,6 +34,18 @@ NSA_HOST_DEVICE KeysFirstLayout keys_first_layout(int D, int DV, int rows, int t
   l.frags = l.corr + size_t(tiles) * size_t(rows) * sizeof(float);
   l.bytes = l.frags + size_t(tiles) * size_t(rows) * kTileKeys * 2;
   return l;
+}
+
+// The cluster step (cluster_step.cuh): its scan's ring slots, deeper than kernel A's (each block
+// streams several times the tiles of a scan block in the chain) within 96 KB; its shared memory
+// for splits of up to `tiles` key tiles beside the selection's (select_smem_bytes below), which
+// the plan checks (the selected branch's layout, which overlays both, is smaller where these fit).
+NSA_HOST_DEVICE constexpr int cluster_ring(int D, int DV) {
+  const int fit = 96 * 1024 / (kTileKeys * (D > DV ? D : DV) * 2);
+  return fit < kScanRing ? kScanRing : fit > 6 ? 6 : fit;
+}
+NSA_HOST_DEVICE size_t cluster_scan_bytes(int D, int DV, int tiles) {
+  return (keys_first_layout(D, DV, 16, tiles, cluster_ring(D, DV)).bytes + 15) / 16 * 16;
 }
 
 // Kernel B (select.cuh).

@@ -15,7 +15,12 @@
 //
 // With plan.batch_chunks > 1, Z runs once and W, A, B, C, D run as one chain per chunk of
 // consecutive sequences, each chunk a step of its own over its sequences on its own stream, the
-// earlier chunks' kernels at higher launch priority (decode.cu's launch_step).
+// earlier chunks' kernels at higher launch priority (decode.cu's launch_step). With plan.step =
+// cluster (S = 1, G <= 16), Z is followed by decode_cluster_kernel (cluster_step.cuh): grid
+// (cmp_splits, H, B) in clusters of cmp_splits blocks, one cluster per (sequence, KV head), each
+// block doing A's split, B's split and C's split (slc_splits = sel_splits = cmp_splits) with the
+// selection's hand-offs through cluster barriers and distributed shared memory; then W (counting
+// at once, as after B) and D, over the same workspace (sel_keys and sel_count unused).
 //
 //   Z. decode_reset_kernel (decode.cu), launched plainly: zeroes the step's counters. The first
 //      kernel after it (A, or W launched before A) lets the next kernel start only once Z has
@@ -119,8 +124,8 @@ struct Workspace {
 // The buffers of a workspace at `base` (nullptr: the layout and size only). decode.cu.
 Workspace make_workspace(const DecodeParams& p, void* base);
 
-// The kernels' launches (W, A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, Z and B in
-// decode.cu).
+// The kernels' launches (W, A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, the cluster
+// step's in decode_cluster_bf16.cu / decode_cluster_fp16.cu, Z and B in decode.cu).
 template <typename T>
 void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 template <typename T>
@@ -130,5 +135,7 @@ template <typename T>
 void launch_sparse(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 template <typename T>
 void launch_combine(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
+template <typename T>
+void launch_cluster(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 
 }  // namespace nsa::cuda::decode
