@@ -92,17 +92,7 @@ __device__ __forceinline__ void cluster_select(const DecodeParams& p, const Work
   // The sequence, and this block's share of its pages (inputs only, before the meeting).
   const int L = p.seqlens[b];
   const bool ok = L >= 1 && L <= p.capacity;
-  bool bad_pages = false;
-  if (p.block_table != nullptr && ok) {
-    const index_t pages = (L + p.page_size - 1) / p.page_size, share = (pages + C - 1) / C;
-    const index_t end = min(pages, (c + 1) * share);
-    bool bad = false;
-    for (index_t i = c * share + tid; i < end; i += kThreads) {
-      const int32_t page = p.block_table[b * p.block_table_stride + i];
-      bad = bad || page < 0 || page >= p.num_pages;
-    }
-    bad_pages = __syncthreads_or(bad);
-  }
+  const bool bad_pages = ok && bad_pages_in_share<kThreads>(p, b, L, c, C);
   cluster_sync();  // every split's tile maxima, slots and (m, l) written
   trace_event(p.plan, kTraceSelect, kTraceWaited);
 

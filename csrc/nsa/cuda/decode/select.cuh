@@ -113,6 +113,21 @@ __device__ __forceinline__ void tile_sums(const float* u, index_t R, int G, int 
   }
 }
 
+// Does share c of `splits` of sequence b's first ceil(L / page_size) pages hold one outside the
+// pool? False for a contiguous cache. Every thread of the block (NT of them) calls it.
+template <int NT>
+__device__ __forceinline__ bool bad_pages_in_share(const DecodeParams& p, int b, int L, int c, int splits) {
+  if (p.block_table == nullptr) return false;
+  const index_t pages = (L + p.page_size - 1) / p.page_size, share = (pages + splits - 1) / splits;
+  const index_t end = min(pages, (c + 1) * share);
+  bool bad = false;
+  for (index_t i = c * share + threadIdx.x; i < end; i += NT) {
+    const int32_t page = p.block_table[b * p.block_table_stride + i];
+    bad = bad || page < 0 || page >= p.num_pages;
+  }
+  return __syncthreads_or(bad);
+}
+
 // lse of a query's G rows (log2 units) into lse_s, from the splits' (m, l) at ml ([splits][R][2]
 // from the query's first row): a warp per row (NW warps), two rows (g, g + NW) per pass so that
 // their loads are in flight together; -inf: the row saw no compressed token, NaN: a NaN score.
@@ -261,17 +276,7 @@ __device__ __forceinline__ void select_split(const DecodeParams& p, const Worksp
   // pool (inputs only, so before the wait).
   const int L = p.seqlens[b];
   const bool ok = L >= S && L <= p.capacity;
-  bool bad_pages = false;
-  if (p.block_table != nullptr && ok) {
-    const index_t pages = (L + p.page_size - 1) / p.page_size, share = (pages + splits - 1) / splits;
-    const index_t end = min(pages, (c + 1) * share);
-    bool bad = false;
-    for (index_t i = c * share + tid; i < end; i += kSelectThreads) {
-      const int32_t page = p.block_table[b * p.block_table_stride + i];
-      bad = bad || page < 0 || page >= p.num_pages;
-    }
-    bad_pages = __syncthreads_or(bad);
-  }
+  const bool bad_pages = ok && bad_pages_in_share<kSelectThreads>(p, b, L, c, splits);
   const index_t bh = index_t(b) * p.num_heads_k + h;
   const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
   // (A's blocks count in key_done once their key tiles are done when it runs its keys first.)
