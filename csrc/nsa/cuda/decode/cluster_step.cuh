@@ -58,13 +58,6 @@ __device__ __forceinline__ uint64_t load_cluster_u64(uint32_t address) {
 #endif
   return x;
 }
-__device__ __forceinline__ int load_cluster_s32(uint32_t address) {
-  int x = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("ld.shared::cluster.s32 %0, [%1];\n" : "=r"(x) : "r"(address) : "memory");
-#endif
-  return x;
-}
 
 constexpr int kClusterWarps = kThreads / 32;
 
@@ -75,7 +68,7 @@ struct ClusterSelect {
   uint64_t* best;  // [kMaxSelected]
   uint64_t* pub;   // [kMaxSelected] this block's n best, 0-padded: what the others read
   int* chosen;     // [kMaxSelected] the query's blocks, ascending, -1 padded
-  int* bad;        // this block's share of the pages has one outside the pool
+  uint64_t* bad;   // 1 where this block's share of the pages has one outside the pool
   float* dyn;      // dynamic: lse [G], factors [round tiles][G], sums [round tiles][NS]
 };
 
@@ -121,7 +114,7 @@ __device__ __forceinline__ void cluster_select(const DecodeParams& p, const Work
 
   // Every block merges the C lists (C n keys, in rounds of kSelectRound beside the best so far).
   bool bad = false;
-  for (int r = tid; r < C; r += kThreads) bad = bad || load_cluster_s32(cluster_address(sel.bad, r)) != 0;
+  for (int r = tid; r < C; r += kThreads) bad = bad || load_cluster_u64(cluster_address(sel.bad, r)) != 0;
   bad = __syncthreads_or(bad) || !ok;
   kept = 0;
   if (!bad) {
@@ -172,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_cluster_kernel(const Decod
   __shared__ __align__(16) uint64_t best[kMaxSelected];
   __shared__ __align__(16) uint64_t pub[kMaxSelected];
   __shared__ int chosen[kMaxSelected];
-  __shared__ int bad;
+  __shared__ uint64_t bad;
   constexpr int kRing = cluster_ring(D, DV);
   const ClusterSelect sel{keys, best, pub, chosen, &bad,
                           reinterpret_cast<float*>(smem + cluster_scan_bytes(D, DV, ws.split_tiles))};
