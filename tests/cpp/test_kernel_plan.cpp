@@ -585,8 +585,11 @@ TEST_CASE("plan: the decode step in clusters", "[plan][decode]") {
   CHECK(contains(why(one, kH100, cluster_and("scan_order", std::string("together"))), "keys_first"));
   CHECK(contains(why(one, kH100, cluster_and("window_order", std::string("after_scan"))),
                  "after_select"));
-  // 128k in one block's split: its 128 key tiles' fragments do not fit the shared memory.
+  // 128k in one or two blocks: the splits' 128 or 64 key tiles' fragments do not fit the shared
+  // memory; three fit.
   CHECK(contains(why(one, kH100, cluster_and("cmp_splits", int64_t(1))), "bytes of shared memory"));
+  CHECK(contains(why(one, kH100, cluster_and("cmp_splits", int64_t(2))), "bytes of shared memory"));
+  CHECK(plan_decode(one, kH100, cluster_and("cmp_splits", int64_t(3))).cmp_splits == 3);
   const std::vector<PlanItem> items = describe(pl);
   CHECK(std::any_of(items.begin(), items.end(),
                     [](const PlanItem& i) { return i.key == "decode_step" && i.name == "cluster"; }));
