@@ -871,9 +871,11 @@ def test_cuda_forced_splits_match_reference(name, splits):
 
 
 # The cluster step (decode_step = cluster: a cluster of cmp_splits blocks per (sequence, KV head)
-# scans, selects and attends the chosen blocks): its planned cluster size, three blocks, and 16.
+# scans, selects and attends the chosen blocks): its planned cluster size, three blocks, 16, and
+# the window kernel launched first.
 CLUSTERS = {"planned": dict(decode_step="cluster"), "three": dict(decode_step="cluster", cmp_splits=3),
-            "sixteen": dict(decode_step="cluster", cmp_splits=16)}
+            "sixteen": dict(decode_step="cluster", cmp_splits=16),
+            "wfirst": dict(decode_step="cluster", cmp_splits=5, window_order="before_scan")}
 
 
 @pytest.mark.cuda

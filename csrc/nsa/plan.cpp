@@ -335,7 +335,8 @@ size_t select_smem(const DecodeParams& p) {
 
 // Why the cluster step cannot take a step (empty: it can), before its splits are known: it needs
 // sm_90 (clusters), one query per sequence and at most 16 query heads per KV head (one m-tile of
-// one row block), and takes the other keys from its cluster's blocks.
+// one row block), and takes the other keys from its cluster's blocks but the window kernel's
+// launch (after the cluster kernel, or before it).
 std::string cluster_reason(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o) {
   std::string why = needs_sm90(dev);
   const int G = cuda::decode::group_size(p);
@@ -351,8 +352,8 @@ std::string cluster_reason(const DecodeParams& p, const DeviceFacts& dev, const 
     why = "runs a step as one chain: batch_chunks must be 1, got " + std::to_string(*o.batch_chunks);
   if (why.empty() && o.scan_order && *o.scan_order != ScanOrder::kKeysFirst)
     why = "scans with its keys first: scan_order must be keys_first";
-  if (why.empty() && o.window_order && *o.window_order != WindowOrder::kAfterSelect)
-    why = "launches the window kernel after its selection: window_order must be after_select";
+  if (why.empty() && o.window_order && *o.window_order == WindowOrder::kAfterScan)
+    why = "launches the window kernel after its selection (after_select) or first (before_scan)";
   return why;
 }
 
@@ -372,7 +373,7 @@ DecodePlan plan_cluster_step(DecodePlan plan, const DecodeParams& p, const Devic
   plan.cmp_chunk = per * cuda::decode::kTileKeys;
   plan.slc_splits = plan.sel_splits = plan.cmp_splits;
   plan.scan_order = ScanOrder::kKeysFirst;
-  plan.window_order = WindowOrder::kAfterSelect;
+  plan.window_order = o.window_order.value_or(WindowOrder::kAfterSelect);
   plan.dep_wait = o.dep_wait.value_or(DepWait::kHead);
   plan.batch_chunks = 1;
   const size_t bytes = cuda::decode::cluster_scan_bytes(std::max(0, p.head_dim), std::max(0, p.head_dim_v),

@@ -585,6 +585,8 @@ TEST_CASE("plan: the decode step in clusters", "[plan][decode]") {
   CHECK(contains(why(one, kH100, cluster_and("scan_order", std::string("together"))), "keys_first"));
   CHECK(contains(why(one, kH100, cluster_and("window_order", std::string("after_scan"))),
                  "after_select"));
+  CHECK(plan_decode(one, kH100, cluster_and("window_order", std::string("before_scan"))).window_order ==
+        WindowOrder::kBeforeScan);
   // 128k in one or two blocks: the splits' 128 or 64 key tiles' fragments do not fit the shared
   // memory; three fit.
   CHECK(contains(why(one, kH100, cluster_and("cmp_splits", int64_t(1))), "bytes of shared memory"));

@@ -12,7 +12,8 @@
 // writes block_indices and the sequence's validity and counts the query in sel_done. After its
 // value tiles (the split's partial O written and counted in scan_done) each block attends split c
 // of the chosen blocks' tiles (sparse_branch's selected path) and counts itself in slc_done. The
-// window kernel W and the merge D follow as in the chain, D reading the same workspace.
+// window kernel W (launched after the kernel, or before it: plan.window_order) and the merge D
+// run as in the chain, D reading the same workspace.
 //
 // S = 1 and G <= 16 (one row block of one m-tile; the plan refuses other shapes), C <= 16.
 #pragma once
@@ -141,7 +142,8 @@ __device__ __forceinline__ void cluster_select(const DecodeParams& p, const Work
     int32_t* out = p.block_indices.ptr<int32_t>(b, 0, h);
     if (tid < n) out[tid] = sel.chosen[tid];
     if (tid == 0) ws.bad[bh] = bad ? 1 : 0;  // (S = 1: query (b, 0, h))
-    count_done(ws.sel_done + bh);  // (after Z: the scan's first tiles waited for it)
+    wait_prior_grid();  // Z before the count (a no-op past the scan's wait where Z came just before)
+    count_done(ws.sel_done + bh);
   }
   trace_event(p.plan, kTraceSelect, kTraceEnd);
 }
@@ -170,16 +172,21 @@ __global__ void __launch_bounds__(kThreads, 1) decode_cluster_kernel(const Decod
   const ClusterSelect sel{keys, best, pub, chosen, &bad,
                           reinterpret_cast<float*>(smem + cluster_scan_bytes(D, DV, ws.split_tiles))};
   trace_event(p.plan, kTraceScan, kTraceStart);
+  // Right after Z (W after it), scan_split waits for Z and lets W start once its first tiles are
+  // issued; after W (launched first), the next kernel (D) may start at once, and each count below
+  // comes after a wait for W, hence for Z.
+  if (!ws.after_reset) allow_next_grid();
   const index_t bh = index_t(blockIdx.z) * p.num_heads_k + blockIdx.y;
-  // The scan; the selection once its keys are out, while its first value tiles land. (The kernel
-  // follows Z: scan_split waits for Z and lets W start once its first tiles are issued.)
+  // The scan; the selection once its keys are out, while its first value tiles land.
   const bool had_tiles = scan_split<T, D, DV, 1, true, kRing>(p, ws, smem, [&] {
     trace_event(p.plan, kTraceScan, kTraceStep2);
     cluster_select(p, ws, sel);
   });
-  if (!had_tiles) {  // a split without key tiles: the same waits, then its share of the selection
-    wait_prior_grid();
-    allow_next_grid();
+  if (!had_tiles) {  // a split without key tiles: scan_split's waits, then its share of the selection
+    if (ws.after_reset) {
+      wait_prior_grid();
+      allow_next_grid();
+    }
     cluster_select(p, ws, sel);
   }
   wait_prior_grid();

@@ -64,9 +64,10 @@ void check(const DecodeParams& p) {
   if (p.plan.step == DecodeStep::kCluster &&
       (p.num_queries != 1 || p.num_heads / p.num_heads_k > 16 || p.plan.cmp_splits > kMaxClusterBlocks ||
        p.plan.slc_splits != p.plan.cmp_splits || p.plan.sel_splits != p.plan.cmp_splits || p.plan.batch_chunks != 1 ||
-       p.plan.scan_order != ScanOrder::kKeysFirst || p.plan.window_order != WindowOrder::kAfterSelect))
+       p.plan.scan_order != ScanOrder::kKeysFirst || p.plan.window_order == WindowOrder::kAfterScan))
     invalid("the cluster step needs S = 1, G <= 16, cmp_splits <= " + str(kMaxClusterBlocks) +
-            " = slc_splits = sel_splits, batch_chunks = 1, keys first and the window after the selection (its plan)");
+            " = slc_splits = sel_splits, batch_chunks = 1, keys first and the window after the selection or before "
+            "the scan (its plan)");
   const index_t rows = index_t(p.num_queries) * (p.num_heads / p.num_heads_k);
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
@@ -292,11 +293,16 @@ void launch_chains(const DecodeParams& p, const Workspace& ws, int per, cudaStre
 template <typename T>
 void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream, const cudaStream_t* chunk_streams) {
   launch_reset(p, ws, stream);
-  if (p.plan.step == DecodeStep::kCluster) {  // Z, the cluster kernel, W (counting at once), D
+  if (p.plan.step == DecodeStep::kCluster) {  // Z, the cluster kernel and W (either first), D
     Workspace first = ws;
     first.after_reset = true;
-    launch_cluster<T>(p, first, stream);
-    launch_window<T>(p, ws, stream);
+    if (p.plan.window_order == WindowOrder::kBeforeScan) {
+      launch_window<T>(p, first, stream);
+      launch_cluster<T>(p, ws, stream);
+    } else {  // W counts at once: Z completed before the cluster kernel let it start
+      launch_cluster<T>(p, first, stream);
+      launch_window<T>(p, ws, stream);
+    }
     return launch_combine<T>(p, ws, stream);
   }
   const int chunks = std::max(1, std::min(p.plan.batch_chunks, p.batch));

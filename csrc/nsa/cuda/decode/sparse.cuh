@@ -258,7 +258,8 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
          [&](int row, int i) { return ((masks[i / per_block] >> qbit[row]) & 1ull) != 0; },
          [&](int row, int t) { return t <= pos[row]; });
   trace_event(p.plan, kTrace, kTraceEnd);
-  count_block();  // (after Z's zeroing: the wait above acquired B's count, or all of B)
+  count_block();  // (after Z's zeroing: the wait above acquired B's count, or all of B; the
+                  // cluster step waited for the kernel before it ahead of its scan's count)
   wait_prior_grid();
 }
 
