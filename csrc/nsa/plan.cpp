@@ -367,8 +367,8 @@ DecodePlan plan_cluster_step(DecodePlan plan, const DecodeParams& p, const Devic
   refuse_if(cluster_reason(p, dev, o), op, "decode_step", "cluster");
   plan.step = DecodeStep::kCluster;
   const index_t fill = std::max<index_t>(1, index_t(std::max(1, dev.num_sms)) / units);
-  plan.cmp_splits = o.cmp_splits ? *o.cmp_splits
-                                 : int(std::min<index_t>(kMaxClusterBlocks, std::min(fill, std::max<index_t>(1, tiles))));
+  const index_t most = std::min<index_t>(kMaxClusterBlocks, std::max<index_t>(1, tiles));
+  plan.cmp_splits = o.cmp_splits ? *o.cmp_splits : int(std::min(fill, most));
   const index_t per = std::max<index_t>(1, (tiles + plan.cmp_splits - 1) / plan.cmp_splits);
   plan.cmp_chunk = per * cuda::decode::kTileKeys;
   plan.slc_splits = plan.sel_splits = plan.cmp_splits;

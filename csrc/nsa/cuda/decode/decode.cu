@@ -307,7 +307,8 @@ void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream
   }
   const int chunks = std::max(1, std::min(p.plan.batch_chunks, p.batch));
   if (chunks == 1) return launch_chain<T>(p, ws, true, stream);
-  if (chunk_streams == nullptr) throw std::invalid_argument(std::string(kOp) + ": batch_chunks > 1 needs a stream per chunk");
+  if (chunk_streams == nullptr)
+    throw std::invalid_argument(std::string(kOp) + ": batch_chunks > 1 needs a stream per chunk");
   const int per = (p.batch + chunks - 1) / chunks;
   const int chains = (p.batch + per - 1) / per;
   thread_local StepEvents step_events;

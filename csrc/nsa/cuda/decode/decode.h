@@ -41,14 +41,14 @@
 //      With plan.scan_order = keys_first it streams its key tiles first (their probabilities
 //      kept in shared memory) and counts itself in key_done once it has written the selection's
 //      inputs (tile maxima and slots, the split's m and l), then streams its value tiles.
-//   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads (waiting on
-//      key_done after a scan with its keys first, else on scan_done): checks the
-//      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
-//      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'
-//      slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their top n as the training
-//      kernels do (forced initial and local blocks, ties to the smaller block). The last split of
-//      a query to finish merges the splits' lists, writes block_indices [B, S, H, n] and the
-//      sequence's validity, and counts the query in sel_done.
+//   B. decode_select_kernel (decode.cu; its body in select.cuh), grid (sel_splits * S, H, B),
+//      256 threads (waiting on key_done after a scan with its keys first, else on scan_done):
+//      checks the sequence (length in [S, capacity], pages in the pool), merges the splits'
+//      (m, l) into each row's lse, scores its share of the query's candidate blocks (per tile,
+//      the group's rows' slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their
+//      top n as the training kernels do (forced initial and local blocks, ties to the smaller
+//      block). The last split of a query to finish merges the splits' lists, writes
+//      block_indices [B, S, H, n] and the sequence's validity, and counts the query in sel_done.
 //   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
 //      the selected branch over the union of the row block's chosen blocks (each row sees its
 //      own query's blocks), as W's tiles; partial O, m, l per split.
