@@ -907,8 +907,8 @@ def test_cuda_cluster_step_head_dims(D, Dv):
 
 @pytest.mark.cuda
 def test_cuda_cluster_step_refuses_what_it_cannot_take():
-    """Two queries per sequence, or more than 16 query heads per KV head: a ValueError naming the
-    key and why, before anything runs."""
+    """Two queries per sequence, or a cluster of more than 16 blocks: a ValueError naming the key
+    and why, before anything runs (the other refusals: tests/cpp/test_kernel_plan.cpp)."""
     from nsa_torch import _debug
     x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-cluster-refuse"))
     step = build_step(x, CUDA_LENGTHS, 2, capacity=CUDA_CAPACITY)
