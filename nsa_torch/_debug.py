@@ -43,9 +43,6 @@ Keys and values (``keys()`` lists them):
                   wait for, the whole kernel before them or their own (sequence, KV head)'s part of it
   batch_chunks    int in [1, 8]: decode_attention runs its kernels as that many chains over
                   consecutive sequences (at most B), each on its own stream at its own priority
-  decode_step     "chain" or "cluster": decode_attention runs its chain of kernels, or one cluster
-                  of cmp_splits (<= 16) thread blocks per (sequence, KV head) that scans, selects
-                  and attends the chosen blocks (one query per sequence, G <= 16, sm_90)
 A value of None removes the key's override (the plan's own choice, also inside an outer force).
 
 An unknown key or value raises ValueError when ``force`` is called. Forcing a kernel that the

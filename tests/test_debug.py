@@ -13,7 +13,7 @@ KINDS = {"fwd": ("wgmma", "wide", "mma"), "bwd": ("wgmma", "mma"), "slc_fwd": ("
          "slc_dq": ("tokens", "blocks"), "select": ("wgmma", "mma"), "split_tokens": (),
          "slc_chunk_rows": (), "cmp_splits": (), "slc_splits": (), "sel_splits": (),
          "window_order": ("after_scan", "before_scan", "after_select"), "dep_wait": ("grid", "head"),
-         "scan_order": ("together", "keys_first"), "batch_chunks": (), "decode_step": ("chain", "cluster")}
+         "scan_order": ("together", "keys_first"), "batch_chunks": ()}
 
 
 # ------------------------------------------------------------------------------------ on the CPU

@@ -870,55 +870,6 @@ def test_cuda_forced_splits_match_reference(name, splits):
     assert all(got[k] == v for k, v in SPLITS[splits].items()), got
 
 
-# The cluster step (decode_step = cluster: a cluster of cmp_splits blocks per (sequence, KV head)
-# scans, selects and attends the chosen blocks): its planned cluster size, three blocks, 16, and
-# the window kernel launched first.
-CLUSTERS = {"planned": dict(decode_step="cluster"), "three": dict(decode_step="cluster", cmp_splits=3),
-            "sixteen": dict(decode_step="cluster", cmp_splits=16),
-            "wfirst": dict(decode_step="cluster", cmp_splits=5, window_order="before_scan")}
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("cluster", list(CLUSTERS))
-@pytest.mark.parametrize("name", list(SPLIT_CASES))
-def test_cuda_cluster_step_matches_reference(name, cluster):
-    """The cluster step against the float64 reference: one query per sequence, sequences of
-    different lengths (one of a single token: splits without tiles, a selection of one block),
-    a paged cache; n = 16, n = 128 of small blocks, and 1250 candidates in a 32k cache."""
-    from nsa_torch import _debug
-    case, lengths, capacity = SPLIT_CASES[name]
-    x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-cluster", name), lengths=lengths, **case)
-    with _debug.force(**CLUSTERS[cluster]), _debug.plans() as ran:
-        check_step(x, lengths, 1, case, torch.bfloat16, page_size=64, capacity=capacity)
-    got = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
-    assert got["decode_step"] == "cluster" and got["slc_splits"] == got["sel_splits"] == got["cmp_splits"], got
-    assert all(got[k] == v for k, v in CLUSTERS[cluster].items()), got
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
-def test_cuda_cluster_step_head_dims(D, Dv):
-    """The cluster step at every head-dim pair, G = 16 (its most rows), contiguous caches."""
-    from nsa_torch import _debug
-    x = cuda_step_inputs(16, D, Dv, torch.bfloat16, seed_of("cuda-cluster-dims", D, Dv))
-    with _debug.force(decode_step="cluster"):
-        check_step(x, CUDA_LENGTHS, 1, {}, torch.bfloat16, capacity=CUDA_CAPACITY)
-
-
-@pytest.mark.cuda
-def test_cuda_cluster_step_refuses_what_it_cannot_take():
-    """Two queries per sequence, or a cluster of more than 16 blocks: a ValueError naming the key
-    and why, before anything runs (the other refusals: tests/cpp/test_kernel_plan.cpp)."""
-    from nsa_torch import _debug
-    x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-cluster-refuse"))
-    step = build_step(x, CUDA_LENGTHS, 2, capacity=CUDA_CAPACITY)
-    with _debug.force(decode_step="cluster"), pytest.raises(ValueError, match=r"one query per sequence \(S = 1\)"):
-        decode(nsa_torch, step, {})
-    step = build_step(x, CUDA_LENGTHS, 1, capacity=CUDA_CAPACITY)
-    with _debug.force(decode_step="cluster", cmp_splits=17), pytest.raises(ValueError, match="<= 16, got 17"):
-        decode(nsa_torch, step, {})
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("S", [1, 2], ids=["rows16", "rows32"])
 @pytest.mark.parametrize("D,Dv", CUDA_HEAD_DIMS)
@@ -1089,16 +1040,14 @@ def test_cuda_teacher_forcing(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("force", [{}, dict(batch_chunks=2), dict(decode_step="cluster")],
-                         ids=["one", "chunks2", "cluster"])
+@pytest.mark.parametrize("chunks", [None, 2], ids=["one", "chunks2"])
 @pytest.mark.parametrize("page_size", [None, 128], ids=["contiguous", "paged128"])
-def test_cuda_graph_capture_and_replay(page_size, force):
+def test_cuda_graph_capture_and_replay(page_size, chunks):
     """One decode_attention call captured in a CUDA graph; new cache contents, lengths and block
     table written in place; the replay equals an eager call on the new state. In chunks, the
-    capture holds the chunks' streams, forked off the capturing stream and joined back; the
-    cluster step's kernel is captured with its cluster shape."""
+    capture holds the chunks' streams, forked off the capturing stream and joined back."""
     from nsa_torch import _debug
-    with _debug.force(**force):
+    with _debug.force(batch_chunks=chunks):
         graph_capture_and_replay(page_size)
 
 
@@ -1141,23 +1090,21 @@ def graph_capture_and_replay(page_size):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("force", [{}, dict(sel_splits=5), dict(batch_chunks=2),
-                                   dict(decode_step="cluster", cmp_splits=5)],
-                         ids=["planned", "sel5", "chunks2", "cluster5"])
+@pytest.mark.parametrize("force", [{}, dict(sel_splits=5), dict(batch_chunks=2)],
+                         ids=["planned", "sel5", "chunks2"])
 def test_cuda_bad_lengths_give_nan(force):
     """A length outside [S, capacity] or a used page outside the pool: that sequence's rows are
     NaN, the others exact, no error (no host sync), nothing read outside the caches. With five
     selection splits the bad page lies in a split other than the one that merges; in two chunks
-    the bad sequences lie in both; the cluster step (one query per sequence) sees the bad page in
-    a block other than the one that writes the blocks."""
+    the bad sequences lie in both."""
     from nsa_torch import _debug
     dtype = torch.bfloat16
     lengths = [100, 300, 200, 700, 64]
     x = cuda_step_inputs(4, 64, 64, dtype, 41, lengths=lengths, **SMALL)
-    S = 1 if force.get("decode_step") == "cluster" else 2
+    S = 2
     step = build_step(x, lengths, S, page_size=64, capacity=1024, seed=5, **SMALL)
     step["cache_seqlens"][1] = 1025       # past capacity
-    step["cache_seqlens"][2] = S - 1      # fewer than the S new tokens
+    step["cache_seqlens"][2] = 1          # fewer than the S new tokens
     step["block_table"][3, 5] = step["k_cache"].shape[0]  # page 5 of 11 used: past the pool
     step["block_table"][4, 0] = -1
     with _debug.force(**force):

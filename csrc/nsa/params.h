@@ -120,10 +120,6 @@ enum class ScanOrder : int32_t { kTogether, kKeysFirst };
 // reading their inputs: the whole previous kernel (griddepcontrol.wait), or their own (sequence,
 // KV head)'s producers, counted in the workspace (counters.cuh).
 enum class DepWait : int32_t { kGrid, kHead };
-// What a decode_attention step launches: the chain of kernels (Z, then A, W, B, C and D), or the
-// cluster step (Z, then one cluster of cmp_splits thread blocks per (sequence, KV head) that scans,
-// selects and attends the chosen blocks, then W and D; cuda/decode/cluster_step.cuh).
-enum class DecodeStep : int32_t { kChain, kCluster };
 
 // The plan of one attention op call (forward or backward of one branch).
 struct AttnPlan {
@@ -237,7 +233,6 @@ struct GateParams {
 // step keeps its launch shapes from one token to the next and can be captured in a CUDA graph.
 struct DecodePlan {
   DeviceFacts device;
-  DecodeStep step = DecodeStep::kChain;  // the chain of kernels, or the cluster step
   int cmp_splits = 1;        // thread blocks per (sequence, KV head) over the compressed tokens
   index_t cmp_chunk = 0;     // compressed tokens per split at full capacity, a multiple of the key
                              // tile (cmp_splits * cmp_chunk >= cmp_capacity); shorter sequences

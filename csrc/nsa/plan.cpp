@@ -25,7 +25,6 @@ const std::vector<std::string> kSelectNames = {"wgmma", "mma"};          // Sele
 const std::vector<std::string> kWindowOrderNames = {"after_scan", "before_scan", "after_select"};  // WindowOrder
 const std::vector<std::string> kScanOrderNames = {"together", "keys_first"};  // ScanOrder order
 const std::vector<std::string> kDepWaitNames = {"grid", "head"};  // DepWait order
-const std::vector<std::string> kDecodeStepNames = {"chain", "cluster"};  // DecodeStep order
 const std::vector<std::string> kNoNames;
 
 const std::string& name_of(FwdKernel k) { return kFwdNames[size_t(k)]; }
@@ -35,7 +34,6 @@ const std::string& name_of(SelectKernel k) { return kSelectNames[size_t(k)]; }
 const std::string& name_of(WindowOrder k) { return kWindowOrderNames[size_t(k)]; }
 const std::string& name_of(DepWait k) { return kDepWaitNames[size_t(k)]; }
 const std::string& name_of(ScanOrder k) { return kScanOrderNames[size_t(k)]; }
-const std::string& name_of(DecodeStep k) { return kDecodeStepNames[size_t(k)]; }
 
 std::string quoted_list(const std::vector<std::string>& names) {
   std::string s;
@@ -175,7 +173,7 @@ const std::vector<std::string>& plan_keys() {
   static const std::vector<std::string> keys = {"fwd",        "bwd",          "slc_fwd",        "slc_dq",
                                                 "select",     "split_tokens", "slc_chunk_rows", "cmp_splits",
                                                 "slc_splits", "sel_splits",   "window_order",   "dep_wait",
-                                                "scan_order", "batch_chunks", "decode_step"};
+                                                "scan_order", "batch_chunks"};
   return keys;
 }
 
@@ -188,7 +186,6 @@ const std::vector<std::string>& plan_values(const std::string& key) {
   if (key == "window_order") return kWindowOrderNames;
   if (key == "dep_wait") return kDepWaitNames;
   if (key == "scan_order") return kScanOrderNames;
-  if (key == "decode_step") return kDecodeStepNames;
   if (key == "split_tokens" || key == "slc_chunk_rows" || key == "cmp_splits" || key == "slc_splits" ||
       key == "sel_splits" || key == "batch_chunks")
     return kNoNames;
@@ -209,7 +206,6 @@ void set_override(PlanOverrides& o, const std::string& key, const std::string& v
   if (key == "window_order") o.window_order = WindowOrder(i);
   if (key == "dep_wait") o.dep_wait = DepWait(i);
   if (key == "scan_order") o.scan_order = ScanOrder(i);
-  if (key == "decode_step") o.decode_step = DecodeStep(i);
 }
 
 void set_override(PlanOverrides& o, const std::string& key, int64_t value) {
@@ -332,62 +328,6 @@ size_t select_smem(const DecodeParams& p) {
          cuda::decode::select_smem_bytes(G, cuda::decode::select_round_tiles(round, cpb, cpr),
                                          cuda::decode::tile_slots(cpr, cpb));
 }
-
-// Why the cluster step cannot take a step (empty: it can), before its splits are known: it needs
-// sm_90 (clusters), one query per sequence and at most 16 query heads per KV head (one m-tile of
-// one row block), and takes the other keys from its cluster's blocks but the window kernel's
-// launch (after the cluster kernel, or before it).
-std::string cluster_reason(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o) {
-  std::string why = needs_sm90(dev);
-  const int G = cuda::decode::group_size(p);
-  if (why.empty() && p.num_queries != 1)
-    why = "needs one query per sequence (S = 1), got S = " + std::to_string(p.num_queries);
-  if (why.empty() && G > 16) why = "needs at most 16 query heads per KV head, got G = " + std::to_string(G);
-  if (why.empty() && o.cmp_splits && *o.cmp_splits > kMaxClusterBlocks)
-    why = "needs cmp_splits (the blocks of a cluster) <= " + std::to_string(kMaxClusterBlocks) + ", got " +
-          std::to_string(*o.cmp_splits);
-  if (why.empty() && (o.slc_splits || o.sel_splits))
-    why = "takes slc_splits and sel_splits from cmp_splits (a cluster's blocks); force cmp_splits";
-  if (why.empty() && o.batch_chunks && *o.batch_chunks > 1)
-    why = "runs a step as one chain: batch_chunks must be 1, got " + std::to_string(*o.batch_chunks);
-  if (why.empty() && o.scan_order && *o.scan_order != ScanOrder::kKeysFirst)
-    why = "scans with its keys first: scan_order must be keys_first";
-  if (why.empty() && o.window_order && *o.window_order == WindowOrder::kAfterScan)
-    why = "launches the window kernel after its selection (after_select) or first (before_scan)";
-  return why;
-}
-
-// The cluster step's plan: a cluster per (sequence, KV head) unit of as many blocks as the SMs
-// hold one each for all units (at most kMaxClusterBlocks, at most the compressed tiles), each
-// split taking an even share of the tiles; the selection's and the selected branch's splits are
-// the cluster's blocks.
-DecodePlan plan_cluster_step(DecodePlan plan, const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o,
-                             index_t units, index_t tiles) {
-  constexpr const char* op = "nsa.decode_attention";
-  refuse_if(cluster_reason(p, dev, o), op, "decode_step", "cluster");
-  plan.step = DecodeStep::kCluster;
-  const index_t fill = std::max<index_t>(1, index_t(std::max(1, dev.num_sms)) / units);
-  const index_t most = std::min<index_t>(kMaxClusterBlocks, std::max<index_t>(1, tiles));
-  plan.cmp_splits = o.cmp_splits ? *o.cmp_splits : int(std::min(fill, most));
-  const index_t per = std::max<index_t>(1, (tiles + plan.cmp_splits - 1) / plan.cmp_splits);
-  plan.cmp_chunk = per * cuda::decode::kTileKeys;
-  plan.slc_splits = plan.sel_splits = plan.cmp_splits;
-  plan.scan_order = ScanOrder::kKeysFirst;
-  plan.window_order = o.window_order.value_or(WindowOrder::kAfterSelect);
-  plan.dep_wait = o.dep_wait.value_or(DepWait::kHead);
-  plan.batch_chunks = 1;
-  const size_t bytes = cuda::decode::cluster_scan_bytes(std::max(0, p.head_dim), std::max(0, p.head_dim_v),
-                                                        int(std::min<index_t>(per, INT_MAX / 8192))) +
-                       select_smem(p);
-  if (bytes > size_t(std::max(0, dev.smem_per_block)))
-    refuse_if("needs " + std::to_string(bytes) + " bytes of shared memory per block for " + std::to_string(per) +
-                  " compressed key tiles per split, the GPU allows " + std::to_string(dev.smem_per_block) +
-                  " (more cmp_splits, up to " + std::to_string(kMaxClusterBlocks) + ", take fewer)",
-              op, "decode_step", "cluster");
-  plan.trace = o.decode_trace;
-  plan.trace_blocks = o.decode_trace_blocks;
-  return plan;
-}
 }  // namespace
 
 // The step runs in batch_chunks chains over consecutive sequences (at most B, none empty), and
@@ -405,7 +345,6 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
   plan.batch_chunks = (batch + per_chunk - 1) / per_chunk;
   const index_t units = index_t(per_chunk) * std::max(1, p.num_heads_k) * std::max(1, cuda::decode::row_blocks(p));
   const index_t tiles = cuda::decode::cmp_tiles(std::max<index_t>(0, p.cmp_capacity));
-  if (o.decode_step == DecodeStep::kCluster) return plan_cluster_step(plan, p, dev, o, units, tiles);
   plan.cmp_splits = decode_splits(tiles, units, dev, o.cmp_splits);
   plan.cmp_chunk = std::max<index_t>(1, (tiles + plan.cmp_splits - 1) / plan.cmp_splits) * cuda::decode::kTileKeys;
   index_t sparse = 0;
@@ -502,7 +441,6 @@ std::vector<PlanItem> describe(const DecodePlan& plan) {
                                  named("dep_wait", name_of(plan.dep_wait)),
                                  named("scan_order", name_of(plan.scan_order)),
                                  number("batch_chunks", plan.batch_chunks),
-                                 named("decode_step", name_of(plan.step)),
                                  number("combine_wpr", cuda::decode::combine_warps_per_row(plan))};
   add_device(items, plan.device);
   return items;

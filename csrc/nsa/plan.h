@@ -27,9 +27,6 @@
 //                                           or their head's producers)
 //   batch_chunks    int in [1, 8]           decode_attention: chains of kernels over consecutive
 //                                           sequences, one stream each (at most B)
-//   decode_step     chain | cluster         decode_attention: the chain of kernels, or one cluster
-//                                           of cmp_splits (<= 16) blocks per (sequence, KV head)
-//                                           that scans, selects and attends the chosen blocks
 // An override the shape or GPU cannot take makes the plan function throw std::invalid_argument
 // naming the key, the value and why; it never falls back silently.
 #pragma once
@@ -66,9 +63,6 @@ inline constexpr int kMaxSelectSplits = 64;
 inline constexpr int kKeysFirstBlocksPerUnit = 16;
 // Its chains over chunks of sequences (batch_chunks): at most this many, one stream each.
 inline constexpr int kMaxBatchChunks = 8;
-// Its cluster step: at most this many thread blocks per cluster (one cluster per (sequence, KV
-// head); more than 8 is a non-portable cluster size, which sm_90 allows up to 16).
-inline constexpr int kMaxClusterBlocks = 16;
 
 // Explicit choices; an empty field leaves the choice to the plan.
 struct PlanOverrides {
@@ -86,7 +80,6 @@ struct PlanOverrides {
   std::optional<ScanOrder> scan_order;
   std::optional<DepWait> dep_wait;
   std::optional<int> batch_chunks;
-  std::optional<DecodeStep> decode_step;
   // Not a force key: decode_attention's phase timestamps (nsa_torch._debug.decode_trace), a device
   // buffer of DecodePlan::trace's shape, or nullptr.
   uint64_t* decode_trace = nullptr;
@@ -131,8 +124,8 @@ enum class AttnBranch : int32_t { kCmp, kSlc, kSwa };
 std::vector<PlanItem> describe(const AttnPlan& plan, AttnBranch branch, Pass pass);
 std::vector<PlanItem> describe(const TopkPlan& plan);
 // cmp_splits, cmp_chunk, slc_splits, sel_splits, window_order, dep_wait, scan_order,
-// batch_chunks, decode_step, combine_wpr (kernel D's warps per row, which follow from the splits),
-// arch, num_sms.
+// batch_chunks, combine_wpr (kernel D's warps per row, which follow from the splits), arch,
+// num_sms.
 std::vector<PlanItem> describe(const DecodePlan& plan);
 
 }  // namespace nsa

@@ -283,7 +283,7 @@ TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
   CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
   CHECK(!o.fwd);  // nothing refused was set
   CHECK(o.split_tokens == 0);
-  CHECK(plan_keys().size() == 15);
+  CHECK(plan_keys().size() == 14);
   for (const std::string& key : plan_keys())
     for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
 }
@@ -403,7 +403,7 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
                   size_t(227 * 1024));
             CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 132));
           }
-          CHECK(describe(plan).size() == 12);
+          CHECK(describe(plan).size() == 11);
         }
       }
     }
@@ -539,65 +539,6 @@ TEST_CASE("plan: a decode step in chunks of sequences", "[plan][decode]") {
                     [](const PlanItem& i) { return i.key == "batch_chunks" && i.number == 4; }));
 }
 
-TEST_CASE("plan: the decode step in clusters", "[plan][decode]") {
-  using namespace nsa::cuda::decode;
-  const PlanOverrides none;
-  const PlanOverrides cluster = with("decode_step", "cluster");
-  auto cluster_and = [](const std::string& key, auto value) {
-    PlanOverrides o = with("decode_step", "cluster");
-    set_override(o, key, value);
-    return o;
-  };
-  CHECK(plan_decode(decode_shape(1, 128 << 10), kH100, none).step == DecodeStep::kChain);
-  // B = 1 at 128k: 4 units, a cluster of 16 blocks each (132 / 4 SMs, at most 16), 8 of the 128
-  // compressed tiles per block; the selection and the selected branch take the cluster's blocks.
-  const DecodePlan pl = plan_decode(decode_shape(1, 128 << 10), kH100, cluster);
-  CHECK(pl.step == DecodeStep::kCluster);
-  CHECK(pl.cmp_splits == 16);
-  CHECK(pl.cmp_chunk == 8 * 64);
-  CHECK(pl.slc_splits == 16);
-  CHECK(pl.sel_splits == 16);
-  CHECK(pl.scan_order == ScanOrder::kKeysFirst);
-  CHECK(pl.window_order == WindowOrder::kAfterSelect);
-  CHECK(pl.batch_chunks == 1);
-  // B = 4: 16 units, 8 blocks each; B = 64 at 8k: one; a short cache: no more blocks than tiles.
-  CHECK(plan_decode(decode_shape(4, 128 << 10), kH100, cluster).cmp_splits == 8);
-  CHECK(plan_decode(decode_shape(64, 8 << 10), kH100, cluster).cmp_splits == 1);
-  CHECK(plan_decode(decode_shape(1, 1024), kH100, cluster).cmp_splits == 1);
-  CHECK(plan_decode(decode_shape(1, 128 << 10), kH100, cluster_and("cmp_splits", int64_t(12)))
-            .cmp_splits == 12);
-  // The ring: six 16 KB slots at D = 128, three 32 KB ones at D = 256.
-  CHECK(cluster_ring(128, 128) == 6);
-  CHECK(cluster_ring(192, 128) == 4);
-  CHECK(cluster_ring(256, 256) == 3);
-  CHECK(cluster_scan_bytes(128, 128, 8) == keys_first_layout(128, 128, 16, 8, 6).bytes);
-  // Refusals name the key, the value and why.
-  auto why = [&](const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o) {
-    return refusal([&] { plan_decode(p, dev, o); });
-  };
-  const DecodeParams one = decode_shape(1, 128 << 10);
-  CHECK(contains(why(one, kA100, cluster), "decode_step=\"cluster\") cannot run: needs an sm_90 GPU"));
-  CHECK(contains(why(decode_shape(1, 128 << 10, 16, 2), kH100, cluster), "needs one query per sequence (S = 1)"));
-  CHECK(contains(why(decode_shape(1, 128 << 10, 32), kH100, cluster), "at most 16 query heads per KV head, got G = 32"));
-  CHECK(contains(why(one, kH100, cluster_and("cmp_splits", int64_t(17))), "<= 16, got 17"));
-  CHECK(contains(why(one, kH100, cluster_and("sel_splits", int64_t(4))), "force cmp_splits"));
-  CHECK(contains(why(one, kH100, cluster_and("batch_chunks", int64_t(2))), "batch_chunks must be 1"));
-  CHECK(contains(why(one, kH100, cluster_and("scan_order", std::string("together"))), "keys_first"));
-  CHECK(contains(why(one, kH100, cluster_and("window_order", std::string("after_scan"))),
-                 "after_select"));
-  CHECK(plan_decode(one, kH100, cluster_and("window_order", std::string("before_scan"))).window_order ==
-        WindowOrder::kBeforeScan);
-  // 128k in one or two blocks: the splits' 128 or 64 key tiles' fragments do not fit the shared
-  // memory; three fit.
-  CHECK(contains(why(one, kH100, cluster_and("cmp_splits", int64_t(1))), "bytes of shared memory"));
-  CHECK(contains(why(one, kH100, cluster_and("cmp_splits", int64_t(2))), "bytes of shared memory"));
-  CHECK(plan_decode(one, kH100, cluster_and("cmp_splits", int64_t(3))).cmp_splits == 3);
-  const std::vector<PlanItem> items = describe(pl);
-  CHECK(std::any_of(items.begin(), items.end(),
-                    [](const PlanItem& i) { return i.key == "decode_step" && i.name == "cluster"; }));
-  CHECK(plan_values("decode_step") == std::vector<std::string>{"chain", "cluster"});
-}
-
 TEST_CASE("plan: the decode scan's order", "[plan][decode]") {
   using namespace nsa::cuda::decode;
   const PlanOverrides none;
@@ -646,7 +587,7 @@ TEST_CASE("plan: the decode scan's order", "[plan][decode]") {
 TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
   const std::vector<PlanItem> items = describe(plan);
-  REQUIRE(items.size() == 12);
+  REQUIRE(items.size() == 11);
   CHECK(items[0].key == "cmp_splits");
   CHECK(items[0].number == 64);
   CHECK(items[1].key == "cmp_chunk");
@@ -663,13 +604,11 @@ TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   CHECK(items[6].name == "keys_first");
   CHECK(items[7].key == "batch_chunks");
   CHECK(items[7].number == 1);
-  CHECK(items[8].key == "decode_step");
-  CHECK(items[8].name == "chain");
-  CHECK(items[9].key == "combine_wpr");
-  CHECK(items[9].number == 8);  // 64 compressed splits: 8 warps of a row, 8 splits each
-  CHECK(items[9].number == cuda::decode::combine_warps_per_row(plan));
-  CHECK(items[10].key == "arch");
-  CHECK(items[10].number == 90);
-  CHECK(items[11].key == "num_sms");
-  CHECK(items[11].number == 132);
+  CHECK(items[8].key == "combine_wpr");
+  CHECK(items[8].number == 8);  // 64 compressed splits: 8 warps of a row, 8 splits each
+  CHECK(items[8].number == cuda::decode::combine_warps_per_row(plan));
+  CHECK(items[9].key == "arch");
+  CHECK(items[9].number == 90);
+  CHECK(items[10].key == "num_sms");
+  CHECK(items[10].number == 132);
 }

@@ -10,14 +10,13 @@
 namespace nsa::cuda::decode {
 
 // Kernel A with its keys first (plan.scan_order = keys_first, cmp_scan.cuh): a split's key tiles
-// stream through a ring of `ring` slots (kScanRing; the cluster step's kClusterRing); each tile's
-// probabilities stay in shared memory as the products' 16-bit A fragments, with the factors that
-// move O to the tile's maxima; then the split's value tiles stream through the same ring. The
-// byte offsets of its shared memory for `rows` = 16 (one m-tile) or 64 (four) and splits of up to
-// `tiles` key tiles (K, V 2 bytes): Q [rows][D]; the ring [ring][64][max(D, DV)]; the row-maximum
-// exchange [64] (fp32, slices x rows); two tiles' probabilities for the block scores
-// [2][rows][kProbLd] (fp32); the tiles' factors [tiles][rows] (fp32); the tiles' fragments
-// [tiles][rows * 64] (2 bytes each).
+// stream through a ring of kScanRing slots; each tile's probabilities stay in shared memory as
+// the products' 16-bit A fragments, with the factors that move O to the tile's maxima; then the
+// split's value tiles stream through the same ring. The byte offsets of its shared memory for
+// `rows` = 16 (one m-tile) or 64 (four) and splits of up to `tiles` key tiles (K, V 2 bytes):
+// Q [rows][D]; the ring [kScanRing][64][max(D, DV)]; the row-maximum exchange [64] (fp32, slices
+// x rows); two tiles' probabilities for the block scores [2][rows][kProbLd] (fp32); the tiles'
+// factors [tiles][rows] (fp32); the tiles' fragments [tiles][rows * 64] (2 bytes each).
 constexpr int kScanRing = 3;
 // Row stride (floats) of a key tile's probabilities in shared memory: odd, so that the threads
 // scoring 32 consecutive rows read 32 banks.
@@ -25,27 +24,15 @@ constexpr int kProbLd = kTileKeys + 1;
 struct KeysFirstLayout {
   size_t ring = 0, red = 0, probs = 0, corr = 0, frags = 0, bytes = 0;
 };
-NSA_HOST_DEVICE KeysFirstLayout keys_first_layout(int D, int DV, int rows, int tiles, int ring = kScanRing) {
+NSA_HOST_DEVICE KeysFirstLayout keys_first_layout(int D, int DV, int rows, int tiles) {
   KeysFirstLayout l;
   l.ring = size_t(rows) * size_t(D) * 2;
-  l.red = l.ring + size_t(ring) * kTileKeys * size_t(D > DV ? D : DV) * 2;
+  l.red = l.ring + size_t(kScanRing) * kTileKeys * size_t(D > DV ? D : DV) * 2;
   l.probs = l.red + 64 * sizeof(float);
   l.corr = l.probs + 2 * size_t(rows) * kProbLd * sizeof(float);
   l.frags = l.corr + size_t(tiles) * size_t(rows) * sizeof(float);
   l.bytes = l.frags + size_t(tiles) * size_t(rows) * kTileKeys * 2;
   return l;
-}
-
-// The cluster step (cluster_step.cuh): its scan's ring slots, deeper than kernel A's (each block
-// streams several times the tiles of a scan block in the chain) within 96 KB; its shared memory
-// for splits of up to `tiles` key tiles beside the selection's (select_smem_bytes below), which
-// the plan checks (the selected branch's layout, which overlays both, is smaller where these fit).
-NSA_HOST_DEVICE constexpr int cluster_ring(int D, int DV) {
-  const int fit = 96 * 1024 / (kTileKeys * (D > DV ? D : DV) * 2);
-  return fit < kScanRing ? kScanRing : fit > 6 ? 6 : fit;
-}
-NSA_HOST_DEVICE size_t cluster_scan_bytes(int D, int DV, int tiles) {
-  return (keys_first_layout(D, DV, 16, tiles, cluster_ring(D, DV)).bytes + 15) / 16 * 16;
 }
 
 // Kernel B (select.cuh).

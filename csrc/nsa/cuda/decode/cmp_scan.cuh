@@ -41,16 +41,14 @@ struct ScanSmem : TileSmem<T, D, DV, MT, kProbBytes<MT>> {
   }
 };
 
-// The tiles of a split with its keys first (choices.h's layout, a ring of kRing slots): where each
-// lives in shared memory.
-template <typename T, int D, int DV, int MT, int kRing = kScanRing>
+// The tiles of a split with its keys first (choices.h's layout): where each lives in shared memory.
+template <typename T, int D, int DV, int MT>
 struct KeysFirstSmem {
   static constexpr int kRows = Warps<MT>::kRows;
   static constexpr int kSlot = kTileKeys * (D > DV ? D : DV);  // elements of a ring slot
   unsigned char* base;
   KeysFirstLayout l;
-  __device__ KeysFirstSmem(unsigned char* smem, int tiles)
-      : base(smem), l(keys_first_layout(D, DV, kRows, tiles, kRing)) {}
+  __device__ KeysFirstSmem(unsigned char* smem, int tiles) : base(smem), l(keys_first_layout(D, DV, kRows, tiles)) {}
   __device__ T* q() const { return reinterpret_cast<T*>(base); }
   __device__ T* slot(int stage) const { return reinterpret_cast<T*>(base + l.ring) + stage * kSlot; }
   __device__ float* red() const { return reinterpret_cast<float*>(base + l.red); }
@@ -63,21 +61,21 @@ struct KeysFirstSmem {
   }
 };
 
-// One split of the scan: split blockIdx.x of the rows of (sequence blockIdx.z, KV head and row
-// block blockIdx.y), in the plan's scan_order, kRing ring slots with its keys first. Writes the
-// selection's inputs (tile maxima and slots, the split's m and l) and the split's partial O. With
-// its keys first, keys_done() runs once they are out (every thread, after a barrier), while the
-// first value tiles are on their way. Returns false for a split without key tiles: then only its
-// empty partials are written, and keys_done() does not run. Where the block follows Z
-// (ws.after_reset), it waits for Z and lets the next kernel start once its first tiles are issued.
-template <typename T, int D, int DV, int MT, bool kKeysFirst, int kRing, typename KeysDone>
-__device__ __forceinline__ bool scan_split(const DecodeParams& p, const Workspace& ws, unsigned char* smem,
-                                           KeysDone&& keys_done) {
+template <typename T, int D, int DV, int MT, bool kKeysFirst>
+__global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodeParams p, const Workspace ws) {
   using W = Warps<MT>;
   using Smem = ScanSmem<T, D, DV, MT>;
+  extern __shared__ __align__(128) unsigned char smem[];
   const Smem sm(smem);
-  const KeysFirstSmem<T, D, DV, MT, kRing> kf(smem, ws.split_tiles);
+  const KeysFirstSmem<T, D, DV, MT> kf(smem, ws.split_tiles);
   float* const red = kKeysFirst ? kf.red() : sm.red();
+  trace_event(p.plan, kTraceScan, kTraceStart);
+  // Kernel B's checks of the sequence need nothing from here, so the next kernel may start at
+  // once, or once Z has completed where A follows it (decode.h; below, its first tiles issued).
+  if (!ws.after_reset) allow_next_grid();
+  // Runs beside kernel W (the window), whose results it neither reads nor overwrites. Each block
+  // waits for the kernel before it (Z, or W launched before A) before it counts itself done and
+  // exits, so that A's completion implies W's, and its count comes after Z's zeroing.
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int h = blockIdx.y / ws.row_blocks, rb = blockIdx.y % ws.row_blocks;
@@ -95,7 +93,10 @@ __device__ __forceinline__ bool scan_split(const DecodeParams& p, const Workspac
   float* ml_dst = ws.cmp_ml + part * 2;
   if (count == 0) {
     write_empty<DV>(o_dst, ml_dst, nrows);
-    return false;
+    wait_prior_grid();
+    if (kKeysFirst) count_done(ws.key_done + bh);
+    count_done(ws.scan_done + bh);
+    return;
   }
 
   load_query_rows<T, D, MT>(sm.q(), p, b, h, G, r0, nrows);  // (at 0 in both layouts)
@@ -183,7 +184,7 @@ __device__ __forceinline__ bool scan_split(const DecodeParams& p, const Workspac
   } else {
     // Steps 0 .. count-1 take the key tiles, count .. 2 count - 1 the value tiles, all through
     // the ring.
-    run_tiles<kRing>(
+    run_tiles<kScanRing>(
         2 * count,
         [&](int k, int stage) {
           const int kv = k < count ? k : k - count;
@@ -214,10 +215,12 @@ __device__ __forceinline__ bool scan_split(const DecodeParams& p, const Workspac
             return;
           }
           const int kv = k - count;
-          if (kv == 0) {  // the keys are done: the selection's inputs out
+          if (kv == 0) {  // the keys are done: the selection's inputs out, counted
             slot_sums(count - 1);
             acc.write_ml(red, ml_dst, nrows);
-            keys_done();
+            wait_prior_grid();  // (Z before the count; a no-op past first_issued's)
+            trace_event(p.plan, kTraceScan, kTraceStep2);
+            count_done(ws.key_done + bh);
           }
           const float corr[2] = {kf.corr(kv)[acc.row(0)], kf.corr(kv)[acc.row(1)]};
           const uint4* frags = kf.frags(kv);
@@ -237,31 +240,7 @@ __device__ __forceinline__ bool scan_split(const DecodeParams& p, const Workspac
     trace_event(p.plan, kTraceScan, kTraceMid);
     acc.finish_o(kf.reduce(), o_dst, nrows);
   }
-  return true;
-}
-
-template <typename T, int D, int DV, int MT, bool kKeysFirst>
-__global__ void __launch_bounds__(kThreads, 2) decode_cmp_kernel(const DecodeParams p, const Workspace ws) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  trace_event(p.plan, kTraceScan, kTraceStart);
-  // Kernel B's checks of the sequence need nothing from here, so the next kernel may start at
-  // once, or once Z has completed where A follows it (decode.h; scan_split, its first tiles issued).
-  if (!ws.after_reset) allow_next_grid();
-  // Runs beside kernel W (the window), whose results it neither reads nor overwrites. Each block
-  // waits for the kernel before it (Z, or W launched before A) before it counts itself done and
-  // exits, so that A's completion implies W's, and its count comes after Z's zeroing.
-  const index_t bh = index_t(blockIdx.z) * p.num_heads_k + blockIdx.y / ws.row_blocks;
-  const bool had_tiles = scan_split<T, D, DV, MT, kKeysFirst, kScanRing>(p, ws, smem, [&] {
-    wait_prior_grid();  // (Z before the count; a no-op past first_issued's)
-    trace_event(p.plan, kTraceScan, kTraceStep2);
-    count_done(ws.key_done + bh);  // kernel B selects from here on
-  });
   wait_prior_grid();
-  if (!had_tiles) {
-    if (kKeysFirst) count_done(ws.key_done + bh);
-    count_done(ws.scan_done + bh);
-    return;
-  }
   trace_event(p.plan, kTraceScan, kTraceEnd);  // (before the count: the waiters come after it)
   count_done(ws.scan_done + bh);
 }

@@ -61,13 +61,6 @@ void check(const DecodeParams& p) {
             str(kMaxBatchChunks) + "), got cmp_splits = " + str(p.plan.cmp_splits) + ", slc_splits = " +
             str(p.plan.slc_splits) + ", sel_splits = " + str(p.plan.sel_splits) + ", batch_chunks = " +
             str(p.plan.batch_chunks));
-  if (p.plan.step == DecodeStep::kCluster &&
-      (p.num_queries != 1 || p.num_heads / p.num_heads_k > 16 || p.plan.cmp_splits > kMaxClusterBlocks ||
-       p.plan.slc_splits != p.plan.cmp_splits || p.plan.sel_splits != p.plan.cmp_splits || p.plan.batch_chunks != 1 ||
-       p.plan.scan_order != ScanOrder::kKeysFirst || p.plan.window_order == WindowOrder::kAfterScan))
-    invalid("the cluster step needs S = 1, G <= 16, cmp_splits <= " + str(kMaxClusterBlocks) +
-            " = slc_splits = sel_splits, batch_chunks = 1, keys first and the window after the selection or before "
-            "the scan (its plan)");
   const index_t rows = index_t(p.num_queries) * (p.num_heads / p.num_heads_k);
   if (p.batch > 65535 || index_t(p.num_heads_k) * ((rows + kBlockRows - 1) / kBlockRows) > 65535 ||
       p.num_queries > 65535 || cmp_tiles(p.cmp_capacity) > INT_MAX / kTileKeys || rows > INT_MAX / 2 ||
@@ -223,20 +216,13 @@ __global__ void __launch_bounds__(256) decode_reset_kernel(unsigned* counters, i
 
 void launch_reset(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(std::min(1024, (ws.num_counters + 255) / 256)));
-  launch_kernel(p, decode_reset_kernel, grid, 256, 0, false, 1, stream, ws.counters, ws.num_counters);
-}
-
-// Kernel B (select.cuh's select_split; defined here, where it is launched: the cluster step's
-// files include select.cuh too).
-__global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
-  select_split(p, ws);
-  wait_prior_grid();
+  launch_kernel(p, decode_reset_kernel, grid, 256, 0, false, stream, ws.counters, ws.num_counters);
 }
 
 void launch_select(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(p.plan.sel_splits * p.num_queries), unsigned(p.num_heads_k), unsigned(p.batch));
   launch_kernel(p, decode_select_kernel, grid, kSelectThreads, select_smem_bytes(group_size(p), ws.sel_tiles, ws.slots),
-                true, 1, stream, p, ws);
+                true, stream, p, ws);
 }
 
 // One chain of the step's kernels in launch order: A, B, C, D with W before A, after A or after B
@@ -282,10 +268,9 @@ void launch_chains(const DecodeParams& p, const Workspace& ws, int per, cudaStre
   }
 }
 
-// The step: Z, then the cluster step (plan.step = cluster), one chain over all sequences, or
-// (plan.batch_chunks > 1) a chain per chunk of consecutive sequences, each a step of its own over
-// its sequences: the first chunk's on `stream`, the others' on chunk_streams, forked after Z and
-// joined back into `stream`. Chunk c's
+// The step: Z, then one chain over all sequences, or (plan.batch_chunks > 1) a chain per chunk of
+// consecutive sequences, each a step of its own over its sequences: the first chunk's on
+// `stream`, the others' on chunk_streams, forked after Z and joined back into `stream`. Chunk c's
 // kernels launch at priority chunk_priority(c), so that as the first chunk's scan blocks leave,
 // its selection, window and selected kernels get the SMs first and the next chunk's scan the rest:
 // one chunk selects while the next streams. The trace numbers a chunk's blocks after the earlier
@@ -293,22 +278,9 @@ void launch_chains(const DecodeParams& p, const Workspace& ws, int per, cudaStre
 template <typename T>
 void launch_step(const DecodeParams& p, const Workspace& ws, cudaStream_t stream, const cudaStream_t* chunk_streams) {
   launch_reset(p, ws, stream);
-  if (p.plan.step == DecodeStep::kCluster) {  // Z, the cluster kernel and W (either first), D
-    Workspace first = ws;
-    first.after_reset = true;
-    if (p.plan.window_order == WindowOrder::kBeforeScan) {
-      launch_window<T>(p, first, stream);
-      launch_cluster<T>(p, ws, stream);
-    } else {  // W counts at once: Z completed before the cluster kernel let it start
-      launch_cluster<T>(p, first, stream);
-      launch_window<T>(p, ws, stream);
-    }
-    return launch_combine<T>(p, ws, stream);
-  }
   const int chunks = std::max(1, std::min(p.plan.batch_chunks, p.batch));
   if (chunks == 1) return launch_chain<T>(p, ws, true, stream);
-  if (chunk_streams == nullptr)
-    throw std::invalid_argument(std::string(kOp) + ": batch_chunks > 1 needs a stream per chunk");
+  if (chunk_streams == nullptr) throw std::invalid_argument(std::string(kOp) + ": batch_chunks > 1 needs a stream per chunk");
   const int per = (p.batch + chunks - 1) / chunks;
   const int chains = (p.batch + per - 1) / per;
   thread_local StepEvents step_events;

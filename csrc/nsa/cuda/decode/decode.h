@@ -15,12 +15,7 @@
 //
 // With plan.batch_chunks > 1, Z runs once and W, A, B, C, D run as one chain per chunk of
 // consecutive sequences, each chunk a step of its own over its sequences on its own stream, the
-// earlier chunks' kernels at higher launch priority (decode.cu's launch_step). With plan.step =
-// cluster (S = 1, G <= 16), Z is followed by decode_cluster_kernel (cluster_step.cuh): grid
-// (cmp_splits, H, B) in clusters of cmp_splits blocks, one cluster per (sequence, KV head), each
-// block doing A's split, B's split and C's split (slc_splits = sel_splits = cmp_splits) with the
-// selection's hand-offs through cluster barriers and distributed shared memory; then W (counting
-// at once, as after B) and D, over the same workspace (sel_keys and sel_count unused).
+// earlier chunks' kernels at higher launch priority (decode.cu's launch_step).
 //
 //   Z. decode_reset_kernel (decode.cu), launched plainly: zeroes the step's counters. The first
 //      kernel after it (A, or W launched before A) lets the next kernel start only once Z has
@@ -41,14 +36,14 @@
 //      With plan.scan_order = keys_first it streams its key tiles first (their probabilities
 //      kept in shared memory) and counts itself in key_done once it has written the selection's
 //      inputs (tile maxima and slots, the split's m and l), then streams its value tiles.
-//   B. decode_select_kernel (decode.cu; its body in select.cuh), grid (sel_splits * S, H, B),
-//      256 threads (waiting on key_done after a scan with its keys first, else on scan_done):
-//      checks the sequence (length in [S, capacity], pages in the pool), merges the splits'
-//      (m, l) into each row's lse, scores its share of the query's candidate blocks (per tile,
-//      the group's rows' slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their
-//      top n as the training kernels do (forced initial and local blocks, ties to the smaller
-//      block). The last split of a query to finish merges the splits' lists, writes
-//      block_indices [B, S, H, n] and the sequence's validity, and counts the query in sel_done.
+//   B. decode_select_kernel (select.cuh), grid (sel_splits * S, H, B), 256 threads (waiting on
+//      key_done after a scan with its keys first, else on scan_done): checks the
+//      sequence (length in [S, capacity], pages in the pool), merges the splits' (m, l) into each
+//      row's lse, scores its share of the query's candidate blocks (per tile, the group's rows'
+//      slots scaled by 2^(m_t - lse); per block, its tiles) and keeps their top n as the training
+//      kernels do (forced initial and local blocks, ties to the smaller block). The last split of
+//      a query to finish merges the splits' lists, writes block_indices [B, S, H, n] and the
+//      sequence's validity, and counts the query in sel_done.
 //   C. decode_sparse_kernel (sparse.cuh), grid (slc_splits, H * row blocks, B), 128 threads:
 //      the selected branch over the union of the row block's chosen blocks (each row sees its
 //      own query's blocks), as W's tiles; partial O, m, l per split.
@@ -124,8 +119,8 @@ struct Workspace {
 // The buffers of a workspace at `base` (nullptr: the layout and size only). decode.cu.
 Workspace make_workspace(const DecodeParams& p, void* base);
 
-// The kernels' launches (W, A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, the cluster
-// step's in decode_cluster_bf16.cu / decode_cluster_fp16.cu, Z and B in decode.cu).
+// The kernels' launches (W, A, C, D per dtype in decode_bf16.cu / decode_fp16.cu, Z and B in
+// decode.cu).
 template <typename T>
 void launch_window(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 template <typename T>
@@ -135,7 +130,5 @@ template <typename T>
 void launch_sparse(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 template <typename T>
 void launch_combine(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
-template <typename T>
-void launch_cluster(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 
 }  // namespace nsa::cuda::decode

@@ -1,11 +1,9 @@
 // Launches of the decoding step's kernels (decode.h): head-dim and m-tile dispatch, shared-memory
 // opt-in, programmatic dependent launch. The per-dtype kernels (W, A, C, D) are instantiated in
-// decode_bf16.cu and decode_fp16.cu, the cluster step's in decode_cluster_bf16.cu and
-// decode_cluster_fp16.cu; B, which reads no tensor of the dtype, in decode.cu.
+// decode_bf16.cu and decode_fp16.cu; B, which reads no tensor of the dtype, in decode.cu.
 #pragma once
 
 #include "../head_dims.h"
-#include "cluster_step.cuh"
 #include "cmp_scan.cuh"
 #include "combine.cuh"
 #include "launch_kernel.h"
@@ -33,10 +31,10 @@ void launch_cmp(const DecodeParams& p, const Workspace& ws, cudaStream_t stream)
       const dim3 grid = split_grid(p, ws, p.plan.cmp_splits);
       if (p.plan.scan_order == ScanOrder::kKeysFirst) {
         launch_kernel(p, decode_cmp_kernel<T, D, DV, MT, true>, grid, kThreads,
-                      keys_first_layout(D, DV, 16 * MT, ws.split_tiles).bytes, true, 1, stream, p, ws);
+                      keys_first_layout(D, DV, 16 * MT, ws.split_tiles).bytes, true, stream, p, ws);
       } else {
         launch_kernel(p, decode_cmp_kernel<T, D, DV, MT, false>, grid, kThreads, ScanSmem<T, D, DV, MT>::kBytes,
-                      true, 1, stream, p, ws);
+                      true, stream, p, ws);
       }
     });
   });
@@ -50,7 +48,7 @@ void launch_raw_branch(const DecodeParams& p, const Workspace& ws, cudaStream_t 
       constexpr int D = decltype(d)::value, DV = decltype(dv)::value, MT = decltype(mt)::value;
       auto kernel = kWindow ? decode_window_kernel<T, D, DV, MT> : decode_sparse_kernel<T, D, DV, MT>;
       launch_kernel(p, kernel, split_grid(p, ws, p.plan.slc_splits), kThreads,
-                    SparseSmem<T, D, DV, MT>::kOffExtra + size_t(sparse_arrays(p).bytes), true, 1, stream, p, ws);
+                    SparseSmem<T, D, DV, MT>::kOffExtra + size_t(sparse_arrays(p).bytes), true, stream, p, ws);
     });
   });
 }
@@ -65,16 +63,6 @@ void launch_sparse(const DecodeParams& p, const Workspace& ws, cudaStream_t stre
   launch_raw_branch<T, false>(p, ws, stream);
 }
 
-// The cluster step (cluster_step.cuh): a cluster of cmp_splits blocks per (sequence, KV head).
-template <typename T>
-void launch_cluster(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  dispatch_head_dims(kOp, p.head_dim, p.head_dim_v, [&](auto d, auto dv) {
-    constexpr int D = decltype(d)::value, DV = decltype(dv)::value;
-    launch_kernel(p, decode_cluster_kernel<T, D, DV>, split_grid(p, ws, p.plan.cmp_splits), kThreads,
-                  cluster_smem<T, D, DV>(p, ws), true, unsigned(p.plan.cmp_splits), stream, p, ws);
-  });
-}
-
 template <typename T>
 void launch_combine(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   dispatch_head_dims(kOp, p.head_dim, p.head_dim_v, [&](auto, auto dv) {
@@ -82,10 +70,10 @@ void launch_combine(const DecodeParams& p, const Workspace& ws, cudaStream_t str
     const int wpr = combine_warps_per_row(p.plan);
     const dim3 grid(unsigned(combine_blocks(p)));
     if (combine_batch(p.plan) == 1)
-      launch_kernel(p, decode_combine_kernel<T, DV, 1>, grid, kCombineThreads, 0, true, 1, stream, p, ws, wpr);
+      launch_kernel(p, decode_combine_kernel<T, DV, 1>, grid, kCombineThreads, 0, true, stream, p, ws, wpr);
     else
-      launch_kernel(p, decode_combine_kernel<T, DV, kCombineSplitsPerWarp>, grid, kCombineThreads, 0, true, 1, stream,
-                    p, ws, wpr);
+      launch_kernel(p, decode_combine_kernel<T, DV, kCombineSplitsPerWarp>, grid, kCombineThreads, 0, true, stream, p,
+                    ws, wpr);
   });
 }
 

@@ -16,18 +16,12 @@
 namespace nsa::cuda::decode {
 
 // Sets a kernel's function attributes on the current device where not set before: the largest
-// shared-memory carveout, the dynamic shared memory it may use (raised when a launch needs more
-// than any before), and clusters of more than 8 blocks (the cluster step's up to 16: a
-// non-portable size, which the kernel must opt in to). Once per (device, kernel) rather than per
-// launch: they are host calls on an eager step's path. Throws std::invalid_argument naming the op
-// when `smem` or the cluster size is refused.
-inline void configure_kernel(const void* kernel, size_t smem, unsigned cluster) {
-  struct Opted {
-    size_t smem = 48 * 1024;  // dynamic shared memory allowed
-    bool large_clusters = false;
-  };
+// shared-memory carveout, and the dynamic shared memory it may use (raised when a launch needs
+// more than any before). Once per (device, kernel) rather than per launch: they are host calls
+// on an eager step's path. Throws std::invalid_argument naming the op when `smem` is refused.
+inline void configure_kernel(const void* kernel, size_t smem) {
   static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, Opted> opted;  // (device, kernel) -> what is set
+  static std::map<std::pair<int, const void*>, size_t> opted;  // (device, kernel) -> smem allowed
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) (void)cudaGetLastError();
   const std::lock_guard<std::mutex> lock(mutex);
@@ -37,30 +31,21 @@ inline void configure_kernel(const void* kernel, size_t smem, unsigned cluster) 
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) !=
         cudaSuccess)
       (void)cudaGetLastError();  // a preference: the launches go ahead without it
-    it = opted.emplace(key, Opted{}).first;
+    it = opted.emplace(key, size_t(48 * 1024)).first;
   }
-  if (cluster > 8 && !it->second.large_clusters) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-      (void)cudaGetLastError();
-      throw std::invalid_argument(std::string(kOp) + ": clusters of " + std::to_string(cluster) +
-                                  " thread blocks are refused on this GPU");
-    }
-    it->second.large_clusters = true;
-  }
-  if (smem > it->second.smem) {
+  if (smem > it->second) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
       (void)cudaGetLastError();
       throw std::invalid_argument(std::string(kOp) + ": a kernel needs " + std::to_string(smem) +
                                   " bytes of shared memory per thread block, more than the device allows");
     }
-    it->second.smem = smem;
+    it->second = smem;
   }
 }
 
 // Launches kernel on grid with `smem` bytes of dynamic shared memory; `dependent`: may start
 // while the previous kernel of the stream ends (programmatic dependent launch, sm_90), the kernel
-// waiting for it with wait_prior_grid(); in clusters of `cluster` thread blocks along x where it
-// is above 1 (sm_90; the cluster step); at p.plan.priority where it is not 0 (a chunk of a step
+// waiting for it with wait_prior_grid(); at p.plan.priority where it is not 0 (a chunk of a step
 // in chunks, decode.cu: the block scheduler serves the earlier chunks' kernels first). Errors
 // name the op. Every kernel of the step asks for the largest shared-memory carveout
 // (configure_kernel): an SM changes its carveout only once drained, so kernels that asked for
@@ -68,24 +53,18 @@ inline void configure_kernel(const void* kernel, size_t smem, unsigned cluster) 
 // kernel beside the end of the one before it).
 template <typename... Params, typename... Args>
 void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
-                   bool dependent, unsigned cluster, cudaStream_t stream, Args... args) {
+                   bool dependent, cudaStream_t stream, Args... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   if (p.plan.device.smem_per_block > 0 && smem > size_t(p.plan.device.smem_per_block))
     throw std::invalid_argument(std::string(kOp) + ": a kernel needs " + std::to_string(smem) +
                                 " bytes of shared memory per thread block, the device allows " +
                                 std::to_string(p.plan.device.smem_per_block));
-  configure_kernel(reinterpret_cast<const void*>(kernel), smem, cluster);
-  cudaLaunchAttribute attr[3];
+  configure_kernel(reinterpret_cast<const void*>(kernel), smem);
+  cudaLaunchAttribute attr[2];
   unsigned n = 0;
   if (dependent && p.plan.device.arch >= 90) {
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
   }
   if (p.plan.priority != 0) {
     attr[n].id = cudaLaunchAttributePriority;

@@ -32,18 +32,16 @@ constexpr unsigned kBadSplit = 1u << 16;
 // the number of keys above it, and the ranks below n fill 0 .. result - 1. Every thread of the
 // block calls it; keys is written after a barrier and read again only after the one at the end.
 // A thread ranks one key at a time (a loop, not unrolled over its keys): the kernel runs once per
-// step, so its code is fetched cold each time, and every unrolled copy costs fetches. NT: the
-// block's threads.
-template <int NT>
+// step, so its code is fetched cold each time, and every unrolled copy costs fetches.
 __device__ __forceinline__ int keep_best(uint64_t* keys, uint64_t* best, int kept, int m, int n) {
-  static_assert(kMaxSelected <= NT, "a thread per slot of the result");
+  static_assert(kMaxSelected <= kSelectThreads, "a thread per slot of the result");
   const int total = kept + m, tid = threadIdx.x, padded = (total + 31) / 32 * 32;
   if (tid < n) best[tid] = 0;
   // Zeros up to the chunk's end count for nothing (keys are > 0), so the chunks need no bounds.
   if (total + tid < padded) keys[total + tid] = 0;
   __syncthreads();
 #pragma unroll 1
-  for (int i = tid; i < total; i += NT) {
+  for (int i = tid; i < total; i += kSelectThreads) {
     const uint64_t key = keys[i];
     if (key == 0) continue;
     // Stops counting once the key is out, checked every 32 keys; a chunk's 16 loads of two keys
@@ -68,16 +66,15 @@ __device__ __forceinline__ int keep_best(uint64_t* keys, uint64_t* best, int kep
 // tiles, u_i = u + i R (a tile's NS slot rows follow each other, R apart). A term with f = 0 is
 // 0 whatever the slot holds (NaN where the row saw no key). Lanes take consecutive chunks of a
 // row (float4 where G % 4 == 0, P lanes per row) and add them with shuffles, so that a warp's
-// loads are contiguous; kSumBatch rows per thread are in flight at once. NT: the block's threads.
+// loads are contiguous; kSumBatch rows per thread are in flight at once.
 constexpr int kSumBatch = 4;
-template <int NT>
 __device__ __forceinline__ void tile_sums(const float* u, index_t R, int G, int slots, int rows, const float* f,
                                           float* w) {
   const bool vec = G % 4 == 0;
   const int chunks = vec ? G / 4 : G;
   int P = 1;
   while (P < chunks && P < 32) P *= 2;
-  const int tid = threadIdx.x, c0 = tid % P, per_pass = NT / P;
+  const int tid = threadIdx.x, c0 = tid % P, per_pass = kSelectThreads / P;
   auto chunk = [&](const float* x, int c, bool global) {
     if (vec) {
       const float4* x4 = reinterpret_cast<const float4*>(x) + c;
@@ -113,151 +110,15 @@ __device__ __forceinline__ void tile_sums(const float* u, index_t R, int G, int 
   }
 }
 
-// Does share c of `splits` of sequence b's first ceil(L / page_size) pages hold one outside the
-// pool? False for a contiguous cache. Every thread of the block (NT of them) calls it.
-template <int NT>
-__device__ __forceinline__ bool bad_pages_in_share(const DecodeParams& p, int b, int L, int c, int splits) {
-  if (p.block_table == nullptr) return false;
-  const index_t pages = (L + p.page_size - 1) / p.page_size, share = (pages + splits - 1) / splits;
-  const index_t end = min(pages, (c + 1) * share);
-  bool bad = false;
-  for (index_t i = c * share + threadIdx.x; i < end; i += NT) {
-    const int32_t page = p.block_table[b * p.block_table_stride + i];
-    bad = bad || page < 0 || page >= p.num_pages;
-  }
-  return __syncthreads_or(bad);
-}
-
-// lse of a query's G rows (log2 units) into lse_s, from the splits' (m, l) at ml ([splits][R][2]
-// from the query's first row): a warp per row (NW warps), two rows (g, g + NW) per pass so that
-// their loads are in flight together; -inf: the row saw no compressed token, NaN: a NaN score.
-template <int NW>
-__device__ __forceinline__ void query_lse(const float* ml, int splits, int R, int G, float* lse_s) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int g0 = warp; g0 < G; g0 += 2 * NW) {
-    // Each lane merges its splits online, their loads issued four per row at a time; then the warp.
-    float mx[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
-    for (int sp0 = lane; sp0 < splits; sp0 += 4 * 32) {
-      float2 x[2][4];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int sp = sp0 + 32 * k, g = g0 + i * NW;
-          x[i][k] = sp < splits && g < G ? __ldcg(reinterpret_cast<const float2*>(ml + (index_t(sp) * R + g) * 2))
-                                         : make_float2(-INFINITY, 0.f);
-        }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float m_new = fmaxf(mx[i], x[i][k].x);
-          lsum[i] = lsum[i] * split_factor(mx[i], m_new) + split_factor(x[i][k].x, m_new) * x[i][k].y;
-          mx[i] = m_new;
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float m_all = warp_max(mx[i]);
-      const float l_all = warp_sum(split_factor(mx[i], m_all) * lsum[i]);
-      const int g = g0 + i * NW;
-      if (lane == 0 && g < G) lse_s[g] = m_all + log2f(l_all);
-    }
-  }
-}
-
-// The block scores of a query's candidates [j0, j1) among the blocks 0 .. bpos its position sees,
-// from kernel A's per-tile maxima and slots of the query's G rows, ranked into the n best
-// (keep_best) in rounds of `round` candidates: each block summed over the tiles that hold its
-// cells (ascending) and in each tile over the rows f u with f = 2^(m_t - lse) (a row whose lse is
-// not finite, or whose tile saw no key, adds nothing: its slots may hold NaN, as the reference's
-// p = 0 there). The factors f of a round's tiles, then each tile slot's sum over the rows, are
-// computed once into shared memory, and a block adds its tiles' sums. NT threads.
-template <int NT>
-struct QueryScores {
-  const float* tile_m;  // [T][R] kernel A's row maxima, from the query's first row
-  const float* tile_u;  // [T][NS][R] its slots, likewise
-  const float* lse_s;   // [G] shared: the rows' lse (query_lse)
-  float* f_s;           // [round tiles][G] shared: the round's factors
-  float* w_s;           // [round tiles][NS] shared: their sums
-  int R, G, cpr, cpb, slots, nts, bpos, round, j0, j1;
-
-  // The first round's first tile maxima, loaded ahead (beside the lse's (m, l)): the factors need
-  // both, and a selection is a chain of memory round trips.
-  static constexpr int kMtAhead = 2;
-
-  // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
-  // two but for long windows (cpr + cpb > 66).
-  __device__ int first_tile(int j) const { return max(0, j * cpb - cpr + 1) / kTileKeys; }
-  __device__ int last_tile(int j) const { return min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys); }
-  // The tiles [ta0, ta0 + ntr) of the round from r0.
-  __device__ void round_tiles(int r0, int& ta0, int& ntr) const {
-    const int m = min(round, j1 - r0);
-    ta0 = first_tile(r0);
-    ntr = m > 0 ? last_tile(r0 + m - 1) - ta0 + 1 : 0;
-  }
-  // The row maximum of (tile ta0 + i / G, row i % G), and its factor.
-  __device__ float tile_max(int ta0, int i) const { return __ldcg(tile_m + index_t(ta0 + i / G) * R + i % G); }
-  __device__ float factor(int i, float mt) const {
-    const float lse = lse_s[i % G];
-    return isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
-  }
-  __device__ void load_ahead(float (&mt)[kMtAhead]) const {
-    int ta0, ntr;
-    round_tiles(j0, ta0, ntr);
-#pragma unroll
-    for (int k = 0; k < kMtAhead; ++k) {
-      const int i = threadIdx.x + k * NT;
-      mt[k] = i < ntr * G ? tile_max(ta0, i) : -INFINITY;
-    }
-  }
-  // Block j's score: its tiles' sums, in tile order (tiles of the round from ta0).
-  __device__ float score_of(int j, int ta0) const {
-    const int ta = first_tile(j), tb = last_tile(j);
-    float score = 0.f;
-    for (int t = ta; t <= tb; ++t) {
-      const float w = w_s[(t - ta0) * slots + j - t * kTileKeys / cpb];
-      score = t == ta ? w : score + w;
-    }
-    return score;
-  }
-  // Scores and ranks the candidates once lse_s is complete (after a barrier): the n best keys,
-  // best first, in keys[0, returned count) (keep_best's arrays).
-  __device__ int rank(uint64_t* keys, uint64_t* best, int n, int num_initial, int num_local,
-                      const float (&mt_ahead)[kMtAhead]) const {
-    const int tid = threadIdx.x;
-    int kept = 0;
-    for (int r0 = j0; r0 < j1; r0 += round) {
-      const int m = min(round, j1 - r0);
-      // The round's tiles' factors, once per (tile, row) rather than per block.
-      int ta0, ntr;
-      round_tiles(r0, ta0, ntr);
-      int i = tid;
-      if (r0 == j0) {
-#pragma unroll
-        for (int k = 0; k < kMtAhead; ++k, i += NT)
-          if (i < ntr * G) f_s[i] = factor(i, mt_ahead[k]);
-      }
-      for (; i < ntr * G; i += NT) f_s[i] = factor(i, tile_max(ta0, i));
-      __syncthreads();
-      tile_sums<NT>(tile_u + index_t(ta0) * slots * R, R, G, slots, ntr * slots, f_s, w_s);
-      __syncthreads();
-      for (int i = tid; i < m; i += NT) {
-        const int j = r0 + i;
-        keys[kept + i] = topk::block_key(score_of(j, ta0), j, topk::is_forced(j, bpos, num_initial, num_local));
-      }
-      __syncthreads();
-      kept = keep_best<NT>(keys, best, kept, m, n);
-    }
-    return kept;
-  }
-};
-
-// Grid (sel_splits * S, H, B): split c of query s scores and ranks the candidates
-// [c per, (c + 1) per) of the blocks 0 .. bpos its position can see (per = ceil((bpos + 1) /
-// sel_splits); QueryScores). Waits for the scan blocks of its (sequence, KV head) or for the
-// previous grid (plan.dep_wait); the kernel below waits for the previous grid after it in any
-// case.
+// Grid (sel_splits * S, H, B): split c of query s scores the candidates [c per, (c + 1) per) of
+// the blocks 0 .. bpos its position can see (per = ceil((bpos + 1) / sel_splits)), summing each
+// over the tiles that hold its cells (ascending) and in each tile over the group's rows f u with
+// f = 2^(m_t - lse) (a row whose lse is not finite, or whose tile saw no key, adds nothing: its
+// slots may hold NaN, as the reference's p = 0 there). Candidates come in rounds of
+// ws.sel_round; the factors f of a round's tiles, then each tile slot's sum over the rows, are
+// computed once into shared memory, and a block adds its tiles' sums. Waits for the scan blocks of
+// its (sequence, KV head) or for the previous grid (plan.dep_wait); the kernel below waits for the
+// previous grid after it in any case.
 __device__ __forceinline__ void select_split(const DecodeParams& p, const Workspace& ws) {
   // (whole chunks of 32 keys, 16-byte aligned: keep_best reads them so)
   static_assert((kMaxSelected + kSelectRound) % 32 == 0, "keep_best reads whole chunks");
@@ -267,7 +128,7 @@ __device__ __forceinline__ void select_split(const DecodeParams& p, const Worksp
   extern __shared__ __align__(16) float lse_s[];  // [G]
   const int splits = p.plan.sel_splits;
   const int c = blockIdx.x % splits, s = blockIdx.x / splits, h = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.num_heads / p.num_heads_k, S = p.num_queries, R = ws.rows, n = p.num_selected;
   trace_event(p.plan, kTraceSelect, kTraceStart);
   allow_next_grid();
@@ -276,7 +137,17 @@ __device__ __forceinline__ void select_split(const DecodeParams& p, const Worksp
   // pool (inputs only, so before the wait).
   const int L = p.seqlens[b];
   const bool ok = L >= S && L <= p.capacity;
-  const bool bad_pages = ok && bad_pages_in_share<kSelectThreads>(p, b, L, c, splits);
+  bool bad_pages = false;
+  if (p.block_table != nullptr && ok) {
+    const index_t pages = (L + p.page_size - 1) / p.page_size, share = (pages + splits - 1) / splits;
+    const index_t end = min(pages, (c + 1) * share);
+    bool bad = false;
+    for (index_t i = c * share + tid; i < end; i += kSelectThreads) {
+      const int32_t page = p.block_table[b * p.block_table_stride + i];
+      bad = bad || page < 0 || page >= p.num_pages;
+    }
+    bad_pages = __syncthreads_or(bad);
+  }
   const index_t bh = index_t(b) * p.num_heads_k + h;
   const int row0 = s * G, cmp_splits = p.plan.cmp_splits;
   // (A's blocks count in key_done once their key tiles are done when it runs its keys first.)
@@ -294,21 +165,116 @@ __device__ __forceinline__ void select_split(const DecodeParams& p, const Worksp
     return;
   }
 
-  // This split's candidates (QueryScores).
+  // This split's candidates, scored and kept in rounds below.
   const int pos = L - S + s, bpos = pos / p.select_size, cand = bpos + 1;
   const int nts = int((num_cmp_tokens(pos + 1, p.block_size, p.block_stride) + kTileKeys - 1) / kTileKeys);
   const int cpr = ws.cpr, cpb = ws.cpb, slots = ws.slots;
-  const float* tile_m = ws.tile_m + bh * ws.tiles * R + row0;          // [T][R]
-  const float* tile_u = ws.tile_u + bh * ws.tiles * slots * R + row0;  // [T][NS][R]
+  const float* tile_m = ws.tile_m + bh * ws.tiles * R + row0;                // [T][R]
+  const float* tile_u = ws.tile_u + bh * ws.tiles * slots * R + row0;        // [T][NS][R]
+  float* f_s = lse_s + G;                                                    // [round tiles][G]
+  float* w_s = f_s + ws.sel_tiles * G;                                       // [round tiles][NS]
+  // Tiles holding rows with cells in block j (rows j cpb - cpr + 1 .. (j + 1) cpb - 1): one or
+  // two but for long windows (cpr + cpb > 66).
+  auto first_tile = [&](int j) { return max(0, j * cpb - cpr + 1) / kTileKeys; };
+  auto last_tile = [&](int j) { return min(nts - 1, ((j + 1) * cpb - 1) / kTileKeys); };
   const int per = (cand + splits - 1) / splits, j0 = min(cand, c * per), j1 = min(cand, j0 + per);
-  const QueryScores<kSelectThreads> qs{tile_m, tile_u, lse_s, lse_s + G, lse_s + G + ws.sel_tiles * G, R, G, cpr,
-                                       cpb, slots, nts, bpos, ws.sel_round, j0, j1};
-  float mt_ahead[QueryScores<kSelectThreads>::kMtAhead];
-  qs.load_ahead(mt_ahead);
-  query_lse<kSelectWarps>(ws.cmp_ml + (bh * cmp_splits * R + row0) * 2, cmp_splits, R, G, lse_s);
+  // The tiles [ta0, ta0 + ntr) of the round from r0; the row maximum of (tile ta0 + i / G, row
+  // i % G) and its factor.
+  auto round_tiles = [&](int r0, int& ta0, int& ntr) {
+    const int m = min(ws.sel_round, j1 - r0);
+    ta0 = first_tile(r0);
+    ntr = m > 0 ? last_tile(r0 + m - 1) - ta0 + 1 : 0;
+  };
+  auto tile_max = [&](int ta0, int i) { return __ldcg(tile_m + index_t(ta0 + i / G) * R + i % G); };
+  auto factor = [&](int i, float mt) {
+    const float lse = lse_s[i % G];
+    return isfinite(lse) && mt != -INFINITY ? exp2f(mt - lse) : 0.f;
+  };
+  // The first round's first tile maxima, loaded beside the lse's (m, l) below: the factors need
+  // both, and the kernel is a chain of memory round trips.
+  constexpr int kMtAhead = 2;
+  float mt_ahead[kMtAhead];
+  {
+    int ta0, ntr;
+    round_tiles(j0, ta0, ntr);
+#pragma unroll
+    for (int k = 0; k < kMtAhead; ++k) {
+      const int i = tid + k * kSelectThreads;
+      mt_ahead[k] = i < ntr * G ? tile_max(ta0, i) : -INFINITY;
+    }
+  }
+
+  // lse of the query's rows s G .. s G + G - 1 (log2 units), a warp per row over the compressed
+  // splits, two rows (g, g + kSelectWarps) per pass so that their loads are in flight together;
+  // -inf: the row saw no compressed token, NaN: a NaN score.
+  const float* ml = ws.cmp_ml + (bh * cmp_splits * R + row0) * 2;  // [cmp_splits][R][2]
+  for (int g0 = warp; g0 < G; g0 += 2 * kSelectWarps) {
+    // Each lane merges its splits online, their loads issued four per row at a time; then the warp.
+    float mx[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
+    for (int sp0 = lane; sp0 < cmp_splits; sp0 += 4 * 32) {
+      float2 x[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int sp = sp0 + 32 * k, g = g0 + i * kSelectWarps;
+          x[i][k] = sp < cmp_splits && g < G
+                        ? __ldcg(reinterpret_cast<const float2*>(ml + (index_t(sp) * R + g) * 2))
+                        : make_float2(-INFINITY, 0.f);
+        }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float m_new = fmaxf(mx[i], x[i][k].x);
+          lsum[i] = lsum[i] * split_factor(mx[i], m_new) + split_factor(x[i][k].x, m_new) * x[i][k].y;
+          mx[i] = m_new;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_all = warp_max(mx[i]);
+      const float l_all = warp_sum(split_factor(mx[i], m_all) * lsum[i]);
+      const int g = g0 + i * kSelectWarps;
+      if (lane == 0 && g < G) lse_s[g] = m_all + log2f(l_all);
+    }
+  }
   __syncthreads();
   trace_event(p.plan, kTraceSelect, kTraceStep1);
-  int kept = qs.rank(keys, best, n, p.num_initial, p.num_local, mt_ahead);
+
+  // Block j's score: its tiles' sums, in tile order (tiles of the round from ta0).
+  auto score_of = [&](int j, int ta0) {
+    const int ta = first_tile(j), tb = last_tile(j);
+    float score = 0.f;
+    for (int t = ta; t <= tb; ++t) {
+      const float w = w_s[(t - ta0) * slots + j - t * kTileKeys / cpb];
+      score = t == ta ? w : score + w;
+    }
+    return score;
+  };
+  int kept = 0;
+  for (int r0 = j0; r0 < j1; r0 += ws.sel_round) {
+    const int m = min(ws.sel_round, j1 - r0);
+    // The round's tiles' factors, once per (tile, row) rather than per block.
+    int ta0, ntr;
+    round_tiles(r0, ta0, ntr);
+    int i = tid;
+    if (r0 == j0) {
+#pragma unroll
+      for (int k = 0; k < kMtAhead; ++k, i += kSelectThreads)
+        if (i < ntr * G) f_s[i] = factor(i, mt_ahead[k]);
+    }
+    for (; i < ntr * G; i += kSelectThreads) f_s[i] = factor(i, tile_max(ta0, i));
+    __syncthreads();
+    tile_sums(tile_u + index_t(ta0) * slots * R, R, G, slots, ntr * slots, f_s, w_s);
+    __syncthreads();
+    for (int i = tid; i < m; i += kSelectThreads) {
+      const int j = r0 + i;
+      keys[kept + i] = topk::block_key(score_of(j, ta0), j, topk::is_forced(j, bpos, p.num_initial, p.num_local));
+    }
+    __syncthreads();
+    kept = keep_best(keys, best, kept, m, n);
+  }
 
   trace_event(p.plan, kTraceSelect, kTraceStep2);
   // Publish the list (0-padded to n), then count this split done; the last one merges.
@@ -339,12 +305,17 @@ __device__ __forceinline__ void select_split(const DecodeParams& p, const Worksp
       __syncthreads();  // the previous round's keys are read before they are overwritten
       for (int i = tid; i < m; i += kSelectThreads) keys[kept + i] = __ldcg(lists + r0 + i);
       __syncthreads();
-      kept = keep_best<kSelectThreads>(keys, best, kept, m, n);
+      kept = keep_best(keys, best, kept, m, n);
     }
   }
   if (warp == 0) topk::write_token(keys, kept, n, out);
   count_done(ws.sel_done + bh);
   trace_event(p.plan, kTraceSelect, kTraceEnd);
+}
+
+__global__ void __launch_bounds__(kSelectThreads, 4) decode_select_kernel(const DecodeParams p, const Workspace ws) {
+  select_split(p, ws);
+  wait_prior_grid();
 }
 
 }  // namespace nsa::cuda::decode

@@ -75,11 +75,10 @@ __device__ __forceinline__ void set_tile(const DecodeParams& p, int b, int* tile
 }
 
 // One branch of one split: kWindow, the window (kernel W, partials at branch 1); else the selected
-// branch (kernel C, branch 0), after waiting for kernel B's choice, or (kGivenLists, the cluster
-// step) over the row block's queries' lists of chosen blocks at `given` ([queries][n] in shared
-// memory, as block_indices). Both wait for the kernel before them at their end.
-template <typename T, int D, int DV, int MT, bool kWindow, bool kGivenLists = false>
-__device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Workspace& ws, const int* given = nullptr) {
+// branch (kernel C, branch 0), after waiting for kernel B's choice. Both wait for the kernel before
+// them at their end.
+template <typename T, int D, int DV, int MT, bool kWindow>
+__device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Workspace& ws) {
   using W = Warps<MT>;
   using Smem = SparseSmem<T, D, DV, MT>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -201,18 +200,14 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
     return;
   }
 
-  // Kernel B's block_indices, or the lists given. The union of the chosen blocks of queries
-  // q_first .. q_last, in the order of their first appearance (query-major), with the mask of the
-  // queries that chose each.
+  // Kernel B's block_indices
+  wait_inputs(p.plan, ws.sel_done + bh, unsigned(S));
+  trace_event(p.plan, kTrace, kTraceWaited);
+  // The union of the chosen blocks of queries q_first .. q_last, in the order of their first
+  // appearance (query-major), with the mask of the queries that chose each.
   const int nq = q_last - q_first + 1, n = p.num_selected, entries = nq * n;
-  if constexpr (kGivenLists) {
-    for (int e = tid; e < entries; e += kThreads) lists[e] = given[e];
-  } else {
-    wait_inputs(p.plan, ws.sel_done + bh, unsigned(S));
-    trace_event(p.plan, kTrace, kTraceWaited);
-    for (int e = tid; e < entries; e += kThreads)
-      lists[e] = __ldcg(p.block_indices.ptr<const int32_t>(b, q_first + e / n, h) + e % n);
-  }
+  for (int e = tid; e < entries; e += kThreads)
+    lists[e] = __ldcg(p.block_indices.ptr<const int32_t>(b, q_first + e / n, h) + e % n);
   __syncthreads();
   int nu = 0;
   for (int e0 = 0; e0 < entries; e0 += kThreads) {
@@ -258,8 +253,7 @@ __device__ __forceinline__ void sparse_branch(const DecodeParams& p, const Works
          [&](int row, int i) { return ((masks[i / per_block] >> qbit[row]) & 1ull) != 0; },
          [&](int row, int t) { return t <= pos[row]; });
   trace_event(p.plan, kTrace, kTraceEnd);
-  count_block();  // (after Z's zeroing: the wait above acquired B's count, or all of B; the
-                  // cluster step waited for the kernel before it ahead of its scan's count)
+  count_block();  // (after Z's zeroing: the wait above acquired B's count, or all of B)
   wait_prior_grid();
 }
 

@@ -1,7 +1,0 @@
-// The cluster step's kernel of the decoding step for fp16 (its own file: a large kernel per head-dim
-// pair, compiled beside the others).
-#include "launch.cuh"
-
-namespace nsa::cuda::decode {
-template void launch_cluster<__half>(const DecodeParams&, const Workspace&, cudaStream_t);
-}  // namespace nsa::cuda::decode
