@@ -41,8 +41,6 @@ Keys and values (``keys()`` lists them):
                   after them), then its value tiles
   dep_wait        "grid" or "head": what decode_attention's selection, selected branch and merge
                   wait for, the whole kernel before them or their own (sequence, KV head)'s part of it
-  batch_chunks    int in [1, 8]: decode_attention runs its kernels as that many chains over
-                  consecutive sequences (at most B), each on its own stream at its own priority
 A value of None removes the key's override (the plan's own choice, also inside an outer force).
 
 An unknown key or value raises ValueError when ``force`` is called. Forcing a kernel that the

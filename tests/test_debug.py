@@ -13,7 +13,7 @@ KINDS = {"fwd": ("wgmma", "wide", "mma"), "bwd": ("wgmma", "mma"), "slc_fwd": ("
          "slc_dq": ("tokens", "blocks"), "select": ("wgmma", "mma"), "split_tokens": (),
          "slc_chunk_rows": (), "cmp_splits": (), "slc_splits": (), "sel_splits": (),
          "window_order": ("after_scan", "before_scan", "after_select"), "dep_wait": ("grid", "head"),
-         "scan_order": ("together", "keys_first"), "batch_chunks": ()}
+         "scan_order": ("together", "keys_first")}
 
 
 # ------------------------------------------------------------------------------------ on the CPU
@@ -35,7 +35,6 @@ def test_keys():
     (dict(slc_chunk_rows=0), "slc_chunk_rows=0: expected an int >= 1"),
     (dict(slc_chunk_rows=1.5), "slc_chunk_rows=1.5"),
     (dict(sel_splits=65), "sel_splits=65: expected an int in [1, 64]"),
-    (dict(batch_chunks=9), "batch_chunks=9: expected an int in [1, 8]"),
 ])
 def test_force_refuses_unknown_keys_and_values_when_called(choices, match):
     with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("(", r"\(")):

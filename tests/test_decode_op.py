@@ -837,17 +837,13 @@ def test_cuda_small_blocks_and_edges(dtype):
 # Forced splits of the three split kernels: one thread block each; several, each selection split
 # with a full list of n (and the window kernel launched before the scan); the selection's most
 # (64: short lists, empty splits for the short sequences, a merge in rounds); few, long splits of
-# a scan with its keys first (16 key tiles each at 32k); the step in chains over chunks of
-# sequences (2 and 1; three of one, with the window first and grid waits).
+# a scan with its keys first (16 key tiles each at 32k).
 SPLITS = {"one": dict(cmp_splits=1, slc_splits=1, sel_splits=1, scan_order="together"),
           "many": dict(cmp_splits=7, slc_splits=5, sel_splits=2, window_order="before_scan",
                        scan_order="keys_first"),
           "sel64": dict(cmp_splits=3, slc_splits=2, sel_splits=64, dep_wait="grid", scan_order="together"),
           "keys": dict(cmp_splits=2, slc_splits=3, sel_splits=3, window_order="after_select",
-                       scan_order="keys_first"),
-          "chunks2": dict(batch_chunks=2, cmp_splits=3, slc_splits=2, sel_splits=2, scan_order="together"),
-          "chunks3": dict(batch_chunks=3, cmp_splits=2, slc_splits=2, sel_splits=3, window_order="before_scan",
-                          dep_wait="grid", scan_order="keys_first")}
+                       scan_order="keys_first")}
 # n = 16 of 79 candidate blocks at 4999 tokens; n = 128 of 16-token blocks (312 candidates);
 # and 1250 candidates in a 32k cache (a selection split scores them in rounds). (Not "long":
 # gpu_check.sh's test selection leaves out names holding it.)
@@ -890,33 +886,6 @@ def test_cuda_scan_orders_agree_bit_for_bit(D, Dv, S):
         plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
         assert plan["scan_order"] == "keys_first" and plan["cmp_splits"] == splits
         assert torch.equal(o, o2) and torch.equal(idx, idx2), splits
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("chunks", [2, 3])
-def test_cuda_chunks_agree_bit_for_bit(chunks):
-    """The step in chains over chunks of sequences, each on its own stream: bit for bit the step
-    in one chain with the same splits, and (trace on) every thread block of each kernel stamps
-    its start in a trace slot of its own, the chunks' blocks after the earlier chunks'."""
-    from nsa_torch import _debug
-    splits = dict(cmp_splits=3, slc_splits=2, sel_splits=2, scan_order="together")
-    x = cuda_step_inputs(4, 128, 128, torch.bfloat16, seed_of("cuda-chunks", chunks))
-    lengths = [max(L, 1) for L in CUDA_LENGTHS]
-    step = build_step(x, lengths, 1, page_size=64, capacity=CUDA_CAPACITY)
-    with _debug.force(**splits):
-        o, idx = decode(nsa_torch, step, {})
-    with _debug.force(batch_chunks=chunks, **splits), _debug.decode_trace(4096) as buf, _debug.plans() as ran:
-        o2, idx2 = decode(nsa_torch, step, {})
-        torch.cuda.synchronize()
-    plan = [p for p in ran if p["op"] == "nsa.decode_attention"][0]
-    assert plan["batch_chunks"] == chunks
-    assert torch.equal(o, o2) and torch.equal(idx, idx2)
-    B, H = len(lengths), 2
-    t = buf.cpu()
-    start = _debug.TRACE_EVENTS.index("start")
-    started = [int((t[k, :, start] != 0).sum()) for k in range(len(_debug.TRACE_KERNELS))]
-    assert started[:4] == [2 * H * B, 3 * H * B, 2 * H * B, 2 * H * B], started
-    assert started[4] > 0
 
 
 @pytest.mark.cuda
@@ -1040,18 +1009,10 @@ def test_cuda_teacher_forcing(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunks", [None, 2], ids=["one", "chunks2"])
 @pytest.mark.parametrize("page_size", [None, 128], ids=["contiguous", "paged128"])
-def test_cuda_graph_capture_and_replay(page_size, chunks):
+def test_cuda_graph_capture_and_replay(page_size):
     """One decode_attention call captured in a CUDA graph; new cache contents, lengths and block
-    table written in place; the replay equals an eager call on the new state. In chunks, the
-    capture holds the chunks' streams, forked off the capturing stream and joined back."""
-    from nsa_torch import _debug
-    with _debug.force(batch_chunks=chunks):
-        graph_capture_and_replay(page_size)
-
-
-def graph_capture_and_replay(page_size):
+    table written in place; the replay equals an eager call on the new state."""
     dtype = torch.bfloat16
     x1 = cuda_step_inputs(4, 128, 128, dtype, 31)
     x2 = cuda_step_inputs(4, 128, 128, dtype, 32)
@@ -1090,13 +1051,11 @@ def graph_capture_and_replay(page_size):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("force", [{}, dict(sel_splits=5), dict(batch_chunks=2)],
-                         ids=["planned", "sel5", "chunks2"])
-def test_cuda_bad_lengths_give_nan(force):
+@pytest.mark.parametrize("sel_splits", [None, 5], ids=["planned", "sel5"])
+def test_cuda_bad_lengths_give_nan(sel_splits):
     """A length outside [S, capacity] or a used page outside the pool: that sequence's rows are
     NaN, the others exact, no error (no host sync), nothing read outside the caches. With five
-    selection splits the bad page lies in a split other than the one that merges; in two chunks
-    the bad sequences lie in both."""
+    selection splits the bad page lies in a split other than the one that merges."""
     from nsa_torch import _debug
     dtype = torch.bfloat16
     lengths = [100, 300, 200, 700, 64]
@@ -1107,7 +1066,7 @@ def test_cuda_bad_lengths_give_nan(force):
     step["cache_seqlens"][2] = 1          # fewer than the S new tokens
     step["block_table"][3, 5] = step["k_cache"].shape[0]  # page 5 of 11 used: past the pool
     step["block_table"][4, 0] = -1
-    with _debug.force(**force):
+    with _debug.force(sel_splits=sel_splits):
         o, _ = decode(nsa_torch, step, SMALL)
     torch.cuda.synchronize()
     for b in (1, 2, 3, 4):

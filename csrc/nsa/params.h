@@ -244,20 +244,11 @@ struct DecodePlan {
   DepWait dep_wait = DepWait::kHead;
   int sel_splits = 1;        // thread blocks per (query, KV head) over the candidate blocks of the
                              // top-n selection (each keeps its own n best; the last one merges)
-  int batch_chunks = 1;      // the step runs as this many chains of kernels over consecutive
-                             // sequences (ceil(B / batch_chunks) each; every split above is for
-                             // one chunk), each on its own stream, the earlier chunks at higher
-                             // priority: a chunk's scan streams while an earlier chunk selects
   // Debugging (nsa_torch._debug.decode_trace): thread 0 of each thread block stores the global
   // timer (ns) at its phases' ends, [5 kernels][trace_blocks][kTraceEvents] (cuda/decode/trace.cuh);
   // nullptr: no trace.
   uint64_t* trace = nullptr;
   int trace_blocks = 0;
-  // Set per chunk by the step, not by the plan: per traced kernel (cuda/decode/trace.cuh), the
-  // trace block of the launch's first thread block (a chunk's blocks follow the earlier chunks'),
-  // and the launch priority of the chunk's kernels (0: the stream's own).
-  int trace_first[5] = {0, 0, 0, 0, 0};
-  int priority = 0;
 };
 
 // One decoding step (decode_attention): the S newest tokens of each sequence attend the

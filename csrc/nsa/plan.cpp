@@ -163,7 +163,6 @@ IntRange int_range(const std::string& key) {
   if (key == "split_tokens") return {0, 0};
   if (key == "cmp_splits" || key == "slc_splits") return {1, kMaxDecodeSplits};
   if (key == "sel_splits") return {1, kMaxSelectSplits};
-  if (key == "batch_chunks") return {1, kMaxBatchChunks};
   return {1, 0};
 }
 
@@ -173,7 +172,7 @@ const std::vector<std::string>& plan_keys() {
   static const std::vector<std::string> keys = {"fwd",        "bwd",          "slc_fwd",        "slc_dq",
                                                 "select",     "split_tokens", "slc_chunk_rows", "cmp_splits",
                                                 "slc_splits", "sel_splits",   "window_order",   "dep_wait",
-                                                "scan_order", "batch_chunks"};
+                                                "scan_order"};
   return keys;
 }
 
@@ -187,7 +186,7 @@ const std::vector<std::string>& plan_values(const std::string& key) {
   if (key == "dep_wait") return kDepWaitNames;
   if (key == "scan_order") return kScanOrderNames;
   if (key == "split_tokens" || key == "slc_chunk_rows" || key == "cmp_splits" || key == "slc_splits" ||
-      key == "sel_splits" || key == "batch_chunks")
+      key == "sel_splits")
     return kNoNames;
   unknown_key(key);
 }
@@ -220,7 +219,6 @@ void set_override(PlanOverrides& o, const std::string& key, int64_t value) {
   if (key == "cmp_splits") o.cmp_splits = int(value);
   if (key == "slc_splits") o.slc_splits = int(value);
   if (key == "sel_splits") o.sel_splits = int(value);
-  if (key == "batch_chunks") o.batch_chunks = int(value);
 }
 
 AttnPlan plan_cmp(const CmpParams& p, Pass pass, const DeviceFacts& dev, const PlanOverrides& o) {
@@ -330,20 +328,15 @@ size_t select_smem(const DecodeParams& p) {
 }
 }  // namespace
 
-// The step runs in batch_chunks chains over consecutive sequences (at most B, none empty), and
-// every split below is planned for one chunk of ceil(B / batch_chunks) sequences. The
-// compressed scan splits the cache's compressed tiles (cmp_chunk: the most compressed tokens one
-// split takes, at full capacity; the kernel spreads a step's actual tiles evenly over the
+// The compressed scan splits the cache's compressed tiles (cmp_chunk: the most compressed tokens
+// one split takes, at full capacity; the kernel spreads a step's actual tiles evenly over the
 // splits); the window and selected kernels (W and C) share one split count, from the most key
 // tiles a row block can have in both.
 DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const PlanOverrides& o) {
   DecodePlan plan;
   plan.device = dev;
-  const int batch = std::max(1, p.batch);
-  const int chunks = std::min(batch, o.batch_chunks.value_or(1));
-  const int per_chunk = (batch + chunks - 1) / chunks;
-  plan.batch_chunks = (batch + per_chunk - 1) / per_chunk;
-  const index_t units = index_t(per_chunk) * std::max(1, p.num_heads_k) * std::max(1, cuda::decode::row_blocks(p));
+  const index_t units =
+      index_t(std::max(1, p.batch)) * std::max(1, p.num_heads_k) * std::max(1, cuda::decode::row_blocks(p));
   const index_t tiles = cuda::decode::cmp_tiles(std::max<index_t>(0, p.cmp_capacity));
   plan.cmp_splits = decode_splits(tiles, units, dev, o.cmp_splits);
   plan.cmp_chunk = std::max<index_t>(1, (tiles + plan.cmp_splits - 1) / plan.cmp_splits) * cuda::decode::kTileKeys;
@@ -377,7 +370,7 @@ DecodePlan plan_decode(const DecodeParams& p, const DeviceFacts& dev, const Plan
   if (o.sel_splits) {
     plan.sel_splits = *o.sel_splits;
   } else {
-    const index_t queries = index_t(per_chunk) * std::max(1, p.num_heads_k) * std::max(1, p.num_queries);
+    const index_t queries = index_t(std::max(1, p.batch)) * std::max(1, p.num_heads_k) * std::max(1, p.num_queries);
     const index_t blocks = p.select_size > 0 ? (std::max<index_t>(1, p.capacity) + p.select_size - 1) / p.select_size : 1;
     const index_t per_sm = keys_first ? 1 : kSelectBlocksPerSm;
     const index_t fill = std::max<index_t>(1, per_sm * std::max(1, dev.num_sms) / queries);
@@ -440,7 +433,6 @@ std::vector<PlanItem> describe(const DecodePlan& plan) {
                                  named("window_order", name_of(plan.window_order)),
                                  named("dep_wait", name_of(plan.dep_wait)),
                                  named("scan_order", name_of(plan.scan_order)),
-                                 number("batch_chunks", plan.batch_chunks),
                                  number("combine_wpr", cuda::decode::combine_warps_per_row(plan))};
   add_device(items, plan.device);
   return items;

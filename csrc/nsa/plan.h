@@ -25,8 +25,6 @@
 //   dep_wait        grid | head             decode_attention: what the selection, the selected
 //                                           branch and the merge wait for (the previous kernel,
 //                                           or their head's producers)
-//   batch_chunks    int in [1, 8]           decode_attention: chains of kernels over consecutive
-//                                           sequences, one stream each (at most B)
 // An override the shape or GPU cannot take makes the plan function throw std::invalid_argument
 // naming the key, the value and why; it never falls back silently.
 #pragma once
@@ -61,8 +59,6 @@ inline constexpr int kMaxSelectSplits = 64;
 // Its scan takes each split's keys before its values only where the SMs hold at least this many
 // scan blocks per (sequence, KV head, row block) unit: few units, a step of latency-bound phases.
 inline constexpr int kKeysFirstBlocksPerUnit = 16;
-// Its chains over chunks of sequences (batch_chunks): at most this many, one stream each.
-inline constexpr int kMaxBatchChunks = 8;
 
 // Explicit choices; an empty field leaves the choice to the plan.
 struct PlanOverrides {
@@ -79,7 +75,6 @@ struct PlanOverrides {
   std::optional<WindowOrder> window_order;
   std::optional<ScanOrder> scan_order;
   std::optional<DepWait> dep_wait;
-  std::optional<int> batch_chunks;
   // Not a force key: decode_attention's phase timestamps (nsa_torch._debug.decode_trace), a device
   // buffer of DecodePlan::trace's shape, or nullptr.
   uint64_t* decode_trace = nullptr;
@@ -118,14 +113,13 @@ struct PlanItem {
   std::string key;
   std::string name;    // the kernel's name, or empty for a number
   int64_t number = 0;  // split_tokens, split, slc_chunk_rows, cmp_splits, cmp_chunk, slc_splits,
-                       // sel_splits, batch_chunks, combine_wpr, arch, num_sms
+                       // sel_splits, combine_wpr, arch, num_sms
 };
 enum class AttnBranch : int32_t { kCmp, kSlc, kSwa };
 std::vector<PlanItem> describe(const AttnPlan& plan, AttnBranch branch, Pass pass);
 std::vector<PlanItem> describe(const TopkPlan& plan);
-// cmp_splits, cmp_chunk, slc_splits, sel_splits, window_order, dep_wait, scan_order,
-// batch_chunks, combine_wpr (kernel D's warps per row, which follow from the splits), arch,
-// num_sms.
+// cmp_splits, cmp_chunk, slc_splits, sel_splits, window_order, dep_wait, combine_wpr (kernel D's
+// warps per row, which follow from the splits), arch, num_sms.
 std::vector<PlanItem> describe(const DecodePlan& plan);
 
 }  // namespace nsa

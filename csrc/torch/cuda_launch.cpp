@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <stdexcept>
 
 namespace nsa_torch {
@@ -19,18 +18,6 @@ void run_cuda(const at::Tensor& q, const std::function<void(cudaStream_t)>& fn) 
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, e.what());
   }
-}
-
-std::vector<cudaStream_t> side_streams(const at::Tensor& q, int n) {
-  const c10::DeviceIndex device = q.device().index();
-  std::vector<cudaStream_t> taken = {c10::cuda::getCurrentCUDAStream(device).stream()};
-  // The pool hands its streams out in turn: a few draws pass any it shares with the caller.
-  for (int draws = 0; int(taken.size()) <= n && draws < 64 + n; ++draws) {
-    const cudaStream_t s = c10::cuda::getStreamFromPool(false, device).stream();
-    if (std::find(taken.begin(), taken.end(), s) == taken.end()) taken.push_back(s);
-  }
-  TORCH_CHECK(int(taken.size()) == n + 1, "could not take ", n, " distinct streams from torch's pool");
-  return std::vector<cudaStream_t>(taken.begin() + 1, taken.end());
 }
 
 at::Tensor cuda_workspace(const at::Tensor& q, size_t bytes) {

@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 
 #include <functional>
-#include <vector>
 
 #ifdef NSA_WITH_CUDA
 #include <cuda_runtime.h>
@@ -18,10 +17,6 @@ namespace nsa_torch {
 // Runs fn(stream) on q's device and current stream. std::invalid_argument from the kernel
 // layer becomes ValueError, anything else RuntimeError.
 void run_cuda(const at::Tensor& q, const std::function<void(cudaStream_t)>& fn);
-
-// n streams of torch's pool on q's device, distinct from each other and from its current stream
-// (for work an op forks off its stream and joins back before it returns).
-std::vector<cudaStream_t> side_streams(const at::Tensor& q, int n);
 
 // Uninitialised device scratch of `bytes` bytes (at least 1) on q's device.
 at::Tensor cuda_workspace(const at::Tensor& q, size_t bytes);

@@ -208,11 +208,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
     plan_cuda(p, q);
     const size_t bytes = nsa::cuda::decode_workspace_bytes(p);
     const at::Tensor ws = bytes ? cuda_workspace(q, bytes) : at::Tensor();
-    // A step in chunks runs its later chunks on streams of torch's pool (forked and joined
-    // inside the step, so the caller sees one step on its stream).
-    const std::vector<cudaStream_t> chunk_streams = side_streams(q, p.plan.batch_chunks - 1);
     run_cuda(q, [&](cudaStream_t s) {
-      nsa::cuda::decode_attention(p, bytes ? ws.data_ptr() : nullptr, s, chunk_streams.data());
+      nsa::cuda::decode_attention(p, bytes ? ws.data_ptr() : nullptr, s);
     });
 #endif
   } else {

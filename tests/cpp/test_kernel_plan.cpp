@@ -1,6 +1,5 @@
 // The kernel plan (nsa/plan.h): which CUDA kernel each shape gets on an sm_90 GPU with 132 SMs
 // (H100 SXM) and on sm_80, and which overrides are accepted or refused, and why.
-#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -283,7 +282,7 @@ TEST_CASE("plan: unknown keys and values are refused when set", "[plan]") {
   CHECK(refusal([&] { set_override(o, "split_tokens", int64_t(0)); }).empty());
   CHECK(!o.fwd);  // nothing refused was set
   CHECK(o.split_tokens == 0);
-  CHECK(plan_keys().size() == 14);
+  CHECK(plan_keys().size() == 13);
   for (const std::string& key : plan_keys())
     for (const std::string& value : plan_values(key)) CHECK(refusal([&] { set_override(o, key, value); }).empty());
 }
@@ -403,7 +402,7 @@ TEST_CASE("plan: decode splits stay within their bounds", "[plan][decode]") {
                   size_t(227 * 1024));
             CHECK(queries * plan.sel_splits <= std::max<index_t>(queries, 132));
           }
-          CHECK(describe(plan).size() == 11);
+          CHECK(describe(plan).size() == 10);
         }
       }
     }
@@ -509,36 +508,6 @@ TEST_CASE("plan: decode split overrides", "[plan][decode]") {
   CHECK(!o.scan_order);
 }
 
-TEST_CASE("plan: a decode step in chunks of sequences", "[plan][decode]") {
-  const PlanOverrides none;
-  const DecodeParams p = decode_shape(16, 64 << 10);
-  CHECK(plan_decode(p, kH100, none).batch_chunks == 1);
-  // Each chunk's splits are those of a step over its sequences alone.
-  for (int chunks : {2, 4, 8}) {
-    const DecodePlan pl = plan_decode(p, kH100, with("batch_chunks", int64_t(chunks)));
-    const DecodePlan alone = plan_decode(decode_shape(16 / chunks, 64 << 10), kH100, none);
-    CHECK(pl.batch_chunks == chunks);
-    CHECK(pl.cmp_splits == alone.cmp_splits);
-    CHECK(pl.slc_splits == alone.slc_splits);
-    CHECK(pl.sel_splits == alone.sel_splits);
-    CHECK(pl.scan_order == alone.scan_order);
-  }
-  // No empty chunk: 3 sequences in 2 chunks of 2 and 1; at most B chunks.
-  CHECK(plan_decode(decode_shape(3, 8 << 10), kH100, with("batch_chunks", int64_t(2))).batch_chunks == 2);
-  CHECK(plan_decode(decode_shape(5, 8 << 10), kH100, with("batch_chunks", int64_t(4))).batch_chunks == 3);
-  CHECK(plan_decode(decode_shape(2, 8 << 10), kH100, with("batch_chunks", int64_t(8))).batch_chunks == 2);
-  CHECK(plan_decode(decode_shape(0, 8 << 10), kH100, with("batch_chunks", int64_t(8))).batch_chunks == 1);
-  PlanOverrides o;
-  CHECK(contains(refusal([&] { set_override(o, "batch_chunks", int64_t(0)); }),
-                 "batch_chunks=0: expected an int in [1, 8]"));
-  CHECK(contains(refusal([&] { set_override(o, "batch_chunks", int64_t(9)); }), "in [1, 8]"));
-  CHECK(!o.batch_chunks);
-  CHECK(plan_values("batch_chunks").empty());
-  const std::vector<PlanItem> items = describe(plan_decode(p, kH100, with("batch_chunks", int64_t(4))));
-  CHECK(std::any_of(items.begin(), items.end(),
-                    [](const PlanItem& i) { return i.key == "batch_chunks" && i.number == 4; }));
-}
-
 TEST_CASE("plan: the decode scan's order", "[plan][decode]") {
   using namespace nsa::cuda::decode;
   const PlanOverrides none;
@@ -587,7 +556,7 @@ TEST_CASE("plan: the decode scan's order", "[plan][decode]") {
 TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   const DecodePlan plan = plan_decode(decode_shape(1, 128 << 10), kH100, PlanOverrides{});
   const std::vector<PlanItem> items = describe(plan);
-  REQUIRE(items.size() == 11);
+  REQUIRE(items.size() == 10);
   CHECK(items[0].key == "cmp_splits");
   CHECK(items[0].number == 64);
   CHECK(items[1].key == "cmp_chunk");
@@ -602,13 +571,11 @@ TEST_CASE("plan: description of a decode step", "[plan][decode]") {
   CHECK(items[5].name == "head");
   CHECK(items[6].key == "scan_order");
   CHECK(items[6].name == "keys_first");
-  CHECK(items[7].key == "batch_chunks");
-  CHECK(items[7].number == 1);
-  CHECK(items[8].key == "combine_wpr");
-  CHECK(items[8].number == 8);  // 64 compressed splits: 8 warps of a row, 8 splits each
-  CHECK(items[8].number == cuda::decode::combine_warps_per_row(plan));
-  CHECK(items[9].key == "arch");
-  CHECK(items[9].number == 90);
-  CHECK(items[10].key == "num_sms");
-  CHECK(items[10].number == 132);
+  CHECK(items[7].key == "combine_wpr");
+  CHECK(items[7].number == 8);  // 64 compressed splits: 8 warps of a row, 8 splits each
+  CHECK(items[7].number == cuda::decode::combine_warps_per_row(plan));
+  CHECK(items[8].key == "arch");
+  CHECK(items[8].number == 90);
+  CHECK(items[9].key == "num_sms");
+  CHECK(items[9].number == 132);
 }

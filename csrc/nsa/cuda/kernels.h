@@ -46,9 +46,6 @@ void gate_bwd(const GateParams& p, cudaStream_t stream);
 
 // One decoding step (nsa/cuda/decode); the workspace holds the split partials and scores.
 size_t decode_workspace_bytes(const DecodeParams& p);
-// chunk_streams: plan.batch_chunks - 1 streams for the later chunks of a step in chunks (else
-// unused; decode.cu), distinct from `stream` and from each other.
-void decode_attention(const DecodeParams& p, void* workspace, cudaStream_t stream,
-                      const cudaStream_t* chunk_streams = nullptr);
+void decode_attention(const DecodeParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace nsa::cuda

@@ -86,13 +86,6 @@ inline int combine_warps_per_row(const DecodePlan& plan) {
   return wpr;
 }
 
-// Thread blocks of kernel D: kCombineWarps / wpr rows each, over the B S HQ rows of the step.
-inline index_t combine_blocks(const DecodeParams& p) {
-  const index_t per_block = kCombineWarps / combine_warps_per_row(p.plan);
-  const index_t rows = index_t(p.batch) * p.num_queries * p.num_heads;
-  return (rows + per_block - 1) / per_block;
-}
-
 // Splits a warp loads per batch: kCombineSplitsPerWarp, or 1 where no warp has more than
 // one split of a branch. The batch's registers bound how many thread blocks an SM holds, which
 // matters where there are many rows (large B) and few splits.

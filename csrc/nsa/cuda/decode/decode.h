@@ -13,10 +13,6 @@
 // a row's compressed and window splits once its head's scan and window blocks are done, its
 // selected splits once its head's selection and selected blocks are.
 //
-// With plan.batch_chunks > 1, Z runs once and W, A, B, C, D run as one chain per chunk of
-// consecutive sequences, each chunk a step of its own over its sequences on its own stream, the
-// earlier chunks' kernels at higher launch priority (decode.cu's launch_step).
-//
 //   Z. decode_reset_kernel (decode.cu), launched plainly: zeroes the step's counters. The first
 //      kernel after it (A, or W launched before A) lets the next kernel start only once Z has
 //      completed (Workspace::after_reset), so every counter waiter starts after the zeroing.

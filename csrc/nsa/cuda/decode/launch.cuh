@@ -67,8 +67,9 @@ template <typename T>
 void launch_combine(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
   dispatch_head_dims(kOp, p.head_dim, p.head_dim_v, [&](auto, auto dv) {
     constexpr int DV = decltype(dv)::value;
-    const int wpr = combine_warps_per_row(p.plan);
-    const dim3 grid(unsigned(combine_blocks(p)));
+    const int wpr = combine_warps_per_row(p.plan), rows_per_block = kCombineWarps / wpr;
+    const index_t rows = index_t(p.batch) * p.num_queries * p.num_heads;
+    const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block));
     if (combine_batch(p.plan) == 1)
       launch_kernel(p, decode_combine_kernel<T, DV, 1>, grid, kCombineThreads, 0, true, stream, p, ws, wpr);
     else

@@ -45,12 +45,10 @@ inline void configure_kernel(const void* kernel, size_t smem) {
 
 // Launches kernel on grid with `smem` bytes of dynamic shared memory; `dependent`: may start
 // while the previous kernel of the stream ends (programmatic dependent launch, sm_90), the kernel
-// waiting for it with wait_prior_grid(); at p.plan.priority where it is not 0 (a chunk of a step
-// in chunks, decode.cu: the block scheduler serves the earlier chunks' kernels first). Errors
-// name the op. Every kernel of the step asks for the largest shared-memory carveout
-// (configure_kernel): an SM changes its carveout only once drained, so kernels that asked for
-// different ones could not share an SM (the window kernel could not start beside the scan, nor a
-// kernel beside the end of the one before it).
+// waiting for it with wait_prior_grid(). Errors name the op. Every kernel of the step asks for
+// the largest shared-memory carveout (configure_kernel): an SM changes its carveout only once
+// drained, so kernels that asked for different ones could not share an SM (the window kernel
+// could not start beside the scan, nor a kernel beside the end of the one before it).
 template <typename... Params, typename... Args>
 void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
                    bool dependent, cudaStream_t stream, Args... args) {
@@ -60,23 +58,16 @@ void launch_kernel(const DecodeParams& p, void (*kernel)(Params...), dim3 grid, 
                                 " bytes of shared memory per thread block, the device allows " +
                                 std::to_string(p.plan.device.smem_per_block));
   configure_kernel(reinterpret_cast<const void*>(kernel), smem);
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (dependent && p.plan.device.arch >= 90) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (p.plan.priority != 0) {
-    attr[n].id = cudaLaunchAttributePriority;
-    attr[n++].val.priority = p.plan.priority;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(unsigned(threads));
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = n;
+  config.numAttrs = dependent && p.plan.device.arch >= 90 ? 1 : 0;
   check_cuda(kOp, cudaLaunchKernelEx(&config, kernel, args...), "CUDA launch failed");
 }
 

@@ -1,10 +1,9 @@
 // The decoding step's phase trace (DecodePlan::trace, set by nsa_torch._debug.decode_trace): where
 // a step's time goes, kernel by kernel and phase by phase, as the graph-replay timeline cannot
 // say. Thread 0 of each thread block stores the global timer (ns) when a phase ends, at
-// trace[(kernel * trace_blocks + block) * kTraceEvents + event] (block: the grid's linear index
-// after plan.trace_first[kernel], the earlier chunks' blocks; blocks past trace_blocks store
-// nothing). A phase a block skips (an invalid sequence, a split without tiles) stays as the
-// caller left it.
+// trace[(kernel * trace_blocks + block) * kTraceEvents + event] (block: the grid's linear index;
+// blocks past trace_blocks store nothing). A phase a block skips (an invalid sequence, a split
+// without tiles) stays as the caller left it.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +22,6 @@ enum TraceKernel : int {
   kTraceCombine = 4,
   kTraceKernels = 5
 };
-static_assert(sizeof(DecodePlan::trace_first) == kTraceKernels * sizeof(int), "one entry per kernel");
 // kTraceWaited: past wait_prior_grid (W: at its end, or after its count when launched after B;
 // B, C; D: past its last wait). kTraceStep1: A's first key tile landed (with the query rows), B's
 // lse done, W's and C's first key tile landed, D past its wait for A and W. kTraceStep2: A's key
@@ -43,8 +41,7 @@ enum TraceEvent : int {
 
 __device__ __forceinline__ void trace_event(const DecodePlan& plan, TraceKernel kernel, TraceEvent event) {
   if (plan.trace == nullptr || threadIdx.x != 0) return;
-  const long long block = plan.trace_first[kernel] + blockIdx.x +
-                          (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
+  const long long block = blockIdx.x + (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
   if (block >= plan.trace_blocks) return;
   uint64_t now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
