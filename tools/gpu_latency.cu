@@ -265,10 +265,17 @@ int main() {
   smem_sm = int(prop.sharedMemPerMultiprocessor);
   smem_block = int(prop.sharedMemPerBlockOptin);
   std::printf("GPU: %s, %d SMs, %d KB shared memory per SM\n", prop.name, sms, smem_sm / 1024);
-  CHECK(cudaFuncSetAttribute(stream_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_block));
-  CHECK(cudaFuncSetAttribute(stream_cpasync, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_block));
+  // Dynamic shared memory up to what the block may opt in to, less the kernel's static arrays.
+  auto allow_smem = [&](const void* kernel) {
+    cudaFuncAttributes attr;
+    CHECK(cudaFuncGetAttributes(&attr, kernel));
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               smem_block - int(attr.sharedSizeBytes)));
+  };
+  allow_smem(reinterpret_cast<const void*>(stream_bulk));
+  allow_smem(reinterpret_cast<const void*>(stream_cpasync));
+  allow_smem(reinterpret_cast<const void*>(handoff));
   CHECK(cudaFuncSetAttribute(stream_bulk, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  CHECK(cudaFuncSetAttribute(handoff, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_block));
 
   const size_t big = size_t(1) << 30;
   unsigned char* src = nullptr;
