@@ -1,6 +1,6 @@
-// What a latency-bound decoding step is made of, measured on the GPU at hand (sm_90), to decide
-// how a step for few sequences should be shaped before it is written (docs/performance.md,
-// "Decoding"). A standalone program, no torch:
+// What a latency-bound decoding step is made of, measured on the GPU at hand (sm_90), so that a
+// new shape of the step for few sequences can be judged before it is written (docs/performance.md,
+// "Decoding"). A standalone program, no torch (it shares the kernels' copy helpers, mma.cuh):
 //
 //     nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gpu_latency tools/gpu_latency.cu
 //     /tmp/gpu_latency            # or: bash benchmarks/gpu_check.sh latency
@@ -10,8 +10,8 @@
 //    `depth` 16 KB slots, with one block per SM (its shared memory keeps a second out) or two;
 //    loads by bulk copies (cp.async.bulk, one issuing thread, an mbarrier per slot) or by 16-byte
 //    cp.async from 128 threads as the decode kernels load today; also as clusters of 16 blocks.
-//    Says whether 64 blocks (a 16-block cluster per (sequence, KV head) at B = 1, H = 4) can
-//    stream at the rate 264 blocks reach.
+//    Says whether few blocks (64: 16 per (sequence, KV head) at B = 1, H = 4) can stream at the
+//    rate 256 reach, and whether equal blocks end together.
 // 2. chains of dependent operations by one thread (ns per link): an L2 load (__ldcg over an
 //    L2-resident table), idle and while the whole GPU streams beside it; an atomicAdd's return.
 // 3. a counter hand-off between two thread blocks (a release and an increment, polled with an
@@ -27,6 +27,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
+
+#include "../csrc/nsa/cuda/common/mma.cuh"
+
+using nsa::cuda::smem_addr;
 
 #define CHECK(x)                                                                                 \
   do {                                                                                           \
@@ -44,9 +48,6 @@ __device__ __forceinline__ uint64_t now_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
-}
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
 }
 
 // ---------------------------------------------------------------- 1. streaming
@@ -96,41 +97,46 @@ __global__ void stream_bulk(const unsigned char* src, size_t per, int depth, uns
   if (threadIdx.x == 0) times[2 * blockIdx.x + 1] = now_ns();
 }
 
-// The same with 16-byte cp.async from every thread, `depth` slots deep (depth - 1 in flight while
+// The same with 16-byte cp.async from every thread, kDepth slots deep (kDepth - 1 in flight while
 // one is read), as run_tiles does.
-__global__ void stream_cpasync(const unsigned char* src, size_t per, int depth, unsigned* sink, uint64_t* times) {
+template <int kDepth>
+__global__ void stream_cpasync(const unsigned char* src, size_t per, unsigned* sink, uint64_t* times) {
+  using namespace nsa::cuda;
   extern __shared__ __align__(128) unsigned char smem[];
   if (threadIdx.x == 0) times[2 * blockIdx.x] = now_ns();
   const int slots = int(per / kSlotBytes);
   const unsigned char* base = src + size_t(blockIdx.x) * per;
   auto issue = [&](int k) {
-    unsigned char* dst = smem + (k % depth) * kSlotBytes;
+    unsigned char* dst = smem + (k % kDepth) * kSlotBytes;
     const unsigned char* from = base + size_t(k) * kSlotBytes;
-    for (int i = threadIdx.x * 16; i < kSlotBytes; i += kThreads * 16)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + i)), "l"(from + i) : "memory");
+    for (int i = threadIdx.x * 16; i < kSlotBytes; i += kThreads * 16) cp_async_16(dst + i, from + i, true);
   };
-  for (int k = 0; k < depth - 1; ++k) {
+  for (int k = 0; k < kDepth - 1; ++k) {
     if (k < slots) issue(k);
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    cp_async_commit();
   }
   unsigned acc = 0;
   for (int k = 0; k < slots; ++k) {
-    // depth - 2 groups may stay pending: slot k's group is complete
-    switch (depth) {
-      case 2: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-      case 3: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-      case 4: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-      case 6: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-      default: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;  // 8
-    }
+    cp_async_wait<kDepth - 2>();  // slot k's group is complete
     __syncthreads();
-    if (k + depth - 1 < slots) issue(k + depth - 1);
-    asm volatile("cp.async.commit_group;" ::: "memory");
-    acc += reinterpret_cast<const unsigned*>(smem + (k % depth) * kSlotBytes)[threadIdx.x * 32];
+    if (k + kDepth - 1 < slots) issue(k + kDepth - 1);
+    cp_async_commit();
+    acc += reinterpret_cast<const unsigned*>(smem + (k % kDepth) * kSlotBytes)[threadIdx.x * 32];
   }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  cp_async_wait<0>();
   if (acc == 0x9e3779b9u) sink[0] = acc;
   if (threadIdx.x == 0) times[2 * blockIdx.x + 1] = now_ns();
+}
+using CpAsyncKernel = void (*)(const unsigned char*, size_t, unsigned*, uint64_t*);
+// The instantiation for a ring depth the cases use (nullptr for another).
+CpAsyncKernel cpasync_kernel(int depth) {
+  switch (depth) {
+    case 3: return stream_cpasync<3>;
+    case 4: return stream_cpasync<4>;
+    case 6: return stream_cpasync<6>;
+    case 8: return stream_cpasync<8>;
+    default: return nullptr;
+  }
 }
 
 // ---------------------------------------------------------------- 2. dependent chains
@@ -273,7 +279,7 @@ int main() {
                                smem_block - int(attr.sharedSizeBytes)));
   };
   allow_smem(reinterpret_cast<const void*>(stream_bulk));
-  allow_smem(reinterpret_cast<const void*>(stream_cpasync));
+  for (int depth : {3, 4, 6, 8}) allow_smem(reinterpret_cast<const void*>(cpasync_kernel(depth)));
   allow_smem(reinterpret_cast<const void*>(handoff));
   CHECK(cudaFuncSetAttribute(stream_bulk, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 
@@ -336,7 +342,7 @@ int main() {
       const float ms = time_ms(s, 7, [&] {
         const unsigned char* from = src;
         if (c.bulk) return cudaLaunchKernelEx(&cfg, stream_bulk, from, per, c.depth, sink, times);
-        return cudaLaunchKernelEx(&cfg, stream_cpasync, from, per, c.depth, sink, times);
+        return cudaLaunchKernelEx(&cfg, cpasync_kernel(c.depth), from, per, sink, times);
       });
       if (ms < 0) {
         std::printf("| %s | %d | %d | %d | %d | | refused | | | |\n", c.bulk ? "bulk" : "cp.async", c.blocks, c.per_sm,
